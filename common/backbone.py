@@ -1,0 +1,129 @@
+"""The frozen backbone: a real Florence-2 from a hub id / local dir, or the embedded tiny one built here."""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import torch
+import transformers
+
+from common.config import BackboneConfig, UserError
+
+# one concise line per stage: no per-tensor loading bars, no deprecation chatter from peft <-> transformers
+transformers.utils.logging.disable_progress_bar()
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>", "<image>"]
+PUNCT = '?".,:'
+
+
+def backbone_dir(cfg) -> Path:
+    """Where the stages load the backbone from: the embedded build, or the configured hub id / directory."""
+    return cfg.run_dir / "backbone" if cfg.backbone.source == "embedded" else Path(cfg.backbone.source)
+
+
+def fingerprint(path: Path) -> str:
+    """A short hash of the backbone's weights file, so experts can tell which backbone they belong to."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:  # the header and the first MiB are enough to tell checkpoints apart
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def build_vocab(texts: list[str]) -> list[str]:
+    """Word-level vocabulary: specials, then every word of the world, sorted (deterministic)."""
+    words = set()
+    for t in texts:
+        for ch in PUNCT:
+            t = t.replace(ch, f" {ch} ")
+        words.update(t.split())
+    return SPECIALS + sorted(words - set(SPECIALS))
+
+
+def build_processor(vocab: list[str], image_size: int, image_tokens: int):
+    """An offline Florence2Processor: word-level fast tokenizer + CLIP-style image processor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, Florence2Processor, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                pre_tokenizers.Punctuation("isolated")])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>", mask_token="<mask>",
+                                  extra_special_tokens={"image_token": "<image>"})
+    ip = CLIPImageProcessor(do_resize=True, size={"height": image_size, "width": image_size},
+                            do_center_crop=False, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    ip.image_seq_length = image_tokens
+    return Florence2Processor(image_processor=ip, tokenizer=tok)
+
+
+def build_model(bcfg: BackboneConfig, vocab_size: int, image_size: int):
+    """A tiny Florence-2: a 3-stage DaViT vision tower and a small BART, sized by the config."""
+    from transformers import BartConfig, Florence2Config, Florence2ForConditionalGeneration, Florence2VisionConfig
+
+    dims, heads = list(bcfg.vision_dims), list(bcfg.vision_heads)
+    n = len(dims)
+    if len(heads) != n:
+        raise UserError("backbone.vision_heads must have as many entries as backbone.vision_dims")
+    vc = Florence2VisionConfig(depths=[1] * n, patch_size=[7] + [3] * (n - 1), patch_stride=[4] + [2] * (n - 1),
+                               patch_padding=[3] + [1] * (n - 1), patch_prenorm=[False] + [True] * (n - 1),
+                               embed_dim=dims, num_heads=heads, num_groups=heads, window_size=4,
+                               projection_dim=bcfg.d_model, drop_path_rate=0.0)
+    tc = BartConfig(vocab_size=vocab_size, d_model=bcfg.d_model, encoder_layers=bcfg.encoder_layers,
+                    decoder_layers=bcfg.decoder_layers, encoder_attention_heads=bcfg.heads,
+                    decoder_attention_heads=bcfg.heads, encoder_ffn_dim=bcfg.ffn_dim, decoder_ffn_dim=bcfg.ffn_dim,
+                    max_position_embeddings=256, dropout=bcfg.dropout, pad_token_id=0, bos_token_id=1,
+                    eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)
+    model = Florence2ForConditionalGeneration(Florence2Config(vision_config=vc, text_config=tc,
+                                                              image_token_id=SPECIALS.index("<image>")))
+    side = image_size // (4 * 2 ** (n - 1))
+    return model, side * side + 1  # image tokens: spatial grid + one temporal token
+
+
+def load_backbone(cfg, for_training: bool = False):
+    """Load (model, processor) exactly as a real checkpoint would be, frozen and in eval mode."""
+    from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+    path = backbone_dir(cfg)
+    if cfg.backbone.source == "embedded":
+        if not (path / "meta.json").is_file():
+            raise UserError(f"{path}: no backbone; run `python train_expert.py --pretrain --config {cfg.path}` "
+                            f"or `make backbone`")
+    try:
+        model = Florence2ForConditionalGeneration.from_pretrained(str(path))
+        processor = AutoProcessor.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{cfg.path}: backbone.source '{cfg.backbone.source}' could not be loaded "
+                        f"({str(e).splitlines()[0][:160]}); download it where there is network "
+                        f"(`hf download {cfg.backbone.source} --local-dir DIR`) and set backbone.source=DIR")
+    model.requires_grad_(False)
+    model.eval()
+    return model, processor
+
+
+# ---- pre-training of the embedded backbone ----------------------------------------------------
+
+def init_unseen_embeddings(model, seen: torch.Tensor, seed: int = 0) -> int:
+    """Give tokens never produced in pre-training an embedding at the typical norm of trained ones.
+
+    Untrained tied embeddings keep their tiny init norm and cap those words' logits (yes/no/maybe sit
+    at chance otherwise); this is the usual new-label-token initialisation."""
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        norm = emb[seen].norm(dim=1).mean()
+        unseen = (~seen).nonzero().flatten()
+        unseen = unseen[unseen >= len(SPECIALS)]
+        g = torch.Generator().manual_seed(seed)
+        direction = torch.randn(len(unseen), emb.shape[1], generator=g)
+        emb[unseen] = direction / direction.norm(dim=1, keepdim=True) * norm
+    return len(unseen)
+
+
+def write_meta(path: Path, meta: dict) -> None:
+    (path / "meta.json").write_text(json.dumps(meta, indent=2))

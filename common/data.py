@@ -1,0 +1,214 @@
+"""Tasks as (optional image, prompt) -> answer text, their splits, and batches for the backbone."""
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from common import world as W
+from common.config import UserError, WorldConfig
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+    image: np.ndarray | None = None
+    candidates: tuple[str, ...] | None = None  # per-example answer set (else the task's)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    family: str  # vision-language | vision | language | pretraining
+    make: Callable[[random.Random, int], Example]  # (rng, image_size) -> one example
+    candidates: tuple[str, ...] | None  # closed answer set; None = open-ended (token accuracy)
+
+
+def _img(scene, rng, size):
+    return W.render(scene, size, rng)
+
+
+def _snli_ve(rng, size):
+    scene = W.random_scene(rng)
+    hyp, label = W.hypothesis(scene, rng)
+    return Example(f' does the image describe " {hyp} "?', label, _img(scene, rng, size))
+
+
+def _nli(rng, size):
+    scene = W.random_scene(rng)
+    hyp, label = W.hypothesis(scene, rng)
+    return Example(f' can text1 " {W.describe(scene)} " imply text2 " {hyp} "?', label)
+
+
+def _vqa(rng, size):
+    scene = W.random_scene(rng)
+    q, a = W.question(scene, rng)
+    return Example(f" {q}", a, _img(scene, rng, size))
+
+
+def _caption(rng, size):
+    scene = W.random_scene(rng)
+    return Example(" what does the image describe?", W.short_caption(scene), _img(scene, rng, size))
+
+
+def _refexp(rng, size):
+    scene = W.random_scene(rng)
+    expr, cell = W.referring_expression(scene, rng)
+    return Example(f' which region does the text " {expr} " describe?', cell, _img(scene, rng, size))
+
+
+def _shape(rng, size):
+    scene = W.random_scene(rng, 1)
+    return Example(" what is the shape of the object?", scene.objects[0].shape, _img(scene, rng, size))
+
+
+def _colour(rng, size):
+    scene = W.random_scene(rng, 1)
+    return Example(" what is the colour of the object?", scene.objects[0].colour, _img(scene, rng, size))
+
+
+def _count(rng, size):
+    scene = W.random_scene(rng)
+    return Example(" how many objects are in the image?", W.NUMBERS[len(scene.objects)], _img(scene, rng, size))
+
+
+def _paraphrase(rng, size):
+    scene = W.random_scene(rng)
+    same = rng.random() < 0.5
+    other = scene if same else W.perturb(scene, rng)
+    return Example(f' is text1 " {W.describe(scene, rng)} " a paraphrase of text2 " {W.describe(other, rng)} "?',
+                   "yes" if same else "no")
+
+
+def _qa_entail(rng, size):
+    scene = W.random_scene(rng)
+    o = rng.choice(scene.objects)  # the object the sentence mentions
+    others = [x for x in scene.objects if x != o]
+    asked = rng.choice(others) if others and rng.random() < 0.5 else o  # the object the question is about
+    if rng.random() < 0.5:
+        q, answers = f"what colour is the {asked.shape} ?", o.shape == asked.shape
+    else:
+        q, answers = f"what shape is at the {W.POSITIONS[asked.pos]} ?", o.pos == asked.pos
+    sentence = f"a {o.phrase()} is at the {W.POSITIONS[o.pos]}"
+    return Example(f' does text " {sentence} " answer question " {q} "?', "yes" if answers else "no")
+
+
+def _arith(rng, size):
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return Example(f" what is {W.NUMBERS[a]} plus {W.NUMBERS[b]}?", W.NUMBERS[a + b])
+
+
+# pre-training tasks (the backbone's own; never downstream)
+def _pt_caption(rng, size):
+    scene = W.random_scene(rng)
+    return Example(" describe the image in detail.", W.describe(scene), _img(scene, rng, size))
+
+
+def _pt_infill(rng, size):
+    scene = W.random_scene(rng)
+    text = W.describe(scene, rng)
+    return Example(" " + W.mask_words(text, rng), text)
+
+
+YNM = ("yes", "no", "maybe")
+YN = ("yes", "no")
+TASKS: dict[str, Task] = {t.name: t for t in [
+    Task("snli-ve", "vision-language", _snli_ve, YNM),
+    Task("vqa", "vision-language", _vqa, tuple(W.COLOURS) + W.SHAPES + W.NUMBERS[1:4] + YN),
+    Task("caption", "vision-language", _caption, None),
+    Task("refexp", "vision-language", _refexp, W.POSITIONS),
+    Task("shape", "vision", _shape, W.SHAPES),
+    Task("colour", "vision", _colour, tuple(W.COLOURS)),
+    Task("count", "vision", _count, W.NUMBERS[1:4]),
+    Task("nli", "language", _nli, YNM),
+    Task("paraphrase", "language", _paraphrase, YN),
+    Task("qa-entail", "language", _qa_entail, YN),
+    Task("arith", "language", _arith, W.NUMBERS),
+]}
+PRETRAIN_TASKS = {"pt-caption": Task("pt-caption", "pretraining", _pt_caption, None),
+                  "pt-infill": Task("pt-infill", "pretraining", _pt_infill, None)}
+SPLITS = ("train", "val", "test")
+
+
+def get_task(name: str, where: str = "tasks.pool") -> Task:
+    if name in TASKS:
+        return TASKS[name]
+    if name in PRETRAIN_TASKS:
+        return PRETRAIN_TASKS[name]
+    raise UserError(f"unknown task '{name}' in {where}; known tasks: {', '.join(TASKS)}")
+
+
+def _rng(world: WorldConfig, task: str, split: str) -> random.Random:
+    return random.Random(zlib.crc32(f"{world.seed}/{task}/{split}".encode()))
+
+
+def examples(task: str, split: str, world: WorldConfig, n: int | None = None) -> list[Example]:
+    """The first n examples of a task's split (the same ones every time)."""
+    size = {"train": world.train_size, "val": world.val_size, "test": world.test_size}[split]
+    n = size if n is None else min(n, size)
+    rng, t = _rng(world, task, split), get_task(task)
+    return [t.make(rng, world.image_size) for _ in range(n)]
+
+
+def low_shot(exs: list[Example], shots: int, seed: int) -> list[Example]:
+    """A seeded k-shot sample (the target's training data in the low-shot regime)."""
+    if shots <= 0 or shots >= len(exs):
+        return list(exs)
+    return random.Random(seed).sample(exs, shots)
+
+
+def candidates_for(task: Task, ex: Example) -> tuple[str, ...]:
+    return ex.candidates or task.candidates
+
+
+class Encoder:
+    """Turns examples into model inputs through the backbone's processor (the real path)."""
+
+    def __init__(self, processor, max_len: int = 96):
+        self.processor = processor
+        self.tok = processor.tokenizer
+        self.max_len = max_len
+
+    def inputs(self, exs: list[Example]) -> dict[str, torch.Tensor]:
+        with_image = [e.image is not None for e in exs]
+        if any(with_image) and not all(with_image):
+            raise ValueError("a batch mixes image and text-only examples")
+        if all(with_image):
+            out = self.processor(text=[e.prompt for e in exs], images=[e.image for e in exs],
+                                 return_tensors="pt", padding=True)
+        else:  # text-only: the same <s> prompt </s> layout the processor builds after the image tokens
+            texts = [f"{self.tok.bos_token}{e.prompt}{self.tok.eos_token}" for e in exs]
+            out = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return dict(out)
+
+    def labels(self, answers: list[str]) -> torch.Tensor:
+        """Answer tokens + </s>, padded with -100 (ignored by the loss)."""
+        ids = [self.tok(a, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id] for a in answers]
+        width = max(map(len, ids))
+        return torch.tensor([x + [-100] * (width - len(x)) for x in ids])
+
+    def batch(self, exs: list[Example]) -> dict[str, torch.Tensor]:
+        out = self.inputs(exs)
+        out["labels"] = self.labels([e.answer for e in exs])
+        return out
+
+
+def batches(exs: list[Example], batch_size: int, rng: random.Random | None = None):
+    """Mini-batches in order, or shuffled (one epoch) when an rng is given."""
+    order = list(range(len(exs)))
+    if rng is not None:
+        rng.shuffle(order)
+    for i in range(0, len(order), batch_size):
+        yield [exs[j] for j in order[i:i + batch_size]]
+
+
+def infinite_batches(exs: list[Example], batch_size: int, seed: int):
+    """Endless shuffled epochs (for a fixed number of training steps)."""
+    rng = random.Random(seed)
+    while True:
+        yield from batches(exs, min(batch_size, len(exs)), rng)

@@ -1,0 +1,30 @@
+"""The plain training loop every stage shares: AdamW, linear warm-up, grad clipping, a tqdm bar."""
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm import tqdm
+
+
+def train_steps(loss_fn, param_groups: list[dict], batches, steps: int, grad_clip: float = 1.0,
+                warmup: int = 0, desc: str = "train") -> float:
+    """Run `steps` optimizer steps of loss_fn(batch); returns the mean loss of the last 10% of steps."""
+    params = [p for g in param_groups for p in g["params"]]
+    opt = torch.optim.AdamW(param_groups, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    tail, bar = [], tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
+    for step in bar:
+        loss = loss_fn(next(batches))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        sched.step()
+        if step >= steps - max(1, steps // 10):
+            tail.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return sum(tail) / len(tail) if tail else math.nan

@@ -1,0 +1,113 @@
+"""Stage 2: embed every task by the diagonal Fisher of its expert, and compare the tasks.
+
+    python embed_tasks.py --target snli-ve     # the pool's experts + the target's low-shot expert
+    python embed_tasks.py                      # the pool's full-data experts only
+
+Writes runs/<profile>/fisher/<expert>.safetensors (cached: recomputed only when the expert or the
+Fisher settings change) and runs/<profile>/similarity/<name>.csv + .json with the matrix and top-k.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from common import data
+from common.artifacts import write_json, write_text
+from common.backbone import load_backbone
+from common.config import UserError, load_config, run_stage, stage_parser
+from common.experts import WEIGHTS, attach, expert_dir, expert_name, load_expert_weights, read_expert_meta, set_weights
+from common.similarity import fisher_diagonal, normalized, similarity_matrix, top_k_similar
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def pool_experts(cfg, target: str | None) -> list[str]:
+    """Expert names to compare: the pool's full-data experts, and the target's low-shot one in place of its own."""
+    for t in cfg.tasks.pool:
+        data.get_task(t)
+    if target is None:
+        return list(cfg.tasks.pool)
+    data.get_task(target, where="--target")
+    return [expert_name(target, cfg.tasks.target_shots, cfg.seed)] + [t for t in cfg.tasks.pool if t != target]
+
+
+def cached_fisher(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
+    """The stored Fisher if it was computed from the same expert with the same settings."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            if f.metadata() != key:
+                return None
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception:  # a corrupt cache entry is simply recomputed
+        return None
+
+
+def main() -> None:
+    ap = stage_parser(__doc__.split("\n")[0])
+    ap.add_argument("--target", help="target task: its low-shot expert joins the comparison")
+    args = ap.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    names = pool_experts(cfg, args.target)
+    fc = cfg.fisher
+    t0 = time.time()
+
+    model = peft_model = None
+    fishers, computed = [], []
+    for name in names:
+        path = expert_dir(cfg, name)
+        meta = read_expert_meta(path)
+        key = {"expert": file_hash(path / WEIGHTS), "estimator": fc.estimator, "samples": str(fc.samples)}
+        out = cfg.run_dir / "fisher" / f"{name}.safetensors"
+        fisher = cached_fisher(out, key)
+        if fisher is None:
+            if peft_model is None:  # load the backbone only when something needs computing
+                model, processor = load_backbone(cfg)
+                enc = data.Encoder(processor)
+                peft_model = attach(model, cfg.expert)
+                peft_model.eval()
+            set_weights(peft_model, load_expert_weights(path))
+            # the expert's own training data, as it saw it (the low-shot sample for the target)
+            exs = data.low_shot(data.examples(meta["task"], "train", cfg.world), meta["shots"], meta["seed"])
+            exs = exs[:fc.samples]
+            fisher = fisher_diagonal(peft_model, enc, exs, fc.estimator, fc.batch_size, desc=f"fisher {name}")
+            fisher = {k.replace(".default", ""): v.contiguous() for k, v in fisher.items()}
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.tmp")
+            save_file(fisher, str(tmp), metadata=key)
+            tmp.replace(out)
+            computed.append(name)
+        fishers.append(normalized(fisher, fc.normalize))
+
+    try:
+        matrix = similarity_matrix(fishers)
+    except ValueError as e:
+        raise UserError(f"{cfg.path}: {e} (expert.method / backbone must be the same for all of {names})")
+    label = names[0] if args.target else "pool"
+    result = {"names": names, "matrix": matrix, "fisher": {"estimator": fc.estimator, "samples": fc.samples,
+                                                          "normalize": fc.normalize}}
+    if args.target:
+        result["target"] = names[0]
+        result["top_k"] = top_k_similar(names, matrix, names[0], cfg.interpolate.top_k)
+    sim_dir = cfg.run_dir / "similarity"
+    csv = "task," + ",".join(names) + "\n" + "".join(
+        f"{n}," + ",".join(f"{v:.4f}" for v in row) + "\n" for n, row in zip(names, matrix))
+    write_text(sim_dir / f"{label}.csv", csv)
+    write_json(sim_dir / f"{label}.json", result)
+    extra = f" | top-{cfg.interpolate.top_k} for {names[0]}: {', '.join(result['top_k'])}" if args.target else ""
+    print(f"similarity: {len(names)} experts ({len(computed)} Fisher computed, {len(names) - len(computed)} cached)"
+          f"{extra} | {time.time() - t0:.0f}s -> {sim_dir / label}.csv")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,107 @@
+"""Stage 4: compare π-Tuning with the baselines on the target's test split.
+
+    python evaluate.py --target snli-ve
+
+Methods: the zero-shot backbone, the target-only (low-shot) expert, the uniform merge of the same
+experts π-Tuning used, and π-Tuning. Accuracy by candidate scoring (sum of answer-token log-probs,
+argmax). Writes runs/<profile>/results/<target>-<shots>shot-s<seed>.json, updates <target>.json and
+<target>.md (mean ± std over all seeds evaluated so far) and prints that table.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from common import data
+from common.artifacts import read_json, write_json, write_text
+from common.backbone import load_backbone
+from common.config import UserError, load_config, run_stage, stage_parser
+from common.experts import attach, expert_dir, expert_name, group_of, load_pool, set_weights
+from common.merge import ExpertStack
+from common.metrics import task_metric
+
+METHODS = ("zero-shot", "target-only", "uniform-merge", "pi-tuning")
+
+
+def load_adapter(cfg, path):
+    """The backbone with a saved expert, loaded the way any peft user would load it."""
+    from peft import PeftModel
+
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"{path}: no adapter here; run the stage that writes it (see `make help`)")
+    model, _ = load_backbone(cfg)
+    return PeftModel.from_pretrained(model, str(path)).eval()
+
+
+def uniform_merge(cfg, experts: list[str]):
+    """The same experts merged with equal weights and no training (the exact LoRA merge at rank k*r)."""
+    model, _ = load_backbone(cfg)
+    stack = ExpertStack(load_pool(cfg, experts), group_of("global"), kind="lora", trainable=False)
+    peft_model = attach(model, cfg.expert, rank_multiplier=len(experts))
+    with torch.no_grad():
+        set_weights(peft_model, {k: v.contiguous() for k, v in stack(torch.zeros(1, len(experts))).items()})
+    return peft_model.eval()
+
+
+def table(target: str, runs: dict) -> str:
+    """Markdown: one row per method, mean ± std over the seeds evaluated, per shots setting."""
+    by_shots: dict[int, list[dict]] = {}
+    for r in runs.values():
+        by_shots.setdefault(r["shots"], []).append(r)
+    lines = [f"| {target} (test accuracy) | " + " | ".join(f"{s}-shot (n={len(rs)} seeds)" for s, rs in
+                                                     sorted(by_shots.items())) + " |",
+             "|---" * (1 + len(by_shots)) + "|"]
+    for m in METHODS:
+        cells = []
+        for _, rs in sorted(by_shots.items()):
+            vals = [r["accuracy"][m] for r in rs if m in r["accuracy"]]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{statistics.mean(vals):.3f} ± {sd:.3f}" if vals else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = stage_parser(__doc__.split("\n")[0])
+    ap.add_argument("--target", required=True, help="target task")
+    args = ap.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    task = data.get_task(args.target, where="--target")
+    shots = cfg.tasks.target_shots
+    run = expert_name(args.target, shots, cfg.seed)
+    interp = cfg.run_dir / "interpolated" / run
+    meta = read_json(interp / "meta.json", "interpolated expert", f"run `python interpolate.py --target {args.target}`")
+    test = data.examples(args.target, "test", cfg.world)
+    t0 = time.time()
+
+    base, processor = load_backbone(cfg)
+    enc = data.Encoder(processor)
+    models = {"zero-shot": lambda: base, "target-only": lambda: load_adapter(cfg, expert_dir(cfg, run)),
+              "uniform-merge": lambda: uniform_merge(cfg, meta["experts"]),
+              "pi-tuning": lambda: load_adapter(cfg, interp)}
+    acc = {}
+    for m in METHODS:
+        metric, acc[m] = task_metric(models[m](), enc, task, test, cfg.evaluate.batch_size)
+
+    result = {"target": args.target, "run": run, "shots": shots, "seed": cfg.seed, "metric": metric,
+              "test_size": len(test), "experts": meta["experts"], "accuracy": acc,
+              "seconds": round(time.time() - t0, 1)}
+    res_dir = cfg.run_dir / "results"
+    summary_path = res_dir / f"{args.target}.json"
+    summary = read_json(summary_path, "results", "delete it") if summary_path.exists() else {"runs": {}}
+    summary["runs"][run] = result
+    md = table(args.target, summary["runs"])
+    write_json(res_dir / f"{run}.json", result)
+    write_json(summary_path, summary)
+    write_text(res_dir / f"{args.target}.md", md)
+    print(md, end="")
+    print(f"({metric} on {len(test)} test examples; this run: {run}, experts {', '.join(meta['experts'])}; "
+          f"{time.time() - t0:.0f}s -> {res_dir / args.target}.md)")
+
+
+if __name__ == "__main__":
+    run_stage(main)

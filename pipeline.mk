@@ -1,0 +1,51 @@
+# The pipeline's file graph. Called from Makefile with PY, CONFIG, TARGET, SEED, OVERRIDES set.
+ARGS     := --config $(CONFIG) seed=$(SEED) $(OVERRIDES)
+VALUES   := $(shell $(PY) -m common.config $(CONFIG) $(OVERRIDES) --get run_dir tasks.target_shots tasks.pool || echo ERROR)
+ifneq ($(filter ERROR,$(VALUES)),)
+$(error $(CONFIG) could not be read; see the line above)
+endif
+RUN      := $(word 1,$(VALUES))
+SHOTS    := $(word 2,$(VALUES))
+POOL     := $(wordlist 3,$(words $(VALUES)),$(VALUES))
+ifeq ($(filter $(TARGET),$(POOL)),)
+$(error TARGET=$(TARGET) is not in tasks.pool of $(CONFIG) ($(POOL)); pick one of those or add it there)
+endif
+
+NAME     := $(TARGET)-$(SHOTS)shot-s$(SEED)
+BACKBONE := $(RUN)/backbone/meta.json
+POOL_EXP := $(foreach t,$(filter-out $(TARGET),$(POOL)),$(RUN)/experts/$(t)/meta.json)
+TGT_EXP  := $(RUN)/experts/$(NAME)/meta.json
+SIM      := $(RUN)/similarity/$(NAME).json
+INTERP   := $(RUN)/interpolated/$(NAME)/meta.json
+RESULT   := $(RUN)/results/$(NAME).json
+
+.PHONY: backbone experts embed interpolate evaluate show clean
+.DELETE_ON_ERROR:
+.SECONDARY:
+backbone: $(BACKBONE)
+experts: $(POOL_EXP) $(TGT_EXP)
+embed: $(SIM)
+interpolate: $(INTERP)
+evaluate: $(RESULT)
+show: $(RESULT)
+	@cat $(RUN)/results/$(TARGET).md
+clean:
+	rm -rf $(RUN)
+
+$(BACKBONE):
+	$(PY) train_expert.py --pretrain $(ARGS)
+
+$(TGT_EXP): $(BACKBONE)
+	$(PY) train_expert.py --task $(TARGET) --shots $(SHOTS) $(ARGS)
+
+$(RUN)/experts/%/meta.json: $(BACKBONE)
+	$(PY) train_expert.py --task $* $(ARGS)
+
+$(SIM): $(POOL_EXP) $(TGT_EXP)
+	$(PY) embed_tasks.py --target $(TARGET) $(ARGS)
+
+$(INTERP): $(SIM)
+	$(PY) interpolate.py --target $(TARGET) $(ARGS)
+
+$(RESULT): $(INTERP) $(TGT_EXP)
+	$(PY) evaluate.py --target $(TARGET) $(ARGS)

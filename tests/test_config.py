@@ -1,0 +1,35 @@
+"""Configs are validated at the door: one line naming the file, the field and the fix."""
+import pytest
+
+from common.config import UserError, load_config
+
+
+def test_profiles_load():
+    for p in ("configs/mini.yaml", "configs/micro.yaml"):
+        cfg = load_config(p)
+        assert cfg.tasks.pool and cfg.expert.method == "lora"
+
+
+def test_overrides_are_typed():
+    cfg = load_config("configs/micro.yaml", ["expert.steps=7", "interpolate.train_experts=false", "tasks.pool=[nli]"])
+    assert cfg.expert.steps == 7 and cfg.interpolate.train_experts is False and cfg.tasks.pool == ["nli"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("expert.rank=4", "configs/micro.yaml: unknown field 'expert.rank'"),
+    ("expert.steps=many", "field 'expert.steps' is 'many'; expected int"),
+    ("interpolate.groups=row", "field 'interpolate.groups' is 'row'; use one of global, layer, site, tensor"),
+    ("steps", "expected key=value"),
+])
+def test_bad_fields_are_named(override, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("configs/micro.yaml", [override])
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("expert: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(str(bad))

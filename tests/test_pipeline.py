@@ -1,0 +1,125 @@
+"""The four stages on the micro profile, end to end through `make all`, and what a user checks after."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import make, run
+
+NAME = "snli-ve-8shot-s0"
+
+
+def test_make_all_writes_every_artifact(micro):
+    _, rd, out = micro
+    meta = json.loads((rd / "backbone/meta.json").read_text())
+    assert meta["kind"] == "embedded-florence2" and (rd / "backbone/model.safetensors").is_file()
+    for name in ("nli", "shape", NAME):
+        e = rd / "experts" / name
+        assert (e / "adapter_config.json").is_file() and (e / "adapter_model.safetensors").is_file()
+        m = json.loads((e / "meta.json").read_text())
+        assert m["backbone"] and m["method"] == "lora" and "val_value" in m and m["config"]["profile"] == "micro"
+    assert json.loads((rd / f"experts/{NAME}/meta.json").read_text())["train_size"] == 8
+    assert not (rd / "experts/snli-ve").exists()  # the target's full-data expert would leak its labels
+    sim = json.loads((rd / f"similarity/{NAME}.json").read_text())
+    assert sim["names"][0] == NAME and sorted(sim["top_k"]) == ["nli", "shape"]
+    w = json.loads((rd / f"interpolated/{NAME}/weights.json").read_text())
+    for probs in w["groups"].values():
+        assert abs(sum(probs.values()) - 1) < 1e-5
+    res = json.loads((rd / f"results/{NAME}.json").read_text())
+    assert set(res["accuracy"]) == {"zero-shot", "target-only", "uniform-merge", "pi-tuning"}
+    assert all(0 <= v <= 1 for v in res["accuracy"].values())
+    assert "| pi-tuning |" in out  # make all prints the table
+
+
+def test_similarity_matrix_is_symmetric_with_unit_diagonal(micro):
+    sim = json.loads((micro[1] / f"similarity/{NAME}.json").read_text())
+    m = sim["matrix"]
+    assert all(m[i][i] == 1 for i in range(len(m)))
+    assert all(abs(m[i][j] - m[j][i]) < 1e-12 for i in range(len(m)) for j in range(len(m)))
+    csv = (micro[1] / f"similarity/{NAME}.csv").read_text().splitlines()
+    assert csv[0] == "task," + ",".join(sim["names"])
+
+
+def test_second_make_does_no_work_and_a_deleted_expert_reruns_only_what_depends_on_it(micro):
+    runs, rd, _ = micro
+    again = make("all", runs_dir=runs)
+    assert ".py" not in again.stdout.replace("pipeline.mk", ""), again.stdout
+    shutil.rmtree(rd / "experts/shape")
+    redo = make("all", runs_dir=runs).stdout
+    assert "train_expert.py --task shape" in redo
+    assert "--pretrain" not in redo and "--task nli" not in redo and "--shots" not in redo
+    assert "embed_tasks.py" in redo and "interpolate.py" in redo and "evaluate.py" in redo
+    assert "1 Fisher computed, 2 cached" in redo
+
+
+def test_exported_merge_reproduces_the_interpolated_model(micro_cfg, tmp_path):
+    """The exact LoRA merge exported at rank k*r reloads with plain peft and gives the same logits."""
+    from peft import PeftModel
+    from torch.func import functional_call
+
+    from common import data
+    from common.backbone import load_backbone
+    from common.experts import attach, group_of, load_pool, param_name, set_weights
+    from common.merge import ExpertStack
+
+    experts = [NAME, "nli", "shape"]
+    stack = ExpertStack(load_pool(micro_cfg, experts), group_of("site"), kind="lora", trainable=True)
+    logits = torch.randn(len(stack.group_names), 3, generator=torch.Generator().manual_seed(0))
+    model, processor = load_backbone(micro_cfg)
+    peft_model = attach(model, micro_cfg.expert, rank_multiplier=3).eval()
+    batch = data.Encoder(processor).batch(data.examples("snli-ve", "test", micro_cfg.world, 6))
+    merged = {param_name(k): v for k, v in stack(logits).items()}
+    with torch.no_grad():
+        live = functional_call(peft_model, merged, args=(), kwargs=batch).logits
+        set_weights(peft_model, {k: v.contiguous() for k, v in stack(logits).items()})
+        peft_model.save_pretrained(tmp_path)
+        base, _ = load_backbone(micro_cfg)
+        reloaded = PeftModel.from_pretrained(base, str(tmp_path)).eval()(**batch).logits
+        plain, _ = load_backbone(micro_cfg)
+        untouched = plain(**batch).logits
+    assert torch.allclose(live, reloaded, atol=1e-5)
+    assert not torch.allclose(live, untouched, atol=1e-3)  # the merge does change the model
+
+
+def test_pi_tuning_artifact_loads_with_plain_peft(micro, micro_cfg):
+    from peft import PeftConfig
+
+    cfg = PeftConfig.from_pretrained(str(micro[1] / f"interpolated/{NAME}"))
+    assert cfg.r == 3 * micro_cfg.expert.r  # one ordinary LoRA of rank k*r
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train_expert.py", "--task", "snli"], "unknown task 'snli' in --task"),
+    (["train_expert.py", "--config", "configs/nope.yaml", "--task", "nli"], "configs/nope.yaml: config file not found"),
+    (["train_expert.py", "--task", "nli", "expert.rank=3"], "unknown field 'expert.rank'"),
+    (["interpolate.py", "--target", "nli"], "missing similarity matrix"),
+    (["evaluate.py", "--target", "shape"], "missing interpolated expert"),
+])
+def test_bad_input_is_one_line_and_exit_2(micro, args, message):
+    config = [] if "--config" in args else ["--config", "configs/micro.yaml"]
+    p = run("python", *args, *config, f"runs_dir={micro[0]}", check=False)
+    assert p.returncode == 2, p.stderr
+    assert message in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_missing_and_corrupt_experts_are_named(micro, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(micro[0], runs)
+    rd = runs / "micro"
+    (rd / "experts/nli/adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    p = run("python", "interpolate.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}",
+            check=False)
+    assert p.returncode == 2 and "experts/nli/adapter_model.safetensors: corrupt expert weights" in p.stderr
+    shutil.rmtree(rd / "experts/shape")
+    p = run("python", "embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}",
+            check=False)
+    assert p.returncode == 2 and "experts/shape/meta.json: missing expert" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_every_stage_has_help():
+    for script in ("train_expert.py", "embed_tasks.py", "interpolate.py", "evaluate.py"):
+        p = run("python", script, "--help")
+        assert "--config" in p.stdout

@@ -1,0 +1,54 @@
+"""Task similarity: the formula of PI_TUNING.md, symmetric, 1 on the diagonal; top-k retrieval."""
+import math
+
+import torch
+
+from common.similarity import normalized, similarity_matrix, task_similarity, top_k_similar
+
+
+def direct(fa, fb, eps=1e-6):
+    """The formula written out element by element, in plain Python."""
+    sims = []
+    for n in fa:
+        a, b = fa[n].flatten().tolist(), fb[n].flatten().tolist()
+        ap = [x / (x + y + eps) for x, y in zip(a, b)]
+        bp = [y / (x + y + eps) for x, y in zip(a, b)]
+        dot = sum(x * y for x, y in zip(ap, bp))
+        sims.append(dot / math.sqrt(sum(x * x for x in ap) * sum(y * y for y in bp)))
+    return sum(sims) / len(sims)
+
+
+def fishers(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"a.lora_A": torch.rand(4, 6, generator=g) ** 3, "a.lora_B": torch.rand(6, 4, generator=g) ** 3}
+            for _ in range(n)]
+
+
+def test_similarity_matches_the_formula_and_is_symmetric():
+    fs = fishers(4)
+    m = similarity_matrix(fs)
+    for i in range(4):
+        assert m[i][i] == 1.0
+        for j in range(4):
+            assert abs(m[i][j] - m[j][i]) < 1e-12
+            if i != j:
+                assert abs(m[i][j] - direct(fs[i], fs[j])) < 1e-9
+    assert abs(task_similarity(fs[0], fs[0]) - 1.0) < 1e-9
+
+
+def test_normalisation_makes_similarity_independent_of_fisher_scale():
+    fs = fishers(2)
+    tiny = [{k: v * 1e-10 for k, v in f.items()} for f in fs]
+    # raw values this small fall under the epsilon: the formula degrades to the plain cosine of Fa, Fb
+    plain = sum(torch.nn.functional.cosine_similarity(fs[0][k].flatten(), fs[1][k].flatten(), dim=0).item()
+                for k in fs[0]) / len(fs[0])
+    assert abs(task_similarity(*tiny) - plain) < 1e-3
+    assert abs(task_similarity(*tiny) - direct(*fs)) > 0.05
+    # normalised per tensor, the scale no longer matters and the formula means what it says
+    assert abs(task_similarity(*[normalized(f, "mean") for f in tiny]) - direct(*[normalized(f, "mean") for f in fs])) < 1e-6
+
+
+def test_top_k_excludes_the_target_and_orders_by_similarity():
+    names = ["t", "a", "b", "c"]
+    m = [[1, 0.2, 0.9, 0.5], [0.2, 1, 0, 0], [0.9, 0, 1, 0], [0.5, 0, 0, 1]]
+    assert top_k_similar(names, m, "t", 2) == ["b", "c"]

@@ -1,0 +1,149 @@
+"""Stage 1: train one parameter-efficient expert for one task on the frozen backbone.
+
+    python train_expert.py --task nli                      # a pool expert, on the task's full train split
+    python train_expert.py --task snli-ve --shots 64       # the target's low-shot expert (seeded sample)
+    python train_expert.py --pretrain                      # build + pre-train the embedded backbone first
+
+Writes runs/<profile>/experts/<name>/ (peft adapter dir + meta.json), or runs/<profile>/backbone/.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from common import data
+from common.artifacts import atomic_dir, write_json
+from common.backbone import (backbone_dir, build_model, build_processor, build_vocab, fingerprint,
+                             init_unseen_embeddings, load_backbone)
+from common.config import UserError, load_config, run_stage, stage_parser
+from common.experts import attach, expert_dir, expert_name
+from common.metrics import task_metric, token_accuracy
+from common.training import train_steps
+
+
+def pretrain(cfg) -> None:
+    """Build the tiny Florence-2 and pre-train it on captioning + description infilling (not the downstream tasks)."""
+    out = backbone_dir(cfg)
+    if cfg.backbone.source != "embedded":
+        raise UserError(f"{cfg.path}: backbone.source is '{cfg.backbone.source}'; --pretrain builds only the "
+                        f"embedded backbone (backbone.source: embedded)")
+    torch.manual_seed(cfg.seed)
+    w, pc = cfg.world, cfg.pretrain
+    # the vocabulary is every word any task of the world can use
+    texts = [t for name in list(data.TASKS) + list(data.PRETRAIN_TASKS)
+             for e in data.examples(name, "train", w, 400) for t in (e.prompt, e.answer, *(data.get_task(name).candidates or ()))]
+    vocab = build_vocab(texts)
+    model, n_image_tokens = build_model(cfg.backbone, len(vocab), w.image_size)
+    processor = build_processor(vocab, w.image_size, n_image_tokens)
+    enc = data.Encoder(processor)
+
+    streams = {t: data.examples(t, "train", w, None) for t in data.PRETRAIN_TASKS}
+    # pre-training needs more than one split's worth of scenes: draw fresh ones from a seeded stream
+    rng = random.Random(cfg.seed)
+    sizes = {t: len(v) for t, v in streams.items()}
+
+    def batches():
+        task_cycle = list(data.PRETRAIN_TASKS)
+        step = 0
+        while True:
+            task = data.PRETRAIN_TASKS[task_cycle[step % len(task_cycle)]]
+            step += 1
+            yield [task.make(rng, w.image_size) for _ in range(pc.batch_size)]
+
+    model.train()
+    t0 = time.time()
+    loss = train_steps(lambda b: model(**enc.batch(b)).loss, [{"params": list(model.parameters()), "lr": pc.lr}],
+                       batches(), pc.steps, pc.grad_clip, pc.warmup, desc="pretrain backbone")
+    model.eval()
+
+    # words the decoder never had to produce keep tiny embeddings: initialise them like new label tokens
+    seen = torch.zeros(len(vocab), dtype=torch.bool)
+    for t in data.PRETRAIN_TASKS:
+        for e in streams[t][:1000]:
+            seen[enc.labels([e.answer])[0].clamp(min=0)] = True
+    n_new = init_unseen_embeddings(model, seen, cfg.seed)
+
+    val = {t: data.examples(t, "val", w, 200) for t in data.PRETRAIN_TASKS}
+    with torch.no_grad():
+        acc = {t: token_accuracy(model, enc, v) for t, v in val.items()}
+        colour = colour_probe(model, enc, val["pt-caption"])
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        write_json(tmp / "meta.json", {
+            "kind": "embedded-florence2", "params": sum(p.numel() for p in model.parameters()),
+            "vocab_size": len(vocab), "image_tokens": n_image_tokens, "steps": pc.steps, "final_loss": loss,
+            "val_token_accuracy": acc, "val_colour_word_accuracy": colour, "new_label_tokens": n_new,
+            "seconds": round(time.time() - t0, 1), "pretrain_sizes": sizes, "config": cfg.to_dict()})
+    print(f"backbone: {out} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | "
+          f"caption token acc {acc['pt-caption']:.3f} | colour words {colour:.3f} | infill {acc['pt-infill']:.3f} | "
+          f"{time.time() - t0:.0f}s")
+
+
+@torch.no_grad()
+def colour_probe(model, enc, exs) -> float:
+    """Teacher-forced accuracy on the colour words of captions: does the backbone see colour?"""
+    from common.world import COLOURS
+    colour_ids = torch.tensor(enc.tok.convert_tokens_to_ids(list(COLOURS)))
+    b = enc.batch(exs)
+    pred = model(**b).logits.argmax(-1)
+    is_colour = torch.isin(b["labels"], colour_ids)
+    return ((pred == b["labels"]) & is_colour).sum().item() / max(is_colour.sum().item(), 1)
+
+
+def train_expert(cfg, task_name: str, shots: int) -> None:
+    task = data.get_task(task_name, where="--task")
+    name = expert_name(task_name, shots, cfg.seed)
+    # pool experts are trained once per profile; the seed varies only the target's low-shot side
+    seed = cfg.seed if shots else 0
+    torch.manual_seed(seed)
+    model, processor = load_backbone(cfg)
+    enc = data.Encoder(processor)
+    train = data.examples(task_name, "train", cfg.world)
+    train = data.low_shot(train, shots, seed)
+    val = data.examples(task_name, "val", cfg.world, cfg.expert.eval_size)
+
+    ec = cfg.expert
+    model = attach(model, ec)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    t0 = time.time()
+    loss = train_steps(lambda b: model(**enc.batch(b)).loss, [{"params": params, "lr": ec.lr}],
+                       data.infinite_batches(train, ec.batch_size, seed), ec.steps, ec.grad_clip,
+                       warmup=min(30, ec.steps // 10), desc=f"expert {name}")
+    model.eval()
+    metric, value = task_metric(model, enc, task, val, cfg.evaluate.batch_size)
+    out = expert_dir(cfg, name)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        write_json(tmp / "meta.json", {
+            "name": name, "task": task_name, "family": task.family, "method": ec.method, "shots": shots,
+            "seed": seed, "train_size": len(train), "val_size": len(val), "steps": ec.steps, "final_loss": loss,
+            "val_metric": metric, "val_value": value, "trainable_params": sum(p.numel() for p in params),
+            "backbone": fingerprint(backbone_dir(cfg)), "seconds": round(time.time() - t0, 1),
+            "config": cfg.to_dict()})
+    print(f"expert {name}: {len(train)} train examples, {ec.steps} steps, loss {loss:.3f}, "
+          f"val {metric} {value:.3f}, {time.time() - t0:.0f}s -> {out}")
+
+
+def main() -> None:
+    ap = stage_parser(__doc__.split("\n")[0])
+    ap.add_argument("--task", help="task to train an expert for (see common/data.py TASKS)")
+    ap.add_argument("--shots", type=int, default=0, help="train on a seeded k-shot sample (0 = full train split)")
+    ap.add_argument("--pretrain", action="store_true", help="build and pre-train the embedded backbone")
+    args = ap.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if args.pretrain:
+        pretrain(cfg)
+    elif args.task:
+        train_expert(cfg, args.task, args.shots)
+    else:
+        raise UserError("train_expert.py: say what to train: --task NAME (or --pretrain); see --help")
+
+
+if __name__ == "__main__":
+    run_stage(main)
