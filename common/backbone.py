@@ -78,10 +78,16 @@ def build_model(bcfg: BackboneConfig, vocab_size: int, image_size: int):
     tc = BartConfig(vocab_size=vocab_size, d_model=bcfg.d_model, encoder_layers=bcfg.encoder_layers,
                     decoder_layers=bcfg.decoder_layers, encoder_attention_heads=bcfg.heads,
                     decoder_attention_heads=bcfg.heads, encoder_ffn_dim=bcfg.ffn_dim, decoder_ffn_dim=bcfg.ffn_dim,
-                    max_position_embeddings=256, dropout=bcfg.dropout, pad_token_id=0, bos_token_id=1,
+                    max_position_embeddings=256, dropout=bcfg.dropout, init_std=bcfg.d_model ** -0.5, pad_token_id=0, bos_token_id=1,
                     eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)
     model = Florence2ForConditionalGeneration(Florence2Config(vision_config=vc, text_config=tc,
                                                               image_token_id=SPECIALS.index("<image>")))
+    # transformers' fixed N(0, 0.02) init suits d_model 768; at this size attention starts uniform and the
+    # model never learns to look at the image. Scale-aware init: BART std d_model^-0.5 (init_std above),
+    # PyTorch's fan-in init for the vision tower and projector.
+    for m in list(model.model.vision_tower.modules()) + list(model.model.multi_modal_projector.modules()):
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            m.reset_parameters()
     side = image_size // (4 * 2 ** (n - 1))
     return model, side * side + 1  # image tokens: spatial grid + one temporal token
 

@@ -1,4 +1,4 @@
-"""The plain training loop every stage shares: AdamW, linear warm-up, grad clipping, a tqdm bar."""
+"""The plain training loop every stage shares: AdamW, warm-up + cosine decay, grad clipping, a tqdm bar."""
 from __future__ import annotations
 
 import math
@@ -7,13 +7,20 @@ import torch
 from tqdm import tqdm
 
 
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def train_steps(loss_fn, param_groups: list[dict], batches, steps: int, grad_clip: float = 1.0,
                 warmup: int = 0, desc: str = "train") -> float:
     """Run `steps` optimizer steps of loss_fn(batch); returns the mean loss of the last 10% of steps."""
     params = [p for g in param_groups for p in g["params"]]
     opt = torch.optim.AdamW(param_groups, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
     tail, bar = [], tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
     for step in bar:
         loss = loss_fn(next(batches))
