@@ -45,12 +45,12 @@ def uniform_merge(cfg, experts: list[str]):
     return peft_model.eval()
 
 
-def table(target: str, runs: dict) -> str:
+def table(target: str, metric: str, runs: dict) -> str:
     """Markdown: one row per method, mean ± std over the seeds evaluated, per shots setting."""
     by_shots: dict[int, list[dict]] = {}
     for r in runs.values():
         by_shots.setdefault(r["shots"], []).append(r)
-    lines = [f"| {target} (test accuracy) | " + " | ".join(f"{s}-shot (n={len(rs)} seeds)" for s, rs in
+    lines = [f"| {target} (test {metric}) | " + " | ".join(f"{s}-shot (n={len(rs)} seeds)" for s, rs in
                                                      sorted(by_shots.items())) + " |",
              "|---" * (1 + len(by_shots)) + "|"]
     for m in METHODS:
@@ -94,7 +94,7 @@ def main() -> None:
     summary_path = res_dir / f"{args.target}.json"
     summary = read_json(summary_path, "results", "delete it") if summary_path.exists() else {"runs": {}}
     summary["runs"][run] = result
-    md = table(args.target, summary["runs"])
+    md = table(args.target, metric, summary["runs"])
     write_json(res_dir / f"{run}.json", result)
     write_json(summary_path, summary)
     write_text(res_dir / f"{args.target}.md", md)

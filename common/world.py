@@ -63,7 +63,7 @@ def render(scene: Scene, size: int = 64, rng: random.Random | None = None) -> np
     for obj, (jx, jy) in zip(scene.objects, scene.jitter):
         cx = (obj.pos % 3 + 0.5) * cell + jx
         cy = (obj.pos // 3 + 0.5) * cell + jy
-        r = cell * (0.42 if obj.size == "large" else 0.24)
+        r = cell * (0.46 if obj.size == "large" else 0.3)
         dx, dy = xx - cx, yy - cy
         if obj.shape == "circle":
             mask = dx**2 + dy**2 <= r**2
