@@ -54,7 +54,7 @@ def cached_fisher(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
 def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
     ap.add_argument("--target", help="target task: its low-shot expert joins the comparison")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     cfg = load_config(args.config, args.overrides)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -66,7 +66,7 @@ def table(target: str, metric: str, runs: dict) -> str:
 def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
     ap.add_argument("--target", required=True, help="target task")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     cfg = load_config(args.config, args.overrides)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

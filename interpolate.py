@@ -27,7 +27,7 @@ from common.training import train_steps
 def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
     ap.add_argument("--target", required=True, help="target task (its low-shot expert must exist)")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     cfg = load_config(args.config, args.overrides)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -21,7 +21,6 @@ RESULT   := $(RUN)/results/$(NAME).json
 
 .PHONY: backbone experts embed interpolate evaluate show clean
 .DELETE_ON_ERROR:
-.SECONDARY:
 backbone: $(BACKBONE)
 experts: $(POOL_EXP) $(TGT_EXP)
 embed: $(SIM)

@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--task", help="task to train an expert for (see common/data.py TASKS)")
     ap.add_argument("--shots", type=int, default=0, help="train on a seeded k-shot sample (0 = full train split)")
     ap.add_argument("--pretrain", action="store_true", help="build and pre-train the embedded backbone")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     cfg = load_config(args.config, args.overrides)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

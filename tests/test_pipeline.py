@@ -50,7 +50,20 @@ def test_second_make_does_no_work_and_a_deleted_expert_reruns_only_what_depends_
     assert "train_expert.py --task shape" in redo
     assert "--pretrain" not in redo and "--task nli" not in redo and "--shots" not in redo
     assert "embed_tasks.py" in redo and "interpolate.py" in redo and "evaluate.py" in redo
-    assert "1 Fisher computed, 2 cached" in redo
+    # retraining is deterministic: the same bytes again, so its cached Fisher still applies
+    assert "(0 Fisher computed, 3 cached)" in redo
+
+
+def test_fisher_is_recomputed_only_for_a_changed_expert(micro, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    runs = tmp_path / "runs"
+    shutil.copytree(micro[0], runs)
+    f = runs / "micro/experts/nli/adapter_model.safetensors"
+    save_file({k: v * 1.5 for k, v in load_file(str(f)).items()}, str(f))
+    out = run("python", "embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml",
+              f"runs_dir={runs}").stdout
+    assert "(1 Fisher computed, 2 cached)" in out
 
 
 def test_exported_merge_reproduces_the_interpolated_model(micro_cfg, tmp_path):
@@ -112,6 +125,7 @@ def test_missing_and_corrupt_experts_are_named(micro, tmp_path):
     p = run("python", "interpolate.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}",
             check=False)
     assert p.returncode == 2 and "experts/nli/adapter_model.safetensors: corrupt expert weights" in p.stderr
+    shutil.copy(micro[1] / "experts/nli/adapter_model.safetensors", rd / "experts/nli/adapter_model.safetensors")
     shutil.rmtree(rd / "experts/shape")
     p = run("python", "embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}",
             check=False)

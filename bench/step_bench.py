@@ -1,0 +1,102 @@
+"""One interpolation training step (K experts merged by the fused op, experts + weights trained)
+versus one single-expert training step, on the mini profile's backbone shapes.
+
+    python bench/step_bench.py [--config configs/mini.yaml] [--k 3] [--repeats 30]
+
+Both steps are forward + backward + AdamW step on the same batch of the target task; the backbone is
+freshly initialised (timing does not need a pre-trained one). Prints medians and their ratio,
+measured in one run.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from torch.func import functional_call  # noqa: E402
+
+from common import data  # noqa: E402
+from common.backbone import build_model, build_processor, build_vocab  # noqa: E402
+from common.config import load_config  # noqa: E402
+from common.experts import attach, group_of, param_name  # noqa: E402
+from common.merge import ExpertStack  # noqa: E402
+
+
+def timed(step, repeats: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/mini.yaml")
+    ap.add_argument("--k", type=int, default=3, help="experts merged (target + top-k)")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--task", default="snli-ve")
+    args = ap.parse_args()
+    cfg = load_config(args.config)
+    torch.manual_seed(0)
+    texts = [t for name in data.TASKS for e in data.examples(name, "train", cfg.world, 50) for t in (e.prompt, e.answer)]
+    vocab = build_vocab(texts)
+    model, n_img = build_model(cfg.backbone, len(vocab), cfg.world.image_size)
+    enc = data.Encoder(build_processor(vocab, cfg.world.image_size, n_img))
+    batch = enc.batch(data.examples(args.task, "train", cfg.world, cfg.interpolate.batch_size))
+    model.requires_grad_(False)
+
+    single = attach(model, cfg.expert)
+    single.train()
+    params = [p for p in single.parameters() if p.requires_grad]
+    experts = [{k: torch.randn_like(v) * 0.02 for k, v in _saved(single).items()} for _ in range(args.k)]
+    opt1 = torch.optim.AdamW(params, lr=1e-3)
+
+    def single_step():
+        loss = single(**batch).loss
+        opt1.zero_grad(set_to_none=True)
+        loss.backward()
+        opt1.step()
+
+    t_single = timed(single_step, args.repeats)
+    single.unload()  # give the backbone back without LoRA layers
+
+    stack = ExpertStack(experts, group_of(cfg.interpolate.groups), kind="lora", trainable=True)
+    logits = torch.zeros(len(stack.group_names), args.k, requires_grad=True)
+    merged_model = attach(model, cfg.expert, rank_multiplier=args.k)
+    merged_model.train()
+    opt2 = torch.optim.AdamW([{"params": [logits], "lr": 5e-2}, {"params": list(stack.parameters()), "lr": 1e-3}])
+
+    def interp_step():
+        merged = {param_name(k): v for k, v in stack(logits).items()}
+        loss = functional_call(merged_model, merged, args=(), kwargs=batch).loss
+        opt2.zero_grad(set_to_none=True)
+        loss.backward()
+        opt2.step()
+
+    t_interp = timed(interp_step, args.repeats)
+    print(f"device cpu ({torch.get_num_threads()} threads), profile {cfg.profile}, task {args.task}, "
+          f"batch {len(batch['labels'])}, K={args.k}, groups={cfg.interpolate.groups} ({len(stack.group_names)})")
+    print(f"single-expert step       {t_single * 1e3:8.2f} ms (median of {args.repeats})")
+    print(f"interpolation step (K={args.k}) {t_interp * 1e3:8.2f} ms")
+    print(f"ratio interpolation / single: {t_interp / t_single:.2f}x (target <= 1.3x)")
+
+
+def _saved(peft_model) -> dict[str, torch.Tensor]:
+    """The LoRA tensors under the names peft saves them with."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(peft_model)
+
+
+if __name__ == "__main__":
+    main()

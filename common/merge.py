@@ -1,0 +1,374 @@
+"""Fused softmax-weighted interpolation of K parameter-efficient experts (π-Tuning).
+
+Every training step computes, for each group g of tensors with its own logit row w_g,
+    merged = sum_i softmax(w_g)_i * expert_i
+forward and backward. A per-tensor Python loop costs K x P tiny kernels per step; here all
+experts live in one packed [K, N] stack (each group one contiguous element range) and the merge
+is one custom autograd op: one pass over memory forward, one backward, gradients to the logits
+(through the softmax) and to the stack. CUDA tensors use Triton kernels; elsewhere a few batched
+torch ops per run of equal-length groups (see _torch_fwd / _torch_bwd).
+
+Public API: `weighted_merge` (flat op) and `ExpertStack` (packs state dicts, returns views).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+BLOCK = 1024  # elements per Triton program
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp64 stays fp64 (gradcheck), everything else accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels (CUDA; also runnable on CPU tensors with TRITON_INTERPRET=1 set before import)
+# --------------------------------------------------------------------------------------------
+try:  # guarded: CPU-only installs without triton still get the torch path
+    import triton
+    import triton.language as tl
+except Exception:
+    triton = None
+
+
+def _use_triton(t: Tensor) -> bool:
+    return t.is_cuda and triton is not None
+
+
+if triton is not None:
+    @triton.jit
+    def _group_of(offs, seg_ptr, G, LOG_G: tl.constexpr):
+        # Binary search: the g with seg[g] <= n < seg[g+1] (empty groups are skipped naturally).
+        lo = tl.zeros_like(offs)
+        hi = lo + G
+        for _ in tl.static_range(LOG_G):
+            mid = (lo + hi) // 2
+            go_right = tl.load(seg_ptr + mid) <= offs
+            lo = tl.where(go_right, mid, lo)
+            hi = tl.where(go_right, hi, mid)
+        return lo
+
+    @triton.jit
+    def _mix_fwd_kernel(stack_ptr, w_ptr, seg_ptr, out_ptr, N, G,
+                        K: tl.constexpr, LOG_G: tl.constexpr, BLOCK: tl.constexpr):
+        acc_t = w_ptr.dtype.element_ty
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        g = _group_of(offs, seg_ptr, G, LOG_G)
+        x_ptr = stack_ptr + offs  # advanced by N per expert (64-bit pointer, no int32 overflow)
+        acc = tl.zeros([BLOCK], dtype=acc_t)
+        for k in tl.static_range(K):
+            w = tl.load(w_ptr + g * K + k, mask=mask, other=0.0)  # [G, K] is tiny: cache hits
+            acc += w * tl.load(x_ptr, mask=mask, other=0.0).to(acc_t)
+            x_ptr += N
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _mix_bwd_kernel(stack_ptr, w_ptr, seg_ptr, gout_ptr, gstack_ptr, gw_ptr, N, G,
+                        K: tl.constexpr, LOG_G: tl.constexpr, BLOCK: tl.constexpr,
+                        NEED_STACK: tl.constexpr, NEED_W: tl.constexpr):
+        acc_t = w_ptr.dtype.element_ty
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        g = _group_of(offs, seg_ptr, G, LOG_G)
+        gout = tl.load(gout_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        # groups touched by this block: usually one, several only at group boundaries
+        g_lo = tl.min(tl.where(mask, g, G), axis=0)
+        g_hi = tl.max(tl.where(mask, g, -1), axis=0)
+        x_ptr = stack_ptr + offs
+        gx_ptr = gstack_ptr + offs
+        for k in tl.static_range(K):
+            if NEED_STACK:  # d out[n] / d stack[k, n] = w[g(n), k]
+                w = tl.load(w_ptr + g * K + k, mask=mask, other=0.0)
+                tl.store(gx_ptr, (w * gout).to(gstack_ptr.dtype.element_ty), mask=mask)
+                gx_ptr += N
+            if NEED_W:  # d loss / d w[g, k] = sum over the group's n of stack[k, n] * gout[n]
+                prod = tl.load(x_ptr, mask=mask, other=0.0).to(acc_t) * gout
+                for gg in range(g_lo, g_hi + 1):
+                    tl.atomic_add(gw_ptr + gg * K + k, tl.sum(tl.where(mask & (g == gg), prod, 0.0), axis=0))
+                x_ptr += N
+
+
+def _triton_fwd(stack, weights, segments):
+    K, N = stack.shape
+    G = weights.shape[0]
+    out = torch.empty(N, dtype=stack.dtype, device=stack.device)
+    if N:
+        _mix_fwd_kernel[(triton.cdiv(N, BLOCK),)](stack, weights, segments, out, N, G,
+                                                  K=K, LOG_G=(G - 1).bit_length(), BLOCK=BLOCK)
+    return out
+
+
+def _triton_bwd(stack, weights, segments, gout, need_stack, need_w):
+    K, N = stack.shape
+    G = weights.shape[0]
+    gstack = torch.empty_like(stack) if need_stack else None
+    gw = torch.zeros_like(weights) if need_w else None
+    if N:
+        _mix_bwd_kernel[(triton.cdiv(N, BLOCK),)](
+            stack, weights, segments, gout, stack if gstack is None else gstack,
+            weights if gw is None else gw, N, G, K=K, LOG_G=(G - 1).bit_length(), BLOCK=BLOCK,
+            NEED_STACK=need_stack, NEED_W=need_w)
+    return gstack, gw
+
+
+# --------------------------------------------------------------------------------------------
+# CPU / generic torch path. Consecutive groups of equal length (e.g. all LoRA sites of one model)
+# form a run handled by one batched op, not one op per group: besides Python overhead, every op
+# that enters a parallel region can stall for a scheduler slice when other processes hold the cores.
+# --------------------------------------------------------------------------------------------
+def _runs(segments: Tensor, G: int, N: int) -> list[tuple[int, int, int, int]]:
+    """(first group, end group, first element, group length) for each run of equal-length groups."""
+    b = segments.tolist()
+    if len(b) != G + 1 or b[0] != 0 or b[-1] != N or any(x > y for x, y in zip(b, b[1:])):
+        raise ValueError(f"segments must ascend from 0 to N={N} with G+1={G + 1} entries")
+    runs = []
+    for g in range(G):
+        length = b[g + 1] - b[g]
+        if runs and runs[-1][3] == length:
+            runs[-1][1] = g + 1
+        else:
+            runs.append([g, g + 1, b[g], length])
+    return [tuple(r) for r in runs if r[3] > 0]
+
+
+def _torch_fwd(stack, weights, segments):
+    K, N = stack.shape
+    acc = weights.dtype
+    out = torch.empty(N, dtype=stack.dtype, device=stack.device)
+    for g0, g1, s, L in _runs(segments, weights.shape[0], N):
+        n = g1 - g0
+        x = stack[:, s:s + n * L].view(K, n, L).transpose(0, 1).to(acc)  # [n, K, L], no copy for fp32
+        w = weights[g0:g1].unsqueeze(1)  # [n, 1, K]
+        if out.dtype == acc:
+            torch.bmm(w, x, out=out[s:s + n * L].view(n, 1, L))
+        else:
+            out[s:s + n * L] = torch.bmm(w, x).view(-1)  # fp32 sum, rounded once to the stack dtype
+    return out
+
+
+def _torch_bwd(stack, weights, segments, gout, need_stack, need_w):
+    K, N = stack.shape
+    acc = weights.dtype
+    gstack = torch.empty_like(stack) if need_stack else None
+    gw = torch.zeros_like(weights) if need_w else None
+    for g0, g1, s, L in _runs(segments, weights.shape[0], N):
+        n, e = g1 - g0, s + (g1 - g0) * L
+        go = gout[s:e].view(n, L).to(acc)
+        if need_w:  # gw[g, k] = <stack[k, group g], gout[group g]>
+            x = stack[:, s:e].view(K, n, L).transpose(0, 1).to(acc)  # [n, K, L]
+            if K == 1:  # row dots (bmm is slow for 1x1 outputs), a few rows at a time so that
+                rows = max(1, 2 ** 18 // L)  # the product stays in cache instead of a DRAM temporary
+                for i in range(0, n, rows):
+                    j = min(i + rows, n)
+                    torch.sum(x[i:j, 0] * go[i:j], dim=-1, out=gw[g0 + i:g0 + j, 0])
+            else:
+                torch.bmm(x, go.unsqueeze(-1), out=gw[g0:g1].unsqueeze(-1))
+        if need_stack:
+            torch.mul(weights[g0:g1].t().unsqueeze(-1), go, out=gstack[:, s:e].view(K, n, L))
+    return gstack, gw
+
+
+class _SegmentMix(torch.autograd.Function):
+    """out[n] = sum_k weights[g(n), k] * stack[k, n]; weights already normalised (fp32 / fp64)."""
+
+    @staticmethod
+    def forward(ctx, stack, weights, segments):
+        ctx.save_for_backward(stack, weights, segments)
+        fwd = _triton_fwd if _use_triton(stack) else _torch_fwd
+        return fwd(stack, weights, segments)
+
+    @staticmethod
+    def backward(ctx, gout):
+        stack, weights, segments = ctx.saved_tensors
+        need_stack, need_w = ctx.needs_input_grad[:2]
+        bwd = _triton_bwd if _use_triton(stack) else _torch_bwd
+        gstack, gw = bwd(stack, weights, segments, gout.contiguous(), need_stack, need_w)
+        return gstack, gw, None
+
+
+def _segment_mix(stack: Tensor, weights: Tensor, segments: Tensor) -> Tensor:
+    if stack.dim() != 2 or weights.dim() != 2 or weights.shape[1] != stack.shape[0]:
+        raise ValueError(f"stack [K, N] and weights [G, K] expected, got {tuple(stack.shape)}, "
+                         f"{tuple(weights.shape)}")
+    if segments.numel() != weights.shape[0] + 1:
+        raise ValueError(f"segments needs G+1={weights.shape[0] + 1} entries, got {segments.numel()}")
+    segments = segments.to(device=stack.device, dtype=torch.int64).contiguous()
+    return _SegmentMix.apply(stack.contiguous(), weights.contiguous(), segments)
+
+
+def weighted_merge(stack: Tensor, logits: Tensor, segments: Tensor) -> Tensor:
+    """stack [K, N]; logits [G, K]; segments int64 [G+1], ascending element offsets
+    (segments[0]=0, segments[-1]=N; group g owns elements [segments[g], segments[g+1])).
+    Returns flat [N]: out[n] = sum_k softmax(logits[g(n)])[k] * stack[k, n].
+
+    Differentiable w.r.t. logits and stack; fp16/bf16 stacks accumulate in fp32 and return the
+    stack dtype. On CUDA the logit gradient is summed with fp32 atomics (not bitwise deterministic)
+    and segments are not validated (that would need a host sync).
+    """
+    probs = torch.softmax(logits.to(_acc_dtype(stack.dtype)), dim=-1)  # [G, K]: autograd handles it
+    return _segment_mix(stack, probs, segments)
+
+
+# --------------------------------------------------------------------------------------------
+# Views of one flat buffer, with a backward that writes all their grads in one foreach copy
+# --------------------------------------------------------------------------------------------
+def _view(flat: Tensor, spec) -> Tensor:
+    offset, shape, transposed = spec
+    t = flat[offset:offset + math.prod(shape)].view(shape)
+    return t.t() if transposed else t
+
+
+class _Unflatten(torch.autograd.Function):
+    """flat -> tuple of views (specs tile flat exactly). Plain slicing would make autograd
+    zero-fill a full-size gradient per view; this backward assembles one flat gradient instead."""
+
+    @staticmethod
+    def forward(ctx, flat, specs):
+        ctx.specs, ctx.numel = specs, flat.numel()
+        return tuple(_view(flat, s) for s in specs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        flat = grads[0].new_empty(ctx.numel)
+        torch._foreach_copy_([_view(flat, s) for s in ctx.specs], list(grads))
+        return flat, None
+
+
+# --------------------------------------------------------------------------------------------
+# ExpertStack
+# --------------------------------------------------------------------------------------------
+class ExpertStack(torch.nn.Module):
+    """K experts with identical tensor names/shapes, packed once for interpolation.
+
+    kind="sum":  forward(logits) -> {name: sum_i p_i expert_i[name]} (original shapes), all views
+                 of one flat output buffer. Packed stack: parameter/buffer `stack` [K, N].
+    kind="lora": experts are peft LoRA state dicts (`...lora_A.weight` [r, d_in], `...lora_B.weight`
+                 [d_out, r]). The exact merge sum_i p_i B_i A_i is one LoRA of rank K*r:
+                 A_cat = [A_1; ...; A_K] and B_cat = [p_1 B_1, ..., p_K B_K]; forward returns
+                 {same names: A_cat / B_cat}. Use it in a peft LoRA with r = K*r and
+                 lora_alpha = K*alpha so that the scaling alpha/r is unchanged.
+                 Packed: `lora_A_stack` (flat; each site's A_cat contiguous, returned as views, no
+                 copy) and `lora_B_stack` (flat; each site's K blocks B_i^T [r, d_out] back to
+                 back, so scaling block i by p_i gives B_cat^T contiguous; B_cat is its .t()).
+    group_of maps a tensor name to its group (for LoRA, A and B of one site must share a group).
+    trainable=True registers the packed stacks as nn.Parameters, else as buffers.
+    """
+
+    def __init__(self, experts: list[dict[str, Tensor]], group_of: Callable[[str], str],
+                 kind: str = "sum", trainable: bool = True):
+        super().__init__()
+        if not experts:
+            raise ValueError("need at least one expert")
+        names = list(experts[0])
+        for i, e in enumerate(experts):
+            if set(e) != set(names):
+                raise ValueError(f"expert {i} has different tensor names")
+            for n in names:
+                if e[n].shape != experts[0][n].shape or e[n].dtype != experts[0][n].dtype:
+                    raise ValueError(f"expert {i}: {n} is {e[n].dtype}{tuple(e[n].shape)}, expected "
+                                     f"{experts[0][n].dtype}{tuple(experts[0][n].shape)}")
+        if len({experts[0][n].dtype for n in names}) > 1:
+            raise ValueError("all tensors must share one dtype")
+        self.num_experts = len(experts)
+        self.kind = kind
+        self.trainable = trainable
+        self._names = names  # output order = the experts' key order
+        by_group: dict[str, list[str]] = {}
+        for n in names:
+            by_group.setdefault(group_of(n), []).append(n)
+        self.group_names = list(by_group)
+        if kind == "sum":
+            self._build_sum(experts, by_group)
+        elif kind == "lora":
+            self._build_lora(experts, by_group, group_of)
+        else:
+            raise ValueError(f"kind must be 'sum' or 'lora', got {kind!r}")
+
+    def _register(self, name: str, t: Tensor):
+        if self.trainable:
+            self.register_parameter(name, torch.nn.Parameter(t))
+        else:
+            self.register_buffer(name, t)
+
+    def _build_sum(self, experts, by_group):
+        order = [n for names in by_group.values() for n in names]  # group-contiguous packing
+        offset, offsets, bounds = 0, {}, [0]
+        for names in by_group.values():
+            for n in names:
+                offsets[n] = offset
+                offset += experts[0][n].numel()
+            bounds.append(offset)
+        self._specs = tuple((offsets[n], tuple(experts[0][n].shape), False) for n in self._names)
+        self._register("stack", torch.stack([torch.cat([e[n].detach().reshape(-1) for n in order])
+                                             for e in experts]))
+        self.register_buffer("segments", torch.tensor(bounds, dtype=torch.int64), persistent=False)
+
+    def _build_lora(self, experts, by_group, group_of):
+        K, e0 = self.num_experts, experts[0]
+        sites = []  # (A name, B name, group index), group-contiguous
+        for gi, names in enumerate(by_group.values()):
+            for n in names:
+                if "lora_A" in n:
+                    b = n.replace("lora_A", "lora_B")
+                    if b not in e0:
+                        raise ValueError(f"{n} has no matching {b}")
+                    if group_of(b) != group_of(n):
+                        raise ValueError(f"{n} and {b} must be in the same group")
+                    if e0[n].dim() != 2 or e0[b].dim() != 2 or e0[n].shape[0] != e0[b].shape[1]:
+                        raise ValueError(f"{n} {tuple(e0[n].shape)} / {b} {tuple(e0[b].shape)} "
+                                         "are not a linear LoRA pair [r, d_in] / [d_out, r]")
+                    sites.append((n, b, gi))
+                elif "lora_B" in n:
+                    if n.replace("lora_B", "lora_A") not in e0:
+                        raise ValueError(f"{n} has no matching lora_A")
+                else:
+                    raise ValueError(f"kind='lora' expects only lora_A/lora_B tensors, got {n}")
+        specs, a_parts, b_parts, chunk_bounds = {}, [], [], [0]
+        a_off = b_off = 0
+        for a, b, _ in sites:
+            (r, d_in), d_out = e0[a].shape, e0[b].shape[0]
+            specs[a] = (a_off, (K * r, d_in), False)
+            specs[b] = (b_off, (K * r, d_out), True)  # B_cat = (B_cat^T view).t()
+            a_parts += [e[a].detach().reshape(-1) for e in experts]
+            b_parts += [e[b].detach().t().reshape(-1) for e in experts]
+            a_off += K * r * d_in
+            b_off += K * r * d_out
+            for _ in range(K):  # one chunk per expert block B_i^T
+                chunk_bounds.append(chunk_bounds[-1] + r * d_out)
+        self._specs_A = tuple(specs[a] for a, _, _ in sites)
+        self._specs_B = tuple(specs[b] for _, b, _ in sites)
+        self._site_names = [(a, b) for a, b, _ in sites]
+        if not sites:
+            raise ValueError("kind='lora' found no lora_A/lora_B pairs")
+        self._register("lora_A_stack", torch.cat(a_parts))
+        self._register("lora_B_stack", torch.cat(b_parts))
+        self.register_buffer("site_group", torch.tensor([g for _, _, g in sites], dtype=torch.int64),
+                             persistent=False)
+        self.register_buffer("chunk_segments", torch.tensor(chunk_bounds, dtype=torch.int64),
+                             persistent=False)
+
+    def forward(self, logits: Tensor) -> dict[str, Tensor]:
+        """logits [G, K] (rows in `group_names` order) -> {name: merged tensor}."""
+        if tuple(logits.shape) != (len(self.group_names), self.num_experts):
+            raise ValueError(f"logits must be [G={len(self.group_names)}, K={self.num_experts}], "
+                             f"got {tuple(logits.shape)}")
+        if self.kind == "sum":
+            flat = weighted_merge(self.stack, logits, self.segments)
+            return dict(zip(self._names, _Unflatten.apply(flat, self._specs)))
+        # LoRA: A passes through; B's chunk (site s, expert i) is scaled by p[group(s), i], which is
+        # a segment mix with one "expert" row and S*K segments.
+        probs = torch.softmax(logits.to(_acc_dtype(self.lora_B_stack.dtype)), dim=-1)
+        chunk_w = probs[self.site_group].reshape(-1, 1)  # [S*K, 1], site-major like the layout
+        flat_b = _segment_mix(self.lora_B_stack.unsqueeze(0), chunk_w, self.chunk_segments)
+        merged = dict(zip((a for a, _ in self._site_names), _Unflatten.apply(self.lora_A_stack, self._specs_A)))
+        merged.update(zip((b for _, b in self._site_names), _Unflatten.apply(flat_b, self._specs_B)))
+        return {n: merged[n] for n in self._names}
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, experts={self.num_experts}, groups={len(self.group_names)}"
