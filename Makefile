@@ -40,7 +40,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) bench/merge_bench.py
+	$(PY) bench/merge_bench.py --threads 1
+	$(PY) bench/step_bench.py
 
 clean: $(STAMP)
 	@$(PIPELINE) OVERRIDES="$(OVERRIDES)" clean

@@ -8,15 +8,17 @@ from transformers.modeling_outputs import BaseModelOutput
 from common.data import Encoder, Example, Task, batches, candidates_for
 
 
+def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over the answer's tokens of log p(token); label -100 marks padding."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (tok * (labels != -100)).sum(-1)
+
+
 def answer_logprobs(model, enc: Encoder, exs: list[Example], answers: list[str]) -> torch.Tensor:
     """Sum of log p(answer tokens + </s> | image, prompt) for each (example, answer) pair."""
-    inputs = enc.inputs(exs)
     labels = enc.labels(answers)
-    logits = model(**inputs, labels=labels).logits
-    logp = F.log_softmax(logits.float(), dim=-1)
-    mask = labels != -100
-    tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (tok * mask).sum(-1)
+    return sequence_logprob(model(**enc.inputs(exs), labels=labels).logits, labels)
 
 
 @torch.no_grad()
@@ -32,9 +34,7 @@ def candidate_accuracy(model, enc: Encoder, task: Task, exs: list[Example], batc
         labels = enc.labels([c for _, c in pairs])
         logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=enc_out[0][index]), attention_mask=inputs["attention_mask"][index],
                        labels=labels).logits
-        logp = F.log_softmax(logits.float(), dim=-1)
-        tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
-        scores = tok.sum(-1).tolist()
+        scores = sequence_logprob(logits, labels).tolist()
         k = 0
         for e in chunk:
             cands = candidates_for(task, e)
