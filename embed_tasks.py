@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from common import data
 from common.artifacts import write_json, write_text
 from common.backbone import load_backbone
-from common.config import UserError, load_config, run_stage, stage_parser
+from common.config import UserError, parse_stage, run_stage, stage_parser
 from common.experts import WEIGHTS, attach, expert_dir, expert_name, load_expert_weights, read_expert_meta, set_weights
 from common.similarity import fisher_diagonal, normalized, similarity_matrix, top_k_similar
 
@@ -54,10 +54,7 @@ def cached_fisher(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
 def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
     ap.add_argument("--target", help="target task: its low-shot expert joins the comparison")
-    args = ap.parse_intermixed_args()
-    cfg = load_config(args.config, args.overrides)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    args, cfg = parse_stage(ap)
     names = pool_experts(cfg, args.target)
     fc = cfg.fisher
     t0 = time.time()

@@ -17,7 +17,7 @@ import torch
 from common import data
 from common.artifacts import read_json, write_json, write_text
 from common.backbone import load_backbone
-from common.config import UserError, load_config, run_stage, stage_parser
+from common.config import UserError, parse_stage, run_stage, stage_parser
 from common.experts import attach, expert_dir, expert_name, group_of, load_pool, set_weights
 from common.merge import ExpertStack
 from common.metrics import task_metric
@@ -66,10 +66,7 @@ def table(target: str, metric: str, runs: dict) -> str:
 def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
     ap.add_argument("--target", required=True, help="target task")
-    args = ap.parse_intermixed_args()
-    cfg = load_config(args.config, args.overrides)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    args, cfg = parse_stage(ap)
     task = data.get_task(args.target, where="--target")
     shots = cfg.tasks.target_shots
     run = expert_name(args.target, shots, cfg.seed)

@@ -18,7 +18,7 @@ from torch.func import functional_call
 from common import data
 from common.artifacts import atomic_dir, read_json, write_json
 from common.backbone import backbone_dir, fingerprint, load_backbone
-from common.config import UserError, load_config, run_stage, stage_parser
+from common.config import UserError, parse_stage, run_stage, stage_parser
 from common.experts import attach, expert_name, group_of, load_pool, param_name, set_weights
 from common.merge import ExpertStack
 from common.training import train_steps
@@ -27,10 +27,7 @@ from common.training import train_steps
 def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
     ap.add_argument("--target", required=True, help="target task (its low-shot expert must exist)")
-    args = ap.parse_intermixed_args()
-    cfg = load_config(args.config, args.overrides)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    args, cfg = parse_stage(ap)
     data.get_task(args.target, where="--target")
     ic, shots = cfg.interpolate, cfg.tasks.target_shots
     run = expert_name(args.target, shots, cfg.seed)

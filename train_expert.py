@@ -17,7 +17,7 @@ from common import data
 from common.artifacts import atomic_dir, write_json
 from common.backbone import (backbone_dir, build_model, build_processor, build_vocab, fingerprint,
                              init_unseen_embeddings, load_backbone)
-from common.config import UserError, load_config, run_stage, stage_parser
+from common.config import UserError, parse_stage, run_stage, stage_parser
 from common.experts import attach, expert_dir, expert_name
 from common.metrics import task_metric, token_accuracy
 from common.training import train_steps
@@ -135,10 +135,7 @@ def main() -> None:
     ap.add_argument("--task", help="task to train an expert for (see common/data.py TASKS)")
     ap.add_argument("--shots", type=int, default=0, help="train on a seeded k-shot sample (0 = full train split)")
     ap.add_argument("--pretrain", action="store_true", help="build and pre-train the embedded backbone")
-    args = ap.parse_intermixed_args()
-    cfg = load_config(args.config, args.overrides)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    args, cfg = parse_stage(ap)
     if args.pretrain:
         pretrain(cfg)
     elif args.task:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from pathlib import Path
 
@@ -129,7 +128,3 @@ def init_unseen_embeddings(model, seen: torch.Tensor, seed: int = 0) -> int:
         direction = torch.randn(len(unseen), emb.shape[1], generator=g)
         emb[unseen] = direction / direction.norm(dim=1, keepdim=True) * norm
     return len(unseen)
-
-
-def write_meta(path: Path, meta: dict) -> None:
-    (path / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -203,6 +203,17 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     return ap
 
 
+def parse_stage(ap: argparse.ArgumentParser):
+    """Parse a stage's command line (overrides may sit anywhere) and load its config."""
+    args = ap.parse_intermixed_args()
+    cfg = load_config(args.config, args.overrides)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    return args, cfg
+
+
 def run_stage(main) -> None:
     """Run a stage's main(); a UserError becomes one line on stderr and exit code 2."""
     try:
