@@ -1,6 +1,6 @@
 # The pipeline's file graph. Called from Makefile with PY, CONFIG, TARGET, SEED, OVERRIDES set.
 ARGS     := --config $(CONFIG) seed=$(SEED) $(OVERRIDES)
-VALUES   := $(shell $(PY) -m common.config $(CONFIG) $(OVERRIDES) --get run_dir tasks.target_shots tasks.pool || echo ERROR)
+VALUES   := $(shell $(PY) -m common.config $(CONFIG) $(OVERRIDES) --stamp --get run_dir tasks.target_shots tasks.pool || echo ERROR)
 ifneq ($(filter ERROR,$(VALUES)),)
 $(error $(CONFIG) could not be read; see the line above)
 endif
@@ -11,6 +11,8 @@ ifeq ($(filter $(TARGET),$(POOL)),)
 $(error TARGET=$(TARGET) is not in tasks.pool of $(CONFIG) ($(POOL)); pick one of those or add it there)
 endif
 
+# each stage also depends on its config sections: stamps that change only when their content does
+CFG      := $(RUN)/.config
 NAME     := $(TARGET)-$(SHOTS)shot-s$(SEED)
 BACKBONE := $(RUN)/backbone/meta.json
 POOL_EXP := $(foreach t,$(filter-out $(TARGET),$(POOL)),$(RUN)/experts/$(t)/meta.json)
@@ -31,20 +33,20 @@ show: $(RESULT)
 clean:
 	rm -rf $(RUN)
 
-$(BACKBONE):
+$(BACKBONE): $(CFG)/world.json $(CFG)/backbone.json $(CFG)/pretrain.json
 	$(PY) train_expert.py --pretrain $(ARGS)
 
-$(TGT_EXP): $(BACKBONE)
+$(TGT_EXP): $(BACKBONE) $(CFG)/expert.json
 	$(PY) train_expert.py --task $(TARGET) --shots $(SHOTS) $(ARGS)
 
-$(RUN)/experts/%/meta.json: $(BACKBONE)
+$(RUN)/experts/%/meta.json: $(BACKBONE) $(CFG)/expert.json
 	$(PY) train_expert.py --task $* $(ARGS)
 
-$(SIM): $(POOL_EXP) $(TGT_EXP)
+$(SIM): $(POOL_EXP) $(TGT_EXP) $(CFG)/fisher.json
 	$(PY) embed_tasks.py --target $(TARGET) $(ARGS)
 
-$(INTERP): $(SIM)
+$(INTERP): $(SIM) $(CFG)/interpolate.json
 	$(PY) interpolate.py --target $(TARGET) $(ARGS)
 
-$(RESULT): $(INTERP) $(TGT_EXP)
+$(RESULT): $(INTERP) $(TGT_EXP) $(CFG)/evaluate.json
 	$(PY) evaluate.py --target $(TARGET) $(ARGS)

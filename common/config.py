@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,7 +228,24 @@ def run_stage(main) -> None:
         sys.exit(130)
 
 
-if __name__ == "__main__":  # python -m common.config CONFIG [key=value ...] --get a.b c.d  (for the Makefile)
+STAMPED_SECTIONS = ("world", "backbone", "pretrain", "expert", "fisher", "interpolate", "evaluate")
+
+
+def write_stamps(cfg: Config) -> None:
+    """runs/<profile>/.config/<section>.json, rewritten only when that section changes: make's view of the config."""
+    d = cfg.run_dir / ".config"
+    d.mkdir(parents=True, exist_ok=True)
+    for section in STAMPED_SECTIONS:
+        text = json.dumps(dataclasses.asdict(getattr(cfg, section)), indent=1, sort_keys=True) + "\n"
+        path = d / f"{section}.json"
+        if not path.is_file():
+            path.write_text(text)
+            os.utime(path, (0, 0))  # first sight is not a change: artifacts made before stamps stay valid
+        elif path.read_text() != text:
+            path.write_text(text)
+
+
+if __name__ == "__main__":  # python -m common.config CONFIG [key=value ...] [--stamp] --get a.b c.d  (for the Makefile)
     def _get(cfg, key):
         for part in key.split("."):
             cfg = getattr(cfg, part)
@@ -235,8 +254,12 @@ if __name__ == "__main__":  # python -m common.config CONFIG [key=value ...] --g
     argv = sys.argv[1:]
     keys = argv[argv.index("--get") + 1:] if "--get" in argv else []
     argv = argv[:argv.index("--get")] if "--get" in argv else argv
+    stamp = "--stamp" in argv
+    argv = [a for a in argv if a != "--stamp"]
     try:
         c = load_config(argv[0], argv[1:])
+        if stamp:
+            write_stamps(c)
         print(" ".join(str(_get(c, k)) for k in keys))
     except (UserError, AttributeError, IndexError) as e:
         print(f"error: {e}", file=sys.stderr)
