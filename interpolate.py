@@ -36,7 +36,12 @@ def main() -> None:
     if len(sim.get("top_k", [])) < ic.top_k:
         raise UserError(f"{cfg.run_dir / 'similarity' / run}.json: has top-{len(sim.get('top_k', []))}, config asks "
                         f"interpolate.top_k={ic.top_k}; rerun `python embed_tasks.py --target {args.target}`")
-    experts = [run] + sim["top_k"][:ic.top_k]
+    chosen = ic.experts or sim["top_k"][:ic.top_k]
+    for name in ic.experts:
+        if name not in sim["names"] or name == run:
+            raise UserError(f"{cfg.path}: interpolate.experts names '{name}', not a pool expert of {run} "
+                            f"(pool: {', '.join(sim['names'][1:])})")
+    experts = [run] + chosen
     torch.manual_seed(cfg.seed)
     t0 = time.time()
 
@@ -68,6 +73,7 @@ def main() -> None:
             g: dict(zip(experts, p.tolist())) for g, p in zip(stack.group_names, probs)}})
         write_json(tmp / "meta.json", {
             "target": args.target, "run": run, "experts": experts, "shots": shots, "seed": cfg.seed,
+            "retrieval": "by hand (interpolate.experts)" if ic.experts else f"top-{ic.top_k} similar",
             "train_size": len(train), "groups": ic.groups, "num_groups": len(stack.group_names),
             "train_experts": ic.train_experts, "steps": ic.steps, "final_loss": loss,
             "mean_weights": dict(zip(experts, probs.mean(0).tolist())), "backbone": fingerprint(backbone_dir(cfg)),

@@ -78,6 +78,7 @@ class FisherConfig:
 @dataclass
 class InterpolateConfig:
     top_k: int = 2
+    experts: list = field(default_factory=list)  # pick the pool experts by hand (as the original did); [] = top-k
     groups: str = "site"  # global | layer | site | tensor
     train_experts: bool = True
     steps: int = 150

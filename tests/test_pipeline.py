@@ -116,6 +116,7 @@ def test_pi_tuning_artifact_loads_with_plain_peft(micro, micro_cfg):
     (["train_expert.py", "--task", "nli", "expert.rank=3"], "unknown field 'expert.rank'"),
     (["interpolate.py", "--target", "nli"], "missing similarity matrix"),
     (["evaluate.py", "--target", "shape"], "missing interpolated expert"),
+    (["interpolate.py", "--target", "snli-ve", "interpolate.experts=[vqa]"], "interpolate.experts names 'vqa'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(micro, args, message):
     config = [] if "--config" in args else ["--config", "configs/micro.yaml"]
