@@ -218,26 +218,93 @@ def weighted_merge(stack: Tensor, logits: Tensor, segments: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # Views of one flat buffer, with a backward that writes all their grads in one foreach copy
 # --------------------------------------------------------------------------------------------
-def _view(flat: Tensor, spec) -> Tensor:
-    offset, shape, transposed = spec
-    t = flat[offset:offset + math.prod(shape)].view(shape)
-    return t.t() if transposed else t
+def _view_runs(specs) -> tuple:
+    """specs: (offset, shape, transposed) per view, in output order. Consecutive views of one shape
+    lying back to back in the buffer merge into a run (offset, count, shape, transposed), so that
+    _views makes a run's views with one unbind instead of three Python-level ops per view."""
+    runs = []
+    for offset, shape, transposed in specs:
+        last = runs[-1] if runs else None
+        if last and last[2:] == [shape, transposed] and last[0] + last[1] * math.prod(shape) == offset:
+            last[1] += 1
+        else:
+            runs.append([offset, 1, shape, transposed])
+    return tuple(tuple(r) for r in runs)
+
+
+def _views(flat: Tensor, runs) -> list[Tensor]:
+    """The views described by _view_runs (transposed: the .t() of a contiguous [shape[0], shape[1]])."""
+    out = []
+    for offset, count, shape, transposed in runs:
+        v = flat[offset:offset + count * math.prod(shape)].view(count, *shape)
+        out += (v.transpose(1, 2) if transposed else v).unbind(0)
+    return out
 
 
 class _Unflatten(torch.autograd.Function):
-    """flat -> tuple of views (specs tile flat exactly). Plain slicing would make autograd
+    """flat -> tuple of views (the runs tile flat exactly). Plain slicing would make autograd
     zero-fill a full-size gradient per view; this backward assembles one flat gradient instead."""
 
     @staticmethod
-    def forward(ctx, flat, specs):
-        ctx.specs, ctx.numel = specs, flat.numel()
-        return tuple(_view(flat, s) for s in specs)
+    def forward(ctx, flat, runs):
+        ctx.runs, ctx.numel = runs, flat.numel()
+        return tuple(_views(flat, runs))
 
     @staticmethod
     def backward(ctx, *grads):
         flat = grads[0].new_empty(ctx.numel)
-        torch._foreach_copy_([_view(flat, s) for s in ctx.specs], list(grads))
+        torch._foreach_copy_(_views(flat, ctx.runs), list(grads))
         return flat, None
+
+
+TILE = 2 ** 16  # elements per CPU backward tile of LoRA B (256 KiB fp32: gradient, stack, product stay in L2)
+
+
+class _ScaleBlocks(torch.autograd.Function):
+    """LoRA B_cat: flat[chunk c] = w[c] * stack[chunk c] (w [C, 1]: one weight per expert block B_i^T,
+    K blocks per site), returned as the views `runs` of flat (like _Unflatten, so that backward
+    gets the per-view grads rather than a flat gradient assembled for it).
+
+    CPU backward, per tile of a few sites: copy their incoming grads into the flat stack gradient, then,
+    while the tile is still in cache, take the per-block dot products with the stack (dL/dw) and scale
+    the tile in place (dL/dstack). One pass over the grads, one over the stack and one write, where
+    assembling a flat gradient and then running the segment-mix backward over it takes six."""
+
+    @staticmethod
+    def forward(ctx, stack, w, segments, runs, K):
+        ctx.save_for_backward(stack, w, segments)
+        ctx.runs, ctx.K = runs, K
+        flat = (_triton_fwd if _use_triton(stack) else _torch_fwd)(stack.unsqueeze(0), w, segments)
+        return tuple(_views(flat, runs))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        stack, w, segments = ctx.saved_tensors
+        need_stack, need_w = ctx.needs_input_grad[:2]
+        K, gflat = ctx.K, stack.new_empty(stack.numel())
+        dst = _views(gflat, ctx.runs)
+        if _use_triton(stack):  # the kernel reads a flat gradient: assemble it, then one kernel
+            torch._foreach_copy_(dst, list(grads))
+            gstack, gw = _triton_bwd(stack.unsqueeze(0), w, segments, gflat, need_stack, need_w)
+            return None if gstack is None else gstack.view(-1), gw, None, None, None
+        acc = w.dtype
+        gw = torch.zeros_like(w) if need_w else None
+        site = 0  # first site (and view) of the run; its chunks start at row site * K of w
+        for offset, count, shape, _ in ctx.runs:
+            L = math.prod(shape) // K  # one expert block B_i^T
+            g_run = gflat[offset:offset + count * K * L].view(count * K, L)
+            x_run = stack[offset:offset + count * K * L].view(count * K, L)
+            step = max(1, TILE // max(1, K * L))  # sites per tile
+            for i in range(0, count, step):
+                j = min(i + step, count)
+                torch._foreach_copy_(dst[site + i:site + j], list(grads[site + i:site + j]))
+                g, c0, c1 = g_run[i * K:j * K], (site + i) * K, (site + j) * K
+                if need_w:  # dL/dw[c] = <stack[chunk c], grad[chunk c]>
+                    torch.sum(x_run[i * K:j * K].to(acc) * g.to(acc), dim=-1, keepdim=True, out=gw[c0:c1])
+                if need_stack:  # dL/dstack[chunk c] = w[c] * grad[chunk c], in place
+                    g.mul_(w[c0:c1])
+            site += count
+        return gflat if need_stack else None, gw, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,7 +371,7 @@ class ExpertStack(torch.nn.Module):
                 offsets[n] = offset
                 offset += experts[0][n].numel()
             bounds.append(offset)
-        self._specs = tuple((offsets[n], tuple(experts[0][n].shape), False) for n in self._names)
+        self._views = _view_runs([(offsets[n], tuple(experts[0][n].shape), False) for n in self._names])
         self._register("stack", torch.stack([torch.cat([e[n].detach().reshape(-1) for n in order])
                                              for e in experts]))
         self.register_buffer("segments", torch.tensor(bounds, dtype=torch.int64), persistent=False)
@@ -341,8 +408,8 @@ class ExpertStack(torch.nn.Module):
             b_off += K * r * d_out
             for _ in range(K):  # one chunk per expert block B_i^T
                 chunk_bounds.append(chunk_bounds[-1] + r * d_out)
-        self._specs_A = tuple(specs[a] for a, _, _ in sites)
-        self._specs_B = tuple(specs[b] for _, b, _ in sites)
+        self._views_A = _view_runs([specs[a] for a, _, _ in sites])
+        self._views_B = _view_runs([specs[b] for _, b, _ in sites])
         self._site_names = [(a, b) for a, b, _ in sites]
         if not sites:
             raise ValueError("kind='lora' found no lora_A/lora_B pairs")
@@ -360,14 +427,16 @@ class ExpertStack(torch.nn.Module):
                              f"got {tuple(logits.shape)}")
         if self.kind == "sum":
             flat = weighted_merge(self.stack, logits, self.segments)
-            return dict(zip(self._names, _Unflatten.apply(flat, self._specs)))
-        # LoRA: A passes through; B's chunk (site s, expert i) is scaled by p[group(s), i], which is
-        # a segment mix with one "expert" row and S*K segments.
+            return dict(zip(self._names, _Unflatten.apply(flat, self._views)))
+        # LoRA: A passes through (views; backward copies their grads once into a flat gradient).
+        # B's chunk (site s, expert i) is scaled by p[group(s), i]: a segment mix with one "expert"
+        # row and S*K segments, whose backward takes the per-view grads (see _ScaleBlocks).
         probs = torch.softmax(logits.to(_acc_dtype(self.lora_B_stack.dtype)), dim=-1)
         chunk_w = probs[self.site_group].reshape(-1, 1)  # [S*K, 1], site-major like the layout
-        flat_b = _segment_mix(self.lora_B_stack.unsqueeze(0), chunk_w, self.chunk_segments)
-        merged = dict(zip((a for a, _ in self._site_names), _Unflatten.apply(self.lora_A_stack, self._specs_A)))
-        merged.update(zip((b for _, b in self._site_names), _Unflatten.apply(flat_b, self._specs_B)))
+        b_cat = _ScaleBlocks.apply(self.lora_B_stack, chunk_w, self.chunk_segments, self._views_B,
+                                   self.num_experts)
+        merged = dict(zip((a for a, _ in self._site_names), _Unflatten.apply(self.lora_A_stack, self._views_A)))
+        merged.update(zip((b for _, b in self._site_names), b_cat))
         return {n: merged[n] for n in self._names}
 
     def extra_repr(self) -> str:
