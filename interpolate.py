@@ -33,7 +33,7 @@ def main() -> None:
     run = expert_name(args.target, shots, cfg.seed)
     sim = read_json(cfg.run_dir / "similarity" / f"{run}.json", "similarity matrix",
                     f"run `python embed_tasks.py --target {args.target}`")
-    if len(sim.get("top_k", [])) < ic.top_k:
+    if not ic.experts and len(sim.get("top_k", [])) < ic.top_k:
         raise UserError(f"{cfg.run_dir / 'similarity' / run}.json: has top-{len(sim.get('top_k', []))}, config asks "
                         f"interpolate.top_k={ic.top_k}; rerun `python embed_tasks.py --target {args.target}`")
     chosen = ic.experts or sim["top_k"][:ic.top_k]
