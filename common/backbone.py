@@ -91,7 +91,7 @@ def build_model(bcfg: BackboneConfig, vocab_size: int, image_size: int):
     return model, side * side + 1  # image tokens: spatial grid + one temporal token
 
 
-def load_backbone(cfg, for_training: bool = False):
+def load_backbone(cfg):
     """Load (model, processor) exactly as a real checkpoint would be, frozen and in eval mode."""
     from transformers import AutoProcessor, Florence2ForConditionalGeneration
 

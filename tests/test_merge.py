@@ -68,6 +68,16 @@ def term_sizes(merge, experts, probs, row_of, grads):
     return flat(out), p.detach() * p.grad
 
 
+def reference(stack, experts, logits, naive, group_of):
+    """The same merge by the naive loop on cloned leaves: (ref experts, ref logits, probs, row_of, merged)."""
+    ref_experts = [{n: x.clone().requires_grad_() for n, x in e.items()} for e in experts]
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref_probs = torch.softmax(ref_logits, -1)
+    row = {g: i for i, g in enumerate(stack.group_names)}
+    row_of = lambda n: row[group_of(n)]  # noqa: E731
+    return ref_experts, ref_logits, ref_probs, row_of, naive(ref_experts, lambda n: ref_probs[row_of(n)])
+
+
 def err(a, b, scale):
     """||a - b|| / ||scale||."""
     return ((a.double() - b.double()).norm() / scale.double().norm()).item()
@@ -98,13 +108,9 @@ def test_sum_matches_naive_forward_and_grads(grouping, K):
     logits = torch.randn(len(stack.group_names), K, requires_grad=True)
     out = stack(logits)
 
-    ref_experts = [{n: t.clone().requires_grad_() for n, t in e.items()} for e in experts]
-    ref_logits = logits.detach().clone().requires_grad_()
-    ref_probs = torch.softmax(ref_logits, -1)
-    row = {g: i for i, g in enumerate(stack.group_names)}
-    ref = naive_merge(ref_experts, lambda n: ref_probs[row[group_of(n)]])
+    ref_experts, ref_logits, ref_probs, row_of, ref = reference(stack, experts, logits, naive_merge, group_of)
     grads = {n: torch.randn(s) for n, s in SHAPES.items()}
-    out_size, logit_size = term_sizes(naive_merge, experts, ref_probs, lambda n: row[group_of(n)], grads)
+    out_size, logit_size = term_sizes(naive_merge, experts, ref_probs, row_of, grads)
 
     assert list(out) == list(SHAPES)
     assert all(out[n].shape == SHAPES[n] for n in SHAPES)
@@ -267,13 +273,9 @@ def test_lora_grads_match_naive():
     stack = ExpertStack(experts, site_of, kind="lora")
     logits = torch.randn(len(stack.group_names), K, requires_grad=True)
     out = stack(logits)
-    ref_experts = [{n: t.clone().requires_grad_() for n, t in e.items()} for e in experts]
-    ref_logits = logits.detach().clone().requires_grad_()
-    ref_probs = torch.softmax(ref_logits, -1)
-    row = {g: i for i, g in enumerate(stack.group_names)}
-    ref = naive_lora_merge(ref_experts, lambda n: ref_probs[row[site_of(n)]])
+    ref_experts, ref_logits, ref_probs, row_of, ref = reference(stack, experts, logits, naive_lora_merge, site_of)
     grads = {n: torch.randn_like(t) for n, t in ref.items()}
-    _, logit_size = term_sizes(naive_lora_merge, experts, ref_probs, lambda n: row[site_of(n)], grads)
+    _, logit_size = term_sizes(naive_lora_merge, experts, ref_probs, row_of, grads)
     torch.autograd.backward(list(out.values()), [grads[n] for n in out])
     torch.autograd.backward(list(ref.values()), [grads[n] for n in out])
     assert rel(flat(out), flat(ref)) <= 1e-6  # no sums here: concatenation and scaling
