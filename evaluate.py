@@ -17,32 +17,24 @@ import torch
 from common import data
 from common.artifacts import read_json, write_json, write_text
 from common.backbone import load_backbone
-from common.config import UserError, parse_stage, run_stage, stage_parser
-from common.experts import attach, expert_dir, expert_name, group_of, load_pool, set_weights
-from common.merge import ExpertStack
+from common.config import parse_stage, run_stage, stage_parser
+from common.experts import MergedExpert, expert_dir, expert_name, load_expert, load_pool
 from common.metrics import task_metric
 
 METHODS = ("zero-shot", "target-only", "uniform-merge", "pi-tuning")
 
 
 def load_adapter(cfg, path):
-    """The backbone with a saved expert, loaded the way any peft user would load it."""
-    from peft import PeftModel
-
-    if not (path / "adapter_config.json").is_file():
-        raise UserError(f"{path}: no adapter here; run the stage that writes it (see `make help`)")
+    """The backbone with a saved expert, loaded the way any peft (or adapter) user would load it."""
     model, _ = load_backbone(cfg)
-    return PeftModel.from_pretrained(model, str(path)).eval()
+    return load_expert(model, path)
 
 
 def uniform_merge(cfg, experts: list[str]):
-    """The same experts merged with equal weights and no training (the exact LoRA merge at rank k*r)."""
+    """The same experts merged with equal weights and no training (LoRA: the exact merge at rank k*r)."""
     model, _ = load_backbone(cfg)
-    stack = ExpertStack(load_pool(cfg, experts), group_of("global"), kind="lora", trainable=False)
-    peft_model = attach(model, cfg.expert, rank_multiplier=len(experts))
-    with torch.no_grad():
-        set_weights(peft_model, {k: v.contiguous() for k, v in stack(torch.zeros(1, len(experts))).items()})
-    return peft_model.eval()
+    merge = MergedExpert(model, cfg.expert, load_pool(cfg, experts), "global", trainable=False)
+    return merge.export(torch.zeros(1, len(experts))).eval()
 
 
 def table(target: str, metric: str, runs: dict) -> str:

@@ -3,24 +3,22 @@
     python interpolate.py --target snli-ve
 
 phi = sum_i softmax(w_g)_i phi_i over i in {target, top-k}, one learnable logit vector w_g per group
-(per LoRA site by default), trained with the experts (unless interpolate.train_experts=false) on the
-target's low-shot split. For LoRA the updates are merged exactly (sum_i p_i B_i A_i), which is one
-LoRA of rank k*r. Writes runs/<profile>/interpolated/<target>-<shots>shot-s<seed>/: an ordinary peft
-adapter dir, weights.json (final weights per group) and meta.json.
+(per site by default: a LoRA / IA3 / adapter module, a prefix layer), trained with the experts (unless
+interpolate.train_experts=false) on the target's low-shot split. LoRA updates are merged exactly
+(sum_i p_i B_i A_i, one LoRA of rank k*r); other methods by the weighted sum of their tensors.
+Writes runs/<profile>/interpolated/<target>-<shots>shot-s<seed>/: one ordinary expert of the
+configured method (peft dir, or adapter dir), weights.json (final weights per group) and meta.json.
 """
 from __future__ import annotations
 
 import time
 
 import torch
-from torch.func import functional_call
-
 from common import data
 from common.artifacts import atomic_dir, read_json, write_json
 from common.backbone import backbone_dir, fingerprint, load_backbone
 from common.config import UserError, parse_stage, run_stage, stage_parser
-from common.experts import attach, expert_name, group_of, load_pool, param_name, set_weights
-from common.merge import ExpertStack
+from common.experts import MergedExpert, expert_name, load_pool
 from common.training import train_steps
 
 
@@ -47,39 +45,36 @@ def main() -> None:
 
     model, processor = load_backbone(cfg)
     enc = data.Encoder(processor)
-    stack = ExpertStack(load_pool(cfg, experts), group_of(ic.groups), kind="lora", trainable=ic.train_experts)
-    logits = torch.zeros(len(stack.group_names), len(experts), requires_grad=True)  # uniform start
-    peft_model = attach(model, cfg.expert, rank_multiplier=len(experts))
-    peft_model.train()
+    merge = MergedExpert(model, cfg.expert, load_pool(cfg, experts), ic.groups, trainable=ic.train_experts)
+    logits = torch.zeros(len(merge.group_names), len(experts), requires_grad=True)  # uniform start
+    merge.model.train()
 
     def loss_fn(batch):
-        merged = {param_name(k): v for k, v in stack(logits).items()}
-        return functional_call(peft_model, merged, args=(), kwargs=enc.batch(batch)).loss
+        return merge(logits, **enc.batch(batch)).loss
 
     train = data.low_shot(data.examples(args.target, "train", cfg.world), shots, cfg.seed)
     groups = [{"params": [logits], "lr": ic.logits_lr}]
     if ic.train_experts:
-        groups.append({"params": list(stack.parameters()), "lr": ic.lr})
+        groups.append({"params": list(merge.stack.parameters()), "lr": ic.lr})
     loss = train_steps(loss_fn, groups, data.infinite_batches(train, ic.batch_size, cfg.seed), ic.steps,
                        ic.grad_clip, warmup=min(20, ic.steps // 10), desc=f"interpolate {run}")
 
     probs = torch.softmax(logits.detach(), dim=-1)
     out = cfg.run_dir / "interpolated" / run
     with atomic_dir(out) as tmp:
-        with torch.no_grad():
-            set_weights(peft_model, {k: v.detach().contiguous() for k, v in stack(logits).items()})
-        peft_model.save_pretrained(tmp)
+        merge.export(logits).save_pretrained(tmp)
         write_json(tmp / "weights.json", {"experts": experts, "groups": {
-            g: dict(zip(experts, p.tolist())) for g, p in zip(stack.group_names, probs)}})
+            g: dict(zip(experts, p.tolist())) for g, p in zip(merge.group_names, probs)}})
         write_json(tmp / "meta.json", {
             "target": args.target, "run": run, "experts": experts, "shots": shots, "seed": cfg.seed,
             "retrieval": "by hand (interpolate.experts)" if ic.experts else f"top-{ic.top_k} similar",
-            "train_size": len(train), "groups": ic.groups, "num_groups": len(stack.group_names),
+            "method": cfg.expert.method,
+            "train_size": len(train), "groups": ic.groups, "num_groups": len(merge.group_names),
             "train_experts": ic.train_experts, "steps": ic.steps, "final_loss": loss,
             "mean_weights": dict(zip(experts, probs.mean(0).tolist())), "backbone": fingerprint(backbone_dir(cfg)),
             "seconds": round(time.time() - t0, 1), "config": cfg.to_dict()})
     mean = ", ".join(f"{e} {p:.2f}" for e, p in zip(experts, probs.mean(0).tolist()))
-    print(f"interpolated {run}: {len(stack.group_names)} groups, mean weights [{mean}], loss {loss:.3f}, "
+    print(f"interpolated {run} ({cfg.expert.method}): {len(merge.group_names)} groups, mean weights [{mean}], loss {loss:.3f}, "
           f"{time.time() - t0:.0f}s -> {out}")
 
 

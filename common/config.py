@@ -55,11 +55,13 @@ class TasksConfig:
 
 @dataclass
 class ExpertConfig:
-    method: str = "lora"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|out_proj)$"
+    method: str = "lora"  # lora | ia3 | prompt | prefix | adapter
+    r: int = 8  # lora rank
+    alpha: float = 16.0  # lora scale alpha/r
+    dropout: float = 0.0  # lora / adapter dropout
+    target_modules: str = ""  # full-name regex of the modules to adapt; "" = the method's default (experts.py)
+    virtual_tokens: int = 16  # prompt / prefix length
+    adapter_dim: int = 128  # bottleneck width of the Houlsby adapters
     steps: int = 300
     batch_size: int = 32
     lr: float = 1e-3
@@ -122,7 +124,7 @@ class Config:
 
 
 CHOICES = {
-    "expert.method": ("lora",),
+    "expert.method": ("lora", "ia3", "prompt", "prefix", "adapter"),
     "fisher.estimator": ("per_sample", "batch"),
     "fisher.normalize": ("mean", "none"),
     "interpolate.groups": ("global", "layer", "site", "tensor"),

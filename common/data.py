@@ -19,6 +19,7 @@ class Example:
     answer: str
     image: np.ndarray | None = None
     candidates: tuple[str, ...] | None = None  # per-example answer set (else the task's)
+    refs: tuple[str, ...] | None = None  # all reference answers (VQA's human answers, every caption)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Parameter-efficient experts (LoRA via peft): create, name, save, load, and group their tensors."""
+"""Parameter-efficient experts (LoRA, IA3, prompt, prefix via peft; adapters from common.adapters):
+create, name, save, load, group their tensors, and run K of them merged as one."""
 from __future__ import annotations
 
 import re
@@ -7,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from common.adapters import AdapterModel
 from common.artifacts import read_json
 from common.backbone import backbone_dir, fingerprint
 from common.config import UserError
@@ -23,20 +25,68 @@ def expert_dir(cfg, name: str) -> Path:
     return cfg.run_dir / "experts" / name
 
 
-def lora_config(ecfg, rank_multiplier: int = 1):
-    """peft LoraConfig for the configured expert; a k-expert merge is the same LoRA at rank k*r."""
-    from peft import LoraConfig
+METHODS = ("lora", "ia3", "prompt", "prefix", "adapter")
+# what each method attaches to when expert.target_modules is "": the language model only (a bare
+# `q_proj|fc2` would also match Florence-2's vision tower); T5 names its modules q/k/v/o, wi/wo
+DEFAULT_TARGETS = {
+    "bart": {"lora": r".*(language_model|model)\.(encoder|decoder)\..*\.(q_proj|k_proj|v_proj|out_proj)$",
+             "ia3": r".*(language_model|model)\.(encoder|decoder)\..*\.(k_proj|v_proj|fc2)$",
+             "adapter": r".*(language_model|model)\.(encoder|decoder)\..*\.(self_attn\.out_proj|fc2)$"},
+    "t5": {"lora": r".*\.(SelfAttention|EncDecAttention)\.(q|k|v|o)$",
+           "ia3": r".*\.((SelfAttention|EncDecAttention)\.(k|v)|DenseReluDense\.wo)$",
+           "adapter": r".*\.(SelfAttention\.o|DenseReluDense\.wo)$"},
+}
+FEEDFORWARD = {"bart": r".*\.fc2$", "t5": r".*\.DenseReluDense\.wo$"}  # IA3 scales these modules' inputs
 
-    # the same alpha/r scaling at rank k*r keeps sum_i p_i B_i A_i exact
-    return LoraConfig(r=ecfg.r * rank_multiplier, lora_alpha=ecfg.alpha * rank_multiplier,
-                      lora_dropout=ecfg.dropout, target_modules=ecfg.target_modules, bias="none")
+
+def text_dims(model) -> dict:
+    """The language model's family, width, heads and layers (Florence-2 keeps them in text_config)."""
+    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if c.model_type == "t5" or hasattr(c, "num_decoder_layers"):
+        return {"family": "t5", "d_model": c.d_model, "heads": c.num_heads, "encoder_layers": c.num_layers,
+                "decoder_layers": c.num_decoder_layers}
+    return {"family": "bart", "d_model": c.d_model, "heads": c.encoder_attention_heads,
+            "encoder_layers": c.encoder_layers, "decoder_layers": c.decoder_layers}
+
+
+def target_modules(ecfg, dims: dict) -> str:
+    return ecfg.target_modules or DEFAULT_TARGETS[dims["family"]][ecfg.method]
 
 
 def attach(model, ecfg, rank_multiplier: int = 1):
-    """Wrap the frozen backbone in a fresh peft LoRA (only the LoRA tensors train)."""
-    from peft import get_peft_model
+    """Wrap the frozen backbone in a fresh expert of the configured method (only the expert's tensors train).
 
-    return get_peft_model(model, lora_config(ecfg, rank_multiplier))
+    rank_multiplier: a k-expert LoRA merge is one LoRA of rank k*r (the same alpha/r keeps sum_i p_i B_i A_i exact)."""
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    dims, m = text_dims(model), ecfg.method
+    if m == "adapter":
+        return AdapterModel(model, target_modules(ecfg, dims), ecfg.adapter_dim, ecfg.dropout)
+    if m == "lora":
+        pc = LoraConfig(r=ecfg.r * rank_multiplier, lora_alpha=ecfg.alpha * rank_multiplier,
+                        lora_dropout=ecfg.dropout, target_modules=target_modules(ecfg, dims), bias="none")
+    elif m == "ia3":
+        targets = target_modules(ecfg, dims)
+        pc = IA3Config(target_modules=targets, feedforward_modules=FEEDFORWARD[dims["family"]])
+    elif m == "prompt":  # soft tokens before the encoder input; Florence-2 needs the dims spelled out
+        pc = PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=ecfg.virtual_tokens,
+                                token_dim=dims["d_model"], num_attention_heads=dims["heads"],
+                                num_layers=dims["encoder_layers"], num_transformer_submodules=1,
+                                prompt_tuning_init="SAMPLE_VOCAB")
+    else:  # prefix: keys/values prepended in every decoder self-attention (peft's seq2seq prefix tuning)
+        pc = PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=ecfg.virtual_tokens,
+                                token_dim=dims["d_model"], num_attention_heads=dims["heads"],
+                                num_layers=dims["decoder_layers"], num_transformer_submodules=2)
+    try:
+        return get_peft_model(model, pc)
+    except ValueError as e:  # peft: "Target modules ... not found in the base model"
+        raise UserError(f"expert.target_modules: {str(e).splitlines()[0][:160]}; fix the regex or leave it \"\" "
+                        f"for the {m} default")
+
+
+def is_prompt_learning(model) -> bool:
+    """Prompt/prefix experts act through extra inputs, not through the backbone's modules."""
+    return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
 
 
 def load_expert_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -56,32 +106,111 @@ def read_expert_meta(path: Path) -> dict:
                      "[--shots N]` or `make experts`")
 
 
-def set_weights(peft_model, weights: dict[str, torch.Tensor]) -> None:
-    """Load saved expert tensors into a peft model of the same shape."""
+def set_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    """Load saved expert tensors into an expert model of the same shape."""
     from peft import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(peft_model, weights)
-    if getattr(result, "unexpected_keys", None):
-        raise UserError(f"expert has tensors this backbone/config does not: {result.unexpected_keys[:2]}")
+    try:
+        if isinstance(model, AdapterModel):
+            return model.load_adapter_weights(weights)
+        result = set_peft_model_state_dict(model, weights)
+    except (KeyError, RuntimeError) as e:
+        raise UserError(f"expert tensors do not fit this backbone/config ({str(e).splitlines()[0][:120]})")
+    # peft loads a prompt table itself and still lists it as unexpected
+    unexpected = [k for k in getattr(result, "unexpected_keys", None) or [] if k != "prompt_embeddings"]
+    if unexpected:
+        raise UserError(f"expert has tensors this backbone/config does not: {unexpected[:2]}")
+
+
+def load_expert(model, path: Path):
+    """The backbone with a saved expert of any method, loaded the way its library loads it."""
+    from peft import PeftModel
+
+    config = read_json(Path(path) / "adapter_config.json", "expert config", "retrain it (see `make help`)")
+    if config.get("expert_type") == "houlsby_adapter":
+        return AdapterModel.from_pretrained(model, path).eval()
+    return PeftModel.from_pretrained(model, str(path)).eval()
 
 
 def param_name(key: str, adapter: str = "default") -> str:
-    """Saved key (`...q_proj.lora_A.weight`) -> the live parameter name (`...q_proj.lora_A.default.weight`)."""
-    return re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{adapter}.weight", key)
+    """Saved key -> the live parameter name (peft inserts the adapter name; adapters keep theirs)."""
+    if key == "prompt_embeddings":  # prompt / prefix: the prompt encoder's embedding table
+        return f"prompt_encoder.{adapter}.embedding.weight"
+    key = re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{adapter}.weight", key)
+    return re.sub(r"\.ia3_l$", f".ia3_l.{adapter}", key)
 
 
 def group_of(mode: str):
-    """Which interpolation group a tensor belongs to: one softmax over experts per group."""
-    def site(key):  # one LoRA module = one site (A and B of it share the weights)
-        return key.rsplit(".lora_", 1)[0]
+    """Which interpolation group a tensor belongs to: one softmax over experts per group.
+
+    site: one LoRA / IA3 / adapter module (a LoRA's A and B, an adapter's four tensors share it), one
+    prefix layer, or the prompt; layer: every site of one transformer layer; tensor: as site for LoRA
+    (the exact merge weights whole sites), else each tensor; global: one softmax for everything."""
+    def site(key):
+        m = re.match(r"(.*)\.(lora_[AB]|adapter)\.", key)
+        return m.group(1) if m else key
 
     def layer(key):
-        m = re.search(r"(vision_tower|encoder|decoder)\.(?:layers|blocks)\.(\d+)", key)
-        return f"{m.group(1)}.{m.group(2)}" if m else "other"
+        m = re.search(r"(vision_tower|encoder|decoder)\.(?:layers|blocks|block)\.(\d+)", key)
+        if m:
+            return f"{m.group(1)}.{m.group(2)}"
+        m = re.match(r"prompt_embeddings\.layer(\d+)$", key)  # prefix: decoder layer l
+        return f"decoder.{m.group(1)}" if m else "other"
 
-    return {"global": lambda key: "all", "layer": layer, "site": site,
-            # for LoRA the exact merge weights whole sites, so per-tensor is per-site
-            "tensor": site}[mode]
+    def tensor(key):
+        return site(key) if ".lora_" in key else key
+
+    return {"global": lambda key: "all", "layer": layer, "site": site, "tensor": tensor}[mode]
+
+
+def split_layers(weights: dict[str, torch.Tensor], method: str, layers: int) -> dict[str, torch.Tensor]:
+    """Prefix: the [tokens, layers*2*d] table as one [tokens, 2*d] tensor per decoder layer (its own group)."""
+    if method != "prefix":
+        return weights
+    t = weights["prompt_embeddings"]
+    return {f"prompt_embeddings.layer{i}": p.contiguous() for i, p in enumerate(t.view(t.shape[0], layers, -1).unbind(1))}
+
+
+def join_layers(weights: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
+    """Inverse of split_layers."""
+    if method != "prefix":
+        return weights
+    parts = [weights[f"prompt_embeddings.layer{i}"] for i in range(len(weights))]
+    return {"prompt_embeddings": torch.stack(parts, 1).flatten(1)}
+
+
+class MergedExpert:
+    """K experts of one method mixed with per-group softmax weights, run as ONE expert of that method.
+
+    LoRA: the exact update sum_i p_i B_i A_i as one LoRA of rank K*r; every other method: the weighted
+    sum of each tensor (IA3 vectors, prompt / prefix tables, adapter weights and biases)."""
+
+    def __init__(self, model, ecfg, experts: list[dict[str, torch.Tensor]], groups: str, trainable: bool):
+        from common.merge import ExpertStack
+
+        self.method, k = ecfg.method, len(experts)
+        self.model = attach(model, ecfg, rank_multiplier=k if self.method == "lora" else 1)
+        self.layers = text_dims(model)["decoder_layers"]
+        self.stack = ExpertStack([split_layers(e, self.method, self.layers) for e in experts], group_of(groups),
+                                 kind="lora" if self.method == "lora" else "sum", trainable=trainable)
+        self.group_names = self.stack.group_names
+
+    def merged(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{saved key: merged tensor}, differentiable in the logits (and the experts when trainable)."""
+        return join_layers(self.stack(logits), self.method)
+
+    def __call__(self, logits: torch.Tensor, **inputs):
+        """The model's forward with the merged expert in place (functional: nothing is copied into the model)."""
+        from torch.func import functional_call
+
+        merged = {param_name(k): v for k, v in self.merged(logits).items()}
+        return functional_call(self.model, merged, args=(), kwargs=inputs)
+
+    @torch.no_grad()
+    def export(self, logits: torch.Tensor):
+        """The model with the merged expert written into it: save_pretrained gives one ordinary expert."""
+        set_weights(self.model, {k: v.detach().contiguous() for k, v in self.merged(logits).items()})
+        return self.model
 
 
 def load_pool(cfg, names: list[str]) -> list[dict[str, torch.Tensor]]:
@@ -93,6 +222,9 @@ def load_pool(cfg, names: list[str]) -> list[dict[str, torch.Tensor]]:
         if meta["backbone"] != fp:
             raise UserError(f"{expert_dir(cfg, name)}: trained on another backbone ({meta['backbone']} != {fp}); "
                             f"retrain it with `python train_expert.py --task {meta['task']}`")
+        if meta.get("method", "lora") != cfg.expert.method:
+            raise UserError(f"{expert_dir(cfg, name)}: trained with expert.method={meta.get('method', 'lora')}, config "
+                            f"has {cfg.expert.method}; retrain it with `python train_expert.py --task {meta['task']}`")
         w = load_expert_weights(expert_dir(cfg, name))
         if weights and {k: v.shape for k, v in w.items()} != {k: v.shape for k, v in weights[0].items()}:
             raise UserError(f"{expert_dir(cfg, name)}: its tensors differ from {names[0]}'s; all experts must share "

@@ -1,11 +1,17 @@
-"""Scoring: accuracy by candidate answers (sum of answer-token log-probs, argmax), token accuracy."""
+"""Scoring: accuracy by candidate answers (sum of answer-token log-probs, argmax), token accuracy, and the
+real-data metrics (VQA accuracy, Acc@IoU with location tokens, BLEU-4, CIDEr-D) as pure functions on strings."""
 from __future__ import annotations
+
+import math
+import re
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
 from common.data import Encoder, Example, Task, batches, candidates_for
+from common.readers import tokens_to_box
 
 
 def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -27,14 +33,8 @@ def candidate_accuracy(model, enc: Encoder, task: Task, exs: list[Example], batc
     correct = 0
     for chunk in batches(exs, max(1, batch_size // len(candidates_for(task, exs[0])))):
         pairs = [(e, c) for e in chunk for c in candidates_for(task, e)]
-        # the encoder runs once per example; the candidates share its output
-        inputs = enc.inputs(chunk)
-        enc_out = model.get_encoder()(**_encoder_inputs(model, inputs))
         index = torch.tensor([i for i, e in enumerate(chunk) for _ in candidates_for(task, e)])
-        labels = enc.labels([c for _, c in pairs])
-        logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=enc_out[0][index]), attention_mask=inputs["attention_mask"][index],
-                       labels=labels).logits
-        scores = sequence_logprob(logits, labels).tolist()
+        scores = candidate_logprobs(model, enc.inputs(chunk), index, enc.labels([c for _, c in pairs])).tolist()
         k = 0
         for e in chunk:
             cands = candidates_for(task, e)
@@ -42,6 +42,32 @@ def candidate_accuracy(model, enc: Encoder, task: Task, exs: list[Example], batc
             correct += cands[best] == e.answer
             k += len(cands)
     return correct / len(exs)
+
+
+def candidate_logprobs(model, inputs: dict, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(labels[j] | example index[j]) with the encoder run once per example, not once per candidate.
+
+    The decoder is called on the backbone itself (LoRA / IA3 / adapters live inside it); a prompt expert's
+    soft tokens are prepended to the encoder input and a prefix expert's keys/values passed as the cache,
+    which is what peft's forward does (its generate() path breaks on Florence-2)."""
+    from peft import PeftType
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    enc_in = _encoder_inputs(model, inputs)
+    extra = {}
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.peft_type == PeftType.PROMPT_TUNING:
+        n, v = enc_in["inputs_embeds"].shape[0], peft_config.num_virtual_tokens
+        prompts = model.get_prompt(batch_size=n)[:, :v].to(enc_in["inputs_embeds"].dtype)
+        mask = enc_in["attention_mask"]
+        enc_in = {"inputs_embeds": torch.cat([prompts, enc_in["inputs_embeds"]], 1),
+                  "attention_mask": torch.cat([mask.new_ones(n, v), mask], 1)}
+    elif peft_config is not None and peft_config.peft_type == PeftType.PREFIX_TUNING:
+        extra["past_key_values"] = model.get_prompt(batch_size=len(index))
+    enc_out = base.get_encoder()(**enc_in)
+    logits = base(encoder_outputs=BaseModelOutput(last_hidden_state=enc_out[0][index]),
+                  attention_mask=enc_in["attention_mask"][index], labels=labels, **extra).logits
+    return sequence_logprob(logits, labels)
 
 
 def _encoder_inputs(model, inputs: dict) -> dict:
@@ -73,3 +99,116 @@ def task_metric(model, enc: Encoder, task: Task, exs: list[Example], batch_size:
     if task.candidates is not None or exs[0].candidates is not None:
         return "accuracy", candidate_accuracy(model, enc, task, exs, batch_size)
     return "token_accuracy", token_accuracy(model, enc, exs, batch_size)
+
+
+# ---- Real-data metrics: pure functions on strings, no model (VQA accuracy, Acc@IoU, BLEU-4, CIDEr-D) ----
+# the official VQA evaluation's normalisation (vqaEval.py: processPunctuation, processDigitArticle; no contractions)
+_VQA_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+_VQA_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: the official pattern
+_VQA_COMMA = re.compile(r"(\d)(,)(\d)")
+_VQA_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+
+
+def vqa_normalize(answer: str) -> str:
+    """An answer as the official VQA eval compares it: punctuation, lower case, number words as digits, no articles."""
+    text = " ".join(answer.replace("\n", " ").replace("\t", " ").split())
+    out = text
+    for p in _VQA_PUNCT:  # glued punctuation goes, free-standing punctuation becomes a space (official rule)
+        glued = p + " " in text or " " + p in text or _VQA_COMMA.search(text) is not None
+        out = out.replace(p, "" if glued else " ")
+    out = _VQA_PERIOD.sub("", out)
+    words = [_VQA_NUMBERS.get(w, w) for w in out.lower().split()]
+    return " ".join(w for w in words if w not in ("a", "an", "the"))
+
+
+def vqa_accuracy(pred: str, refs) -> float:
+    """VQA accuracy of one answer: min(#refs equal to it / 3, 1), averaged over the leave-one-out subsets of refs."""
+    p = vqa_normalize(pred)
+    if not p or not refs:
+        return 0.0
+    n, m = len(refs), sum(vqa_normalize(r) == p for r in refs)
+    if n == 1:
+        return min(m / 3, 1.0)
+    # leaving out one of the m matching refs leaves m-1 matches; leaving out any other leaves m
+    return (m * min((m - 1) / 3, 1.0) + (n - m) * min(m / 3, 1.0)) / n
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def acc_at_iou(pred_texts, gold_texts, threshold: float = 0.5) -> float:
+    """Fraction of predictions whose location-token box has IoU >= threshold with the gold one (unparseable = miss)."""
+    hits = 0
+    for pred, gold in zip(pred_texts, gold_texts, strict=True):
+        p, g = tokens_to_box(pred), tokens_to_box(gold)
+        hits += p is not None and g is not None and box_iou(p, g) >= threshold
+    return hits / max(len(gold_texts), 1)
+
+
+_CAPTION_PUNCT = re.compile(r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~]")
+
+
+def caption_tokens(text: str) -> list[str]:
+    """Lower-cased words without punctuation: a stand-in for coco-caption's PTB tokenizer (Java)."""
+    return _CAPTION_PUNCT.sub(" ", text.lower()).split()
+
+
+def _ngrams(words: list[str], n: int) -> Counter:
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def bleu4(preds, refs_lists) -> float:
+    """Corpus BLEU-4 as coco-caption computes it: clipped n-gram precisions, closest-reference brevity penalty."""
+    correct, guess, hyp_len, ref_len = [0] * 4, [0] * 4, 0, 0
+    for pred, refs in zip(preds, refs_lists, strict=True):
+        h, rs = caption_tokens(pred), [caption_tokens(r) for r in refs]
+        hyp_len += len(h)
+        ref_len += min((abs(len(r) - len(h)), len(r)) for r in rs)[1]  # closest length, the shorter on ties
+        for n in range(1, 5):
+            most = Counter()
+            for r in rs:
+                most |= _ngrams(r, n)  # an n-gram counts at most as often as in any one reference
+            correct[n - 1] += sum(min(c, most[g]) for g, c in _ngrams(h, n).items())
+            guess[n - 1] += max(len(h) - n + 1, 0)
+    tiny, small = 1e-15, 1e-9  # coco-caption's guards against empty counts
+    log_p = sum(math.log((c + tiny) / (g + small)) for c, g in zip(correct, guess)) / 4
+    ratio = (hyp_len + tiny) / (ref_len + small)
+    return math.exp(log_p) * (math.exp(1 - 1 / ratio) if ratio < 1 else 1.0)
+
+
+def cider(preds, refs_lists, sigma: float = 6.0) -> float:
+    """CIDEr-D as coco-caption: tf-idf n-grams (n=1..4, df from the references), clipping, length penalty, x10."""
+    hyps = [caption_tokens(p) for p in preds]
+    refs = [[caption_tokens(r) for r in rs] for rs in refs_lists]
+    if len(hyps) != len(refs):
+        raise ValueError(f"{len(hyps)} predictions for {len(refs)} reference sets")
+    df = Counter()  # in how many images' references each n-gram occurs
+    for rs in refs:
+        df.update({g for r in rs for n in range(1, 5) for g in _ngrams(r, n)})
+    log_docs = math.log(len(refs))
+
+    def vectors(words):
+        out = []
+        for n in range(1, 5):
+            v = {g: c * (log_docs - math.log(max(1.0, df[g]))) for g, c in _ngrams(words, n).items()}
+            out.append((v, math.sqrt(sum(x * x for x in v.values()))))
+        return out
+
+    scores = []
+    for h, rs in zip(hyps, refs):
+        hv, total = vectors(h), 0.0
+        for r in rs:
+            # coco-caption's length is the bigram count: the same difference whenever both have a word
+            penalty = math.exp(-((len(h) - len(r)) ** 2) / (2 * sigma ** 2))
+            for (vh, nh), (vr, nr) in zip(hv, vectors(r)):
+                dot = sum(min(x, vr.get(g, 0.0)) * vr.get(g, 0.0) for g, x in vh.items())  # clipped tf-idf
+                total += (dot / (nh * nr) if nh and nr else dot) * penalty
+        scores.append(10.0 * total / 4 / len(rs))
+    return sum(scores) / len(scores) if scores else 0.0

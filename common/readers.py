@@ -1,0 +1,433 @@
+"""Real tasks read from files: the catalogue of the paper's task pool, OFA TSV / CoOp JSON / parquet readers,
+Florence-2 location tokens and CoOp-style k-shot sampling.
+
+Every reader returns `common.data.Example`s with the OFA prompts and answers of ../shared/PI_TUNING.md, so the
+stages run on real data exactly as on the mini world. Column orders and prompts follow OFA-Sys/OFA
+(`data/mm_data/*_dataset.py`, `data/nlu_data/*_dataset.py`, `data/cv_data/image_classify_dataset.py` and the
+`--selected-cols` of `run_scripts/*`); the few-shot image datasets follow CoOp's `split_zhou_*.json` files.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import itertools
+import json
+import math
+import os
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common.config import UserError
+from common.data import Example
+
+YNM = ("yes", "no", "maybe")
+YN = ("yes", "no")
+LOC_BINS = 1000  # Florence-2's <loc_0>..<loc_999>
+
+
+@dataclass(frozen=True)
+class Hub:
+    """A parquet dataset on the Hugging Face hub, and how its columns and labels map onto ours."""
+    repo: str
+    config: str | None
+    splits: dict  # our split -> the hub's split name
+    columns: dict  # hub column -> our field name
+    labels: dict = field(default_factory=dict)  # hub label value -> answer
+
+
+@dataclass(frozen=True)
+class RealTask:
+    """A task of the paper's pool on real data: where its files are, how a row becomes an Example, its metric."""
+    name: str
+    family: str  # vision-language | vision | language
+    format: str  # what the default files are: ofa-tsv | coop-json
+    kind: str  # row layout: snli-ve | vqa | caption | refexp | classify | glue
+    files: dict  # split -> file under data.root (.tsv, .json, .parquet, a parquet folder or a glob)
+    metric: str  # accuracy | vqa_accuracy | acc_iou | cider
+    candidates: tuple[str, ...] | None  # closed answer set; None = open-ended, or class names read from the data
+    columns: tuple[str, ...] = ()  # OFA TSV: our field name for each column ("" = unused)
+    labels: dict = field(default_factory=dict)  # raw label in the local files -> answer
+    prompt: str = ""  # GLUE: the prompt over the fields {s1}, {s2}
+    image_dir: str = ""  # CoOp: the folder the split JSON's image paths are relative to
+    hub: Hub | None = None
+    get: str = ""  # where the default files come from (for the missing-file message)
+
+
+def _ofa(name: str, split_files: dict) -> dict:
+    """The default files of a task OFA ships as <name>_data.zip."""
+    return dict(format="ofa-tsv", files={s: f"{name}_data/{f}" for s, f in split_files.items()},
+                get=f"unzip OFA's {name}_data.zip (OFA-Sys/OFA datasets.md) under data.root")
+
+
+def _refcoco(name: str, data: str, test: str) -> RealTask:
+    """OFA refcoco_dataset.py + run_scripts/refcoco (--selected-cols 0,4,2,3); region = 'x0,y0,x1,y1' pixels."""
+    return RealTask(name, "vision-language", kind="refexp", metric="acc_iou", candidates=None,
+                    columns=("id", "", "text", "region", "image"),
+                    **_ofa(data, {"train": f"{data}_train.tsv", "val": f"{data}_val.tsv",
+                                  "test": f"{data}_{test}.tsv"}))
+
+
+# GLUE: OFA data/nlu_data/<task>_dataset.py (prompts, label maps) + run_scripts/glue/train_<task>.sh (--selected-cols);
+# the hub copy is nyu-mll/glue. GLUE's test labels are hidden, so dev is the test split (as OFA reports it).
+_GLUE = {  # name: (prompt, OFA TSV columns, OFA labels, hub columns, hub labels, candidates)
+    "cola": (' is the text " {s1} " grammatically correct?', ("", "s1", "label"), {"0": "no", "1": "yes"},
+             {"sentence": "s1"}, {0: "no", 1: "yes"}, YN),
+    "sst2": (' is the sentiment of text " {s1} " positive or negative?', ("s1", "label"),
+             {"0": "negative", "1": "positive"}, {"sentence": "s1"}, {0: "negative", 1: "positive"},
+             ("positive", "negative")),
+    "mrpc": (' does text1 " {s1} " and text2 " {s2} " have the same semantics?', ("s1", "s2", "label"),
+             {"0": "no", "1": "yes"}, {"sentence1": "s1", "sentence2": "s2"}, {0: "no", 1: "yes"}, YN),
+    "qqp": (' is question " {s1} " and question " {s2} " equivalent?', ("", "", "", "s1", "s2", "label"),
+            {"0": "no", "1": "yes"}, {"question1": "s1", "question2": "s2"}, {0: "no", 1: "yes"}, YN),
+    "mnli": (' can text1 " {s1} " imply text2 " {s2} "?', ("s1", "s2", "label"),
+             {"0": "maybe", "1": "yes", "2": "no"},  # OFA's own TSV coding, not the hub's
+             {"premise": "s1", "hypothesis": "s2"}, {0: "yes", 1: "maybe", 2: "no"}, YNM),
+    "qnli": (' does " {s2} " contain the answer to question " {s1} "?', ("", "s1", "s2", "label"),
+             {"0": "no", "1": "yes", "not_entailment": "no", "entailment": "yes"},
+             {"question": "s1", "sentence": "s2"}, {0: "yes", 1: "no"}, YN),
+    "rte": (' can text1 " {s1} " imply text2 " {s2} "?', ("", "s1", "s2", "label"),
+            {"not_entailment": "no", "entailment": "yes"},
+            {"sentence1": "s1", "sentence2": "s2"}, {0: "yes", 1: "no"}, YN),
+}
+
+
+def _glue(name, prompt, columns, labels, hub_columns, hub_labels, candidates) -> RealTask:
+    dev = "validation_matched" if name == "mnli" else "validation"
+    return RealTask(name, "language", format="ofa-tsv", kind="glue", metric="accuracy", candidates=candidates,
+                    files={"train": f"glue_data/{name}_train.tsv", "val": f"glue_data/{name}_dev.tsv",
+                           "test": f"glue_data/{name}_dev.tsv"},
+                    columns=columns, labels=labels, prompt=prompt,
+                    hub=Hub("nyu-mll/glue", name, {"train": "train", "val": dev, "test": dev}, hub_columns, hub_labels),
+                    get=f"put OFA's GLUE TSVs (glue_data/{name}_data.zip) in glue_data/ under data.root")
+
+
+# CoOp's few-shot datasets (KaiyangZhou/CoOp datasets/*.py): folder, split JSON, image folder
+_COOP = {
+    "caltech101": ("caltech-101", "Caltech101", "101_ObjectCategories"),
+    "dtd": ("dtd", "DescribableTextures", "images"),
+    "eurosat": ("eurosat", "EuroSAT", "2750"),
+    "food101": ("food-101", "Food101", "images"),
+    "oxford-flowers": ("oxford_flowers", "OxfordFlowers", "jpg"),
+    "oxford-pets": ("oxford_pets", "OxfordPets", "images"),
+    "stanford-cars": ("stanford_cars", "StanfordCars", ""),
+    "sun397": ("sun397", "SUN397", "SUN397"),
+    "ucf101": ("ucf101", "UCF101", "UCF-101-midframes"),
+}
+
+
+def _coop(name: str, folder: str, split_json: str, images: str) -> RealTask:
+    return RealTask(name, "vision", format="coop-json", kind="classify", metric="accuracy", candidates=None,
+                    files={s: f"{folder}/split_zhou_{split_json}.json" for s in ("train", "val", "test")},
+                    image_dir=f"{folder}/{images}".rstrip("/"),
+                    get=f"prepare {folder}/ under data.root as CoOp's DATASETS.md says (split_zhou_{split_json}.json)")
+
+
+REAL_TASKS: dict[str, RealTask] = {t.name: t for t in [
+    # OFA snli_ve_dataset.py + run_scripts/snli_ve (--selected-cols 0,2,3,4,5)
+    RealTask("snli-ve", "vision-language", kind="snli-ve", metric="accuracy", candidates=YNM,
+             columns=("id", "", "image", "hypothesis", "caption", "label"),
+             labels={"entailment": "yes", "contradiction": "no", "neutral": "maybe"},
+             **_ofa("snli_ve", {"train": "snli_ve_train.tsv", "val": "snli_ve_dev.tsv", "test": "snli_ve_test.tsv"})),
+    # OFA vqa_gen_dataset.py + run_scripts/vqa (--selected-cols 0,5,2,3,4); test-dev answers are hidden, so
+    # OFA's 10k val split is the test split here
+    RealTask("vqa", "vision-language", kind="vqa", metric="vqa_accuracy", candidates=None,
+             columns=("id", "", "question", "answers", "objects", "image"),
+             **_ofa("vqa", {"train": "vqa_train.tsv", "val": "vqa_val.tsv", "test": "vqa_val.tsv"})),
+    # OFA caption_dataset.py + run_scripts/caption (--selected-cols 0,4,2); val/test hold all captions joined by &&
+    RealTask("caption", "vision-language", kind="caption", metric="cider", candidates=None,
+             columns=("id", "", "caption", "objects", "image"),
+             **_ofa("caption", {"train": "caption_stage1_train.tsv", "val": "caption_val.tsv",
+                                "test": "caption_test.tsv"})),
+    _refcoco("refcoco", "refcoco", "testA"),
+    _refcoco("refcoco+", "refcocoplus", "testA"),
+    _refcoco("refcocog", "refcocog", "test"),
+    *[_glue(name, *spec) for name, spec in _GLUE.items()],
+    # OFA image_classify_dataset.py + run_scripts/image_classify (--selected-cols 0,2)
+    RealTask("imagenet", "vision", kind="classify", metric="accuracy", candidates=None,
+             columns=("image", "", "label"),
+             **_ofa("imagenet_1k", {"train": "imagenet_1k_train.tsv", "val": "imagenet_1k_val_subset.tsv",
+                                    "test": "imagenet_1k_val.tsv"})),
+    *[_coop(name, *spec) for name, spec in _COOP.items()],
+]}
+
+
+def get_real_task(name: str) -> RealTask:
+    """A task of the catalogue, or one line naming the known ones."""
+    if name not in REAL_TASKS:
+        raise UserError(f"unknown real task '{name}'; known: {', '.join(REAL_TASKS)}")
+    return REAL_TASKS[name]
+
+
+# ---- location tokens (Florence-2: floor-quantised to 1000 bins per axis, decoded at the bin centre) ----
+
+def box_to_tokens(box, width: float, height: float, bins: int = LOC_BINS) -> str:
+    """Pixel box (x0, y0, x1, y1) -> '<loc_a><loc_b><loc_c><loc_d>', relative to the image size."""
+    size = (width, height, width, height)
+    return "".join(f"<loc_{min(max(math.floor(v / (s / bins)), 0), bins - 1)}>" for v, s in zip(box, size))
+
+
+_LOC = re.compile(r"<loc_(\d+)>")
+
+
+def tokens_to_box(text: str, bins: int = LOC_BINS) -> tuple[float, float, float, float] | None:
+    """The first four location tokens in text -> a normalised box (bin centres); None if there are fewer."""
+    found = [int(m) for m in _LOC.findall(text)[:4]]
+    if len(found) < 4 or max(found) >= bins:
+        return None
+    return tuple((q + 0.5) / bins for q in found)
+
+
+# ---- rows -> Examples ----
+
+def _clean(text: str) -> str:
+    """OFA's pre_caption/pre_question: lower case, no leading punctuation, '-' and '/' as spaces, single spaces."""
+    text = text.lower().lstrip(",.!?*#:;~").replace("-", " ").replace("/", " ")
+    return " ".join(text.split())
+
+
+_PUNCT = re.compile(r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~]")
+
+
+def _caption(text: str) -> str:
+    """OFA strips punctuation from captions (caption_dataset.py); lower-cased as coco-caption scores them."""
+    return " ".join(_PUNCT.sub("", text).lower().split())
+
+
+def _image(raw) -> Image.Image:
+    """A PIL RGB image from base64 text (OFA: urlsafe), raw bytes or a {'bytes': ...} struct."""
+    if isinstance(raw, dict):
+        raw = raw.get("bytes")
+    if isinstance(raw, str):
+        raw = base64.urlsafe_b64decode(raw)
+    return Image.open(io.BytesIO(raw)).convert("RGB")
+
+
+def _vqa_refs(raw) -> tuple[str, ...]:
+    """The human answers, repeats included: a list, a list of {'answer': ...}, or OFA's 'conf|!+answer&&...'."""
+    if not isinstance(raw, str):
+        return tuple(a["answer"] if isinstance(a, dict) else str(a) for a in raw)
+    refs = []
+    for item in raw.split("&&"):
+        conf, answer = item.split("|!+")
+        # OFA's conf is the VQA score 0.3/0.6/0.9/1.0 of 1/2/3/>=4 of 10 humans; rebuild that many answers
+        refs += [answer] * (4 if float(conf) >= 1 else max(1, round(float(conf) * 10 / 3)))
+    return tuple(refs) + ("",) * (10 - len(refs))  # "" = a human answer no prediction matches
+
+
+def _make(task: RealTask, f: dict, labels: dict, class_names: tuple | None) -> Example:
+    """One Example from a row's named fields."""
+    kind = task.kind
+    if kind == "glue":
+        texts = {k: " ".join(str(f[k]).lower().split()) for k in ("s1", "s2") if k in f}  # OFA lower-cases GLUE
+        return Example(task.prompt.format(**texts), labels[_label_key(f["label"])])
+    img = _image(f["image"])
+    if kind == "snli-ve":
+        hyp = _clean(f["hypothesis"])
+        return Example(f' does the image describe " {hyp} "?', labels[_label_key(f["label"])], np.asarray(img))
+    if kind == "vqa":
+        q, refs = _clean(f["question"]), _vqa_refs(f["answers"])
+        answer = Counter(r for r in refs if r).most_common(1)[0][0]  # OFA trains on the most confident answer
+        return Example(" " + (q if q.endswith("?") else q + "?"), answer, np.asarray(img), refs=refs)
+    if kind == "caption":
+        caps = f["caption"].split("&&") if isinstance(f["caption"], str) else list(f["caption"])
+        refs = tuple(_caption(c) for c in caps)
+        return Example(" what does the image describe?", refs[0], np.asarray(img), refs=refs)
+    if kind == "refexp":
+        region = f["region"].split(",") if isinstance(f["region"], str) else f["region"]
+        box = box_to_tokens([float(v) for v in region], *img.size)
+        return Example(f' which region does the text " {_clean(f["text"])} " describe?', box, np.asarray(img))
+    if kind == "classify":
+        label = f["label"]
+        name = class_names[label] if isinstance(label, (int, np.integer)) else _class_name(label)
+        return Example(" what does the image describe?", name, np.asarray(img), candidates=class_names)
+    raise ValueError(f"unknown task kind {kind}")
+
+
+def _label_key(v):
+    return int(v) if isinstance(v, (int, np.integer)) else str(v).strip()
+
+
+def _class_name(raw) -> str:
+    return str(raw).replace("_", " ").strip()  # CoOp prompts with '_' as spaces
+
+
+def _guarded(task: RealTask, path: Path, where, f: dict, labels: dict, names) -> Example:
+    """_make, with a bad image or label turned into one line naming the file and the row."""
+    try:
+        return _make(task, f, labels, names)
+    except (binascii.Error, ValueError, OSError) as e:  # PIL's UnidentifiedImageError is an OSError
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:80]
+        raise UserError(f"{path}:{where}: unreadable image or field ({why})") from None
+    except (KeyError, IndexError) as e:
+        raise UserError(f"{path}:{where}: unexpected label or missing field {e} for {task.name}") from None
+
+
+# ---- files ----
+
+def _tsv_rows(path: Path, columns: tuple[str, ...]):
+    """(line number, {field: text}) per line, streamed: a large TSV is never loaded whole."""
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            cols = line.rstrip("\r\n").split("\t")
+            if len(cols) < len(columns):
+                raise UserError(f"{path}:{lineno}: {len(cols)} tab-separated columns, expected {len(columns)} "
+                                f"({', '.join(c or '-' for c in columns)}); is this the OFA file for this task?")
+            yield lineno, {name: cols[i] for i, name in enumerate(columns) if name}
+
+
+def _read_tsv(task: RealTask, path: Path, n: int | None) -> list[Example]:
+    rows = list(itertools.islice(_tsv_rows(path, task.columns), n))
+    names = None
+    if task.kind == "classify":  # every class in the file: one more pass, text only, when only n rows are read
+        every = rows if n is None else _tsv_rows(path, task.columns)
+        names = tuple(sorted({_class_name(f["label"]) for _, f in every}))
+    return [_guarded(task, path, lineno, f, task.labels, names) for lineno, f in rows]
+
+
+def _read_coop(task: RealTask, path: Path, split: str, root: Path, n: int | None) -> list[Example]:
+    """CoOp's split_zhou_*.json: {split: [[image path, label, class name], ...]}, images under task.image_dir."""
+    try:
+        data = json.loads(path.read_text())
+        names_by_label = {int(lab): _class_name(c) for part in data.values() for _, lab, c in part}
+        rows = data[split]
+    except (ValueError, KeyError, TypeError) as e:
+        why = type(e).__name__
+        raise UserError(f"{path}: not a CoOp split file with a '{split}' list ({why}); {task.get}") from None
+    names = tuple(names_by_label[k] for k in sorted(names_by_label))
+    out = []
+    for i, (impath, lab, _) in enumerate(rows[:n]):
+        image = root / task.image_dir / impath
+        if not image.exists():
+            raise UserError(f"{image}: missing image ({split}[{i}] of {path}); {task.get}")
+        f = {"image": image.read_bytes(), "label": int(lab)}
+        out.append(_guarded(task, path, f"{split}[{i}]", f, {}, names))
+    return out
+
+
+def _read_parquet(task: RealTask, paths: list[Path], n: int | None) -> list[Example]:
+    """Hub-style parquet shards, streamed in batches; columns renamed by task.hub, images as {'bytes': ...}."""
+    import pyarrow.parquet as pq
+
+    rename = task.hub.columns if task.hub else {}
+    labels = task.hub.labels if task.hub and task.hub.labels else task.labels
+    names = _parquet_class_names(task, paths) if task.kind == "classify" else None
+    out = []
+    for path in paths:
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+            for rec in batch.to_pylist():
+                row += 1
+                if n is not None and len(out) >= n:
+                    return out
+                f = {rename.get(k, k): v for k, v in rec.items()}
+                if task.kind == "glue" and f.get("label") == -1:
+                    raise UserError(f"{path}: row {row} has no label (GLUE test labels are hidden); "
+                                    "use the validation split")
+                out.append(_guarded(task, path, f"row {row}", f, labels, names))
+    return out
+
+
+def _parquet_class_names(task: RealTask, paths: list[Path]) -> tuple[str, ...]:
+    """Class names: the ClassLabel names `datasets` keeps in the schema metadata, else every label in the column."""
+    import pyarrow.parquet as pq
+
+    column = next((h for h, ours in (task.hub.columns if task.hub else {}).items() if ours == "label"), "label")
+    meta = (pq.read_schema(paths[0]).metadata or {}).get(b"huggingface")
+    feature = json.loads(meta).get("info", {}).get("features", {}).get(column, {}) if meta else {}
+    if "names" in feature:
+        return tuple(_class_name(c) for c in feature["names"])
+    values = {v for p in paths for v in pq.read_table(p, columns=[column]).column(0).to_pylist()}
+    if any(isinstance(v, int) for v in values):
+        raise UserError(f"{paths[0]}: integer labels in '{column}' without ClassLabel names in the parquet metadata")
+    return tuple(sorted(_class_name(v) for v in values))
+
+
+def _resolve(task: RealTask, split: str, root: Path) -> list[Path]:
+    """The files of a split: the task's default file, a glob or folder of shards, or a local copy of its hub repo."""
+    if split not in task.files:
+        raise UserError(f"{task.name} has no '{split}' split; its splits: {', '.join(task.files)}")
+    rel = task.files[split]
+    path = root / rel
+    if any(c in rel for c in "*?["):
+        found = sorted(root.glob(rel))
+    elif path.is_dir():
+        found = sorted(path.glob("*.parquet"))
+    else:
+        found = [path] if path.exists() else []
+    if not found and task.hub:  # e.g. data.root is a `hf download` of the hub repo
+        base = root / (task.hub.config or "")
+        found = sorted(p for p in base.rglob("*.parquet") if _is_split_file(str(p.relative_to(base)), task.hub, split))
+    if not found:
+        hint = f", or a `hf download {task.hub.repo} --repo-type dataset` copy there" if task.hub else ""
+        raise UserError(f"{path}: missing {task.name} {split} data; {task.get}{hint}")
+    return found
+
+
+def read_examples(task: RealTask, split: str, root: Path, n: int | None = None) -> list[Example]:
+    """The first n examples (all if n is None) of a split, from root / task.files[split]."""
+    paths = _resolve(task, split, Path(root))
+    suffix = paths[0].suffix
+    if suffix == ".tsv":
+        return _read_tsv(task, paths[0], n)
+    if suffix == ".json":
+        return _read_coop(task, paths[0], split, Path(root), n)
+    if suffix == ".parquet":
+        return _read_parquet(task, paths, n)
+    raise UserError(f"{paths[0]}: unknown data format '{suffix}' (expected .tsv, .json or .parquet)")
+
+
+# ---- the hub ----
+
+def _is_split_file(rel: str, hub: Hub, split: str) -> bool:
+    """Is rel (under the config's folder) a shard of this split, e.g. 'validation_matched-00000-of-00001.parquet'?"""
+    return rel.endswith(".parquet") and re.search(rf"(^|/){re.escape(hub.splits[split])}[-/.]", rel) is not None
+
+
+def fetch_hub(task: RealTask, split: str, cache_dir: Path) -> list[Path]:
+    """Download a split's parquet shards from the task's hub dataset; local paths, in shard order."""
+    if task.hub is None:
+        raise UserError(f"{task.name} has no hub dataset; {task.get}")
+    hub = task.hub
+    if split not in hub.splits:
+        raise UserError(f"{task.name} has no '{split}' split on {hub.repo}; its splits: {', '.join(hub.splits)}")
+    fix = (f"download it where there is network (`hf download {hub.repo} --repo-type dataset --local-dir DIR`) "
+           f"and set data.root=DIR")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):  # no request at all
+        raise UserError(f"cannot fetch {hub.repo} ({task.name}): HF_HUB_OFFLINE is set; {fix}")
+    try:
+        from huggingface_hub import HfApi, hf_hub_download
+
+        prefix = f"{hub.config}/" if hub.config else ""
+        files = sorted(f for f in HfApi().list_repo_files(hub.repo, repo_type="dataset")
+                       if f.startswith(prefix) and _is_split_file(f[len(prefix):], hub, split))
+        if not files:
+            raise UserError(f"{hub.repo}: no parquet files for split '{hub.splits[split]}' under '{prefix}'")
+        return [Path(hf_hub_download(hub.repo, f, repo_type="dataset", cache_dir=str(cache_dir))) for f in files]
+    except UserError:
+        raise
+    except Exception as e:  # offline, DNS, HTTP, auth: all mean "get it some other way"
+        raise UserError(f"cannot fetch {hub.repo} ({task.name}: {type(e).__name__}); {fix}") from None
+
+
+# ---- k-shot sampling ----
+
+def k_shot(exs: list[Example], k: int, seed: int, per_class: bool) -> list[Example]:
+    """A seeded k-shot sample, CoOp style: k examples of each answer class (per_class) or k in all; input order kept."""
+    if k <= 0:
+        return list(exs)
+    rng = random.Random(seed)
+    if not per_class:
+        return list(exs) if k >= len(exs) else [exs[i] for i in sorted(rng.sample(range(len(exs)), k))]
+    by_class = defaultdict(list)
+    for i, e in enumerate(exs):
+        by_class[e.answer].append(i)
+    # classes in sorted order, so the draw does not depend on which class the data happens to list first
+    picked = [i for c in sorted(by_class) for i in rng.sample(by_class[c], min(k, len(by_class[c])))]
+    return [exs[i] for i in sorted(picked)]

@@ -1,0 +1,111 @@
+"""Real-data metrics on hand-computable cases: VQA accuracy, IoU / Acc@IoU, BLEU-4 and CIDEr-D as coco-caption."""
+import math
+
+import pytest
+
+from common.metrics import acc_at_iou, bleu4, box_iou, cider, vqa_accuracy, vqa_normalize
+
+
+def official_vqa(pred, refs):
+    """The official loop, written out: for each human, min(#other humans who gave pred / 3, 1); then the mean."""
+    p, rs = vqa_normalize(pred), [vqa_normalize(r) for r in refs]
+    return sum(min(sum(r == p for j, r in enumerate(rs) if j != i) / 3, 1) for i in range(len(rs))) / len(rs)
+
+
+def test_vqa_normalisation():
+    assert vqa_normalize("Two dogs!") == "2 dogs"
+    assert vqa_normalize("the Red  car.") == "red car"
+    assert vqa_normalize("3.5") == "3.5" and vqa_normalize("an apple") == "apple"
+    assert vqa_normalize("yes, it is") == "yes it is"
+
+
+@pytest.mark.parametrize("matches, score", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+def test_vqa_accuracy_is_the_ten_choose_nine_average(matches, score):
+    refs = ["2"] * matches + ["blue"] * (10 - matches)
+    assert vqa_accuracy("two", refs) == pytest.approx(score)
+    assert vqa_accuracy("Two", refs) == pytest.approx(official_vqa("two", refs))
+
+
+def test_vqa_accuracy_edge_cases():
+    assert vqa_accuracy("", ["", "yes"]) == 0.0 and vqa_accuracy("yes", []) == 0.0
+    refs = ["a dog", "dog", "Dog.", "cat", "cat", "cat", "cat", "bird", "fish", "dogs"]
+    assert vqa_accuracy("dog", refs) == pytest.approx(official_vqa("dog", refs)) == pytest.approx(0.9)
+
+
+def test_box_iou():
+    assert box_iou((0, 0, 2, 2), (0, 0, 2, 2)) == 1.0
+    assert box_iou((0, 0, 2, 2), (1, 0, 3, 2)) == pytest.approx(1 / 3)  # overlap 2, union 6
+    assert box_iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0
+    assert box_iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0
+
+
+def test_acc_at_iou_parses_location_tokens():
+    gold = "<loc_100><loc_100><loc_500><loc_500>"
+    preds = [gold, "<loc_300><loc_300><loc_700><loc_700>", "a dog <loc_1>", "<loc_120><loc_100><loc_520><loc_500>"]
+    # exact; IoU 0.04/(0.32-0.04) = 1/7; unparseable; IoU 0.152/(0.32-0.152) = 0.905
+    assert acc_at_iou(preds, [gold] * 4) == 0.5
+    assert acc_at_iou(preds, [gold] * 4, threshold=0.1) == 0.75
+    with pytest.raises(ValueError):
+        acc_at_iou(preds, [gold])
+
+
+def test_bleu4_identical_is_one():
+    refs = [["a man rides a horse on the beach", "someone riding"], ["two cats sleep on a red sofa"]]
+    assert bleu4(["A man rides a horse on the beach.", "two cats sleep on a red sofa"], refs) == pytest.approx(1.0)
+
+
+def test_bleu4_hand_computed_precisions():
+    # p1..p4 = 5/6, 3/5, 2/4, 1/3; same length, so no brevity penalty
+    got = bleu4(["the cat sat on the mat"], [["the cat sat on a mat"]])
+    assert got == pytest.approx((5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25)
+
+
+def test_bleu4_clips_repeated_ngrams():
+    # 'the' x3 against 'the' x2 in the reference: p1 = 6/7, not 7/7; p2..p4 = 5/6, 3/5, 2/4
+    got = bleu4(["the cat sat on the the mat"], [["the cat sat on the mat"]])
+    assert got == pytest.approx((6 / 7 * 5 / 6 * 3 / 5 * 2 / 4) ** 0.25)
+    assert got != pytest.approx((5 / 6 * 3 / 5 * 2 / 4) ** 0.25)
+
+
+def test_bleu4_brevity_penalty_closest_reference_and_corpus_level():
+    assert bleu4(["the cat sat on"], [["the cat sat on the mat"]]) == pytest.approx(math.exp(1 - 6 / 4))
+    assert bleu4(["the cat sat on"], [["the cat sat on", "the cat sat on the mat and more"]]) == pytest.approx(1)
+    # the closest reference length (6), not the shortest (3) nor the mean: BP = exp(1 - 6/5)
+    got = bleu4(["the cat sat on the"], [["the cat sat", "the cat sat on the mat"]])
+    assert got == pytest.approx(math.exp(1 - 6 / 5))
+    # corpus BLEU pools counts and lengths: BP = exp(1 - 10/8), not the mean of sentence BLEUs
+    got = bleu4(["a b c d", "e f g h"], [["a b c d"], ["e f g h i j"]])
+    assert got == pytest.approx(math.exp(1 - 10 / 8))
+
+
+def test_cider_identical_captions_score_ten():
+    refs = [["a red car parked outside"], ["a blue boat floating away"]]  # 'a' is in both images: idf 0
+    assert cider(["a red car parked outside", "a blue boat floating away"], refs) == pytest.approx(10.0)
+    # three words: no 4-grams, so the mean over n = 1..4 is 3/4
+    got = cider(["red car parked", "blue boat floats"], [["red car parked"], ["blue boat floats"]])
+    assert got == pytest.approx(7.5)
+
+
+def test_cider_one_image_has_no_idf():
+    assert cider(["a red car"], [["a red car"]]) == 0.0  # log(1 image) - log(df 1) = 0 for every n-gram
+
+
+def test_cider_clips_term_frequencies():
+    # 'p p' vs 'p q': unigram cos with clipping = min(2L, L)*L / (2L * sqrt(2) L) = 1/(2 sqrt 2) (1/sqrt 2 unclipped);
+    # no shared bigram; the other image scores 10
+    got = cider(["p p", "r s t u"], [["p q"], ["r s t u"]])
+    assert got == pytest.approx((10 * (1 / (2 * math.sqrt(2))) / 4 + 10) / 2)
+
+
+def test_cider_gaussian_length_penalty():
+    # hyp 'p q r s z' vs ref 'p q r s': cosines 4/(2 sqrt5), 3/(2 sqrt3), 2/(sqrt3 sqrt2), 1/sqrt2; delta 1, sigma 6
+    cos = [4 / (2 * math.sqrt(5)), 3 / (2 * math.sqrt(3)), 2 / (math.sqrt(3) * math.sqrt(2)), 1 / math.sqrt(2)]
+    got = cider(["p q r s z", "w x y v"], [["p q r s"], ["w x y v"]])
+    assert got == pytest.approx((10 * math.exp(-1 / 72) * sum(cos) / 4 + 10) / 2)
+
+
+def test_cider_averages_over_references():
+    # one reference matches exactly (10), the other shares nothing (0): the image scores 5
+    got = cider(["red car parked here", "blue boat floats away"],
+                [["red car parked here", "green tree"], ["blue boat floats away"]])
+    assert got == pytest.approx((5 + 10) / 2)

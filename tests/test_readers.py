@@ -1,0 +1,222 @@
+"""Real-data readers on small files written here in the real formats (OFA TSV, CoOp JSON, hub parquet); offline."""
+import base64
+import dataclasses
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from common.config import UserError
+from common.metrics import vqa_accuracy
+from common.readers import REAL_TASKS, box_to_tokens, fetch_hub, k_shot, read_examples, tokens_to_box
+
+
+def png(w: int, h: int, colour=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def b64(w: int, h: int, colour=(200, 30, 30)) -> str:
+    return base64.urlsafe_b64encode(png(w, h, colour)).decode()  # OFA decodes with urlsafe_b64decode
+
+
+def write_tsv(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join("\t".join(map(str, r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def snli_rows():
+    return [("1", "11", b64(32, 24), "A Man-in blue.", "premise", "entailment"),
+            ("2", "12", b64(32, 24, (0, 0, 250)), "two dogs", "premise", "contradiction"),
+            ("3", "13", b64(32, 24), "a cat", "premise", "neutral")]
+
+
+def test_snli_ve_tsv_prompts_answers_images(tmp_path):
+    write_tsv(tmp_path / "snli_ve_data/snli_ve_train.tsv", snli_rows())
+    exs = read_examples(REAL_TASKS["snli-ve"], "train", tmp_path)
+    assert [e.prompt for e in exs] == [' does the image describe " a man in blue. "?',
+                                       ' does the image describe " two dogs "?',
+                                       ' does the image describe " a cat "?']
+    assert [e.answer for e in exs] == ["yes", "no", "maybe"]
+    assert exs[1].image.shape == (24, 32, 3) and exs[1].image.dtype == np.uint8
+    assert tuple(exs[1].image[5, 5]) == (0, 0, 250)
+
+
+def test_tsv_streams_only_the_rows_asked_for(tmp_path):
+    rows = snli_rows()[:2] + [("3", "13", "!!!not-an-image!!!", "a cat", "premise", "neutral")]
+    write_tsv(tmp_path / "snli_ve_data/snli_ve_train.tsv", rows)
+    assert len(read_examples(REAL_TASKS["snli-ve"], "train", tmp_path, n=2)) == 2  # row 3 is never decoded
+    with pytest.raises(UserError) as e:
+        read_examples(REAL_TASKS["snli-ve"], "train", tmp_path)
+    msg = str(e.value)
+    assert "snli_ve_train.tsv:3:" in msg and "image" in msg and "\n" not in msg
+
+
+def test_wrong_column_count_names_file_and_line(tmp_path):
+    write_tsv(tmp_path / "snli_ve_data/snli_ve_dev.tsv", [snli_rows()[0], ("4", "14", b64(8, 8), "no label")])
+    with pytest.raises(UserError) as e:
+        read_examples(REAL_TASKS["snli-ve"], "val", tmp_path)
+    assert "snli_ve_dev.tsv:2:" in str(e.value) and "4 tab-separated columns, expected 6" in str(e.value)
+
+
+def test_missing_file_says_what_to_put_there(tmp_path):
+    with pytest.raises(UserError) as e:
+        read_examples(REAL_TASKS["snli-ve"], "test", tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path / "snli_ve_data/snli_ve_test.tsv") in msg and "snli_ve_data.zip" in msg and "\n" not in msg
+
+
+def test_vqa_tsv_question_answer_and_ten_refs(tmp_path):
+    # OFA layout: question-id, image-id, question, conf|!+answer&&..., objects, image
+    write_tsv(tmp_path / "vqa_data/vqa_val.tsv",
+              [("7", "70", "What colour is the cat", "1.0|!+white&&0.6|!+gray&&0.3|!+black", "cat&&sofa", b64(16, 16))])
+    (ex,) = read_examples(REAL_TASKS["vqa"], "test", tmp_path)
+    assert ex.prompt == " what colour is the cat?" and ex.answer == "white"
+    assert len(ex.refs) == 10 and ex.refs.count("white") == 4 and ex.refs.count("gray") == 2
+    # the rebuilt refs give back OFA's per-answer VQA scores
+    assert [round(vqa_accuracy(a, ex.refs), 6) for a in ("white", "gray", "black", "")] == [1.0, 0.6, 0.3, 0.0]
+
+
+def test_refcoco_tsv_location_tokens_round_trip_within_a_bin(tmp_path):
+    w, h, box = 200, 100, (20.0, 10.0, 121.3, 60.7)
+    write_tsv(tmp_path / "refcoco_data/refcoco_train.tsv",
+              [("79_1", "5", "The Woman in white", ",".join(map(str, box)), b64(w, h))])
+    (ex,) = read_examples(REAL_TASKS["refcoco"], "train", tmp_path)
+    assert ex.prompt == ' which region does the text " the woman in white " describe?'
+    assert ex.answer == "<loc_100><loc_100><loc_606><loc_607>" == box_to_tokens(box, w, h)
+    back = np.array(tokens_to_box(ex.answer)) * [w, h, w, h]
+    assert np.all(np.abs(back - box) <= np.array([w, h, w, h]) / 1000)
+    assert tokens_to_box("no box here <loc_1><loc_2>") is None
+
+
+def test_caption_tsv_refs_are_every_caption(tmp_path):
+    write_tsv(tmp_path / "caption_data/caption_test.tsv",
+              [("1", "9", "A dog runs.&&Two dogs, playing!", "dog", b64(10, 10))])
+    (ex,) = read_examples(REAL_TASKS["caption"], "test", tmp_path)
+    assert ex.prompt == " what does the image describe?"
+    assert ex.refs == ("a dog runs", "two dogs playing") and ex.answer == "a dog runs"
+
+
+def test_classification_tsv_candidates_are_every_class_in_the_file(tmp_path):
+    rows = [(b64(8, 8), "0", "tench"), (b64(8, 8), "0", "tench"), (b64(8, 8), "1", "great_white_shark")]
+    write_tsv(tmp_path / "imagenet_1k_data/imagenet_1k_val.tsv", rows)
+    exs = read_examples(REAL_TASKS["imagenet"], "test", tmp_path, n=2)
+    assert [e.answer for e in exs] == ["tench", "tench"]
+    assert exs[0].candidates == ("great white shark", "tench")  # the unread third row's class too
+    assert exs[0].prompt == " what does the image describe?"
+
+
+def test_glue_tsvs_in_ofa_layouts(tmp_path):
+    write_tsv(tmp_path / "glue_data/mnli_train.tsv",
+              [("The Cat  sat.", "A cat sat.", "1"), ("x", "y", "0"), ("x", "y", "2")])
+    write_tsv(tmp_path / "glue_data/rte_dev.tsv", [("0", "It Rains.", "It is wet.", "not_entailment")])
+    write_tsv(tmp_path / "glue_data/qnli_train.tsv", [("0", "Who won?", "Ann won.", "entailment")])
+    mnli = read_examples(REAL_TASKS["mnli"], "train", tmp_path)
+    assert mnli[0].prompt == ' can text1 " the cat sat. " imply text2 " a cat sat. "?' and mnli[0].image is None
+    assert [e.answer for e in mnli] == ["yes", "maybe", "no"]  # OFA's own label coding for its MNLI TSV
+    (rte,) = read_examples(REAL_TASKS["rte"], "test", tmp_path)
+    assert rte.prompt == ' can text1 " it rains. " imply text2 " it is wet. "?' and rte.answer == "no"
+    (qnli,) = read_examples(REAL_TASKS["qnli"], "train", tmp_path)
+    assert qnli.prompt == ' does " ann won. " contain the answer to question " who won? "?' and qnli.answer == "yes"
+
+
+def test_glue_parquet_in_the_hub_layout(tmp_path):
+    # `hf download nyu-mll/glue --local-dir DIR` layout: DIR/mnli/<split>-00000-of-00001.parquet
+    (tmp_path / "mnli").mkdir()
+    table = pa.table({"premise": ["A man sleeps.", "Kids play."], "hypothesis": ["Someone rests.", "Nobody plays."],
+                      "label": [0, 2], "idx": [0, 1]})
+    pq.write_table(table, tmp_path / "mnli/validation_matched-00000-of-00001.parquet")
+    pq.write_table(table.slice(0, 1).set_column(2, "label", pa.array([1])),
+                   tmp_path / "mnli/validation_mismatched-00000-of-00001.parquet")
+    exs = read_examples(REAL_TASKS["mnli"], "test", tmp_path)
+    assert [e.answer for e in exs] == ["yes", "no"]  # the hub's coding: 0 entailment, 1 neutral, 2 contradiction
+    assert exs[0].prompt == ' can text1 " a man sleeps. " imply text2 " someone rests. "?'
+    assert len(read_examples(REAL_TASKS["mnli"], "val", tmp_path, n=1)) == 1
+
+
+def test_parquet_with_image_bytes_and_class_label_names(tmp_path):
+    meta = {"info": {"features": {"image": {"_type": "Image"},
+                                  "label": {"names": ["banded", "bubbly_dots"], "_type": "ClassLabel"}}}}
+    table = pa.table({"image": [{"bytes": png(12, 6, (0, 200, 0)), "path": None}, {"bytes": png(4, 4), "path": None}],
+                      "label": [1, 0]})
+    pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps(meta)}), tmp_path / "dtd-train.parquet")
+    task = dataclasses.replace(REAL_TASKS["dtd"], files={"train": "dtd-train.parquet"})
+    a, b = read_examples(task, "train", tmp_path)
+    assert (a.answer, b.answer) == ("bubbly dots", "banded") and a.candidates == ("banded", "bubbly dots")
+    assert a.image.shape == (6, 12, 3) and tuple(a.image[0, 0]) == (0, 200, 0)
+
+
+def test_coop_split_json(tmp_path):
+    folder = tmp_path / "oxford_pets"
+    (folder / "images").mkdir(parents=True)
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (folder / "images" / name).write_bytes(png(8, 8))
+    split = {"train": [["a.jpg", 1, "great_pyrenees"], ["b.jpg", 0, "abyssinian"]],
+             "val": [["c.jpg", 0, "abyssinian"]], "test": [["c.jpg", 2, "pug"]]}
+    (folder / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
+    exs = read_examples(REAL_TASKS["oxford-pets"], "train", tmp_path)
+    assert [e.answer for e in exs] == ["great pyrenees", "abyssinian"]
+    assert exs[0].candidates == ("abyssinian", "great pyrenees", "pug")  # label order, from every split
+    (folder / "images/c.jpg").unlink()
+    with pytest.raises(UserError, match="missing image"):
+        read_examples(REAL_TASKS["oxford-pets"], "test", tmp_path)
+
+
+def test_fetch_hub_offline_is_one_line_and_makes_no_request(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def no_network(*a, **k):
+        raise AssertionError("the hub was contacted")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", no_network)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError) as e:
+        fetch_hub(REAL_TASKS["rte"], "train", tmp_path)
+    msg = str(e.value)
+    assert "nyu-mll/glue" in msg and "hf download nyu-mll/glue --repo-type dataset" in msg and "data.root" in msg
+    assert "\n" not in msg
+
+
+def test_fetch_hub_network_failure_is_a_user_error(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def unreachable(*a, **k):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
+    with pytest.raises(UserError, match=r"cannot fetch nyu-mll/glue \(cola: ConnectionError\)"):
+        fetch_hub(REAL_TASKS["cola"], "val", tmp_path)
+    with pytest.raises(UserError, match="no hub dataset"):
+        fetch_hub(REAL_TASKS["snli-ve"], "train", tmp_path)
+
+
+def test_k_shot_per_class_is_seeded_and_order_stable():
+    from common.data import Example
+
+    exs = [Example(f"p{i}", c) for i, c in enumerate("abc" * 5 + "d")]  # 5 each of a, b, c; one d
+    s = k_shot(exs, 2, seed=0, per_class=True)
+    assert sorted(e.answer for e in s) == ["a", "a", "b", "b", "c", "c", "d"]  # d has fewer than k: all of it
+    idx = [int(e.prompt[1:]) for e in s]
+    assert idx == sorted(idx)  # the input's order
+    assert k_shot(exs, 2, seed=0, per_class=True) == s
+    assert any(k_shot(exs, 2, seed=t, per_class=True) != s for t in range(1, 6))
+    flat = k_shot(exs, 4, seed=0, per_class=False)
+    assert len(flat) == 4 and k_shot(exs, 4, seed=0, per_class=False) == flat
+    assert k_shot(exs, 0, seed=0, per_class=True) == exs and k_shot(exs, 99, seed=0, per_class=False) == exs
+
+
+def test_catalogue_covers_the_task_pool():
+    names = set(REAL_TASKS)
+    assert {"snli-ve", "vqa", "caption", "refcoco", "refcoco+", "refcocog",
+            "cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte"} <= names
+    assert sum(t.family == "vision" for t in REAL_TASKS.values()) >= 8
+    assert all(t.metric in ("accuracy", "vqa_accuracy", "acc_iou", "cider") for t in REAL_TASKS.values())
+    assert REAL_TASKS["mnli"].hub.splits["test"] == "validation_matched"
