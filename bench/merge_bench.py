@@ -4,7 +4,9 @@ fused op (common.merge.ExpertStack), with achieved GB/s next to a plain copy of 
     .venv/bin/python bench/merge_bench.py [--device cpu|cuda] [--reps 10] [--profiles ...] [--threads N] [--blocked]
 
 Every step merges K experts with per-group softmax weights and backpropagates a fixed random
-gradient on every merged tensor into the logits and the (trainable) experts.
+gradient on every merged tensor into the logits and the (trainable) experts. The gradients reach
+autograd as a model's backward hands them over: in each merged tensor's own layout, as tensors
+autograd owns (see Feed, own_layout); the values are the same for every method.
 """
 from __future__ import annotations
 
@@ -116,14 +118,35 @@ def median_ms(fns: dict, reps, device, blocked=False, warmup=2):
 
 def ideal_bytes(shapes, K, kind, elem):
     """Minimal traffic of the fused step. sum: fwd reads K*N, writes N; bwd reads N grads and K*N
-    stack, writes K*N grads. lora: B as sum with one row per block (5 passes over K*N_B), A only
-    has its gradient copied (2 passes over K*N_A)."""
+    stack, writes K*N grads. lora: B as sum with one row per block (5 passes over K*N_B); A moves
+    nothing (A_cat is stored as is, and its gradient becomes the parameter's .grad)."""
     if kind == "sum":
         n = sum(torch.Size(s).numel() for s in shapes.values())
         return (3 * K + 2) * n * elem
-    nb = K * sum(torch.Size(s).numel() for n, s in shapes.items() if "lora_B" in n)
-    na = K * sum(torch.Size(s).numel() for n, s in shapes.items() if "lora_A" in n)
-    return (5 * nb + 2 * na) * elem
+    return 5 * K * sum(torch.Size(s).numel() for n, s in shapes.items() if "lora_B" in n) * elem
+
+
+class Feed(torch.autograd.Function):
+    """Stands in for the model's backward: hands autograd the fixed gradients of the merged tensors
+    as tensors it owns (aliases, no copy), as F.linear does with its fresh weight gradients, so that
+    AccumulateGrad may keep one as a leaf's .grad without copying it. (torch.autograd.backward(outs,
+    grads) makes AccumulateGrad copy a gradient that lands on a leaf, since the caller holds it.)"""
+
+    @staticmethod
+    def forward(ctx, grads, *outs):
+        ctx.grads = grads
+        return outs[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        return (None, *(g.detach() for g in ctx.grads))
+
+
+def own_layout(out: dict, values: dict) -> list:
+    """values[n] laid out like out[n] (its strides): the layout in which F.linear / peft LoRA return a
+    weight's gradient (checked with a peft forward/backward through functional_call)."""
+    return [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(values[n])
+            for n, t in out.items()]
 
 
 def bench_case(shapes, K, kind, groups, device, dtype, reps, blocked=False):
@@ -136,15 +159,17 @@ def bench_case(shapes, K, kind, groups, device, dtype, reps, blocked=False):
     rows = torch.tensor([row_of[n] for n in shapes], device=device)
     logits = torch.zeros(len(stack.group_names), K, device=device, requires_grad=True)
     out_shapes = {n: t.shape for n, t in naive_step(experts, logits, row_of, kind).items()}
-    grads = {n: torch.randn(s, generator=gen).to(device, dtype) for n, s in out_shapes.items()}
+    values = {n: torch.randn(s, generator=gen).to(device, dtype) for n, s in out_shapes.items()}
     leaves = [logits, *stack.parameters()] + [t for e in experts for t in e.values()]
 
     def step(merge):
+        grads = own_layout(merge(), values)  # same values for every method, each in its outputs' layout
+
         def run():
             for t in leaves:
                 t.grad = None
             out = merge()
-            torch.autograd.backward([out[n] for n in grads], list(grads.values()))
+            Feed.apply(grads, *out.values()).backward()
         return run
 
     nbytes = ideal_bytes(shapes, K, kind, torch.empty(0, dtype=dtype).element_size())

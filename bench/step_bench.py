@@ -1,7 +1,7 @@
 """One interpolation training step (K experts merged by the fused op, experts + weights trained)
 versus one single-expert training step, on the mini profile's backbone shapes.
 
-    python bench/step_bench.py [--config configs/mini.yaml] [--k 3] [--repeats 30]
+    python bench/step_bench.py [--config configs/mini.yaml] [--k 3] [--repeats 30] [--threads N]
 
 Both steps are forward + backward + AdamW step on the same batch of the target task; the backbone is
 freshly initialised (timing does not need a pre-trained one). Prints medians and their ratio,
@@ -45,7 +45,10 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3, help="experts merged (target + top-k)")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--task", default="snli-ve")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     torch.manual_seed(0)
     texts = [t for name in data.TASKS for e in data.examples(name, "train", cfg.world, 50) for t in (e.prompt, e.answer)]

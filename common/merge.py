@@ -8,6 +8,14 @@ is one custom autograd op: one pass over memory forward, one backward, gradients
 (through the softmax) and to the stack. CUDA tensors use Triton kernels; elsewhere a few batched
 torch ops per run of equal-length groups (see _torch_fwd / _torch_bwd).
 
+The exact LoRA merge (ExpertStack kind="lora") has no K-way sum: per site, A_cat = [A_1; ...; A_K]
+and B_cat = [p_1 B_1 ... p_K B_K]. There the experts are still packed once, each of A and B in one
+contiguous buffer, but site-major rather than expert-major ([site][K][block] instead of [K][N]):
+a site's K blocks A_i then already are its A_cat, so A needs no op at all (each site's A_cat is a
+leaf parameter viewing the buffer, and F.linear's gradient becomes its .grad without a copy), and
+a site's K blocks B_i^T scaled by p_i are B_cat^T, whose gradient F.linear hands over in exactly
+that layout. Only the B scaling is a fused op (_ScaleBlocks).
+
 Public API: `weighted_merge` (flat op) and `ExpertStack` (packs state dicts, returns views).
 """
 from __future__ import annotations
@@ -137,6 +145,9 @@ def _runs(segments: Tensor, G: int, N: int) -> list[tuple[int, int, int, int]]:
     return [tuple(r) for r in runs if r[3] > 0]
 
 
+MV_MIN = 2048  # group length from which the CPU logit gradient takes one mv per group instead of one bmm
+
+
 def _torch_fwd(stack, weights, segments):
     K, N = stack.shape
     acc = weights.dtype
@@ -167,7 +178,10 @@ def _torch_bwd(stack, weights, segments, gout, need_stack, need_w):
                 for i in range(0, n, rows):
                     j = min(i + rows, n)
                     torch.sum(x[i:j, 0] * go[i:j], dim=-1, out=gw[g0 + i:g0 + j, 0])
-            else:
+            elif L >= MV_MIN:  # one mv per group: MKL's bmm runs [K, L] x [L, 1] at half the bandwidth
+                for x_g, go_g, gw_g in zip(x.unbind(0), go.unbind(0), gw[g0:g1].unbind(0)):
+                    torch.mv(x_g, go_g, out=gw_g)
+            else:  # many small groups: one bmm, not a Python loop
                 torch.bmm(x, go.unsqueeze(-1), out=gw[g0:g1].unsqueeze(-1))
         if need_stack:
             torch.mul(weights[g0:g1].t().unsqueeze(-1), go, out=gstack[:, s:e].view(K, n, L))
@@ -257,54 +271,61 @@ class _Unflatten(torch.autograd.Function):
         return flat, None
 
 
-TILE = 2 ** 16  # elements per CPU backward tile of LoRA B (256 KiB fp32: gradient, stack, product stay in L2)
-
-
 class _ScaleBlocks(torch.autograd.Function):
     """LoRA B_cat: flat[chunk c] = w[c] * stack[chunk c] (w [C, 1]: one weight per expert block B_i^T,
-    K blocks per site), returned as the views `runs` of flat (like _Unflatten, so that backward
-    gets the per-view grads rather than a flat gradient assembled for it).
+    K blocks per site), returned as the views `runs` of flat (like _Unflatten, so that backward gets
+    the per-site grads rather than a flat gradient assembled for it).
 
-    CPU backward, per tile of a few sites: copy their incoming grads into the flat stack gradient, then,
-    while the tile is still in cache, take the per-block dot products with the stack (dL/dw) and scale
-    the tile in place (dL/dstack). One pass over the grads, one over the stack and one write, where
-    assembling a flat gradient and then running the segment-mix backward over it takes six."""
+    CPU, per site (Python loop; a site's K blocks are 36864 floats at Florence-2-base shapes, so its
+    gradient stays in cache between the two ops): dL/dstack = w * grad written straight into the flat
+    stack gradient, and dL/dw[c] = <stack[chunk c], grad[chunk c]>. The incoming grad is read in its
+    own layout: F.linear returns B_cat's gradient in B_cat's layout, whose .t() is exactly the site's
+    K packed blocks, so no transposition or copy happens (another layout costs one reshape copy)."""
 
     @staticmethod
-    def forward(ctx, stack, w, segments, runs, K):
+    def forward(ctx, stack, w, segments, runs, chunk_runs, K):
         ctx.save_for_backward(stack, w, segments)
         ctx.runs, ctx.K = runs, K
-        flat = (_triton_fwd if _use_triton(stack) else _torch_fwd)(stack.unsqueeze(0), w, segments)
+        if _use_triton(stack):
+            flat = _triton_fwd(stack.unsqueeze(0), w, segments)
+        else:  # one broadcast multiply per run of equal-length chunks (bmm is slower for [C, 1] x [1, L])
+            flat = torch.empty_like(stack)
+            for c0, c1, s, L in chunk_runs:
+                e = s + (c1 - c0) * L
+                torch.mul(stack[s:e].view(c1 - c0, L), w[c0:c1], out=flat[s:e].view(c1 - c0, L))
         return tuple(_views(flat, runs))
 
     @staticmethod
     def backward(ctx, *grads):
         stack, w, segments = ctx.saved_tensors
         need_stack, need_w = ctx.needs_input_grad[:2]
-        K, gflat = ctx.K, stack.new_empty(stack.numel())
-        dst = _views(gflat, ctx.runs)
-        if _use_triton(stack):  # the kernel reads a flat gradient: assemble it, then one kernel
-            torch._foreach_copy_(dst, list(grads))
+        K, triton_path = ctx.K, _use_triton(stack)
+        gflat = stack.new_empty(stack.numel()) if need_stack or triton_path else None
+        if triton_path:  # the kernel reads a flat gradient: assemble it, then one kernel
+            torch._foreach_copy_(_views(gflat, ctx.runs), list(grads))
             gstack, gw = _triton_bwd(stack.unsqueeze(0), w, segments, gflat, need_stack, need_w)
-            return None if gstack is None else gstack.view(-1), gw, None, None, None
+            return None if gstack is None else gstack.view(-1), gw, None, None, None, None
         acc = w.dtype
-        gw = torch.zeros_like(w) if need_w else None
-        site = 0  # first site (and view) of the run; its chunks start at row site * K of w
-        for offset, count, shape, _ in ctx.runs:
+        gw = torch.empty_like(w) if need_w else None  # every chunk belongs to one site: all written
+        site = 0  # first site (view) of the run; its chunks are rows site*K.. of w
+        for offset, count, shape, transposed in ctx.runs:
             L = math.prod(shape) // K  # one expert block B_i^T
-            g_run = gflat[offset:offset + count * K * L].view(count * K, L)
-            x_run = stack[offset:offset + count * K * L].view(count * K, L)
-            step = max(1, TILE // max(1, K * L))  # sites per tile
-            for i in range(0, count, step):
-                j = min(i + step, count)
-                torch._foreach_copy_(dst[site + i:site + j], list(grads[site + i:site + j]))
-                g, c0, c1 = g_run[i * K:j * K], (site + i) * K, (site + j) * K
-                if need_w:  # dL/dw[c] = <stack[chunk c], grad[chunk c]>
-                    torch.sum(x_run[i * K:j * K].to(acc) * g.to(acc), dim=-1, keepdim=True, out=gw[c0:c1])
-                if need_stack:  # dL/dstack[chunk c] = w[c] * grad[chunk c], in place
-                    g.mul_(w[c0:c1])
+            e, c0, c1 = offset + count * K * L, site * K, (site + count) * K
+            xs = stack[offset:e].view(count, K, L).unbind(0)
+            ds = gflat[offset:e].view(count, K, L).unbind(0) if need_stack else [None] * count
+            ws = w[c0:c1].view(count, K, 1).unbind(0)
+            gws = gw[c0:c1].view(count, K).unbind(0) if need_w else [None] * count
+            for g, x, d, w_s, gw_s in zip(grads[site:site + count], xs, ds, ws, gws):
+                g = (g.t() if transposed else g).reshape(K, L)  # a view in the output's own layout
+                if need_w:  # dL/dw[c] = <stack[chunk c], grad[chunk c]>, accumulated in fp32 / fp64
+                    if x.dtype == acc:
+                        torch.linalg.vecdot(x, g, out=gw_s)
+                    else:
+                        torch.sum(x.to(acc) * g.to(acc), dim=-1, out=gw_s)
+                if need_stack:  # dL/dstack[chunk c] = w[c] * grad[chunk c]
+                    torch.mul(g, w_s, out=d)
             site += count
-        return gflat if need_stack else None, gw, None, None, None
+        return gflat, gw, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,11 +341,17 @@ class ExpertStack(torch.nn.Module):
                  A_cat = [A_1; ...; A_K] and B_cat = [p_1 B_1, ..., p_K B_K]; forward returns
                  {same names: A_cat / B_cat}. Use it in a peft LoRA with r = K*r and
                  lora_alpha = K*alpha so that the scaling alpha/r is unchanged.
-                 Packed: `lora_A_stack` (flat; each site's A_cat contiguous, returned as views, no
-                 copy) and `lora_B_stack` (flat; each site's K blocks B_i^T [r, d_out] back to
-                 back, so scaling block i by p_i gives B_cat^T contiguous; B_cat is its .t()).
+                 Packed, site-major: `lora_A_stack` (flat: per site its K blocks A_i [r, d_in]
+                 back to back, i.e. that site's A_cat) and `lora_B_stack` (flat: per site its K
+                 blocks B_i^T [r, d_out], so scaling block i by p_i gives B_cat^T contiguous;
+                 B_cat is its .t()). With trainable=True each site's A_cat is its own leaf
+                 parameter `lora_A[s]`, a view of `lora_A_stack` (which is then a plain tensor,
+                 not a parameter), and forward returns that leaf itself: A_cat does not depend
+                 on the weights, and F.linear's gradient for it lands in `lora_A[s].grad` as is,
+                 with no copy into a flat gradient. B stays one parameter (the fused scale op).
     group_of maps a tensor name to its group (for LoRA, A and B of one site must share a group).
-    trainable=True registers the packed stacks as nn.Parameters, else as buffers.
+    trainable=True registers the packed stacks as nn.Parameters (kind="lora": `lora_B_stack` and the
+    per-site A leaves `lora_A`), else as buffers.
     """
 
     def __init__(self, experts: list[dict[str, Tensor]], group_of: Callable[[str], str],
@@ -410,15 +437,44 @@ class ExpertStack(torch.nn.Module):
                 chunk_bounds.append(chunk_bounds[-1] + r * d_out)
         self._views_A = _view_runs([specs[a] for a, _, _ in sites])
         self._views_B = _view_runs([specs[b] for _, b, _ in sites])
+        self._chunk_runs = tuple(_runs(torch.tensor(chunk_bounds), len(chunk_bounds) - 1, b_off))
         self._site_names = [(a, b) for a, b, _ in sites]
         if not sites:
             raise ValueError("kind='lora' found no lora_A/lora_B pairs")
-        self._register("lora_A_stack", torch.cat(a_parts))
+        a_flat = torch.cat(a_parts)
+        if self.trainable:  # one leaf per site, all views of one flat buffer (see _link_lora_A)
+            self.lora_A = torch.nn.ParameterList([torch.nn.Parameter(v) for v in _views(a_flat, self._views_A)])
+            self.lora_A_stack = a_flat
+        else:
+            self.register_buffer("lora_A_stack", a_flat)
         self._register("lora_B_stack", torch.cat(b_parts))
         self.register_buffer("site_group", torch.tensor([g for _, _, g in sites], dtype=torch.int64),
                              persistent=False)
         self.register_buffer("chunk_segments", torch.tensor(chunk_bounds, dtype=torch.int64),
                              persistent=False)
+
+    def _link_lora_A(self):
+        """Module._apply (.to(), .cuda(), .double(), ...) converts each per-site A parameter on its
+        own; put them back into one flat buffer (in place on the Parameter objects, via .data)."""
+        params, base, offset, linked = list(self.lora_A), self.lora_A_stack, 0, True
+        for p in params:
+            linked &= (p.device == base.device and p.dtype == base.dtype
+                       and p.data_ptr() == base.data_ptr() + offset * p.element_size())
+            offset += p.numel()
+        if linked and offset == base.numel():
+            return
+        offset = 0
+        flat = torch.cat([p.data.reshape(-1) for p in params])
+        for p in params:
+            p.data = flat[offset:offset + p.numel()].view(p.shape)
+            offset += p.numel()
+        self.lora_A_stack = flat
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.kind == "lora" and self.trainable:
+            self._link_lora_A()
+        return self
 
     def forward(self, logits: Tensor) -> dict[str, Tensor]:
         """logits [G, K] (rows in `group_names` order) -> {name: merged tensor}."""
@@ -428,14 +484,17 @@ class ExpertStack(torch.nn.Module):
         if self.kind == "sum":
             flat = weighted_merge(self.stack, logits, self.segments)
             return dict(zip(self._names, _Unflatten.apply(flat, self._views)))
-        # LoRA: A passes through (views; backward copies their grads once into a flat gradient).
+        # LoRA: A_cat is each site's leaf (or a view of the frozen buffer), no op at all.
         # B's chunk (site s, expert i) is scaled by p[group(s), i]: a segment mix with one "expert"
         # row and S*K segments, whose backward takes the per-view grads (see _ScaleBlocks).
         probs = torch.softmax(logits.to(_acc_dtype(self.lora_B_stack.dtype)), dim=-1)
         chunk_w = probs[self.site_group].reshape(-1, 1)  # [S*K, 1], site-major like the layout
         b_cat = _ScaleBlocks.apply(self.lora_B_stack, chunk_w, self.chunk_segments, self._views_B,
-                                   self.num_experts)
-        merged = dict(zip((a for a, _ in self._site_names), _Unflatten.apply(self.lora_A_stack, self._views_A)))
+                                   self._chunk_runs, self.num_experts)
+        # (_parameters directly: iterating a ParameterList costs ~1 us per item; functional_call
+        # substitutes tensors there too)
+        a_cat = self.lora_A._parameters.values() if self.trainable else _views(self.lora_A_stack, self._views_A)
+        merged = dict(zip((a for a, _ in self._site_names), a_cat))
         merged.update(zip((b for _, b in self._site_names), b_cat))
         return {n: merged[n] for n in self._names}
 

@@ -184,6 +184,30 @@ def test_weighted_merge_flat_with_empty_and_tiny_groups():
         weighted_merge(stack, logits[:-1], seg)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logit_grad_mv_and_bmm_paths_agree(monkeypatch, dtype):
+    """The CPU logit gradient takes one mv per group for long groups and one bmm for runs of short ones."""
+    from common import merge
+    torch.manual_seed(0)
+    sizes = [5000, 5000, 3, 3, 3, 2500, 1]
+    seg = torch.tensor([0] + sizes).cumsum(0)
+    stack, go = torch.randn(3, sum(sizes), dtype=dtype), torch.randn(sum(sizes), dtype=dtype)
+    logits = torch.randn(len(sizes), 3)
+    grads = []
+    for mv_min in (1, 2048, 10 ** 9):  # all mv / mixed / all bmm
+        monkeypatch.setattr(merge, "MV_MIN", mv_min)
+        s, lg = stack.clone().requires_grad_(), logits.clone().requires_grad_()
+        weighted_merge(s, lg, seg).backward(go)
+        grads.append((lg.grad, s.grad))
+    s64, l64 = stack.double().requires_grad_(), logits.double().requires_grad_()
+    p = torch.softmax(l64, -1).repeat_interleave(torch.tensor(sizes), dim=0)  # [N, K]
+    ((p.t() * s64).sum(0) * go.double()).sum().backward()
+    gp_abs = torch.stack([s64.detach()[:, a:b].abs() @ go.double()[a:b].abs() for a, b in zip(seg[:-1], seg[1:])])
+    for lg_grad, s_grad in grads:
+        assert err(lg_grad, l64.grad, torch.softmax(l64.detach(), -1) * gp_abs) <= 1e-6
+        assert rel(s_grad, s64.grad) <= 1e-6
+
+
 def test_gradcheck_float64():
     torch.manual_seed(0)
     sizes = [3, 0, 1, 7, 4]
@@ -266,7 +290,15 @@ def test_lora_update_equals_sum_of_expert_updates(grouping):
     assert all(out[n].t().is_contiguous() for n in out if "lora_B" in n)
 
 
-def test_lora_grads_match_naive():
+def a_grad(stack):
+    """The A gradient of a trainable LoRA stack, flat in the packed order (one leaf per site)."""
+    return torch.cat([p.grad.reshape(-1) for p in stack.lora_A])
+
+
+@pytest.mark.parametrize("layout", ["own", "contiguous"])
+def test_lora_grads_match_naive(layout):
+    """Gradients as F.linear hands them over (each merged tensor's own layout; B_cat's is transposed)
+    and, slower but equal, contiguous ones."""
     torch.manual_seed(0)
     K = 3
     experts = lora_experts(K)
@@ -274,7 +306,10 @@ def test_lora_grads_match_naive():
     logits = torch.randn(len(stack.group_names), K, requires_grad=True)
     out = stack(logits)
     ref_experts, ref_logits, ref_probs, row_of, ref = reference(stack, experts, logits, naive_lora_merge, site_of)
-    grads = {n: torch.randn_like(t) for n, t in ref.items()}
+    grads = {n: torch.randn(t.shape) for n, t in ref.items()}
+    if layout == "own":
+        grads = {n: torch.empty_strided(t.shape, t.stride()).copy_(grads[n]) for n, t in out.items()}
+        assert not grads[next(n for n in out if "lora_B" in n)].is_contiguous()
     _, logit_size = term_sizes(naive_lora_merge, experts, ref_probs, row_of, grads)
     torch.autograd.backward(list(out.values()), [grads[n] for n in out])
     torch.autograd.backward(list(ref.values()), [grads[n] for n in out])
@@ -282,29 +317,94 @@ def test_lora_grads_match_naive():
     assert err(logits.grad, ref_logits.grad, logit_size) <= 1e-6
     ref_pack = ExpertStack([{n: t.grad for n, t in e.items()} for e in ref_experts], site_of, kind="lora",
                            trainable=False)
-    assert rel(stack.lora_A_stack.grad, ref_pack.lora_A_stack) <= 1e-6
+    assert rel(a_grad(stack), ref_pack.lora_A_stack) <= 1e-6
     assert rel(stack.lora_B_stack.grad, ref_pack.lora_B_stack) <= 1e-6
 
 
+def test_lora_A_leaves_share_one_buffer():
+    """Trainable: each site's A_cat is its own leaf parameter, a view of the packed A buffer, returned as
+    is; parameters() holds them and the B stack; conversions keep them in one buffer."""
+    experts = lora_experts(3)
+    stack = ExpertStack(experts, site_of, kind="lora")
+    out = stack(torch.zeros(len(stack.group_names), 3))
+    a_names = [n for n in out if "lora_A" in n]
+    assert [out[n] for n in a_names] == list(stack.lora_A) and all(p.is_leaf for p in stack.lora_A)
+    params = list(stack.parameters())
+    assert len(params) == len(a_names) + 1 and any(p is stack.lora_B_stack for p in params)
+    assert "lora_A_stack" not in dict(stack.named_parameters()) | dict(stack.named_buffers())
+    zeros = {n: torch.zeros_like(p) for n, p in stack.named_parameters()}  # functional_call reaches every leaf
+    assert all(not t.any() for t in functional_call(stack, zeros, (torch.zeros(len(stack.group_names), 3),)).values())
+
+    def linked(es):
+        base, offset = es.lora_A_stack, 0
+        for p in es.lora_A:
+            assert p.dtype == base.dtype and p.data_ptr() == base.data_ptr() + offset * p.element_size()
+            offset += p.numel()
+        assert offset == base.numel()
+    linked(stack)
+    ids = [id(p) for p in stack.lora_A]
+    stack.double()
+    linked(stack)
+    assert [id(p) for p in stack.lora_A] == ids  # same Parameter objects (optimizers keep them)
+    assert torch.equal(stack.lora_A_stack, torch.cat([e[n].double().reshape(-1) for n in a_names for e in experts]))
+
+    frozen = ExpertStack(experts, site_of, kind="lora", trainable=False)
+    assert list(frozen.parameters()) == [] and "lora_A_stack" in dict(frozen.named_buffers())
+    grads = []  # frozen experts: the logits get the same gradient
+    for es in (frozen, ExpertStack(experts, site_of, kind="lora")):
+        lg = torch.randn(len(es.group_names), 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        sum((t * t.detach().flip(0)).sum() for t in es(lg).values() if t.requires_grad).backward()
+        grads.append(lg.grad)
+    assert torch.equal(*grads)
+
+
+def test_lora_A_grad_is_kept_without_copy():
+    """Through a real peft LoRA (as interpolate.py runs it), F.linear's gradient for A_cat becomes the
+    A leaf's .grad as is, and B_cat's arrives in B_cat's own (transposed) layout."""
+    peft = pytest.importorskip("peft")
+    K, r = 3, 4
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.ReLU(), torch.nn.Linear(10, 6))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=K * r, lora_alpha=K * 8, target_modules=["0", "2"]))
+    sites = [("base_model.model.0", 12, 10), ("base_model.model.2", 10, 6)]
+    experts = [{k.replace("lora_A.", "lora_A.default.").replace("lora_B.", "lora_B.default."): v
+                for k, v in e.items()} for e in lora_experts(K, sites=sites, r=r)]
+    stack = ExpertStack(experts, lambda n: n.split(".lora_")[0], kind="lora")
+    logits = torch.randn(len(stack.group_names), K, requires_grad=True)
+    out = stack(logits)
+    seen = {}
+    for n, t in out.items():
+        t.register_hook(lambda g, n=n: seen.__setitem__(n, (g.data_ptr(), g.stride())))
+    functional_call(model, out, (torch.randn(2, 5, 12),), strict=False).square().sum().backward()
+    for n, t in out.items():
+        assert seen[n][1] == t.stride()
+        if "lora_A" in n:
+            assert t.grad.data_ptr() == seen[n][0]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lora_backward_tiles(monkeypatch, dtype):
-    """The CPU backward of B works in tiles of sites; one site per tile (TILE=1) and one tile for all
-    must agree, also for sites of different shapes (separate runs) and bf16 stacks."""
-    from common import merge
+def test_lora_mixed_shapes_match_float64(dtype):
+    """Sites of different shapes (separate runs) and bf16 stacks: the CPU backward against float64."""
     sites = (("a", 12, 20), ("b", 12, 20), ("c", 9, 30), ("d", 5, 7), ("e", 5, 7))
     experts = lora_experts(3, sites=sites, dtype=dtype)
-
-    def grads_with(tile):
-        monkeypatch.setattr(merge, "TILE", tile)
-        es = ExpertStack(experts, site_of, kind="lora")
-        logits = torch.randn(len(es.group_names), 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
-        out = es(logits)
-        gen = torch.Generator().manual_seed(2)
-        torch.autograd.backward(list(out.values()), [torch.randn(t.shape, generator=gen).to(dtype) for t in out.values()])
-        return logits.grad, es.lora_A_stack.grad, es.lora_B_stack.grad
-
-    for a, b in zip(grads_with(1), grads_with(2 ** 30)):
-        assert torch.equal(a, b)
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(len(sites), 3, generator=gen)
+    values = None
+    results = []
+    for dt in (dtype, torch.float64):
+        es = ExpertStack([{n: t.to(dt) for n, t in e.items()} for e in experts], site_of, kind="lora")
+        lg = logits.clone().requires_grad_()
+        out = es(lg)
+        if values is None:
+            values = {n: torch.randn(t.shape, generator=gen).to(dtype) for n, t in out.items()}
+        torch.autograd.backward(list(out.values()), [values[n].to(dt).t().contiguous().t() if "lora_B" in n
+                                                     else values[n].to(dt) for n in out])
+        results.append((flat(out), lg.grad, a_grad(es), es.lora_B_stack.grad))
+    tol = 2 ** -8 if dtype == torch.bfloat16 else 1e-6  # bf16: one rounding of an fp32 product
+    (o, lg, ga, gb), (o64, lg64, ga64, gb64) = results
+    assert o.dtype == gb.dtype == dtype and lg.dtype == torch.float32
+    assert rel(o, o64) <= tol and rel(ga, ga64) == 0 and rel(gb, gb64) <= tol
+    assert rel(lg, lg64) <= 1e-6  # dots accumulated in fp32 from the same bf16 values
 
 
 def test_lora_plugs_into_peft_rank_k_r():
@@ -380,7 +480,8 @@ TRITON_CHECK = textwrap.dedent("""
         logits = torch.randn(3, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
         out = es(logits)
         sum((t * t).sum() for t in out.values()).backward()
-        return list(out.values()) + [logits.grad, es.lora_A_stack.grad, es.lora_B_stack.grad]
+        return list(out.values()) + [logits.grad, torch.cat([p.grad.reshape(-1) for p in es.lora_A]),
+                                     es.lora_B_stack.grad]
     run(fn)
     print("TRITON_OK")
 """)
@@ -434,3 +535,4 @@ def test_cuda_expert_stack_lora():
     sum(t.sum() for t in out_g.values()).backward()
     sum(t.sum() for t in out_c.values()).backward()
     assert rel(gpu.lora_B_stack.grad.cpu(), cpu.lora_B_stack.grad) <= 1e-6
+    assert rel(a_grad(gpu).cpu(), a_grad(cpu)) <= 1e-6 and gpu.lora_A_stack.is_cuda
