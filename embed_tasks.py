@@ -31,10 +31,10 @@ def file_hash(path: Path) -> str:
 def pool_experts(cfg, target: str | None) -> list[str]:
     """Expert names to compare: the pool's full-data experts, and the target's low-shot one in place of its own."""
     for t in cfg.tasks.pool:
-        data.get_task(t)
+        data.task(cfg, t)
     if target is None:
         return list(cfg.tasks.pool)
-    data.get_task(target, where="--target")
+    data.task(cfg, target, where="--target")
     return [expert_name(target, cfg.tasks.target_shots, cfg.seed)] + [t for t in cfg.tasks.pool if t != target]
 
 
@@ -75,8 +75,7 @@ def main() -> None:
                 peft_model.eval()
             set_weights(peft_model, load_expert_weights(path))
             # the expert's own training data, as it saw it (the low-shot sample for the target)
-            exs = data.low_shot(data.examples(meta["task"], "train", cfg.world), meta["shots"], meta["seed"])
-            exs = exs[:fc.samples]
+            exs = data.train_split(cfg, meta["task"], meta["shots"] or 0, meta["seed"])[:fc.samples]
             fisher = fisher_diagonal(peft_model, enc, exs, fc.estimator, fc.batch_size, desc=f"fisher {name}")
             fisher = {k.replace(".default", ""): v.contiguous() for k, v in fisher.items()}
             out.parent.mkdir(parents=True, exist_ok=True)

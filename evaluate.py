@@ -42,7 +42,7 @@ def table(target: str, metric: str, runs: dict) -> str:
     by_shots: dict[int, list[dict]] = {}
     for r in runs.values():
         by_shots.setdefault(r["shots"], []).append(r)
-    lines = [f"| {target} (test {metric}) | " + " | ".join(f"{s}-shot (n={len(rs)} seeds)" for s, rs in
+    lines = [f"| {target} (test {metric}) | " + " | ".join(f"{f'{s}-shot' if s else 'full data'} (n={len(rs)} seeds)" for s, rs in
                                                      sorted(by_shots.items())) + " |",
              "|---" * (1 + len(by_shots)) + "|"]
     for m in METHODS:
@@ -59,12 +59,12 @@ def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
     ap.add_argument("--target", required=True, help="target task")
     args, cfg = parse_stage(ap)
-    task = data.get_task(args.target, where="--target")
+    task = data.task(cfg, args.target, where="--target")
     shots = cfg.tasks.target_shots
     run = expert_name(args.target, shots, cfg.seed)
     interp = cfg.run_dir / "interpolated" / run
     meta = read_json(interp / "meta.json", "interpolated expert", f"run `python interpolate.py --target {args.target}`")
-    test = data.examples(args.target, "test", cfg.world)
+    test = data.split(cfg, args.target, "test")
     t0 = time.time()
 
     base, processor = load_backbone(cfg)

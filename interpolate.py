@@ -26,7 +26,7 @@ def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
     ap.add_argument("--target", required=True, help="target task (its low-shot expert must exist)")
     args, cfg = parse_stage(ap)
-    data.get_task(args.target, where="--target")
+    data.task(cfg, args.target, where="--target")
     ic, shots = cfg.interpolate, cfg.tasks.target_shots
     run = expert_name(args.target, shots, cfg.seed)
     sim = read_json(cfg.run_dir / "similarity" / f"{run}.json", "similarity matrix",
@@ -52,7 +52,7 @@ def main() -> None:
     def loss_fn(batch):
         return merge(logits, **enc.batch(batch)).loss
 
-    train = data.low_shot(data.examples(args.target, "train", cfg.world), shots, cfg.seed)
+    train = data.train_split(cfg, args.target, shots, cfg.seed)
     groups = [{"params": [logits], "lr": ic.logits_lr}]
     if ic.train_experts:
         groups.append({"params": list(merge.stack.parameters()), "lr": ic.lr})

@@ -13,7 +13,7 @@ endif
 
 # each stage also depends on its config sections: stamps that change only when their content does
 CFG      := $(RUN)/.config
-NAME     := $(TARGET)-$(SHOTS)shot-s$(SEED)
+NAME     := $(TARGET)-$(if $(filter 0,$(SHOTS)),full,$(SHOTS)shot)-s$(SEED)
 BACKBONE := $(RUN)/backbone/meta.json
 POOL_EXP := $(foreach t,$(filter-out $(TARGET),$(POOL)),$(RUN)/experts/$(t)/meta.json)
 TGT_EXP  := $(RUN)/experts/$(NAME)/meta.json

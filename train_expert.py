@@ -2,7 +2,9 @@
 
     python train_expert.py --task nli                      # a pool expert, on the task's full train split
     python train_expert.py --task snli-ve --shots 64       # the target's low-shot expert (seeded sample)
+    python train_expert.py --task snli-ve --shots 0        # the target's expert on its whole train split
     python train_expert.py --pretrain                      # build + pre-train the embedded backbone first
+                                                           # (a real backbone: check it loads, record it)
 
 Writes runs/<profile>/experts/<name>/ (peft adapter dir + meta.json), or runs/<profile>/backbone/.
 """
@@ -27,8 +29,7 @@ def pretrain(cfg) -> None:
     """Build the tiny Florence-2 and pre-train it on captioning + description infilling (not the downstream tasks)."""
     out = backbone_dir(cfg)
     if cfg.backbone.source != "embedded":
-        raise UserError(f"{cfg.path}: backbone.source is '{cfg.backbone.source}'; --pretrain builds only the "
-                        f"embedded backbone (backbone.source: embedded)")
+        return record_backbone(cfg)
     torch.manual_seed(cfg.seed)
     w, pc = cfg.world, cfg.pretrain
     # the vocabulary is every word any task of the world can use
@@ -81,6 +82,21 @@ def pretrain(cfg) -> None:
           f"{time.time() - t0:.0f}s")
 
 
+def record_backbone(cfg) -> None:
+    """A real backbone is not built here: check that it loads (offline: one line saying how to get it) and
+    record what it is in runs/<profile>/backbone/meta.json, the file the Makefile's later stages depend on."""
+    t0 = time.time()
+    model, processor = load_backbone(cfg)
+    out = cfg.run_dir / "backbone"
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "meta.json", {
+            "kind": model.config.model_type, "source": cfg.backbone.source,
+            "fingerprint": fingerprint(backbone_dir(cfg)), "params": sum(p.numel() for p in model.parameters()),
+            "config": cfg.to_dict()})
+    print(f"backbone: {cfg.backbone.source} ({model.config.model_type}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params) loads | {time.time() - t0:.0f}s -> {out}")
+
+
 @torch.no_grad()
 def attribute_probe(model, enc, exs) -> dict[str, float]:
     """Teacher-forced accuracy on the caption words of each attribute: does the backbone see it?"""
@@ -95,17 +111,16 @@ def attribute_probe(model, enc, exs) -> dict[str, float]:
     return acc
 
 
-def train_expert(cfg, task_name: str, shots: int) -> None:
-    task = data.get_task(task_name, where="--task")
+def train_expert(cfg, task_name: str, shots: int | None) -> None:
+    task = data.task(cfg, task_name, where="--task")
     name = expert_name(task_name, shots, cfg.seed)
-    # pool experts are trained once per profile; the seed varies only the target's low-shot side
-    seed = cfg.seed if shots else 0
+    # pool experts are trained once per profile; the seed varies only the target's side
+    seed = cfg.seed if shots is not None else 0
     torch.manual_seed(seed)
     model, processor = load_backbone(cfg)
     enc = data.Encoder(processor)
-    train = data.examples(task_name, "train", cfg.world)
-    train = data.low_shot(train, shots, seed)
-    val = data.examples(task_name, "val", cfg.world, cfg.expert.eval_size)
+    train = data.train_split(cfg, task_name, shots or 0, seed)
+    val = data.split(cfg, task_name, "val", cfg.expert.eval_size)
 
     ec = cfg.expert
     model = attach(model, ec)
@@ -133,8 +148,10 @@ def train_expert(cfg, task_name: str, shots: int) -> None:
 def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
     ap.add_argument("--task", help="task to train an expert for (see common/data.py TASKS)")
-    ap.add_argument("--shots", type=int, default=0, help="train on a seeded k-shot sample (0 = full train split)")
-    ap.add_argument("--pretrain", action="store_true", help="build and pre-train the embedded backbone")
+    ap.add_argument("--shots", type=int, help="train the target's expert on a seeded k-shot sample (0 = its whole "
+                    "train split); without it, the task's pool expert")
+    ap.add_argument("--pretrain", action="store_true", help="build and pre-train the embedded backbone (a real "
+                    "backbone.source: check that it loads and record it)")
     args, cfg = parse_stage(ap)
     if args.pretrain:
         pretrain(cfg)

@@ -24,10 +24,19 @@ def backbone_dir(cfg) -> Path:
 
 
 def fingerprint(path: Path) -> str:
-    """A short hash of the backbone's weights file, so experts can tell which backbone they belong to."""
-    files = sorted(Path(path).glob("*.safetensors"))
+    """A short hash of the backbone's weights, so experts can tell which backbone they belong to.
+
+    A hub id is hashed through its cached snapshot (the files it loaded from), else by name."""
+    path = Path(path)
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(str(path), local_files_only=True))
+        except Exception:  # not cached: the id itself is all there is
+            return hashlib.sha256(str(path).encode()).hexdigest()[:16]
     h = hashlib.sha256()
-    for f in files:
+    for f in sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")):
         h.update(f.name.encode())
         h.update(str(f.stat().st_size).encode())
         with open(f, "rb") as fh:  # the header and the first MiB are enough to tell checkpoints apart
@@ -92,24 +101,61 @@ def build_model(bcfg: BackboneConfig, vocab_size: int, image_size: int):
 
 
 def load_backbone(cfg):
-    """Load (model, processor) exactly as a real checkpoint would be, frozen and in eval mode."""
-    from transformers import AutoProcessor, Florence2ForConditionalGeneration
+    """(model, processor) frozen and in eval mode: a Florence-2 (image+text) or any seq2seq LM (text only: T5, BART).
 
-    path = backbone_dir(cfg)
-    if cfg.backbone.source == "embedded":
-        if not (path / "meta.json").is_file():
-            raise UserError(f"{path}: no backbone; run `python train_expert.py --pretrain --config {cfg.path}` "
-                            f"or `make backbone`")
+    The embedded backbone loads exactly as a real checkpoint would. A text-only model's "processor" is its tokenizer."""
+    from transformers import (AutoConfig, AutoModelForSeq2SeqLM, AutoProcessor, AutoTokenizer,
+                              Florence2ForConditionalGeneration)
+
+    path, source = backbone_dir(cfg), cfg.backbone.source
+    if source == "embedded" and not (path / "meta.json").is_file():
+        raise UserError(f"{path}: no backbone; run `python train_expert.py --pretrain --config {cfg.path}` "
+                        f"or `make backbone`")
+    if source != "embedded" and not path.exists() and not _cached(source) and not _hub_reachable():
+        raise UserError(f"{cfg.path}: backbone.source '{source}' is a hub id, not in the local cache, and the hub is "
+                        f"unreachable; download it where there is network (`hf download {source} --local-dir DIR`) "
+                        f"and set backbone.source=DIR")
     try:
-        model = Florence2ForConditionalGeneration.from_pretrained(str(path))
-        processor = AutoProcessor.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{cfg.path}: backbone.source '{cfg.backbone.source}' could not be loaded "
-                        f"({str(e).splitlines()[0][:160]}); download it where there is network "
-                        f"(`hf download {cfg.backbone.source} --local-dir DIR`) and set backbone.source=DIR")
+        if AutoConfig.from_pretrained(str(path)).model_type == "florence2":
+            model = Florence2ForConditionalGeneration.from_pretrained(str(path))
+            processor = AutoProcessor.from_pretrained(str(path))
+        else:
+            model = AutoModelForSeq2SeqLM.from_pretrained(str(path))
+            processor = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:  # offline, a typo in the id, a directory without a checkpoint
+        where = "a local directory" if Path(source).exists() else "a hub id"
+        raise UserError(f"{cfg.path}: backbone.source '{source}' ({where}) could not be loaded "
+                        f"({str(e).splitlines()[0][:140]}); download it where there is network "
+                        f"(`hf download {source} --local-dir DIR`) and set backbone.source=DIR")
     model.requires_grad_(False)
     model.eval()
     return model, processor
+
+
+def _cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # not a valid repo id
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection to the hub, so an offline machine fails at once instead of after minutes of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 # ---- pre-training of the embedded backbone ----------------------------------------------------

@@ -26,6 +26,16 @@ class WorldConfig:
 
 
 @dataclass
+class DataConfig:
+    source: str = "mini"  # mini: the embedded world | files: the real tasks of common/readers.py under root
+    root: str = "data"  # OFA's *_data/ folders, CoOp folders, `hf download` copies of hub datasets
+    download: bool = False  # fetch hub-hosted tasks (GLUE) into root when their files are missing
+    train_size: int = 0  # read at most this many training rows per task (0 = all)
+    val_size: int = 1000
+    test_size: int = 0  # 0 = the whole test split
+
+
+@dataclass
 class BackboneConfig:
     source: str = "embedded"  # "embedded" = built and pre-trained here; else a hub id or local dir
     d_model: int = 128
@@ -50,7 +60,8 @@ class PretrainConfig:
 @dataclass
 class TasksConfig:
     pool: list = field(default_factory=lambda: ["snli-ve", "nli"])
-    target_shots: int = 64
+    target_shots: int = 64  # the target's training data: a seeded k-shot sample (0 = its whole train split)
+    shots_per_class: bool = False  # CoOp style: k examples of every answer class instead of k in all
 
 
 @dataclass
@@ -102,6 +113,7 @@ class Config:
     seed: int = 0
     threads: int = 0  # 0 = torch default
     world: WorldConfig = field(default_factory=WorldConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
@@ -125,6 +137,7 @@ class Config:
 
 CHOICES = {
     "expert.method": ("lora", "ia3", "prompt", "prefix", "adapter"),
+    "data.source": ("mini", "files"),
     "fisher.estimator": ("per_sample", "batch"),
     "fisher.normalize": ("mean", "none"),
     "interpolate.groups": ("global", "layer", "site", "tensor"),
@@ -231,7 +244,7 @@ def run_stage(main) -> None:
         sys.exit(130)
 
 
-STAMPED_SECTIONS = ("world", "backbone", "pretrain", "expert", "fisher", "interpolate", "evaluate")
+STAMPED_SECTIONS = ("world", "data", "backbone", "pretrain", "expert", "fisher", "interpolate", "evaluate")
 
 
 def write_stamps(cfg: Config) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -156,11 +157,51 @@ def examples(task: str, split: str, world: WorldConfig, n: int | None = None) ->
     return [t.make(rng, world.image_size) for _ in range(n)]
 
 
-def low_shot(exs: list[Example], shots: int, seed: int) -> list[Example]:
-    """A seeded k-shot sample (the target's training data in the low-shot regime)."""
+def low_shot(exs: list[Example], shots: int, seed: int, per_class: bool = False) -> list[Example]:
+    """A seeded k-shot sample (the target's training data in the low-shot regime); per_class: k of every answer."""
+    if per_class:
+        from common.readers import k_shot
+
+        return k_shot(exs, shots, seed, per_class=True)
     if shots <= 0 or shots >= len(exs):
         return list(exs)
     return random.Random(seed).sample(exs, shots)
+
+
+# ---- what the stages call: the mini world or real files, by data.source ----
+
+def task(cfg, name: str, where: str = "tasks.pool"):
+    """A task of the configured data source (a mini-world Task or a readers.RealTask)."""
+    if cfg.data.source == "mini":
+        return get_task(name, where)
+    from common.readers import REAL_TASKS
+
+    if name not in REAL_TASKS:
+        raise UserError(f"unknown task '{name}' in {where} (data.source=files); known: {', '.join(REAL_TASKS)}")
+    return REAL_TASKS[name]
+
+
+def split(cfg, name: str, which: str, n: int | None = None) -> list[Example]:
+    """The first n examples of a task's split (train | val | test), from the world or from data.root."""
+    if cfg.data.source == "mini":
+        return examples(name, which, cfg.world, n)
+    from common.readers import fetch_hub, read_examples
+
+    cap = {"train": cfg.data.train_size, "val": cfg.data.val_size, "test": cfg.data.test_size}[which] or None
+    n = min(x for x in (n, cap) if x is not None) if (n or cap) else None
+    t, root = task(cfg, name), Path(cfg.data.root)
+    try:
+        return read_examples(t, which, root, n)
+    except UserError:
+        if not (cfg.data.download and t.hub):
+            raise
+        fetch_hub(t, which, root)  # then read the downloaded shards (a failed fetch says how to get them by hand)
+        return read_examples(t, which, root, n)
+
+
+def train_split(cfg, name: str, shots: int, seed: int) -> list[Example]:
+    """A task's training examples: the whole split, or the target's seeded k-shot sample."""
+    return low_shot(split(cfg, name, "train"), shots, seed, cfg.tasks.shots_per_class)
 
 
 def candidates_for(task: Task, ex: Example) -> tuple[str, ...]:
@@ -170,9 +211,9 @@ def candidates_for(task: Task, ex: Example) -> tuple[str, ...]:
 class Encoder:
     """Turns examples into model inputs through the backbone's processor (the real path)."""
 
-    def __init__(self, processor, max_len: int = 96):
-        self.processor = processor
-        self.tok = processor.tokenizer
+    def __init__(self, processor, max_len: int = 512):
+        self.processor = processor  # a Florence-2 processor, or a text-only model's tokenizer
+        self.tok = getattr(processor, "tokenizer", processor)
         self.max_len = max_len
 
     def inputs(self, exs: list[Example]) -> dict[str, torch.Tensor]:
@@ -180,11 +221,18 @@ class Encoder:
         if any(with_image) and not all(with_image):
             raise ValueError("a batch mixes image and text-only examples")
         if all(with_image):
+            if self.tok is self.processor:
+                raise UserError("this task has images but backbone.source is a text-only model; use a Florence-2 "
+                                "backbone or text tasks in tasks.pool")
             out = self.processor(text=[e.prompt for e in exs], images=[e.image for e in exs],
                                  return_tensors="pt", padding=True)
-        else:  # text-only: the same <s> prompt </s> layout the processor builds after the image tokens
+        elif self.tok.bos_token is not None:  # the same <s> prompt </s> layout Florence-2 builds after the image
             texts = [f"{self.tok.bos_token}{e.prompt}{self.tok.eos_token}" for e in exs]
-            out = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            out = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False, truncation=True,
+                           max_length=self.max_len)
+        else:  # T5: prompt </s>
+            out = self.tok([e.prompt.strip() for e in exs], return_tensors="pt", padding=True, truncation=True,
+                           max_length=self.max_len)
         return dict(out)
 
     def labels(self, answers: list[str]) -> torch.Tensor:

@@ -16,9 +16,11 @@ from common.config import UserError
 WEIGHTS = "adapter_model.safetensors"
 
 
-def expert_name(task: str, shots: int = 0, seed: int = 0) -> str:
-    """Pool experts are named by task; a target's low-shot expert also by its shots and seed."""
-    return task if not shots else f"{task}-{shots}shot-s{seed}"
+def expert_name(task: str, shots: int | None = None, seed: int = 0) -> str:
+    """Pool experts are named by task; a target's expert by its shots (0 = its whole train split) and seed."""
+    if shots is None:
+        return task
+    return f"{task}-{shots}shot-s{seed}" if shots else f"{task}-full-s{seed}"
 
 
 def expert_dir(cfg, name: str) -> Path:

@@ -45,7 +45,41 @@ def candidate_accuracy(model, enc: Encoder, task: Task, exs: list[Example], batc
 
 
 def candidate_logprobs(model, inputs: dict, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(labels[j] | example index[j]) with the encoder run once per example, not once per candidate.
+    """log p(labels[j] | example index[j]) with the encoder run once per example, not once per candidate."""
+    base, states, mask, decoder_kwargs = _encode(model, inputs)
+    logits = base(encoder_outputs=BaseModelOutput(last_hidden_state=states[index]), attention_mask=mask[index],
+                  labels=labels, **decoder_kwargs(len(index))).logits
+    return sequence_logprob(logits, labels)
+
+
+@torch.no_grad()
+def generate_answers(model, enc: Encoder, exs: list[Example], batch_size: int = 64,
+                     max_new_tokens: int = 32) -> list[str]:
+    """Greedy decoding, the encoder run once per example (open-ended tasks: VQA, captions, boxes)."""
+    out = []
+    for chunk in batches(exs, batch_size):
+        base, states, mask, decoder_kwargs = _encode(model, enc.inputs(chunk))
+        c = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        ids = torch.full((len(chunk), 1), c.decoder_start_token_id)
+        done = torch.zeros(len(chunk), dtype=torch.bool)
+        for _ in range(max_new_tokens):  # no KV cache: answers are short and this keeps every expert type simple
+            logits = base(encoder_outputs=BaseModelOutput(last_hidden_state=states), attention_mask=mask,
+                          decoder_input_ids=ids, **decoder_kwargs(len(chunk))).logits[:, -1]
+            nxt = logits.argmax(-1).masked_fill(done, enc.tok.pad_token_id)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            done |= nxt == enc.tok.eos_token_id
+            if done.all():
+                break
+        # keep added special tokens such as <loc_123>; drop only the sequence markers
+        markers = {t for t in (enc.tok.pad_token, enc.tok.eos_token, enc.tok.bos_token) if t}
+        for row in ids[:, 1:].tolist():
+            toks = [t for t in enc.tok.convert_ids_to_tokens(row) if t not in markers]
+            out.append(enc.tok.convert_tokens_to_string(toks).strip())
+    return out
+
+
+def _encode(model, inputs: dict):
+    """(backbone, encoder states, attention mask, decoder kwargs for n rows) for any expert type.
 
     The decoder is called on the backbone itself (LoRA / IA3 / adapters live inside it); a prompt expert's
     soft tokens are prepended to the encoder input and a prefix expert's keys/values passed as the cache,
@@ -54,20 +88,20 @@ def candidate_logprobs(model, inputs: dict, index: torch.Tensor, labels: torch.T
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     enc_in = _encoder_inputs(model, inputs)
-    extra = {}
     peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is not None and peft_config.peft_type == PeftType.PROMPT_TUNING:
+    kind = peft_config.peft_type if peft_config is not None else None
+    if kind == PeftType.PROMPT_TUNING:
         n, v = enc_in["inputs_embeds"].shape[0], peft_config.num_virtual_tokens
         prompts = model.get_prompt(batch_size=n)[:, :v].to(enc_in["inputs_embeds"].dtype)
         mask = enc_in["attention_mask"]
         enc_in = {"inputs_embeds": torch.cat([prompts, enc_in["inputs_embeds"]], 1),
                   "attention_mask": torch.cat([mask.new_ones(n, v), mask], 1)}
-    elif peft_config is not None and peft_config.peft_type == PeftType.PREFIX_TUNING:
-        extra["past_key_values"] = model.get_prompt(batch_size=len(index))
-    enc_out = base.get_encoder()(**enc_in)
-    logits = base(encoder_outputs=BaseModelOutput(last_hidden_state=enc_out[0][index]),
-                  attention_mask=enc_in["attention_mask"][index], labels=labels, **extra).logits
-    return sequence_logprob(logits, labels)
+    states = base.get_encoder()(**enc_in)[0]
+
+    def decoder_kwargs(n: int) -> dict:  # a fresh cache per call: the decoder appends to it
+        return {"past_key_values": model.get_prompt(batch_size=n)} if kind == PeftType.PREFIX_TUNING else {}
+
+    return base, states, enc_in["attention_mask"], decoder_kwargs
 
 
 def _encoder_inputs(model, inputs: dict) -> dict:
@@ -94,11 +128,22 @@ def token_accuracy(model, enc: Encoder, exs: list[Example], batch_size: int = 64
     return right / max(total, 1)
 
 
-def task_metric(model, enc: Encoder, task: Task, exs: list[Example], batch_size: int = 64) -> tuple[str, float]:
-    """The task's headline metric: candidate accuracy where answers are closed, else token accuracy."""
-    if task.candidates is not None or exs[0].candidates is not None:
-        return "accuracy", candidate_accuracy(model, enc, task, exs, batch_size)
-    return "token_accuracy", token_accuracy(model, enc, exs, batch_size)
+def task_metric(model, enc: Encoder, task, exs: list[Example], batch_size: int = 64) -> tuple[str, float]:
+    """The task's headline metric: candidate accuracy where answers are closed, token accuracy for the mini
+    world's open answers, or the real task's own metric (VQA accuracy, Acc@IoU>=0.5, CIDEr-D) on greedy answers."""
+    closed = task.candidates is not None or exs[0].candidates is not None
+    metric = getattr(task, "metric", None) or ("accuracy" if closed else "token_accuracy")
+    if metric == "accuracy":
+        return metric, candidate_accuracy(model, enc, task, exs, batch_size)
+    if metric == "token_accuracy":
+        return metric, token_accuracy(model, enc, exs, batch_size)
+    preds = generate_answers(model, enc, exs, batch_size)
+    refs = [e.refs or (e.answer,) for e in exs]
+    if metric == "vqa_accuracy":
+        return metric, sum(vqa_accuracy(p, r) for p, r in zip(preds, refs)) / len(exs)
+    if metric == "acc_iou":
+        return metric, acc_at_iou(preds, [e.answer for e in exs])
+    return metric, cider(preds, refs)
 
 
 # ---- Real-data metrics: pure functions on strings, no model (VQA accuracy, Acc@IoU, BLEU-4, CIDEr-D) ----

@@ -390,8 +390,8 @@ def _is_split_file(rel: str, hub: Hub, split: str) -> bool:
     return rel.endswith(".parquet") and re.search(rf"(^|/){re.escape(hub.splits[split])}[-/.]", rel) is not None
 
 
-def fetch_hub(task: RealTask, split: str, cache_dir: Path) -> list[Path]:
-    """Download a split's parquet shards from the task's hub dataset; local paths, in shard order."""
+def fetch_hub(task: RealTask, split: str, root: Path) -> list[Path]:
+    """Download a split's parquet shards from the task's hub dataset into root (where read_examples finds them)."""
     if task.hub is None:
         raise UserError(f"{task.name} has no hub dataset; {task.get}")
     hub = task.hub
@@ -409,7 +409,7 @@ def fetch_hub(task: RealTask, split: str, cache_dir: Path) -> list[Path]:
                        if f.startswith(prefix) and _is_split_file(f[len(prefix):], hub, split))
         if not files:
             raise UserError(f"{hub.repo}: no parquet files for split '{hub.splits[split]}' under '{prefix}'")
-        return [Path(hf_hub_download(hub.repo, f, repo_type="dataset", cache_dir=str(cache_dir))) for f in files]
+        return [Path(hf_hub_download(hub.repo, f, repo_type="dataset", local_dir=str(root))) for f in files]
     except UserError:
         raise
     except Exception as e:  # offline, DNS, HTTP, auth: all mean "get it some other way"

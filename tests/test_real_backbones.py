@@ -1,0 +1,115 @@
+"""Real backbones and real data with only a config change: the paper profile offline, the four stages on
+files in OFA's TSV and the hub's parquet formats, and a text-only T5 backbone."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO, make, run
+from test_readers import b64, write_tsv
+
+
+def offline(*args: str):
+    """A stage run with the hub switched off (tests never touch the network)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable if a == "python" else a for a in args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+
+
+def test_paper_profile_offline_says_which_model_is_missing_and_how_to_supply_it(tmp_path):
+    p = offline("python", "train_expert.py", "--pretrain", "--config", "configs/florence2-base.yaml",
+                f"runs_dir={tmp_path}")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    (line,) = p.stderr.strip().splitlines()
+    assert "florence-community/Florence-2-base" in line and "hf download" in line and "backbone.source=DIR" in line
+
+
+def test_paper_profile_with_a_local_backbone_names_the_missing_data(micro, tmp_path):
+    backbone = f"backbone.source={micro[1] / 'backbone'}"
+    common = ["--config", "configs/florence2-base.yaml", f"runs_dir={tmp_path}", backbone, f"data.root={tmp_path}/data"]
+    p = offline("python", "train_expert.py", "--task", "snli-ve", *common)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    (line,) = p.stderr.strip().splitlines()
+    assert "snli_ve_data/snli_ve_train.tsv" in line and "snli_ve_data.zip" in line
+    p = offline("python", "train_expert.py", "--task", "rte", *common)  # data.download: the hub is off
+    (line,) = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and "nyu-mll/glue" in line and "data.root=DIR" in line
+
+
+def write_real_data(root):
+    """SNLI-VE as OFA's TSVs (base64 images) and RTE as the hub's parquet shards (`hf download nyu-mll/glue`)."""
+    labels = ["entailment", "contradiction", "neutral"]
+    for split, n in (("train", 12), ("dev", 6), ("test", 9)):
+        rows = [(str(i), str(i), b64(40, 30, (30 * i % 255, 90, 200)), f"a red circle {i}", "premise", labels[i % 3])
+                for i in range(n)]
+        write_tsv(root / f"snli_ve_data/snli_ve_{split}.tsv", rows)
+    for split, n in (("train", 12), ("validation", 6)):
+        (root / "rte").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"sentence1": [f"a blue square {i}" for i in range(n)],
+                                 "sentence2": ["a square"] * n, "label": [i % 2 for i in range(n)],
+                                 "idx": list(range(n))}), root / f"rte/{split}-00000-of-00001.parquet")
+
+
+def test_the_four_stages_run_on_real_file_formats(micro, tmp_path):
+    """The micro backbone on SNLI-VE (TSV) with RTE (parquet) in the pool: only data.* changes."""
+    write_real_data(tmp_path / "data")
+    runs = tmp_path / "runs"
+    shutil.copytree(micro[1] / "backbone", runs / "micro/backbone")
+    make("all", runs_dir=runs, extra=f"data.source=files data.root={tmp_path}/data tasks.pool=[snli-ve,rte] "
+                                     "tasks.target_shots=4 interpolate.top_k=1")
+    result = json.loads((runs / "micro/results/snli-ve-4shot-s0.json").read_text())
+    assert result["test_size"] == 9 and result["experts"] == ["snli-ve-4shot-s0", "rte"]
+    meta = json.loads((runs / "micro/experts/rte/meta.json").read_text())
+    assert meta["train_size"] == 12 and meta["val_size"] == 6
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    """A tiny random T5 with a word-level tokenizer over the mini world's words, saved like a hub checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    from common import data
+    from common.backbone import build_vocab
+    from common.config import WorldConfig
+
+    texts = [t for name in ("nli", "paraphrase", "arith") for e in data.examples(name, "train", WorldConfig(), 200)
+             for t in (e.prompt, e.answer, *data.TASKS[name].candidates)]
+    vocab = build_vocab(texts)
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    model = T5ForConditionalGeneration(T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                                num_decoder_layers=1, num_heads=4, pad_token_id=0, eos_token_id=2,
+                                                decoder_start_token_id=0))
+    out = tmp_path_factory.mktemp("t5")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_a_text_only_t5_backbone_runs_the_four_stages(t5_dir, tmp_path, method):
+    extra = (f"backbone.source={t5_dir} tasks.pool=[nli,paraphrase,arith] expert.method={method}")
+    p = run("make", "all", "TARGET=nli", "PROFILE=micro", f"PY={sys.executable}", "STAMP=",
+            f"OVERRIDES=runs_dir={tmp_path} {extra}")
+    assert "t5" in json.loads((tmp_path / "micro/backbone/meta.json").read_text())["kind"]
+    result = json.loads((tmp_path / "micro/results/nli-8shot-s0.json").read_text())
+    assert set(result["accuracy"]) == {"zero-shot", "target-only", "uniform-merge", "pi-tuning"}, p.stdout
+
+
+def test_an_image_task_on_a_text_only_backbone_is_one_line(t5_dir, tmp_path):
+    p = run("python", "train_expert.py", "--pretrain", "--config", "configs/micro.yaml", f"runs_dir={tmp_path}",
+            f"backbone.source={t5_dir}")
+    p = run("python", "train_expert.py", "--task", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={tmp_path}",
+            f"backbone.source={t5_dir}", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "text-only model" in p.stderr.strip().splitlines()[-1]
