@@ -18,22 +18,15 @@ from common import data
 from common.artifacts import read_json, write_json, write_text
 from common.backbone import load_backbone
 from common.config import parse_stage, run_stage, stage_parser
-from common.experts import MergedExpert, expert_dir, expert_name, load_expert, load_pool
+from common.experts import MergedExpert, expert_dir, expert_name, load_expert, load_pool, unload_expert
 from common.metrics import task_metric
 
 METHODS = ("zero-shot", "target-only", "uniform-merge", "pi-tuning")
 
 
-def load_adapter(cfg, path):
-    """The backbone with a saved expert, loaded the way any peft (or adapter) user would load it."""
-    model, _ = load_backbone(cfg)
-    return load_expert(model, path)
-
-
-def uniform_merge(cfg, experts: list[str]):
+def uniform_merge(cfg, base, experts: list[str]):
     """The same experts merged with equal weights and no training (LoRA: the exact merge at rank k*r)."""
-    model, _ = load_backbone(cfg)
-    merge = MergedExpert(model, cfg.expert, load_pool(cfg, experts), "global", trainable=False)
+    merge = MergedExpert(base, cfg.expert, load_pool(cfg, experts), "global", trainable=False)
     return merge.export(torch.zeros(1, len(experts))).eval()
 
 
@@ -67,14 +60,17 @@ def main() -> None:
     test = data.split(cfg, args.target, "test")
     t0 = time.time()
 
-    base, processor = load_backbone(cfg)
+    base, processor = load_backbone(cfg)  # loaded once; each method's expert goes in and comes out again
     enc = data.Encoder(processor)
-    models = {"zero-shot": lambda: base, "target-only": lambda: load_adapter(cfg, expert_dir(cfg, run)),
-              "uniform-merge": lambda: uniform_merge(cfg, meta["experts"]),
-              "pi-tuning": lambda: load_adapter(cfg, interp)}
+    models = {"zero-shot": lambda: base, "target-only": lambda: load_expert(base, expert_dir(cfg, run)),
+              "uniform-merge": lambda: uniform_merge(cfg, base, meta["experts"]),
+              "pi-tuning": lambda: load_expert(base, interp)}
     acc = {}
     for m in METHODS:
-        metric, acc[m] = task_metric(models[m](), enc, task, test, cfg.evaluate.batch_size)
+        model = models[m]()
+        metric, acc[m] = task_metric(model, enc, task, test, cfg.evaluate.batch_size)
+        if model is not base:
+            base = unload_expert(model)
 
     result = {"target": args.target, "run": run, "shots": shots, "seed": cfg.seed, "metric": metric,
               "test_size": len(test), "experts": meta["experts"], "accuracy": acc,

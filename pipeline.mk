@@ -36,10 +36,10 @@ clean:
 $(BACKBONE): $(CFG)/world.json $(CFG)/backbone.json $(CFG)/pretrain.json
 	$(PY) train_expert.py --pretrain $(ARGS)
 
-$(TGT_EXP): $(BACKBONE) $(CFG)/expert.json
+$(TGT_EXP): $(BACKBONE) $(CFG)/expert.json $(CFG)/data.json
 	$(PY) train_expert.py --task $(TARGET) --shots $(SHOTS) $(ARGS)
 
-$(RUN)/experts/%/meta.json: $(BACKBONE) $(CFG)/expert.json
+$(RUN)/experts/%/meta.json: $(BACKBONE) $(CFG)/expert.json $(CFG)/data.json
 	$(PY) train_expert.py --task $* $(ARGS)
 
 $(SIM): $(POOL_EXP) $(TGT_EXP) $(CFG)/fisher.json
@@ -48,5 +48,5 @@ $(SIM): $(POOL_EXP) $(TGT_EXP) $(CFG)/fisher.json
 $(INTERP): $(SIM) $(CFG)/interpolate.json
 	$(PY) interpolate.py --target $(TARGET) $(ARGS)
 
-$(RESULT): $(INTERP) $(TGT_EXP) $(CFG)/evaluate.json
+$(RESULT): $(INTERP) $(TGT_EXP) $(CFG)/evaluate.json $(CFG)/data.json
 	$(PY) evaluate.py --target $(TARGET) $(ARGS)

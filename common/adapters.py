@@ -53,6 +53,16 @@ class AdapterModel(torch.nn.Module):
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)
 
+    def unload(self):
+        """The backbone as it was: adapters and their hooks removed."""
+        for m in self.base_model.modules():
+            if "adapter" in m._modules:
+                del m._modules["adapter"]
+                for key, hook in list(m._forward_hooks.items()):
+                    if hook is _apply_adapter:
+                        del m._forward_hooks[key]
+        return self.base_model
+
     def get_base_model(self):
         return self.base_model
 

@@ -134,6 +134,13 @@ def load_expert(model, path: Path):
     return PeftModel.from_pretrained(model, str(path)).eval()
 
 
+def unload_expert(model):
+    """The backbone without the expert, restored in place (so one loaded backbone serves many experts)."""
+    if is_prompt_learning(model):  # soft tokens never touched the backbone
+        return model.get_base_model()
+    return model.unload()
+
+
 def param_name(key: str, adapter: str = "default") -> str:
     """Saved key -> the live parameter name (peft inserts the adapter name; adapters keep theirs)."""
     if key == "prompt_embeddings":  # prompt / prefix: the prompt encoder's embedding table

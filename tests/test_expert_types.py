@@ -98,3 +98,26 @@ def test_a_pool_expert_of_another_method_is_refused_in_one_line(runs):
             "expert.method=adapter", check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "trained with expert.method=ia3, config has adapter" in p.stderr
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_loaded_backbone_serves_expert_after_expert(runs, method):
+    """evaluate.py loads the backbone once: an expert unloaded leaves the backbone exactly as it was."""
+    from common import data
+    from common.backbone import load_backbone
+    from common.experts import expert_dir, load_expert, unload_expert
+
+    cfg = config(runs[method][0], method)
+    base, processor = load_backbone(cfg)
+    batch = data.Encoder(processor).batch(data.examples("snli-ve", "test", cfg.world, 4))
+    with torch.no_grad():
+        plain = base(**batch).logits
+        first = load_expert(base, expert_dir(cfg, NAME))
+        with_expert = first(**batch).logits
+        base = unload_expert(first)
+        assert torch.equal(base(**batch).logits, plain)
+        again = load_expert(base, expert_dir(cfg, "nli"))
+        other = again(**batch).logits
+        fresh = load_expert(load_backbone(cfg)[0], expert_dir(cfg, "nli"))(**batch).logits
+    assert not torch.allclose(with_expert, plain, atol=1e-4)
+    assert torch.allclose(other, fresh, atol=1e-6)
