@@ -30,6 +30,9 @@ class DataConfig:
     source: str = "mini"  # mini: the embedded world | files: the real tasks of common/readers.py under root
     root: str = "data"  # OFA's *_data/ folders, CoOp folders, `hf download` copies of hub datasets
     download: bool = False  # fetch hub-hosted tasks (GLUE) into root when their files are missing
+    # per task, split -> file under root instead of the catalogue's default, e.g.
+    # {snli-ve: {train: snli_ve/snli_ve_train.jsonl}} (SNLI-VE's own annotations + root/flickr30k-images/)
+    files: dict = field(default_factory=dict)
     train_size: int = 0  # read at most this many training rows per task (0 = all)
     val_size: int = 1000
     test_size: int = 0  # 0 = the whole test split
@@ -179,6 +182,8 @@ def _check_type(value, default, name, path):
         value = float(value) if ok else value
     elif isinstance(default, list):
         ok = isinstance(value, list)
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict)
     else:
         ok = isinstance(value, str)
     if not ok:

@@ -174,11 +174,16 @@ def task(cfg, name: str, where: str = "tasks.pool"):
     """A task of the configured data source (a mini-world Task or a readers.RealTask)."""
     if cfg.data.source == "mini":
         return get_task(name, where)
+    import dataclasses
+
     from common.readers import REAL_TASKS
 
     if name not in REAL_TASKS:
         raise UserError(f"unknown task '{name}' in {where} (data.source=files); known: {', '.join(REAL_TASKS)}")
-    return REAL_TASKS[name]
+    files = cfg.data.files.get(name, {})
+    if not isinstance(files, dict) or set(files) - {"train", "val", "test"}:
+        raise UserError(f"{cfg.path}: data.files.{name} must map train/val/test to files under data.root")
+    return dataclasses.replace(REAL_TASKS[name], files={**REAL_TASKS[name].files, **files})
 
 
 def split(cfg, name: str, which: str, n: int | None = None) -> list[Example]:

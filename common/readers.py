@@ -134,6 +134,7 @@ REAL_TASKS: dict[str, RealTask] = {t.name: t for t in [
     RealTask("snli-ve", "vision-language", kind="snli-ve", metric="accuracy", candidates=YNM,
              columns=("id", "", "image", "hypothesis", "caption", "label"),
              labels={"entailment": "yes", "contradiction": "no", "neutral": "maybe"},
+             image_dir="flickr30k-images",  # only for SNLI-VE's own .jsonl annotations (data.files)
              **_ofa("snli_ve", {"train": "snli_ve_train.tsv", "val": "snli_ve_dev.tsv", "test": "snli_ve_test.tsv"})),
     # OFA vqa_gen_dataset.py + run_scripts/vqa (--selected-cols 0,5,2,3,4); test-dev answers are hidden, so
     # OFA's 10k val split is the test split here
@@ -291,6 +292,24 @@ def _read_tsv(task: RealTask, path: Path, n: int | None) -> list[Example]:
     return [_guarded(task, path, lineno, f, task.labels, names) for lineno, f in rows]
 
 
+def _read_snli_ve_jsonl(task: RealTask, path: Path, root: Path, n: int | None) -> list[Example]:
+    """SNLI-VE's own annotations (snli_ve_<split>.jsonl: Flikr30kID, sentence2, gold_label) + a Flickr30k image dir."""
+    images, out = root / (task.image_dir or "flickr30k-images"), []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(itertools.islice(fh, n), 1):
+            try:
+                row = json.loads(line)
+                image = images / row["Flikr30kID"]  # sic: the dataset's own spelling
+                f = {"hypothesis": row["sentence2"], "label": row["gold_label"]}
+            except (ValueError, KeyError) as e:
+                raise UserError(f"{path}:{lineno}: not an SNLI-VE annotation line ({type(e).__name__}: {e})") from None
+            if not image.is_file():
+                raise UserError(f"{image}: missing Flickr30k image for {path.name}:{lineno}; put flickr30k-images/ "
+                                f"under data.root (or set the task's image folder)")
+            out.append(_guarded(task, path, lineno, {**f, "image": image.read_bytes()}, task.labels, None))
+    return out
+
+
 def _read_coop(task: RealTask, path: Path, split: str, root: Path, n: int | None) -> list[Example]:
     """CoOp's split_zhou_*.json: {split: [[image path, label, class name], ...]}, images under task.image_dir."""
     try:
@@ -378,9 +397,11 @@ def read_examples(task: RealTask, split: str, root: Path, n: int | None = None) 
         return _read_tsv(task, paths[0], n)
     if suffix == ".json":
         return _read_coop(task, paths[0], split, Path(root), n)
+    if suffix == ".jsonl" and task.kind == "snli-ve":
+        return _read_snli_ve_jsonl(task, paths[0], Path(root), n)
     if suffix == ".parquet":
         return _read_parquet(task, paths, n)
-    raise UserError(f"{paths[0]}: unknown data format '{suffix}' (expected .tsv, .json or .parquet)")
+    raise UserError(f"{paths[0]}: unknown data format '{suffix}' (expected .tsv, .json, .parquet; .jsonl for snli-ve)")
 
 
 # ---- the hub ----

@@ -21,7 +21,7 @@ def fisher_diagonal(model, enc: Encoder, exs: list[Example], estimator: str = "p
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     step = 1 if estimator == "per_sample" else batch_size
-    for chunk in tqdm(list(batches(exs, step)), desc=desc, leave=False, dynamic_ncols=True):
+    for chunk in tqdm(list(batches(exs, step)), desc=desc, leave=False, dynamic_ncols=True, disable=None):
         logp = answer_logprobs(model, enc, chunk, [e.answer for e in chunk]).sum()
         grads = torch.autograd.grad(logp, list(params.values()))
         for (n, _), g in zip(params.items(), grads):

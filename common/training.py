@@ -21,7 +21,7 @@ def train_steps(loss_fn, param_groups: list[dict], batches, steps: int, grad_cli
     params = [p for g in param_groups for p in g["params"]]
     opt = torch.optim.AdamW(param_groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
-    tail, bar = [], tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
+    tail, bar = [], tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, disable=None)
     for step in bar:
         loss = loss_fn(next(batches))
         opt.zero_grad(set_to_none=True)

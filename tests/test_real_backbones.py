@@ -113,3 +113,26 @@ def test_an_image_task_on_a_text_only_backbone_is_one_line(t5_dir, tmp_path):
             f"backbone.source={t5_dir}", check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "text-only model" in p.stderr.strip().splitlines()[-1]
+
+
+def test_snli_ve_from_its_own_annotations_and_a_flickr30k_dir(tmp_path):
+    """data.files points a task at other files: SNLI-VE's jsonl annotations + flickr30k-images/ under data.root."""
+    from test_readers import png
+
+    from common import data
+    from common.config import UserError, load_config
+
+    (tmp_path / "flickr30k-images").mkdir()
+    (tmp_path / "flickr30k-images/1000092795.jpg").write_bytes(png(20, 10, (0, 200, 0)))
+    rows = [{"Flikr30kID": "1000092795.jpg", "sentence1": "two men", "sentence2": "Two Men are outside.",
+             "gold_label": "entailment"},
+            {"Flikr30kID": "404.jpg", "sentence1": "x", "sentence2": "y", "gold_label": "neutral"}]
+    (tmp_path / "snli_ve").mkdir()
+    (tmp_path / "snli_ve/snli_ve_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(str(REPO / "configs/florence2-base.yaml"),
+                      [f"data.root={tmp_path}", "data.files={snli-ve: {train: snli_ve/snli_ve_train.jsonl}}"])
+    (ex,) = data.split(cfg, "snli-ve", "train", 1)
+    assert ex.prompt == ' does the image describe " two men are outside. "?' and ex.answer == "yes"
+    assert ex.image.shape == (10, 20, 3) and tuple(ex.image[0, 0]) == (0, 200, 0)
+    with pytest.raises(UserError, match="404.jpg: missing Flickr30k image for snli_ve_train.jsonl:2"):
+        data.split(cfg, "snli-ve", "train")
