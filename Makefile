@@ -5,18 +5,24 @@ TARGET    ?= snli-ve
 SEED      ?= 0
 SEEDS     ?= 0 1 2
 OVERRIDES ?=
+REPORT_SHOTS   ?= 16 32 64
+REPORT_SEEDS   ?= 0 1 2 3 4
+TRANSFER_SHOTS ?= 32 64
+JOBS           ?= 2
 CONFIG    := configs/$(PROFILE).yaml
 VENV      := .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 PIPELINE   = $(MAKE) --no-print-directory -f pipeline.mk PY=$(PY) CONFIG=$(CONFIG) TARGET=$(TARGET)
 
-.PHONY: help all backbone experts embed interpolate evaluate seeds test bench clean
+.PHONY: help all backbone experts embed interpolate evaluate seeds report test bench clean
 
 help:
 	@echo "make all TARGET=snli-ve [PROFILE=mini SEED=0]     the whole pipeline; prints the results table"
 	@echo "make backbone | experts | embed | interpolate | evaluate   one stage (and what it needs)"
 	@echo "make seeds TARGET=snli-ve SEEDS='0 1 2'            the target side over several seeds (mean ± std)"
+	@echo "make report TARGET=snli-ve                        every baseline over REPORT_SHOTS x REPORT_SEEDS,"
+	@echo "                                                   the transfer matrix, runs/<profile>/report.md + plots"
 	@echo "make test | bench | clean                          OVERRIDES='key=value ...' reach every stage"
 
 # the virtual environment, created on first use
@@ -35,6 +41,14 @@ backbone experts embed interpolate evaluate: $(STAMP)
 seeds: $(STAMP)
 	@for s in $(SEEDS); do $(PIPELINE) SEED=$$s OVERRIDES="$(OVERRIDES)" evaluate || exit 1; done
 	@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" show
+
+# the study: JOBS stages at a time (one torch thread each), then the report from every result so far
+report: $(STAMP)
+	@for shots in $(REPORT_SHOTS); do for seed in $(REPORT_SEEDS); do \
+	  case " $(TRANSFER_SHOTS) " in *" $$shots "*) row=1;; *) row=0;; esac; \
+	  $(PIPELINE) -j$(JOBS) SEED=$$seed STUDY=1 TRANSFER_ROW=$$row \
+	    OVERRIDES="tasks.target_shots=$$shots threads=1 $(OVERRIDES)" evaluate || exit 1; done; done
+	$(PY) evaluate.py --report --target $(TARGET) --config $(CONFIG) $(OVERRIDES)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -2,10 +2,12 @@
 
     python evaluate.py --target snli-ve
 
-Methods: the zero-shot backbone, the target-only (low-shot) expert, the uniform merge of the same
-experts π-Tuning used, and π-Tuning. Accuracy by candidate scoring (sum of answer-token log-probs,
-argmax). Writes runs/<profile>/results/<target>-<shots>shot-s<seed>.json, updates <target>.json and
-<target>.md (mean ± std over all seeds evaluated so far) and prints that table.
+Methods: the zero-shot backbone, the target-only expert, the uniform merge of the experts π-Tuning
+used, peft's linear and TIES merges of them (LoRA), and π-Tuning; plus every baseline run that exists
+for this target/shots/seed (train_expert.py --variant 2x | full-ft, interpolate.py --variant random |
+oracle | frozen | pair-<expert>). Writes runs/<profile>/results/<target>-<shots>shot-s<seed>.json (with
+the transfer of each pair-<expert> run over target-only), updates <target>.json and <target>.md
+(mean ± std over all seeds evaluated so far) and prints that table.
 """
 from __future__ import annotations
 
@@ -21,13 +23,47 @@ from common.config import parse_stage, run_stage, stage_parser
 from common.experts import MergedExpert, expert_dir, expert_name, load_expert, load_pool, unload_expert
 from common.metrics import task_metric
 
-METHODS = ("zero-shot", "target-only", "uniform-merge", "pi-tuning")
+# table order; pair-<expert> runs feed the transfer matrix instead
+ORDER = ("zero-shot", "target-only", "target-only-2x", "full-ft", "uniform-merge", "linear-merge", "ties-merge",
+         "pi-random", "pi-frozen", "pi-tuning", "pi-oracle")
 
 
 def uniform_merge(cfg, base, experts: list[str]):
     """The same experts merged with equal weights and no training (LoRA: the exact merge at rank k*r)."""
     merge = MergedExpert(base, cfg.expert, load_pool(cfg, experts), "global", trainable=False)
     return merge.export(torch.zeros(1, len(experts))).eval()
+
+
+def peft_merge(cfg, base, experts: list[str], how: str):
+    """peft's own add_weighted_adapter over the same experts, equal weights (linear: A and B averaged apart)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, str(expert_dir(cfg, experts[0])), adapter_name="e0")
+    for i, name in enumerate(experts[1:], 1):
+        model.load_adapter(str(expert_dir(cfg, name)), adapter_name=f"e{i}")
+    names = [f"e{i}" for i in range(len(experts))]
+    extra = {"density": 0.5} if how == "ties" else {}
+    model.add_weighted_adapter(names, [1 / len(names)] * len(names), "merged", combination_type=how, **extra)
+    model.set_adapter("merged")
+    return model.eval()
+
+
+def methods(cfg, run: str, meta: dict) -> dict:
+    """name -> what to load, for every method whose artifacts exist for this run."""
+    exp, interp = cfg.run_dir / "experts", cfg.run_dir / "interpolated"
+    out = {"zero-shot": ("base", None), "target-only": ("expert", expert_dir(cfg, run))}
+    for v, name in (("2x", "target-only-2x"), ("full-ft", "full-ft")):
+        if (exp / f"{run}.{v}" / "meta.json").is_file():
+            out[name] = ("full" if v == "full-ft" else "expert", exp / f"{run}.{v}")
+    out["uniform-merge"] = ("uniform", meta["experts"])
+    if cfg.expert.method == "lora":
+        out["linear-merge"], out["ties-merge"] = ("linear", meta["experts"]), ("ties", meta["experts"])
+    out["pi-tuning"] = ("expert", interp / run)
+    for d in sorted(interp.glob(f"{run}.*")):
+        if (d / "meta.json").is_file():
+            v = d.name[len(run) + 1:]
+            out[v if v.startswith("pair-") else f"pi-{v}"] = ("expert", d)
+    return out
 
 
 def table(target: str, metric: str, runs: dict) -> str:
@@ -38,7 +74,8 @@ def table(target: str, metric: str, runs: dict) -> str:
     lines = [f"| {target} (test {metric}) | " + " | ".join(f"{f'{s}-shot' if s else 'full data'} (n={len(rs)} seeds)" for s, rs in
                                                      sorted(by_shots.items())) + " |",
              "|---" * (1 + len(by_shots)) + "|"]
-    for m in METHODS:
+    shown = [m for m in ORDER if any(m in r["accuracy"] for r in runs.values())]
+    for m in shown:
         cells = []
         for _, rs in sorted(by_shots.items()):
             vals = [r["accuracy"][m] for r in rs if m in r["accuracy"]]
@@ -51,31 +88,54 @@ def table(target: str, metric: str, runs: dict) -> str:
 def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
     ap.add_argument("--target", required=True, help="target task")
+    ap.add_argument("--transfer", action="store_true", help="only target-only and the pair-<expert> runs: write "
+                    "results/<run>.transfer.json (the transfer matrix row the oracle baseline ranks by)")
+    ap.add_argument("--report", action="store_true", help="no evaluation: write runs/<profile>/report.md + PNG "
+                    "plots from every result of this target so far (make report)")
     args, cfg = parse_stage(ap)
     task = data.task(cfg, args.target, where="--target")
+    if args.report:
+        from common.report import write_report
+
+        return print(f"report: {write_report(cfg, args.target)}")
     shots = cfg.tasks.target_shots
     run = expert_name(args.target, shots, cfg.seed)
     interp = cfg.run_dir / "interpolated" / run
     meta = read_json(interp / "meta.json", "interpolated expert", f"run `python interpolate.py --target {args.target}`")
     test = data.split(cfg, args.target, "test")
     t0 = time.time()
+    todo = methods(cfg, run, meta)
+    if args.transfer:
+        todo = {m: v for m, v in todo.items() if m == "target-only" or m.startswith("pair-")}
 
     base, processor = load_backbone(cfg)  # loaded once; each method's expert goes in and comes out again
     enc = data.Encoder(processor)
-    models = {"zero-shot": lambda: base, "target-only": lambda: load_expert(base, expert_dir(cfg, run)),
-              "uniform-merge": lambda: uniform_merge(cfg, base, meta["experts"]),
-              "pi-tuning": lambda: load_expert(base, interp)}
-    acc = {}
-    for m in METHODS:
-        model = models[m]()
+    acc, used = {}, {}
+    for m, (kind, what) in todo.items():
+        if kind == "full":  # a fully fine-tuned copy of the backbone
+            model = type(base).from_pretrained(str(what)).eval()
+        elif kind == "expert":
+            model = load_expert(base, what)
+            used[m] = read_json(what / "meta.json", "expert", "retrain it").get("experts")
+        elif kind == "uniform":
+            model = uniform_merge(cfg, base, what)
+        elif kind in ("linear", "ties"):
+            model = peft_merge(cfg, base, what, kind)
+        else:
+            model = base
         metric, acc[m] = task_metric(model, enc, task, test, cfg.evaluate.batch_size)
-        if model is not base:
+        if model is not base and kind != "full":
             base = unload_expert(model)
 
+    transfer = {m[5:]: round(a - acc["target-only"], 4) for m, a in acc.items() if m.startswith("pair-")}
     result = {"target": args.target, "run": run, "shots": shots, "seed": cfg.seed, "metric": metric,
-              "test_size": len(test), "experts": meta["experts"], "accuracy": acc,
-              "seconds": round(time.time() - t0, 1)}
+              "test_size": len(test), "experts": meta["experts"], "accuracy": acc, "transfer": transfer,
+              "experts_by_method": {m: e for m, e in used.items() if e}, "seconds": round(time.time() - t0, 1)}
     res_dir = cfg.run_dir / "results"
+    if args.transfer:
+        write_json(res_dir / f"{run}.transfer.json", result)
+        return print(f"transfer over target-only ({acc['target-only']:.3f}): "
+                     + ", ".join(f"{s} {v:+.3f}" for s, v in sorted(transfer.items(), key=lambda x: -x[1])))
     summary_path = res_dir / f"{args.target}.json"
     summary = read_json(summary_path, "results", "delete it") if summary_path.exists() else {"runs": {}}
     summary["runs"][run] = result

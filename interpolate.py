@@ -11,6 +11,7 @@ configured method (peft dir, or adapter dir), weights.json (final weights per gr
 """
 from __future__ import annotations
 
+import random
 import time
 
 import torch
@@ -22,9 +23,35 @@ from common.experts import MergedExpert, expert_name, load_pool
 from common.training import train_steps
 
 
+def variant(cfg, name: str, run: str, sim: dict, chosen: list[str]) -> tuple[list[str], str, bool]:
+    """The pool experts, how they were picked, and whether they train: π-Tuning as configured, or a baseline."""
+    ic, pool = cfg.interpolate, sim["names"][1:]
+    how = "by hand (interpolate.experts)" if ic.experts else f"top-{ic.top_k} similar"
+    if not name:
+        return chosen, how, ic.train_experts
+    if name == "frozen":
+        return chosen, how, False
+    if name == "random":  # a seeded draw: each seed its own random set
+        return random.Random(f"random-{cfg.seed}").sample(pool, min(ic.top_k, len(pool))), "random", ic.train_experts
+    if name == "oracle":  # an upper bound: the experts that measurably help most on this run's test split
+        path = cfg.run_dir / "results" / f"{run}.transfer.json"
+        transfer = read_json(path, "transfer matrix row", "run `interpolate.py --variant pair-<expert>` for every "
+                             "pool expert, then `evaluate.py --transfer` (make report does)").get("transfer", {})
+        if len(transfer) < len(pool):
+            raise UserError(f"{path}: transfer measured for {len(transfer)} of {len(pool)} pool experts; run "
+                            f"`interpolate.py --variant pair-<expert>` for each, then `evaluate.py --transfer`")
+        return sorted(pool, key=lambda s: -transfer[s])[:ic.top_k], "oracle (measured transfer)", ic.train_experts
+    if name.startswith("pair-") and name[5:] in pool:
+        return [name[5:]], "one expert (transfer matrix)", ic.train_experts
+    raise UserError(f"--variant '{name}': use random, oracle, frozen or pair-<expert> with one of {', '.join(pool)}")
+
+
 def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
     ap.add_argument("--target", required=True, help="target task (its low-shot expert must exist)")
+    ap.add_argument("--variant", default="", help="a baseline run instead, written to interpolated/<run>.<variant>/: "
+                    "random (k seeded random pool experts), oracle (the k best by measured transfer), frozen "
+                    "(experts not trained), pair-<expert> (that expert alone: one cell of the transfer matrix)")
     args, cfg = parse_stage(ap)
     data.task(cfg, args.target, where="--target")
     ic, shots = cfg.interpolate, cfg.tasks.target_shots
@@ -39,13 +66,14 @@ def main() -> None:
         if name not in sim["names"] or name == run:
             raise UserError(f"{cfg.path}: interpolate.experts names '{name}', not a pool expert of {run} "
                             f"(pool: {', '.join(sim['names'][1:])})")
+    chosen, how, train_experts = variant(cfg, args.variant, run, sim, chosen)
     experts = [run] + chosen
     torch.manual_seed(cfg.seed)
     t0 = time.time()
 
     model, processor = load_backbone(cfg)
     enc = data.Encoder(processor)
-    merge = MergedExpert(model, cfg.expert, load_pool(cfg, experts), ic.groups, trainable=ic.train_experts)
+    merge = MergedExpert(model, cfg.expert, load_pool(cfg, experts), ic.groups, trainable=train_experts)
     logits = torch.zeros(len(merge.group_names), len(experts), requires_grad=True)  # uniform start
     merge.model.train()
 
@@ -54,27 +82,26 @@ def main() -> None:
 
     train = data.train_split(cfg, args.target, shots, cfg.seed)
     groups = [{"params": [logits], "lr": ic.logits_lr}]
-    if ic.train_experts:
+    if train_experts:
         groups.append({"params": list(merge.stack.parameters()), "lr": ic.lr})
     loss = train_steps(loss_fn, groups, data.infinite_batches(train, ic.batch_size, cfg.seed), ic.steps,
                        ic.grad_clip, warmup=min(20, ic.steps // 10), desc=f"interpolate {run}")
 
     probs = torch.softmax(logits.detach(), dim=-1)
-    out = cfg.run_dir / "interpolated" / run
+    out = cfg.run_dir / "interpolated" / (f"{run}.{args.variant}" if args.variant else run)
     with atomic_dir(out) as tmp:
         merge.export(logits).save_pretrained(tmp)
         write_json(tmp / "weights.json", {"experts": experts, "groups": {
             g: dict(zip(experts, p.tolist())) for g, p in zip(merge.group_names, probs)}})
         write_json(tmp / "meta.json", {
             "target": args.target, "run": run, "experts": experts, "shots": shots, "seed": cfg.seed,
-            "retrieval": "by hand (interpolate.experts)" if ic.experts else f"top-{ic.top_k} similar",
-            "method": cfg.expert.method,
+            "retrieval": how, "variant": args.variant, "method": cfg.expert.method,
             "train_size": len(train), "groups": ic.groups, "num_groups": len(merge.group_names),
-            "train_experts": ic.train_experts, "steps": ic.steps, "final_loss": loss,
+            "train_experts": train_experts, "steps": ic.steps, "final_loss": loss,
             "mean_weights": dict(zip(experts, probs.mean(0).tolist())), "backbone": fingerprint(backbone_dir(cfg)),
             "seconds": round(time.time() - t0, 1), "config": cfg.to_dict()})
     mean = ", ".join(f"{e} {p:.2f}" for e, p in zip(experts, probs.mean(0).tolist()))
-    print(f"interpolated {run} ({cfg.expert.method}): {len(merge.group_names)} groups, mean weights [{mean}], loss {loss:.3f}, "
+    print(f"interpolated {out.name} ({cfg.expert.method}, {how}): {len(merge.group_names)} groups, mean weights [{mean}], loss {loss:.3f}, "
           f"{time.time() - t0:.0f}s -> {out}")
 
 

@@ -21,6 +21,17 @@ SIM      := $(RUN)/similarity/$(NAME).json
 INTERP   := $(RUN)/interpolated/$(NAME)/meta.json
 RESULT   := $(RUN)/results/$(NAME).json
 
+# the study (make report): every baseline of this target/shots/seed, and the transfer matrix row
+OTHERS   := $(filter-out $(TARGET),$(POOL))
+BASELINE := $(RUN)/experts/$(NAME).2x/meta.json $(RUN)/experts/$(NAME).full-ft/meta.json \
+            $(RUN)/interpolated/$(NAME).random/meta.json $(RUN)/interpolated/$(NAME).frozen/meta.json
+PAIRS    := $(foreach t,$(OTHERS),$(RUN)/interpolated/$(NAME).pair-$(t)/meta.json)
+TRANSFER := $(RUN)/results/$(NAME).transfer.json
+ORACLE   := $(RUN)/interpolated/$(NAME).oracle/meta.json
+ifdef STUDY
+$(RESULT): $(BASELINE) $(if $(filter 1,$(TRANSFER_ROW)),$(ORACLE))
+endif
+
 .PHONY: backbone experts embed interpolate evaluate show clean
 .DELETE_ON_ERROR:
 backbone: $(BACKBONE)
@@ -50,3 +61,14 @@ $(INTERP): $(SIM) $(CFG)/interpolate.json
 
 $(RESULT): $(INTERP) $(TGT_EXP) $(CFG)/evaluate.json $(CFG)/data.json
 	$(PY) evaluate.py --target $(TARGET) $(ARGS)
+
+$(RUN)/experts/$(NAME).%/meta.json: $(BACKBONE) $(CFG)/expert.json $(CFG)/data.json
+	$(PY) train_expert.py --task $(TARGET) --shots $(SHOTS) --variant $* $(ARGS)
+
+$(RUN)/interpolated/$(NAME).%/meta.json: $(SIM) $(CFG)/interpolate.json
+	$(PY) interpolate.py --target $(TARGET) --variant $* $(ARGS)
+
+$(TRANSFER): $(PAIRS) $(TGT_EXP) $(CFG)/evaluate.json
+	$(PY) evaluate.py --target $(TARGET) --transfer $(ARGS)
+
+$(ORACLE): $(TRANSFER)

@@ -111,9 +111,11 @@ def attribute_probe(model, enc, exs) -> dict[str, float]:
     return acc
 
 
-def train_expert(cfg, task_name: str, shots: int | None) -> None:
+def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> None:
+    """variant: a target-side baseline with the same data: 2x (twice the steps) or full-ft (every weight
+    of the backbone trains, no expert); written to experts/<name>.<variant>/."""
     task = data.task(cfg, task_name, where="--task")
-    name = expert_name(task_name, shots, cfg.seed)
+    name = expert_name(task_name, shots, cfg.seed) + (f".{variant}" if variant else "")
     # pool experts are trained once per profile; the seed varies only the target's side
     seed = cfg.seed if shots is not None else 0
     torch.manual_seed(seed)
@@ -123,25 +125,26 @@ def train_expert(cfg, task_name: str, shots: int | None) -> None:
     val = data.split(cfg, task_name, "val", cfg.expert.eval_size)
 
     ec = cfg.expert
-    model = attach(model, ec)
+    steps, lr = ec.steps * (2 if variant == "2x" else 1), ec.full_ft_lr if variant == "full-ft" else ec.lr
+    model = model.requires_grad_(True) if variant == "full-ft" else attach(model, ec)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     t0 = time.time()
-    loss = train_steps(lambda b: model(**enc.batch(b)).loss, [{"params": params, "lr": ec.lr}],
-                       data.infinite_batches(train, ec.batch_size, seed), ec.steps, ec.grad_clip,
-                       warmup=min(30, ec.steps // 10), desc=f"expert {name}")
+    loss = train_steps(lambda b: model(**enc.batch(b)).loss, [{"params": params, "lr": lr}],
+                       data.infinite_batches(train, ec.batch_size, seed), steps, ec.grad_clip,
+                       warmup=min(30, steps // 10), desc=f"expert {name}")
     model.eval()
     metric, value = task_metric(model, enc, task, val, cfg.evaluate.batch_size)
     out = expert_dir(cfg, name)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         write_json(tmp / "meta.json", {
-            "name": name, "task": task_name, "family": task.family, "method": ec.method, "shots": shots,
-            "seed": seed, "train_size": len(train), "val_size": len(val), "steps": ec.steps, "final_loss": loss,
+            "name": name, "task": task_name, "family": task.family, "method": variant or ec.method, "shots": shots,
+            "seed": seed, "train_size": len(train), "val_size": len(val), "steps": steps, "final_loss": loss,
             "val_metric": metric, "val_value": value, "trainable_params": sum(p.numel() for p in params),
             "backbone": fingerprint(backbone_dir(cfg)), "seconds": round(time.time() - t0, 1),
             "config": cfg.to_dict()})
-    print(f"expert {name}: {len(train)} train examples, {ec.steps} steps, loss {loss:.3f}, "
+    print(f"expert {name}: {len(train)} train examples, {steps} steps, loss {loss:.3f}, "
           f"val {metric} {value:.3f}, {time.time() - t0:.0f}s -> {out}")
 
 
@@ -150,13 +153,15 @@ def main() -> None:
     ap.add_argument("--task", help="task to train an expert for (see common/data.py TASKS)")
     ap.add_argument("--shots", type=int, help="train the target's expert on a seeded k-shot sample (0 = its whole "
                     "train split); without it, the task's pool expert")
+    ap.add_argument("--variant", default="", choices=["", "2x", "full-ft"], help="with --shots: a target-side "
+                    "baseline, 2x (twice the steps) or full-ft (full fine-tuning), in experts/<name>.<variant>/")
     ap.add_argument("--pretrain", action="store_true", help="build and pre-train the embedded backbone (a real "
                     "backbone.source: check that it loads and record it)")
     args, cfg = parse_stage(ap)
     if args.pretrain:
         pretrain(cfg)
     elif args.task:
-        train_expert(cfg, args.task, args.shots)
+        train_expert(cfg, args.task, args.shots, args.variant)
     else:
         raise UserError("train_expert.py: say what to train: --task NAME (or --pretrain); see --help")
 

@@ -81,6 +81,7 @@ class ExpertConfig:
     lr: float = 1e-3
     grad_clip: float = 1.0
     eval_size: int = 200  # validation examples scored after training
+    full_ft_lr: float = 1e-4  # the full fine-tuning baseline (train_expert.py --variant full-ft)
 
 
 @dataclass

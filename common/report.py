@@ -1,0 +1,283 @@
+"""The study report of one target: accuracy per method over shots and seeds, win counts, retrieval quality
+(Spearman between predicted similarity and measured transfer) and plots, from the results on disk."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+from common.artifacts import write_text
+
+ORDER = ("zero-shot", "target-only", "target-only-2x", "full-ft", "uniform-merge", "linear-merge", "ties-merge",
+         "pi-random", "pi-frozen", "pi-tuning", "pi-oracle")
+FAMILY_COLOURS = {"vision-language": "tab:purple", "vision": "tab:blue", "language": "tab:green"}
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Rank correlation (average ranks for ties); nan when either side is constant."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = statistics.mean(rx), statistics.mean(ry)
+    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
+    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
+    if not sx or not sy:
+        return math.nan
+    return sum((a - mx) * (b - my) for a, b in zip(rx, ry)) / (sx * sy)
+
+
+def _mean_sd(vals: list[float]) -> str:
+    if not vals:
+        return "-"
+    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.3f}"
+
+
+def _shots_label(s: int) -> str:
+    return f"{s}-shot" if s else "full data"
+
+
+def load_results(cfg, target: str) -> list[dict]:
+    pattern = re.compile(rf"{re.escape(target)}-(\d+shot|full)-s\d+\.json$")
+    return [json.loads(p.read_text()) for p in sorted((cfg.run_dir / "results").glob(f"{target}-*.json"))
+            if pattern.match(p.name)]
+
+
+def write_report(cfg, target: str) -> Path:
+    """runs/<profile>/report.md and report/*.png; returns the markdown's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    from common.config import UserError
+
+    runs = load_results(cfg, target)
+    if not runs:
+        raise UserError(f"{cfg.run_dir / 'results'}: no results for {target}; run `make report TARGET={target}` "
+                        f"or the pipeline first")
+    out, figs = cfg.run_dir / "report.md", cfg.run_dir / "report"
+    figs.mkdir(parents=True, exist_ok=True)
+    by_shots: dict[int, list[dict]] = {}
+    for r in runs:
+        by_shots.setdefault(r["shots"], []).append(r)
+    shots = sorted(by_shots)
+    methods = [m for m in ORDER if any(m in r["accuracy"] for r in runs)]
+    metric = runs[0]["metric"]
+
+    md = [f"# π-Tuning study: {target} ({cfg.profile})", "",
+          f"Expert `{cfg.expert.method}`, top-{cfg.interpolate.top_k} retrieval by `fisher.estimator: "
+          f"{cfg.fisher.estimator}`, interpolation groups `{cfg.interpolate.groups}`, "
+          f"{runs[0]['test_size']} test examples, test {metric}. Seeds vary the target's k-shot sample, its expert "
+          f"and the interpolation; pool experts are shared.", "",
+          "## Accuracy (mean ± std over seeds)", "",
+          "| method | " + " | ".join(f"{_shots_label(s)} (n={len(by_shots[s])})" for s in shots) + " |",
+          "|---" * (len(shots) + 1) + "|"]
+    for m in methods:
+        md.append(f"| {m} | " + " | ".join(_mean_sd([r["accuracy"][m] for r in by_shots[s] if m in r["accuracy"]])
+                                          for s in shots) + " |")
+
+    md += ["", "## π-Tuning against the baselines, seed by seed", "",
+           "Wins count seeds where π-Tuning is strictly better; gain is π-Tuning minus the baseline.", "",
+           "| shots | vs | wins | mean gain |", "|---|---|---|---|"]
+    for s in shots:
+        for base in ("target-only", "target-only-2x", "pi-random", "uniform-merge"):
+            pairs = [(r["accuracy"]["pi-tuning"], r["accuracy"][base]) for r in by_shots[s] if base in r["accuracy"]]
+            if pairs:
+                gains = [a - b for a, b in pairs]
+                md.append(f"| {s} | {base} | {sum(g > 0 for g in gains)}/{len(gains)} | {_mean_sd(gains)} |")
+    md += ["", "| shots | seed | retrieved | target-only | π-Tuning | π random-k |", "|---|---|---|---|---|---|"]
+    for s in shots:
+        for r in sorted(by_shots[s], key=lambda r: r["seed"]):
+            a = r["accuracy"]
+            rnd = f"{a['pi-random']:.3f}" if "pi-random" in a else "-"
+            md.append(f"| {s} | {r['seed']} | {', '.join(r['experts'][1:])} | {a['target-only']:.3f} | "
+                      f"{a['pi-tuning']:.3f} | {rnd} |")
+
+    md += ["", "## Retrieval: predicted similarity against measured transfer", "",
+           "Transfer of expert s = accuracy of π-Tuning with the target's expert and s alone, minus target-only. "
+           "Spearman is taken per seed over the pool, then averaged.", ""]
+    sims = _similarities(cfg, target, runs)
+    rho_rows, scatter = [], []
+    for s in shots:
+        rhos, per_expert = [], {}
+        for r in by_shots[s]:
+            sim = sims.get(r["run"])
+            if not r.get("transfer") or sim is None:
+                continue
+            names = sorted(r["transfer"])
+            rhos.append(spearman([sim[n] for n in names], [r["transfer"][n] for n in names]))
+            for n in names:
+                per_expert.setdefault(n, []).append((sim[n], r["transfer"][n]))
+        if rhos:
+            ok = [x for x in rhos if not math.isnan(x)]
+            rho_rows.append(f"| {s} | {len(rhos)} | {_mean_sd(ok)} | {', '.join(f'{x:+.2f}' for x in rhos)} |")
+            scatter.append((s, per_expert))
+    if rho_rows:
+        md += ["| shots | seeds | Spearman (mean ± std) | per seed |", "|---|---|---|---|", *rho_rows, ""]
+        s, per_expert = scatter[-1]
+        md += [f"At {_shots_label(s)}:", "", "| expert | similarity | transfer |", "|---|---|---|"]
+        for n, v in sorted(per_expert.items(), key=lambda kv: -statistics.mean(t for _, t in kv[1])):
+            md.append(f"| {n} | {_mean_sd([a for a, _ in v])} | {_mean_sd([b for _, b in v])} |")
+        _plot_transfer(figs / "transfer_vs_similarity.png", s, per_expert)
+    else:
+        md.append("_No transfer measured yet (interpolate.py --variant pair-<expert>, evaluate.py --transfer)._")
+
+    md += ["", "## Plots", ""]
+    _plot_accuracy(figs / "accuracy_vs_shots.png", target, by_shots, methods, metric)
+    md.append("![accuracy vs shots](report/accuracy_vs_shots.png)")
+    if rho_rows:
+        md.append("![transfer vs similarity](report/transfer_vs_similarity.png)")
+    last = min(by_shots[shots[-1]], key=lambda r: r["seed"])  # the plots show one run: most shots, first seed
+    if last["run"] in sims:
+        sim_file = cfg.run_dir / "similarity" / f"{last['run']}.json"
+        _plot_similarity(figs / "similarity.png", figs / "task_graph.png", json.loads(sim_file.read_text()),
+                         _families(cfg))
+        md += ["![similarity heatmap](report/similarity.png) ![task graph](report/task_graph.png)",
+               f"(similarity of {last['run']}; graph edges: each task's two most similar, the target's top-"
+               f"{cfg.interpolate.top_k} in red)"]
+    weights = cfg.run_dir / "interpolated" / last["run"] / "weights.json"
+    if weights.is_file():
+        _plot_weights(figs / "weights.png", json.loads(weights.read_text()), last["run"])
+        md.append(f"![learned weights](report/weights.png) (learned interpolation weights of {last['run']})")
+    write_text(out, "\n".join(md) + "\n")
+    return out
+
+
+def _similarities(cfg, target: str, runs: list[dict]) -> dict[str, dict[str, float]]:
+    """run -> {pool expert: predicted similarity to the target's expert}."""
+    out = {}
+    for r in runs:
+        p = cfg.run_dir / "similarity" / f"{r['run']}.json"
+        if p.is_file():
+            s = json.loads(p.read_text())
+            out[r["run"]] = dict(zip(s["names"], s["matrix"][0]))
+    return out
+
+
+def _families(cfg) -> dict[str, str]:
+    fam = {}
+    for p in (cfg.run_dir / "experts").glob("*/meta.json"):
+        m = json.loads(p.read_text())
+        fam[m["name"]] = m.get("family", "")
+    return fam
+
+
+def _plot_accuracy(path: Path, target: str, by_shots: dict, methods: list[str], metric: str) -> None:
+    import matplotlib.pyplot as plt
+
+    shots = sorted(by_shots)
+    x = list(range(len(shots)))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in methods:
+        pts = [(i, [r["accuracy"][m] for r in by_shots[s] if m in r["accuracy"]]) for i, s in zip(x, shots)]
+        pts = [(i, v) for i, v in pts if v]
+        style = dict(lw=2.5, color="black") if m == "pi-tuning" else dict(lw=1.2)
+        ax.errorbar([i for i, _ in pts], [statistics.mean(v) for _, v in pts],
+                    yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in pts], marker="o", capsize=3,
+                    label=m, **style)
+    ax.set_xticks(x, [_shots_label(s) for s in shots])
+    ax.set_xlabel("target training data")
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(f"{target}: mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_transfer(path: Path, shots: int, per_expert: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for n, v in per_expert.items():
+        xs, ys = [a for a, _ in v], [b for _, b in v]
+        ax.scatter(xs, ys, s=18, alpha=0.6)
+        ax.annotate(n, (statistics.mean(xs), statistics.mean(ys)), fontsize=8)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("predicted similarity to the target")
+    ax.set_ylabel("measured transfer (accuracy gain)")
+    ax.set_title(f"{_shots_label(shots)}: one point per expert and seed")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_similarity(heat_path: Path, graph_path: Path, sim: dict, families: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    names, m = sim["names"], sim["matrix"]
+    fig, ax = plt.subplots(figsize=(7, 6))
+    off = [v for i, row in enumerate(m) for j, v in enumerate(row) if i != j]
+    im = ax.imshow(m, cmap="viridis", vmin=min(off), vmax=max(off))
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    for i, row in enumerate(m):
+        for j, v in enumerate(row):
+            if i != j:
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white")
+    fig.colorbar(im, ax=ax, label="similarity (off-diagonal range)")
+    ax.set_title("task similarity (diagonal Fisher of each expert)")
+    fig.tight_layout()
+    fig.savefig(heat_path, dpi=110)
+    plt.close(fig)
+
+    n = len(names)
+    pos = [(math.cos(2 * math.pi * i / n), math.sin(2 * math.pi * i / n)) for i in range(n)]
+    fig, ax = plt.subplots(figsize=(6.5, 6.5))
+    edges = {tuple(sorted((i, j))) for i in range(n)
+             for j in sorted((j for j in range(n) if j != i), key=lambda j: -m[i][j])[:2]}
+    for i, j in edges:
+        ax.plot([pos[i][0], pos[j][0]], [pos[i][1], pos[j][1]], color="grey", lw=0.5 + 6 * (m[i][j] - min(off)) /
+                max(max(off) - min(off), 1e-9), alpha=0.6, zorder=1)
+    for name in sim.get("top_k", []):
+        j = names.index(name)
+        ax.plot([pos[0][0], pos[j][0]], [pos[0][1], pos[j][1]], color="red", lw=2.5, zorder=2)
+    for i, name in enumerate(names):
+        fam = families.get(name) or families.get(name.split("-")[0] if "shot" in name else name, "")
+        ax.scatter(*pos[i], s=500 if i == 0 else 250, color=FAMILY_COLOURS.get(fam, "tab:gray"),
+                   edgecolor="red" if i == 0 else "black", zorder=3)
+        ax.annotate(name, (pos[i][0] * 1.14, pos[i][1] * 1.14), ha="center", va="center", fontsize=8)
+    for fam, colour in FAMILY_COLOURS.items():
+        ax.scatter([], [], color=colour, label=fam)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlim(-1.4, 1.4)
+    ax.set_ylim(-1.4, 1.4)
+    ax.axis("off")
+    ax.set_title("task graph: line width = similarity")
+    fig.tight_layout()
+    fig.savefig(graph_path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_weights(path: Path, weights: dict, run: str) -> None:
+    import matplotlib.pyplot as plt
+
+    experts, groups = weights["experts"], list(weights["groups"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(groups) + 2), 4.5))
+    bottom = [0.0] * len(groups)
+    for e in experts:
+        vals = [weights["groups"][g][e] for g in groups]
+        ax.bar(range(len(groups)), vals, bottom=bottom, label=e)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    short = [re.sub(r"^.*?(encoder|decoder|vision_tower)", r"\1", g).replace("layers.", "").replace("self_attn", "sa")
+             .replace("encoder_attn", "ca") for g in groups]
+    ax.set_xticks(range(len(groups)), short, rotation=80, fontsize=6)
+    ax.set_ylabel("softmax weight")
+    ax.set_title(f"learned interpolation weights per group: {run}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
