@@ -20,7 +20,7 @@ from common.artifacts import atomic_dir, write_json
 from common.backbone import (backbone_dir, build_model, build_processor, build_vocab, fingerprint,
                              init_unseen_embeddings, load_backbone)
 from common.config import UserError, parse_stage, run_stage, stage_parser
-from common.experts import attach, expert_dir, expert_name
+from common.experts import attach, expert_dir, expert_name, learning_rate
 from common.metrics import task_metric, token_accuracy
 from common.training import train_steps
 
@@ -125,7 +125,7 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
     val = data.split(cfg, task_name, "val", cfg.expert.eval_size)
 
     ec = cfg.expert
-    steps, lr = ec.steps * (2 if variant == "2x" else 1), ec.full_ft_lr if variant == "full-ft" else ec.lr
+    steps, lr = ec.steps * (2 if variant == "2x" else 1), ec.full_ft_lr if variant == "full-ft" else learning_rate(ec)
     model = model.requires_grad_(True) if variant == "full-ft" else attach(model, ec)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

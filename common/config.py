@@ -78,7 +78,7 @@ class ExpertConfig:
     adapter_dim: int = 128  # bottleneck width of the Houlsby adapters
     steps: int = 300
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 0.0  # 0 = the method's default (experts.py DEFAULT_LR: 1e-3 lora/adapter, 1e-2 ia3/prefix, 3e-2 prompt)
     grad_clip: float = 1.0
     eval_size: int = 200  # validation examples scored after training
     full_ft_lr: float = 1e-4  # the full fine-tuning baseline (train_expert.py --variant full-ft)

@@ -38,6 +38,8 @@ DEFAULT_TARGETS = {
            "ia3": r".*\.((SelfAttention|EncDecAttention)\.(k|v)|DenseReluDense\.wo)$",
            "adapter": r".*\.(SelfAttention\.o|DenseReluDense\.wo)$"},
 }
+# expert.lr: 0 takes these: IA3 vectors, soft prompts and prefixes need far larger steps than LoRA / adapters
+DEFAULT_LR = {"lora": 1e-3, "ia3": 1e-2, "prompt": 3e-2, "prefix": 1e-2, "adapter": 1e-3}
 FEEDFORWARD = {"bart": r".*\.fc2$", "t5": r".*\.DenseReluDense\.wo$"}  # IA3 scales these modules' inputs
 
 
@@ -49,6 +51,10 @@ def text_dims(model) -> dict:
                 "decoder_layers": c.num_decoder_layers}
     return {"family": "bart", "d_model": c.d_model, "heads": c.encoder_attention_heads,
             "encoder_layers": c.encoder_layers, "decoder_layers": c.decoder_layers}
+
+
+def learning_rate(ecfg) -> float:
+    return ecfg.lr or DEFAULT_LR[ecfg.method]
 
 
 def target_modules(ecfg, dims: dict) -> str:
