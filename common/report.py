@@ -178,7 +178,7 @@ def _plot_accuracy(path: Path, target: str, by_shots: dict, methods: list[str], 
 
     shots = sorted(by_shots)
     x = list(range(len(shots)))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for m in methods:
         pts = [(i, [r["accuracy"][m] for r in by_shots[s] if m in r["accuracy"]]) for i, s in zip(x, shots)]
         pts = [(i, v) for i, v in pts if v]
@@ -191,7 +191,7 @@ def _plot_accuracy(path: Path, target: str, by_shots: dict, methods: list[str], 
     ax.set_ylabel(f"test {metric}")
     ax.set_title(f"{target}: mean ± std over seeds")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -249,12 +249,13 @@ def _plot_similarity(heat_path: Path, graph_path: Path, sim: dict, families: dic
         fam = families.get(name) or families.get(name.split("-")[0] if "shot" in name else name, "")
         ax.scatter(*pos[i], s=500 if i == 0 else 250, color=FAMILY_COLOURS.get(fam, "tab:gray"),
                    edgecolor="red" if i == 0 else "black", zorder=3)
-        ax.annotate(name, (pos[i][0] * 1.14, pos[i][1] * 1.14), ha="center", va="center", fontsize=8)
+        r = 1.25 if i == 0 else 1.14
+        ax.annotate(name, (pos[i][0] * r, pos[i][1] * r), ha="center", va="center", fontsize=8)
     for fam, colour in FAMILY_COLOURS.items():
         ax.scatter([], [], color=colour, label=fam)
     ax.legend(loc="lower right", fontsize=8)
-    ax.set_xlim(-1.4, 1.4)
-    ax.set_ylim(-1.4, 1.4)
+    ax.set_xlim(-1.5, 1.5)
+    ax.set_ylim(-1.5, 1.5)
     ax.axis("off")
     ax.set_title("task graph: line width = similarity")
     fig.tight_layout()
@@ -277,7 +278,7 @@ def _plot_weights(path: Path, weights: dict, run: str) -> None:
     ax.set_xticks(range(len(groups)), short, rotation=80, fontsize=6)
     ax.set_ylabel("softmax weight")
     ax.set_title(f"learned interpolation weights per group: {run}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
