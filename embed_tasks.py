@@ -1,10 +1,11 @@
-"""Stage 2: embed every task by the diagonal Fisher of its expert, and compare the tasks.
+"""Stage 2: embed every task by its expert (diagonal Fisher, or the expert's weight update), and compare the tasks.
 
     python embed_tasks.py --target snli-ve     # the pool's experts + the target's low-shot expert
     python embed_tasks.py                      # the pool's full-data experts only
 
 Writes runs/<profile>/fisher/<expert>.safetensors (cached: recomputed only when the expert or the
 Fisher settings change) and runs/<profile>/similarity/<name>.csv + .json with the matrix and top-k.
+With fisher.embedding=weights no Fisher is computed: the experts' saved updates are compared directly.
 """
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common import data
-from common.artifacts import write_json, write_text
+from common.artifacts import read_json, write_json, write_text
 from common.backbone import load_backbone
 from common.config import UserError, parse_stage, run_stage, stage_parser
 from common.experts import WEIGHTS, attach, expert_dir, expert_name, load_expert_weights, read_expert_meta, set_weights
-from common.similarity import fisher_diagonal, normalized, similarity_matrix, top_k_similar
+from common.similarity import (expert_update, fisher_diagonal, normalized, similarity_matrix, task_similarity,
+                               top_k_similar, update_similarity)
 
 
 def file_hash(path: Path) -> str:
@@ -51,15 +53,21 @@ def cached_fisher(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
         return None
 
 
-def main() -> None:
-    ap = stage_parser(__doc__.split("\n")[0])
-    ap.add_argument("--target", help="target task: its low-shot expert joins the comparison")
-    args, cfg = parse_stage(ap)
-    names = pool_experts(cfg, args.target)
-    fc = cfg.fisher
-    t0 = time.time()
+def weight_embedding(cfg, name: str) -> dict[str, torch.Tensor]:
+    path = expert_dir(cfg, name)
+    read_expert_meta(path)
+    layers = read_json(path / "adapter_config.json", "expert config", "retrain it").get("num_layers") or 1
+    try:
+        return expert_update(load_expert_weights(path), cfg.expert.method, layers)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}; fisher.embedding=weights needs experts of expert.method={cfg.expert.method}")
 
-    model = peft_model = None
+
+def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tensor]], list[str]]:
+    """Each expert's diagonal Fisher on its own training data (cached per expert and settings), normalised;
+    and the names whose Fisher had to be computed."""
+    fc = cfg.fisher
+    peft_model = None
     fishers, computed = [], []
     for name in names:
         path = expert_dir(cfg, name)
@@ -84,14 +92,29 @@ def main() -> None:
             tmp.replace(out)
             computed.append(name)
         fishers.append(normalized(fisher, fc.normalize))
+    return fishers, computed
 
+
+def main() -> None:
+    ap = stage_parser(__doc__.split("\n")[0])
+    ap.add_argument("--target", help="target task: its low-shot expert joins the comparison")
+    args, cfg = parse_stage(ap)
+    names = pool_experts(cfg, args.target)
+    fc = cfg.fisher
+    t0 = time.time()
+
+    if fc.embedding == "weights":
+        embeddings, computed, sim = [weight_embedding(cfg, name) for name in names], [], update_similarity
+    else:
+        (embeddings, computed), sim = fisher_embeddings(cfg, names), task_similarity
     try:
-        matrix = similarity_matrix(fishers)
+        matrix = similarity_matrix(embeddings, sim)
     except ValueError as e:
         raise UserError(f"{cfg.path}: {e} (expert.method / backbone must be the same for all of {names})")
     label = names[0] if args.target else "pool"
-    result = {"names": names, "matrix": matrix, "fisher": {"estimator": fc.estimator, "samples": fc.samples,
-                                                          "normalize": fc.normalize}}
+    how = {"embedding": "weights"} if fc.embedding == "weights" else {
+        "embedding": "fisher", "estimator": fc.estimator, "samples": fc.samples, "normalize": fc.normalize}
+    result = {"names": names, "matrix": matrix, "fisher": how}
     if args.target:
         result["target"] = names[0]
         result["top_k"] = top_k_similar(names, matrix, names[0], cfg.interpolate.top_k)
@@ -101,7 +124,9 @@ def main() -> None:
     write_text(sim_dir / f"{label}.csv", csv)
     write_json(sim_dir / f"{label}.json", result)
     extra = f" | top-{cfg.interpolate.top_k} for {names[0]}: {', '.join(result['top_k'])}" if args.target else ""
-    print(f"similarity: {len(names)} experts ({len(computed)} Fisher computed, {len(names) - len(computed)} cached)"
+    how = "weight updates" if fc.embedding == "weights" else \
+        f"{len(computed)} Fisher computed, {len(names) - len(computed)} cached"
+    print(f"similarity: {len(names)} experts ({how})"
           f"{extra} | {time.time() - t0:.0f}s -> {sim_dir / label}.csv")
 
 

@@ -86,6 +86,9 @@ class ExpertConfig:
 
 @dataclass
 class FisherConfig:
+    # fisher: π-Tuning's task embedding (the diagonal Fisher of each expert) | weights: the cosine of what
+    # each expert changed (SPoT-style, no backbone pass); the mini profile ships weights (README: retrieval)
+    embedding: str = "fisher"
     estimator: str = "per_sample"  # per_sample | batch (the original code's squared batch gradient)
     samples: int = 256
     batch_size: int = 16
@@ -142,6 +145,7 @@ class Config:
 CHOICES = {
     "expert.method": ("lora", "ia3", "prompt", "prefix", "adapter"),
     "data.source": ("mini", "files"),
+    "fisher.embedding": ("fisher", "weights"),
     "fisher.estimator": ("per_sample", "batch"),
     "fisher.normalize": ("mean", "none"),
     "interpolate.groups": ("global", "layer", "site", "tensor"),

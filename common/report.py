@@ -75,9 +75,10 @@ def write_report(cfg, target: str) -> Path:
     methods = [m for m in ORDER if any(m in r["accuracy"] for r in runs)]
     metric = runs[0]["metric"]
 
+    how = "fisher.embedding: weights" if cfg.fisher.embedding == "weights" else \
+        f"fisher.embedding: fisher, estimator {cfg.fisher.estimator}"
     md = [f"# π-Tuning study: {target} ({cfg.profile})", "",
-          f"Expert `{cfg.expert.method}`, top-{cfg.interpolate.top_k} retrieval by `fisher.estimator: "
-          f"{cfg.fisher.estimator}`, interpolation groups `{cfg.interpolate.groups}`, "
+          f"Expert `{cfg.expert.method}`, top-{cfg.interpolate.top_k} retrieval by `{how}`, interpolation groups `{cfg.interpolate.groups}`, "
           f"{runs[0]['test_size']} test examples, test {metric}. Seeds vary the target's k-shot sample, its expert "
           f"and the interpolation; pool experts are shared.", "",
           "## Accuracy (mean ± std over seeds)", "",

@@ -1,5 +1,12 @@
-"""Task embeddings (diagonal Fisher of an expert's own parameters) and the similarity between tasks."""
+"""Task embeddings and the similarity between tasks.
+
+fisher: the diagonal Fisher of an expert's own parameters, compared with π-Tuning's normalised cosine.
+weights: what the expert changed (SPoT-style): each site's weight update (LoRA B·A, IA3 scale - 1, the
+adapter's up·down, the prompt's / prefix layer's mean token), compared by plain cosine per site."""
 from __future__ import annotations
+
+import re
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -48,12 +55,47 @@ def task_similarity(fa: dict[str, torch.Tensor], fb: dict[str, torch.Tensor]) ->
     return sum(sims) / len(sims)
 
 
-def similarity_matrix(fishers: list[dict[str, torch.Tensor]]) -> list[list[float]]:
-    n = len(fishers)
+def expert_update(weights: dict[str, torch.Tensor], method: str, layers: int = 1) -> dict[str, torch.Tensor]:
+    """{site: what the expert adds there} from its saved tensors (no backbone needed).
+
+    LoRA B starts at zero, so B·A is the whole update; IA3 starts at 1; adapters and prompts have no
+    neutral start, so their map (up·down) / mean token stands for them."""
+    if method in ("prompt", "prefix"):  # [tokens, layers*2*d]: one site per layer (prompt: layers=1)
+        t = weights["prompt_embeddings"].float()
+        n = layers if method == "prefix" else 1
+        return {f"layer{i}": p.mean(0) for i, p in enumerate(t.view(t.shape[0], n, -1).unbind(1))}
+    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for k, v in weights.items():
+        m = re.match(r"(.*)\.(lora_A|lora_B|adapter\.down|adapter\.up|ia3_l)(?:\.weight)?$", k)
+        if m:
+            parts[m.group(1)][m.group(2)] = v.float()
+    out = {}
+    for site, p in parts.items():
+        if "lora_B" in p:
+            out[site] = p["lora_B"] @ p["lora_A"]
+        elif "adapter.up" in p:
+            out[site] = p["adapter.up"] @ p["adapter.down"]
+        elif "ia3_l" in p:
+            out[site] = p["ia3_l"] - 1
+    if not out:
+        raise ValueError(f"no {method} expert tensors found")
+    return out
+
+
+def update_similarity(ua: dict[str, torch.Tensor], ub: dict[str, torch.Tensor]) -> float:
+    """Mean over sites of the cosine between the two experts' updates there."""
+    if ua.keys() != ub.keys():
+        raise ValueError("experts have different tensors; embed experts of one type and one backbone")
+    return sum(F.cosine_similarity(ua[n].flatten().double(), ub[n].flatten().double(), dim=0).item()
+               for n in ua) / len(ua)
+
+
+def similarity_matrix(embeddings: list[dict[str, torch.Tensor]], sim=task_similarity) -> list[list[float]]:
+    n = len(embeddings)
     m = [[1.0] * n for _ in range(n)]
     for i in range(n):
         for j in range(i + 1, n):
-            m[i][j] = m[j][i] = task_similarity(fishers[i], fishers[j])
+            m[i][j] = m[j][i] = sim(embeddings[i], embeddings[j])
     return m
 
 

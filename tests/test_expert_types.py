@@ -37,7 +37,8 @@ def config(root, method):
 def test_every_stage_runs_and_exports_one_expert_of_its_type(runs, method):
     root, log = runs[method]
     result = json.loads((root / f"micro/results/{NAME}.json").read_text())
-    assert set(result["accuracy"]) == {"zero-shot", "target-only", "uniform-merge", "pi-tuning"}
+    peft_merges = {"linear-merge", "ties-merge"} if method == "lora" else set()  # peft merges LoRA only
+    assert set(result["accuracy"]) == {"zero-shot", "target-only", "uniform-merge", "pi-tuning"} | peft_merges
     key, value = SAVED_AS[method]
     for d in (f"experts/{NAME}", "experts/nli", f"interpolated/{NAME}"):
         assert json.loads((root / "micro" / d / "adapter_config.json").read_text())[key] == value

@@ -27,7 +27,7 @@ def test_make_all_writes_every_artifact(micro):
     for probs in w["groups"].values():
         assert abs(sum(probs.values()) - 1) < 1e-5
     res = json.loads((rd / f"results/{NAME}.json").read_text())
-    assert set(res["accuracy"]) == {"zero-shot", "target-only", "uniform-merge", "pi-tuning"}
+    assert set(res["accuracy"]) == {"zero-shot", "target-only", "uniform-merge", "linear-merge", "ties-merge", "pi-tuning"}
     assert all(0 <= v <= 1 for v in res["accuracy"].values())
     assert "| pi-tuning |" in out  # make all prints the table
 
@@ -72,6 +72,20 @@ def test_fisher_is_recomputed_only_for_a_changed_expert(micro, tmp_path):
     out = run("python", "embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml",
               f"runs_dir={runs}").stdout
     assert "(1 Fisher computed, 2 cached)" in out
+
+
+def test_weight_embedding_needs_no_fisher_and_no_backbone_pass(micro, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(micro[0], runs)
+    shutil.rmtree(runs / "micro/fisher")
+    (runs / "micro/backbone/model.safetensors").unlink()
+    out = run("python", "embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml",
+              f"runs_dir={runs}", "fisher.embedding=weights").stdout
+    assert "(weight updates)" in out and not (runs / "micro/fisher").exists()
+    sim = json.loads((runs / f"micro/similarity/{NAME}.json").read_text())
+    assert sim["fisher"] == {"embedding": "weights"} and len(sim["top_k"]) == 2
+    m = sim["matrix"]
+    assert all(m[i][i] == 1.0 and m[i][j] == m[j][i] and -1 <= m[i][j] <= 1 for i in range(3) for j in range(3))
 
 
 def test_exported_merge_reproduces_the_interpolated_model(micro_cfg, tmp_path):

@@ -2,8 +2,10 @@
 import math
 
 import torch
+import torch.nn.functional as F
 
-from common.similarity import normalized, similarity_matrix, task_similarity, top_k_similar
+from common.similarity import (expert_update, normalized, similarity_matrix, task_similarity, top_k_similar,
+                               update_similarity)
 
 
 def direct(fa, fb, eps=1e-6):
@@ -52,3 +54,28 @@ def test_top_k_excludes_the_target_and_orders_by_similarity():
     names = ["t", "a", "b", "c"]
     m = [[1, 0.2, 0.9, 0.5], [0.2, 1, 0, 0], [0.9, 0, 1, 0], [0.5, 0, 0, 1]]
     assert top_k_similar(names, m, "t", 2) == ["b", "c"]
+
+
+def test_weight_embedding_compares_what_lora_experts_changed_not_their_factors():
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(4, 16, generator=g), torch.randn(16, 4, generator=g)
+    R = torch.diag(torch.tensor([2.0, 0.5, 3.0, 1.0]))[[1, 2, 3, 0]]  # the same update BA, factored differently
+    e1 = {"q.lora_A.weight": A, "q.lora_B.weight": B}
+    e2 = {"q.lora_A.weight": torch.linalg.solve(R, A), "q.lora_B.weight": B @ R}
+    e3 = {"q.lora_A.weight": A, "q.lora_B.weight": -B}
+    u1, u2, u3 = (expert_update(e, "lora") for e in (e1, e2, e3))
+    assert torch.allclose(u1["q"], B @ A)
+    assert abs(update_similarity(u1, u2) - 1) < 1e-6  # A and B compared apart would say otherwise
+    assert F.cosine_similarity(A.flatten(), e2["q.lora_A.weight"].flatten(), dim=0) < 0.5
+    assert abs(update_similarity(u1, u3) + 1) < 1e-6
+
+
+def test_weight_embedding_of_ia3_and_prefix_experts():
+    a = {"k.ia3_l": torch.tensor([1.5, 1.0, 1.0]), "v.ia3_l": torch.tensor([1.0, 2.0, 1.0])}
+    b = {"k.ia3_l": torch.tensor([3.0, 1.0, 1.0]), "v.ia3_l": torch.tensor([1.0, 1.0, 0.0])}
+    ua, ub = expert_update(a, "ia3"), expert_update(b, "ia3")
+    assert ua["k"].tolist() == [0.5, 0.0, 0.0]  # the change from the scale IA3 starts at
+    assert abs(update_similarity(ua, ub) - 0.5) < 1e-9  # k: same direction (1), v: orthogonal (0)
+    table = torch.arange(24.0).view(2, 12)  # 2 tokens, 3 decoder layers of 4 values each
+    u = expert_update({"prompt_embeddings": table}, "prefix", layers=3)
+    assert list(u) == ["layer0", "layer1", "layer2"] and u["layer1"].tolist() == [10.0, 11.0, 12.0, 13.0]
