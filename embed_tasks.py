@@ -6,6 +6,8 @@
 Writes runs/<profile>/fisher/<expert>.safetensors (cached: recomputed only when the expert or the
 Fisher settings change) and runs/<profile>/similarity/<name>.csv + .json with the matrix and top-k.
 With fisher.embedding=weights no Fisher is computed: the experts' saved updates are compared directly.
+--embedding fisher|weights computes the other one into similarity/<name>.<embedding>.json, beside the one
+retrieval uses (make report compares both against the measured transfer).
 """
 from __future__ import annotations
 
@@ -98,7 +100,11 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
 def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
     ap.add_argument("--target", help="target task: its low-shot expert joins the comparison")
+    ap.add_argument("--embedding", choices=("fisher", "weights"), help="this embedding instead of fisher.embedding, "
+                    "written to similarity/<name>.<embedding>.json (for comparison; retrieval reads <name>.json)")
     args, cfg = parse_stage(ap)
+    if args.embedding:
+        cfg.fisher.embedding = args.embedding
     names = pool_experts(cfg, args.target)
     fc = cfg.fisher
     t0 = time.time()
@@ -111,7 +117,7 @@ def main() -> None:
         matrix = similarity_matrix(embeddings, sim)
     except ValueError as e:
         raise UserError(f"{cfg.path}: {e} (expert.method / backbone must be the same for all of {names})")
-    label = names[0] if args.target else "pool"
+    label = (names[0] if args.target else "pool") + (f".{args.embedding}" if args.embedding else "")
     how = {"embedding": "weights"} if fc.embedding == "weights" else {
         "embedding": "fisher", "estimator": fc.estimator, "samples": fc.samples, "normalize": fc.normalize}
     result = {"names": names, "matrix": matrix, "fisher": how}

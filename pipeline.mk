@@ -27,9 +27,10 @@ BASELINE := $(RUN)/experts/$(NAME).2x/meta.json $(RUN)/experts/$(NAME).full-ft/m
             $(RUN)/interpolated/$(NAME).random/meta.json $(RUN)/interpolated/$(NAME).frozen/meta.json
 PAIRS    := $(foreach t,$(OTHERS),$(RUN)/interpolated/$(NAME).pair-$(t)/meta.json)
 TRANSFER := $(RUN)/results/$(NAME).transfer.json
+EMBEDS   := $(RUN)/similarity/$(NAME).fisher.json $(RUN)/similarity/$(NAME).weights.json
 ORACLE   := $(RUN)/interpolated/$(NAME).oracle/meta.json
 ifdef STUDY
-$(RESULT): $(BASELINE) $(if $(filter 1,$(TRANSFER_ROW)),$(ORACLE))
+$(RESULT): $(BASELINE) $(if $(filter 1,$(TRANSFER_ROW)),$(ORACLE) $(EMBEDS))
 endif
 
 .PHONY: backbone experts embed interpolate evaluate show clean
@@ -55,6 +56,9 @@ $(RUN)/experts/%/meta.json: $(BACKBONE) $(CFG)/expert.json $(CFG)/data.json
 
 $(SIM): $(POOL_EXP) $(TGT_EXP) $(CFG)/fisher.json
 	$(PY) embed_tasks.py --target $(TARGET) $(ARGS)
+
+$(RUN)/similarity/$(NAME).%.json: $(POOL_EXP) $(TGT_EXP) $(CFG)/fisher.json
+	$(PY) embed_tasks.py --target $(TARGET) --embedding $* $(ARGS)
 
 $(INTERP): $(SIM) $(CFG)/interpolate.json
 	$(PY) interpolate.py --target $(TARGET) $(ARGS)

@@ -107,41 +107,44 @@ def write_report(cfg, target: str) -> Path:
 
     md += ["", "## Retrieval: predicted similarity against measured transfer", "",
            "Transfer of expert s = accuracy of π-Tuning with the target's expert and s alone, minus target-only. "
-           "Spearman is taken per seed over the pool, then averaged.", ""]
-    sims = _similarities(cfg, target, runs)
+           "Spearman is taken per seed over the pool, then averaged. `retrieval` is the embedding π-Tuning used; "
+           "the others were computed beside it for comparison (embed_tasks.py --embedding).", ""]
     rho_rows, scatter = [], []
-    for s in shots:
-        rhos, per_expert = [], {}
-        for r in by_shots[s]:
-            sim = sims.get(r["run"])
-            if not r.get("transfer") or sim is None:
-                continue
-            names = sorted(r["transfer"])
-            rhos.append(spearman([sim[n] for n in names], [r["transfer"][n] for n in names]))
-            for n in names:
-                per_expert.setdefault(n, []).append((sim[n], r["transfer"][n]))
-        if rhos:
-            ok = [x for x in rhos if not math.isnan(x)]
-            rho_rows.append(f"| {s} | {len(rhos)} | {_mean_sd(ok)} | {', '.join(f'{x:+.2f}' for x in rhos)} |")
-            scatter.append((s, per_expert))
+    for emb, sims in _similarities(cfg, runs).items():
+        for s in shots:
+            rhos, per_expert = [], {}
+            for r in by_shots[s]:
+                sim = sims.get(r["run"])
+                if not r.get("transfer") or sim is None:
+                    continue
+                names = sorted(r["transfer"])
+                rhos.append(spearman([sim[n] for n in names], [r["transfer"][n] for n in names]))
+                for n in names:
+                    per_expert.setdefault(n, []).append((sim[n], r["transfer"][n]))
+            if rhos:
+                ok = [x for x in rhos if not math.isnan(x)]
+                rho_rows.append(f"| {s} | {emb} | {len(rhos)} | {_mean_sd(ok)} | {', '.join(f'{x:+.2f}' for x in rhos)} |")
+                if emb.startswith("retrieval"):
+                    scatter.append((s, per_expert))
     if rho_rows:
-        md += ["| shots | seeds | Spearman (mean ± std) | per seed |", "|---|---|---|---|", *rho_rows, ""]
+        md += ["| shots | embedding | seeds | Spearman (mean ± std) | per seed |", "|---|---|---|---|---|", *rho_rows, ""]
+    if scatter:
         s, per_expert = scatter[-1]
-        md += [f"At {_shots_label(s)}:", "", "| expert | similarity | transfer |", "|---|---|---|"]
+        md += [f"At {_shots_label(s)} (retrieval's embedding):", "", "| expert | similarity | transfer |", "|---|---|---|"]
         for n, v in sorted(per_expert.items(), key=lambda kv: -statistics.mean(t for _, t in kv[1])):
             md.append(f"| {n} | {_mean_sd([a for a, _ in v])} | {_mean_sd([b for _, b in v])} |")
         _plot_transfer(figs / "transfer_vs_similarity.png", s, per_expert)
-    else:
+    elif not rho_rows:
         md.append("_No transfer measured yet (interpolate.py --variant pair-<expert>, evaluate.py --transfer)._")
 
     md += ["", "## Plots", ""]
     _plot_accuracy(figs / "accuracy_vs_shots.png", target, by_shots, methods, metric)
     md.append("![accuracy vs shots](report/accuracy_vs_shots.png)")
-    if rho_rows:
+    if scatter:
         md.append("![transfer vs similarity](report/transfer_vs_similarity.png)")
     last = min(by_shots[shots[-1]], key=lambda r: r["seed"])  # the plots show one run: most shots, first seed
-    if last["run"] in sims:
-        sim_file = cfg.run_dir / "similarity" / f"{last['run']}.json"
+    sim_file = cfg.run_dir / "similarity" / f"{last['run']}.json"
+    if sim_file.is_file():
         _plot_similarity(figs / "similarity.png", figs / "task_graph.png", json.loads(sim_file.read_text()),
                          _families(cfg))
         md += ["![similarity heatmap](report/similarity.png) ![task graph](report/task_graph.png)",
@@ -155,15 +158,19 @@ def write_report(cfg, target: str) -> Path:
     return out
 
 
-def _similarities(cfg, target: str, runs: list[dict]) -> dict[str, dict[str, float]]:
-    """run -> {pool expert: predicted similarity to the target's expert}."""
-    out = {}
+def _similarities(cfg, runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """embedding -> run -> {pool expert: predicted similarity to the target's expert}; "retrieval (<kind>)"
+    is what π-Tuning used (similarity/<run>.json), the others similarity/<run>.<kind>.json."""
+    out: dict[str, dict] = {}
     for r in runs:
-        p = cfg.run_dir / "similarity" / f"{r['run']}.json"
-        if p.is_file():
+        for p in sorted((cfg.run_dir / "similarity").glob(f"{r['run']}*.json")):
+            extra = p.name[len(r["run"]):-len(".json")]
+            if extra and not re.fullmatch(r"\.(fisher|weights)", extra):
+                continue
             s = json.loads(p.read_text())
-            out[r["run"]] = dict(zip(s["names"], s["matrix"][0]))
-    return out
+            kind = s.get("fisher", {}).get("embedding", "fisher")
+            out.setdefault(kind if extra else f"retrieval ({kind})", {})[r["run"]] = dict(zip(s["names"], s["matrix"][0]))
+    return dict(sorted(out.items(), key=lambda kv: not kv[0].startswith("retrieval")))
 
 
 def _families(cfg) -> dict[str, str]:
@@ -230,7 +237,9 @@ def _plot_similarity(heat_path: Path, graph_path: Path, sim: dict, families: dic
             if i != j:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white")
     fig.colorbar(im, ax=ax, label="similarity (off-diagonal range)")
-    ax.set_title("task similarity (diagonal Fisher of each expert)")
+    how = {"weights": "cosine of the experts' updates"}.get(sim.get("fisher", {}).get("embedding"),
+                                                             "diagonal Fisher of each expert")
+    ax.set_title(f"task similarity ({how})")
     fig.tight_layout()
     fig.savefig(heat_path, dpi=110)
     plt.close(fig)

@@ -35,6 +35,10 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro, tmp_path):
     assert result["experts_by_method"]["pi-oracle"][1] == best  # the oracle ranks by measured transfer
     report = (runs / "micro/report.md").read_text()
     assert "| pi-tuning |" in report and "Spearman" in report
+    # retrieval's own embedding (micro: the Fisher) and both embeddings computed beside it, each against transfer
+    assert (runs / "micro/similarity/snli-ve-8shot-s0.weights.json").is_file()
+    for row in ("| 8 | retrieval (fisher) | 1 |", "| 8 | fisher | 1 |", "| 8 | weights | 1 |"):
+        assert row in report
     for png in ("accuracy_vs_shots", "similarity", "task_graph", "weights", "transfer_vs_similarity"):
         f = runs / f"micro/report/{png}.png"
         assert f.read_bytes()[:4] == b"\x89PNG" and f"report/{png}.png" in report
