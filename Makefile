@@ -5,9 +5,9 @@ TARGET    ?= snli-ve
 SEED      ?= 0
 SEEDS     ?= 0 1 2
 OVERRIDES ?=
-REPORT_SHOTS   ?= 16 32 64
+REPORT_SHOTS   ?= 32 64
 REPORT_SEEDS   ?= 0 1 2 3 4
-TRANSFER_SHOTS ?= 32 64
+TRANSFER_SHOTS ?= 64
 JOBS           ?= 2
 CONFIG    := configs/$(PROFILE).yaml
 VENV      := .venv
@@ -42,13 +42,19 @@ seeds: $(STAMP)
 	@for s in $(SEEDS); do $(PIPELINE) SEED=$$s OVERRIDES="$(OVERRIDES)" evaluate || exit 1; done
 	@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" show
 
-# the study: JOBS stages at a time (one torch thread each), then the report from every result so far
+# the study: the backbone on every core, the pool experts, then every shots x seed pipeline, JOBS stages
+# at a time across all of them (one torch thread each; make's job server), then the report
+STUDY_RUNS = $(foreach s,$(REPORT_SHOTS),$(foreach r,$(REPORT_SEEDS),study-$(s)-$(r)))
 report: $(STAMP)
-	@for shots in $(REPORT_SHOTS); do for seed in $(REPORT_SEEDS); do \
-	  case " $(TRANSFER_SHOTS) " in *" $$shots "*) row=1;; *) row=0;; esac; \
-	  $(PIPELINE) -j$(JOBS) SEED=$$seed STUDY=1 TRANSFER_ROW=$$row \
-	    OVERRIDES="tasks.target_shots=$$shots threads=1 $(OVERRIDES)" evaluate || exit 1; done; done
+	@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" backbone
+	@$(PIPELINE) -j$(JOBS) SEED=$(SEED) OVERRIDES="threads=1 $(OVERRIDES)" experts
+	@$(MAKE) --no-print-directory -j$(JOBS) $(STUDY_RUNS)
 	$(PY) evaluate.py --report --target $(TARGET) --config $(CONFIG) $(OVERRIDES)
+
+study-%: $(STAMP)
+	@set -- $(subst -, ,$*); $(PIPELINE) SEED=$$2 STUDY=1 \
+	  TRANSFER_ROW=$(if $(filter $(word 1,$(subst -, ,$*)),$(TRANSFER_SHOTS)),1,0) \
+	  OVERRIDES="tasks.target_shots=$$1 threads=1 $(OVERRIDES)" evaluate
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

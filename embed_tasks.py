@@ -12,6 +12,7 @@ retrieval uses (make report compares both against the measured transfer).
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
             fisher = fisher_diagonal(peft_model, enc, exs, fc.estimator, fc.batch_size, desc=f"fisher {name}")
             fisher = {k.replace(".default", ""): v.contiguous() for k, v in fisher.items()}
             out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.tmp")
+            tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # make report may run two embeds at once
             save_file(fisher, str(tmp), metadata=key)
             tmp.replace(out)
             computed.append(name)

@@ -11,6 +11,7 @@ the transfer of each pair-<expert> run over target-only), updates <target>.json 
 """
 from __future__ import annotations
 
+import fcntl
 import statistics
 import time
 
@@ -105,8 +106,16 @@ def main() -> None:
     test = data.split(cfg, args.target, "test")
     t0 = time.time()
     todo = methods(cfg, run, meta)
+    res_dir = cfg.run_dir / "results"
+    measured = {}  # the pair runs' accuracies, when evaluate.py --transfer has measured them (and is not older)
     if args.transfer:
         todo = {m: v for m, v in todo.items() if m == "target-only" or m.startswith("pair-")}
+    elif (res_dir / f"{run}.transfer.json").is_file():
+        row = read_json(res_dir / f"{run}.transfer.json", "transfer matrix row", "run `evaluate.py --transfer`")
+        newest = max((d.stat().st_mtime for m, (_, d) in todo.items() if m.startswith("pair-")), default=0)
+        if (res_dir / f"{run}.transfer.json").stat().st_mtime >= newest:
+            measured = {m: a for m, a in row["accuracy"].items() if m.startswith("pair-")}
+    todo = {m: v for m, v in todo.items() if m not in measured}
 
     base, processor = load_backbone(cfg)  # loaded once; each method's expert goes in and comes out again
     enc = data.Encoder(processor)
@@ -126,23 +135,25 @@ def main() -> None:
         metric, acc[m] = task_metric(model, enc, task, test, cfg.evaluate.batch_size)
         if model is not base and kind != "full":
             base = unload_expert(model)
+    acc.update(measured)
 
     transfer = {m[5:]: round(a - acc["target-only"], 4) for m, a in acc.items() if m.startswith("pair-")}
     result = {"target": args.target, "run": run, "shots": shots, "seed": cfg.seed, "metric": metric,
               "test_size": len(test), "experts": meta["experts"], "accuracy": acc, "transfer": transfer,
               "experts_by_method": {m: e for m, e in used.items() if e}, "seconds": round(time.time() - t0, 1)}
-    res_dir = cfg.run_dir / "results"
     if args.transfer:
         write_json(res_dir / f"{run}.transfer.json", result)
         return print(f"transfer over target-only ({acc['target-only']:.3f}): "
                      + ", ".join(f"{s} {v:+.3f}" for s, v in sorted(transfer.items(), key=lambda x: -x[1])))
-    summary_path = res_dir / f"{args.target}.json"
-    summary = read_json(summary_path, "results", "delete it") if summary_path.exists() else {"runs": {}}
-    summary["runs"][run] = result
-    md = table(args.target, metric, summary["runs"])
     write_json(res_dir / f"{run}.json", result)
-    write_json(summary_path, summary)
-    write_text(res_dir / f"{args.target}.md", md)
+    with open(res_dir / f".{args.target}.lock", "w") as lock:  # make report evaluates two runs at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        summary_path = res_dir / f"{args.target}.json"
+        summary = read_json(summary_path, "results", "delete it") if summary_path.exists() else {"runs": {}}
+        summary["runs"][run] = result
+        md = table(args.target, metric, summary["runs"])
+        write_json(summary_path, summary)
+        write_text(res_dir / f"{args.target}.md", md)
     print(md, end="")
     print(f"({metric} on {len(test)} test examples; this run: {run}, experts {', '.join(meta['experts'])}; "
           f"{time.time() - t0:.0f}s -> {res_dir / args.target}.md)")

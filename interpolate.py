@@ -19,7 +19,7 @@ from common import data
 from common.artifacts import atomic_dir, read_json, write_json
 from common.backbone import backbone_dir, fingerprint, load_backbone
 from common.config import UserError, parse_stage, run_stage, stage_parser
-from common.experts import MergedExpert, expert_name, load_pool
+from common.experts import MergedExpert, expert_name, load_pool, unload_expert
 from common.training import train_steps
 
 
@@ -46,16 +46,57 @@ def variant(cfg, name: str, run: str, sim: dict, chosen: list[str]) -> tuple[lis
     raise UserError(f"--variant '{name}': use random, oracle, frozen or pair-<expert> with one of {', '.join(pool)}")
 
 
+def interpolate(cfg, model, enc, target: str, run: str, name: str, experts: list[str], how: str,
+                train_experts: bool) -> str:
+    """One π-Tuning run (or baseline run) on the loaded backbone, written to interpolated/<run>[.<name>]/; the
+    backbone comes back unchanged, so one process can do several. Returns its summary line."""
+    ic, shots = cfg.interpolate, cfg.tasks.target_shots
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    merge = MergedExpert(model, cfg.expert, load_pool(cfg, experts), ic.groups, trainable=train_experts)
+    logits = torch.zeros(len(merge.group_names), len(experts), requires_grad=True)  # uniform start
+    merge.model.train()
+
+    def loss_fn(batch):
+        return merge(logits, **enc.batch(batch)).loss
+
+    train = data.train_split(cfg, target, shots, cfg.seed)
+    groups = [{"params": [logits], "lr": ic.logits_lr}]
+    if train_experts:
+        groups.append({"params": list(merge.stack.parameters()), "lr": ic.lr})
+    loss = train_steps(loss_fn, groups, data.infinite_batches(train, ic.batch_size, cfg.seed), ic.steps,
+                       ic.grad_clip, warmup=min(20, ic.steps // 10), desc=f"interpolate {run}")
+
+    probs = torch.softmax(logits.detach(), dim=-1)
+    out = cfg.run_dir / "interpolated" / (f"{run}.{name}" if name else run)
+    with atomic_dir(out) as tmp:
+        merge.export(logits).save_pretrained(tmp)
+        write_json(tmp / "weights.json", {"experts": experts, "groups": {
+            g: dict(zip(experts, p.tolist())) for g, p in zip(merge.group_names, probs)}})
+        write_json(tmp / "meta.json", {
+            "target": target, "run": run, "experts": experts, "shots": shots, "seed": cfg.seed,
+            "retrieval": how, "variant": name, "method": cfg.expert.method,
+            "train_size": len(train), "groups": ic.groups, "num_groups": len(merge.group_names),
+            "train_experts": train_experts, "steps": ic.steps, "final_loss": loss,
+            "mean_weights": dict(zip(experts, probs.mean(0).tolist())), "backbone": fingerprint(backbone_dir(cfg)),
+            "seconds": round(time.time() - t0, 1), "config": cfg.to_dict()})
+    unload_expert(merge.model)
+    mean = ", ".join(f"{e} {p:.2f}" for e, p in zip(experts, probs.mean(0).tolist()))
+    return (f"interpolated {out.name} ({cfg.expert.method}, {how}): {len(merge.group_names)} groups, mean weights "
+            f"[{mean}], loss {loss:.3f}, {time.time() - t0:.0f}s -> {out}")
+
+
 def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
     ap.add_argument("--target", required=True, help="target task (its low-shot expert must exist)")
     ap.add_argument("--variant", default="", help="a baseline run instead, written to interpolated/<run>.<variant>/: "
                     "random (k seeded random pool experts), oracle (the k best by measured transfer), frozen "
-                    "(experts not trained), pair-<expert> (that expert alone: one cell of the transfer matrix)")
+                    "(experts not trained), pair-<expert> (that expert alone: one cell of the transfer matrix); "
+                    "several, comma-separated, share one backbone load (pair-vqa,pair-nli)")
     args, cfg = parse_stage(ap)
     data.task(cfg, args.target, where="--target")
-    ic, shots = cfg.interpolate, cfg.tasks.target_shots
-    run = expert_name(args.target, shots, cfg.seed)
+    ic = cfg.interpolate
+    run = expert_name(args.target, cfg.tasks.target_shots, cfg.seed)
     sim = read_json(cfg.run_dir / "similarity" / f"{run}.json", "similarity matrix",
                     f"run `python embed_tasks.py --target {args.target}`")
     if not ic.experts and len(sim.get("top_k", [])) < ic.top_k:
@@ -66,43 +107,12 @@ def main() -> None:
         if name not in sim["names"] or name == run:
             raise UserError(f"{cfg.path}: interpolate.experts names '{name}', not a pool expert of {run} "
                             f"(pool: {', '.join(sim['names'][1:])})")
-    chosen, how, train_experts = variant(cfg, args.variant, run, sim, chosen)
-    experts = [run] + chosen
-    torch.manual_seed(cfg.seed)
-    t0 = time.time()
-
+    todo = [(v, *variant(cfg, v, run, sim, chosen)) for v in args.variant.split(",")]  # all checked before training
     model, processor = load_backbone(cfg)
     enc = data.Encoder(processor)
-    merge = MergedExpert(model, cfg.expert, load_pool(cfg, experts), ic.groups, trainable=train_experts)
-    logits = torch.zeros(len(merge.group_names), len(experts), requires_grad=True)  # uniform start
-    merge.model.train()
-
-    def loss_fn(batch):
-        return merge(logits, **enc.batch(batch)).loss
-
-    train = data.train_split(cfg, args.target, shots, cfg.seed)
-    groups = [{"params": [logits], "lr": ic.logits_lr}]
-    if train_experts:
-        groups.append({"params": list(merge.stack.parameters()), "lr": ic.lr})
-    loss = train_steps(loss_fn, groups, data.infinite_batches(train, ic.batch_size, cfg.seed), ic.steps,
-                       ic.grad_clip, warmup=min(20, ic.steps // 10), desc=f"interpolate {run}")
-
-    probs = torch.softmax(logits.detach(), dim=-1)
-    out = cfg.run_dir / "interpolated" / (f"{run}.{args.variant}" if args.variant else run)
-    with atomic_dir(out) as tmp:
-        merge.export(logits).save_pretrained(tmp)
-        write_json(tmp / "weights.json", {"experts": experts, "groups": {
-            g: dict(zip(experts, p.tolist())) for g, p in zip(merge.group_names, probs)}})
-        write_json(tmp / "meta.json", {
-            "target": args.target, "run": run, "experts": experts, "shots": shots, "seed": cfg.seed,
-            "retrieval": how, "variant": args.variant, "method": cfg.expert.method,
-            "train_size": len(train), "groups": ic.groups, "num_groups": len(merge.group_names),
-            "train_experts": train_experts, "steps": ic.steps, "final_loss": loss,
-            "mean_weights": dict(zip(experts, probs.mean(0).tolist())), "backbone": fingerprint(backbone_dir(cfg)),
-            "seconds": round(time.time() - t0, 1), "config": cfg.to_dict()})
-    mean = ", ".join(f"{e} {p:.2f}" for e, p in zip(experts, probs.mean(0).tolist()))
-    print(f"interpolated {out.name} ({cfg.expert.method}, {how}): {len(merge.group_names)} groups, mean weights [{mean}], loss {loss:.3f}, "
-          f"{time.time() - t0:.0f}s -> {out}")
+    for name, pool_experts, how, train_experts in todo:
+        print(interpolate(cfg, model, enc, args.target, run, name, [run] + pool_experts, how, train_experts),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ INTERP   := $(RUN)/interpolated/$(NAME)/meta.json
 RESULT   := $(RUN)/results/$(NAME).json
 
 # the study (make report): every baseline of this target/shots/seed, and the transfer matrix row
+COMMA    := ,
+SPACE    := $(subst ,, )
 OTHERS   := $(filter-out $(TARGET),$(POOL))
 BASELINE := $(RUN)/experts/$(NAME).2x/meta.json $(RUN)/experts/$(NAME).full-ft/meta.json \
             $(RUN)/interpolated/$(NAME).random/meta.json $(RUN)/interpolated/$(NAME).frozen/meta.json
@@ -71,6 +73,13 @@ $(RUN)/experts/$(NAME).%/meta.json: $(BACKBONE) $(CFG)/expert.json $(CFG)/data.j
 
 $(RUN)/interpolated/$(NAME).%/meta.json: $(SIM) $(CFG)/interpolate.json
 	$(PY) interpolate.py --target $(TARGET) --variant $* $(ARGS)
+
+# the study's interpolation baselines and pair runs: one process each (one backbone load, not one per run)
+$(RUN)/interpolated/$(NAME).random/meta.json $(RUN)/interpolated/$(NAME).frozen/meta.json &: $(SIM) $(CFG)/interpolate.json
+	$(PY) interpolate.py --target $(TARGET) --variant random,frozen $(ARGS)
+
+$(PAIRS) &: $(SIM) $(CFG)/interpolate.json
+	$(PY) interpolate.py --target $(TARGET) --variant $(subst $(SPACE),$(COMMA),$(addprefix pair-,$(OTHERS))) $(ARGS)
 
 $(TRANSFER): $(PAIRS) $(TGT_EXP) $(CFG)/evaluate.json
 	$(PY) evaluate.py --target $(TARGET) --transfer $(ARGS)

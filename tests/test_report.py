@@ -6,6 +6,8 @@ import math
 import shutil
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import run
 
@@ -42,6 +44,17 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro, tmp_path):
     for png in ("accuracy_vs_shots", "similarity", "task_graph", "weights", "transfer_vs_similarity"):
         f = runs / f"micro/report/{png}.png"
         assert f.read_bytes()[:4] == b"\x89PNG" and f"report/{png}.png" in report
+    # the pair runs were made together in one process; each equals the same run made alone
+    solo = tmp_path / "solo"
+    shutil.copytree(runs, solo)
+    shutil.rmtree(solo / "micro/interpolated/snli-ve-8shot-s0.pair-shape")
+    run("python", "interpolate.py", "--target", "snli-ve", "--variant", "pair-shape", "--config", "configs/micro.yaml",
+        "tasks.target_shots=8", "threads=1", f"runs_dir={solo}")  # make report runs one thread per stage
+    for d in (runs, solo):
+        assert (d / "micro/interpolated/snli-ve-8shot-s0.pair-nli/meta.json").is_file()
+    together, alone = (load_file(str(d / "micro/interpolated/snli-ve-8shot-s0.pair-shape/adapter_model.safetensors"))
+                       for d in (runs, solo))
+    assert together.keys() == alone.keys() and all(torch.equal(together[k], alone[k]) for k in together)
     again = run("make", "report", "PROFILE=micro", f"PY={sys.executable}", "STAMP=", "REPORT_SHOTS=8",
                 "REPORT_SEEDS=0", "TRANSFER_SHOTS=8", f"OVERRIDES=runs_dir={runs}")
     assert "interpolate.py" not in again.stdout and "train_expert.py" not in again.stdout  # nothing to redo
