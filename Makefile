@@ -44,15 +44,17 @@ seeds: $(STAMP)
 
 # the study: the backbone on every core, the pool experts, then every shots x seed pipeline, JOBS stages
 # at a time across all of them (one torch thread each; make's job server), then the report
-STUDY_RUNS = $(foreach s,$(REPORT_SHOTS),$(foreach r,$(REPORT_SEEDS),study-$(s)-$(r)))
+# the transfer rows first: the costliest pipelines start early, so the last one to finish is a short one
+STUDY_SHOTS = $(filter $(TRANSFER_SHOTS),$(REPORT_SHOTS)) $(filter-out $(TRANSFER_SHOTS),$(REPORT_SHOTS))
+STUDY_RUNS = $(foreach s,$(STUDY_SHOTS),$(foreach r,$(REPORT_SEEDS),study-$(s)-$(r)))
 report: $(STAMP)
 	@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" backbone
 	@$(PIPELINE) -j$(JOBS) SEED=$(SEED) OVERRIDES="threads=1 $(OVERRIDES)" experts
-	@$(MAKE) --no-print-directory -j$(JOBS) $(STUDY_RUNS)
+	+@$(MAKE) --no-print-directory -j$(JOBS) $(STUDY_RUNS)
 	$(PY) evaluate.py --report --target $(TARGET) --config $(CONFIG) $(OVERRIDES)
 
 study-%: $(STAMP)
-	@set -- $(subst -, ,$*); $(PIPELINE) SEED=$$2 STUDY=1 \
+	+@set -- $(subst -, ,$*); $(PIPELINE) SEED=$$2 STUDY=1 \
 	  TRANSFER_ROW=$(if $(filter $(word 1,$(subst -, ,$*)),$(TRANSFER_SHOTS)),1,0) \
 	  OVERRIDES="tasks.target_shots=$$1 threads=1 $(OVERRIDES)" evaluate
 
