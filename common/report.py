@@ -125,15 +125,15 @@ def write_report(cfg, target: str) -> Path:
                 ok = [x for x in rhos if not math.isnan(x)]
                 rho_rows.append(f"| {s} | {emb} | {len(rhos)} | {_mean_sd(ok)} | {', '.join(f'{x:+.2f}' for x in rhos)} |")
                 if emb.startswith("retrieval"):
-                    scatter.append((s, per_expert))
+                    scatter.append((s, per_expert, _mean_sd(ok)))
     if rho_rows:
         md += ["| shots | embedding | seeds | Spearman (mean ± std) | per seed |", "|---|---|---|---|---|", *rho_rows, ""]
     if scatter:
-        s, per_expert = scatter[-1]
+        s, per_expert, rho = scatter[-1]
         md += [f"At {_shots_label(s)} (retrieval's embedding):", "", "| expert | similarity | transfer |", "|---|---|---|"]
         for n, v in sorted(per_expert.items(), key=lambda kv: -statistics.mean(t for _, t in kv[1])):
             md.append(f"| {n} | {_mean_sd([a for a, _ in v])} | {_mean_sd([b for _, b in v])} |")
-        _plot_transfer(figs / "transfer_vs_similarity.png", s, per_expert)
+        _plot_transfer(figs / "transfer_vs_similarity.png", s, per_expert, rho)
     elif not rho_rows:
         md.append("_No transfer measured yet (interpolate.py --variant pair-<expert>, evaluate.py --transfer)._")
 
@@ -182,41 +182,56 @@ def _families(cfg) -> dict[str, str]:
 
 
 def _plot_accuracy(path: Path, target: str, by_shots: dict, methods: list[str], metric: str) -> None:
+    """Left: every method's accuracy; right: the gain over target-only, seed by seed (paired), zoomed in."""
     import matplotlib.pyplot as plt
 
     shots = sorted(by_shots)
     x = list(range(len(shots)))
-    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    fig, (ax, gx) = plt.subplots(1, 2, figsize=(13, 4.8))
     for m in methods:
+        style = dict(lw=2.5, color="black") if m == "pi-tuning" else dict(lw=1.2)
         pts = [(i, [r["accuracy"][m] for r in by_shots[s] if m in r["accuracy"]]) for i, s in zip(x, shots)]
         pts = [(i, v) for i, v in pts if v]
-        style = dict(lw=2.5, color="black") if m == "pi-tuning" else dict(lw=1.2)
-        ax.errorbar([i for i, _ in pts], [statistics.mean(v) for _, v in pts],
-                    yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in pts], marker="o", capsize=3,
-                    label=m, **style)
-    ax.set_xticks(x, [_shots_label(s) for s in shots])
-    ax.set_xlabel("target training data")
+        line = ax.errorbar([i for i, _ in pts], [statistics.mean(v) for _, v in pts],
+                           yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in pts], marker="o", capsize=3,
+                           label=m, **style)
+        gains = [(i, [r["accuracy"][m] - r["accuracy"]["target-only"] for r in by_shots[s] if m in r["accuracy"]])
+                 for i, s in zip(x, shots)]
+        gains = [(i, g) for i, g in gains if g]
+        if m in ("zero-shot", "target-only") or not gains or min(min(g) for _, g in gains) < -0.1:
+            continue  # far below target-only: the left panel shows it
+        off = 0.012 * (methods.index(m) - len(methods) / 2)  # side by side, not on top of each other
+        gx.errorbar([i + off for i, _ in gains], [statistics.mean(g) for _, g in gains],
+                    yerr=[statistics.stdev(g) if len(g) > 1 else 0 for _, g in gains], marker="o", capsize=3,
+                    color=line[0].get_color(), **{k: v for k, v in style.items() if k != "color"})
+    for a, title in ((ax, f"{target}: mean ± std over seeds"),
+                     (gx, "gain over target-only, seed by seed")):
+        a.set_xticks(x, [_shots_label(s) for s in shots])
+        a.set_xlabel("target training data")
+        a.set_title(title)
+        a.grid(alpha=0.3)
     ax.set_ylabel(f"test {metric}")
-    ax.set_title(f"{target}: mean ± std over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
+    gx.axhline(0, color="grey", lw=1)
+    gx.set_ylabel(f"{metric} − target-only")
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="center right")
+    fig.tight_layout(rect=(0, 0, 0.87, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _plot_transfer(path: Path, shots: int, per_expert: dict) -> None:
+def _plot_transfer(path: Path, shots: int, per_expert: dict, rho: str) -> None:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
     for n, v in per_expert.items():
         xs, ys = [a for a, _ in v], [b for _, b in v]
-        ax.scatter(xs, ys, s=18, alpha=0.6)
-        ax.annotate(n, (statistics.mean(xs), statistics.mean(ys)), fontsize=8)
+        dots = ax.scatter(xs, ys, s=18, alpha=0.6)
+        ax.annotate(n, (statistics.mean(xs), statistics.mean(ys)), fontsize=8, weight="bold",
+                    color=dots.get_facecolor()[0][:3])
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("predicted similarity to the target")
     ax.set_ylabel("measured transfer (accuracy gain)")
-    ax.set_title(f"{_shots_label(shots)}: one point per expert and seed")
+    ax.set_title(f"{_shots_label(shots)}: one dot per expert and seed, name at its mean\nSpearman {rho}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
