@@ -12,7 +12,6 @@ retrieval uses (make report compares both against the measured transfer).
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common import data
-from common.artifacts import read_json, write_json, write_text
+from common.artifacts import atomic_file, read_json, write_json, write_text
 from common.backbone import load_backbone
 from common.config import UserError, parse_stage, run_stage, stage_parser
 from common.experts import WEIGHTS, attach, expert_dir, expert_name, load_expert_weights, read_expert_meta, set_weights
@@ -58,7 +57,6 @@ def cached_fisher(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
 
 def weight_embedding(cfg, name: str) -> dict[str, torch.Tensor]:
     path = expert_dir(cfg, name)
-    read_expert_meta(path)
     layers = read_json(path / "adapter_config.json", "expert config", "retrain it").get("num_layers") or 1
     try:
         return expert_update(load_expert_weights(path), cfg.expert.method, layers)
@@ -89,10 +87,8 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
             exs = data.train_split(cfg, meta["task"], meta["shots"] or 0, meta["seed"])[:fc.samples]
             fisher = fisher_diagonal(peft_model, enc, exs, fc.estimator, fc.batch_size, desc=f"fisher {name}")
             fisher = {k.replace(".default", ""): v.contiguous() for k, v in fisher.items()}
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # make report may run two embeds at once
-            save_file(fisher, str(tmp), metadata=key)
-            tmp.replace(out)
+            with atomic_file(out) as tmp:
+                save_file(fisher, str(tmp), metadata=key)
             computed.append(name)
         fishers.append(normalized(fisher, fc.normalize))
     return fishers, computed
@@ -131,9 +127,9 @@ def main() -> None:
     write_text(sim_dir / f"{label}.csv", csv)
     write_json(sim_dir / f"{label}.json", result)
     extra = f" | top-{cfg.interpolate.top_k} for {names[0]}: {', '.join(result['top_k'])}" if args.target else ""
-    how = "weight updates" if fc.embedding == "weights" else \
+    work = "weight updates" if fc.embedding == "weights" else \
         f"{len(computed)} Fisher computed, {len(names) - len(computed)} cached"
-    print(f"similarity: {len(names)} experts ({how})"
+    print(f"similarity: {len(names)} experts ({work})"
           f"{extra} | {time.time() - t0:.0f}s -> {sim_dir / label}.csv")
 
 

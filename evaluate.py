@@ -107,13 +107,14 @@ def main() -> None:
     t0 = time.time()
     todo = methods(cfg, run, meta)
     res_dir = cfg.run_dir / "results"
+    row_path = res_dir / f"{run}.transfer.json"
     measured = {}  # the pair runs' accuracies, when evaluate.py --transfer has measured them (and is not older)
     if args.transfer:
         todo = {m: v for m, v in todo.items() if m == "target-only" or m.startswith("pair-")}
-    elif (res_dir / f"{run}.transfer.json").is_file():
-        row = read_json(res_dir / f"{run}.transfer.json", "transfer matrix row", "run `evaluate.py --transfer`")
+    elif row_path.is_file():
         newest = max((d.stat().st_mtime for m, (_, d) in todo.items() if m.startswith("pair-")), default=0)
-        if (res_dir / f"{run}.transfer.json").stat().st_mtime >= newest:
+        if row_path.stat().st_mtime >= newest:
+            row = read_json(row_path, "transfer matrix row", "run `evaluate.py --transfer`")
             measured = {m: a for m, a in row["accuracy"].items() if m.startswith("pair-")}
     todo = {m: v for m, v in todo.items() if m not in measured}
 
@@ -142,7 +143,7 @@ def main() -> None:
               "test_size": len(test), "experts": meta["experts"], "accuracy": acc, "transfer": transfer,
               "experts_by_method": {m: e for m, e in used.items() if e}, "seconds": round(time.time() - t0, 1)}
     if args.transfer:
-        write_json(res_dir / f"{run}.transfer.json", result)
+        write_json(row_path, result)
         return print(f"transfer over target-only ({acc['target-only']:.3f}): "
                      + ", ".join(f"{s} {v:+.3f}" for s, v in sorted(transfer.items(), key=lambda x: -x[1])))
     write_json(res_dir / f"{run}.json", result)

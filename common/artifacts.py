@@ -31,13 +31,25 @@ def atomic_dir(path: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_text(path: Path, text: str) -> None:
+@contextmanager
+def atomic_file(path: Path):
+    """Yield a unique temp path next to `path` (two processes may write the same artifact); on success it
+    replaces `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json(path: Path, obj) -> None:

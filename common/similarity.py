@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.data import Encoder, Example, batches
+from common.experts import split_layers
 from common.metrics import answer_logprobs
 
 EPS = 1e-6
@@ -60,10 +61,8 @@ def expert_update(weights: dict[str, torch.Tensor], method: str, layers: int = 1
 
     LoRA B starts at zero, so B·A is the whole update; IA3 starts at 1; adapters and prompts have no
     neutral start, so their map (up·down) / mean token stands for them."""
-    if method in ("prompt", "prefix"):  # [tokens, layers*2*d]: one site per layer (prompt: layers=1)
-        t = weights["prompt_embeddings"].float()
-        n = layers if method == "prefix" else 1
-        return {f"layer{i}": p.mean(0) for i, p in enumerate(t.view(t.shape[0], n, -1).unbind(1))}
+    if method in ("prompt", "prefix"):  # the prompt, or one site per decoder layer of the prefix table
+        return {k.rsplit(".", 1)[-1]: t.float().mean(0) for k, t in split_layers(weights, method, layers).items()}
     parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for k, v in weights.items():
         m = re.match(r"(.*)\.(lora_A|lora_B|adapter\.down|adapter\.up|ia3_l)(?:\.weight)?$", k)
