@@ -6,8 +6,8 @@
 Writes runs/<profile>/fisher/<expert>.safetensors (cached: recomputed only when the expert or the
 Fisher settings change) and runs/<profile>/similarity/<name>.csv + .json with the matrix and top-k.
 With fisher.embedding=weights no Fisher is computed: the experts' saved updates are compared directly.
---embedding fisher|weights computes the other one into similarity/<name>.<embedding>.json, beside the one
-retrieval uses (make report compares both against the measured transfer).
+--embedding fisher|weights|fisher,weights computes those into similarity/<name>.<embedding>.json, beside the
+one retrieval uses (make report compares both against the measured transfer).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from common import data
 from common.artifacts import atomic_file, read_json, write_json, write_text
 from common.backbone import load_backbone
-from common.config import UserError, parse_stage, run_stage, stage_parser
+from common.config import CHOICES, UserError, parse_stage, run_stage, stage_parser
 from common.experts import WEIGHTS, attach, expert_dir, expert_name, load_expert_weights, read_expert_meta, set_weights
 from common.similarity import (expert_update, fisher_diagonal, normalized, similarity_matrix, task_similarity,
                                top_k_similar, update_similarity)
@@ -94,18 +94,11 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
     return fishers, computed
 
 
-def main() -> None:
-    ap = stage_parser(__doc__.split("\n")[0])
-    ap.add_argument("--target", help="target task: its low-shot expert joins the comparison")
-    ap.add_argument("--embedding", choices=("fisher", "weights"), help="this embedding instead of fisher.embedding, "
-                    "written to similarity/<name>.<embedding>.json (for comparison; retrieval reads <name>.json)")
-    args, cfg = parse_stage(ap)
-    if args.embedding:
-        cfg.fisher.embedding = args.embedding
-    names = pool_experts(cfg, args.target)
+def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:
+    """Embed the experts by fisher.embedding, write the similarity matrix (and the target's top-k) to
+    similarity/<target run | pool><suffix>.csv/.json; returns the summary line."""
     fc = cfg.fisher
     t0 = time.time()
-
     if fc.embedding == "weights":
         embeddings, computed, sim = [weight_embedding(cfg, name) for name in names], [], update_similarity
     else:
@@ -114,11 +107,11 @@ def main() -> None:
         matrix = similarity_matrix(embeddings, sim)
     except ValueError as e:
         raise UserError(f"{cfg.path}: {e} (expert.method / backbone must be the same for all of {names})")
-    label = (names[0] if args.target else "pool") + (f".{args.embedding}" if args.embedding else "")
+    label = (names[0] if target else "pool") + suffix
     how = {"embedding": "weights"} if fc.embedding == "weights" else {
         "embedding": "fisher", "estimator": fc.estimator, "samples": fc.samples, "normalize": fc.normalize}
     result = {"names": names, "matrix": matrix, "fisher": how}
-    if args.target:
+    if target:
         result["target"] = names[0]
         result["top_k"] = top_k_similar(names, matrix, names[0], cfg.interpolate.top_k)
     sim_dir = cfg.run_dir / "similarity"
@@ -126,11 +119,28 @@ def main() -> None:
         f"{n}," + ",".join(f"{v:.4f}" for v in row) + "\n" for n, row in zip(names, matrix))
     write_text(sim_dir / f"{label}.csv", csv)
     write_json(sim_dir / f"{label}.json", result)
-    extra = f" | top-{cfg.interpolate.top_k} for {names[0]}: {', '.join(result['top_k'])}" if args.target else ""
+    extra = f" | top-{cfg.interpolate.top_k} for {names[0]}: {', '.join(result['top_k'])}" if target else ""
     work = "weight updates" if fc.embedding == "weights" else \
         f"{len(computed)} Fisher computed, {len(names) - len(computed)} cached"
-    print(f"similarity: {len(names)} experts ({work})"
-          f"{extra} | {time.time() - t0:.0f}s -> {sim_dir / label}.csv")
+    return f"similarity: {len(names)} experts ({work}){extra} | {time.time() - t0:.0f}s -> {sim_dir / label}.csv"
+
+
+def main() -> None:
+    ap = stage_parser(__doc__.split("\n")[0])
+    ap.add_argument("--target", help="target task: its low-shot expert joins the comparison")
+    ap.add_argument("--embedding", help="fisher or weights: this embedding instead of fisher.embedding, written to "
+                    "similarity/<name>.<embedding>.json (for comparison; retrieval reads <name>.json); both, "
+                    "comma-separated, share one process (fisher,weights)")
+    args, cfg = parse_stage(ap)
+    embeddings = args.embedding.split(",") if args.embedding else []
+    if set(embeddings) - set(CHOICES["fisher.embedding"]):
+        raise UserError(f"--embedding '{args.embedding}': use fisher, weights or fisher,weights")
+    names = pool_experts(cfg, args.target)
+    for embedding in embeddings:
+        cfg.fisher.embedding = embedding
+        print(embed(cfg, names, bool(args.target), f".{embedding}"), flush=True)
+    if not embeddings:
+        print(embed(cfg, names, bool(args.target)))
 
 
 if __name__ == "__main__":

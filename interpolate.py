@@ -43,7 +43,7 @@ def variant(cfg, name: str, run: str, sim: dict, chosen: list[str]) -> tuple[lis
         return sorted(pool, key=lambda s: -transfer[s])[:ic.top_k], "oracle (measured transfer)", ic.train_experts
     if name.startswith("pair-") and name[5:] in pool:
         return [name[5:]], "one expert (transfer matrix)", ic.train_experts
-    raise UserError(f"--variant '{name}': use random, oracle, frozen or pair-<expert> with one of {', '.join(pool)}")
+    raise UserError(f"--variant '{name}': use pi, random, oracle, frozen or pair-<expert> with one of {', '.join(pool)}")
 
 
 def interpolate(cfg, model, enc, target: str, run: str, name: str, experts: list[str], how: str,
@@ -89,10 +89,11 @@ def interpolate(cfg, model, enc, target: str, run: str, name: str, experts: list
 def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
     ap.add_argument("--target", required=True, help="target task (its low-shot expert must exist)")
-    ap.add_argument("--variant", default="", help="a baseline run instead, written to interpolated/<run>.<variant>/: "
-                    "random (k seeded random pool experts), oracle (the k best by measured transfer), frozen "
-                    "(experts not trained), pair-<expert> (that expert alone: one cell of the transfer matrix); "
-                    "several, comma-separated, share one backbone load (pair-vqa,pair-nli)")
+    ap.add_argument("--variant", default="pi", help="pi (π-Tuning as configured, interpolated/<run>/), or a "
+                    "baseline run instead, written to interpolated/<run>.<variant>/: random (k seeded random pool "
+                    "experts), oracle (the k best by measured transfer), frozen (experts not trained), pair-<expert> "
+                    "(that expert alone: one cell of the transfer matrix); several, comma-separated, share one "
+                    "backbone load (pi,random,frozen)")
     args, cfg = parse_stage(ap)
     data.task(cfg, args.target, where="--target")
     ic = cfg.interpolate
@@ -107,7 +108,8 @@ def main() -> None:
         if name not in sim["names"] or name == run:
             raise UserError(f"{cfg.path}: interpolate.experts names '{name}', not a pool expert of {run} "
                             f"(pool: {', '.join(sim['names'][1:])})")
-    todo = [(v, *variant(cfg, v, run, sim, chosen)) for v in args.variant.split(",")]  # all checked before training
+    names = ["" if v == "pi" else v for v in args.variant.split(",")]
+    todo = [(v, *variant(cfg, v, run, sim, chosen)) for v in names]  # all checked before training
     model, processor = load_backbone(cfg)
     enc = data.Encoder(processor)
     for name, pool_experts, how, train_experts in todo:

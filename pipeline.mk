@@ -59,14 +59,12 @@ $(RUN)/experts/%/meta.json: $(BACKBONE) $(CFG)/expert.json $(CFG)/data.json
 $(SIM): $(POOL_EXP) $(TGT_EXP) $(CFG)/fisher.json
 	$(PY) embed_tasks.py --target $(TARGET) $(ARGS)
 
-$(RUN)/similarity/$(NAME).%.json: $(POOL_EXP) $(TGT_EXP) $(CFG)/fisher.json
-	$(PY) embed_tasks.py --target $(TARGET) --embedding $* $(ARGS)
-
-$(INTERP): $(SIM) $(CFG)/interpolate.json
-	$(PY) interpolate.py --target $(TARGET) $(ARGS)
-
 $(RESULT): $(INTERP) $(TGT_EXP) $(CFG)/evaluate.json $(CFG)/data.json
 	$(PY) evaluate.py --target $(TARGET) $(ARGS)
+
+# one baseline or comparison run alone (make -f pipeline.mk .../snli-ve-64shot-s0.oracle/meta.json)
+$(RUN)/similarity/$(NAME).%.json: $(POOL_EXP) $(TGT_EXP) $(CFG)/fisher.json
+	$(PY) embed_tasks.py --target $(TARGET) --embedding $* $(ARGS)
 
 $(RUN)/experts/$(NAME).%/meta.json: $(BACKBONE) $(CFG)/expert.json $(CFG)/data.json
 	$(PY) train_expert.py --task $(TARGET) --shots $(SHOTS) --variant $* $(ARGS)
@@ -74,9 +72,22 @@ $(RUN)/experts/$(NAME).%/meta.json: $(BACKBONE) $(CFG)/expert.json $(CFG)/data.j
 $(RUN)/interpolated/$(NAME).%/meta.json: $(SIM) $(CFG)/interpolate.json
 	$(PY) interpolate.py --target $(TARGET) --variant $* $(ARGS)
 
-# the study's interpolation baselines and pair runs: one process each (one backbone load, not one per run)
-$(RUN)/interpolated/$(NAME).random/meta.json $(RUN)/interpolated/$(NAME).frozen/meta.json &: $(SIM) $(CFG)/interpolate.json
-	$(PY) interpolate.py --target $(TARGET) --variant random,frozen $(ARGS)
+# the study: runs that would load the same backbone one after another share one process (each run in it
+# is seeded as if alone, a test checks it): both embeddings, the target-side baselines, π-Tuning with its
+# interpolation baselines, all pair runs
+$(EMBEDS) &: $(POOL_EXP) $(TGT_EXP) $(CFG)/fisher.json
+	$(PY) embed_tasks.py --target $(TARGET) --embedding fisher,weights $(ARGS)
+
+$(RUN)/experts/$(NAME).2x/meta.json $(RUN)/experts/$(NAME).full-ft/meta.json &: $(BACKBONE) $(CFG)/expert.json $(CFG)/data.json
+	$(PY) train_expert.py --task $(TARGET) --shots $(SHOTS) --variant 2x,full-ft $(ARGS)
+
+ifdef STUDY
+$(INTERP) $(RUN)/interpolated/$(NAME).random/meta.json $(RUN)/interpolated/$(NAME).frozen/meta.json &: $(SIM) $(CFG)/interpolate.json
+	$(PY) interpolate.py --target $(TARGET) --variant pi,random,frozen $(ARGS)
+else
+$(INTERP): $(SIM) $(CFG)/interpolate.json
+	$(PY) interpolate.py --target $(TARGET) $(ARGS)
+endif
 
 $(PAIRS) &: $(SIM) $(CFG)/interpolate.json
 	$(PY) interpolate.py --target $(TARGET) --variant $(subst $(SPACE),$(COMMA),$(addprefix pair-,$(OTHERS))) $(ARGS)

@@ -153,15 +153,21 @@ def main() -> None:
     ap.add_argument("--task", help="task to train an expert for (see common/data.py TASKS)")
     ap.add_argument("--shots", type=int, help="train the target's expert on a seeded k-shot sample (0 = its whole "
                     "train split); without it, the task's pool expert")
-    ap.add_argument("--variant", default="", choices=["", "2x", "full-ft"], help="with --shots: a target-side "
-                    "baseline, 2x (twice the steps) or full-ft (full fine-tuning), in experts/<name>.<variant>/")
+    ap.add_argument("--variant", default="", help="with --shots: a target-side baseline instead, in "
+                    "experts/<name>.<variant>/: 2x (twice the steps) or full-ft (full fine-tuning); both, "
+                    "comma-separated, share one process (2x,full-ft)")
     ap.add_argument("--pretrain", action="store_true", help="build and pre-train the embedded backbone (a real "
                     "backbone.source: check that it loads and record it)")
     args, cfg = parse_stage(ap)
     if args.pretrain:
         pretrain(cfg)
     elif args.task:
-        train_expert(cfg, args.task, args.shots, args.variant)
+        variants = args.variant.split(",")
+        if args.variant and (args.shots is None or set(variants) - {"2x", "full-ft"}):
+            raise UserError(f"--variant '{args.variant}': use 2x, full-ft or 2x,full-ft, with --shots (the baselines "
+                            f"of the target's low-shot expert)")
+        for variant in variants:  # each on a freshly loaded backbone, seeded as if run alone
+            train_expert(cfg, args.task, args.shots, variant)
     else:
         raise UserError("train_expert.py: say what to train: --task NAME (or --pretrain); see --help")
 

@@ -129,7 +129,59 @@ def load_backbone(cfg):
                         f"(`hf download {source} --local-dir DIR`) and set backbone.source=DIR")
     model.requires_grad_(False)
     model.eval()
+    if model.config.model_type == "florence2" and cfg.feature_cache_mb > 0:
+        ImageFeatureCache(model, cfg.feature_cache_mb)
     return model, processor
+
+
+class ImageFeatureCache:
+    """Florence-2's vision tower + projector memoised per image (pixel bytes -> projected features).
+
+    The tower is frozen for every expert that adapts the language model, yet each training step, Fisher pass
+    and evaluation re-encodes the same few images: a third of a mini training step on CPU. Installed in place
+    of model.model.get_image_features; it steps aside (computes as before) whenever the tower could differ:
+    a trainable tower or projector (full fine-tuning), an expert inside them, stochastic layers in training
+    mode, extra arguments, a non-CPU device. Caches until budget_mb is full, then computes the rest."""
+
+    def __init__(self, model, budget_mb: int):
+        self.inner = model.model
+        self.compute = self.inner.get_image_features
+        self.parts = (self.inner.vision_tower, self.inner.multi_modal_projector)
+        self.names = self._param_names()
+        self.stochastic = any(getattr(m, "drop_prob", 0) or (isinstance(m, torch.nn.Dropout) and m.p)
+                              for part in self.parts for m in part.modules())
+        self.room = budget_mb << 20
+        self.features: dict[bytes, torch.Tensor] = {}
+        self.inner.get_image_features = self
+
+    def _param_names(self) -> list[str]:
+        return [n for part in self.parts for n, _ in part.named_parameters()]
+
+    def usable(self, pixel_values: torch.Tensor, kwargs: dict) -> bool:
+        if kwargs or pixel_values.device.type != "cpu" or (self.stochastic and self.parts[0].training):
+            return False
+        return not any(p.requires_grad for part in self.parts for p in part.parameters()) \
+            and self._param_names() == self.names
+
+    def __call__(self, pixel_values: torch.Tensor, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        if not self.usable(pixel_values, kwargs):
+            return self.compute(pixel_values, **kwargs)
+        rows = pixel_values.detach().contiguous()
+        keys = [hashlib.blake2b(row.numpy(), digest_size=16, person=str(row.dtype).encode()[:16]).digest()
+                for row in rows]
+        missing = [i for i, k in enumerate(keys) if k not in self.features]
+        fresh = {}
+        if missing:
+            with torch.no_grad():
+                fresh = dict(zip(missing, self.compute(rows[missing]).pooler_output))
+            for i, f in fresh.items():
+                size = f.numel() * f.element_size()
+                if size <= self.room and keys[i] not in self.features:
+                    self.features[keys[i]], self.room = f.clone(), self.room - size
+        return BaseModelOutputWithPooling(pooler_output=torch.stack(
+            [fresh[i] if i in fresh else self.features[k] for i, k in enumerate(keys)]))
 
 
 def _cached(repo_id: str) -> bool:

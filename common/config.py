@@ -119,6 +119,7 @@ class Config:
     runs_dir: str = "runs"
     seed: int = 0
     threads: int = 0  # 0 = torch default
+    feature_cache_mb: int = 1024  # Florence-2's frozen vision tower memoised per image, up to this much (0 = off)
     world: WorldConfig = field(default_factory=WorldConfig)
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)

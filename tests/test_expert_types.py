@@ -122,3 +122,62 @@ def test_one_loaded_backbone_serves_expert_after_expert(runs, method):
         fresh = load_expert(load_backbone(cfg)[0], expert_dir(cfg, "nli"))(**batch).logits
     assert not torch.allclose(with_expert, plain, atol=1e-4)
     assert torch.allclose(other, fresh, atol=1e-6)
+
+
+def tower_counter(model) -> list[int]:
+    """How many images the vision tower has encoded so far (one entry per call)."""
+    seen = []
+    model.model.vision_tower.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    return seen
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt", "adapter"])
+def test_the_frozen_vision_tower_encodes_each_image_once_and_changes_nothing(runs, method):
+    """feature_cache_mb: training steps over the same few images reuse their features; loss and gradients
+    are those of the uncached model."""
+    from common import data
+    from common.backbone import load_backbone
+    from common.experts import attach
+
+    cfg = config(runs[method][0], method)
+    exs = data.examples("snli-ve", "train", cfg.world, 6)
+    steps = [exs[:4], exs[2:], exs[:4]]  # overlapping batches, as shuffled epochs give
+    results = {}
+    for mb in (0, 64):
+        cfg.feature_cache_mb = mb
+        base, processor = load_backbone(cfg)
+        enc, seen = data.Encoder(processor), tower_counter(base)
+        torch.manual_seed(0)
+        model = attach(base, cfg.expert).train()
+        grads = []
+        for batch in steps:
+            loss = model(**enc.batch(batch)).loss
+            loss.backward()
+            grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        results[mb] = (grads, sum(seen))
+    assert results[0][1] == 12 and results[64][1] == 6  # every image of every step, or each image once
+    for plain, cached in zip(results[0][0], results[64][0]):
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(plain, cached))
+
+
+def test_the_feature_cache_steps_aside_when_the_tower_can_change(runs):
+    """An expert inside the vision tower, or full fine-tuning: every image is encoded at every step and the
+    tower's weights get gradients."""
+    import dataclasses
+
+    from common import data
+    from common.backbone import load_backbone
+    from common.experts import attach
+
+    cfg = config(runs["lora"][0], "lora")
+    batch_exs = data.examples("snli-ve", "train", cfg.world, 3)
+    ecfg = dataclasses.replace(cfg.expert, target_modules=r".*vision_tower\..*\.ffn\.fc2")
+    for name in ("vision lora", "full-ft"):
+        base, processor = load_backbone(cfg)
+        enc, seen = data.Encoder(processor), tower_counter(base)
+        model = attach(base, ecfg).train() if name == "vision lora" else base.requires_grad_(True).train()
+        for _ in range(2):
+            model(**enc.batch(batch_exs)).loss.backward()
+        assert sum(seen) == 6, name
+        tower = [p for n, p in model.named_parameters() if "vision_tower" in n and p.requires_grad]
+        assert tower and all(p.grad is not None for p in tower), name

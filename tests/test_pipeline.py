@@ -131,6 +131,10 @@ def test_pi_tuning_artifact_loads_with_plain_peft(micro, micro_cfg):
     (["interpolate.py", "--target", "nli"], "missing similarity matrix"),
     (["evaluate.py", "--target", "shape"], "missing interpolated expert"),
     (["interpolate.py", "--target", "snli-ve", "interpolate.experts=[vqa]"], "interpolate.experts names 'vqa'"),
+    (["interpolate.py", "--target", "snli-ve", "--variant", "pi,randmo"], "--variant 'randmo': use pi, random"),
+    (["train_expert.py", "--task", "snli-ve", "--shots", "8", "--variant", "2x,ft"], "--variant '2x,ft': use 2x"),
+    (["train_expert.py", "--task", "nli", "--variant", "2x"], "with --shots"),
+    (["embed_tasks.py", "--target", "snli-ve", "--embedding", "fisher,weight"], "--embedding 'fisher,weight'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(micro, args, message):
     config = [] if "--config" in args else ["--config", "configs/micro.yaml"]

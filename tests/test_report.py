@@ -44,17 +44,22 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro, tmp_path):
     for png in ("accuracy_vs_shots", "similarity", "task_graph", "weights", "transfer_vs_similarity"):
         f = runs / f"micro/report/{png}.png"
         assert f.read_bytes()[:4] == b"\x89PNG" and f"report/{png}.png" in report
-    # the pair runs were made together in one process; each equals the same run made alone
+    # the pair runs, π-Tuning with random and frozen, 2x with full-ft were made together in one process each;
+    # each run equals the same run made alone
     solo = tmp_path / "solo"
     shutil.copytree(runs, solo)
-    shutil.rmtree(solo / "micro/interpolated/snli-ve-8shot-s0.pair-shape")
-    run("python", "interpolate.py", "--target", "snli-ve", "--variant", "pair-shape", "--config", "configs/micro.yaml",
-        "tasks.target_shots=8", "threads=1", f"runs_dir={solo}")  # make report runs one thread per stage
-    for d in (runs, solo):
-        assert (d / "micro/interpolated/snli-ve-8shot-s0.pair-nli/meta.json").is_file()
-    together, alone = (load_file(str(d / "micro/interpolated/snli-ve-8shot-s0.pair-shape/adapter_model.safetensors"))
-                       for d in (runs, solo))
-    assert together.keys() == alone.keys() and all(torch.equal(together[k], alone[k]) for k in together)
+    args = ("--config", "configs/micro.yaml", "tasks.target_shots=8", "threads=1", f"runs_dir={solo}")  # one
+    alone = {"interpolated/snli-ve-8shot-s0.pair-shape": ("interpolate.py", "--target", "snli-ve", "--variant",
+                                                          "pair-shape"),  # thread per stage, as make report
+             "interpolated/snli-ve-8shot-s0.frozen": ("interpolate.py", "--target", "snli-ve", "--variant", "frozen"),
+             "experts/snli-ve-8shot-s0.full-ft": ("train_expert.py", "--task", "snli-ve", "--shots", "8", "--variant",
+                                                  "full-ft")}
+    for d, cmd in alone.items():
+        shutil.rmtree(solo / "micro" / d)
+        run("python", *cmd, *args)
+        weights = [next((r / "micro" / d).glob("*.safetensors")) for r in (runs, solo)]
+        together, made_alone = (load_file(str(f)) for f in weights)
+        assert together.keys() == made_alone.keys() and all(torch.equal(together[k], made_alone[k]) for k in together), d
     again = run("make", "report", "PROFILE=micro", f"PY={sys.executable}", "STAMP=", "REPORT_SHOTS=8",
                 "REPORT_SEEDS=0", "TRANSFER_SHOTS=8", f"OVERRIDES=runs_dir={runs}")
     assert "interpolate.py" not in again.stdout and "train_expert.py" not in again.stdout  # nothing to redo
