@@ -6,11 +6,12 @@
 Writes runs/<profile>/fisher/<expert>.safetensors (cached: recomputed only when the expert or the
 Fisher settings change) and runs/<profile>/similarity/<name>.csv + .json with the matrix and top-k.
 With fisher.embedding=weights no Fisher is computed: the experts' saved updates are compared directly.
---embedding fisher|weights|fisher,weights computes those into similarity/<name>.<embedding>.json, beside the
-one retrieval uses (make report compares both against the measured transfer).
+--embedding fisher,weights,fisher-batch,fisher-raw computes those into similarity/<name>.<embedding>.json,
+beside the one retrieval uses (make report compares them all against the measured transfer).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from safetensors.torch import save_file
 from common import data
 from common.artifacts import atomic_file, read_json, write_json, write_text
 from common.backbone import load_backbone
-from common.config import CHOICES, UserError, parse_stage, run_stage, stage_parser
+from common.config import UserError, parse_stage, run_stage, stage_parser
 from common.experts import WEIGHTS, attach, expert_dir, expert_name, load_expert_weights, read_expert_meta, set_weights
 from common.similarity import (expert_update, fisher_diagonal, normalized, similarity_matrix, task_similarity,
                                top_k_similar, update_similarity)
@@ -74,7 +75,8 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
         path = expert_dir(cfg, name)
         meta = read_expert_meta(path)
         key = {"expert": file_hash(path / WEIGHTS), "estimator": fc.estimator, "samples": str(fc.samples)}
-        out = cfg.run_dir / "fisher" / f"{name}.safetensors"
+        out = cfg.run_dir / "fisher" / (f"{name}.safetensors" if fc.estimator == "per_sample" else
+                                        f"{name}.{fc.estimator}.safetensors")  # both kept: the study compares them
         fisher = cached_fisher(out, key)
         if fisher is None:
             if peft_model is None:  # load the backbone only when something needs computing
@@ -125,19 +127,27 @@ def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:
     return f"similarity: {len(names)} experts ({work}){extra} | {time.time() - t0:.0f}s -> {sim_dir / label}.csv"
 
 
+# --embedding: retrieval's alternatives, computed beside it for comparison (make report ranks them by Spearman
+# against the measured transfer); each is the fisher section with these fields changed
+EMBEDDINGS = {"fisher": {"embedding": "fisher"}, "weights": {"embedding": "weights"},
+              "fisher-batch": {"embedding": "fisher", "estimator": "batch"},  # the original code's estimator
+              "fisher-raw": {"embedding": "fisher", "normalize": "none"}}  # the paper's formula on raw values
+
+
 def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
     ap.add_argument("--target", help="target task: its low-shot expert joins the comparison")
-    ap.add_argument("--embedding", help="fisher or weights: this embedding instead of fisher.embedding, written to "
-                    "similarity/<name>.<embedding>.json (for comparison; retrieval reads <name>.json); both, "
-                    "comma-separated, share one process (fisher,weights)")
+    ap.add_argument("--embedding", help=f"{', '.join(EMBEDDINGS)}: this embedding instead of the configured "
+                    "one, written to similarity/<name>.<embedding>.json (for comparison; retrieval reads <name>.json); "
+                    "several, comma-separated, share one process (fisher,weights)")
     args, cfg = parse_stage(ap)
     embeddings = args.embedding.split(",") if args.embedding else []
-    if set(embeddings) - set(CHOICES["fisher.embedding"]):
-        raise UserError(f"--embedding '{args.embedding}': use fisher, weights or fisher,weights")
+    if set(embeddings) - set(EMBEDDINGS):
+        raise UserError(f"--embedding '{args.embedding}': use {', '.join(EMBEDDINGS)} (comma-separated for several)")
     names = pool_experts(cfg, args.target)
+    configured = cfg.fisher
     for embedding in embeddings:
-        cfg.fisher.embedding = embedding
+        cfg.fisher = dataclasses.replace(configured, **EMBEDDINGS[embedding])
         print(embed(cfg, names, bool(args.target), f".{embedding}"), flush=True)
     if not embeddings:
         print(embed(cfg, names, bool(args.target)))

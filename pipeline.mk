@@ -29,7 +29,8 @@ BASELINE := $(RUN)/experts/$(NAME).2x/meta.json $(RUN)/experts/$(NAME).full-ft/m
             $(RUN)/interpolated/$(NAME).random/meta.json $(RUN)/interpolated/$(NAME).frozen/meta.json
 PAIRS    := $(foreach t,$(OTHERS),$(RUN)/interpolated/$(NAME).pair-$(t)/meta.json)
 TRANSFER := $(RUN)/results/$(NAME).transfer.json
-EMBEDS   := $(RUN)/similarity/$(NAME).fisher.json $(RUN)/similarity/$(NAME).weights.json
+EMBED_AS := fisher weights fisher-batch fisher-raw
+EMBEDS   := $(foreach e,$(EMBED_AS),$(RUN)/similarity/$(NAME).$(e).json)
 ORACLE   := $(RUN)/interpolated/$(NAME).oracle/meta.json
 ifdef STUDY
 $(RESULT): $(BASELINE) $(if $(filter 1,$(TRANSFER_ROW)),$(ORACLE) $(EMBEDS))
@@ -76,7 +77,7 @@ $(RUN)/interpolated/$(NAME).%/meta.json: $(SIM) $(CFG)/interpolate.json
 # is seeded as if alone, a test checks it): both embeddings, the target-side baselines, π-Tuning with its
 # interpolation baselines, all pair runs
 $(EMBEDS) &: $(POOL_EXP) $(TGT_EXP) $(CFG)/fisher.json
-	$(PY) embed_tasks.py --target $(TARGET) --embedding fisher,weights $(ARGS)
+	$(PY) embed_tasks.py --target $(TARGET) --embedding $(subst $(SPACE),$(COMMA),$(EMBED_AS)) $(ARGS)
 
 $(RUN)/experts/$(NAME).2x/meta.json $(RUN)/experts/$(NAME).full-ft/meta.json &: $(BACKBONE) $(CFG)/expert.json $(CFG)/data.json
 	$(PY) train_expert.py --task $(TARGET) --shots $(SHOTS) --variant 2x,full-ft $(ARGS)

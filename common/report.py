@@ -108,7 +108,9 @@ def write_report(cfg, target: str) -> Path:
     md += ["", "## Retrieval: predicted similarity against measured transfer", "",
            "Transfer of expert s = accuracy of π-Tuning with the target's expert and s alone, minus target-only. "
            "Spearman is taken per seed over the pool, then averaged. `retrieval` is the embedding π-Tuning used; "
-           "the others were computed beside it for comparison (embed_tasks.py --embedding).", ""]
+           "the others were computed beside it for comparison (embed_tasks.py --embedding: fisher-batch is the original "
+           "code's squared batch gradient, fisher-raw the formula on unnormalised values; the `only` rows restrict the "
+           "cached per-sample Fisher to those tensors).", ""]
     rho_rows, scatter = [], []
     for emb, sims in _similarities(cfg, runs).items():
         for s in shots:
@@ -158,18 +160,41 @@ def write_report(cfg, target: str) -> Path:
     return out
 
 
+# which tensors count: the cached per-sample Fisher restricted to a subset, a pure post-processing
+FISHER_SUBSETS = {"fisher: lora_A only": r"\.lora_A", "fisher: lora_B only": r"\.lora_B",
+                  "fisher: encoder only": r"\.encoder\.", "fisher: decoder only": r"\.decoder\."}
+
+
 def _similarities(cfg, runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
     """embedding -> run -> {pool expert: predicted similarity to the target's expert}; "retrieval (<kind>)"
-    is what π-Tuning used (similarity/<run>.json), the others similarity/<run>.<kind>.json."""
+    is what π-Tuning used (similarity/<run>.json), the others similarity/<run>.<embedding>.json, and the
+    FISHER_SUBSETS of the cached per-sample Fishers (fisher/<expert>.safetensors) where they exist."""
+    from safetensors.torch import load_file
+
+    from common.similarity import normalized, task_similarity
+
     out: dict[str, dict] = {}
+    fishers: dict[str, dict] = {}
     for r in runs:
         for p in sorted((cfg.run_dir / "similarity").glob(f"{r['run']}*.json")):
             extra = p.name[len(r["run"]):-len(".json")]
-            if extra and not re.fullmatch(r"\.(fisher|weights)", extra):
+            if extra and not re.fullmatch(r"\.[a-z_-]+", extra):
                 continue
             s = json.loads(p.read_text())
             kind = s.get("fisher", {}).get("embedding", "fisher")
-            out.setdefault(kind if extra else f"retrieval ({kind})", {})[r["run"]] = dict(zip(s["names"], s["matrix"][0]))
+            out.setdefault(extra[1:] if extra else f"retrieval ({kind})", {})[r["run"]] = dict(zip(s["names"], s["matrix"][0]))
+        names = [r["run"]] + list(r.get("transfer", {}))
+        files = [cfg.run_dir / "fisher" / f"{n}.safetensors" for n in names]
+        if len(names) < 2 or not all(f.is_file() for f in files):
+            continue
+        for n, f in zip(names, files):
+            if n not in fishers:
+                fishers[n] = load_file(str(f))
+        for label, pattern in FISHER_SUBSETS.items():
+            sub = [{k: v for k, v in fishers[n].items() if re.search(pattern, k)} for n in names]
+            if sub[0]:
+                emb = [normalized(x, cfg.fisher.normalize) for x in sub]
+                out.setdefault(label, {})[r["run"]] = {n: task_similarity(emb[0], e) for n, e in zip(names[1:], emb[1:])}
     return dict(sorted(out.items(), key=lambda kv: not kv[0].startswith("retrieval")))
 
 

@@ -39,7 +39,12 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro, tmp_path):
     assert "| pi-tuning |" in report and "Spearman" in report
     # retrieval's own embedding (micro: the Fisher) and both embeddings computed beside it, each against transfer
     assert (runs / "micro/similarity/snli-ve-8shot-s0.weights.json").is_file()
-    for row in ("| 8 | retrieval (fisher) | 1 |", "| 8 | fisher | 1 |", "| 8 | weights | 1 |"):
+    # and the retrieval study's Fisher variants: the original's batch estimator (its own cache beside the
+    # per-sample one), raw values, and subsets of the tensors
+    assert (runs / "micro/fisher/snli-ve-8shot-s0.batch.safetensors").is_file()
+    assert (runs / "micro/fisher/snli-ve-8shot-s0.safetensors").is_file()
+    for row in ("| 8 | retrieval (fisher) | 1 |", "| 8 | fisher | 1 |", "| 8 | weights | 1 |", "| 8 | fisher-batch | 1 |",
+                "| 8 | fisher-raw | 1 |", "| 8 | fisher: lora_A only | 1 |", "| 8 | fisher: decoder only | 1 |"):
         assert row in report
     for png in ("accuracy_vs_shots", "similarity", "task_graph", "weights", "transfer_vs_similarity"):
         f = runs / f"micro/report/{png}.png"
