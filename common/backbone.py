@@ -169,8 +169,8 @@ class ImageFeatureCache:
         if not self.usable(pixel_values, kwargs):
             return self.compute(pixel_values, **kwargs)
         rows = pixel_values.detach().contiguous()
-        keys = [hashlib.blake2b(row.numpy(), digest_size=16, person=str(row.dtype).encode()[:16]).digest()
-                for row in rows]
+        keys = [hashlib.blake2b(row.view(-1).view(torch.uint8).numpy(), digest_size=16,  # bytes: bf16 too
+                                person=str(row.dtype).encode()[:16]).digest() for row in rows]
         missing = [i for i, k in enumerate(keys) if k not in self.features]
         fresh = {}
         if missing:
