@@ -141,7 +141,8 @@ class ImageFeatureCache:
     and evaluation re-encodes the same few images: a third of a mini training step on CPU. Installed in place
     of model.model.get_image_features; it steps aside (computes as before) whenever the tower could differ:
     a trainable tower or projector (full fine-tuning), an expert inside them, stochastic layers in training
-    mode, extra arguments, a non-CPU device. Caches until budget_mb is full, then computes the rest."""
+    mode, extra arguments, a non-CPU device. Caches until budget_mb is full, then computes the rest. Keys are
+    pixels, not weights: code that rewrites a frozen tower's weights in place must load a fresh backbone."""
 
     def __init__(self, model, budget_mb: int):
         self.inner = model.model
