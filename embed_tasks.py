@@ -6,7 +6,7 @@
 Writes runs/<profile>/fisher/<expert>.safetensors (cached: recomputed only when the expert or the
 Fisher settings change) and runs/<profile>/similarity/<name>.csv + .json with the matrix and top-k.
 With fisher.embedding=weights no Fisher is computed: the experts' saved updates are compared directly.
---embedding fisher,weights,fisher-batch,fisher-raw computes those into similarity/<name>.<embedding>.json,
+--embedding fisher,weights,fisher-batch,fisher-raw,fisher-passes computes those into similarity/<name>.<embedding>.json,
 beside the one retrieval uses (make report compares them all against the measured transfer).
 """
 from __future__ import annotations
@@ -69,14 +69,19 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
     """Each expert's diagonal Fisher on its own training data (cached per expert and settings), normalised;
     and the names whose Fisher had to be computed."""
     fc = cfg.fisher
+    if fc.passes < 1:
+        raise UserError(f"{cfg.path}: field 'fisher.passes' is {fc.passes}; use 1 (one pass) or more")
     peft_model = None
     fishers, computed = [], []
     for name in names:
         path = expert_dir(cfg, name)
         meta = read_expert_meta(path)
         key = {"expert": file_hash(path / WEIGHTS), "estimator": fc.estimator, "samples": str(fc.samples)}
-        out = cfg.run_dir / "fisher" / (f"{name}.safetensors" if fc.estimator == "per_sample" else
-                                        f"{name}.{fc.estimator}.safetensors")  # both kept: the study compares them
+        variant = "" if fc.estimator == "per_sample" else f".{fc.estimator}"
+        if fc.passes > 1:
+            key["passes"] = str(fc.passes)
+            variant += f".passes{fc.passes}"
+        out = cfg.run_dir / "fisher" / f"{name}{variant}.safetensors"  # all kept: the study compares them
         fisher = cached_fisher(out, key)
         if fisher is None:
             if peft_model is None:  # load the backbone only when something needs computing
@@ -85,8 +90,12 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
                 peft_model = attach(model, cfg.expert)
                 peft_model.eval()
             set_weights(peft_model, load_expert_weights(path))
-            # the expert's own training data, as it saw it (the low-shot sample for the target)
+            # the expert's own training data, as it saw it (the low-shot sample for the target); with
+            # fisher.passes, a low-shot sample is passed again (dropout on, so each pass differs) up to `samples`
             exs = data.train_split(cfg, meta["task"], meta["shots"] or 0, meta["seed"])[:fc.samples]
+            exs = exs * min(fc.passes, -(-fc.samples // max(len(exs), 1)))
+            peft_model.train(fc.passes > 1)
+            torch.manual_seed(0)  # the same dropout whichever process computes (and caches) this Fisher
             fisher = fisher_diagonal(peft_model, enc, exs, fc.estimator, fc.batch_size, desc=f"fisher {name}")
             fisher = {k.replace(".default", ""): v.contiguous() for k, v in fisher.items()}
             with atomic_file(out) as tmp:
@@ -111,7 +120,8 @@ def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:
         raise UserError(f"{cfg.path}: {e} (expert.method / backbone must be the same for all of {names})")
     label = (names[0] if target else "pool") + suffix
     how = {"embedding": "weights"} if fc.embedding == "weights" else {
-        "embedding": "fisher", "estimator": fc.estimator, "samples": fc.samples, "normalize": fc.normalize}
+        "embedding": "fisher", "estimator": fc.estimator, "samples": fc.samples, "normalize": fc.normalize,
+        "passes": fc.passes}
     result = {"names": names, "matrix": matrix, "fisher": how}
     if target:
         result["target"] = names[0]
@@ -131,7 +141,8 @@ def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:
 # against the measured transfer); each is the fisher section with these fields changed
 EMBEDDINGS = {"fisher": {"embedding": "fisher"}, "weights": {"embedding": "weights"},
               "fisher-batch": {"embedding": "fisher", "estimator": "batch"},  # the original code's estimator
-              "fisher-raw": {"embedding": "fisher", "normalize": "none"}}  # the paper's formula on raw values
+              "fisher-raw": {"embedding": "fisher", "normalize": "none"},  # the paper's formula on raw values
+              "fisher-passes": {"embedding": "fisher", "passes": 4}}  # the few shots passed 4 times, dropout on
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ BASELINE := $(RUN)/experts/$(NAME).2x/meta.json $(RUN)/experts/$(NAME).full-ft/m
             $(RUN)/interpolated/$(NAME).random/meta.json $(RUN)/interpolated/$(NAME).frozen/meta.json
 PAIRS    := $(foreach t,$(OTHERS),$(RUN)/interpolated/$(NAME).pair-$(t)/meta.json)
 TRANSFER := $(RUN)/results/$(NAME).transfer.json
-EMBED_AS := fisher weights fisher-batch fisher-raw
+EMBED_AS := fisher weights fisher-batch fisher-raw fisher-passes
 EMBEDS   := $(foreach e,$(EMBED_AS),$(RUN)/similarity/$(NAME).$(e).json)
 ORACLE   := $(RUN)/interpolated/$(NAME).oracle/meta.json
 ifdef STUDY

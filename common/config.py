@@ -93,6 +93,7 @@ class FisherConfig:
     samples: int = 256
     batch_size: int = 16
     normalize: str = "mean"  # mean: each tensor scaled to mean 1 before comparing | none
+    passes: int = 1  # > 1: up to this many passes over an expert's examples, dropout on, until `samples` gradients
 
 
 @dataclass

@@ -74,6 +74,32 @@ def test_fisher_is_recomputed_only_for_a_changed_expert(micro, tmp_path):
     assert "(1 Fisher computed, 2 cached)" in out
 
 
+def test_fisher_passes_repeat_the_few_shots_with_dropout_and_are_reproducible(micro, tmp_path):
+    from safetensors.torch import load_file
+
+    runs = tmp_path / "runs"
+    shutil.copytree(micro[0], runs)
+    fd = runs / "micro/fisher"
+    conf = runs / "micro/backbone/config.json"  # micro's backbone has no dropout; mini's and Florence-2's do
+    c = json.loads(conf.read_text())
+    c["text_config"]["dropout"] = 0.1
+    conf.write_text(json.dumps(c))
+    cmd = ("python", "embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}",
+           "fisher.samples=16", "fisher.passes=4")  # the 8-shot target: 2 passes; the pool: one pass over 16
+    assert "(3 Fisher computed, 0 cached)" in run(*cmd).stdout
+    sim = json.loads((runs / f"micro/similarity/{NAME}.json").read_text())
+    assert sim["fisher"]["passes"] == 4
+    first = {n: load_file(str(fd / f"{n}.passes4.safetensors")) for n in (NAME, "nli")}
+    for n in first:
+        (fd / f"{n}.passes4.safetensors").unlink()
+    assert "(2 Fisher computed, 1 cached)" in run(*cmd).stdout
+    for n, fisher in first.items():  # the same dropout whichever process computes it
+        assert all(torch.equal(v, load_file(str(fd / f"{n}.passes4.safetensors"))[k]) for k, v in fisher.items())
+    run(*cmd[:-1])  # one pass, dropout off: a different estimate, cached beside it
+    one = load_file(str(fd / f"{NAME}.safetensors"))
+    assert not all(torch.allclose(v, one[k]) for k, v in first[NAME].items())
+
+
 def test_weight_embedding_needs_no_fisher_and_no_backbone_pass(micro, tmp_path):
     runs = tmp_path / "runs"
     shutil.copytree(micro[0], runs)
@@ -135,6 +161,7 @@ def test_pi_tuning_artifact_loads_with_plain_peft(micro, micro_cfg):
     (["train_expert.py", "--task", "snli-ve", "--shots", "8", "--variant", "2x,ft"], "--variant '2x,ft': use 2x"),
     (["train_expert.py", "--task", "nli", "--variant", "2x"], "with --shots"),
     (["embed_tasks.py", "--target", "snli-ve", "--embedding", "fisher,weight"], "--embedding 'fisher,weight'"),
+    (["embed_tasks.py", "--target", "snli-ve", "fisher.passes=0"], "field 'fisher.passes' is 0; use 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(micro, args, message):
     config = [] if "--config" in args else ["--config", "configs/micro.yaml"]

@@ -43,8 +43,9 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro, tmp_path):
     # per-sample one), raw values, and subsets of the tensors
     assert (runs / "micro/fisher/snli-ve-8shot-s0.batch.safetensors").is_file()
     assert (runs / "micro/fisher/snli-ve-8shot-s0.safetensors").is_file()
+    assert (runs / "micro/fisher/snli-ve-8shot-s0.passes4.safetensors").is_file()
     for row in ("| 8 | retrieval (fisher) | 1 |", "| 8 | fisher | 1 |", "| 8 | weights | 1 |", "| 8 | fisher-batch | 1 |",
-                "| 8 | fisher-raw | 1 |", "| 8 | fisher: lora_A only | 1 |", "| 8 | fisher: decoder only | 1 |"):
+                "| 8 | fisher-raw | 1 |", "| 8 | fisher-passes | 1 |", "| 8 | fisher: lora_A only | 1 |", "| 8 | fisher: decoder only | 1 |"):
         assert row in report
     for png in ("accuracy_vs_shots", "similarity", "task_graph", "weights", "transfer_vs_similarity"):
         f = runs / f"micro/report/{png}.png"
