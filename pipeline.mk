@@ -29,7 +29,9 @@ BASELINE := $(RUN)/experts/$(NAME).2x/meta.json $(RUN)/experts/$(NAME).full-ft/m
             $(RUN)/interpolated/$(NAME).random/meta.json $(RUN)/interpolated/$(NAME).frozen/meta.json
 PAIRS    := $(foreach t,$(OTHERS),$(RUN)/interpolated/$(NAME).pair-$(t)/meta.json)
 TRANSFER := $(RUN)/results/$(NAME).transfer.json
-EMBED_AS := fisher weights fisher-batch fisher-raw fisher-passes
+# the study's embeddings (make report EMBED_AS="... fisher-passes" adds the repeated-shots Fisher: its pool
+# Fishers are computed anew, about 3 min more)
+EMBED_AS := fisher weights fisher-batch fisher-raw
 EMBEDS   := $(foreach e,$(EMBED_AS),$(RUN)/similarity/$(NAME).$(e).json)
 ORACLE   := $(RUN)/interpolated/$(NAME).oracle/meta.json
 ifdef STUDY
