@@ -6,13 +6,14 @@
 Writes runs/<profile>/fisher/<expert>.safetensors (cached: recomputed only when the expert or the
 Fisher settings change) and runs/<profile>/similarity/<name>.csv + .json with the matrix and top-k.
 With fisher.embedding=weights no Fisher is computed: the experts' saved updates are compared directly.
---embedding fisher,weights,fisher-batch,fisher-raw,fisher-passes computes those into similarity/<name>.<embedding>.json,
-beside the one retrieval uses (make report compares them all against the measured transfer).
+--embedding fisher,weights,fisher-batch,fisher-raw,fisher-passes computes those into
+similarity/<name>.<embedding>.json, beside the one retrieval uses (make report compares them all against the measured transfer).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import time
 from pathlib import Path
 
@@ -69,8 +70,6 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
     """Each expert's diagonal Fisher on its own training data (cached per expert and settings), normalised;
     and the names whose Fisher had to be computed."""
     fc = cfg.fisher
-    if fc.passes < 1:
-        raise UserError(f"{cfg.path}: field 'fisher.passes' is {fc.passes}; use 1 (one pass) or more")
     peft_model = None
     fishers, computed = [], []
     for name in names:
@@ -78,7 +77,7 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
         meta = read_expert_meta(path)
         key = {"expert": file_hash(path / WEIGHTS), "estimator": fc.estimator, "samples": str(fc.samples)}
         variant = "" if fc.estimator == "per_sample" else f".{fc.estimator}"
-        if fc.passes > 1:
+        if fc.passes > 1:  # one pass keeps the key (and the caches) it had before passes existed
             key["passes"] = str(fc.passes)
             variant += f".passes{fc.passes}"
         out = cfg.run_dir / "fisher" / f"{name}{variant}.safetensors"  # all kept: the study compares them
@@ -93,7 +92,7 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
             # the expert's own training data, as it saw it (the low-shot sample for the target); with
             # fisher.passes, a low-shot sample is passed again (dropout on, so each pass differs) up to `samples`
             exs = data.train_split(cfg, meta["task"], meta["shots"] or 0, meta["seed"])[:fc.samples]
-            exs = exs * min(fc.passes, -(-fc.samples // max(len(exs), 1)))
+            exs = exs * min(fc.passes, math.ceil(fc.samples / max(len(exs), 1)))
             peft_model.train(fc.passes > 1)
             torch.manual_seed(0)  # the same dropout whichever process computes (and caches) this Fisher
             fisher = fisher_diagonal(peft_model, enc, exs, fc.estimator, fc.batch_size, desc=f"fisher {name}")

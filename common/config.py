@@ -152,6 +152,7 @@ CHOICES = {
     "fisher.normalize": ("mean", "none"),
     "interpolate.groups": ("global", "layer", "site", "tensor"),
 }
+MINIMUM = {"fisher.passes": 1}
 
 
 def _fill(cls, data: dict, path: str, prefix: str = ""):
@@ -171,6 +172,8 @@ def _fill(cls, data: dict, path: str, prefix: str = ""):
         kwargs[key] = _check_type(value, default, name, path)
         if name in CHOICES and kwargs[key] not in CHOICES[name]:
             raise UserError(f"{path}: field '{name}' is {value!r}; use one of {', '.join(CHOICES[name])}")
+        if name in MINIMUM and kwargs[key] < MINIMUM[name]:
+            raise UserError(f"{path}: field '{name}' is {value!r}; use {MINIMUM[name]} or more")
     return cls(**kwargs)
 
 

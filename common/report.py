@@ -109,8 +109,8 @@ def write_report(cfg, target: str) -> Path:
            "Transfer of expert s = accuracy of π-Tuning with the target's expert and s alone, minus target-only. "
            "Spearman is taken per seed over the pool, then averaged. `retrieval` is the embedding π-Tuning used; "
            "the others were computed beside it for comparison (embed_tasks.py --embedding: fisher-batch is the original "
-           "code's squared batch gradient, fisher-raw the formula on unnormalised values, fisher-passes the few shots passed "
-           "4 times with dropout on (up to fisher.samples gradients); the `only` rows restrict the "
+           "code's squared batch gradient, fisher-raw the formula on unnormalised values, fisher-passes the few "
+           "shots passed again with dropout on, up to fisher.samples gradients; the `only` rows restrict the "
            "cached per-sample Fisher to those tensors).", ""]
     rho_rows, scatter = [], []
     for emb, sims in _similarities(cfg, runs).items():

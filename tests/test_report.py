@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 
 from conftest import run
 
+EVERY_EMBEDDING = "EMBED_AS=fisher weights fisher-batch fisher-raw fisher-passes"  # the default adds no fisher-passes
+
 
 def test_spearman_matches_hand_computed_ranks():
     from common.report import spearman
@@ -28,8 +30,7 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro, tmp_path):
     runs = tmp_path / "runs"
     shutil.copytree(micro[0], runs)  # the session's micro run, so only the study's extra runs train here
     p = run("make", "report", "PROFILE=micro", f"PY={sys.executable}", "STAMP=", "REPORT_SHOTS=8", "REPORT_SEEDS=0",
-            "TRANSFER_SHOTS=8", "EMBED_AS=fisher weights fisher-batch fisher-raw fisher-passes",  # every embedding
-            f"OVERRIDES=runs_dir={runs}")
+            "TRANSFER_SHOTS=8", EVERY_EMBEDDING, f"OVERRIDES=runs_dir={runs}")
     result = json.loads((runs / "micro/results/snli-ve-8shot-s0.json").read_text())
     assert {"target-only-2x", "full-ft", "linear-merge", "ties-merge", "pi-random", "pi-frozen", "pi-oracle",
             "pair-nli", "pair-shape"} <= set(result["accuracy"]), p.stdout[-2000:]
@@ -46,7 +47,8 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro, tmp_path):
     assert (runs / "micro/fisher/snli-ve-8shot-s0.safetensors").is_file()
     assert (runs / "micro/fisher/snli-ve-8shot-s0.passes4.safetensors").is_file()
     for row in ("| 8 | retrieval (fisher) | 1 |", "| 8 | fisher | 1 |", "| 8 | weights | 1 |", "| 8 | fisher-batch | 1 |",
-                "| 8 | fisher-raw | 1 |", "| 8 | fisher-passes | 1 |", "| 8 | fisher: lora_A only | 1 |", "| 8 | fisher: decoder only | 1 |"):
+                "| 8 | fisher-raw | 1 |", "| 8 | fisher-passes | 1 |", "| 8 | fisher: lora_A only | 1 |",
+                "| 8 | fisher: decoder only | 1 |"):
         assert row in report
     for png in ("accuracy_vs_shots", "similarity", "task_graph", "weights", "transfer_vs_similarity"):
         f = runs / f"micro/report/{png}.png"
@@ -68,5 +70,5 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro, tmp_path):
         together, made_alone = (load_file(str(f)) for f in weights)
         assert together.keys() == made_alone.keys() and all(torch.equal(together[k], made_alone[k]) for k in together), d
     again = run("make", "report", "PROFILE=micro", f"PY={sys.executable}", "STAMP=", "REPORT_SHOTS=8",
-                "REPORT_SEEDS=0", "TRANSFER_SHOTS=8", "EMBED_AS=fisher weights fisher-batch fisher-raw fisher-passes", f"OVERRIDES=runs_dir={runs}")
+                "REPORT_SEEDS=0", "TRANSFER_SHOTS=8", EVERY_EMBEDDING, f"OVERRIDES=runs_dir={runs}")
     assert "interpolate.py" not in again.stdout and "train_expert.py" not in again.stdout  # nothing to redo
