@@ -25,22 +25,22 @@ help:
 	@echo "                                                   the transfer matrix, runs/<profile>/report.md + plots"
 	@echo "make test | bench | clean                          OVERRIDES='key=value ...' reach every stage"
 
-# the virtual environment, created on first use
-$(STAMP): requirements.txt
+# the virtual environment, created on first use, with the exact versions of constraints.txt
+$(STAMP): requirements.txt constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
 	touch $@
 
 # the pipeline's file graph lives in pipeline.mk, read once the venv can parse the profile
 all: $(STAMP)
-	@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" evaluate show
+	+@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" evaluate show
 
 backbone experts embed interpolate evaluate: $(STAMP)
-	@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" $@
+	+@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" $@
 
 seeds: $(STAMP)
-	@for s in $(SEEDS); do $(PIPELINE) SEED=$$s OVERRIDES="$(OVERRIDES)" evaluate || exit 1; done
-	@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" show
+	+@for s in $(SEEDS); do $(PIPELINE) SEED=$$s OVERRIDES="$(OVERRIDES)" evaluate || exit 1; done
+	+@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" show
 
 # the study: the backbone on every core, the pool experts, then every shots x seed pipeline, JOBS stages
 # at a time across all of them (one torch thread each; make's job server), then the report
@@ -48,8 +48,8 @@ seeds: $(STAMP)
 STUDY_SHOTS = $(filter $(TRANSFER_SHOTS),$(REPORT_SHOTS)) $(filter-out $(TRANSFER_SHOTS),$(REPORT_SHOTS))
 STUDY_RUNS = $(foreach s,$(STUDY_SHOTS),$(foreach r,$(REPORT_SEEDS),study-$(s)-$(r)))
 report: $(STAMP)
-	@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" backbone
-	@$(PIPELINE) -j$(JOBS) SEED=$(SEED) OVERRIDES="threads=1 $(OVERRIDES)" experts
+	+@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" backbone
+	+@$(PIPELINE) -j$(JOBS) SEED=$(SEED) OVERRIDES="threads=1 $(OVERRIDES)" experts
 	+@$(MAKE) --no-print-directory -j$(JOBS) $(STUDY_RUNS)
 	$(PY) evaluate.py --report --target $(TARGET) --config $(CONFIG) $(OVERRIDES)
 
@@ -58,12 +58,14 @@ study-%: $(STAMP)
 	  TRANSFER_ROW=$(if $(filter $(word 1,$(subst -, ,$*)),$(TRANSFER_SHOTS)),1,0) \
 	  OVERRIDES="tasks.target_shots=$$1 threads=1 $(OVERRIDES)" evaluate
 
+# one pytest worker per core (pytest-xdist), one torch thread each
+TEST_JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) tests
 
 bench: $(STAMP)
 	$(PY) bench/merge_bench.py --threads 1
 	$(PY) bench/step_bench.py
 
 clean: $(STAMP)
-	@$(PIPELINE) OVERRIDES="$(OVERRIDES)" clean
+	+@$(PIPELINE) OVERRIDES="$(OVERRIDES)" clean

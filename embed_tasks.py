@@ -12,49 +12,34 @@ similarity/<name>.<embedding>.json, beside the one retrieval uses (make report c
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import time
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common import data
 from common.artifacts import atomic_file, read_json, write_json, write_text
 from common.backbone import load_backbone
 from common.config import UserError, parse_stage, run_stage, stage_parser
-from common.experts import WEIGHTS, attach, expert_dir, expert_name, load_expert_weights, read_expert_meta, set_weights
-from common.similarity import (expert_update, fisher_diagonal, normalized, similarity_matrix, task_similarity,
-                               top_k_similar, update_similarity)
-
-
-def file_hash(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+from common.experts import (attach, current_expert, expert_dir, expert_name, load_expert_weights, read_expert_meta,
+                            set_weights)
+from common.similarity import (EMBEDDINGS, cached_fisher, expert_update, fisher_cache, fisher_diagonal, normalized,
+                               similarity_matrix, task_similarity, top_k_similar, update_similarity)
 
 
 def pool_experts(cfg, target: str | None) -> list[str]:
-    """Expert names to compare: the pool's full-data experts, and the target's low-shot one in place of its own."""
+    """Expert names to compare: the pool's full-data experts, and the target's low-shot one in place of its own;
+    each checked to be made on this backbone under this config."""
     for t in cfg.tasks.pool:
         data.task(cfg, t)
-    if target is None:
-        return list(cfg.tasks.pool)
-    data.task(cfg, target, where="--target")
-    return [expert_name(target, cfg.tasks.target_shots, cfg.seed)] + [t for t in cfg.tasks.pool if t != target]
-
-
-def cached_fisher(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
-    """The stored Fisher if it was computed from the same expert with the same settings."""
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), "pt") as f:
-            if f.metadata() != key:
-                return None
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception:  # a corrupt cache entry is simply recomputed
-        return None
+    names = list(cfg.tasks.pool)
+    if target is not None:
+        data.task(cfg, target, where="--target")
+        names = [expert_name(target, cfg.tasks.target_shots, cfg.seed)] + [t for t in names if t != target]
+    for name in names:
+        current_expert(cfg, name)
+    return names
 
 
 def weight_embedding(cfg, name: str) -> dict[str, torch.Tensor]:
@@ -75,12 +60,7 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
     for name in names:
         path = expert_dir(cfg, name)
         meta = read_expert_meta(path)
-        key = {"expert": file_hash(path / WEIGHTS), "estimator": fc.estimator, "samples": str(fc.samples)}
-        variant = "" if fc.estimator == "per_sample" else f".{fc.estimator}"
-        if fc.passes > 1:  # one pass keeps the key (and the caches) it had before passes existed
-            key["passes"] = str(fc.passes)
-            variant += f".passes{fc.passes}"
-        out = cfg.run_dir / "fisher" / f"{name}{variant}.safetensors"  # all kept: the study compares them
+        out, key = fisher_cache(cfg, name)  # every variant kept: the study compares them
         fisher = cached_fisher(out, key)
         if fisher is None:
             if peft_model is None:  # load the backbone only when something needs computing
@@ -97,6 +77,9 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
             torch.manual_seed(0)  # the same dropout whichever process computes (and caches) this Fisher
             fisher = fisher_diagonal(peft_model, enc, exs, fc.estimator, fc.batch_size, desc=f"fisher {name}")
             fisher = {k.replace(".default", ""): v.contiguous() for k, v in fisher.items()}
+            if not all(torch.isfinite(v).all() for v in fisher.values()):
+                raise UserError(f"{path}: its Fisher is not finite, nothing written; retrain the expert with a "
+                                f"lower expert.lr")
             with atomic_file(out) as tmp:
                 save_file(fisher, str(tmp), metadata=key)
             computed.append(name)
@@ -121,7 +104,7 @@ def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:
     how = {"embedding": "weights"} if fc.embedding == "weights" else {
         "embedding": "fisher", "estimator": fc.estimator, "samples": fc.samples, "normalize": fc.normalize,
         "passes": fc.passes}
-    result = {"names": names, "matrix": matrix, "fisher": how}
+    result = {"names": names, "matrix": matrix, "fisher": how, "config": cfg.to_dict()}
     if target:
         result["target"] = names[0]
         result["top_k"] = top_k_similar(names, matrix, names[0], cfg.interpolate.top_k)
@@ -134,14 +117,6 @@ def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:
     work = "weight updates" if fc.embedding == "weights" else \
         f"{len(computed)} Fisher computed, {len(names) - len(computed)} cached"
     return f"similarity: {len(names)} experts ({work}){extra} | {time.time() - t0:.0f}s -> {sim_dir / label}.csv"
-
-
-# --embedding: retrieval's alternatives, computed beside it for comparison (make report ranks them by Spearman
-# against the measured transfer); each is the fisher section with these fields changed
-EMBEDDINGS = {"fisher": {"embedding": "fisher"}, "weights": {"embedding": "weights"},
-              "fisher-batch": {"embedding": "fisher", "estimator": "batch"},  # the original code's estimator
-              "fisher-raw": {"embedding": "fisher", "normalize": "none"},  # the paper's formula on raw values
-              "fisher-passes": {"embedding": "fisher", "passes": 4}}  # the few shots passed 4 times, dropout on
 
 
 def main() -> None:

@@ -5,9 +5,10 @@
 Methods: the zero-shot backbone, the target-only expert, the uniform merge of the experts π-Tuning
 used, peft's linear and TIES merges of them (LoRA), and π-Tuning; plus every baseline run that exists
 for this target/shots/seed (train_expert.py --variant 2x | full-ft, interpolate.py --variant random |
-oracle | frozen | pair-<expert>). Writes runs/<profile>/results/<target>-<shots>shot-s<seed>.json (with
-the transfer of each pair-<expert> run over target-only), updates <target>.json and <target>.md
-(mean ± std over all seeds evaluated so far) and prints that table.
+oracle | frozen | pair-<expert>) and was made under this config (one made under another is left out, named).
+Writes runs/<profile>/results/<target>-<shots>shot-s<seed>.json (with the transfer of each pair-<expert>
+run over target-only), rebuilds <target>.json and <target>.md (mean ± std over every result on disk made
+under this config; `make all` prints it) and prints one line.
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ import torch
 from common import data
 from common.artifacts import read_json, write_json, write_text
 from common.backbone import load_backbone
-from common.config import parse_stage, run_stage, stage_parser
-from common.experts import MergedExpert, expert_dir, expert_name, load_expert, load_pool, unload_expert
+from common.config import UserError, changed_fields, parse_stage, run_stage, stage_parser
+from common.experts import (MergedExpert, current_expert, expert_dir, expert_name, load_expert, load_pool,
+                            unload_expert)
 from common.metrics import task_metric
+from common.report import load_results
 
 # table order; pair-<expert> runs feed the transfer matrix instead
 ORDER = ("zero-shot", "target-only", "target-only-2x", "full-ft", "uniform-merge", "linear-merge", "ties-merge",
@@ -49,33 +52,41 @@ def peft_merge(cfg, base, experts: list[str], how: str):
     return model.eval()
 
 
-def methods(cfg, run: str, meta: dict) -> dict:
-    """name -> what to load, for every method whose artifacts exist for this run."""
+def methods(cfg, run: str, meta: dict) -> tuple[dict, list[str]]:
+    """name -> what to load, for every method whose artifacts exist for this run and were made under this
+    config; and the baseline runs left out as made under another one."""
     exp, interp = cfg.run_dir / "experts", cfg.run_dir / "interpolated"
     out = {"zero-shot": ("base", None), "target-only": ("expert", expert_dir(cfg, run))}
-    for v, name in (("2x", "target-only-2x"), ("full-ft", "full-ft")):
-        if (exp / f"{run}.{v}" / "meta.json").is_file():
-            out[name] = ("full" if v == "full-ft" else "expert", exp / f"{run}.{v}")
+    found = [(name, "target", exp / f"{run}.{v}") for v, name in (("2x", "target-only-2x"), ("full-ft", "full-ft"))]
     out["uniform-merge"] = ("uniform", meta["experts"])
     if cfg.expert.method == "lora":
         out["linear-merge"], out["ties-merge"] = ("linear", meta["experts"]), ("ties", meta["experts"])
     out["pi-tuning"] = ("expert", interp / run)
     for d in sorted(interp.glob(f"{run}.*")):
-        if (d / "meta.json").is_file():
-            v = d.name[len(run) + 1:]
-            out[v if v.startswith("pair-") else f"pi-{v}"] = ("expert", d)
-    return out
+        v = d.name[len(run) + 1:]
+        found.append((v if v.startswith("pair-") else f"pi-{v}", "interpolated", d))
+    stale = []
+    for name, kind, d in found:
+        if not (d / "meta.json").is_file():
+            continue
+        changed = changed_fields(read_json(d / "meta.json", "baseline run", f"delete {d}").get("config"), cfg, kind)
+        if changed:
+            stale.append(f"{name} ({changed[0]})")
+        else:
+            out[name] = ("full" if name == "full-ft" else "expert", d)
+    return out, stale
 
 
-def table(target: str, metric: str, runs: dict) -> str:
-    """Markdown: one row per method, mean ± std over the seeds evaluated, per shots setting."""
+def table(target: str, metric: str, runs: list[dict], left_out: list[str]) -> str:
+    """Markdown: one row per method, mean ± std over the seeds evaluated, per shots setting; a last line for
+    the results left out as made under another config."""
     by_shots: dict[int, list[dict]] = {}
-    for r in runs.values():
+    for r in runs:
         by_shots.setdefault(r["shots"], []).append(r)
     lines = [f"| {target} (test {metric}) | " + " | ".join(f"{f'{s}-shot' if s else 'full data'} (n={len(rs)} seeds)" for s, rs in
                                                      sorted(by_shots.items())) + " |",
              "|---" * (1 + len(by_shots)) + "|"]
-    shown = [m for m in ORDER if any(m in r["accuracy"] for r in runs.values())]
+    shown = [m for m in ORDER if any(m in r["accuracy"] for r in runs)]
     for m in shown:
         cells = []
         for _, rs in sorted(by_shots.items()):
@@ -83,6 +94,8 @@ def table(target: str, metric: str, runs: dict) -> str:
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             cells.append(f"{statistics.mean(vals):.3f} ± {sd:.3f}" if vals else "-")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if left_out:
+        lines += ["", f"Left out, made under another config: {'; '.join(left_out)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -102,20 +115,25 @@ def main() -> None:
     shots = cfg.tasks.target_shots
     run = expert_name(args.target, shots, cfg.seed)
     interp = cfg.run_dir / "interpolated" / run
-    meta = read_json(interp / "meta.json", "interpolated expert", f"run `python interpolate.py --target {args.target}`")
+    interpolate = f"run `python interpolate.py --target {args.target}` (make reruns what is stale)"
+    meta = read_json(interp / "meta.json", "interpolated expert", interpolate)
+    changed = changed_fields(meta.get("config"), cfg, "interpolated")
+    if changed:
+        raise UserError(f"{interp}: made under another config ({changed[0]}); {interpolate}")
+    current_expert(cfg, run)
     test = data.split(cfg, args.target, "test")
     t0 = time.time()
-    todo = methods(cfg, run, meta)
+    todo, stale = methods(cfg, run, meta)
     res_dir = cfg.run_dir / "results"
     row_path = res_dir / f"{run}.transfer.json"
-    measured = {}  # the pair runs' accuracies, when evaluate.py --transfer has measured them (and is not older)
+    measured = {}  # the pair runs' accuracies, when evaluate.py --transfer has measured them (not older, same config)
     if args.transfer:
         todo = {m: v for m, v in todo.items() if m == "target-only" or m.startswith("pair-")}
     elif row_path.is_file():
         newest = max((d.stat().st_mtime for m, (_, d) in todo.items() if m.startswith("pair-")), default=0)
-        if row_path.stat().st_mtime >= newest:
-            row = read_json(row_path, "transfer matrix row", "run `evaluate.py --transfer`")
-            measured = {m: a for m, a in row["accuracy"].items() if m.startswith("pair-")}
+        row = read_json(row_path, "transfer matrix row", "run `evaluate.py --transfer`")
+        if row_path.stat().st_mtime >= newest and not changed_fields(row.get("config"), cfg, "result"):
+            measured = {m: a for m, a in row["accuracy"].items() if m.startswith("pair-") and m in todo}
     todo = {m: v for m, v in todo.items() if m not in measured}
 
     base, processor = load_backbone(cfg)  # loaded once; each method's expert goes in and comes out again
@@ -141,7 +159,8 @@ def main() -> None:
     transfer = {m[5:]: round(a - acc["target-only"], 4) for m, a in acc.items() if m.startswith("pair-")}
     result = {"target": args.target, "run": run, "shots": shots, "seed": cfg.seed, "metric": metric,
               "test_size": len(test), "experts": meta["experts"], "accuracy": acc, "transfer": transfer,
-              "experts_by_method": {m: e for m, e in used.items() if e}, "seconds": round(time.time() - t0, 1)}
+              "experts_by_method": {m: e for m, e in used.items() if e}, "left_out": stale,
+              "seconds": round(time.time() - t0, 1), "config": cfg.to_dict()}
     if args.transfer:
         write_json(row_path, result)
         return print(f"transfer over target-only ({acc['target-only']:.3f}): "
@@ -149,15 +168,13 @@ def main() -> None:
     write_json(res_dir / f"{run}.json", result)
     with open(res_dir / f".{args.target}.lock", "w") as lock:  # make report evaluates two runs at once
         fcntl.flock(lock, fcntl.LOCK_EX)
-        summary_path = res_dir / f"{args.target}.json"
-        summary = read_json(summary_path, "results", "delete it") if summary_path.exists() else {"runs": {}}
-        summary["runs"][run] = result
-        md = table(args.target, metric, summary["runs"])
-        write_json(summary_path, summary)
-        write_text(res_dir / f"{args.target}.md", md)
-    print(md, end="")
-    print(f"({metric} on {len(test)} test examples; this run: {run}, experts {', '.join(meta['experts'])}; "
-          f"{time.time() - t0:.0f}s -> {res_dir / args.target}.md)")
+        runs, left_out = load_results(cfg, args.target)  # rebuilt from the results on disk: no stale row
+        write_json(res_dir / f"{args.target}.json", {"runs": {r["run"]: r for r in runs}, "left_out": left_out})
+        write_text(res_dir / f"{args.target}.md", table(args.target, metric, runs, left_out))
+    scores = ", ".join(f"{m} {acc[m]:.3f}" for m in ORDER if m in acc)
+    note = f"; left out as stale: {', '.join(stale)}" if stale else ""
+    print(f"evaluated {run} ({metric}, {len(test)} test examples): {scores}{note}; {time.time() - t0:.0f}s -> "
+          f"{res_dir / args.target}.md ({len(runs)} runs)")
 
 
 if __name__ == "__main__":

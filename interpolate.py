@@ -18,8 +18,9 @@ import torch
 from common import data
 from common.artifacts import atomic_dir, read_json, write_json
 from common.backbone import backbone_dir, fingerprint, load_backbone
-from common.config import UserError, parse_stage, run_stage, stage_parser
+from common.config import UserError, changed_fields, parse_stage, run_stage, stage_parser
 from common.experts import MergedExpert, expert_name, load_pool, unload_expert
+from common.similarity import top_k_similar
 from common.training import train_steps
 
 
@@ -35,8 +36,13 @@ def variant(cfg, name: str, run: str, sim: dict, chosen: list[str]) -> tuple[lis
         return random.Random(f"random-{cfg.seed}").sample(pool, min(ic.top_k, len(pool))), "random", ic.train_experts
     if name == "oracle":  # an upper bound: the experts that measurably help most on this run's test split
         path = cfg.run_dir / "results" / f"{run}.transfer.json"
-        transfer = read_json(path, "transfer matrix row", "run `interpolate.py --variant pair-<expert>` for every "
-                             "pool expert, then `evaluate.py --transfer` (make report does)").get("transfer", {})
+        fix = "run `interpolate.py --variant pair-<expert>` for every pool expert, then `evaluate.py --transfer` " \
+              "(make report does)"
+        row = read_json(path, "transfer matrix row", fix)
+        changed = changed_fields(row.get("config"), cfg, "result")
+        if changed:
+            raise UserError(f"{path}: measured under another config ({changed[0]}); {fix}")
+        transfer = row.get("transfer", {})
         if len(transfer) < len(pool):
             raise UserError(f"{path}: transfer measured for {len(transfer)} of {len(pool)} pool experts; run "
                             f"`interpolate.py --variant pair-<expert>` for each, then `evaluate.py --transfer`")
@@ -65,7 +71,8 @@ def interpolate(cfg, model, enc, target: str, run: str, name: str, experts: list
     if train_experts:
         groups.append({"params": list(merge.stack.parameters()), "lr": ic.lr})
     loss = train_steps(loss_fn, groups, data.infinite_batches(train, ic.batch_size, cfg.seed), ic.steps,
-                       ic.grad_clip, warmup=min(20, ic.steps // 10), desc=f"interpolate {run}")
+                       ic.grad_clip, warmup=min(20, ic.steps // 10), desc=f"interpolate {run}",
+                       lr_field="interpolate.logits_lr" if not train_experts else "interpolate.lr")
 
     probs = torch.softmax(logits.detach(), dim=-1)
     out = cfg.run_dir / "interpolated" / (f"{run}.{name}" if name else run)
@@ -98,12 +105,13 @@ def main() -> None:
     data.task(cfg, args.target, where="--target")
     ic = cfg.interpolate
     run = expert_name(args.target, cfg.tasks.target_shots, cfg.seed)
-    sim = read_json(cfg.run_dir / "similarity" / f"{run}.json", "similarity matrix",
-                    f"run `python embed_tasks.py --target {args.target}`")
-    if not ic.experts and len(sim.get("top_k", [])) < ic.top_k:
-        raise UserError(f"{cfg.run_dir / 'similarity' / run}.json: has top-{len(sim.get('top_k', []))}, config asks "
-                        f"interpolate.top_k={ic.top_k}; rerun `python embed_tasks.py --target {args.target}`")
-    chosen = ic.experts or sim["top_k"][:ic.top_k]
+    sim_path = cfg.run_dir / "similarity" / f"{run}.json"
+    embed = f"run `python embed_tasks.py --target {args.target}` (make reruns what is stale)"
+    sim = read_json(sim_path, "similarity matrix", embed)
+    changed = changed_fields(sim.get("config"), cfg, "similarity")
+    if changed:
+        raise UserError(f"{sim_path}: made under another config ({changed[0]}); {embed}")
+    chosen = ic.experts or top_k_similar(sim["names"], sim["matrix"], run, ic.top_k)
     for name in ic.experts:
         if name not in sim["names"] or name == run:
             raise UserError(f"{cfg.path}: interpolate.experts names '{name}', not a pool expert of {run} "

@@ -11,8 +11,12 @@ ifeq ($(filter $(TARGET),$(POOL)),)
 $(error TARGET=$(TARGET) is not in tasks.pool of $(CONFIG) ($(POOL)); pick one of those or add it there)
 endif
 
-# each stage also depends on its config sections: stamps that change only when their content does
+# each stage also depends on the config it is made from (common/config.py MADE_FROM): stamps that change
+# only when their content does
 CFG      := $(RUN)/.config
+FROM_EXPERT := $(CFG)/expert.json $(CFG)/data.json
+FROM_TARGET := $(FROM_EXPERT) $(CFG)/tasks.shots_per_class.json
+FROM_SIM    := $(CFG)/fisher.json $(CFG)/tasks.pool.json
 NAME     := $(TARGET)-$(if $(filter 0,$(SHOTS)),full,$(SHOTS)shot)-s$(SEED)
 BACKBONE := $(RUN)/backbone/meta.json
 POOL_EXP := $(foreach t,$(filter-out $(TARGET),$(POOL)),$(RUN)/experts/$(t)/meta.json)
@@ -53,23 +57,23 @@ clean:
 $(BACKBONE): $(CFG)/world.json $(CFG)/backbone.json $(CFG)/pretrain.json
 	$(PY) train_expert.py --pretrain $(ARGS)
 
-$(TGT_EXP): $(BACKBONE) $(CFG)/expert.json $(CFG)/data.json
+$(TGT_EXP): $(BACKBONE) $(FROM_TARGET)
 	$(PY) train_expert.py --task $(TARGET) --shots $(SHOTS) $(ARGS)
 
-$(RUN)/experts/%/meta.json: $(BACKBONE) $(CFG)/expert.json $(CFG)/data.json
+$(RUN)/experts/%/meta.json: $(BACKBONE) $(FROM_EXPERT)
 	$(PY) train_expert.py --task $* $(ARGS)
 
-$(SIM): $(POOL_EXP) $(TGT_EXP) $(CFG)/fisher.json
+$(SIM): $(POOL_EXP) $(TGT_EXP) $(FROM_SIM)
 	$(PY) embed_tasks.py --target $(TARGET) $(ARGS)
 
-$(RESULT): $(INTERP) $(TGT_EXP) $(CFG)/evaluate.json $(CFG)/data.json
+$(RESULT): $(INTERP) $(TGT_EXP) $(CFG)/evaluate.json
 	$(PY) evaluate.py --target $(TARGET) $(ARGS)
 
 # one baseline or comparison run alone (make -f pipeline.mk .../snli-ve-64shot-s0.oracle/meta.json)
-$(RUN)/similarity/$(NAME).%.json: $(POOL_EXP) $(TGT_EXP) $(CFG)/fisher.json
+$(RUN)/similarity/$(NAME).%.json: $(POOL_EXP) $(TGT_EXP) $(FROM_SIM)
 	$(PY) embed_tasks.py --target $(TARGET) --embedding $* $(ARGS)
 
-$(RUN)/experts/$(NAME).%/meta.json: $(BACKBONE) $(CFG)/expert.json $(CFG)/data.json
+$(RUN)/experts/$(NAME).%/meta.json: $(BACKBONE) $(FROM_TARGET)
 	$(PY) train_expert.py --task $(TARGET) --shots $(SHOTS) --variant $* $(ARGS)
 
 $(RUN)/interpolated/$(NAME).%/meta.json: $(SIM) $(CFG)/interpolate.json
@@ -78,10 +82,10 @@ $(RUN)/interpolated/$(NAME).%/meta.json: $(SIM) $(CFG)/interpolate.json
 # the study: runs that would load the same backbone one after another share one process (each run in it
 # is seeded as if alone, a test checks it): both embeddings, the target-side baselines, π-Tuning with its
 # interpolation baselines, all pair runs
-$(EMBEDS) &: $(POOL_EXP) $(TGT_EXP) $(CFG)/fisher.json
+$(EMBEDS) &: $(POOL_EXP) $(TGT_EXP) $(FROM_SIM)
 	$(PY) embed_tasks.py --target $(TARGET) --embedding $(subst $(SPACE),$(COMMA),$(EMBED_AS)) $(ARGS)
 
-$(RUN)/experts/$(NAME).2x/meta.json $(RUN)/experts/$(NAME).full-ft/meta.json &: $(BACKBONE) $(CFG)/expert.json $(CFG)/data.json
+$(RUN)/experts/$(NAME).2x/meta.json $(RUN)/experts/$(NAME).full-ft/meta.json &: $(BACKBONE) $(FROM_TARGET)
 	$(PY) train_expert.py --task $(TARGET) --shots $(SHOTS) --variant 2x,full-ft $(ARGS)
 
 ifdef STUDY

@@ -30,7 +30,7 @@ def pretrain(cfg) -> None:
     out = backbone_dir(cfg)
     if cfg.backbone.source != "embedded":
         return record_backbone(cfg)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(0)  # one backbone for every seed (make builds it once), like the pool experts
     w, pc = cfg.world, cfg.pretrain
     # the vocabulary is every word any task of the world can use
     texts = [t for name in list(data.TASKS) + list(data.PRETRAIN_TASKS) for e in data.examples(name, "train", w, 400)
@@ -41,7 +41,7 @@ def pretrain(cfg) -> None:
     enc = data.Encoder(processor)
 
     # pre-training draws fresh scenes every step from a seeded stream (never the downstream splits)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(0)
 
     def batches():
         task_cycle = ["pt-caption", "pt-caption", "pt-infill"]  # infilling is learned fast; captions need the image
@@ -54,7 +54,7 @@ def pretrain(cfg) -> None:
     model.train()
     t0 = time.time()
     loss = train_steps(lambda b: model(**enc.batch(b)).loss, [{"params": list(model.parameters()), "lr": pc.lr}],
-                       batches(), pc.steps, pc.grad_clip, pc.warmup, desc="pretrain backbone")
+                       batches(), pc.steps, pc.grad_clip, pc.warmup, desc="pretrain backbone", lr_field="pretrain.lr")
     model.eval()
 
     # words the decoder never had to produce keep tiny embeddings: initialise them like new label tokens
@@ -62,7 +62,7 @@ def pretrain(cfg) -> None:
     for t in data.PRETRAIN_TASKS:
         for e in data.examples(t, "train", w, 1000):
             seen[enc.labels([e.answer])[0].clamp(min=0)] = True
-    n_new = init_unseen_embeddings(model, seen, cfg.seed)
+    n_new = init_unseen_embeddings(model, seen, 0)
 
     val = {t: data.examples(t, "val", w, 200) for t in data.PRETRAIN_TASKS}
     with torch.no_grad():
@@ -121,7 +121,7 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
     torch.manual_seed(seed)
     model, processor = load_backbone(cfg)
     enc = data.Encoder(processor)
-    train = data.train_split(cfg, task_name, shots or 0, seed)
+    train = data.train_split(cfg, task_name, shots or 0, seed, where="--shots")
     val = data.split(cfg, task_name, "val", cfg.expert.eval_size)
 
     ec = cfg.expert
@@ -132,7 +132,8 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
     t0 = time.time()
     loss = train_steps(lambda b: model(**enc.batch(b)).loss, [{"params": params, "lr": lr}],
                        data.infinite_batches(train, ec.batch_size, seed), steps, ec.grad_clip,
-                       warmup=min(30, steps // 10), desc=f"expert {name}")
+                       warmup=min(30, steps // 10), desc=f"expert {name}",
+                       lr_field="expert.full_ft_lr" if variant == "full-ft" else "expert.lr")
     model.eval()
     metric, value = task_metric(model, enc, task, val, cfg.evaluate.batch_size)
     out = expert_dir(cfg, name)
@@ -162,6 +163,8 @@ def main() -> None:
     if args.pretrain:
         pretrain(cfg)
     elif args.task:
+        if args.shots is not None and args.shots < 0:
+            raise UserError(f"--shots {args.shots}: use 0 (the whole train split) or a positive number of examples")
         variants = args.variant.split(",")
         if args.variant and (args.shots is None or set(variants) - {"2x", "full-ft"}):
             raise UserError(f"--variant '{args.variant}': use 2x, full-ft or 2x,full-ft, with --shots (the baselines "

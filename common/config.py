@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -16,13 +17,48 @@ class UserError(Exception):
     """A mistake the user can fix; printed as one line, exit code 2, no traceback."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts: lo <= x <= hi (strict where open; None = unbounded)."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, x) -> bool:
+        if not math.isfinite(x):
+            return False
+        above = self.lo is None or (x > self.lo if self.lo_open else x >= self.lo)
+        below = self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"above {self.lo}" if self.lo_open else f"{self.lo} or more"
+        return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+    def outside(self):
+        """A value this range refuses (the schema test feeds one to every ranged field)."""
+        return self.lo if self.lo_open else self.lo - 1
+
+
+def ranged(default, lo, hi=None, lo_open=False, hi_open=False):
+    """A numeric field and the values it accepts, checked where the config is read."""
+    return field(default=default, metadata={"range": Range(lo, hi, lo_open, hi_open)})
+
+
+def nonempty(factory):
+    """A list field that must hold at least one item."""
+    return field(default_factory=factory, metadata={"nonempty": True})
+
+
 @dataclass
 class WorldConfig:
-    seed: int = 1234
-    image_size: int = 64
-    train_size: int = 1500
-    val_size: int = 200
-    test_size: int = 400
+    seed: int = ranged(1234, 0)
+    image_size: int = ranged(64, 16)
+    train_size: int = ranged(1500, 1)
+    val_size: int = ranged(200, 1)
+    test_size: int = ranged(400, 1)
 
 
 @dataclass
@@ -33,55 +69,55 @@ class DataConfig:
     # per task, split -> file under root instead of the catalogue's default, e.g.
     # {snli-ve: {train: snli_ve/snli_ve_train.jsonl}} (SNLI-VE's own annotations + root/flickr30k-images/)
     files: dict = field(default_factory=dict)
-    train_size: int = 0  # read at most this many training rows per task (0 = all)
-    val_size: int = 1000
-    test_size: int = 0  # 0 = the whole test split
+    train_size: int = ranged(0, 0)  # read at most this many training rows per task (0 = all)
+    val_size: int = ranged(1000, 1)
+    test_size: int = ranged(0, 0)  # 0 = the whole test split
 
 
 @dataclass
 class BackboneConfig:
     source: str = "embedded"  # "embedded" = built and pre-trained here; else a hub id or local dir
-    d_model: int = 128
-    encoder_layers: int = 2
-    decoder_layers: int = 2
-    heads: int = 4
-    ffn_dim: int = 256
-    vision_dims: list = field(default_factory=lambda: [32, 64, 96])
-    vision_heads: list = field(default_factory=lambda: [2, 4, 4])
-    dropout: float = 0.1
+    d_model: int = ranged(128, 1)
+    encoder_layers: int = ranged(2, 1)
+    decoder_layers: int = ranged(2, 1)
+    heads: int = ranged(4, 1)
+    ffn_dim: int = ranged(256, 1)
+    vision_dims: list = nonempty(lambda: [32, 64, 96])
+    vision_heads: list = nonempty(lambda: [2, 4, 4])
+    dropout: float = ranged(0.1, 0, 1, hi_open=True)
 
 
 @dataclass
 class PretrainConfig:
-    steps: int = 2000
-    batch_size: int = 32
-    lr: float = 1e-3
-    grad_clip: float = 1.0
-    warmup: int = 100
+    steps: int = ranged(2000, 1)
+    batch_size: int = ranged(32, 1)
+    lr: float = ranged(1e-3, 0, lo_open=True)
+    grad_clip: float = ranged(1.0, 0)  # 0 = no clipping
+    warmup: int = ranged(100, 0)
 
 
 @dataclass
 class TasksConfig:
-    pool: list = field(default_factory=lambda: ["snli-ve", "nli"])
-    target_shots: int = 64  # the target's training data: a seeded k-shot sample (0 = its whole train split)
+    pool: list = nonempty(lambda: ["snli-ve", "nli"])
+    target_shots: int = ranged(64, 0)  # the target's training data: a seeded k-shot sample (0 = its whole train split)
     shots_per_class: bool = False  # CoOp style: k examples of every answer class instead of k in all
 
 
 @dataclass
 class ExpertConfig:
     method: str = "lora"  # lora | ia3 | prompt | prefix | adapter
-    r: int = 8  # lora rank
-    alpha: float = 16.0  # lora scale alpha/r
-    dropout: float = 0.0  # lora / adapter dropout
+    r: int = ranged(8, 1)  # lora rank
+    alpha: float = ranged(16.0, 0, lo_open=True)  # lora scale alpha/r
+    dropout: float = ranged(0.0, 0, 1, hi_open=True)  # lora / adapter dropout
     target_modules: str = ""  # full-name regex of the modules to adapt; "" = the method's default (experts.py)
-    virtual_tokens: int = 16  # prompt / prefix length
-    adapter_dim: int = 128  # bottleneck width of the Houlsby adapters
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 0.0  # 0 = the method's default (experts.py DEFAULT_LR: 1e-3 lora/adapter, 1e-2 ia3/prefix, 3e-2 prompt)
-    grad_clip: float = 1.0
-    eval_size: int = 200  # validation examples scored after training
-    full_ft_lr: float = 1e-4  # the full fine-tuning baseline (train_expert.py --variant full-ft)
+    virtual_tokens: int = ranged(16, 1)  # prompt / prefix length
+    adapter_dim: int = ranged(128, 1)  # bottleneck width of the Houlsby adapters
+    steps: int = ranged(300, 1)
+    batch_size: int = ranged(32, 1)
+    lr: float = ranged(0.0, 0)  # 0 = the method's default (experts.py DEFAULT_LR: 1e-3 lora/adapter, 1e-2 ia3/prefix, 3e-2 prompt)
+    grad_clip: float = ranged(1.0, 0)  # 0 = no clipping
+    eval_size: int = ranged(200, 1)  # validation examples scored after training
+    full_ft_lr: float = ranged(1e-4, 0, lo_open=True)  # the full fine-tuning baseline (train_expert.py --variant full-ft)
 
 
 @dataclass
@@ -90,37 +126,37 @@ class FisherConfig:
     # each expert changed (SPoT-style, no backbone pass); the mini profile ships weights (README: retrieval)
     embedding: str = "fisher"
     estimator: str = "per_sample"  # per_sample | batch (the original code's squared batch gradient)
-    samples: int = 256
-    batch_size: int = 16
+    samples: int = ranged(256, 1)
+    batch_size: int = ranged(16, 1)
     normalize: str = "mean"  # mean: each tensor scaled to mean 1 before comparing | none
-    passes: int = 1  # > 1: up to this many passes over an expert's examples, dropout on, until `samples` gradients
+    passes: int = ranged(1, 1)  # > 1: up to this many passes over an expert's examples, dropout on, until `samples` gradients
 
 
 @dataclass
 class InterpolateConfig:
-    top_k: int = 2
+    top_k: int = ranged(2, 1)
     experts: list = field(default_factory=list)  # pick the pool experts by hand (as the original did); [] = top-k
     groups: str = "site"  # global | layer | site | tensor
     train_experts: bool = True
-    steps: int = 150
-    batch_size: int = 16
-    lr: float = 1e-3  # experts
-    logits_lr: float = 5e-2  # interpolation logits
-    grad_clip: float = 1.0
+    steps: int = ranged(150, 1)
+    batch_size: int = ranged(16, 1)
+    lr: float = ranged(1e-3, 0, lo_open=True)  # experts
+    logits_lr: float = ranged(5e-2, 0, lo_open=True)  # interpolation logits
+    grad_clip: float = ranged(1.0, 0)  # 0 = no clipping
 
 
 @dataclass
 class EvaluateConfig:
-    batch_size: int = 64
+    batch_size: int = ranged(64, 1)
 
 
 @dataclass
 class Config:
     profile: str = "mini"
     runs_dir: str = "runs"
-    seed: int = 0
-    threads: int = 0  # 0 = torch default
-    feature_cache_mb: int = 1024  # Florence-2's frozen vision tower memoised per image, up to this much (0 = off)
+    seed: int = ranged(0, 0)
+    threads: int = ranged(0, 0)  # 0 = torch default
+    feature_cache_mb: int = ranged(1024, 0)  # Florence-2's frozen vision tower memoised per image, up to this much (0 = off)
     world: WorldConfig = field(default_factory=WorldConfig)
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -152,7 +188,6 @@ CHOICES = {
     "fisher.normalize": ("mean", "none"),
     "interpolate.groups": ("global", "layer", "site", "tensor"),
 }
-MINIMUM = {"fisher.passes": 1}
 
 
 def _fill(cls, data: dict, path: str, prefix: str = ""):
@@ -172,9 +207,28 @@ def _fill(cls, data: dict, path: str, prefix: str = ""):
         kwargs[key] = _check_type(value, default, name, path)
         if name in CHOICES and kwargs[key] not in CHOICES[name]:
             raise UserError(f"{path}: field '{name}' is {value!r}; use one of {', '.join(CHOICES[name])}")
-        if name in MINIMUM and kwargs[key] < MINIMUM[name]:
-            raise UserError(f"{path}: field '{name}' is {value!r}; use {MINIMUM[name]} or more")
+        allowed = known[key].metadata.get("range")
+        if allowed and kwargs[key] not in allowed:
+            raise UserError(f"{path}: field '{name}' is {value!r}; use a value {allowed}")
+        if known[key].metadata.get("nonempty") and not kwargs[key]:
+            raise UserError(f"{path}: field '{name}' is empty; list at least one")
     return cls(**kwargs)
+
+
+def _check_together(cfg: Config, path: str) -> None:
+    """The checks that span fields."""
+    pool, b = cfg.tasks.pool, cfg.backbone
+    if len(set(pool)) != len(pool):
+        raise UserError(f"{path}: field 'tasks.pool' names a task twice ({pool}); list each once")
+    if not cfg.interpolate.experts and cfg.interpolate.top_k > len(pool) - 1:
+        raise UserError(f"{path}: field 'interpolate.top_k' is {cfg.interpolate.top_k}, but tasks.pool has "
+                        f"{len(pool) - 1} tasks beside the target; use at most {len(pool) - 1} or add tasks")
+    if b.d_model % b.heads:
+        raise UserError(f"{path}: field 'backbone.heads' is {b.heads}, which does not divide backbone.d_model "
+                        f"{b.d_model}; pick a divisor")
+    if len(b.vision_dims) != len(b.vision_heads):
+        raise UserError(f"{path}: field 'backbone.vision_heads' has {len(b.vision_heads)} entries, vision_dims "
+                        f"{len(b.vision_dims)}; give one head count per vision stage")
 
 
 def _check_type(value, default, name, path):
@@ -224,6 +278,7 @@ def load_config(path: str, overrides: list[str] = ()) -> Config:
                 raise UserError(f"override '{item}': '{part}' is not a section")
         node[parts[-1]] = yaml.safe_load(raw)
     cfg = _fill(Config, data, path)
+    _check_together(cfg, path)
     cfg.path = str(path)
     return cfg
 
@@ -259,21 +314,57 @@ def run_stage(main) -> None:
         sys.exit(130)
 
 
-STAMPED_SECTIONS = ("world", "data", "backbone", "pretrain", "expert", "fisher", "interpolate", "evaluate")
+# What each kind of artifact is made from, beyond what its name says (task, shots, seed): config sections
+# or single fields. An artifact whose recorded config differs in one of them is stale: make rebuilds it
+# (each entry is a stamp file), a stage refuses it, evaluate and the report leave it out.
+MADE_FROM = {"backbone": ("world", "backbone", "pretrain")}
+MADE_FROM["expert"] = MADE_FROM["backbone"] + ("data", "expert")
+MADE_FROM["target"] = MADE_FROM["expert"] + ("tasks.shots_per_class",)
+MADE_FROM["similarity"] = MADE_FROM["target"] + ("tasks.pool", "fisher")
+MADE_FROM["interpolated"] = MADE_FROM["similarity"] + ("interpolate",)
+MADE_FROM["result"] = MADE_FROM["interpolated"] + ("evaluate",)
+
+
+def _at(tree, key: str):
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _leaves(tree, prefix: str) -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}.{key}").items()}
+
+
+def changed_fields(recorded: dict | None, cfg: Config, kind: str, ignore: tuple = ()) -> list[str]:
+    """The fields of MADE_FROM[kind] in which an artifact's recorded config differs from cfg ([] = current),
+    as 'field: recorded -> config'."""
+    now, out = cfg.to_dict(), []
+    for key in MADE_FROM[kind]:
+        if key in ignore:
+            continue
+        old, new = _leaves(_at(recorded or {}, key), key), _leaves(_at(now, key), key)
+        out += [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return out
 
 
 def write_stamps(cfg: Config) -> None:
-    """runs/<profile>/.config/<section>.json, rewritten only when that section changes: make's view of the config."""
+    """runs/<profile>/.config/<section or field>.json, one per entry of MADE_FROM, rewritten only when its
+    value changes: make's view of the config."""
+    from common.artifacts import write_text  # atomic: two makes of one study read the stamps at once
+
     d = cfg.run_dir / ".config"
     d.mkdir(parents=True, exist_ok=True)
-    for section in STAMPED_SECTIONS:
-        text = json.dumps(dataclasses.asdict(getattr(cfg, section)), indent=1, sort_keys=True) + "\n"
-        path = d / f"{section}.json"
+    now = cfg.to_dict()
+    for key in sorted({k for keys in MADE_FROM.values() for k in keys}):
+        text = json.dumps(_at(now, key), indent=1, sort_keys=True) + "\n"
+        path = d / f"{key}.json"
         if not path.is_file():
-            path.write_text(text)
+            write_text(path, text)
             os.utime(path, (0, 0))  # first sight is not a change: artifacts made before stamps stay valid
         elif path.read_text() != text:
-            path.write_text(text)
+            write_text(path, text)
 
 
 if __name__ == "__main__":  # python -m common.config CONFIG [key=value ...] [--stamp] --get a.b c.d  (for the Makefile)

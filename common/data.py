@@ -204,9 +204,15 @@ def split(cfg, name: str, which: str, n: int | None = None) -> list[Example]:
         return read_examples(t, which, root, n)
 
 
-def train_split(cfg, name: str, shots: int, seed: int) -> list[Example]:
-    """A task's training examples: the whole split, or the target's seeded k-shot sample."""
-    return low_shot(split(cfg, name, "train"), shots, seed, cfg.tasks.shots_per_class)
+def train_split(cfg, name: str, shots: int, seed: int, where: str = "tasks.target_shots") -> list[Example]:
+    """A task's training examples: the whole split, or the target's seeded k-shot sample (`where` names
+    the setting that asked for `shots`, for the error when the split is smaller)."""
+    exs = split(cfg, name, "train")
+    if shots > len(exs):
+        setting = where if where.startswith("--") else f"{cfg.path}: field '{where}'"
+        raise UserError(f"{setting} is {shots}, but {name}'s train split has {len(exs)} examples; use at "
+                        f"most {len(exs)} (0 = all of them)")
+    return low_shot(exs, shots, seed, cfg.tasks.shots_per_class)
 
 
 def candidates_for(task: Task, ex: Example) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from common.adapters import AdapterModel
 from common.artifacts import read_json
 from common.backbone import backbone_dir, fingerprint
-from common.config import UserError
+from common.config import UserError, changed_fields
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -112,6 +112,22 @@ def load_expert_weights(path: Path) -> dict[str, torch.Tensor]:
 def read_expert_meta(path: Path) -> dict:
     return read_json(Path(path) / "meta.json", "expert", "train it with `python train_expert.py --task TASK "
                      "[--shots N]` or `make experts`")
+
+
+def current_expert(cfg, name: str) -> dict:
+    """An expert's meta, checked to be made on this backbone under this config (else a UserError: retrain it)."""
+    path = expert_dir(cfg, name)
+    meta = read_expert_meta(path)
+    retrain = f"retrain it with `python train_expert.py --task {meta['task']}" + (
+        f" --shots {meta['shots']}`" if meta.get("shots") is not None else "`") + " (make reruns what is stale)"
+    fp = fingerprint(backbone_dir(cfg))
+    if meta["backbone"] != fp:
+        raise UserError(f"{path}: trained on another backbone ({meta['backbone']} != {fp}); {retrain}")
+    changed = changed_fields(meta.get("config"), cfg, "expert" if meta.get("shots") is None else "target")
+    if changed:
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        raise UserError(f"{path}: made under another config ({changed[0]}{more}); {retrain}")
+    return meta
 
 
 def set_weights(model, weights: dict[str, torch.Tensor]) -> None:
@@ -228,19 +244,24 @@ class MergedExpert:
         return self.model
 
 
+def at_config_scale(weights: dict[str, torch.Tensor], path: Path, ecfg) -> dict[str, torch.Tensor]:
+    """A LoRA's tensors with B rescaled from its own saved alpha/r to the configured one, so that the merge
+    (attached at the configured scale) adds exactly the update the expert was trained to add."""
+    saved = read_json(Path(path) / "adapter_config.json", "expert config", "retrain it")
+    own = saved["lora_alpha"] / saved["r"]
+    if own == ecfg.alpha / ecfg.r:
+        return weights
+    return {k: v * (own / (ecfg.alpha / ecfg.r)) if ".lora_B." in k else v for k, v in weights.items()}
+
+
 def load_pool(cfg, names: list[str]) -> list[dict[str, torch.Tensor]]:
     """The experts' tensors, checked to belong to this backbone and to share one shape."""
-    fp = fingerprint(backbone_dir(cfg))
     weights = []
     for name in names:
-        meta = read_expert_meta(expert_dir(cfg, name))
-        if meta["backbone"] != fp:
-            raise UserError(f"{expert_dir(cfg, name)}: trained on another backbone ({meta['backbone']} != {fp}); "
-                            f"retrain it with `python train_expert.py --task {meta['task']}`")
-        if meta.get("method", "lora") != cfg.expert.method:
-            raise UserError(f"{expert_dir(cfg, name)}: trained with expert.method={meta.get('method', 'lora')}, config "
-                            f"has {cfg.expert.method}; retrain it with `python train_expert.py --task {meta['task']}`")
+        current_expert(cfg, name)
         w = load_expert_weights(expert_dir(cfg, name))
+        if cfg.expert.method == "lora":
+            w = at_config_scale(w, expert_dir(cfg, name), cfg.expert)
         if weights and {k: v.shape for k, v in w.items()} != {k: v.shape for k, v in weights[0].items()}:
             raise UserError(f"{expert_dir(cfg, name)}: its tensors differ from {names[0]}'s; all experts must share "
                             f"expert.method, r and target_modules")

@@ -2,6 +2,7 @@
 (Spearman between predicted similarity and measured transfer) and plots, from the results on disk."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -49,10 +50,22 @@ def _shots_label(s: int) -> str:
     return f"{s}-shot" if s else "full data"
 
 
-def load_results(cfg, target: str) -> list[dict]:
+def load_results(cfg, target: str) -> tuple[list[dict], list[str]]:
+    """The target's results on disk made under this config (any shots and seed), and those left out as made
+    under another one ('run (field: recorded -> config)')."""
+    from common.config import changed_fields
+
     pattern = re.compile(rf"{re.escape(target)}-(\d+shot|full)-s\d+\.json$")
-    return [json.loads(p.read_text()) for p in sorted((cfg.run_dir / "results").glob(f"{target}-*.json"))
-            if pattern.match(p.name)]
+    runs, left_out = [], []
+    for p in sorted((cfg.run_dir / "results").glob(f"{target}-*.json")):
+        if pattern.match(p.name):
+            r = json.loads(p.read_text())
+            changed = changed_fields(r.get("config"), cfg, "result")
+            if changed:
+                left_out.append(f"{r['run']} ({changed[0]})")
+            else:
+                runs.append(r)
+    return runs, left_out
 
 
 def write_report(cfg, target: str) -> Path:
@@ -62,10 +75,11 @@ def write_report(cfg, target: str) -> Path:
     matplotlib.use("Agg")  # files only, no display
     from common.config import UserError
 
-    runs = load_results(cfg, target)
+    runs, left_out = load_results(cfg, target)
     if not runs:
-        raise UserError(f"{cfg.run_dir / 'results'}: no results for {target}; run `make report TARGET={target}` "
-                        f"or the pipeline first")
+        stale = f" under this config ({len(left_out)} under another)" if left_out else ""
+        raise UserError(f"{cfg.run_dir / 'results'}: no results for {target}{stale}; run `make report "
+                        f"TARGET={target}` or the pipeline first")
     out, figs = cfg.run_dir / "report.md", cfg.run_dir / "report"
     figs.mkdir(parents=True, exist_ok=True)
     by_shots: dict[int, list[dict]] = {}
@@ -81,6 +95,8 @@ def write_report(cfg, target: str) -> Path:
           f"Expert `{cfg.expert.method}`, top-{cfg.interpolate.top_k} retrieval by `{how}`, interpolation groups `{cfg.interpolate.groups}`, "
           f"{runs[0]['test_size']} test examples, test {metric}. Seeds vary the target's k-shot sample, its expert "
           f"and the interpolation; pool experts are shared.", "",
+          f"Every figure is from results made under this config ({cfg.path}"
+          + (f"); left out as made under another: {'; '.join(left_out)}." if left_out else ")."), "",
           "## Accuracy (mean ± std over seeds)", "",
           "| method | " + " | ".join(f"{_shots_label(s)} (n={len(by_shots[s])})" for s in shots) + " |",
           "|---" * (len(shots) + 1) + "|"]
@@ -170,27 +186,32 @@ def _similarities(cfg, runs: list[dict]) -> dict[str, dict[str, dict[str, float]
     """embedding -> run -> {pool expert: predicted similarity to the target's expert}; "retrieval (<kind>)"
     is what π-Tuning used (similarity/<run>.json), the others similarity/<run>.<embedding>.json, and the
     FISHER_SUBSETS of the cached per-sample Fishers (fisher/<expert>.safetensors) where they exist."""
-    from safetensors.torch import load_file
+    from common.config import changed_fields
+    from common.similarity import EMBEDDINGS, cached_fisher, fisher_cache, normalized, task_similarity
 
-    from common.similarity import normalized, task_similarity
-
+    # each file is checked against the config it should have been made with: stale ones are left out
+    as_computed = {e: dataclasses.replace(cfg, fisher=dataclasses.replace(cfg.fisher, **f)) for e, f in EMBEDDINGS.items()}
+    as_computed[""] = cfg
+    plain = dataclasses.replace(cfg, fisher=dataclasses.replace(cfg.fisher, estimator="per_sample", passes=1))
     out: dict[str, dict] = {}
-    fishers: dict[str, dict] = {}
+    fishers: dict[str, dict | None] = {}
     for r in runs:
         for p in sorted((cfg.run_dir / "similarity").glob(f"{r['run']}*.json")):
             extra = p.name[len(r["run"]):-len(".json")]
-            if extra and not re.fullmatch(r"\.[a-z_-]+", extra):
-                continue
             s = json.loads(p.read_text())
+            if extra[1:] not in as_computed or changed_fields(s.get("config"), as_computed[extra[1:]], "similarity"):
+                continue
             kind = s.get("fisher", {}).get("embedding", "fisher")
             out.setdefault(extra[1:] if extra else f"retrieval ({kind})", {})[r["run"]] = dict(zip(s["names"], s["matrix"][0]))
         names = [r["run"]] + list(r.get("transfer", {}))
-        files = [cfg.run_dir / "fisher" / f"{n}.safetensors" for n in names]
-        if len(names) < 2 or not all(f.is_file() for f in files):
-            continue
-        for n, f in zip(names, files):
+        for n in names:
             if n not in fishers:
-                fishers[n] = load_file(str(f))
+                try:
+                    fishers[n] = cached_fisher(*fisher_cache(plain, n))
+                except OSError:  # the expert is gone
+                    fishers[n] = None
+        if len(names) < 2 or not all(fishers[n] for n in names):
+            continue
         for label, pattern in FISHER_SUBSETS.items():
             sub = [{k: v for k, v in fishers[n].items() if re.search(pattern, k)} for n in names]
             if sub[0]:

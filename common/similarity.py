@@ -5,18 +5,29 @@ weights: what the expert changed (SPoT-style): each site's weight update (LoRA B
 adapter's up·down, the prompt's / prefix layer's mean token), compared by plain cosine per site."""
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.backbone import backbone_dir, fingerprint
 from common.data import Encoder, Example, batches
-from common.experts import split_layers
+from common.experts import WEIGHTS, expert_dir, split_layers
 from common.metrics import answer_logprobs
 
 EPS = 1e-6
+
+# --embedding: retrieval's alternatives, computed beside it for comparison (make report ranks them by Spearman
+# against the measured transfer); each is the fisher section with these fields changed
+EMBEDDINGS = {"fisher": {"embedding": "fisher"}, "weights": {"embedding": "weights"},
+              "fisher-batch": {"embedding": "fisher", "estimator": "batch"},  # the original code's estimator
+              "fisher-raw": {"embedding": "fisher", "normalize": "none"},  # the paper's formula on raw values
+              "fisher-passes": {"embedding": "fisher", "passes": 4}}  # the few shots passed 4 times, dropout on
 
 
 def fisher_diagonal(model, enc: Encoder, exs: list[Example], estimator: str = "per_sample",
@@ -35,6 +46,47 @@ def fisher_diagonal(model, enc: Encoder, exs: list[Example], estimator: str = "p
         for (n, _), g in zip(params.items(), grads):
             fisher[n] += g.float() ** 2
     return {n: f / len(exs) for n, f in fisher.items()}
+
+
+def _hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def fisher_cache(cfg, name: str) -> tuple[Path, dict[str, str]]:
+    """Where expert `name`'s Fisher under cfg.fisher is cached, and the key the cached file must carry: every
+    setting that changes the Fisher (the expert's tensors and config, the backbone, the data that feeds it,
+    the estimator). One pass with per-sample gradients is the plain file, every other estimate sits beside it."""
+    fc, path = cfg.fisher, expert_dir(cfg, name)
+    sampled = json.loads((path / "meta.json").read_text())["shots"] is not None  # a target's k-shot sample
+    fed_by = [cfg.to_dict()[s] for s in ("world", "data")] + ([cfg.tasks.shots_per_class] if sampled else [])
+    expert_config = json.loads((path / "adapter_config.json").read_text())
+    expert_config.pop("base_model_name_or_path", None)  # where the backbone was: moving runs/ changes nothing
+    key = {"expert": _hash((path / WEIGHTS).read_bytes()), "backbone": fingerprint(backbone_dir(cfg)),
+           "expert_config": _hash(json.dumps(expert_config, sort_keys=True).encode()),
+           "data": _hash(json.dumps(fed_by, sort_keys=True).encode()), "estimator": fc.estimator,
+           "samples": str(fc.samples)}
+    variant = "" if fc.estimator == "per_sample" else f".{fc.estimator}"
+    if fc.estimator == "batch":  # a per-sample Fisher takes one example at a time, whatever the batch size
+        key["batch_size"] = str(fc.batch_size)
+    if fc.passes > 1:
+        key["passes"] = str(fc.passes)
+        variant += f".passes{fc.passes}"
+    return cfg.run_dir / "fisher" / f"{name}{variant}.safetensors", key
+
+
+def cached_fisher(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
+    """The stored Fisher if it was computed with this key (None: compute it)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            if f.metadata() != key:
+                return None
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception:  # a corrupt cache entry is simply recomputed
+        return None
 
 
 def normalized(fisher: dict[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:

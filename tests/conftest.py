@@ -1,14 +1,27 @@
-"""Shared fixtures: one micro-profile pipeline run (built offline in a temp dir) that many tests read."""
+"""Shared fixtures: one micro-profile pipeline run (built offline in a temp dir) that many tests read.
+
+Under pytest-xdist (`make test` runs two workers) each worker uses one torch thread, and so do the stages
+it starts (OMP_NUM_THREADS is inherited); the micro run is built once for all workers, behind a file lock
+(`built_once`), and is read-only: a test that changes it works on its own copy (`micro_copy`)."""
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, no oversubscription
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -20,18 +33,71 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return p
 
 
-def make(*targets: str, runs_dir: Path, extra: str = "") -> subprocess.CompletedProcess:
+def stage(script: str, *args: str) -> tuple[int, str, str]:
+    """A stage script run in this process, as its command line would run it: (exit code, stdout, stderr).
+    For runs that stop early (bad input, --help): no interpreter start-up, so they cost milliseconds."""
+    import contextlib
+    import importlib
+    import io
+
+    from common.config import run_stage
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = [script, *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                run_stage(importlib.import_module(script.removesuffix(".py")).main)
+                code = 0
+            except SystemExit as e:
+                code = e.code or 0
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()
+
+
+def make(*targets: str, runs_dir: Path, extra: str = "", check: bool = True) -> subprocess.CompletedProcess:
     """`make <targets> PROFILE=micro` writing under runs_dir, with this interpreter (no venv step)."""
     return run("make", *targets, "PROFILE=micro", f"PY={sys.executable}", "STAMP=",
-               f"OVERRIDES=runs_dir={runs_dir} {extra}".strip())
+               f"OVERRIDES=runs_dir={runs_dir} {extra}".strip(), check=check)
+
+
+def shared_dir(tmp_path_factory) -> Path:
+    """A temp folder all workers of this test session see (one worker: its own base temp)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory, name: str, build) -> tuple[Path, str]:
+    """build(runs_dir) -> make output, run by the first worker to ask, behind a file lock; later askers (any
+    worker) wait for it and share its folder: (runs_dir, output)."""
+    shared = shared_dir(tmp_path_factory)
+    runs, log = shared / f"{name}-runs", shared / f"{name}-make.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not log.is_file():
+            log.write_text(json.dumps(build(runs)))
+    return runs, json.loads(log.read_text())
+
+
+def make_output(p: subprocess.CompletedProcess) -> str:
+    return p.stdout + p.stderr
 
 
 @pytest.fixture(scope="session")
 def micro(tmp_path_factory):
-    """`make all TARGET=snli-ve` on the micro profile, once per session: (runs_dir, run_dir, make output)."""
-    runs = tmp_path_factory.mktemp("runs")
-    out = make("all", runs_dir=runs)
-    return runs, runs / "micro", out.stdout + out.stderr
+    """`make all TARGET=snli-ve` on the micro profile, once for all workers: (runs_dir, run_dir, make output).
+    Read-only: use `micro_copy` to change it."""
+    runs, out = built_once(tmp_path_factory, "micro", lambda runs: make_output(make("all", runs_dir=runs)))
+    return runs, runs / "micro", out
+
+
+@pytest.fixture
+def micro_copy(micro, tmp_path):
+    """A private copy of the micro run (mtimes kept, so make sees it as up to date): (runs_dir, run_dir)."""
+    runs = tmp_path / "runs"
+    shutil.copytree(micro[0], runs)
+    return runs, runs / "micro"
 
 
 @pytest.fixture
@@ -39,3 +105,11 @@ def micro_cfg(micro):
     from common.config import load_config
 
     return load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={micro[0]}"])
+
+
+def pytest_collection_modifyitems(config, items):
+    """The first test that needs the micro run goes first: under xdist one worker builds it while the other
+    runs the tests that need none of it, instead of waiting on the lock."""
+    needs = [item for item in items if "micro" in getattr(item, "fixturenames", ())]
+    if needs:
+        items[:] = needs[:1] + [item for item in items if item not in needs] + needs[1:]

@@ -11,8 +11,8 @@ def test_profiles_load():
 
 
 def test_overrides_are_typed():
-    cfg = load_config("configs/micro.yaml", ["expert.steps=7", "interpolate.train_experts=false", "tasks.pool=[nli]"])
-    assert cfg.expert.steps == 7 and cfg.interpolate.train_experts is False and cfg.tasks.pool == ["nli"]
+    cfg = load_config("configs/micro.yaml", ["expert.steps=7", "interpolate.train_experts=false", "tasks.pool=[nli,shape,vqa]"])
+    assert cfg.expert.steps == 7 and cfg.interpolate.train_experts is False and cfg.tasks.pool == ["nli", "shape", "vqa"]
 
 
 @pytest.mark.parametrize("override, message", [

@@ -24,11 +24,10 @@ def test_spearman_matches_hand_computed_ranks():
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
 
 
-def test_make_report_runs_every_baseline_and_writes_the_report(micro, tmp_path):
+def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_path):
     import sys
 
-    runs = tmp_path / "runs"
-    shutil.copytree(micro[0], runs)  # the session's micro run, so only the study's extra runs train here
+    runs = micro_copy[0]  # the session's micro run, so only the study's extra runs train here
     p = run("make", "report", "PROFILE=micro", f"PY={sys.executable}", "STAMP=", "REPORT_SHOTS=8", "REPORT_SEEDS=0",
             "TRANSFER_SHOTS=8", EVERY_EMBEDDING, f"OVERRIDES=runs_dir={runs}")
     result = json.loads((runs / "micro/results/snli-ve-8shot-s0.json").read_text())
