@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--transfer", action="store_true", help="only target-only and the pair-<expert> runs: write "
                     "results/<run>.transfer.json (the transfer matrix row the oracle baseline ranks by)")
     ap.add_argument("--report", action="store_true", help="no evaluation: write runs/<profile>/report.md + PNG "
-                    "plots from every result of this target so far (make report)")
+                    "plots from every result of this target made under this config (make report)")
     args, cfg = parse_stage(ap)
     task = data.task(cfg, args.target, where="--target")
     if args.report:

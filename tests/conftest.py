@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -69,10 +70,9 @@ def shared_dir(tmp_path_factory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-def built_once(tmp_path_factory, name: str, build) -> tuple[Path, str]:
+def built_once(shared: Path, name: str, build) -> tuple[Path, str]:
     """build(runs_dir) -> make output, run by the first worker to ask, behind a file lock; later askers (any
     worker) wait for it and share its folder: (runs_dir, output)."""
-    shared = shared_dir(tmp_path_factory)
     runs, log = shared / f"{name}-runs", shared / f"{name}-make.json"
     with FileLock(str(shared / f"{name}.lock")):
         if not log.is_file():
@@ -84,11 +84,15 @@ def make_output(p: subprocess.CompletedProcess) -> str:
     return p.stdout + p.stderr
 
 
+def build_micro(shared: Path) -> tuple[Path, str]:
+    return built_once(shared, "micro", lambda runs: make_output(make("all", runs_dir=runs)))
+
+
 @pytest.fixture(scope="session")
 def micro(tmp_path_factory):
     """`make all TARGET=snli-ve` on the micro profile, once for all workers: (runs_dir, run_dir, make output).
     Read-only: use `micro_copy` to change it."""
-    runs, out = built_once(tmp_path_factory, "micro", lambda runs: make_output(make("all", runs_dir=runs)))
+    runs, out = build_micro(shared_dir(tmp_path_factory))
     return runs, runs / "micro", out
 
 
@@ -107,9 +111,31 @@ def micro_cfg(micro):
     return load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={micro[0]}"])
 
 
+HEAVY = {"micro_copy", "runs", "t5_dir"}  # fixtures of tests that run a pipeline or several stages
+_background: list[threading.Thread] = []
+
+
 def pytest_collection_modifyitems(config, items):
-    """The first test that needs the micro run goes first: under xdist one worker builds it while the other
-    runs the tests that need none of it, instead of waiting on the lock."""
-    needs = [item for item in items if "micro" in getattr(item, "fixturenames", ())]
-    if needs:
-        items[:] = needs[:1] + [item for item in items if item not in needs] + needs[1:]
+    """Longest first, so that two workers finish together: the tests that run pipelines without the micro run,
+    then those with it, then the short ones, which fill the gaps at the end."""
+    def order(item):
+        names = set(getattr(item, "fixturenames", ()))
+        heavy = names & HEAVY or item.module.__name__ == "test_report"
+        return 0 if heavy and "micro" not in names else 1 if heavy else 2
+
+    items.sort(key=order)  # stable: each group keeps the files' order
+
+
+def pytest_collection_finish(session):
+    """Under xdist, worker gw0 starts the micro run in the background as soon as it knows a test needs it: both
+    workers run tests that need none of it meanwhile, instead of one waiting on the lock."""
+    if os.environ.get("PYTEST_XDIST_WORKER") == "gw0" and any(
+            "micro" in getattr(item, "fixturenames", ()) for item in session.items):
+        thread = threading.Thread(target=build_micro, args=(Path(session.config.option.basetemp).parent,))
+        thread.start()
+        _background.append(thread)
+
+
+def pytest_sessionfinish(session):
+    for thread in _background:
+        thread.join()

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import REPO, built_once, make, make_output
+from conftest import REPO, built_once, make, make_output, shared_dir
 
 NAME = "snli-ve-8shot-s0"
 METHODS = ["lora", "ia3", "prompt", "prefix", "adapter"]
@@ -29,7 +29,7 @@ class MethodRuns(dict):
             shutil.copytree(self.micro[1] / "backbone", root / "micro/backbone")
             return make_output(make("all", runs_dir=root, extra=f"expert.method={method}"))
 
-        self[method] = built_once(self.factory, method, build)
+        self[method] = built_once(shared_dir(self.factory), method, build)
         return self[method]
 
 
