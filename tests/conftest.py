@@ -58,6 +58,28 @@ def stage(script: str, *args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def stages(runs_dir: Path, *overrides: str, target: str = "snli-ve", backbone: bool = False) -> str:
+    """The pipeline `make all` runs, stage by stage in this process (no interpreter start-ups): the pool
+    experts, the target's, embed, interpolate, evaluate (and first the backbone stage, with backbone=True).
+    Returns their output; a stage that fails fails the test with its message."""
+    from common.config import load_config
+
+    args = ("--config", "configs/micro.yaml", "seed=0", f"runs_dir={runs_dir}", *overrides)
+    cfg = load_config("configs/micro.yaml", list(args[3:]))
+    calls = [("train_expert.py", "--pretrain")] if backbone else []
+    calls += [("train_expert.py", "--task", t) for t in cfg.tasks.pool if t != target]
+    calls += [("train_expert.py", "--task", target, "--shots", str(cfg.tasks.target_shots)),
+              ("embed_tasks.py", "--target", target), ("interpolate.py", "--target", target),
+              ("evaluate.py", "--target", target)]
+    out = []
+    for call in calls:
+        code, stdout, stderr = stage(*call, *args)
+        if code:
+            raise AssertionError(f"{' '.join(call)} failed ({code}): {stderr[-2000:]}")
+        out.append(stdout + stderr)
+    return "".join(out)
+
+
 def make(*targets: str, runs_dir: Path, extra: str = "", check: bool = True) -> subprocess.CompletedProcess:
     """`make <targets> PROFILE=micro` writing under runs_dir, with this interpreter (no venv step)."""
     return run("make", *targets, "PROFILE=micro", f"PY={sys.executable}", "STAMP=",
@@ -116,12 +138,12 @@ _background: list[threading.Thread] = []
 
 
 def pytest_collection_modifyitems(config, items):
-    """Longest first, so that two workers finish together: the tests that run pipelines without the micro run,
-    then those with it, then the short ones, which fill the gaps at the end."""
+    """The tests that need no micro run first (longest first), while one worker builds it in the background;
+    then those that need it, longest first, the short ones filling the gaps at the end."""
     def order(item):
         names = set(getattr(item, "fixturenames", ()))
-        heavy = names & HEAVY or item.module.__name__ == "test_report"
-        return 0 if heavy and "micro" not in names else 1 if heavy else 2
+        heavy = bool(names & HEAVY) or item.module.__name__ == "test_report"
+        return ("micro" in names, not heavy, item.module.__name__ != "test_report")  # the longest test first
 
     items.sort(key=order)  # stable: each group keeps the files' order
 

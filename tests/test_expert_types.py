@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import REPO, built_once, make, make_output, shared_dir
+from conftest import REPO, built_once, shared_dir, stages
 
 NAME = "snli-ve-8shot-s0"
 METHODS = ["lora", "ia3", "prompt", "prefix", "adapter"]
@@ -16,9 +16,9 @@ SAVED_AS = {"lora": ("peft_type", "LORA"), "ia3": ("peft_type", "IA3"), "prompt"
 
 
 class MethodRuns(dict):
-    """method -> (runs_dir, make output): `make all` for a method when a test first asks for it, once for all
-    workers; the session's micro run is LoRA's, and its backbone is copied in for the others, so only their
-    experts train."""
+    """method -> (runs_dir, output): the four stages for a method when a test first asks for it, once for all
+    workers; the session's micro run (`make all`) is LoRA's, and its backbone is copied in for the others, so
+    only their experts train."""
 
     def __init__(self, micro, tmp_path_factory):
         super().__init__(lora=(micro[0], micro[2]))
@@ -27,7 +27,7 @@ class MethodRuns(dict):
     def __missing__(self, method):
         def build(root):
             shutil.copytree(self.micro[1] / "backbone", root / "micro/backbone")
-            return make_output(make("all", runs_dir=root, extra=f"expert.method={method}"))
+            return stages(root, f"expert.method={method}")
 
         self[method] = built_once(shared_dir(self.factory), method, build)
         return self[method]

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, make, run
+from conftest import REPO, run, stages
 from test_readers import b64, write_tsv
 
 
@@ -62,8 +62,8 @@ def test_the_four_stages_run_on_real_file_formats(micro, tmp_path):
     write_real_data(tmp_path / "data")
     runs = tmp_path / "runs"
     shutil.copytree(micro[1] / "backbone", runs / "micro/backbone")
-    make("all", runs_dir=runs, extra=f"data.source=files data.root={tmp_path}/data tasks.pool=[snli-ve,rte] "
-                                     "tasks.target_shots=4 interpolate.top_k=1")
+    stages(runs, "data.source=files", f"data.root={tmp_path}/data", "tasks.pool=[snli-ve,rte]", "tasks.target_shots=4",
+           "interpolate.top_k=1")
     result = json.loads((runs / "micro/results/snli-ve-4shot-s0.json").read_text())
     assert result["test_size"] == 9 and result["experts"] == ["snli-ve-4shot-s0", "rte"]
     meta = json.loads((runs / "micro/experts/rte/meta.json").read_text())
@@ -98,13 +98,12 @@ def t5_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["lora", "adapter"])
 def test_a_text_only_t5_backbone_runs_the_four_stages(t5_dir, tmp_path, method):
-    extra = (f"backbone.source={t5_dir} tasks.pool=[nli,paraphrase,arith] expert.method={method}")
-    p = run("make", "all", "TARGET=nli", "PROFILE=micro", f"PY={sys.executable}", "STAMP=",
-            f"OVERRIDES=runs_dir={tmp_path} {extra}")
+    out = stages(tmp_path, f"backbone.source={t5_dir}", "tasks.pool=[nli,paraphrase,arith]",
+                 f"expert.method={method}", target="nli", backbone=True)
     assert "t5" in json.loads((tmp_path / "micro/backbone/meta.json").read_text())["kind"]
     result = json.loads((tmp_path / "micro/results/nli-8shot-s0.json").read_text())
     peft_merges = {"linear-merge", "ties-merge"} if method == "lora" else set()
-    assert set(result["accuracy"]) == {"zero-shot", "target-only", "uniform-merge", "pi-tuning"} | peft_merges, p.stdout
+    assert set(result["accuracy"]) == {"zero-shot", "target-only", "uniform-merge", "pi-tuning"} | peft_merges, out
 
 
 def test_an_image_task_on_a_text_only_backbone_is_one_line(t5_dir, tmp_path):
