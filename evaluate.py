@@ -21,7 +21,7 @@ import torch
 from common import data
 from common.artifacts import read_json, write_json, write_text
 from common.backbone import load_backbone
-from common.config import UserError, changed_fields, parse_stage, run_stage, stage_parser
+from common.config import changed_fields, parse_stage, require_current, run_stage, stage_parser
 from common.experts import (MergedExpert, current_expert, expert_dir, expert_name, load_expert, load_pool,
                             unload_expert)
 from common.metrics import task_metric
@@ -117,9 +117,7 @@ def main() -> None:
     interp = cfg.run_dir / "interpolated" / run
     interpolate = f"run `python interpolate.py --target {args.target}` (make reruns what is stale)"
     meta = read_json(interp / "meta.json", "interpolated expert", interpolate)
-    changed = changed_fields(meta.get("config"), cfg, "interpolated")
-    if changed:
-        raise UserError(f"{interp}: made under another config ({changed[0]}); {interpolate}")
+    require_current(meta.get("config"), cfg, "interpolated", interp, interpolate)
     current_expert(cfg, run)
     test = data.split(cfg, args.target, "test")
     t0 = time.time()

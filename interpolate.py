@@ -18,7 +18,7 @@ import torch
 from common import data
 from common.artifacts import atomic_dir, read_json, write_json
 from common.backbone import backbone_dir, fingerprint, load_backbone
-from common.config import UserError, changed_fields, parse_stage, run_stage, stage_parser
+from common.config import UserError, parse_stage, require_current, run_stage, stage_parser
 from common.experts import MergedExpert, expert_name, load_pool, unload_expert
 from common.similarity import top_k_similar
 from common.training import train_steps
@@ -39,9 +39,7 @@ def variant(cfg, name: str, run: str, sim: dict, chosen: list[str]) -> tuple[lis
         fix = "run `interpolate.py --variant pair-<expert>` for every pool expert, then `evaluate.py --transfer` " \
               "(make report does)"
         row = read_json(path, "transfer matrix row", fix)
-        changed = changed_fields(row.get("config"), cfg, "result")
-        if changed:
-            raise UserError(f"{path}: measured under another config ({changed[0]}); {fix}")
+        require_current(row.get("config"), cfg, "result", path, fix, made="measured")
         transfer = row.get("transfer", {})
         if len(transfer) < len(pool):
             raise UserError(f"{path}: transfer measured for {len(transfer)} of {len(pool)} pool experts; run "
@@ -108,9 +106,7 @@ def main() -> None:
     sim_path = cfg.run_dir / "similarity" / f"{run}.json"
     embed = f"run `python embed_tasks.py --target {args.target}` (make reruns what is stale)"
     sim = read_json(sim_path, "similarity matrix", embed)
-    changed = changed_fields(sim.get("config"), cfg, "similarity")
-    if changed:
-        raise UserError(f"{sim_path}: made under another config ({changed[0]}); {embed}")
+    require_current(sim.get("config"), cfg, "similarity", sim_path, embed)
     chosen = ic.experts or top_k_similar(sim["names"], sim["matrix"], run, ic.top_k)
     for name in ic.experts:
         if name not in sim["names"] or name == run:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from common.config import BackboneConfig, UserError, changed_fields
+from common.config import BackboneConfig, UserError, require_current
 
 # one concise line per stage: no per-tensor loading bars, no deprecation chatter from peft <-> transformers
 transformers.utils.logging.disable_progress_bar()
@@ -114,10 +114,9 @@ def load_backbone(cfg):
     if source == "embedded":
         import json
 
-        changed = changed_fields(json.loads((path / "meta.json").read_text()).get("config"), cfg, "backbone")
-        if changed:
-            raise UserError(f"{path}: built under another config ({changed[0]}); rebuild it with `python "
-                            f"train_expert.py --pretrain --config {cfg.path}` or `make backbone`")
+        require_current(json.loads((path / "meta.json").read_text()).get("config"), cfg, "backbone", path,
+                        f"rebuild it with `python train_expert.py --pretrain --config {cfg.path}` or `make backbone`",
+                        made="built")
     if source != "embedded" and not path.exists() and not _cached(source) and not _hub_reachable():
         raise UserError(f"{cfg.path}: backbone.source '{source}' is a hub id, not in the local cache, and the hub is "
                         f"unreachable; download it where there is network (`hf download {source} --local-dir DIR`) "

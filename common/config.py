@@ -337,16 +337,22 @@ def _leaves(tree, prefix: str) -> dict:
     return {k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}.{key}").items()}
 
 
-def changed_fields(recorded: dict | None, cfg: Config, kind: str, ignore: tuple = ()) -> list[str]:
+def changed_fields(recorded: dict | None, cfg: Config, kind: str) -> list[str]:
     """The fields of MADE_FROM[kind] in which an artifact's recorded config differs from cfg ([] = current),
     as 'field: recorded -> config'."""
     now, out = cfg.to_dict(), []
     for key in MADE_FROM[kind]:
-        if key in ignore:
-            continue
         old, new = _leaves(_at(recorded or {}, key), key), _leaves(_at(now, key), key)
         out += [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return out
+
+
+def require_current(recorded: dict | None, cfg: Config, kind: str, where, fix: str, made: str = "made") -> None:
+    """A UserError naming `where`, the first field that differs and `fix`, unless the artifact is current."""
+    changed = changed_fields(recorded, cfg, kind)
+    if changed:
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        raise UserError(f"{where}: {made} under another config ({changed[0]}{more}); {fix}")
 
 
 def write_stamps(cfg: Config) -> None:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from common.adapters import AdapterModel
 from common.artifacts import read_json
 from common.backbone import backbone_dir, fingerprint
-from common.config import UserError, changed_fields
+from common.config import UserError, require_current
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -123,10 +123,7 @@ def current_expert(cfg, name: str) -> dict:
     fp = fingerprint(backbone_dir(cfg))
     if meta["backbone"] != fp:
         raise UserError(f"{path}: trained on another backbone ({meta['backbone']} != {fp}); {retrain}")
-    changed = changed_fields(meta.get("config"), cfg, "expert" if meta.get("shots") is None else "target")
-    if changed:
-        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
-        raise UserError(f"{path}: made under another config ({changed[0]}{more}); {retrain}")
+    require_current(meta.get("config"), cfg, "expert" if meta.get("shots") is None else "target", path, retrain)
     return meta
 
 
