@@ -25,10 +25,16 @@ help:
 	@echo "                                                   the transfer matrix, runs/<profile>/report.md + plots"
 	@echo "make test | bench | clean                          OVERRIDES='key=value ...' reach every stage"
 
-# the virtual environment, created on first use, with the exact versions of constraints.txt
+# the virtual environment, created on first use, with the exact versions of constraints.txt. pip's own
+# bytecode pass compiles all of torch and transformers (about a minute here); instead the modules the stages
+# and tests use are compiled by importing them once (about 20 s), the rest when first imported
+WARM := import torch, torchvision, peft, accelerate, matplotlib.pyplot, pyarrow.parquet, pytest, xdist, filelock; \
+        import transformers as t; t.Florence2ForConditionalGeneration, t.T5ForConditionalGeneration; \
+        import train_expert, embed_tasks, interpolate, evaluate, common.report, common.readers
 $(STAMP): requirements.txt constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
+	$(PY) -m pip install -q --no-compile -r requirements.txt -c constraints.txt
+	PYTHONDONTWRITEBYTECODE= $(PY) -c "$(WARM)"
 	touch $@
 
 # the pipeline's file graph lives in pipeline.mk, read once the venv can parse the profile
@@ -58,10 +64,11 @@ study-%: $(STAMP)
 	  TRANSFER_ROW=$(if $(filter $(word 1,$(subst -, ,$*)),$(TRANSFER_SHOTS)),1,0) \
 	  OVERRIDES="tasks.target_shots=$$1 threads=1 $(OVERRIDES)" evaluate
 
-# one pytest worker per core (pytest-xdist), one torch thread each
+# one pytest worker per core (pytest-xdist), one torch thread each; a worker that runs out of tests takes
+# half of the other's queue (worksteal), so neither sits idle at the end
 TEST_JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_JOBS) tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal tests
 
 bench: $(STAMP)
 	$(PY) bench/merge_bench.py --threads 1
