@@ -22,6 +22,7 @@ from common import data
 from common.artifacts import atomic_file, read_json, write_json, write_text
 from common.backbone import load_backbone
 from common.config import UserError, parse_stage, run_stage, stage_parser
+from common.device import accelerator
 from common.experts import (attach, current_expert, expert_dir, expert_name, load_expert_weights, read_expert_meta,
                             set_weights)
 from common.similarity import (EMBEDDINGS, cached_fisher, expert_update, fisher_cache, fisher_diagonal, normalized,
@@ -64,8 +65,9 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
         fisher = cached_fisher(out, key)
         if fisher is None:
             if peft_model is None:  # load the backbone only when something needs computing
-                model, processor = load_backbone(cfg)
-                enc = data.Encoder(processor)
+                acc = accelerator(cfg)
+                model, processor = load_backbone(cfg, acc.device)
+                enc = data.Encoder(processor, acc.device)
                 peft_model = attach(model, cfg.expert)
                 peft_model.eval()
             set_weights(peft_model, load_expert_weights(path))
@@ -75,8 +77,9 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
             exs = exs * min(fc.passes, math.ceil(fc.samples / max(len(exs), 1)))
             peft_model.train(fc.passes > 1)
             torch.manual_seed(0)  # the same dropout whichever process computes (and caches) this Fisher
-            fisher = fisher_diagonal(peft_model, enc, exs, fc.estimator, fc.batch_size, desc=f"fisher {name}")
-            fisher = {k.replace(".default", ""): v.contiguous() for k, v in fisher.items()}
+            fisher = fisher_diagonal(peft_model, enc, exs, fc.estimator, fc.batch_size, desc=f"fisher {name}",
+                                     autocast=acc.autocast)
+            fisher = {k.replace(".default", ""): v.contiguous().cpu() for k, v in fisher.items()}
             if not all(torch.isfinite(v).all() for v in fisher.values()):
                 raise UserError(f"{path}: its Fisher is not finite, nothing written; retrain the expert with a "
                                 f"lower expert.lr")

@@ -22,6 +22,7 @@ from common import data
 from common.artifacts import read_json, write_json, write_text
 from common.backbone import load_backbone
 from common.config import changed_fields, parse_stage, require_current, run_stage, stage_parser
+from common.device import accelerator
 from common.experts import (MergedExpert, current_expert, expert_dir, expert_name, load_expert, load_pool,
                             unload_expert)
 from common.metrics import task_metric
@@ -134,12 +135,13 @@ def main() -> None:
             measured = {m: a for m, a in row["accuracy"].items() if m.startswith("pair-") and m in todo}
     todo = {m: v for m, v in todo.items() if m not in measured}
 
-    base, processor = load_backbone(cfg)  # loaded once; each method's expert goes in and comes out again
-    enc = data.Encoder(processor)
+    accel = accelerator(cfg)
+    base, processor = load_backbone(cfg, accel.device)  # loaded once; each method's expert goes in and comes out
+    enc = data.Encoder(processor, accel.device)
     acc, used = {}, {}
     for m, (kind, what) in todo.items():
         if kind == "full":  # a fully fine-tuned copy of the backbone
-            model = type(base).from_pretrained(str(what)).eval()
+            model = type(base).from_pretrained(str(what)).eval().to(accel.device)
         elif kind == "expert":
             model = load_expert(base, what)
             used[m] = read_json(what / "meta.json", "expert", "retrain it").get("experts")
@@ -149,7 +151,8 @@ def main() -> None:
             model = peft_merge(cfg, base, what, kind)
         else:
             model = base
-        metric, acc[m] = task_metric(model, enc, task, test, cfg.evaluate.batch_size)
+        with accel.autocast():
+            metric, acc[m] = task_metric(model, enc, task, test, cfg.evaluate.batch_size)
         if model is not base and kind != "full":
             base = unload_expert(model)
     acc.update(measured)

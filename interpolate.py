@@ -19,9 +19,10 @@ from common import data
 from common.artifacts import atomic_dir, read_json, write_json
 from common.backbone import backbone_dir, fingerprint, load_backbone
 from common.config import UserError, parse_stage, require_current, run_stage, stage_parser
+from common.device import accelerator
 from common.experts import MergedExpert, expert_name, load_pool, unload_expert
 from common.similarity import top_k_similar
-from common.training import train_steps
+from common.training import checkpointing, train_steps
 
 
 def variant(cfg, name: str, run: str, sim: dict, chosen: list[str]) -> tuple[list[str], str, bool]:
@@ -50,7 +51,7 @@ def variant(cfg, name: str, run: str, sim: dict, chosen: list[str]) -> tuple[lis
     raise UserError(f"--variant '{name}': use pi, random, oracle, frozen or pair-<expert> with one of {', '.join(pool)}")
 
 
-def interpolate(cfg, model, enc, target: str, run: str, name: str, experts: list[str], how: str,
+def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts: list[str], how: str,
                 train_experts: bool) -> str:
     """One π-Tuning run (or baseline run) on the loaded backbone, written to interpolated/<run>[.<name>]/; the
     backbone comes back unchanged, so one process can do several. Returns its summary line."""
@@ -58,7 +59,7 @@ def interpolate(cfg, model, enc, target: str, run: str, name: str, experts: list
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     merge = MergedExpert(model, cfg.expert, load_pool(cfg, experts), ic.groups, trainable=train_experts)
-    logits = torch.zeros(len(merge.group_names), len(experts), requires_grad=True)  # uniform start
+    logits = torch.zeros(len(merge.group_names), len(experts), device=acc.device, requires_grad=True)  # uniform
     merge.model.train()
 
     def loss_fn(batch):
@@ -70,7 +71,8 @@ def interpolate(cfg, model, enc, target: str, run: str, name: str, experts: list
         groups.append({"params": list(merge.stack.parameters()), "lr": ic.lr})
     loss = train_steps(loss_fn, groups, data.infinite_batches(train, ic.batch_size, cfg.seed), ic.steps,
                        ic.grad_clip, warmup=min(20, ic.steps // 10), desc=f"interpolate {run}",
-                       lr_field="interpolate.logits_lr" if not train_experts else "interpolate.lr")
+                       lr_field="interpolate.logits_lr" if not train_experts else "interpolate.lr", acc=acc,
+                       grad_accum=ic.grad_accum)
 
     probs = torch.softmax(logits.detach(), dim=-1)
     out = cfg.run_dir / "interpolated" / (f"{run}.{name}" if name else run)
@@ -114,10 +116,12 @@ def main() -> None:
                             f"(pool: {', '.join(sim['names'][1:])})")
     names = ["" if v == "pi" else v for v in args.variant.split(",")]
     todo = [(v, *variant(cfg, v, run, sim, chosen)) for v in names]  # all checked before training
-    model, processor = load_backbone(cfg)
-    enc = data.Encoder(processor)
+    acc = accelerator(cfg)
+    model, processor = load_backbone(cfg, acc.device)
+    checkpointing(model, ic.gradient_checkpointing)
+    enc = data.Encoder(processor, acc.device)
     for name, pool_experts, how, train_experts in todo:
-        print(interpolate(cfg, model, enc, args.target, run, name, [run] + pool_experts, how, train_experts),
+        print(interpolate(cfg, acc, model, enc, args.target, run, name, [run] + pool_experts, how, train_experts),
               flush=True)
 
 

@@ -54,7 +54,7 @@ show: $(RESULT)
 clean:
 	rm -rf $(RUN)
 
-$(BACKBONE): $(CFG)/world.json $(CFG)/backbone.json $(CFG)/pretrain.json
+$(BACKBONE): $(CFG)/world.json $(CFG)/backbone.json $(CFG)/pretrain.json $(CFG)/precision.json
 	$(PY) train_expert.py --pretrain $(ARGS)
 
 $(TGT_EXP): $(BACKBONE) $(FROM_TARGET)

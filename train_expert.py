@@ -20,9 +20,10 @@ from common.artifacts import atomic_dir, write_json
 from common.backbone import (backbone_dir, build_model, build_processor, build_vocab, fingerprint,
                              init_unseen_embeddings, load_backbone)
 from common.config import UserError, parse_stage, run_stage, stage_parser
+from common.device import accelerator
 from common.experts import attach, expert_dir, expert_name, learning_rate
 from common.metrics import task_metric, token_accuracy
-from common.training import train_steps
+from common.training import checkpointing, train_steps
 
 
 def pretrain(cfg) -> None:
@@ -30,6 +31,7 @@ def pretrain(cfg) -> None:
     out = backbone_dir(cfg)
     if cfg.backbone.source != "embedded":
         return record_backbone(cfg)
+    acc = accelerator(cfg)
     torch.manual_seed(0)  # one backbone for every seed (make builds it once), like the pool experts
     w, pc = cfg.world, cfg.pretrain
     # the vocabulary is every word any task of the world can use
@@ -38,7 +40,9 @@ def pretrain(cfg) -> None:
     vocab = build_vocab(texts)
     model, n_image_tokens = build_model(cfg.backbone, len(vocab), w.image_size)
     processor = build_processor(vocab, w.image_size, n_image_tokens)
-    enc = data.Encoder(processor)
+    model.to(acc.device)
+    checkpointing(model, pc.gradient_checkpointing)
+    enc = data.Encoder(processor, acc.device)
 
     # pre-training draws fresh scenes every step from a seeded stream (never the downstream splits)
     rng = random.Random(0)
@@ -54,19 +58,21 @@ def pretrain(cfg) -> None:
     model.train()
     t0 = time.time()
     loss = train_steps(lambda b: model(**enc.batch(b)).loss, [{"params": list(model.parameters()), "lr": pc.lr}],
-                       batches(), pc.steps, pc.grad_clip, pc.warmup, desc="pretrain backbone", lr_field="pretrain.lr")
+                       batches(), pc.steps, pc.grad_clip, pc.warmup, desc="pretrain backbone", lr_field="pretrain.lr",
+                       acc=acc, grad_accum=pc.grad_accum)
     model.eval()
+    checkpointing(model, False)
 
     # words the decoder never had to produce keep tiny embeddings: initialise them like new label tokens
     seen = torch.zeros(len(vocab), dtype=torch.bool)
     for t in data.PRETRAIN_TASKS:
         for e in data.examples(t, "train", w, 1000):
-            seen[enc.labels([e.answer])[0].clamp(min=0)] = True
+            seen[enc.labels([e.answer])[0].clamp(min=0).cpu()] = True
     n_new = init_unseen_embeddings(model, seen, 0)
 
     val = {t: data.examples(t, "val", w, 200) for t in data.PRETRAIN_TASKS}
-    with torch.no_grad():
-        acc = {t: token_accuracy(model, enc, v) for t, v in val.items()}
+    with torch.no_grad(), acc.autocast():
+        accuracy = {t: token_accuracy(model, enc, v) for t, v in val.items()}
         attrs = attribute_probe(model, enc, val["pt-caption"])
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
@@ -74,11 +80,11 @@ def pretrain(cfg) -> None:
         write_json(tmp / "meta.json", {
             "kind": "embedded-florence2", "params": sum(p.numel() for p in model.parameters()),
             "vocab_size": len(vocab), "image_tokens": n_image_tokens, "steps": pc.steps, "final_loss": loss,
-            "val_token_accuracy": acc, "val_caption_word_accuracy": attrs, "new_label_tokens": n_new,
+            "val_token_accuracy": accuracy, "val_caption_word_accuracy": attrs, "new_label_tokens": n_new,
             "seconds": round(time.time() - t0, 1), "config": cfg.to_dict()})
     print(f"backbone: {out} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | "
-          f"caption token acc {acc['pt-caption']:.3f} ({', '.join(f'{k} {v:.2f}' for k, v in attrs.items())}) | "
-          f"infill {acc['pt-infill']:.3f} | "
+          f"caption token acc {accuracy['pt-caption']:.3f} ({', '.join(f'{k} {v:.2f}' for k, v in attrs.items())}) | "
+          f"infill {accuracy['pt-infill']:.3f} | "
           f"{time.time() - t0:.0f}s")
 
 
@@ -106,7 +112,7 @@ def attribute_probe(model, enc, exs) -> dict[str, float]:
     acc = {}
     for attr, words in (("shape", W.SHAPES), ("colour", tuple(W.COLOURS)), ("size", W.SIZES),
                         ("count", W.NUMBERS[1:4]), ("position", ("top", "bottom", "left", "right", "center"))):
-        hit = torch.isin(b["labels"], torch.tensor(enc.tok.convert_tokens_to_ids(list(words))))
+        hit = torch.isin(b["labels"], torch.tensor(enc.tok.convert_tokens_to_ids(list(words)), device=enc.device))
         acc[attr] = round(((pred == b["labels"]) & hit).sum().item() / max(hit.sum().item(), 1), 3)
     return acc
 
@@ -118,14 +124,16 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
     name = expert_name(task_name, shots, cfg.seed) + (f".{variant}" if variant else "")
     # pool experts are trained once per profile; the seed varies only the target's side
     seed = cfg.seed if shots is not None else 0
+    acc = accelerator(cfg)
     torch.manual_seed(seed)
-    model, processor = load_backbone(cfg)
-    enc = data.Encoder(processor)
+    model, processor = load_backbone(cfg, acc.device)
+    enc = data.Encoder(processor, acc.device)
     train = data.train_split(cfg, task_name, shots or 0, seed, where="--shots")
     val = data.split(cfg, task_name, "val", cfg.expert.eval_size)
 
     ec = cfg.expert
     steps, lr = ec.steps * (2 if variant == "2x" else 1), ec.full_ft_lr if variant == "full-ft" else learning_rate(ec)
+    checkpointing(model, ec.gradient_checkpointing)
     model = model.requires_grad_(True) if variant == "full-ft" else attach(model, ec)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -133,9 +141,11 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
     loss = train_steps(lambda b: model(**enc.batch(b)).loss, [{"params": params, "lr": lr}],
                        data.infinite_batches(train, ec.batch_size, seed), steps, ec.grad_clip,
                        warmup=min(30, steps // 10), desc=f"expert {name}",
-                       lr_field="expert.full_ft_lr" if variant == "full-ft" else "expert.lr")
+                       lr_field="expert.full_ft_lr" if variant == "full-ft" else "expert.lr", acc=acc,
+                       grad_accum=ec.grad_accum)
     model.eval()
-    metric, value = task_metric(model, enc, task, val, cfg.evaluate.batch_size)
+    with acc.autocast():
+        metric, value = task_metric(model, enc, task, val, cfg.evaluate.batch_size)
     out = expert_dir(cfg, name)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)

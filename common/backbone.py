@@ -100,8 +100,9 @@ def build_model(bcfg: BackboneConfig, vocab_size: int, image_size: int):
     return model, side * side + 1  # image tokens: spatial grid + one temporal token
 
 
-def load_backbone(cfg):
-    """(model, processor) frozen and in eval mode: a Florence-2 (image+text) or any seq2seq LM (text only: T5, BART).
+def load_backbone(cfg, device=None):
+    """(model, processor) frozen, in eval mode and on `device` (None: where it loads): a Florence-2 (image+text)
+    or any seq2seq LM (text only: T5, BART).
 
     The embedded backbone loads exactly as a real checkpoint would. A text-only model's "processor" is its tokenizer."""
     from transformers import (AutoConfig, AutoModelForSeq2SeqLM, AutoProcessor, AutoTokenizer,
@@ -135,6 +136,8 @@ def load_backbone(cfg):
                         f"(`hf download {source} --local-dir DIR`) and set backbone.source=DIR")
     model.requires_grad_(False)
     model.eval()
+    if device is not None:
+        model.to(device)
     if model.config.model_type == "florence2" and cfg.feature_cache_mb > 0:
         ImageFeatureCache(model, cfg.feature_cache_mb)
     return model, processor
@@ -147,8 +150,10 @@ class ImageFeatureCache:
     and evaluation re-encodes the same few images: a third of a mini training step on CPU. Installed in place
     of model.model.get_image_features; it steps aside (computes as before) whenever the tower could differ:
     a trainable tower or projector (full fine-tuning), an expert inside them, stochastic layers in training
-    mode, extra arguments, a non-CPU device. Caches until budget_mb is full, then computes the rest. Keys are
-    pixels, not weights: code that rewrites a frozen tower's weights in place must load a fresh backbone."""
+    mode, extra arguments, a non-CPU device (on a GPU each key would cost a copy of the image back to the
+    host, and the tower is cheap there). Caches until budget_mb is full, then computes the rest. Keys are
+    pixels and the autocast dtype, not weights: code that rewrites a frozen tower's weights in place must
+    load a fresh backbone."""
 
     def __init__(self, model, budget_mb: int):
         self.inner = model.model
@@ -176,8 +181,9 @@ class ImageFeatureCache:
         if not self.usable(pixel_values, kwargs):
             return self.compute(pixel_values, **kwargs)
         rows = pixel_values.detach().contiguous()
+        amp = str(torch.get_autocast_dtype("cpu")) if torch.is_autocast_enabled("cpu") else "fp32"
         keys = [hashlib.blake2b(row.view(-1).view(torch.uint8).numpy(), digest_size=16,  # bytes: bf16 too
-                                person=str(row.dtype).encode()[:16]).digest() for row in rows]
+                                person=f"{row.dtype}{amp}".encode()[-16:]).digest() for row in rows]
         missing = [i for i, k in enumerate(keys) if k not in self.features]
         fresh = {}
         if missing:
@@ -226,10 +232,11 @@ def init_unseen_embeddings(model, seen: torch.Tensor, seed: int = 0) -> int:
     at chance otherwise); this is the usual new-label-token initialisation."""
     emb = model.get_input_embeddings().weight
     with torch.no_grad():
+        seen = seen.to(emb.device)
         norm = emb[seen].norm(dim=1).mean()
         unseen = (~seen).nonzero().flatten()
         unseen = unseen[unseen >= len(SPECIALS)]
         g = torch.Generator().manual_seed(seed)
-        direction = torch.randn(len(unseen), emb.shape[1], generator=g)
+        direction = torch.randn(len(unseen), emb.shape[1], generator=g).to(emb.device)
         emb[unseen] = direction / direction.norm(dim=1, keepdim=True) * norm
     return len(unseen)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,8 @@ class PretrainConfig:
     lr: float = ranged(1e-3, 0, lo_open=True)
     grad_clip: float = ranged(1.0, 0)  # 0 = no clipping
     warmup: int = ranged(100, 0)
+    grad_accum: int = ranged(1, 1)  # batches per optimizer step (the effective batch is batch_size x grad_accum)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, same result, slower
 
 
 @dataclass
@@ -117,6 +120,8 @@ class ExpertConfig:
     lr: float = ranged(0.0, 0)  # 0 = the method's default (experts.py DEFAULT_LR: 1e-3 lora/adapter, 1e-2 ia3/prefix, 3e-2 prompt)
     grad_clip: float = ranged(1.0, 0)  # 0 = no clipping
     eval_size: int = ranged(200, 1)  # validation examples scored after training
+    grad_accum: int = ranged(1, 1)  # batches per optimizer step (the effective batch is batch_size x grad_accum)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, same result, slower
     full_ft_lr: float = ranged(1e-4, 0, lo_open=True)  # the full fine-tuning baseline (train_expert.py --variant full-ft)
 
 
@@ -143,6 +148,8 @@ class InterpolateConfig:
     lr: float = ranged(1e-3, 0, lo_open=True)  # experts
     logits_lr: float = ranged(5e-2, 0, lo_open=True)  # interpolation logits
     grad_clip: float = ranged(1.0, 0)  # 0 = no clipping
+    grad_accum: int = ranged(1, 1)  # batches per optimizer step (the effective batch is batch_size x grad_accum)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, same result, slower
 
 
 @dataclass
@@ -156,6 +163,8 @@ class Config:
     runs_dir: str = "runs"
     seed: int = ranged(0, 0)
     threads: int = ranged(0, 0)  # 0 = torch default
+    device: str = "auto"  # auto (CUDA when there is one) | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only): autocast through accelerate; weights stay fp32
     feature_cache_mb: int = ranged(1024, 0)  # Florence-2's frozen vision tower memoised per image, up to this much (0 = off)
     world: WorldConfig = field(default_factory=WorldConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -181,6 +190,7 @@ class Config:
 
 
 CHOICES = {
+    "precision": ("fp32", "bf16", "fp16"),
     "expert.method": ("lora", "ia3", "prompt", "prefix", "adapter"),
     "data.source": ("mini", "files"),
     "fisher.embedding": ("fisher", "weights"),
@@ -226,6 +236,8 @@ def _check_together(cfg: Config, path: str) -> None:
     if b.d_model % b.heads:
         raise UserError(f"{path}: field 'backbone.heads' is {b.heads}, which does not divide backbone.d_model "
                         f"{b.d_model}; pick a divisor")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise UserError(f"{path}: field 'device' is {cfg.device!r}; use auto, cpu, cuda or cuda:N")
     if len(b.vision_dims) != len(b.vision_heads):
         raise UserError(f"{path}: field 'backbone.vision_heads' has {len(b.vision_heads)} entries, vision_dims "
                         f"{len(b.vision_dims)}; give one head count per vision stage")
@@ -317,32 +329,47 @@ def run_stage(main) -> None:
 # What each kind of artifact is made from, beyond what its name says (task, shots, seed): config sections
 # or single fields. An artifact whose recorded config differs in one of them is stale: make rebuilds it
 # (each entry is a stamp file), a stage refuses it, evaluate and the report leave it out.
-MADE_FROM = {"backbone": ("world", "backbone", "pretrain")}
+MADE_FROM = {"backbone": ("world", "backbone", "pretrain", "precision")}
 MADE_FROM["expert"] = MADE_FROM["backbone"] + ("data", "expert")
 MADE_FROM["target"] = MADE_FROM["expert"] + ("tasks.shots_per_class",)
 MADE_FROM["similarity"] = MADE_FROM["target"] + ("tasks.pool", "fisher")
 MADE_FROM["interpolated"] = MADE_FROM["similarity"] + ("interpolate",)
 MADE_FROM["result"] = MADE_FROM["interpolated"] + ("evaluate",)
+# fields that change how an artifact is made, not what it is: never stale, never stamped
+HOW_NOT_WHAT = ("pretrain.gradient_checkpointing", "expert.gradient_checkpointing",
+                "interpolate.gradient_checkpointing")
 
 
-def _at(tree, key: str):
+_MISSING = object()
+
+
+def _at(tree, key: str, missing=None):
     for part in key.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
+        tree = tree.get(part, _MISSING) if isinstance(tree, dict) else _MISSING
+        if tree is _MISSING:
+            return missing
     return tree
 
 
 def _leaves(tree, prefix: str) -> dict:
+    if tree is _MISSING:
+        return {}
     if not isinstance(tree, dict):
-        return {prefix: tree}
+        return {} if prefix in HOW_NOT_WHAT else {prefix: tree}
     return {k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}.{key}").items()}
 
 
 def changed_fields(recorded: dict | None, cfg: Config, kind: str) -> list[str]:
     """The fields of MADE_FROM[kind] in which an artifact's recorded config differs from cfg ([] = current),
-    as 'field: recorded -> config'."""
-    now, out = cfg.to_dict(), []
+    as 'field: recorded -> config'. A field the recorded config lacks is newer than the artifact: it had its
+    default then. No recorded config at all: every field differs."""
+    now, defaults, out = cfg.to_dict(), Config().to_dict() if recorded else {}, []
     for key in MADE_FROM[kind]:
-        old, new = _leaves(_at(recorded or {}, key), key), _leaves(_at(now, key), key)
+        old = _leaves(_at(recorded or {}, key, _MISSING), key)
+        for k, v in _leaves(_at(defaults, key, _MISSING), key).items():
+            if _at(recorded, k, _MISSING) is _MISSING:
+                old[k] = v
+        new = _leaves(_at(now, key), key)
         out += [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return out
 
@@ -362,9 +389,12 @@ def write_stamps(cfg: Config) -> None:
 
     d = cfg.run_dir / ".config"
     d.mkdir(parents=True, exist_ok=True)
-    now = cfg.to_dict()
+    now, defaults = cfg.to_dict(), Config().to_dict()
     for key in sorted({k for keys in MADE_FROM.values() for k in keys}):
-        text = json.dumps(_at(now, key), indent=1, sort_keys=True) + "\n"
+        # what differs from the defaults: a field added to the code at its default changes no stamp
+        default = _leaves(_at(defaults, key), key)
+        changed = {k: v for k, v in _leaves(_at(now, key), key).items() if default.get(k, _MISSING) != v}
+        text = json.dumps(changed, indent=1, sort_keys=True) + "\n"
         path = d / f"{key}.json"
         if not path.is_file():
             write_text(path, text)

@@ -222,9 +222,10 @@ def candidates_for(task: Task, ex: Example) -> tuple[str, ...]:
 class Encoder:
     """Turns examples into model inputs through the backbone's processor (the real path)."""
 
-    def __init__(self, processor, max_len: int = 512):
+    def __init__(self, processor, device=None, max_len: int = 512):
         self.processor = processor  # a Florence-2 processor, or a text-only model's tokenizer
         self.tok = getattr(processor, "tokenizer", processor)
+        self.device = torch.device(device or "cpu")  # where the tensors it returns live (the model's device)
         self.max_len = max_len
 
     def inputs(self, exs: list[Example]) -> dict[str, torch.Tensor]:
@@ -244,13 +245,13 @@ class Encoder:
         else:  # T5: prompt </s>
             out = self.tok([e.prompt.strip() for e in exs], return_tensors="pt", padding=True, truncation=True,
                            max_length=self.max_len)
-        return dict(out)
+        return {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
 
     def labels(self, answers: list[str]) -> torch.Tensor:
         """Answer tokens + </s>, padded with -100 (ignored by the loss)."""
         ids = [self.tok(a, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id] for a in answers]
         width = max(map(len, ids))
-        return torch.tensor([x + [-100] * (width - len(x)) for x in ids])
+        return torch.tensor([x + [-100] * (width - len(x)) for x in ids], device=self.device)
 
     def batch(self, exs: list[Example]) -> dict[str, torch.Tensor]:
         out = self.inputs(exs)

@@ -221,6 +221,7 @@ class MergedExpert:
         self.layers = text_dims(model)["decoder_layers"]
         self.stack = ExpertStack([split_layers(e, self.method, self.layers) for e in experts], group_of(groups),
                                  kind="lora" if self.method == "lora" else "sum", trainable=trainable)
+        self.stack.to(next(model.parameters()).device)  # the merge runs where the model is (Triton on CUDA)
         self.group_names = self.stack.group_names
 
     def merged(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ def candidate_accuracy(model, enc: Encoder, task: Task, exs: list[Example], batc
     correct = 0
     for chunk in batches(exs, max(1, batch_size // len(candidates_for(task, exs[0])))):
         pairs = [(e, c) for e in chunk for c in candidates_for(task, e)]
-        index = torch.tensor([i for i, e in enumerate(chunk) for _ in candidates_for(task, e)])
+        index = torch.tensor([i for i, e in enumerate(chunk) for _ in candidates_for(task, e)], device=enc.device)
         scores = candidate_logprobs(model, enc.inputs(chunk), index, enc.labels([c for _, c in pairs])).tolist()
         k = 0
         for e in chunk:
@@ -60,8 +60,8 @@ def generate_answers(model, enc: Encoder, exs: list[Example], batch_size: int = 
     for chunk in batches(exs, batch_size):
         base, states, mask, decoder_kwargs = _encode(model, enc.inputs(chunk))
         c = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-        ids = torch.full((len(chunk), 1), c.decoder_start_token_id)
-        done = torch.zeros(len(chunk), dtype=torch.bool)
+        ids = torch.full((len(chunk), 1), c.decoder_start_token_id, device=states.device)
+        done = torch.zeros(len(chunk), dtype=torch.bool, device=states.device)
         for _ in range(max_new_tokens):  # no KV cache: answers are short and this keeps every expert type simple
             logits = base(encoder_outputs=BaseModelOutput(last_hidden_state=states), attention_mask=mask,
                           decoder_input_ids=ids, **decoder_kwargs(len(chunk))).logits[:, -1]

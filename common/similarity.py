@@ -5,6 +5,7 @@ weights: what the expert changed (SPoT-style): each site's weight update (LoRA B
 adapter's up·down, the prompt's / prefix layer's mean token), compared by plain cosine per site."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -31,17 +32,19 @@ EMBEDDINGS = {"fisher": {"embedding": "fisher"}, "weights": {"embedding": "weigh
 
 
 def fisher_diagonal(model, enc: Encoder, exs: list[Example], estimator: str = "per_sample",
-                    batch_size: int = 16, desc: str = "fisher") -> dict[str, torch.Tensor]:
+                    batch_size: int = 16, desc: str = "fisher", autocast=contextlib.nullcontext) -> dict[str, torch.Tensor]:
     """E[(d log p(y|x) / d phi)^2] over exs for every trainable tensor phi, at the current weights.
 
     per_sample: the squared gradient of each example's log-likelihood (the diagonal empirical Fisher).
     batch: the squared gradient of each mini-batch's summed log-likelihood, divided by the number of
-    examples (what the original code computed). No optimizer step is ever taken; fp32 accumulation."""
+    examples (what the original code computed). No optimizer step is ever taken. The forward runs under
+    `autocast` (the stage's precision); the squared gradients accumulate in fp32 whatever it is."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     step = 1 if estimator == "per_sample" else batch_size
     for chunk in tqdm(list(batches(exs, step)), desc=desc, leave=False, dynamic_ncols=True, disable=None):
-        logp = answer_logprobs(model, enc, chunk, [e.answer for e in chunk]).sum()
+        with autocast():
+            logp = answer_logprobs(model, enc, chunk, [e.answer for e in chunk]).sum()
         grads = torch.autograd.grad(logp, list(params.values()))
         for (n, _), g in zip(params.items(), grads):
             fisher[n] += g.float() ** 2
@@ -65,6 +68,8 @@ def fisher_cache(cfg, name: str) -> tuple[Path, dict[str, str]]:
            "expert_config": _hash(json.dumps(expert_config, sort_keys=True).encode()),
            "data": _hash(json.dumps(fed_by, sort_keys=True).encode()), "estimator": fc.estimator,
            "samples": str(fc.samples)}
+    if cfg.precision != "fp32":  # the forward's precision (fp32 keys stay as they were before the field)
+        key["precision"] = cfg.precision
     variant = "" if fc.estimator == "per_sample" else f".{fc.estimator}"
     if fc.estimator == "batch":  # a per-sample Fisher takes one example at a time, whatever the batch size
         key["batch_size"] = str(fc.batch_size)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import make, run, stage
+from conftest import REPO, make, run, stage
 
 NAME = "snli-ve-8shot-s0"
 CONFIG = ("--config", "configs/micro.yaml")
@@ -196,3 +196,24 @@ def test_each_pool_expert_is_merged_at_its_own_saved_scale(micro_copy):
     assert any(not torch.equal(v, load_file(str(weights))[k]) for k, v in after[1].items())  # B was rescaled
     for old, new in zip(before, after):
         assert old.keys() == new.keys() and all(torch.allclose(old[k], new[k], atol=0, rtol=1e-6) for k in old)
+
+
+def test_a_field_newer_than_an_artifact_counts_at_its_default_and_checkpointing_is_never_stale(tmp_path):
+    from common.config import changed_fields, load_config, write_stamps
+
+    cfg = load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={tmp_path}"])
+    recorded = cfg.to_dict()
+    del recorded["expert"]["grad_accum"], recorded["precision"]  # made before these fields existed
+    assert changed_fields(recorded, cfg, "result") == []
+    later = load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={tmp_path}", "expert.grad_accum=2"])
+    assert changed_fields(recorded, later, "expert") == ["expert.grad_accum: 1 -> 2"]
+    assert changed_fields(None, cfg, "backbone")  # no recorded config at all: stale
+    write_stamps(cfg)
+    stamps = {p.name: p.read_text() for p in (tmp_path / "micro/.config").iterdir()}
+    checkpointed = load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={tmp_path}", "expert.gradient_checkpointing=true",
+                                                               "interpolate.gradient_checkpointing=true"])
+    assert changed_fields(cfg.to_dict(), checkpointed, "result") == []
+    write_stamps(checkpointed)  # how an expert is trained is not what it is: make rebuilds nothing
+    assert {p.name: p.read_text() for p in (tmp_path / "micro/.config").iterdir()} == stamps
+    write_stamps(later)
+    assert json.loads((tmp_path / "micro/.config/expert.json").read_text())["expert.grad_accum"] == 2

@@ -1,0 +1,55 @@
+"""Where a stage runs and in what precision: one `accelerate.Accelerator` per stage, made from the config's
+`device` (auto | cpu | cuda | cuda:N) and `precision` (fp32 | bf16 | fp16). It places the model and the
+batches, runs forwards under autocast (weights stay fp32), scales fp16 losses, accumulates gradients.
+Refused here, in one line: a CUDA device that is not there, fp16 on the CPU (no loss-scaled fp16 autocast)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from common.config import UserError
+
+MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # config precision -> accelerate's mixed_precision
+
+
+def resolve(cfg) -> str:
+    """The device the config asks for, checked against this machine: 'cpu', 'cuda' or 'cuda:N'."""
+    want, cuda = cfg.device, torch.cuda.is_available()
+    if want.startswith("cuda") and not cuda:
+        raise UserError(f"{cfg.path}: field 'device' is {want!r}, but torch {torch.__version__} sees no CUDA device "
+                        f"here; use device=auto (CUDA when there is one) or device=cpu")
+    if want.startswith("cuda:") and int(want[5:]) >= torch.cuda.device_count():
+        raise UserError(f"{cfg.path}: field 'device' is {want!r}, but this machine has {torch.cuda.device_count()} "
+                        f"CUDA device(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    device = ("cuda" if cuda else "cpu") if want == "auto" else want
+    if cfg.precision == "fp16" and device == "cpu":
+        raise UserError(f"{cfg.path}: field 'precision' is 'fp16', which needs a CUDA device (fp16 autocast with loss "
+                        f"scaling); on the CPU use precision=bf16 or fp32")
+    return device
+
+
+def accelerator(cfg):
+    """The stage's Accelerator: acc.device, acc.autocast(), acc.backward(); train_steps prepares the rest."""
+    device = resolve(cfg)
+    try:
+        return fresh(device, cfg.precision)
+    except ValueError as e:  # e.g. bf16 on a GPU without it
+        raise UserError(f"{cfg.path}: field 'precision' is {cfg.precision!r}: {str(e).splitlines()[0][:160]}; "
+                        f"use precision=fp32")
+
+
+def fresh(device: str = "cpu", precision: str = "fp32"):
+    """An Accelerator on `device` in `precision`, whatever one made before in this process said. accelerate
+    keeps one shared state per process and refuses a second precision; a stage run in a test, a notebook or
+    after another stage starts from a clean one, as in its own process (outside torchrun's process group)."""
+    import torch.distributed as dist
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=not (dist.is_available() and dist.is_initialized()))
+    if device.startswith("cuda:"):  # accelerate places a single process on this device
+        os.environ["ACCELERATE_TORCH_DEVICE"] = device
+    else:
+        os.environ.pop("ACCELERATE_TORCH_DEVICE", None)
+    return Accelerator(cpu=device == "cpu", mixed_precision=MIXED[precision])
