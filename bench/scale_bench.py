@@ -3,7 +3,7 @@ batch and precision, as a ratio measured in one run.
 
     python bench/scale_bench.py                                   # CPU: batch 2, fp32, adapter and lora
     python bench/scale_bench.py --device cuda --batch 32          # CUDA: bf16 by default
-    python bench/scale_bench.py --methods lora --steps 10 --rounds 2
+    python bench/scale_bench.py --methods lora --steps 4 --rounds 5
 
 The model has the architecture and dimensions of florence-community/Florence-2-base (DaViT [128, 256, 512,
 1024] x [1, 1, 9, 1], BART 768 wide, 6 + 6 layers, vocab 51289), built from its config with random weights:
@@ -11,9 +11,11 @@ nothing is downloaded. Images are 768x768 and fresh every step (random pixels), 
 off: every step encodes its images. Experts: adapters (dim 128, two per layer) and LoRA (r 16 on q, k, v, out of
 every language-model attention), the florence2-base profile's settings.
 
-Each arm runs in its own process (so peak memory is its own: CUDA max_memory_allocated, or the CPU's peak RSS,
-which includes the model both arms build) and times the steps after --warmup, from one step's start to the
-next (CUDA synchronised). Both arms turn the same examples into batches through the same processor, every step.
+Both arms train the same model in one process, in turns: --rounds blocks each, the order alternating, so that
+the machine's drift falls on both alike. Each block times its steps after --warmup, from one step's start to
+the next (CUDA synchronised); peak memory per block is CUDA's max_memory_allocated, or on the CPU the peak
+resident set above the block's start. Both arms turn the same examples into batches through the same
+processor, every step.
 harness: common.training.train_steps through common.device (accelerate), as train_expert.py runs it.
 trainer: transformers.Trainer (AdamW, cosine schedule, grad clipping 1.0, the processor as collator).
 """
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -80,13 +81,59 @@ def examples(n: int):
     return [dataclasses.replace(e, image=rng.integers(0, 256, (IMAGE, IMAGE, 3), dtype=np.uint8)) for e in text]
 
 
-def child(arm: str, method: str, args) -> dict:
+class Peak:
+    """Peak memory of a block of steps: CUDA's max_memory_allocated, or on the CPU the peak resident set above the
+    block's start, sampled every 5 ms (the activations, gradients and optimizer state the arm adds to the model)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.mb = cuda, 0.0
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        import threading
+
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self.base, self.top, self.done = self.rss(), 0, threading.Event()
+
+        def sample():
+            while not self.done.wait(0.005):
+                self.top = max(self.top, self.rss())
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.mb = torch.cuda.max_memory_allocated() / 2 ** 20
+        else:
+            self.done.set()
+            self.thread.join()
+            self.mb = max(self.top, self.rss()) / 2 ** 20 - self.base / 2 ** 20
+
+
+def child(method: str, args) -> dict:
+    """Both arms on one model in one process, in turns (--rounds blocks each, the order alternating), so that
+    the machine's drift falls on both alike; per block: warm-up steps, then timed steps."""
     import torch
 
     from common import data
     from common.config import load_config
     from common.device import accelerator
     from common.experts import attach
+    from common.training import train_steps
 
     cfg = load_config(str(REPO / "configs/micro.yaml"), [f"device={args.device}", f"precision={args.precision}",
                                                         "feature_cache_mb=0", "expert.dropout=0.1", *EXPERTS[method]])
@@ -97,55 +144,59 @@ def child(arm: str, method: str, args) -> dict:
     model, processor = florence2_base()
     model.to(acc.device)
     expert = attach(model, cfg.expert)
-    expert.train()
     total = args.warmup + args.steps + 1  # the last step only ends the one before it
     exs = examples(total * args.batch)
-    starts = []
+    times = {"harness": [], "trainer": []}
+    peaks = {"harness": [], "trainer": []}
 
-    def mark():
-        if cuda:
-            torch.cuda.synchronize()
-        starts.append(time.perf_counter())
+    def run(arm: str) -> None:
+        starts = []
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    if arm == "harness":
-        from common.training import train_steps
+        def mark():
+            if cuda:
+                torch.cuda.synchronize()
+            starts.append(time.perf_counter())
 
-        enc = data.Encoder(processor, acc.device)
+        expert.train()
+        with Peak(cuda) as peak:
+            if arm == "harness":
+                enc = data.Encoder(processor, acc.device)
 
-        def batches():
-            for i in range(total):
-                mark()
-                yield exs[i * args.batch:(i + 1) * args.batch]
+                def batches():
+                    for i in range(total):
+                        mark()
+                        yield exs[i * args.batch:(i + 1) * args.batch]
 
-        train_steps(lambda b: expert(**enc.batch(b)).loss, [{"params": [p for p in expert.parameters()
-                    if p.requires_grad], "lr": 1e-3}], batches(), total, 1.0, warmup=min(30, total // 10),
-                    desc=f"harness {method}", acc=acc)
-    else:
-        from transformers import Trainer, TrainerCallback, TrainingArguments
+                train_steps(lambda b: expert(**enc.batch(b)).loss, [{"params": [p for p in expert.parameters()
+                            if p.requires_grad], "lr": 1e-3}], batches(), total, 1.0, warmup=min(30, total // 10),
+                            desc=f"harness {method}", acc=acc)
+            else:
+                trainer(expert, exs, data.Encoder(processor), total, mark, cuda, args)  # it moves batches itself
+        times[arm] += [b - a for a, b in zip(starts, starts[1:])][args.warmup:]
+        peaks[arm].append(peak.mb)
 
-        enc = data.Encoder(processor)  # the Trainer moves each batch to the device itself
-
-        class Mark(TrainerCallback):
-            def on_step_begin(self, *_, **__):
-                mark()
-
-        with tempfile.TemporaryDirectory() as out:
-            targs = TrainingArguments(
-                output_dir=out, max_steps=total, per_device_train_batch_size=args.batch, learning_rate=1e-3,
-                lr_scheduler_type="cosine", warmup_steps=min(30, total // 10), weight_decay=0.0, max_grad_norm=1.0,
-                bf16=args.precision == "bf16", fp16=args.precision == "fp16", use_cpu=not cuda, report_to=[],
-                save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-                remove_unused_columns=False, seed=0)
-            Trainer(model=expert, args=targs, train_dataset=exs, data_collator=enc.batch,
-                    callbacks=[Mark()]).train()
-    steps = [b - a for a, b in zip(starts, starts[1:])][args.warmup:]
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for r in range(args.rounds):
+        for arm in ("harness", "trainer") if r % 2 == 0 else ("trainer", "harness"):  # no arm always first
+            run(arm)
     name = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
-    return {"arm": arm, "method": method, "step_s": statistics.median(steps), "steps": len(steps),
-            "examples_per_s": args.batch / statistics.median(steps), "peak_mb": peak, "device": name}
+    return {"method": method, "device": name, "times": times, "peaks": peaks}
+
+
+def trainer(model, exs, enc, total: int, mark, cuda: bool, args) -> None:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Mark(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            mark()
+
+    with tempfile.TemporaryDirectory() as out:
+        targs = TrainingArguments(
+            output_dir=out, max_steps=total, per_device_train_batch_size=args.batch, learning_rate=1e-3,
+            lr_scheduler_type="cosine", warmup_steps=min(30, total // 10), weight_decay=0.0, max_grad_norm=1.0,
+            bf16=args.precision == "bf16", fp16=args.precision == "fp16", use_cpu=not cuda, report_to=[],
+            save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+            remove_unused_columns=False, seed=0)
+        Trainer(model=model, args=targs, train_dataset=exs, data_collator=enc.batch, callbacks=[Mark()]).train()
 
 
 def main() -> None:
@@ -153,45 +204,47 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu | cuda | cuda:N (default: cuda if any)")
     ap.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 on the CPU)")
     ap.add_argument("--batch", type=int, default=None, help="examples per step (default: 32 on CUDA, 2 on the CPU)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per arm (default: 20 on CUDA, 3 on the CPU)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per block (default: 10 on CUDA, 2 on the CPU)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each block")
     ap.add_argument("--methods", nargs="+", default=list(EXPERTS), choices=list(EXPERTS))
-    ap.add_argument("--rounds", type=int, default=1, help="each arm this many times, in turns (median taken)")
+    ap.add_argument("--rounds", type=int, default=None, help="blocks per arm, in turns (default: 4 on CUDA, 3 on the CPU)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     ap.add_argument("--estimate", default="configs/florence2-base.yaml", help="profile whose training time to "
                     "estimate from the measured step ('' = none)")
-    ap.add_argument("--child", nargs=2, metavar=("ARM", "METHOD"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", metavar="METHOD", help=argparse.SUPPRESS)
     args = ap.parse_args()
     gpu = args.device.startswith("cuda")
     args.precision = args.precision or ("bf16" if gpu else "fp32")
     args.batch = args.batch or (32 if gpu else 2)
-    args.steps = args.steps or (20 if gpu else 3)
+    args.steps = args.steps or (10 if gpu else 2)
+    args.rounds = args.rounds or (4 if gpu else 3)
     if args.child:
-        return print("RESULT " + json.dumps(child(*args.child, args)), flush=True)
+        return print("RESULT " + json.dumps(child(args.child, args)), flush=True)
 
     flags = ["--device", args.device, "--precision", args.precision, "--batch", str(args.batch), "--steps",
-             str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    runs: dict[tuple[str, str], list[dict]] = {}
-    for method in args.methods:
-        for r in range(args.rounds):
-            for arm in (("harness", "trainer") if r % 2 == 0 else ("trainer", "harness")):  # turns: no arm always first
-                p = subprocess.run([sys.executable, __file__, "--child", arm, method, *flags], cwd=REPO,
-                                   capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
-                line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-                if p.returncode or not line:
-                    sys.exit(f"{arm} {method} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-                runs.setdefault((method, arm), []).append(json.loads(line[0][7:]))
-    first = next(iter(runs.values()))[0]
-    print(f"Florence-2-base shape, random weights, {IMAGE}x{IMAGE} fresh images, feature cache off | {first['device']} "
-          f"| {args.precision} | batch {args.batch} | median of {args.steps} steps after {args.warmup} warm-up, "
-          f"{args.rounds} round(s), each arm its own process")
-    print(f"{'expert':8} {'arm':8} {'step s':>8} {'ex/s':>8} {'peak MB':>9}")
-    for (method, arm), rs in runs.items():
-        s = statistics.median(r["step_s"] for r in rs)
-        print(f"{method:8} {arm:8} {s:8.3f} {args.batch / s:8.2f} {max(r['peak_mb'] for r in rs):9.0f}")
-    for method in args.methods:
-        h, t = (statistics.median(r["step_s"] for r in runs[(method, a)]) for a in ("harness", "trainer"))
-        mh, mt = (max(r["peak_mb"] for r in runs[(method, a)]) for a in ("harness", "trainer"))
+             str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads), "--rounds", str(args.rounds)]
+    runs = {}
+    for method in args.methods:  # one process per expert type: each its own memory
+        p = subprocess.run([sys.executable, __file__, "--child", method, *flags], cwd=REPO, capture_output=True,
+                           text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+        if p.returncode or not line:
+            sys.exit(f"{method} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+        runs[method] = json.loads(line[0][7:])
+    device = next(iter(runs.values()))["device"]
+    memory = "CUDA max allocated" if gpu else "peak RSS above the block's start"
+    print(f"Florence-2-base shape, random weights, {IMAGE}x{IMAGE} fresh images, feature cache off | {device} | "
+          f"{args.precision} | batch {args.batch} | {args.rounds} blocks per arm in turns, each {args.warmup} warm-up + "
+          f"{args.steps} timed steps | memory: {memory}")
+    print(f"{'expert':8} {'arm':8} {'step s':>8} {'ex/s':>8} {'peak MB':>9}   median step s of each block")
+    for method, r in runs.items():
+        for arm in ("harness", "trainer"):
+            t = r["times"][arm]
+            blocks = [statistics.median(t[i:i + args.steps]) for i in range(0, len(t), args.steps)]
+            print(f"{method:8} {arm:8} {statistics.median(t):8.3f} {args.batch / statistics.median(t):8.2f} "
+                  f"{max(r['peaks'][arm]):9.0f}   {', '.join(f'{b:.3f}' for b in blocks)}")
+        h, t = (statistics.median(r["times"][a]) for a in ("harness", "trainer"))
+        mh, mt = (max(r["peaks"][a]) for a in ("harness", "trainer"))
         print(f"{method}: harness / Trainer examples/s = {t / h:.3f} (target >= 0.95), peak memory {mh / mt:.3f}x")
     if args.estimate:
         estimate(args, runs)
@@ -202,8 +255,8 @@ def estimate(args, runs) -> None:
     from common.config import load_config
 
     cfg = load_config(str(REPO / args.estimate))
-    method = cfg.expert.method if (cfg.expert.method, "harness") in runs else args.methods[0]
-    step = statistics.median(r["step_s"] for r in runs[(method, "harness")]) * cfg.expert.batch_size / args.batch
+    method = cfg.expert.method if cfg.expert.method in runs else args.methods[0]
+    step = statistics.median(runs[method]["times"]["harness"]) * cfg.expert.batch_size / args.batch
     pool = len(cfg.tasks.pool)
     experts = pool * cfg.expert.steps * step
     interp = cfg.interpolate.steps * step * cfg.interpolate.batch_size / cfg.expert.batch_size
