@@ -26,5 +26,5 @@ cat "$OUT/summary.txt"
 part cuda_tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_merge.py tests/test_device.py -k "cuda or bf16"
 part merge_bench 90 $PY bench/merge_bench.py --device cuda --reps 15
 part step_bench 60 $PY bench/step_bench.py --repeats 30
-part scale_bench 240 $PY bench/scale_bench.py --device cuda --batch 32 --steps 10
+part scale_bench 240 $PY bench/scale_bench.py --device cuda --batch 32 --steps 5 --rounds 2
 tail -n 6 "$OUT/scale_bench.log"
