@@ -22,7 +22,7 @@ from common.config import UserError, parse_stage, require_current, run_stage, st
 from common.device import accelerator
 from common.experts import MergedExpert, expert_name, load_pool, unload_expert
 from common.similarity import top_k_similar
-from common.training import checkpointing, train_steps
+from common.training import Checkpoint, checkpointing, train_steps
 
 
 def variant(cfg, name: str, run: str, sim: dict, chosen: list[str]) -> tuple[list[str], str, bool]:
@@ -66,16 +66,17 @@ def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts:
         return merge(logits, **enc.batch(batch)).loss
 
     train = data.train_split(cfg, target, shots, cfg.seed)
+    out = cfg.run_dir / "interpolated" / (f"{run}.{name}" if name else run)
+    ckpt = Checkpoint.beside(out, ic.checkpoint_every, cfg, "interpolated")
     groups = [{"params": [logits], "lr": ic.logits_lr}]
     if train_experts:
         groups.append({"params": list(merge.stack.parameters()), "lr": ic.lr})
     loss = train_steps(loss_fn, groups, data.infinite_batches(train, ic.batch_size, cfg.seed), ic.steps,
                        ic.grad_clip, warmup=min(20, ic.steps // 10), desc=f"interpolate {run}",
                        lr_field="interpolate.logits_lr" if not train_experts else "interpolate.lr", acc=acc,
-                       grad_accum=ic.grad_accum)
+                       grad_accum=ic.grad_accum, checkpoint=ckpt, log_every=cfg.log_every)
 
     probs = torch.softmax(logits.detach(), dim=-1)
-    out = cfg.run_dir / "interpolated" / (f"{run}.{name}" if name else run)
     with atomic_dir(out) as tmp:
         merge.export(logits).save_pretrained(tmp)
         write_json(tmp / "weights.json", {"experts": experts, "groups": {
@@ -87,6 +88,7 @@ def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts:
             "train_experts": train_experts, "steps": ic.steps, "final_loss": loss,
             "mean_weights": dict(zip(experts, probs.mean(0).tolist())), "backbone": fingerprint(backbone_dir(cfg)),
             "seconds": round(time.time() - t0, 1), "config": cfg.to_dict()})
+    ckpt.done()
     unload_expert(merge.model)
     mean = ", ".join(f"{e} {p:.2f}" for e, p in zip(experts, probs.mean(0).tolist()))
     return (f"interpolated {out.name} ({cfg.expert.method}, {how}): {len(merge.group_names)} groups, mean weights "

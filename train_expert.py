@@ -23,7 +23,7 @@ from common.config import UserError, parse_stage, run_stage, stage_parser
 from common.device import accelerator
 from common.experts import attach, expert_dir, expert_name, learning_rate
 from common.metrics import task_metric, token_accuracy
-from common.training import checkpointing, train_steps
+from common.training import Checkpoint, checkpointing, train_steps
 
 
 def pretrain(cfg) -> None:
@@ -57,9 +57,10 @@ def pretrain(cfg) -> None:
 
     model.train()
     t0 = time.time()
+    ckpt = Checkpoint.beside(out, pc.checkpoint_every, cfg, "backbone")
     loss = train_steps(lambda b: model(**enc.batch(b)).loss, [{"params": list(model.parameters()), "lr": pc.lr}],
                        batches(), pc.steps, pc.grad_clip, pc.warmup, desc="pretrain backbone", lr_field="pretrain.lr",
-                       acc=acc, grad_accum=pc.grad_accum)
+                       acc=acc, grad_accum=pc.grad_accum, checkpoint=ckpt, log_every=cfg.log_every)
     model.eval()
     checkpointing(model, False)
 
@@ -82,6 +83,7 @@ def pretrain(cfg) -> None:
             "vocab_size": len(vocab), "image_tokens": n_image_tokens, "steps": pc.steps, "final_loss": loss,
             "val_token_accuracy": accuracy, "val_caption_word_accuracy": attrs, "new_label_tokens": n_new,
             "seconds": round(time.time() - t0, 1), "config": cfg.to_dict()})
+    ckpt.done()
     print(f"backbone: {out} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | "
           f"caption token acc {accuracy['pt-caption']:.3f} ({', '.join(f'{k} {v:.2f}' for k, v in attrs.items())}) | "
           f"infill {accuracy['pt-infill']:.3f} | "
@@ -138,15 +140,16 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     t0 = time.time()
+    out = expert_dir(cfg, name)
+    ckpt = Checkpoint.beside(out, ec.checkpoint_every, cfg, "expert" if shots is None else "target")
     loss = train_steps(lambda b: model(**enc.batch(b)).loss, [{"params": params, "lr": lr}],
                        data.infinite_batches(train, ec.batch_size, seed), steps, ec.grad_clip,
                        warmup=min(30, steps // 10), desc=f"expert {name}",
                        lr_field="expert.full_ft_lr" if variant == "full-ft" else "expert.lr", acc=acc,
-                       grad_accum=ec.grad_accum)
+                       grad_accum=ec.grad_accum, checkpoint=ckpt, log_every=cfg.log_every)
     model.eval()
     with acc.autocast():
         metric, value = task_metric(model, enc, task, val, cfg.evaluate.batch_size)
-    out = expert_dir(cfg, name)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         write_json(tmp / "meta.json", {
@@ -155,6 +158,7 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
             "val_metric": metric, "val_value": value, "trainable_params": sum(p.numel() for p in params),
             "backbone": fingerprint(backbone_dir(cfg)), "seconds": round(time.time() - t0, 1),
             "config": cfg.to_dict()})
+    ckpt.done()
     print(f"expert {name}: {len(train)} train examples, {steps} steps, loss {loss:.3f}, "
           f"val {metric} {value:.3f}, {time.time() - t0:.0f}s -> {out}")
 

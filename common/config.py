@@ -97,6 +97,7 @@ class PretrainConfig:
     warmup: int = ranged(100, 0)
     grad_accum: int = ranged(1, 1)  # batches per optimizer step (the effective batch is batch_size x grad_accum)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, same result, slower
+    checkpoint_every: int = ranged(0, 0)  # keep the loop's state every N steps, to resume after a crash (0 = never)
 
 
 @dataclass
@@ -122,6 +123,7 @@ class ExpertConfig:
     eval_size: int = ranged(200, 1)  # validation examples scored after training
     grad_accum: int = ranged(1, 1)  # batches per optimizer step (the effective batch is batch_size x grad_accum)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, same result, slower
+    checkpoint_every: int = ranged(0, 0)  # keep the loop's state every N steps, to resume after a crash (0 = never)
     full_ft_lr: float = ranged(1e-4, 0, lo_open=True)  # the full fine-tuning baseline (train_expert.py --variant full-ft)
 
 
@@ -150,11 +152,17 @@ class InterpolateConfig:
     grad_clip: float = ranged(1.0, 0)  # 0 = no clipping
     grad_accum: int = ranged(1, 1)  # batches per optimizer step (the effective batch is batch_size x grad_accum)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, same result, slower
+    checkpoint_every: int = ranged(0, 0)  # keep the loop's state every N steps, to resume after a crash (0 = never)
 
 
 @dataclass
 class EvaluateConfig:
     batch_size: int = ranged(64, 1)
+
+
+@dataclass
+class DebugConfig:
+    kill_at_step: int = ranged(0, 0)  # end a training stage with SIGKILL after this step (tests of resume; 0 = off)
 
 
 @dataclass
@@ -165,6 +173,7 @@ class Config:
     threads: int = ranged(0, 0)  # 0 = torch default
     device: str = "auto"  # auto (CUDA when there is one) | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only): autocast through accelerate; weights stay fp32
+    log_every: float = ranged(30.0, 0)  # seconds between progress lines without a terminal (0 = every step)
     feature_cache_mb: int = ranged(1024, 0)  # Florence-2's frozen vision tower memoised per image, up to this much (0 = off)
     world: WorldConfig = field(default_factory=WorldConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -175,6 +184,7 @@ class Config:
     fisher: FisherConfig = field(default_factory=FisherConfig)
     interpolate: InterpolateConfig = field(default_factory=InterpolateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     # where this config was read from, for error messages (not part of the run's identity)
     path: str = field(default="<defaults>", compare=False)
@@ -336,8 +346,8 @@ MADE_FROM["similarity"] = MADE_FROM["target"] + ("tasks.pool", "fisher")
 MADE_FROM["interpolated"] = MADE_FROM["similarity"] + ("interpolate",)
 MADE_FROM["result"] = MADE_FROM["interpolated"] + ("evaluate",)
 # fields that change how an artifact is made, not what it is: never stale, never stamped
-HOW_NOT_WHAT = ("pretrain.gradient_checkpointing", "expert.gradient_checkpointing",
-                "interpolate.gradient_checkpointing")
+HOW_NOT_WHAT = tuple(f"{section}.{name}" for section in ("pretrain", "expert", "interpolate")
+                     for name in ("gradient_checkpointing", "checkpoint_every"))
 
 
 _MISSING = object()

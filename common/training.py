@@ -1,8 +1,14 @@
 """The training loop every stage shares: AdamW, warm-up + cosine decay, grad clipping, accumulation, autocast,
-a tqdm bar."""
+a tqdm bar or progress lines, checkpoints to resume from."""
 from __future__ import annotations
 
 import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -18,13 +24,103 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@dataclass
+class Checkpoint:
+    """Where a training loop keeps its state every `every` steps (0: never), beside the artifact it makes:
+    trainable weights, optimizer, schedule, RNG states, the data position and the recent losses. A rerun
+    resumes from it unless it was made under another config (cfg, MADE_FROM[kind]); `done()` removes it once
+    the artifact has landed. kill_at (debug.kill_at_step) ends the process with SIGKILL after that step."""
+    path: Path
+    every: int
+    cfg: object
+    kind: str
+    kill_at: int = 0
+
+    @classmethod
+    def beside(cls, artifact: Path, every: int, cfg, kind: str) -> "Checkpoint":
+        artifact = Path(artifact)
+        return cls(artifact.parent / f".{artifact.name}.ckpt", every, cfg, kind, cfg.debug.kill_at_step)
+
+    def save(self, step: int, params, opt, sched, tail: list[float]) -> None:
+        from common.artifacts import atomic_file
+
+        state = {"step": step, "tail": tail, "config": self.cfg.to_dict(), "params": [p.detach().cpu() for p in params],
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        with atomic_file(self.path) as tmp:
+            torch.save(state, tmp)
+
+    def resume(self, params, opt, sched, desc: str) -> tuple[int, list[float]]:
+        """(step to start from, recent losses); (0, []) when there is nothing current to resume."""
+        from common.config import changed_fields
+
+        if not self.path.is_file():
+            return 0, []
+        try:
+            state = torch.load(self.path, weights_only=False)
+        except Exception as e:  # a checkpoint cut short by the crash it was for
+            return self._fresh(desc, f"unreadable ({str(e)[:60]})")
+        changed = changed_fields(state.get("config"), self.cfg, self.kind)
+        if changed or len(state["params"]) != len(params):
+            return self._fresh(desc, f"made under another config ({(changed or ['its tensors'])[0]})")
+        with torch.no_grad():
+            for p, saved in zip(params, state["params"]):
+                p.copy_(saved)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        print(f"{desc}: resumed from step {state['step']} ({self.path})", file=sys.stderr, flush=True)
+        return state["step"], state["tail"]
+
+    def _fresh(self, desc: str, why: str) -> tuple[int, list[float]]:
+        print(f"{desc}: checkpoint {self.path} {why}: not resumed, starting at step 0", file=sys.stderr, flush=True)
+        return 0, []
+
+    def done(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class Progress:
+    """Without a terminal (a file, a pipe, a cluster job), one line per `every` seconds on stderr: step, loss,
+    lr, examples/s, time left; with one, tqdm's bar."""
+
+    def __init__(self, desc: str, start: int, steps: int, every: float):
+        self.desc, self.steps, self.every = desc, steps, every
+        self.bar = tqdm(range(start, steps), desc=desc, leave=False, dynamic_ncols=True, disable=None,
+                        initial=start, total=steps)
+        self.piped = self.bar.disable
+        self.t0 = self.last = time.time()
+        self.first, self.examples = start, 0
+
+    def __iter__(self):
+        return iter(self.bar)
+
+    def update(self, step: int, loss: float, lr: float, examples: int) -> None:
+        self.examples += examples
+        if not self.piped:
+            if step % 10 == 0:
+                self.bar.set_postfix(loss=f"{loss:.3f}")
+            return
+        now = time.time()
+        if now - self.last < self.every and step + 1 < self.steps:
+            return
+        self.last, spent, done = now, now - self.t0, step + 1 - self.first
+        left = spent / done * (self.steps - step - 1)
+        print(f"{self.desc}: step {step + 1}/{self.steps} | loss {loss:.4f} | lr {lr:.2e} | "
+              f"{self.examples / max(spent, 1e-9):.1f} examples/s | {spent:.0f}s, ~{left:.0f}s left",
+              file=sys.stderr, flush=True)
+
+
 def train_steps(loss_fn, param_groups: list[dict], batches, steps: int, grad_clip: float = 1.0,
                 warmup: int = 0, desc: str = "train", lr_field: str = "expert.lr", acc=None,
-                grad_accum: int = 1) -> float:
+                grad_accum: int = 1, checkpoint: Checkpoint | None = None, log_every: float = 30.0) -> float:
     """Run `steps` optimizer steps of loss_fn(batch), each over grad_accum batches; returns the mean loss of the
     last 10% of steps. Through accelerate (`acc`, from common.device.accelerator; None: the CPU in fp32): the
-    forward under autocast, fp16 loss scaling, accumulation. A NaN or inf loss or weight stops the stage (a
-    UserError naming the field to fix) before anything is written."""
+    forward under autocast, fp16 loss scaling, accumulation. With a checkpoint: resumed from it when current,
+    saved every checkpoint.every steps. A NaN or inf loss or weight stops the stage (a UserError naming the
+    field to fix) before anything is written."""
     from common.device import fresh
 
     acc = acc or fresh("cpu", "fp32")
@@ -32,13 +128,18 @@ def train_steps(loss_fn, param_groups: list[dict], batches, steps: int, grad_cli
     params = [p for g in param_groups for p in g["params"]]
     opt = torch.optim.AdamW(param_groups, weight_decay=0.0)
     opt, sched = acc.prepare(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup)))
-    tail, bar = [], tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, disable=None)
-    for step in bar:
-        total = 0.0
+    start, tail = checkpoint.resume(params, opt, sched, desc) if checkpoint else (0, [])
+    for _ in range(start * grad_accum):  # the data position: the batches the steps before `start` took
+        next(batches)
+    progress = Progress(desc, start, steps, log_every)
+    for step in progress:
+        total, examples = 0.0, 0
         for _ in range(grad_accum):
             with acc.accumulate():
+                batch = next(batches)
+                examples += len(batch) if isinstance(batch, list) else 0
                 with acc.autocast():
-                    loss = loss_fn(next(batches))
+                    loss = loss_fn(batch)
                 if not torch.isfinite(loss):
                     _diverged(desc, f"loss {loss.item()} at step {step + 1} of {steps}", lr_field)
                 acc.backward(loss)  # divided by grad_accum; fp16: scaled
@@ -48,10 +149,14 @@ def train_steps(loss_fn, param_groups: list[dict], batches, steps: int, grad_cli
                 sched.step()
                 opt.zero_grad(set_to_none=True)
             total += loss.detach()
+        mean = total.item() / grad_accum
         if step >= steps - max(1, steps // 10):
-            tail.append(total.item() / grad_accum)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{total.item() / grad_accum:.3f}")
+            tail.append(mean)
+        progress.update(step, mean, sched.get_last_lr()[0], examples)
+        if checkpoint and checkpoint.every and (step + 1) % checkpoint.every == 0 and step + 1 < steps:
+            checkpoint.save(step + 1, params, opt, sched, tail)
+        if checkpoint and checkpoint.kill_at == step + 1:  # debug.kill_at_step: a crash, for the tests
+            os.kill(os.getpid(), signal.SIGKILL)
     acc.free_memory(opt, sched)  # the accelerator forgets them: one accelerator serves the stage's next loop
     if not all(torch.isfinite(p).all() for p in params):
         _diverged(desc, f"weights not finite after step {steps}", lr_field)
