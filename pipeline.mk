@@ -1,5 +1,11 @@
 # The pipeline's file graph. Called from Makefile with PY, CONFIG, TARGET, SEED, OVERRIDES set.
 ARGS     := --config $(CONFIG) seed=$(SEED) $(OVERRIDES)
+# every stage command: $(PY) SCRIPT, after LAUNCH (LAUNCH="srun --gres=gpu:1"), and with GPUS="0 1 2 3" on one
+# GPU of the list that no other job holds (common/gpus.py: a lock per GPU; make -j4 experts runs four at once)
+LAUNCH    ?=
+GPUS      ?=
+GPU_LOCKS ?= /tmp/pi-tuning-gpus
+STAGE_CMD := $(if $(strip $(GPUS)),$(PY) -m common.gpus --locks $(GPU_LOCKS) "$(GPUS)" )$(LAUNCH) $(PY)
 VALUES   := $(shell $(PY) -m common.config $(CONFIG) $(OVERRIDES) --stamp --get run_dir tasks.target_shots tasks.pool || echo ERROR)
 ifneq ($(filter ERROR,$(VALUES)),)
 $(error $(CONFIG) could not be read; see the line above)
@@ -55,51 +61,51 @@ clean:
 	rm -rf $(RUN)
 
 $(BACKBONE): $(CFG)/world.json $(CFG)/backbone.json $(CFG)/pretrain.json $(CFG)/precision.json
-	$(PY) train_expert.py --pretrain $(ARGS)
+	$(STAGE_CMD) train_expert.py --pretrain $(ARGS)
 
 $(TGT_EXP): $(BACKBONE) $(FROM_TARGET)
-	$(PY) train_expert.py --task $(TARGET) --shots $(SHOTS) $(ARGS)
+	$(STAGE_CMD) train_expert.py --task $(TARGET) --shots $(SHOTS) $(ARGS)
 
 $(RUN)/experts/%/meta.json: $(BACKBONE) $(FROM_EXPERT)
-	$(PY) train_expert.py --task $* $(ARGS)
+	$(STAGE_CMD) train_expert.py --task $* $(ARGS)
 
 $(SIM): $(POOL_EXP) $(TGT_EXP) $(FROM_SIM)
-	$(PY) embed_tasks.py --target $(TARGET) $(ARGS)
+	$(STAGE_CMD) embed_tasks.py --target $(TARGET) $(ARGS)
 
 $(RESULT): $(INTERP) $(TGT_EXP) $(CFG)/evaluate.json
-	$(PY) evaluate.py --target $(TARGET) $(ARGS)
+	$(STAGE_CMD) evaluate.py --target $(TARGET) $(ARGS)
 
 # one baseline or comparison run alone (make -f pipeline.mk .../snli-ve-64shot-s0.oracle/meta.json)
 $(RUN)/similarity/$(NAME).%.json: $(POOL_EXP) $(TGT_EXP) $(FROM_SIM)
-	$(PY) embed_tasks.py --target $(TARGET) --embedding $* $(ARGS)
+	$(STAGE_CMD) embed_tasks.py --target $(TARGET) --embedding $* $(ARGS)
 
 $(RUN)/experts/$(NAME).%/meta.json: $(BACKBONE) $(FROM_TARGET)
-	$(PY) train_expert.py --task $(TARGET) --shots $(SHOTS) --variant $* $(ARGS)
+	$(STAGE_CMD) train_expert.py --task $(TARGET) --shots $(SHOTS) --variant $* $(ARGS)
 
 $(RUN)/interpolated/$(NAME).%/meta.json: $(SIM) $(CFG)/interpolate.json
-	$(PY) interpolate.py --target $(TARGET) --variant $* $(ARGS)
+	$(STAGE_CMD) interpolate.py --target $(TARGET) --variant $* $(ARGS)
 
 # the study: runs that would load the same backbone one after another share one process (each run in it
 # is seeded as if alone, a test checks it): both embeddings, the target-side baselines, π-Tuning with its
 # interpolation baselines, all pair runs
 $(EMBEDS) &: $(POOL_EXP) $(TGT_EXP) $(FROM_SIM)
-	$(PY) embed_tasks.py --target $(TARGET) --embedding $(subst $(SPACE),$(COMMA),$(EMBED_AS)) $(ARGS)
+	$(STAGE_CMD) embed_tasks.py --target $(TARGET) --embedding $(subst $(SPACE),$(COMMA),$(EMBED_AS)) $(ARGS)
 
 $(RUN)/experts/$(NAME).2x/meta.json $(RUN)/experts/$(NAME).full-ft/meta.json &: $(BACKBONE) $(FROM_TARGET)
-	$(PY) train_expert.py --task $(TARGET) --shots $(SHOTS) --variant 2x,full-ft $(ARGS)
+	$(STAGE_CMD) train_expert.py --task $(TARGET) --shots $(SHOTS) --variant 2x,full-ft $(ARGS)
 
 ifdef STUDY
 $(INTERP) $(RUN)/interpolated/$(NAME).random/meta.json $(RUN)/interpolated/$(NAME).frozen/meta.json &: $(SIM) $(CFG)/interpolate.json
-	$(PY) interpolate.py --target $(TARGET) --variant pi,random,frozen $(ARGS)
+	$(STAGE_CMD) interpolate.py --target $(TARGET) --variant pi,random,frozen $(ARGS)
 else
 $(INTERP): $(SIM) $(CFG)/interpolate.json
-	$(PY) interpolate.py --target $(TARGET) $(ARGS)
+	$(STAGE_CMD) interpolate.py --target $(TARGET) $(ARGS)
 endif
 
 $(PAIRS) &: $(SIM) $(CFG)/interpolate.json
-	$(PY) interpolate.py --target $(TARGET) --variant $(subst $(SPACE),$(COMMA),$(addprefix pair-,$(OTHERS))) $(ARGS)
+	$(STAGE_CMD) interpolate.py --target $(TARGET) --variant $(subst $(SPACE),$(COMMA),$(addprefix pair-,$(OTHERS))) $(ARGS)
 
 $(TRANSFER): $(PAIRS) $(TGT_EXP) $(CFG)/evaluate.json
-	$(PY) evaluate.py --target $(TARGET) --transfer $(ARGS)
+	$(STAGE_CMD) evaluate.py --target $(TARGET) --transfer $(ARGS)
 
 $(ORACLE): $(TRANSFER)
