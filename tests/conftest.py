@@ -127,6 +127,13 @@ def micro_copy(micro, tmp_path):
     return runs, runs / "micro"
 
 
+def backbone_only(micro, root: Path) -> Path:
+    """root as a runs dir holding only the micro run's backbone and stamps (for stages after the backbone)."""
+    for part in ("backbone", ".config"):
+        shutil.copytree(micro[1] / part, root / "micro" / part)
+    return root
+
+
 @pytest.fixture
 def micro_cfg(micro):
     from common.config import load_config

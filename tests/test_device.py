@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, stage, stages
+from conftest import REPO, backbone_only, stage, stages
 
 CUDA = torch.cuda.is_available()
 
@@ -114,18 +114,10 @@ def test_activation_checkpointing_recomputes_each_layer_and_keeps_the_gradients(
 ] + ([] if CUDA else [("device=cuda", "sees no CUDA device here; use device=auto")]))
 def test_a_device_or_precision_this_machine_lacks_is_one_line(micro, tmp_path, override, says):
     args = ("--config", "configs/micro.yaml", f"runs_dir={tmp_path}", "device=cpu", override)
-    with_backbone(micro, tmp_path)
+    backbone_only(micro, tmp_path)  # a refusal is then the device's, not a missing backbone's
     code, out, err = stage("train_expert.py", "--task", "nli", *args)
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "micro/experts/nli").exists()
-
-
-def with_backbone(micro, tmp_path):
-    """The micro run's backbone and stamps: a refusal is then the device's, not a missing backbone's."""
-    import shutil
-
-    shutil.copytree(micro[1] / "backbone", tmp_path / "micro/backbone")
-    shutil.copytree(micro[1] / ".config", tmp_path / "micro/.config")
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")

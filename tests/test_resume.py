@@ -9,20 +9,13 @@ import shutil
 import torch
 from safetensors.torch import load_file
 
-from conftest import run, stage
-
-
-def runs_with_backbone(micro, root):
-    """A runs dir holding only the micro run's backbone and stamps."""
-    for part in ("backbone", ".config"):
-        shutil.copytree(micro[1] / part, root / "micro" / part)
-    return root
+from conftest import backbone_only, run, stage
 
 
 def test_a_killed_expert_resumes_from_its_checkpoint_and_ends_bit_exact(micro, tmp_path):
     common = ("--task", "nli", "--config", "configs/micro.yaml", "threads=1", "expert.steps=10",
               "expert.checkpoint_every=3")
-    whole, broken = runs_with_backbone(micro, tmp_path / "whole"), runs_with_backbone(micro, tmp_path / "broken")
+    whole, broken = backbone_only(micro, tmp_path / "whole"), backbone_only(micro, tmp_path / "broken")
     code, _, err = stage("train_expert.py", *common, f"runs_dir={whole}")
     assert code == 0, err
     p = run("python", "train_expert.py", *common, f"runs_dir={broken}", "debug.kill_at_step=7", check=False)
