@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from common import data
+from common import data, dist
 from common.artifacts import read_json, write_json, write_text
 from common.backbone import load_backbone
 from common.config import changed_fields, parse_stage, require_current, run_stage, stage_parser
@@ -156,6 +156,8 @@ def main() -> None:
         if model is not base and kind != "full":
             base = unload_expert(model)
     acc.update(measured)
+    if not dist.is_main():  # every rank holds the whole accuracies; rank 0 writes them and rebuilds the table
+        return
 
     transfer = {m[5:]: round(a - acc["target-only"], 4) for m, a in acc.items() if m.startswith("pair-")}
     result = {"target": args.target, "run": run, "shots": shots, "seed": cfg.seed, "metric": metric,

@@ -74,7 +74,7 @@ def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts:
     loss = train_steps(loss_fn, groups, data.infinite_batches(train, ic.batch_size, cfg.seed), ic.steps,
                        ic.grad_clip, warmup=min(20, ic.steps // 10), desc=f"interpolate {run}",
                        lr_field="interpolate.logits_lr" if not train_experts else "interpolate.lr", acc=acc,
-                       grad_accum=ic.grad_accum, checkpoint=ckpt, log_every=cfg.log_every)
+                       grad_accum=ic.grad_accum, checkpoint=ckpt, log_every=cfg.log_every, count=enc.targets)
 
     probs = torch.softmax(logits.detach(), dim=-1)
     with atomic_dir(out) as tmp:

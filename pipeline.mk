@@ -1,11 +1,23 @@
 # The pipeline's file graph. Called from Makefile with PY, CONFIG, TARGET, SEED, OVERRIDES set.
 ARGS     := --config $(CONFIG) seed=$(SEED) $(OVERRIDES)
 # every stage command: $(PY) SCRIPT, after LAUNCH (LAUNCH="srun --gres=gpu:1"), and with GPUS="0 1 2 3" on one
-# GPU of the list that no other job holds (common/gpus.py: a lock per GPU; make -j4 experts runs four at once)
+# GPU of the list that no other job holds (common/gpus.py: a lock per GPU; make -j4 experts runs four at once).
+# LAUNCH="torchrun ..." or "accelerate launch ...": data parallel inside each stage, with the venv's launcher
+# (torchrun on one host, --standalone, unless its arguments say how to meet: --nnodes, --rdzv-*, --master-*)
 LAUNCH    ?=
 GPUS      ?=
 GPU_LOCKS ?= /tmp/pi-tuning-gpus
-STAGE_CMD := $(if $(strip $(GPUS)),$(PY) -m common.gpus --locks $(GPU_LOCKS) "$(GPUS)" )$(LAUNCH) $(PY)
+LAUNCHER  := $(word 1,$(LAUNCH))
+ifeq ($(LAUNCHER),torchrun)
+TR_ARGS   := $(wordlist 2,$(words $(LAUNCH)),$(LAUNCH))
+TR_MEET   := $(if $(filter --standalone --nnodes% --rdzv% --master%,$(TR_ARGS)),,--standalone )
+LAUNCH_PY := $(PY) -m torch.distributed.run $(TR_MEET)$(TR_ARGS)
+else ifeq ($(LAUNCHER) $(word 2,$(LAUNCH)),accelerate launch)
+LAUNCH_PY := $(PY) -m accelerate.commands.launch $(wordlist 3,$(words $(LAUNCH)),$(LAUNCH))
+else
+LAUNCH_PY := $(LAUNCH) $(PY)
+endif
+STAGE_CMD := $(if $(strip $(GPUS)),$(PY) -m common.gpus --locks $(GPU_LOCKS) "$(GPUS)" )$(LAUNCH_PY)
 VALUES   := $(shell $(PY) -m common.config $(CONFIG) $(OVERRIDES) --stamp --get run_dir tasks.target_shots tasks.pool || echo ERROR)
 ifneq ($(filter ERROR,$(VALUES)),)
 $(error $(CONFIG) could not be read; see the line above)

@@ -60,7 +60,7 @@ def pretrain(cfg) -> None:
     ckpt = Checkpoint.beside(out, pc.checkpoint_every, cfg, "backbone")
     loss = train_steps(lambda b: model(**enc.batch(b)).loss, [{"params": list(model.parameters()), "lr": pc.lr}],
                        batches(), pc.steps, pc.grad_clip, pc.warmup, desc="pretrain backbone", lr_field="pretrain.lr",
-                       acc=acc, grad_accum=pc.grad_accum, checkpoint=ckpt, log_every=cfg.log_every)
+                       acc=acc, grad_accum=pc.grad_accum, checkpoint=ckpt, log_every=cfg.log_every, count=enc.targets)
     model.eval()
     checkpointing(model, False)
 
@@ -146,7 +146,7 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
                        data.infinite_batches(train, ec.batch_size, seed), steps, ec.grad_clip,
                        warmup=min(30, steps // 10), desc=f"expert {name}",
                        lr_field="expert.full_ft_lr" if variant == "full-ft" else "expert.lr", acc=acc,
-                       grad_accum=ec.grad_accum, checkpoint=ckpt, log_every=cfg.log_every)
+                       grad_accum=ec.grad_accum, checkpoint=ckpt, log_every=cfg.log_every, count=enc.targets)
     model.eval()
     with acc.autocast():
         metric, value = task_metric(model, enc, task, val, cfg.evaluate.batch_size)

@@ -1,4 +1,5 @@
-"""Artifacts on disk: written to a temp name and renamed, so a crash never leaves half a file."""
+"""Artifacts on disk: written to a temp name and renamed, so a crash never leaves half a file. Under torchrun
+only rank 0's lands; the other ranks write into a temp folder that is removed (every rank runs the same code)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from common import dist
 from common.config import UserError
 
 
@@ -15,6 +17,10 @@ from common.config import UserError
 def atomic_dir(path: Path):
     """Yield a temp directory next to `path`; on success it replaces `path` in one rename."""
     path = Path(path)
+    if not dist.is_main():
+        with tempfile.TemporaryDirectory(prefix=f"{path.name}.rank{dist.rank()}.") as tmp:
+            yield Path(tmp)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -36,6 +42,10 @@ def atomic_file(path: Path):
     """Yield a unique temp path next to `path` (two processes may write the same artifact); on success it
     replaces `path` in one rename."""
     path = Path(path)
+    if not dist.is_main():
+        with tempfile.TemporaryDirectory(prefix=f"rank{dist.rank()}.") as tmp:
+            yield Path(tmp) / path.name
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)

@@ -163,6 +163,7 @@ class EvaluateConfig:
 @dataclass
 class DebugConfig:
     kill_at_step: int = ranged(0, 0)  # end a training stage with SIGKILL after this step (tests of resume; 0 = off)
+    fail_rank: int = ranged(-1, -1)  # under torchrun: this rank raises after a training stage's last step (-1 = off)
 
 
 @dataclass
@@ -174,6 +175,7 @@ class Config:
     device: str = "auto"  # auto (CUDA when there is one) | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only): autocast through accelerate; weights stay fp32
     log_every: float = ranged(30.0, 0)  # seconds between progress lines without a terminal (0 = every step)
+    log_with: str = "none"  # none | tensorboard | wandb: loss, lr, examples/s of every step to accelerate's tracker
     feature_cache_mb: int = ranged(1024, 0)  # Florence-2's frozen vision tower memoised per image, up to this much (0 = off)
     world: WorldConfig = field(default_factory=WorldConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -201,6 +203,7 @@ class Config:
 
 CHOICES = {
     "precision": ("fp32", "bf16", "fp16"),
+    "log_with": ("none", "tensorboard", "wandb"),
     "expert.method": ("lora", "ia3", "prompt", "prefix", "adapter"),
     "data.source": ("mini", "files"),
     "fisher.embedding": ("fisher", "weights"),
@@ -325,11 +328,18 @@ def parse_stage(ap: argparse.ArgumentParser):
 
 
 def run_stage(main) -> None:
-    """Run a stage's main(); a UserError becomes one line on stderr and exit code 2."""
+    """Run a stage's main(); a UserError becomes one line on stderr and exit code 2. Under torchrun only rank 0
+    prints (every rank runs the same code on the same inputs, so a UserError is everyone's); each exits alike."""
+    import contextlib
+    import os
+
+    main_rank = int(os.environ.get("RANK", 0)) == 0
     try:
-        main()
+        with contextlib.nullcontext() if main_rank else contextlib.redirect_stdout(open(os.devnull, "w")):
+            main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if main_rank:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -253,6 +253,10 @@ class Encoder:
         width = max(map(len, ids))
         return torch.tensor([x + [-100] * (width - len(x)) for x in ids], device=self.device)
 
+    def targets(self, exs: list[Example]) -> int:
+        """How many answer tokens the loss of enc.batch(exs) averages over (each answer's tokens and its </s>)."""
+        return sum(len(self.tok(e.answer, add_special_tokens=False)["input_ids"]) + 1 for e in exs)
+
     def batch(self, exs: list[Example]) -> dict[str, torch.Tensor]:
         out = self.inputs(exs)
         out["labels"] = self.labels([e.answer for e in exs])

@@ -5,6 +5,7 @@ Refused here, in one line: a CUDA device that is not there, fp16 on the CPU (no 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -22,6 +23,9 @@ def resolve(cfg) -> str:
     if want.startswith("cuda:") and int(want[5:]) >= torch.cuda.device_count():
         raise UserError(f"{cfg.path}: field 'device' is {want!r}, but this machine has {torch.cuda.device_count()} "
                         f"CUDA device(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if want.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UserError(f"{cfg.path}: field 'device' is {want!r}, which would put every process of this torchrun "
+                        f"on one GPU; use device=auto or cuda (each rank takes the GPU of its LOCAL_RANK)")
     device = ("cuda" if cuda else "cpu") if want == "auto" else want
     if cfg.precision == "fp16" and device == "cpu":
         raise UserError(f"{cfg.path}: field 'precision' is 'fp16', which needs a CUDA device (fp16 autocast with loss "
@@ -29,22 +33,32 @@ def resolve(cfg) -> str:
     return device
 
 
+# log_with -> the package its tracker needs (accelerate itself skips a tracker whose package is missing, silently)
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
 def accelerator(cfg):
-    """The stage's Accelerator: acc.device, acc.autocast(), acc.backward(); train_steps prepares the rest."""
+    """The stage's Accelerator: acc.device, acc.autocast(), acc.backward(); train_steps prepares the rest
+    and logs to the tracker of `log_with` (tensorboard: event files under runs/<profile>/logs/)."""
+    import importlib.util
+
     device = resolve(cfg)
+    if cfg.log_with != "none" and importlib.util.find_spec(TRACKERS[cfg.log_with]) is None:
+        raise UserError(f"{cfg.path}: field 'log_with' is {cfg.log_with!r}, but its package is not installed; "
+                        f"`{sys.executable} -m pip install {TRACKERS[cfg.log_with]}`, or log_with=none")
     try:
-        return fresh(device, cfg.precision)
+        return fresh(device, cfg.precision, None if cfg.log_with == "none" else cfg.log_with, cfg.run_dir / "logs")
     except ValueError as e:  # e.g. bf16 on a GPU without it
         raise UserError(f"{cfg.path}: field 'precision' is {cfg.precision!r}: {str(e).splitlines()[0][:160]}; "
                         f"use precision=fp32")
 
 
-def fresh(device: str = "cpu", precision: str = "fp32"):
+def fresh(device: str = "cpu", precision: str = "fp32", log_with: str | None = None, logging_dir=None):
     """An Accelerator on `device` in `precision`, whatever one made before in this process said. accelerate
     keeps one shared state per process and refuses a second precision; a stage run in a test, a notebook or
     after another stage starts from a clean one, as in its own process (outside torchrun's process group)."""
     import torch.distributed as dist
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=not (dist.is_available() and dist.is_initialized()))
@@ -52,4 +66,7 @@ def fresh(device: str = "cpu", precision: str = "fp32"):
         os.environ["ACCELERATE_TORCH_DEVICE"] = device
     else:
         os.environ.pop("ACCELERATE_TORCH_DEVICE", None)
-    return Accelerator(cpu=device == "cpu", mixed_precision=MIXED[precision])
+    # split_batches: under torchrun every rank takes its share of one global batch (common.dist), so the
+    # schedule steps once per optimizer step, not once per process
+    return Accelerator(cpu=device == "cpu", mixed_precision=MIXED[precision], log_with=log_with,
+                       project_dir=logging_dir, dataloader_config=DataLoaderConfiguration(split_batches=True))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
+from common import dist
 from common.data import Encoder, Example, Task, batches, candidates_for
 from common.readers import tokens_to_box
 
@@ -30,7 +31,13 @@ def answer_logprobs(model, enc: Encoder, exs: list[Example], answers: list[str])
 @torch.no_grad()
 def candidate_accuracy(model, enc: Encoder, task: Task, exs: list[Example], batch_size: int = 64) -> float:
     """Fraction of examples whose best-scoring candidate answer is the right one."""
-    correct = 0
+    return sum(candidate_hits(model, enc, task, exs, batch_size)) / len(exs)
+
+
+@torch.no_grad()
+def candidate_hits(model, enc: Encoder, task: Task, exs: list[Example], batch_size: int = 64) -> list[bool]:
+    """For each example: is its best-scoring candidate answer the right one?"""
+    hits = []
     for chunk in batches(exs, max(1, batch_size // len(candidates_for(task, exs[0])))):
         pairs = [(e, c) for e in chunk for c in candidates_for(task, e)]
         index = torch.tensor([i for i, e in enumerate(chunk) for _ in candidates_for(task, e)], device=enc.device)
@@ -39,9 +46,9 @@ def candidate_accuracy(model, enc: Encoder, task: Task, exs: list[Example], batc
         for e in chunk:
             cands = candidates_for(task, e)
             best = max(range(len(cands)), key=lambda j: scores[k + j])
-            correct += cands[best] == e.answer
+            hits.append(cands[best] == e.answer)
             k += len(cands)
-    return correct / len(exs)
+    return hits
 
 
 def candidate_logprobs(model, inputs: dict, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -118,6 +125,13 @@ def _encoder_inputs(model, inputs: dict) -> dict:
 @torch.no_grad()
 def token_accuracy(model, enc: Encoder, exs: list[Example], batch_size: int = 64) -> float:
     """Teacher-forced next-token accuracy over answer tokens (for open-ended tasks such as captions)."""
+    right, total = token_hits(model, enc, exs, batch_size)
+    return right / max(total, 1)
+
+
+@torch.no_grad()
+def token_hits(model, enc: Encoder, exs: list[Example], batch_size: int = 64) -> tuple[int, int]:
+    """(answer tokens predicted right, answer tokens), teacher-forced."""
     right = total = 0
     for chunk in batches(exs, batch_size):
         b = enc.batch(chunk)
@@ -125,19 +139,24 @@ def token_accuracy(model, enc: Encoder, exs: list[Example], batch_size: int = 64
         mask = b["labels"] != -100
         right += ((pred == b["labels"]) & mask).sum().item()
         total += mask.sum().item()
-    return right / max(total, 1)
+    return right, total
 
 
 def task_metric(model, enc: Encoder, task, exs: list[Example], batch_size: int = 64) -> tuple[str, float]:
     """The task's headline metric: candidate accuracy where answers are closed, token accuracy for the mini
-    world's open answers, or the real task's own metric (VQA accuracy, Acc@IoU>=0.5, CIDEr-D) on greedy answers."""
+    world's open answers, or the real task's own metric (VQA accuracy, Acc@IoU>=0.5, CIDEr-D) on greedy answers.
+    Under torchrun each rank scores its share of the examples; the per-example results are gathered, so every
+    rank returns the value of the whole set."""
     closed = task.candidates is not None or exs[0].candidates is not None
     metric = getattr(task, "metric", None) or ("accuracy" if closed else "token_accuracy")
+    mine = dist.shard(exs)
     if metric == "accuracy":
-        return metric, candidate_accuracy(model, enc, task, exs, batch_size)
+        return metric, sum(dist.gather(candidate_hits(model, enc, task, mine, batch_size), len(exs))) / len(exs)
     if metric == "token_accuracy":
-        return metric, token_accuracy(model, enc, exs, batch_size)
-    preds = generate_answers(model, enc, exs, batch_size)
+        hits = torch.tensor(token_hits(model, enc, mine, batch_size), device=enc.device)
+        right, total = dist.all_sum([hits])[0].tolist()
+        return metric, right / max(total, 1)
+    preds = dist.gather(generate_answers(model, enc, mine, batch_size), len(exs))
     refs = [e.refs or (e.answer,) for e in exs]
     if metric == "vqa_accuracy":
         return metric, sum(vqa_accuracy(p, r) for p, r in zip(preds, refs)) / len(exs)

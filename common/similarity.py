@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common import dist
 from common.backbone import backbone_dir, fingerprint
 from common.data import Encoder, Example, batches
 from common.experts import WEIGHTS, expert_dir, split_layers
@@ -38,17 +39,20 @@ def fisher_diagonal(model, enc: Encoder, exs: list[Example], estimator: str = "p
     per_sample: the squared gradient of each example's log-likelihood (the diagonal empirical Fisher).
     batch: the squared gradient of each mini-batch's summed log-likelihood, divided by the number of
     examples (what the original code computed). No optimizer step is ever taken. The forward runs under
-    `autocast` (the stage's precision); the squared gradients accumulate in fp32 whatever it is."""
+    `autocast` (the stage's precision); the squared gradients accumulate in fp32 whatever it is. Under torchrun
+    each rank takes its share of the examples (or mini-batches) and the sums are added over ranks."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     step = 1 if estimator == "per_sample" else batch_size
-    for chunk in tqdm(list(batches(exs, step)), desc=desc, leave=False, dynamic_ncols=True, disable=None):
+    mine = dist.shard(list(batches(exs, step)))
+    for chunk in tqdm(mine, desc=desc, leave=False, dynamic_ncols=True, disable=None if dist.is_main() else True):
         with autocast():
             logp = answer_logprobs(model, enc, chunk, [e.answer for e in chunk]).sum()
         grads = torch.autograd.grad(logp, list(params.values()))
         for (n, _), g in zip(params.items(), grads):
             fisher[n] += g.float() ** 2
-    return {n: f / len(exs) for n, f in fisher.items()}
+    summed = dist.all_sum(list(fisher.values()))
+    return {n: f / len(exs) for n, f in zip(fisher, summed)}
 
 
 def _hash(data: bytes) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from common import dist
 from common.config import UserError
 
 
@@ -29,17 +30,20 @@ class Checkpoint:
     """Where a training loop keeps its state every `every` steps (0: never), beside the artifact it makes:
     trainable weights, optimizer, schedule, RNG states, the data position and the recent losses. A rerun
     resumes from it unless it was made under another config (cfg, MADE_FROM[kind]); `done()` removes it once
-    the artifact has landed. kill_at (debug.kill_at_step) ends the process with SIGKILL after that step."""
+    the artifact has landed. kill_at (debug.kill_at_step) ends the process with SIGKILL after that step;
+    fail_rank (debug.fail_rank) makes that rank raise after the last step, for the tests of a failing rank."""
     path: Path
     every: int
     cfg: object
     kind: str
     kill_at: int = 0
+    fail_rank: int = -1
 
     @classmethod
     def beside(cls, artifact: Path, every: int, cfg, kind: str) -> "Checkpoint":
         artifact = Path(artifact)
-        return cls(artifact.parent / f".{artifact.name}.ckpt", every, cfg, kind, cfg.debug.kill_at_step)
+        return cls(artifact.parent / f".{artifact.name}.ckpt", every, cfg, kind, cfg.debug.kill_at_step,
+                   cfg.debug.fail_rank)
 
     def save(self, step: int, params, opt, sched, tail: list[float]) -> None:
         from common.artifacts import atomic_file
@@ -71,11 +75,14 @@ class Checkpoint:
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        print(f"{desc}: resumed from step {state['step']} ({self.path})", file=sys.stderr, flush=True)
+        if dist.is_main():
+            print(f"{desc}: resumed from step {state['step']} ({self.path})", file=sys.stderr, flush=True)
         return state["step"], state["tail"]
 
     def _fresh(self, desc: str, why: str) -> tuple[int, list[float]]:
-        print(f"{desc}: checkpoint {self.path} {why}: not resumed, starting at step 0", file=sys.stderr, flush=True)
+        if dist.is_main():
+            print(f"{desc}: checkpoint {self.path} {why}: not resumed, starting at step 0", file=sys.stderr,
+                  flush=True)
         return 0, []
 
     def done(self) -> None:
@@ -86,11 +93,11 @@ class Progress:
     """Without a terminal (a file, a pipe, a cluster job), one line per `every` seconds on stderr: step, loss,
     lr, examples/s, time left; with one, tqdm's bar."""
 
-    def __init__(self, desc: str, start: int, steps: int, every: float):
-        self.desc, self.steps, self.every = desc, steps, every
-        self.bar = tqdm(range(start, steps), desc=desc, leave=False, dynamic_ncols=True, disable=None,
-                        initial=start, total=steps)
-        self.piped = self.bar.disable
+    def __init__(self, desc: str, start: int, steps: int, every: float, quiet: bool = False):
+        self.desc, self.steps, self.every, self.quiet = desc, steps, every, quiet
+        self.bar = tqdm(range(start, steps), desc=desc, leave=False, dynamic_ncols=True, initial=start, total=steps,
+                        disable=True if quiet else None)  # None: off without a terminal
+        self.piped = self.bar.disable and not quiet
         self.t0 = self.last = time.time()
         self.first, self.examples = start, 0
 
@@ -99,6 +106,8 @@ class Progress:
 
     def update(self, step: int, loss: float, lr: float, examples: int) -> None:
         self.examples += examples
+        if self.quiet:
+            return
         if not self.piped:
             if step % 10 == 0:
                 self.bar.set_postfix(loss=f"{loss:.3f}")
@@ -115,12 +124,15 @@ class Progress:
 
 def train_steps(loss_fn, param_groups: list[dict], batches, steps: int, grad_clip: float = 1.0,
                 warmup: int = 0, desc: str = "train", lr_field: str = "expert.lr", acc=None,
-                grad_accum: int = 1, checkpoint: Checkpoint | None = None, log_every: float = 30.0) -> float:
+                grad_accum: int = 1, checkpoint: Checkpoint | None = None, log_every: float = 30.0,
+                count=len) -> float:
     """Run `steps` optimizer steps of loss_fn(batch), each over grad_accum batches; returns the mean loss of the
     last 10% of steps. Through accelerate (`acc`, from common.device.accelerator; None: the CPU in fp32): the
-    forward under autocast, fp16 loss scaling, accumulation. With a checkpoint: resumed from it when current,
-    saved every checkpoint.every steps. A NaN or inf loss or weight stops the stage (a UserError naming the
-    field to fix) before anything is written."""
+    forward under autocast, fp16 loss scaling, accumulation. Under torchrun each rank takes its share of every
+    batch (common.dist), its loss weighted by count(share) / count(batch), count(batch) being the number of
+    terms loss_fn averages over (answer tokens: Encoder.targets), and the gradients are summed over ranks.
+    With a checkpoint: resumed from it when current, saved every checkpoint.every steps. A NaN or inf loss
+    (on any rank) or weight stops the stage (a UserError naming the field to fix) before anything is written."""
     from common.device import fresh
 
     acc = acc or fresh("cpu", "fp32")
@@ -131,35 +143,59 @@ def train_steps(loss_fn, param_groups: list[dict], batches, steps: int, grad_cli
     start, tail = checkpoint.resume(params, opt, sched, desc) if checkpoint else (0, [])
     for _ in range(start * grad_accum):  # the data position: the batches the steps before `start` took
         next(batches)
-    progress = Progress(desc, start, steps, log_every)
+    progress = Progress(desc, start, steps, log_every, quiet=not dist.is_main())
+    tracking = bool(acc.log_with)  # log_with: one tracker run per loop, named after it ("expert-nli")
+    if tracking:
+        acc.init_trackers(desc.replace(" ", "-"))
+    t0 = time.time()
     for step in progress:
         total, examples = 0.0, 0
         for _ in range(grad_accum):
             with acc.accumulate():
                 batch = next(batches)
                 examples += len(batch) if isinstance(batch, list) else 0
+                mine, share = batch, 1.0
+                if dist.active():
+                    mine = dist.shard(batch)
+                    if not mine:
+                        section = lr_field.split(".")[0]
+                        raise UserError(f"{desc}: a batch of {len(batch)} shared by {dist.world()} processes leaves "
+                                        f"rank {dist.rank()} none; raise {section}.batch_size to {dist.world()} "
+                                        f"or more, or run fewer processes")
+                    share = count(mine) / count(batch)
                 with acc.autocast():
-                    loss = loss_fn(batch)
-                if not torch.isfinite(loss):
-                    _diverged(desc, f"loss {loss.item()} at step {step + 1} of {steps}", lr_field)
+                    loss = loss_fn(mine) * share
+                total += loss.detach()
                 acc.backward(loss)  # divided by grad_accum; fp16: scaled
-                if grad_clip and acc.sync_gradients:
-                    acc.clip_grad_norm_(params, grad_clip)
+                if acc.sync_gradients:  # the step's last batch: gradients (and the loss) summed over ranks
+                    total = dist.sync(params, total)
+                    if not torch.isfinite(total):
+                        _diverged(desc, f"loss {total.item()} at step {step + 1} of {steps}", lr_field)
+                    if grad_clip:
+                        acc.clip_grad_norm_(params, grad_clip)
                 opt.step()  # prepared: steps (and the schedule) once the last batch of the step is in
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-            total += loss.detach()
         mean = total.item() / grad_accum
         if step >= steps - max(1, steps // 10):
             tail.append(mean)
         progress.update(step, mean, sched.get_last_lr()[0], examples)
+        if tracking:  # accelerate logs on the main process only
+            acc.log({"loss": mean, "lr": sched.get_last_lr()[0],
+                     "examples_per_s": progress.examples / max(time.time() - t0, 1e-9)}, step=step + 1)
         if checkpoint and checkpoint.every and (step + 1) % checkpoint.every == 0 and step + 1 < steps:
             checkpoint.save(step + 1, params, opt, sched, tail)
         if checkpoint and checkpoint.kill_at == step + 1:  # debug.kill_at_step: a crash, for the tests
             os.kill(os.getpid(), signal.SIGKILL)
     acc.free_memory(opt, sched)  # the accelerator forgets them: one accelerator serves the stage's next loop
+    if tracking:
+        acc.end_training()  # flushes and closes the tracker run
+        acc.trackers.clear()
     if not all(torch.isfinite(p).all() for p in params):
         _diverged(desc, f"weights not finite after step {steps}", lr_field)
+    if checkpoint and checkpoint.fail_rank == dist.rank():
+        raise RuntimeError(f"{desc}: debug.fail_rank={checkpoint.fail_rank}: this rank fails after its last step")
+    dist.barrier()  # every rank trained to the end before any goes on to write
     return sum(tail) / len(tail) if tail else math.nan
 
 

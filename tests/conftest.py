@@ -58,6 +58,16 @@ def stage(script: str, *args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def inproc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`run("python", SCRIPT, ...)` in this process (stage()): the same exit code and output, without the
+    seconds of an interpreter start-up and torch's import."""
+    script, *rest = args[1:] if args[0] == "python" else args
+    code, out, err = stage(script, *rest)
+    if check and code != 0:
+        raise AssertionError(f"{script} {' '.join(rest)} failed ({code}):\n{out[-2000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess([script, *rest], code, out, err)
+
+
 def stages(runs_dir: Path, *overrides: str, target: str = "snli-ve", backbone: bool = False) -> str:
     """The pipeline `make all` runs, stage by stage in this process (no interpreter start-ups): the pool
     experts, the target's, embed, interpolate, evaluate (and first the backbone stage, with backbone=True).
@@ -80,9 +90,10 @@ def stages(runs_dir: Path, *overrides: str, target: str = "snli-ve", backbone: b
     return "".join(out)
 
 
-def make(*targets: str, runs_dir: Path, extra: str = "", check: bool = True) -> subprocess.CompletedProcess:
-    """`make <targets> PROFILE=micro` writing under runs_dir, with this interpreter (no venv step)."""
-    return run("make", *targets, "PROFILE=micro", f"PY={sys.executable}", "STAMP=",
+def make(*targets: str, runs_dir: Path, extra: str = "", check: bool = True,
+         launch: str = "") -> subprocess.CompletedProcess:
+    """`make <targets> PROFILE=micro` writing under runs_dir, with this interpreter (no venv step); launch: LAUNCH."""
+    return run("make", *targets, "PROFILE=micro", f"PY={sys.executable}", "STAMP=", f"LAUNCH={launch}",
                f"OVERRIDES=runs_dir={runs_dir} {extra}".strip(), check=check)
 
 
@@ -142,6 +153,8 @@ def micro_cfg(micro):
 
 
 HEAVY = {"micro_copy", "runs", "t5_dir"}  # fixtures of tests that run a pipeline or several stages
+LONGEST = ("test_make_report_runs_every_baseline_and_writes_the_report",  # about 2 min each, started first
+           "test_make_all_under_torchrun_equals_the_single_process_run")
 _background: list[threading.Thread] = []
 
 
@@ -150,8 +163,8 @@ def pytest_collection_modifyitems(config, items):
     then those that need it, longest first, the short ones filling the gaps at the end."""
     def order(item):
         names = set(getattr(item, "fixturenames", ()))
-        heavy = bool(names & HEAVY) or item.module.__name__ == "test_report"
-        return ("micro" in names, not heavy, item.module.__name__ != "test_report")  # the longest test first
+        longest = item.name in LONGEST
+        return ("micro" in names, not (longest or names & HEAVY), not longest)
 
     items.sort(key=order)  # stable: each group keeps the files' order
 

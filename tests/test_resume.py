@@ -42,3 +42,42 @@ def test_without_a_terminal_each_training_stage_prints_progress_lines(micro):
                  "interpolate snli-ve-8shot-s0: step 5/5 | loss"):
         assert line in out, out[-3000:]
     assert "examples/s" in out and "left" in out
+
+
+def test_log_with_sends_each_step_to_the_tracker_and_a_missing_package_is_one_line(tmp_path, monkeypatch):
+    from accelerate.tracking import GeneralTracker
+
+    from common import device
+    from common.device import fresh
+    from common.training import train_steps
+
+    class Recorder(GeneralTracker):  # what accelerate's tensorboard / wandb trackers are handed
+        name, requires_logging_directory, main_process_only = "recorder", False, True
+
+        def __init__(self):
+            super().__init__()
+            self.logged, self.finished = [], 0
+
+        @property
+        def tracker(self):
+            return self
+
+        def log(self, values, step=None, **kwargs):
+            self.logged.append((step, values))
+
+        def finish(self):
+            self.finished += 1
+
+    rec, lin = Recorder(), torch.nn.Linear(2, 1)
+    batches = iter(lambda: [torch.ones(2)], None)
+    train_steps(lambda b: lin(b[0]).pow(2).sum(), [{"params": list(lin.parameters()), "lr": 0.1}], batches, 4,
+                acc=fresh("cpu", "fp32", log_with=[rec]))
+    assert [s for s, _ in rec.logged] == [1, 2, 3, 4] and rec.finished == 1
+    assert all(set(v) == {"loss", "lr", "examples_per_s"} and v["loss"] > 0 for _, v in rec.logged)
+    assert rec.logged[0][1]["lr"] > rec.logged[-1][1]["lr"]  # the schedule's decay, as stepped
+
+    monkeypatch.setitem(device.TRACKERS, "tensorboard", "no_such_tracker_package")
+    code, out, err = stage("train_expert.py", "--task", "nli", "--config", "configs/micro.yaml",
+                           f"runs_dir={tmp_path}", "log_with=tensorboard")
+    assert code == 2 and err.count("\n") == 1 and "field 'log_with' is 'tensorboard'" in err
+    assert "pip install no_such_tracker_package" in err and not (tmp_path / "micro").exists()

@@ -1,0 +1,62 @@
+"""Run by tests/test_dist.py under `torchrun --nproc_per_node 2` (gloo, CPU): the data-parallel pieces of
+common.dist and train_steps on a model small enough to check by hand. Each rank writes what it saw to
+OUT/rank<r>.json.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py OUT
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from common import dist  # noqa: E402
+from common.config import UserError  # noqa: E402
+from common.device import fresh  # noqa: E402
+from common.training import train_steps  # noqa: E402
+
+
+def ragged_batches(seed: int):
+    """Batches of 3 'sequences' of 1 to 6 elements each: ranks' shares differ in how many loss terms they hold."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield [torch.randn(int(torch.randint(1, 7, (1,), generator=g)), 4, generator=g) for _ in range(3)]
+
+
+def train(nan_on_rank: int = -1) -> list[float]:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 1)
+
+    def loss_fn(batch):  # the mean over every element of the batch, as a seq2seq loss over its tokens
+        x = torch.cat(batch)
+        loss = (lin(x).squeeze(-1) - x.sum(-1)).pow(2).mean()
+        return loss * float("nan") if dist.rank() == nan_on_rank else loss
+
+    train_steps(loss_fn, [{"params": list(lin.parameters()), "lr": 0.05}], ragged_batches(0), 6, grad_clip=0,
+                acc=fresh("cpu", "fp32"), count=lambda b: sum(len(s) for s in b))
+    return [v for p in lin.parameters() for v in p.detach().flatten().tolist()]
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    fresh("cpu", "fp32")  # sets up the process group, as a stage's accelerator does
+    seen = {"world": dist.world(), "rank": dist.rank()}
+    items = list(range(7))
+    seen["shard"] = dist.shard(items)
+    seen["gathered"] = dist.gather([i * 10 for i in dist.shard(items)], len(items))
+    seen["summed"] = dist.all_sum([torch.tensor([dist.rank() + 1.0, 2.0])])[0].tolist()
+    seen["weights"] = train()
+    try:
+        train(nan_on_rank=1)
+        seen["nan"] = "trained on"
+    except UserError as e:
+        seen["nan"] = str(e)
+    (out / f"rank{dist.rank()}.json").write_text(json.dumps(seen))
+
+
+if __name__ == "__main__":
+    main()
