@@ -103,11 +103,11 @@ def test_candidate_scoring_runs_the_encoder_once_and_agrees_with_the_full_forwar
 
 
 def test_a_pool_expert_of_another_method_is_refused_in_one_line(runs):
-    from conftest import run
+    from conftest import inproc
 
     root = runs["ia3"][0]
-    p = run("python", "interpolate.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={root}",
-            "expert.method=adapter", check=False)
+    p = inproc("interpolate.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={root}",
+               "expert.method=adapter", check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "made under another config (expert.method: 'ia3' -> 'adapter')" in p.stderr
 

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import make, run, stage
+from conftest import inproc, make, stage
 
 NAME = "snli-ve-8shot-s0"
 
@@ -68,8 +68,8 @@ def test_fisher_is_recomputed_only_for_a_changed_expert(micro_copy):
     runs = micro_copy[0]
     f = runs / "micro/experts/nli/adapter_model.safetensors"
     save_file({k: v * 1.5 for k, v in load_file(str(f)).items()}, str(f))
-    out = run("python", "embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml",
-              f"runs_dir={runs}").stdout
+    out = inproc("embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml",
+                 f"runs_dir={runs}").stdout
     assert "(1 Fisher computed, 2 cached)" in out
 
 
@@ -84,16 +84,16 @@ def test_fisher_passes_repeat_the_few_shots_with_dropout_and_are_reproducible(mi
     conf.write_text(json.dumps(c))
     cmd = ("python", "embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}",
            "fisher.samples=16", "fisher.passes=4")  # the 8-shot target: 2 passes; the pool: one pass over 16
-    assert "(3 Fisher computed, 0 cached)" in run(*cmd).stdout
+    assert "(3 Fisher computed, 0 cached)" in inproc(*cmd).stdout
     sim = json.loads((runs / f"micro/similarity/{NAME}.json").read_text())
     assert sim["fisher"]["passes"] == 4
     first = {n: load_file(str(fd / f"{n}.passes4.safetensors")) for n in (NAME, "nli")}
     for n in first:
         (fd / f"{n}.passes4.safetensors").unlink()
-    assert "(2 Fisher computed, 1 cached)" in run(*cmd).stdout
+    assert "(2 Fisher computed, 1 cached)" in inproc(*cmd).stdout
     for n, fisher in first.items():  # the same dropout whichever process computes it
         assert all(torch.equal(v, load_file(str(fd / f"{n}.passes4.safetensors"))[k]) for k, v in fisher.items())
-    run(*cmd[:-1])  # one pass, dropout off: a different estimate, cached beside it
+    inproc(*cmd[:-1])  # one pass, dropout off: a different estimate, cached beside it
     one = load_file(str(fd / f"{NAME}.safetensors"))
     assert not all(torch.allclose(v, one[k]) for k, v in first[NAME].items())
 
@@ -102,8 +102,8 @@ def test_weight_embedding_needs_no_fisher_and_no_backbone_pass(micro_copy):
     runs = micro_copy[0]
     shutil.rmtree(runs / "micro/fisher")
     (runs / "micro/backbone/config.json").write_text("not a model config")  # a backbone pass would fail on it
-    out = run("python", "embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml",
-              f"runs_dir={runs}", "fisher.embedding=weights").stdout
+    out = inproc("embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml",
+                 f"runs_dir={runs}", "fisher.embedding=weights").stdout
     assert "(weight updates)" in out and not (runs / "micro/fisher").exists()
     sim = json.loads((runs / f"micro/similarity/{NAME}.json").read_text())
     assert sim["fisher"] == {"embedding": "weights"} and len(sim["top_k"]) == 2
@@ -170,13 +170,13 @@ def test_bad_input_is_one_line_and_exit_2(micro, args, message):
 def test_missing_and_corrupt_experts_are_named(micro, micro_copy):
     runs, rd = micro_copy
     (rd / "experts/nli/adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    p = run("python", "interpolate.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}",
-            check=False)
+    p = inproc("interpolate.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}",
+               check=False)
     assert p.returncode == 2 and "experts/nli/adapter_model.safetensors: corrupt expert weights" in p.stderr
     shutil.copy(micro[1] / "experts/nli/adapter_model.safetensors", rd / "experts/nli/adapter_model.safetensors")
     shutil.rmtree(rd / "experts/shape")
-    p = run("python", "embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}",
-            check=False)
+    p = inproc("embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}",
+               check=False)
     assert p.returncode == 2 and "experts/shape/meta.json: missing expert" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, make, run, stage
+from conftest import REPO, inproc, make, stage
 
 NAME = "snli-ve-8shot-s0"
 CONFIG = ("--config", "configs/micro.yaml")
@@ -100,8 +100,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(micro, args, message):
 def test_a_nan_loss_stops_the_stage_and_writes_no_expert(micro_copy):
     runs, rd = micro_copy
     before = files(rd)
-    p = run("python", "train_expert.py", "--task", "snli-ve", "--shots", "4", *CONFIG, f"runs_dir={runs}",
-            "expert.lr=1e9", "expert.grad_clip=0", check=False)
+    p = inproc("train_expert.py", "--task", "snli-ve", "--shots", "4", *CONFIG, f"runs_dir={runs}",
+               "expert.lr=1e9", "expert.grad_clip=0", check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert "expert snli-ve-4shot-s0: loss nan at step" in p.stderr and "lower expert.lr" in p.stderr
     assert files(rd) == before  # no expert directory, no temp directory beside it
@@ -114,7 +114,7 @@ def test_after_a_rebuilt_backbone_no_stage_uses_the_old_experts_or_fishers(micro
     runs, rd = micro_copy
     before = load_config("configs/micro.yaml", [f"runs_dir={runs}"])
     old_keys = [fisher_cache(before, n)[1] for n in ("nli", NAME)]
-    run("python", "train_expert.py", "--pretrain", *CONFIG, f"runs_dir={runs}", "pretrain.steps=21")
+    inproc("train_expert.py", "--pretrain", *CONFIG, f"runs_dir={runs}", "pretrain.steps=21")
     code, out, err = stage("embed_tasks.py", "--target", "snli-ve", *CONFIG, f"runs_dir={runs}", "pretrain.steps=21")
     assert code == 2 and "trained on another backbone" in err and "cached" not in out
     after = load_config("configs/micro.yaml", [f"runs_dir={runs}", "pretrain.steps=21"])
@@ -145,8 +145,8 @@ def test_a_changed_config_changes_the_table_and_the_report_and_mixes_no_runs(mic
     # another seed's result, made under this config (a copy stands in for running seed 1: only its config counts)
     seed1 = json.loads((rd / f"results/{NAME}.json").read_text()) | {"run": "snli-ve-8shot-s1", "seed": 1}
     (rd / "results/snli-ve-8shot-s1.json").write_text(json.dumps(seed1))
-    run("python", "interpolate.py", "--target", "snli-ve", "--variant", "random", *CONFIG, f"runs_dir={runs}")
-    run("python", "evaluate.py", "--target", "snli-ve", *CONFIG, f"runs_dir={runs}")
+    inproc("interpolate.py", "--target", "snli-ve", "--variant", "random", *CONFIG, f"runs_dir={runs}")
+    inproc("evaluate.py", "--target", "snli-ve", *CONFIG, f"runs_dir={runs}")
     table = (rd / "results/snli-ve.md").read_text()
     assert "8-shot (n=2 seeds)" in table and "| pi-random |" in table
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, run, stages
+from conftest import REPO, inproc, stages
 from test_readers import b64, write_tsv
 
 
@@ -107,10 +107,10 @@ def test_a_text_only_t5_backbone_runs_the_four_stages(t5_dir, tmp_path, method):
 
 
 def test_an_image_task_on_a_text_only_backbone_is_one_line(t5_dir, tmp_path):
-    p = run("python", "train_expert.py", "--pretrain", "--config", "configs/micro.yaml", f"runs_dir={tmp_path}",
-            f"backbone.source={t5_dir}")
-    p = run("python", "train_expert.py", "--task", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={tmp_path}",
-            f"backbone.source={t5_dir}", check=False)
+    p = inproc("train_expert.py", "--pretrain", "--config", "configs/micro.yaml", f"runs_dir={tmp_path}",
+               f"backbone.source={t5_dir}")
+    p = inproc("train_expert.py", "--task", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={tmp_path}",
+               f"backbone.source={t5_dir}", check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "text-only model" in p.stderr.strip().splitlines()[-1]
 

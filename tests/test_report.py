@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run
+from conftest import inproc, run
 
 EVERY_EMBEDDING = "EMBED_AS=fisher weights fisher-batch fisher-raw fisher-passes"  # the default adds no fisher-passes
 
@@ -64,7 +64,7 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
                                                   "full-ft")}
     for d, cmd in alone.items():
         shutil.rmtree(solo / "micro" / d)
-        run("python", *cmd, *args)
+        inproc(*cmd, *args)
         weights = [next((r / "micro" / d).glob("*.safetensors")) for r in (runs, solo)]
         together, made_alone = (load_file(str(f)) for f in weights)
         assert together.keys() == made_alone.keys() and all(torch.equal(together[k], made_alone[k]) for k in together), d
