@@ -3,10 +3,7 @@ files in OFA's TSV and the hub's parquet formats, and a text-only T5 backbone.""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,14 +13,18 @@ from conftest import REPO, inproc, stages
 from test_readers import b64, write_tsv
 
 
-def offline(*args: str):
-    """A stage run with the hub switched off (tests never touch the network)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    cmd = [sys.executable if a == "python" else a for a in args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+@pytest.fixture
+def offline(monkeypatch):
+    """Stage runs (in this process) with the hub switched off, as HF_HUB_OFFLINE=1 does: tests never touch
+    the network. huggingface_hub reads the variable when imported, so its constant is switched too."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return lambda *args: inproc(*args, check=False)
 
 
-def test_paper_profile_offline_says_which_model_is_missing_and_how_to_supply_it(tmp_path):
+def test_paper_profile_offline_says_which_model_is_missing_and_how_to_supply_it(offline, tmp_path):
     p = offline("python", "train_expert.py", "--pretrain", "--config", "configs/florence2-base.yaml",
                 f"runs_dir={tmp_path}")
     assert p.returncode == 2 and "Traceback" not in p.stderr
@@ -31,7 +32,7 @@ def test_paper_profile_offline_says_which_model_is_missing_and_how_to_supply_it(
     assert "florence-community/Florence-2-base" in line and "hf download" in line and "backbone.source=DIR" in line
 
 
-def test_paper_profile_with_a_local_backbone_names_the_missing_data(micro, tmp_path):
+def test_paper_profile_with_a_local_backbone_names_the_missing_data(micro, offline, tmp_path):
     backbone = f"backbone.source={micro[1] / 'backbone'}"
     common = ["--config", "configs/florence2-base.yaml", f"runs_dir={tmp_path}", backbone, f"data.root={tmp_path}/data"]
     p = offline("python", "train_expert.py", "--task", "snli-ve", *common)
