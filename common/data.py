@@ -3,32 +3,14 @@ from __future__ import annotations
 
 import random
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
 
 from common import world as W
 from common.config import UserError, WorldConfig
-
-
-@dataclass(frozen=True)
-class Example:
-    prompt: str
-    answer: str
-    image: np.ndarray | None = None
-    candidates: tuple[str, ...] | None = None  # per-example answer set (else the task's)
-    refs: tuple[str, ...] | None = None  # all reference answers (VQA's human answers, every caption)
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    family: str  # vision-language | vision | language | pretraining
-    make: Callable[[random.Random, int], Example]  # (rng, image_size) -> one example
-    candidates: tuple[str, ...] | None  # closed answer set; None = open-ended (token accuracy)
+from common.readers import REAL_TASKS, fetch_hub, read_examples
+from common.tasks import Example, Task, k_shot
 
 
 def _img(scene, rng, size):
@@ -160,8 +142,6 @@ def examples(task: str, split: str, world: WorldConfig, n: int | None = None) ->
 def low_shot(exs: list[Example], shots: int, seed: int, per_class: bool = False) -> list[Example]:
     """A seeded k-shot sample (the target's training data in the low-shot regime); per_class: k of every answer."""
     if per_class:
-        from common.readers import k_shot
-
         return k_shot(exs, shots, seed, per_class=True)
     if shots <= 0 or shots >= len(exs):
         return list(exs)
@@ -176,8 +156,6 @@ def task(cfg, name: str, where: str = "tasks.pool"):
         return get_task(name, where)
     import dataclasses
 
-    from common.readers import REAL_TASKS
-
     if name not in REAL_TASKS:
         raise UserError(f"unknown task '{name}' in {where} (data.source=files); known: {', '.join(REAL_TASKS)}")
     files = cfg.data.files.get(name, {})
@@ -190,8 +168,6 @@ def split(cfg, name: str, which: str, n: int | None = None) -> list[Example]:
     """The first n examples of a task's split (train | val | test), from the world or from data.root."""
     if cfg.data.source == "mini":
         return examples(name, which, cfg.world, n)
-    from common.readers import fetch_hub, read_examples
-
     cap = {"train": cfg.data.train_size, "val": cfg.data.val_size, "test": cfg.data.test_size}[which] or None
     n = min(x for x in (n, cap) if x is not None) if (n or cap) else None
     t, root = task(cfg, name), Path(cfg.data.root)

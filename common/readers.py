@@ -15,9 +15,8 @@ import itertools
 import json
 import math
 import os
-import random
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from common.config import UserError
-from common.data import Example
+from common.tasks import Example, k_shot  # noqa: F401  (k_shot: the readers' sampling)
 
 YNM = ("yes", "no", "maybe")
 YN = ("yes", "no")
@@ -438,17 +437,3 @@ def fetch_hub(task: RealTask, split: str, root: Path) -> list[Path]:
 
 
 # ---- k-shot sampling ----
-
-def k_shot(exs: list[Example], k: int, seed: int, per_class: bool) -> list[Example]:
-    """A seeded k-shot sample, CoOp style: k examples of each answer class (per_class) or k in all; input order kept."""
-    if k <= 0:
-        return list(exs)
-    rng = random.Random(seed)
-    if not per_class:
-        return list(exs) if k >= len(exs) else [exs[i] for i in sorted(rng.sample(range(len(exs)), k))]
-    by_class = defaultdict(list)
-    for i, e in enumerate(exs):
-        by_class[e.answer].append(i)
-    # classes in sorted order, so the draw does not depend on which class the data happens to list first
-    picked = [i for c in sorted(by_class) for i in rng.sample(by_class[c], min(k, len(by_class[c])))]
-    return [exs[i] for i in sorted(picked)]
