@@ -32,7 +32,7 @@ endif
 # each stage also depends on the config it is made from (common/config.py MADE_FROM): stamps that change
 # only when their content does
 CFG      := $(RUN)/.config
-FROM_EXPERT := $(CFG)/expert.json $(CFG)/data.json
+FROM_EXPERT := $(CFG)/expert.json $(CFG)/data.json $(CFG)/tasks.define.json
 FROM_TARGET := $(FROM_EXPERT) $(CFG)/tasks.shots_per_class.json
 FROM_SIM    := $(CFG)/fisher.json $(CFG)/tasks.pool.json
 NAME     := $(TARGET)-$(if $(filter 0,$(SHOTS)),full,$(SHOTS)shot)-s$(SEED)

@@ -105,6 +105,9 @@ class TasksConfig:
     pool: list = nonempty(lambda: ["snli-ve", "nli"])
     target_shots: int = ranged(64, 0)  # the target's training data: a seeded k-shot sample (0 = its whole train split)
     shots_per_class: bool = False  # CoOp style: k examples of every answer class instead of k in all
+    # tasks read from a researcher's own files, by name: {mine: {files: {train: .., test: ..}, prompt: ..,
+    # answer: .., image: .., ...}} (common/tasks.py DEFINE_FIELDS); a defined task can be in pool or the target
+    define: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -251,6 +254,10 @@ def _check_together(cfg: Config, path: str) -> None:
                         f"{b.d_model}; pick a divisor")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise UserError(f"{path}: field 'device' is {cfg.device!r}; use auto, cpu, cuda or cuda:N")
+    from common.tasks import define
+
+    for name, spec in cfg.tasks.define.items():  # each definition checked here; its files when read
+        define(str(name), spec, path)
     if len(b.vision_dims) != len(b.vision_heads):
         raise UserError(f"{path}: field 'backbone.vision_heads' has {len(b.vision_heads)} entries, vision_dims "
                         f"{len(b.vision_dims)}; give one head count per vision stage")
@@ -280,17 +287,32 @@ def _check_type(value, default, name, path):
     return value
 
 
-def load_config(path: str, overrides: list[str] = ()) -> Config:
-    """Read a profile YAML and apply `section.key=value` overrides (values parsed as YAML)."""
-    p = Path(path)
+def _read_profile(p: Path, seen: tuple = ()) -> dict:
+    """A profile's YAML; with `base: other.yaml` (beside it), that profile's fields under this one's."""
     if not p.is_file():
-        raise UserError(f"{path}: config file not found; pass --config configs/<profile>.yaml (see configs/)")
+        what = f"the base of {seen[-1]}" if seen else "config file"
+        raise UserError(f"{p}: {what} not found; pass --config configs/<profile>.yaml (see configs/)")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
-        raise UserError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)}); fix the file")
+        raise UserError(f"{p}:{where} is not valid YAML ({getattr(e, 'problem', e)}); fix the file")
+    if not isinstance(data, dict) or "base" not in data:
+        return data
+    if p.resolve() in seen:
+        raise UserError(f"{p}: field 'base' makes a loop ({' -> '.join(str(s) for s in seen)}); remove one")
+    base = _read_profile(p.parent / str(data.pop("base")), seen + (p.resolve(),))
+
+    def merged(under: dict, over: dict) -> dict:
+        return {**under, **{k: merged(under[k], v) if isinstance(v, dict) and isinstance(under.get(k), dict)
+                            else v for k, v in over.items()}}
+    return merged(base, data)
+
+
+def load_config(path: str, overrides: list[str] = ()) -> Config:
+    """Read a profile YAML and apply `section.key=value` overrides (values parsed as YAML)."""
+    data = _read_profile(Path(path))
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}': expected key=value, e.g. expert.steps=100")
@@ -350,7 +372,7 @@ def run_stage(main) -> None:
 # or single fields. An artifact whose recorded config differs in one of them is stale: make rebuilds it
 # (each entry is a stamp file), a stage refuses it, evaluate and the report leave it out.
 MADE_FROM = {"backbone": ("world", "backbone", "pretrain", "precision")}
-MADE_FROM["expert"] = MADE_FROM["backbone"] + ("data", "expert")
+MADE_FROM["expert"] = MADE_FROM["backbone"] + ("data", "tasks.define", "expert")
 MADE_FROM["target"] = MADE_FROM["expert"] + ("tasks.shots_per_class",)
 MADE_FROM["similarity"] = MADE_FROM["target"] + ("tasks.pool", "fisher")
 MADE_FROM["interpolated"] = MADE_FROM["similarity"] + ("interpolate",)

@@ -9,8 +9,8 @@ import torch
 
 from common import world as W
 from common.config import UserError, WorldConfig
-from common.readers import REAL_TASKS, fetch_hub, read_examples
-from common.tasks import Example, Task, k_shot
+from common.readers import REAL_TASKS, fetch_hub, read_defined, read_examples
+from common.tasks import Example, Task, define, k_shot
 
 
 def _img(scene, rng, size):
@@ -151,7 +151,10 @@ def low_shot(exs: list[Example], shots: int, seed: int, per_class: bool = False)
 # ---- what the stages call: the mini world or real files, by data.source ----
 
 def task(cfg, name: str, where: str = "tasks.pool"):
-    """A task of the configured data source (a mini-world Task or a readers.RealTask)."""
+    """A task by name: one the profile defines (tasks.define, read from files), else one of the configured
+    data source (a mini-world Task or a readers.RealTask)."""
+    if name in cfg.tasks.define:
+        return define(name, cfg.tasks.define[name], cfg.path)
     if cfg.data.source == "mini":
         return get_task(name, where)
     import dataclasses
@@ -166,6 +169,9 @@ def task(cfg, name: str, where: str = "tasks.pool"):
 
 def split(cfg, name: str, which: str, n: int | None = None) -> list[Example]:
     """The first n examples of a task's split (train | val | test), from the world or from data.root."""
+    if name in cfg.tasks.define:
+        cap = {"train": cfg.data.train_size, "val": cfg.data.val_size, "test": cfg.data.test_size}[which] or None
+        return read_defined(task(cfg, name), which, Path(cfg.data.root), min((x for x in (n, cap) if x), default=None))
     if cfg.data.source == "mini":
         return examples(name, which, cfg.world, n)
     cap = {"train": cfg.data.train_size, "val": cfg.data.val_size, "test": cfg.data.test_size}[which] or None
@@ -189,6 +195,22 @@ def train_split(cfg, name: str, shots: int, seed: int, where: str = "tasks.targe
         raise UserError(f"{setting} is {shots}, but {name}'s train split has {len(exs)} examples; use at "
                         f"most {len(exs)} (0 = all of them)")
     return low_shot(exs, shots, seed, cfg.tasks.shots_per_class)
+
+
+def check_words(cfg, name: str, exs: list[Example], enc: "Encoder") -> None:
+    """The embedded backbone knows the mini world's words only: a defined task that uses others stops here,
+    in one line naming them (a real backbone's subword tokenizer has no unknown words)."""
+    if cfg.backbone.source != "embedded" or name not in cfg.tasks.define:
+        return
+    vocab, split = enc.tok.get_vocab(), enc.tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str
+    texts = {t for e in exs for t in (e.prompt, e.answer, *(e.candidates or ()), *(e.refs or ()))}
+    texts |= set(task(cfg, name).candidates or ())
+    unknown = sorted({w for t in texts for w, _ in split(t)} - set(vocab))
+    if unknown:
+        more = f" and {len(unknown) - 12} more" if len(unknown) > 12 else ""
+        raise UserError(f"{cfg.path}: tasks.define.{name} uses words the embedded backbone's vocabulary lacks: "
+                        f"{', '.join(unknown[:12])}{more}; use the mini world's words (the vocabulary in "
+                        f"{cfg.run_dir / 'backbone' / 'tokenizer.json'}), or a real backbone (backbone.source)")
 
 
 def candidates_for(task: Task, ex: Example) -> tuple[str, ...]:

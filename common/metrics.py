@@ -162,7 +162,16 @@ def task_metric(model, enc: Encoder, task, exs: list[Example], batch_size: int =
         return metric, sum(vqa_accuracy(p, r) for p, r in zip(preds, refs)) / len(exs)
     if metric == "acc_iou":
         return metric, acc_at_iou(preds, [e.answer for e in exs])
+    if metric == "exact_match":
+        return metric, sum(exact_match(p, r) for p, r in zip(preds, refs)) / len(exs)
     return metric, cider(preds, refs)
+
+
+def exact_match(pred: str, refs) -> float:
+    """1 when the answer equals one of the references, up to case, spacing and a space before punctuation."""
+    def norm(text):
+        return re.sub(r"\s+([?.!,;:])", r"\1", " ".join(text.lower().split()))
+    return float(norm(pred) in {norm(r) for r in refs})
 
 
 # ---- Real-data metrics: pure functions on strings, no model (VQA accuracy, Acc@IoU, BLEU-4, CIDEr-D) ----

@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from common.config import UserError
-from common.tasks import Example, k_shot  # noqa: F401  (k_shot: the readers' sampling)
+from common.tasks import DefinedTask, Example, k_shot  # noqa: F401  (k_shot: the readers' sampling)
 
 YNM = ("yes", "no", "maybe")
 YN = ("yes", "no")
@@ -437,3 +438,94 @@ def fetch_hub(task: RealTask, split: str, root: Path) -> list[Path]:
 
 
 # ---- k-shot sampling ----
+
+
+# ---- tasks defined in YAML (common.tasks.DefinedTask) ----
+
+def _defined_rows(task: DefinedTask, path: Path):
+    """(where, {column: value}) per row of a csv / tsv / jsonl / parquet file."""
+    import csv
+
+    if task.format in ("csv", "tsv"):
+        with open(path, encoding="utf-8", newline="") as fh:
+            for i, row in enumerate(csv.DictReader(fh, delimiter="," if task.format == "csv" else "\t"), 2):
+                yield f"line {i}", row
+    elif task.format == "jsonl":
+        with open(path, encoding="utf-8") as fh:
+            for i, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        yield f"line {i}", json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{path}:{i}: not a JSON line ({e.msg}); one JSON object per line") from None
+    else:
+        import pyarrow.parquet as pq
+
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+            for rec in batch.to_pylist():
+                row += 1
+                yield f"row {row}", rec
+
+
+def _columns_used(task: DefinedTask) -> dict[str, str]:
+    """column -> the definition field that names it."""
+    import string
+
+    used = {c: "prompt" for _, c, _, _ in string.Formatter().parse(task.prompt) if c}
+    for field_name in ("answer", "image", "refs", "candidates_column"):
+        if getattr(task, field_name):
+            used[getattr(task, field_name)] = field_name.replace("_column", "")
+    return used
+
+
+def _several(raw) -> tuple[str, ...]:
+    return tuple(str(v) for v in raw) if isinstance(raw, (list, tuple)) else tuple(str(raw).split("|"))
+
+
+def _defined_example(task: DefinedTask, root: Path, f: dict) -> Example:
+    answer = str(f[task.answer]).strip()
+    answer = task.labels.get(answer, answer)
+    img = None
+    if task.image:
+        raw = f[task.image]
+        if task.image_kind == "path":
+            raw = (root / task.image_root / str(raw)).read_bytes()
+        img = np.array(_image(raw))  # a writable copy (torch warns on a read-only array)
+    refs = tuple(task.labels.get(r, r) for r in _several(f[task.refs])) if task.refs else None
+    cands = _several(f[task.candidates_column]) if task.candidates_column else None
+    return Example(task.prompt.format(**f), answer, img, candidates=cands, refs=refs)
+
+
+def read_defined(task: DefinedTask, split: str, root: Path, n: int | None = None) -> list[Example]:
+    """The first n examples of a defined task's split; with no val file, val is a seeded share of train (and
+    train the rest). A missing file, an unknown column, an empty split: one line naming the field."""
+    root = Path(root)
+    which = split if split in task.files else "train"
+    path = Path(task.files[which]) if Path(task.files[which]).is_absolute() else root / task.files[which]
+    if not path.is_file():
+        raise UserError(f"{task.where}.files.{which}: {path} is missing; write it, or point files.{which} at "
+                        f"the file (relative to data.root={root})")
+    out, columns = [], None
+    for where, f in _defined_rows(task, path):
+        if columns is None:
+            columns = set(f)
+            for col, field_name in _columns_used(task).items():
+                if col not in columns:
+                    raise UserError(f"{task.where}.{field_name}: column '{col}' is not in {path} "
+                                    f"(its columns: {', '.join(sorted(columns))})")
+        try:
+            out.append(_defined_example(task, root, f))
+        except OSError as e:  # a missing or unreadable image
+            raise UserError(f"{path}:{where}: unreadable image ({' '.join(str(e).split())[:100]})") from None
+        except (binascii.Error, ValueError) as e:
+            raise UserError(f"{path}:{where}: unreadable field ({' '.join(str(e).split())[:100]})") from None
+        if n is not None and split not in ("train", "val") and len(out) >= n:
+            break
+    if not out:
+        raise UserError(f"{task.where}.files.{which}: {path} has no rows; a split needs at least one example")
+    if which != split or ("val" not in task.files and split == "train"):  # val carved from train, seeded
+        rng = random.Random(f"{task.name}/val")
+        val = set(rng.sample(range(len(out)), max(1, round(task.val_fraction * len(out))))) if len(out) > 1 else set()
+        out = [e for i, e in enumerate(out) if (i in val) == (split == "val")]
+    return out[:n] if n is not None else out

@@ -68,14 +68,15 @@ def inproc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess([script, *rest], code, out, err)
 
 
-def stages(runs_dir: Path, *overrides: str, target: str = "snli-ve", backbone: bool = False) -> str:
+def stages(runs_dir: Path, *overrides: str, target: str = "snli-ve", backbone: bool = False,
+           config: str = "configs/micro.yaml") -> str:
     """The pipeline `make all` runs, stage by stage in this process (no interpreter start-ups): the pool
     experts, the target's, embed, interpolate, evaluate (and first the backbone stage, with backbone=True).
     Returns their output; a stage that fails fails the test with its message."""
     from common.config import load_config
 
-    args = ("--config", "configs/micro.yaml", "seed=0", f"runs_dir={runs_dir}", *overrides)
-    cfg = load_config("configs/micro.yaml", list(args[3:]))
+    args = ("--config", config, "seed=0", f"runs_dir={runs_dir}", *overrides)
+    cfg = load_config(config, list(args[3:]))
     calls = [("train_expert.py", "--pretrain")] if backbone else []
     calls += [("train_expert.py", "--task", t) for t in cfg.tasks.pool if t != target]
     calls += [("train_expert.py", "--task", target, "--shots", str(cfg.tasks.target_shots)),

@@ -33,3 +33,16 @@ def test_missing_and_corrupt_files(tmp_path):
     bad.write_text("expert: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(str(bad))
+
+
+def test_a_profile_takes_its_base_profiles_fields_under_its_own(tmp_path):
+    (tmp_path / "base.yaml").write_text("profile: b\nseed: 3\nexpert: {r: 2, steps: 7}\ninterpolate: {top_k: 1}\n")
+    (tmp_path / "mine.yaml").write_text("base: base.yaml\nprofile: mine\nexpert: {r: 5}\n")
+    cfg = load_config(str(tmp_path / "mine.yaml"), ["expert.lr=0.5"])
+    assert (cfg.profile, cfg.seed, cfg.expert.r, cfg.expert.steps, cfg.expert.lr) == ("mine", 3, 5, 7, 0.5)
+    (tmp_path / "base.yaml").write_text("base: mine.yaml\n")
+    with pytest.raises(UserError, match="field 'base' makes a loop"):
+        load_config(str(tmp_path / "mine.yaml"))
+    (tmp_path / "mine.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(UserError, match="nowhere.yaml: the base of .*mine.yaml not found"):
+        load_config(str(tmp_path / "mine.yaml"))
