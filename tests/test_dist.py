@@ -34,7 +34,7 @@ def test_two_ranks_share_each_batch_by_its_loss_terms_and_stop_together_on_a_nan
         assert r["nan"].startswith("train: loss nan at step 1 of 6, nothing written")
 
 
-def test_make_all_under_torchrun_equals_the_single_process_run(micro, tmp_path):
+def test_make_all_under_torchrun_equals_the_single_process_run(request, tmp_path):
     """`make all LAUNCH="torchrun --nproc_per_node 2"`, every stage on two processes, against the session's
     single-process micro run. Tolerances: the experts and the interpolated expert within 1e-5 (measured:
     6e-7), each Fisher tensor within 1e-5 of its largest value (6e-7), the similarities within 1e-6 (2e-8):
@@ -42,8 +42,8 @@ def test_make_all_under_torchrun_equals_the_single_process_run(micro, tmp_path):
     exact arithmetic (a softmax does not change when every key moves alike), so what reaches them is rounding
     noise, which Adam turns into steps of up to the learning rate; they may differ by pretrain.lr (measured
     4.6e-4 at lr 1e-3) and change no output. Every accuracy is equal."""
-    runs, run_dir, _ = micro
     p = make("all", runs_dir=tmp_path, extra="log_every=0", launch="torchrun --nproc_per_node 2")
+    runs, run_dir, _ = request.getfixturevalue("micro")  # asked for after: this test starts while it is built
     out = make_output(p)
     assert "torch.distributed.run --standalone --nproc_per_node 2 train_expert.py --pretrain" in out
     assert out.count("expert nli:") == 11 and out.count("step 10/10") == 3  # 10 progress lines and a summary, once
