@@ -138,7 +138,7 @@ def main() -> None:
     accel = accelerator(cfg)
     base, processor = load_backbone(cfg, accel.device)  # loaded once; each method's expert goes in and comes out
     enc = data.Encoder(processor, accel.device)
-    data.check_words(cfg, args.target, test, enc)
+    data.check_words(cfg, args.target, enc, test)
     acc, used = {}, {}
     for m, (kind, what) in todo.items():
         if kind == "full":  # a fully fine-tuned copy of the backbone

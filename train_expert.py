@@ -132,7 +132,7 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
     enc = data.Encoder(processor, acc.device)
     train = data.train_split(cfg, task_name, shots or 0, seed, where="--shots")
     val = data.split(cfg, task_name, "val", cfg.expert.eval_size)
-    data.check_words(cfg, task_name, train + val, enc)
+    data.check_words(cfg, task_name, enc, train, val)
 
     ec = cfg.expert
     steps, lr = ec.steps * (2 if variant == "2x" else 1), ec.full_ft_lr if variant == "full-ft" else learning_rate(ec)

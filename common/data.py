@@ -144,7 +144,7 @@ def low_shot(exs: list[Example], shots: int, seed: int, per_class: bool = False)
     if per_class:
         return k_shot(exs, shots, seed, per_class=True)
     if shots <= 0 or shots >= len(exs):
-        return list(exs)
+        return exs[:]  # a list's copy; lazily read rows (readers.Rows) stay a view
     return random.Random(seed).sample(exs, shots)
 
 
@@ -197,13 +197,13 @@ def train_split(cfg, name: str, shots: int, seed: int, where: str = "tasks.targe
     return low_shot(exs, shots, seed, cfg.tasks.shots_per_class)
 
 
-def check_words(cfg, name: str, exs: list[Example], enc: "Encoder") -> None:
+def check_words(cfg, name: str, enc: "Encoder", *splits: list[Example]) -> None:
     """The embedded backbone knows the mini world's words only: a defined task that uses others stops here,
     in one line naming them (a real backbone's subword tokenizer has no unknown words)."""
     if cfg.backbone.source != "embedded" or name not in cfg.tasks.define:
         return
     vocab, split = enc.tok.get_vocab(), enc.tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str
-    texts = {t for e in exs for t in (e.prompt, e.answer, *(e.candidates or ()), *(e.refs or ()))}
+    texts = {t for exs in splits for e in exs for t in (e.prompt, e.answer, *(e.candidates or ()), *(e.refs or ()))}
     texts |= set(task(cfg, name).candidates or ())
     unknown = sorted({w for t in texts for w, _ in split(t)} - set(vocab))
     if unknown:

@@ -18,6 +18,7 @@ import os
 import random
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -283,13 +284,104 @@ def _tsv_rows(path: Path, columns: tuple[str, ...]):
             yield lineno, {name: cols[i] for i, name in enumerate(columns) if name}
 
 
-def _read_tsv(task: RealTask, path: Path, n: int | None) -> list[Example]:
-    rows = list(itertools.islice(_tsv_rows(path, task.columns), n))
+def line_index(path: Path) -> np.ndarray:
+    """The byte offset of every line of a file, found in one pass of 16 MB reads and cached beside it
+    (.<name>.lines.npy, rebuilt when the file's size or mtime changes; not cached where the folder is
+    read-only). A 530k-row TSV of base64 images is indexed once, then opened in milliseconds."""
+    stat = path.stat()
+    cache = path.with_name(f".{path.name}.lines.npy")
+    if cache.is_file():
+        try:
+            saved = np.load(cache)
+            if saved[0] == stat.st_size and saved[1] == stat.st_mtime_ns:
+                return saved[2:]
+        except (OSError, ValueError):
+            pass  # unreadable: built again
+    starts, pos = [np.zeros(1, np.int64)], 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            starts.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10).astype(np.int64) + pos + 1)
+            pos += len(chunk)
+    offsets = np.concatenate(starts)
+    offsets = offsets[offsets < stat.st_size]  # no line after the final newline
+    try:
+        from common.artifacts import atomic_file
+
+        with atomic_file(cache) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.concatenate([[stat.st_size, stat.st_mtime_ns], offsets]).astype(np.int64))
+    except OSError:
+        pass
+    return offsets
+
+
+class Rows(Sequence):
+    """A split's examples, each decoded when asked for (rows[i]; a batch takes its own): what is held is one
+    byte offset per row. Slices are views (rows[r::world], rows[:n]); answers() reads the answer column
+    alone (CoOp's k per class). Picklable, for DataLoader workers."""
+
+    def __init__(self, source: "TsvSource", index: np.ndarray):
+        self.source, self.index = source, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Rows(self.source, self.index[i])
+        return self.source.example(int(self.index[i]))
+
+    def __mul__(self, times: int) -> "Rows":
+        return Rows(self.source, np.tile(self.index, times))
+
+    def answers(self) -> list[str]:
+        return [self.source.answer(int(j)) for j in self.index]
+
+
+class TsvSource:
+    """An OFA TSV read by line offset: row j is line j + 1."""
+
+    def __init__(self, task: RealTask, path: Path, offsets: np.ndarray, names: tuple | None):
+        self.task, self.path, self.offsets, self.names = task, path, offsets, names
+        self._fh = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fh": None}  # each process opens its own handle
+
+    def fields(self, j: int) -> dict:
+        if self._fh is None:
+            self._fh = open(self.path, "rb")
+        self._fh.seek(self.offsets[j])
+        cols = self._fh.readline().decode("utf-8").rstrip("\r\n").split("\t")
+        columns = self.task.columns
+        if len(cols) < len(columns):
+            raise UserError(f"{self.path}:{j + 1}: {len(cols)} tab-separated columns, expected {len(columns)} "
+                            f"({', '.join(c or '-' for c in columns)}); is this the OFA file for this task?")
+        return {name: cols[i] for i, name in enumerate(columns) if name}
+
+    def example(self, j: int) -> Example:
+        return _guarded(self.task, self.path, j + 1, self.fields(j), self.task.labels, self.names)
+
+    def answer(self, j: int) -> str:
+        f = self.fields(j)
+        if self.task.kind == "classify":
+            return _class_name(f["label"])
+        if "label" in f:
+            return self.task.labels[_label_key(f["label"])]
+        return self.example(j).answer
+
+
+def _read_tsv(task: RealTask, path: Path, n: int | None) -> Rows:
+    """The split's rows, decoded when a batch needs them (the file is indexed, not read)."""
+    offsets = line_index(path)
+    if not len(offsets):
+        raise UserError(f"{path}: empty file; a split needs at least one row")
     names = None
-    if task.kind == "classify":  # every class in the file: one more pass, text only, when only n rows are read
-        every = rows if n is None else _tsv_rows(path, task.columns)
-        names = tuple(sorted({_class_name(f["label"]) for _, f in every}))
-    return [_guarded(task, path, lineno, f, task.labels, names) for lineno, f in rows]
+    if task.kind == "classify":  # every class in the file: one pass over the text, nothing kept but the names
+        names = tuple(sorted({_class_name(f["label"]) for _, f in _tsv_rows(path, task.columns)}))
+    source = TsvSource(task, path, offsets, names)
+    source.fields(0)  # the first row's columns checked now, not in the first batch
+    return Rows(source, np.arange(len(offsets) if n is None else min(n, len(offsets))))
 
 
 def _read_snli_ve_jsonl(task: RealTask, path: Path, root: Path, n: int | None) -> list[Example]:

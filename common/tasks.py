@@ -31,13 +31,14 @@ class Task:
 def k_shot(exs: list[Example], k: int, seed: int, per_class: bool) -> list[Example]:
     """A seeded k-shot sample, CoOp style: k examples of each answer class (per_class) or k in all; input order kept."""
     if k <= 0:
-        return list(exs)
+        return exs[:]  # a list's copy; lazily read rows (readers.Rows) stay a view
     rng = random.Random(seed)
     if not per_class:
-        return list(exs) if k >= len(exs) else [exs[i] for i in sorted(rng.sample(range(len(exs)), k))]
+        return exs[:] if k >= len(exs) else [exs[i] for i in sorted(rng.sample(range(len(exs)), k))]
     by_class = defaultdict(list)
-    for i, e in enumerate(exs):
-        by_class[e.answer].append(i)
+    answers = exs.answers() if hasattr(exs, "answers") else [e.answer for e in exs]  # Rows: no image decoded
+    for i, a in enumerate(answers):
+        by_class[a].append(i)
     # classes in sorted order, so the draw does not depend on which class the data happens to list first
     picked = [i for c in sorted(by_class) for i in rng.sample(by_class[c], min(k, len(by_class[c])))]
     return [exs[i] for i in sorted(picked)]

@@ -48,20 +48,29 @@ def test_snli_ve_tsv_prompts_answers_images(tmp_path):
     assert tuple(exs[1].image[5, 5]) == (0, 0, 250)
 
 
-def test_tsv_streams_only_the_rows_asked_for(tmp_path):
+def test_tsv_rows_are_decoded_when_asked_for_and_the_index_is_cached(tmp_path):
     rows = snli_rows()[:2] + [("3", "13", "!!!not-an-image!!!", "a cat", "premise", "neutral")]
-    write_tsv(tmp_path / "snli_ve_data/snli_ve_train.tsv", rows)
-    assert len(read_examples(REAL_TASKS["snli-ve"], "train", tmp_path, n=2)) == 2  # row 3 is never decoded
+    path = tmp_path / "snli_ve_data/snli_ve_train.tsv"
+    write_tsv(path, rows)
+    assert len(read_examples(REAL_TASKS["snli-ve"], "train", tmp_path, n=2)) == 2
+    exs = read_examples(REAL_TASKS["snli-ve"], "train", tmp_path)  # indexed, nothing decoded
+    assert len(exs) == 3 and exs[1].answer == "no" and [e.answer for e in exs[:2]] == ["yes", "no"]
     with pytest.raises(UserError) as e:
-        read_examples(REAL_TASKS["snli-ve"], "train", tmp_path)
+        exs[2]  # the batch that takes row 3
     msg = str(e.value)
     assert "snli_ve_train.tsv:3:" in msg and "image" in msg and "\n" not in msg
+    index = path.with_name(".snli_ve_train.tsv.lines.npy")
+    assert index.is_file()
+    index.write_bytes(b"garbage")  # a cut-short index is built again
+    assert read_examples(REAL_TASKS["snli-ve"], "train", tmp_path)[0].answer == "yes"
+    write_tsv(path, rows[:2])  # a changed file: a new index
+    assert len(read_examples(REAL_TASKS["snli-ve"], "train", tmp_path)) == 2
 
 
 def test_wrong_column_count_names_file_and_line(tmp_path):
     write_tsv(tmp_path / "snli_ve_data/snli_ve_dev.tsv", [snli_rows()[0], ("4", "14", b64(8, 8), "no label")])
     with pytest.raises(UserError) as e:
-        read_examples(REAL_TASKS["snli-ve"], "val", tmp_path)
+        read_examples(REAL_TASKS["snli-ve"], "val", tmp_path)[1]
     assert "snli_ve_dev.tsv:2:" in str(e.value) and "4 tab-separated columns, expected 6" in str(e.value)
 
 
