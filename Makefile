@@ -28,7 +28,7 @@ help:
 # the virtual environment, created on first use, with the exact versions of constraints.txt. pip's own
 # bytecode pass compiles all of torch and transformers (about a minute here); instead the modules the stages
 # and tests use are compiled by importing them once (about 20 s), the rest when first imported
-WARM := import torch, torchvision, peft, accelerate, matplotlib.pyplot, pyarrow.parquet, pytest, xdist, filelock; \
+WARM := import torch, torch.distributed.run, torchvision, peft, accelerate, matplotlib.pyplot, pyarrow.parquet, pytest, xdist, filelock, psutil; \
         import transformers as t; t.Florence2ForConditionalGeneration, t.T5ForConditionalGeneration; \
         import train_expert, embed_tasks, interpolate, evaluate, common.report, common.readers
 $(STAMP): requirements.txt constraints.txt
