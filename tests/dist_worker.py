@@ -1,6 +1,7 @@
 """Run by tests/test_dist.py under `torchrun --nproc_per_node 2` (gloo, CPU): the data-parallel pieces of
 common.dist and train_steps on a model small enough to check by hand. Each rank writes what it saw to
-OUT/rank<r>.json.
+OUT/rank<r>.json; then rank 1 fails after the last step of a training loop whose artifact, OUT/artifact/,
+rank 0 would write (debug.fail_rank): the run must end non-zero with no artifact.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py OUT
 """
@@ -17,7 +18,8 @@ import torch  # noqa: E402
 from common import dist  # noqa: E402
 from common.config import UserError  # noqa: E402
 from common.device import fresh  # noqa: E402
-from common.training import train_steps  # noqa: E402
+from common.artifacts import atomic_dir  # noqa: E402
+from common.training import Checkpoint, train_steps  # noqa: E402
 
 
 def ragged_batches(seed: int):
@@ -27,7 +29,7 @@ def ragged_batches(seed: int):
         yield [torch.randn(int(torch.randint(1, 7, (1,), generator=g)), 4, generator=g) for _ in range(3)]
 
 
-def train(nan_on_rank: int = -1) -> list[float]:
+def train(nan_on_rank: int = -1, checkpoint=None) -> list[float]:
     torch.manual_seed(0)
     lin = torch.nn.Linear(4, 1)
 
@@ -37,7 +39,7 @@ def train(nan_on_rank: int = -1) -> list[float]:
         return loss * float("nan") if dist.rank() == nan_on_rank else loss
 
     train_steps(loss_fn, [{"params": list(lin.parameters()), "lr": 0.05}], ragged_batches(0), 6, grad_clip=0,
-                acc=fresh("cpu", "fp32"), count=lambda b: sum(len(s) for s in b))
+                acc=fresh("cpu", "fp32"), count=lambda b: sum(len(s) for s in b), checkpoint=checkpoint)
     return [v for p in lin.parameters() for v in p.detach().flatten().tolist()]
 
 
@@ -56,6 +58,9 @@ def main() -> None:
     except UserError as e:
         seen["nan"] = str(e)
     (out / f"rank{dist.rank()}.json").write_text(json.dumps(seen))
+    weights = train(checkpoint=Checkpoint(out / ".artifact.ckpt", 0, None, "expert", fail_rank=1))
+    with atomic_dir(out / "artifact") as tmp:  # what a stage does after its training loop
+        (tmp / "weights.json").write_text(json.dumps(weights))
 
 
 if __name__ == "__main__":
