@@ -54,13 +54,6 @@ def test_second_make_does_no_work_and_a_deleted_expert_reruns_only_what_depends_
     assert "(0 Fisher computed, 3 cached)" in redo, redo
 
 
-def test_a_changed_config_section_reruns_only_the_stages_that_read_it(micro_copy):
-    runs, _ = micro_copy
-    out = make("all", runs_dir=runs, extra="interpolate.steps=3").stdout
-    assert "interpolate.py" in out and "evaluate.py" in out
-    assert "train_expert.py" not in out and "embed_tasks.py" not in out
-    assert ".py" not in make("all", runs_dir=runs, extra="interpolate.steps=3").stdout.replace("pipeline.mk", "")
-
 
 def test_fisher_is_recomputed_only_for_a_changed_expert(micro_copy):
     from safetensors.torch import load_file, save_file

@@ -138,6 +138,8 @@ def test_the_fisher_cache_key_holds_every_setting_that_changes_the_fisher(micro)
 
 
 def test_a_changed_config_changes_the_table_and_the_report_and_mixes_no_runs(micro_copy):
+    """interpolate.steps changed: make reruns interpolate and evaluate only, the table and the report hold the
+    runs made under the new config, and the older ones are named as left out."""
     from common.config import load_config
     from common.report import write_report
 
@@ -152,6 +154,10 @@ def test_a_changed_config_changes_the_table_and_the_report_and_mixes_no_runs(mic
 
     out = make("all", runs_dir=runs, extra="interpolate.steps=3").stdout  # seed 0 again, under a new config
     assert out.count("| pi-tuning |") == 1  # make all prints the table once
+    # only the stages that read the changed section rerun, and once rerun, nothing is stale
+    assert "interpolate.py" in out and "evaluate.py" in out
+    assert "train_expert.py" not in out and "embed_tasks.py" not in out
+    assert ".py" not in make("all", runs_dir=runs, extra="interpolate.steps=3").stdout.replace("pipeline.mk", "")
     table = (rd / "results/snli-ve.md").read_text()
     new = json.loads((rd / f"results/{NAME}.json").read_text())
     assert "8-shot (n=1 seeds)" in table and f"| pi-tuning | {new['accuracy']['pi-tuning']:.3f} ± 0.000 |" in table

@@ -68,6 +68,6 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
         weights = [next((r / "micro" / d).glob("*.safetensors")) for r in (runs, solo)]
         together, made_alone = (load_file(str(f)) for f in weights)
         assert together.keys() == made_alone.keys() and all(torch.equal(together[k], made_alone[k]) for k in together), d
-    again = run("make", "report", "PROFILE=micro", f"PY={sys.executable}", "STAMP=", "REPORT_SHOTS=8",
+    again = run("make", "-n", "report", "PROFILE=micro", f"PY={sys.executable}", "STAMP=", "REPORT_SHOTS=8",
                 "REPORT_SEEDS=0", "TRANSFER_SHOTS=8", EVERY_EMBEDDING, f"OVERRIDES=runs_dir={runs}")
     assert "interpolate.py" not in again.stdout and "train_expert.py" not in again.stdout  # nothing to redo
