@@ -318,7 +318,7 @@ def line_index(path: Path) -> np.ndarray:
 class Rows(Sequence):
     """A split's examples, each decoded when asked for (rows[i]; a batch takes its own): what is held is one
     byte offset per row. Slices are views (rows[r::world], rows[:n]); answers() reads the answer column
-    alone (CoOp's k per class). Picklable, for DataLoader workers."""
+    alone (the k-per-class sample of tasks.shots_per_class). Picklable (each process opens its own file)."""
 
     def __init__(self, source: "TsvSource", index: np.ndarray):
         self.source, self.index = source, index
