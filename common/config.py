@@ -355,7 +355,9 @@ def run_stage(main) -> None:
     import contextlib
     import os
 
-    main_rank = int(os.environ.get("RANK", 0)) == 0
+    from common import dist
+
+    main_rank = dist.is_main()  # before the process group: the launcher's RANK
     try:
         with contextlib.nullcontext() if main_rank else contextlib.redirect_stdout(open(os.devnull, "w")):
             main()

@@ -169,14 +169,13 @@ def task(cfg, name: str, where: str = "tasks.pool"):
 
 def split(cfg, name: str, which: str, n: int | None = None) -> list[Example]:
     """The first n examples of a task's split (train | val | test), from the world or from data.root."""
-    if name in cfg.tasks.define:
-        cap = {"train": cfg.data.train_size, "val": cfg.data.val_size, "test": cfg.data.test_size}[which] or None
-        return read_defined(task(cfg, name), which, Path(cfg.data.root), min((x for x in (n, cap) if x), default=None))
-    if cfg.data.source == "mini":
+    if cfg.data.source == "mini" and name not in cfg.tasks.define:
         return examples(name, which, cfg.world, n)
     cap = {"train": cfg.data.train_size, "val": cfg.data.val_size, "test": cfg.data.test_size}[which] or None
-    n = min(x for x in (n, cap) if x is not None) if (n or cap) else None
+    n = min((x for x in (n, cap) if x), default=None)  # the data section's cap on files, 0 = none
     t, root = task(cfg, name), Path(cfg.data.root)
+    if name in cfg.tasks.define:
+        return read_defined(t, which, root, n)
     try:
         return read_examples(t, which, root, n)
     except UserError:
