@@ -11,6 +11,11 @@ similarity/<name>.<embedding>.json, beside the one retrieval uses (make report c
 """
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":  # a stage's own process: no garbage collections while the imports load (run_stage)
+    gc.disable()
+
 import dataclasses
 import math
 import time

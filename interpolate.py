@@ -11,6 +11,11 @@ configured method (peft dir, or adapter dir), weights.json (final weights per gr
 """
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":  # a stage's own process: no garbage collections while the imports load (run_stage)
+    gc.disable()
+
 import random
 import time
 

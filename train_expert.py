@@ -10,6 +10,11 @@ Writes runs/<profile>/experts/<name>/ (peft adapter dir + meta.json), or runs/<p
 """
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":  # a stage's own process: no garbage collections while the imports load (run_stage)
+    gc.disable()
+
 import random
 import time
 

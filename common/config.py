@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -346,6 +347,15 @@ def parse_stage(ap: argparse.ArgumentParser):
         import torch
 
         torch.set_num_threads(cfg.threads)
+    if not gc.isenabled():
+        # the stage's own process (run_stage): the libraries every stage loads next, with the collector off;
+        # then it runs on everything made after them
+        import accelerate  # noqa: F401
+        import peft  # noqa: F401
+        import transformers.modeling_utils  # noqa: F401
+
+        gc.freeze()
+        gc.enable()
     return args, cfg
 
 
@@ -357,6 +367,12 @@ def run_stage(main) -> None:
 
     from common import dist
 
+    # A stage script run as a process turns the cyclic garbage collector off before its imports (torch,
+    # transformers, peft, accelerate: about a million objects that live as long as the process); collections
+    # that scan them cost seconds of each stage's start and of its exit (bench/startup_bench.py). parse_stage
+    # loads the libraries, freezes their objects out of the collector and turns it on for everything made
+    # after; at exit everything is frozen again, so the exit collects nothing.
+    own_process = not gc.isenabled()
     main_rank = dist.is_main()  # before the process group: the launcher's RANK
     try:
         with contextlib.nullcontext() if main_rank else contextlib.redirect_stdout(open(os.devnull, "w")):
@@ -368,6 +384,9 @@ def run_stage(main) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if own_process:
+            gc.freeze()
 
 
 # What each kind of artifact is made from, beyond what its name says (task, shots, seed): config sections
