@@ -67,8 +67,8 @@ def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts:
     logits = torch.zeros(len(merge.group_names), len(experts), device=acc.device, requires_grad=True)  # uniform
     merge.model.train()
 
-    def loss_fn(batch):
-        return merge(logits, **enc.batch(batch)).loss
+    def loss_fn(inputs):
+        return merge(logits, **inputs).loss
 
     train = data.train_split(cfg, target, shots, cfg.seed)
     out = cfg.run_dir / "interpolated" / (f"{run}.{name}" if name else run)
@@ -76,10 +76,11 @@ def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts:
     groups = [{"params": [logits], "lr": ic.logits_lr}]
     if train_experts:
         groups.append({"params": list(merge.stack.parameters()), "lr": ic.lr})
-    loss = train_steps(loss_fn, groups, data.infinite_batches(train, ic.batch_size, cfg.seed), ic.steps,
-                       ic.grad_clip, warmup=min(20, ic.steps // 10), desc=f"interpolate {run}",
+    desc = f"interpolate {run}"
+    batches = data.train_batches(cfg, train, ic.batch_size, cfg.seed, enc, "interpolate.batch_size", desc)
+    loss = train_steps(loss_fn, groups, batches, ic.steps, ic.grad_clip, warmup=min(20, ic.steps // 10), desc=desc,
                        lr_field="interpolate.logits_lr" if not train_experts else "interpolate.lr", acc=acc,
-                       grad_accum=ic.grad_accum, checkpoint=ckpt, log_every=cfg.log_every, count=enc.targets)
+                       grad_accum=ic.grad_accum, checkpoint=ckpt, log_every=cfg.log_every)
 
     probs = torch.softmax(logits.detach(), dim=-1)
     with atomic_dir(out) as tmp:

@@ -148,11 +148,12 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
     t0 = time.time()
     out = expert_dir(cfg, name)
     ckpt = Checkpoint.beside(out, ec.checkpoint_every, cfg, "expert" if shots is None else "target")
-    loss = train_steps(lambda b: model(**enc.batch(b)).loss, [{"params": params, "lr": lr}],
-                       data.infinite_batches(train, ec.batch_size, seed), steps, ec.grad_clip,
-                       warmup=min(30, steps // 10), desc=f"expert {name}",
+    desc = f"expert {name}"
+    batches = data.train_batches(cfg, train, ec.batch_size, seed, enc, "expert.batch_size", desc)
+    loss = train_steps(lambda inputs: model(**inputs).loss, [{"params": params, "lr": lr}], batches, steps,
+                       ec.grad_clip, warmup=min(30, steps // 10), desc=desc,
                        lr_field="expert.full_ft_lr" if variant == "full-ft" else "expert.lr", acc=acc,
-                       grad_accum=ec.grad_accum, checkpoint=ckpt, log_every=cfg.log_every, count=enc.targets)
+                       grad_accum=ec.grad_accum, checkpoint=ckpt, log_every=cfg.log_every)
     model.eval()
     with acc.autocast():
         metric, value = task_metric(model, enc, task, val, cfg.evaluate.batch_size)

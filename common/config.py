@@ -74,6 +74,9 @@ class DataConfig:
     train_size: int = ranged(0, 0)  # read at most this many training rows per task (0 = all)
     val_size: int = ranged(1000, 1)
     test_size: int = ranged(0, 0)  # 0 = the whole test split
+    # DataLoader worker processes that read and encode the training batches (0: the stage's own process);
+    # how a batch is made, not what it is: the same batches either way
+    num_workers: int = ranged(0, 0)
 
 
 @dataclass
@@ -400,7 +403,7 @@ MADE_FROM["interpolated"] = MADE_FROM["similarity"] + ("interpolate",)
 MADE_FROM["result"] = MADE_FROM["interpolated"] + ("evaluate",)
 # fields that change how an artifact is made, not what it is: never stale, never stamped
 HOW_NOT_WHAT = tuple(f"{section}.{name}" for section in ("pretrain", "expert", "interpolate")
-                     for name in ("gradient_checkpointing", "checkpoint_every"))
+                     for name in ("gradient_checkpointing", "checkpoint_every")) + ("data.num_workers",)
 
 
 _MISSING = object()

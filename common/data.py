@@ -274,3 +274,78 @@ def infinite_batches(exs: list[Example], batch_size: int, seed: int):
     rng = random.Random(seed)
     while True:
         yield from batches(exs, min(batch_size, len(exs)), rng)
+
+
+class _Order:
+    """The batch sampler of a Loader: infinite_batches' order of example indices, from batch `start` on, each
+    batch as (its size, this rank's share of its indices)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, field: str, desc: str):
+        self.n, self.batch_size, self.seed, self.field, self.desc, self.start = n, batch_size, seed, field, desc, 0
+
+    def __iter__(self):
+        from common.training import Batch
+
+        for i, idx in enumerate(infinite_batches(range(self.n), self.batch_size, self.seed)):
+            if i >= self.start:
+                yield len(idx), Batch.share(idx, len, self.field, self.desc).inputs
+
+
+class _Encoded(torch.utils.data.Dataset):
+    """A split's examples, read and encoded a rank's share of a batch at a time (DataLoader's batched fetch):
+    a lazily read split (readers.Rows) decodes its rows here, in the worker."""
+
+    def __init__(self, exs, processor):
+        self.exs, self.enc = exs, Encoder(processor)  # CPU tensors: the loop moves them (pinned: asynchronously)
+
+    def __len__(self) -> int:
+        return len(self.exs)
+
+    def __getitems__(self, key):
+        from common.training import Batch
+
+        size, idx = key
+        mine = [self.exs[i] for i in idx]
+        return Batch(self.enc.batch(mine), size, self.enc.targets(mine))
+
+
+def _as_is(batch):  # the collate: __getitems__ made the batch
+    return batch
+
+
+class Loader:
+    """A training loop's batches (common.training.Batch): endless shuffled epochs of exs in infinite_batches'
+    order, each rank's share of every batch read and encoded by the processor in `workers` DataLoader worker
+    processes (0: this one), pinned for a CUDA device. The same batches, bit for bit, whatever the number of
+    workers. skip(n) before the first batch passes n batches without reading them (a resumed loop).
+    field: the batch size's config field, for the error when a batch is too small to share."""
+
+    def __init__(self, exs, batch_size: int, seed: int, processor, workers: int = 0, pin: bool = False,
+                 field: str = "expert.batch_size", desc: str = "train"):
+        self.order = _Order(len(exs), batch_size, seed, field, desc)
+        self.dataset, self.workers, self.pin, self._it = _Encoded(exs, processor), workers, pin, None
+
+    def skip(self, n: int) -> None:
+        assert self._it is None, "skip() before the first batch"
+        self.order.start += n
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            import os
+
+            if self.workers:  # the tokenizer's own threads and forked workers do not mix (its warning)
+                os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            # its own generator: the workers' seeds are not drawn from torch's global one (dropout, init)
+            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.order, collate_fn=_as_is,
+                                                 num_workers=self.workers, pin_memory=self.pin,
+                                                 generator=torch.Generator())
+            self._it = iter(loader)
+        return next(self._it)
+
+
+def train_batches(cfg, exs, batch_size: int, seed: int, enc: Encoder, field: str, desc: str) -> Loader:
+    """A stage's training batches: read in data.num_workers workers, pinned when the model is on a GPU."""
+    return Loader(exs, batch_size, seed, enc.processor, cfg.data.num_workers, enc.device.type == "cuda", field, desc)

@@ -343,14 +343,14 @@ class TsvSource:
 
     def __init__(self, task: RealTask, path: Path, offsets: np.ndarray, names: tuple | None):
         self.task, self.path, self.offsets, self.names = task, path, offsets, names
-        self._fh = None
+        self._fh, self._pid = None, None
 
     def __getstate__(self):
         return {**self.__dict__, "_fh": None}  # each process opens its own handle
 
     def fields(self, j: int) -> dict:
-        if self._fh is None:
-            self._fh = open(self.path, "rb")
+        if self._fh is None or self._pid != os.getpid():  # a forked DataLoader worker: not its parent's offset
+            self._fh, self._pid = open(self.path, "rb"), os.getpid()
         self._fh.seek(self.offsets[j])
         cols = self._fh.readline().decode("utf-8").rstrip("\r\n").split("\t")
         columns = self.task.columns

@@ -25,6 +25,45 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _tensors(obj, fn):
+    """obj with fn applied to every tensor in it (a dict, list or tuple of them, nested); anything else as is."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_tensors(v, fn) for v in obj)
+    return obj
+
+
+@dataclass
+class Batch:
+    """One batch of a training loop as this rank trains on it: the inputs loss_fn takes for this rank's share of
+    the examples, how many examples the whole batch holds (every rank's share), and how many terms the loss of
+    this share averages over (answer tokens: data.Encoder.targets), by which the ranks' losses are weighted.
+    data.Loader makes them in DataLoader workers; a plain batch (a list every rank holds alike) becomes one
+    in train_steps (`share`)."""
+    inputs: object
+    size: int
+    targets: int = 1
+
+    @classmethod
+    def share(cls, batch, count, field: str, desc: str) -> "Batch":
+        """This rank's share of a batch every rank drew alike (all of it, alone); refused on every rank when one
+        would get none."""
+        if dist.active() and len(batch) < dist.world():
+            raise UserError(f"{desc}: a batch of {len(batch)} shared by {dist.world()} processes leaves rank "
+                            f"{dist.world() - 1} none; raise {field} to {dist.world()} or more, or run fewer processes")
+        mine = dist.shard(batch)
+        return cls(mine, len(batch) if isinstance(batch, list) else 0, count(mine) if dist.active() else 1)
+
+    def pin_memory(self) -> "Batch":  # DataLoader(pin_memory=True) calls this, in its pinning thread
+        return Batch(_tensors(self.inputs, torch.Tensor.pin_memory), self.size, self.targets)
+
+    def to(self, device) -> "Batch":
+        return Batch(_tensors(self.inputs, lambda t: t.to(device, non_blocking=True)), self.size, self.targets)
+
+
 @dataclass
 class Checkpoint:
     """Where a training loop keeps its state every `every` steps (0: never), beside the artifact it makes:
@@ -126,13 +165,16 @@ def train_steps(loss_fn, param_groups: list[dict], batches, steps: int, grad_cli
                 warmup: int = 0, desc: str = "train", lr_field: str = "expert.lr", acc=None,
                 grad_accum: int = 1, checkpoint: Checkpoint | None = None, log_every: float = 30.0,
                 count=len) -> float:
-    """Run `steps` optimizer steps of loss_fn(batch), each over grad_accum batches; returns the mean loss of the
+    """Run `steps` optimizer steps of loss_fn(inputs), each over grad_accum batches; returns the mean loss of the
     last 10% of steps. Through accelerate (`acc`, from common.device.accelerator; None: the CPU in fp32): the
-    forward under autocast, fp16 loss scaling, accumulation. Under torchrun each rank takes its share of every
-    batch (common.dist), its loss weighted by count(share) / count(batch), count(batch) being the number of
-    terms loss_fn averages over (answer tokens: Encoder.targets), and the gradients are summed over ranks.
-    With a checkpoint: resumed from it when current, saved every checkpoint.every steps. A NaN or inf loss
-    (on any rank) or weight stops the stage (a UserError naming the field to fix) before anything is written."""
+    forward under autocast, fp16 loss scaling, accumulation. batches: an iterator of Batch (data.Loader: each
+    rank's share, read and encoded in DataLoader workers; moved to the device here), or of plain batches that
+    every rank draws alike, of which each rank takes its share (common.dist; count(share): the terms loss_fn
+    averages over). Under torchrun each rank's loss is weighted by its share of the batch's terms and the
+    gradients are summed over ranks. With a checkpoint: resumed from it when current, saved every
+    checkpoint.every steps (a batch source with skip(n), as data.Loader, passes the batches of the steps
+    before without reading them). A NaN or inf loss (on any rank) or weight stops the stage (a UserError
+    naming the field to fix) before anything is written."""
     from common.device import fresh
 
     acc = acc or fresh("cpu", "fp32")
@@ -141,8 +183,11 @@ def train_steps(loss_fn, param_groups: list[dict], batches, steps: int, grad_cli
     opt = torch.optim.AdamW(param_groups, weight_decay=0.0)
     opt, sched = acc.prepare(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup)))
     start, tail = checkpoint.resume(params, opt, sched, desc) if checkpoint else (0, [])
-    for _ in range(start * grad_accum):  # the data position: the batches the steps before `start` took
-        next(batches)
+    if hasattr(batches, "skip"):  # the data position: the batches the steps before `start` took
+        batches.skip(start * grad_accum)
+    else:
+        for _ in range(start * grad_accum):
+            next(batches)
     progress = Progress(desc, start, steps, log_every, quiet=not dist.is_main())
     tracking = bool(acc.log_with)  # log_with: one tracker run per loop, named after it ("expert-nli")
     if tracking:
@@ -153,18 +198,14 @@ def train_steps(loss_fn, param_groups: list[dict], batches, steps: int, grad_cli
         for _ in range(grad_accum):
             with acc.accumulate():
                 batch = next(batches)
-                examples += len(batch) if isinstance(batch, list) else 0
-                mine, share = batch, 1.0
-                if dist.active():
-                    mine = dist.shard(batch)
-                    if not mine:
-                        section = lr_field.split(".")[0]
-                        raise UserError(f"{desc}: a batch of {len(batch)} shared by {dist.world()} processes leaves "
-                                        f"rank {dist.rank()} none; raise {section}.batch_size to {dist.world()} "
-                                        f"or more, or run fewer processes")
-                    share = count(mine) / count(batch)
+                if not isinstance(batch, Batch):
+                    batch = Batch.share(batch, count, f"{lr_field.split('.')[0]}.batch_size", desc)
+                examples += batch.size
+                share = 1.0
+                if dist.active():  # this rank's terms over the whole batch's
+                    share = batch.targets / dist.all_sum([torch.tensor([float(batch.targets)])])[0].item()
                 with acc.autocast():
-                    loss = loss_fn(mine) * share
+                    loss = loss_fn(batch.to(acc.device).inputs) * share
                 total += loss.detach()
                 acc.backward(loss)  # divided by grad_accum; fp16: scaled
                 if acc.sync_gradients:  # the step's last batch: gradients (and the loss) summed over ranks

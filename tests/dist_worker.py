@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from common import dist  # noqa: E402
+from common import data, dist  # noqa: E402
 from common.config import UserError  # noqa: E402
 from common.device import fresh  # noqa: E402
 from common.artifacts import atomic_dir  # noqa: E402
@@ -57,6 +57,11 @@ def main() -> None:
         seen["nan"] = "trained on"
     except UserError as e:
         seen["nan"] = str(e)
+    try:  # a stage's batches (data.Loader) of one example, shared by two ranks
+        next(data.Loader([object()], 1, 0, None, field="expert.batch_size", desc="expert tiny"))
+        seen["too_small"] = "trained on"
+    except UserError as e:
+        seen["too_small"] = str(e)
     (out / f"rank{dist.rank()}.json").write_text(json.dumps(seen))
     weights = train(checkpoint=Checkpoint(out / ".artifact.ckpt", 0, None, "expert", fail_rank=1))
     with atomic_dir(out / "artifact") as tmp:  # what a stage does after its training loop

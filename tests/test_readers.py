@@ -67,6 +67,24 @@ def test_tsv_rows_are_decoded_when_asked_for_and_the_index_is_cached(tmp_path):
     assert len(read_examples(REAL_TASKS["snli-ve"], "train", tmp_path)) == 2
 
 
+def test_forked_data_workers_read_their_own_rows_of_a_file_the_parent_has_open(tmp_path):
+    """Rows in DataLoader worker processes forked after the parent read from the file: each worker reads
+    through its own handle (a shared one moves one file offset for all of them), so every row is its own."""
+    import random
+
+    import torch
+
+    # rows longer than a read buffer, read out of order: each row is a seek and a read from the file
+    rows = [(str(i), str(i), b64(8, 8), f"scene {i} " + "x" * 9000, "premise", "entailment") for i in range(200)]
+    write_tsv(tmp_path / "snli_ve_data/snli_ve_train.tsv", rows)
+    exs = read_examples(REAL_TASKS["snli-ve"], "train", tmp_path)
+    assert exs[0].prompt.split()[6] == "0"  # the parent's handle is open
+    order = random.Random(0).sample(range(200), 200)
+    loader = torch.utils.data.DataLoader(exs, sampler=order, batch_size=4, num_workers=2,
+                                         collate_fn=lambda b: [int(e.prompt.split()[6]) for e in b])
+    assert [i for batch in loader for i in batch] == order
+
+
 def test_wrong_column_count_names_file_and_line(tmp_path):
     write_tsv(tmp_path / "snli_ve_data/snli_ve_dev.tsv", [snli_rows()[0], ("4", "14", b64(8, 8), "no label")])
     with pytest.raises(UserError) as e:

@@ -3,13 +3,15 @@ files in OFA's TSV and the hub's parquet formats, and a text-only T5 backbone.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from conftest import REPO, inproc, stages
+from conftest import REPO, inproc, stage, stages
 from test_readers import b64, write_tsv
 
 
@@ -137,3 +139,36 @@ def test_snli_ve_from_its_own_annotations_and_a_flickr30k_dir(tmp_path):
     assert ex.image.shape == (10, 20, 3) and tuple(ex.image[0, 0]) == (0, 200, 0)
     with pytest.raises(UserError, match="404.jpg: missing Flickr30k image for snli_ve_train.jsonl:2"):
         data.split(cfg, "snli-ve", "train")
+
+
+def test_data_workers_read_and_encode_the_same_batches_as_the_stage_alone(micro, tmp_path, monkeypatch):
+    """data.num_workers=2: the TSV's rows are decoded and encoded in two DataLoader worker processes, and the
+    expert trained on them is the one the stage trains reading them itself, bit for bit."""
+    from safetensors.torch import load_file
+
+    from common import data
+
+    write_real_data(tmp_path / "data")
+    readers_pids = tmp_path / "pids"
+    fetch = data._Encoded.__getitems__
+
+    def recorded(self, key):  # which process read each batch (forked workers inherit the patch)
+        with open(readers_pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return fetch(self, key)
+
+    monkeypatch.setattr(data._Encoded, "__getitems__", recorded)
+    weights, pids = {}, {}
+    for workers in (0, 2):
+        runs = tmp_path / f"runs{workers}"
+        shutil.copytree(micro[1] / "backbone", runs / "micro/backbone")
+        code, _, err = stage("train_expert.py", "--task", "snli-ve", "--config", "configs/micro.yaml",
+                             f"runs_dir={runs}", "data.source=files", f"data.root={tmp_path}/data",
+                             f"data.num_workers={workers}", "expert.batch_size=4")
+        assert code == 0, err
+        weights[workers] = load_file(str(next((runs / "micro/experts/snli-ve").glob("*.safetensors"))))
+        pids[workers] = set(readers_pids.read_text().split())
+        readers_pids.unlink()
+    assert pids[0] == {str(os.getpid())} and len(pids[2]) == 2 and str(os.getpid()) not in pids[2]
+    assert weights[0].keys() == weights[2].keys()
+    assert all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
