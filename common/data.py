@@ -202,7 +202,8 @@ def check_words(cfg, name: str, enc: "Encoder", *splits: list[Example]) -> None:
     if cfg.backbone.source != "embedded" or name not in cfg.tasks.define:
         return
     vocab, split = enc.tok.get_vocab(), enc.tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str
-    texts = {t for exs in splits for e in exs for t in (e.prompt, e.answer, *(e.candidates or ()), *(e.refs or ()))}
+    rows = [e for exs in splits for e in (exs.texts() if hasattr(exs, "texts") else exs)]  # Rows: no image read
+    texts = {t for e in rows for t in (e.prompt, e.answer, *(e.candidates or ()), *(e.refs or ()))}
     texts |= set(task(cfg, name).candidates or ())
     unknown = sorted({w for t in texts for w, _ in split(t)} - set(vocab))
     if unknown:
@@ -305,7 +306,10 @@ class _Encoded(torch.utils.data.Dataset):
         from common.training import Batch
 
         size, idx = key
-        mine = [self.exs[i] for i in idx]
+        try:
+            mine = [self.exs[i] for i in idx]
+        except UserError as e:  # a row that does not read: its one line, not a worker's traceback around it
+            return e
         return Batch(self.enc.batch(mine), size, self.enc.targets(mine))
 
 
@@ -343,7 +347,10 @@ class Loader:
                                                  num_workers=self.workers, pin_memory=self.pin,
                                                  generator=torch.Generator())
             self._it = iter(loader)
-        return next(self._it)
+        batch = next(self._it)
+        if isinstance(batch, UserError):
+            raise batch
+        return batch
 
 
 def train_batches(cfg, exs, batch_size: int, seed: int, enc: Encoder, field: str, desc: str) -> Loader:

@@ -316,11 +316,13 @@ def line_index(path: Path) -> np.ndarray:
 
 
 class Rows(Sequence):
-    """A split's examples, each decoded when asked for (rows[i]; a batch takes its own): what is held is one
-    byte offset per row. Slices are views (rows[r::world], rows[:n]); answers() reads the answer column
-    alone (the k-per-class sample of tasks.shots_per_class). Picklable (each process opens its own file)."""
+    """A split's examples, each decoded when asked for (rows[i]; a batch takes its own): what is held is the
+    source's rows (an OFA TSV: one byte offset each; other files: each row's fields as read, its image a
+    path or still encoded) and which of them this view takes. Slices are views (rows[r::world], rows[:n]);
+    answers() reads the answer alone (the k-per-class sample of tasks.shots_per_class), no image decoded.
+    Picklable (each process opens its own file)."""
 
-    def __init__(self, source: "TsvSource", index: np.ndarray):
+    def __init__(self, source, index: np.ndarray):
         self.source, self.index = source, index
 
     def __len__(self) -> int:
@@ -337,12 +339,61 @@ class Rows(Sequence):
     def answers(self) -> list[str]:
         return [self.source.answer(int(j)) for j in self.index]
 
+    def texts(self) -> list[Example]:
+        """Each row without its image (a defined task's: no image read), for what looks at the words only."""
+        text = getattr(self.source, "text", self.source.example)
+        return [text(int(j)) for j in self.index]
 
-class TsvSource:
+
+class _Source:
+    """Where a catalogue task's rows come from (for Rows): row(j), row j's named fields as held (an image still
+    encoded, or the path of its file), fields(j), the same with the image's bytes, and where(j), the row as an
+    error names it."""
+    task: RealTask
+    path: Path
+    labels: dict
+    names: tuple | None
+
+    def fields(self, j: int) -> dict:
+        return self.row(j)
+
+    def example(self, j: int) -> Example:
+        return _guarded(self.task, self.path, self.where(j), self.fields(j), self.labels, self.names)
+
+    def answer(self, j: int) -> str:
+        f = self.row(j)  # no image read or decoded where the answer is a label
+        if self.task.kind == "classify":
+            return self.names[f["label"]] if isinstance(f["label"], (int, np.integer)) else _class_name(f["label"])
+        if "label" in f:
+            return self.labels[_label_key(f["label"])]
+        return self.example(j).answer
+
+
+class RecordSource(_Source):
+    """Rows read into memory as their fields (text, labels; an image as the path of its file, or as its encoded
+    bytes): a row's image file is read, and any image decoded, when a batch takes the row."""
+
+    def __init__(self, task: RealTask, path: Path, records: list[dict], wheres: list, labels: dict,
+                 names: tuple | None = None):
+        self.task, self.path, self.records, self.wheres = task, path, records, wheres
+        self.labels, self.names = labels, names
+
+    def row(self, j: int) -> dict:
+        return self.records[j]
+
+    def fields(self, j: int) -> dict:
+        f = self.records[j]
+        return {**f, "image": Path(f["image_path"]).read_bytes()} if "image_path" in f else f
+
+    def where(self, j: int):
+        return self.wheres[j]
+
+
+class TsvSource(_Source):
     """An OFA TSV read by line offset: row j is line j + 1."""
 
     def __init__(self, task: RealTask, path: Path, offsets: np.ndarray, names: tuple | None):
-        self.task, self.path, self.offsets, self.names = task, path, offsets, names
+        self.task, self.path, self.offsets, self.names, self.labels = task, path, offsets, names, task.labels
         self._fh, self._pid = None, None
 
     def __getstate__(self):
@@ -359,16 +410,11 @@ class TsvSource:
                             f"({', '.join(c or '-' for c in columns)}); is this the OFA file for this task?")
         return {name: cols[i] for i, name in enumerate(columns) if name}
 
-    def example(self, j: int) -> Example:
-        return _guarded(self.task, self.path, j + 1, self.fields(j), self.task.labels, self.names)
+    def where(self, j: int) -> int:
+        return j + 1
 
-    def answer(self, j: int) -> str:
-        f = self.fields(j)
-        if self.task.kind == "classify":
-            return _class_name(f["label"])
-        if "label" in f:
-            return self.task.labels[_label_key(f["label"])]
-        return self.example(j).answer
+    def row(self, j: int) -> dict:
+        return self.fields(j)
 
 
 def _read_tsv(task: RealTask, path: Path, n: int | None) -> Rows:
@@ -384,9 +430,10 @@ def _read_tsv(task: RealTask, path: Path, n: int | None) -> Rows:
     return Rows(source, np.arange(len(offsets) if n is None else min(n, len(offsets))))
 
 
-def _read_snli_ve_jsonl(task: RealTask, path: Path, root: Path, n: int | None) -> list[Example]:
-    """SNLI-VE's own annotations (snli_ve_<split>.jsonl: Flikr30kID, sentence2, gold_label) + a Flickr30k image dir."""
-    images, out = root / (task.image_dir or "flickr30k-images"), []
+def _read_snli_ve_jsonl(task: RealTask, path: Path, root: Path, n: int | None) -> Rows:
+    """SNLI-VE's own annotations (snli_ve_<split>.jsonl: Flikr30kID, sentence2, gold_label) + a Flickr30k image dir:
+    the annotations read, each image's file found, and read when a batch takes its row."""
+    images, records, wheres = root / (task.image_dir or "flickr30k-images"), [], []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(itertools.islice(fh, n), 1):
             try:
@@ -398,12 +445,14 @@ def _read_snli_ve_jsonl(task: RealTask, path: Path, root: Path, n: int | None) -
             if not image.is_file():
                 raise UserError(f"{image}: missing Flickr30k image for {path.name}:{lineno}; put flickr30k-images/ "
                                 f"under data.root (or set the task's image folder)")
-            out.append(_guarded(task, path, lineno, {**f, "image": image.read_bytes()}, task.labels, None))
-    return out
+            records.append({**f, "image_path": str(image)})
+            wheres.append(lineno)
+    return _rows(RecordSource(task, path, records, wheres, task.labels))
 
 
-def _read_coop(task: RealTask, path: Path, split: str, root: Path, n: int | None) -> list[Example]:
-    """CoOp's split_zhou_*.json: {split: [[image path, label, class name], ...]}, images under task.image_dir."""
+def _read_coop(task: RealTask, path: Path, split: str, root: Path, n: int | None) -> Rows:
+    """CoOp's split_zhou_*.json: {split: [[image path, label, class name], ...]}, images under task.image_dir,
+    each read when a batch takes its row."""
     try:
         data = json.loads(path.read_text())
         names_by_label = {int(lab): _class_name(c) for part in data.values() for _, lab, c in part}
@@ -412,37 +461,52 @@ def _read_coop(task: RealTask, path: Path, split: str, root: Path, n: int | None
         why = type(e).__name__
         raise UserError(f"{path}: not a CoOp split file with a '{split}' list ({why}); {task.get}") from None
     names = tuple(names_by_label[k] for k in sorted(names_by_label))
-    out = []
+    records = []
     for i, (impath, lab, _) in enumerate(rows[:n]):
         image = root / task.image_dir / impath
         if not image.exists():
             raise UserError(f"{image}: missing image ({split}[{i}] of {path}); {task.get}")
-        f = {"image": image.read_bytes(), "label": int(lab)}
-        out.append(_guarded(task, path, f"{split}[{i}]", f, {}, names))
-    return out
+        records.append({"image_path": str(image), "label": int(lab)})
+    return _rows(RecordSource(task, path, records, [f"{split}[{i}]" for i in range(len(records))], {}, names))
 
 
-def _read_parquet(task: RealTask, paths: list[Path], n: int | None) -> list[Example]:
-    """Hub-style parquet shards, streamed in batches; columns renamed by task.hub, images as {'bytes': ...}."""
+def _read_parquet(task: RealTask, paths: list[Path], n: int | None) -> Rows:
+    """Hub-style parquet shards, streamed in batches; columns renamed by task.hub, images as {'bytes': ...}, kept
+    encoded and decoded when a batch takes their row."""
     import pyarrow.parquet as pq
 
     rename = task.hub.columns if task.hub else {}
     labels = task.hub.labels if task.hub and task.hub.labels else task.labels
     names = _parquet_class_names(task, paths) if task.kind == "classify" else None
-    out = []
+    records, wheres, several = [], [], len(paths) > 1
+
+    def full() -> bool:
+        return n is not None and len(records) >= n
+
     for path in paths:
         row = 0
         for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
             for rec in batch.to_pylist():
                 row += 1
-                if n is not None and len(out) >= n:
-                    return out
+                if full():
+                    break
                 f = {rename.get(k, k): v for k, v in rec.items()}
                 if task.kind == "glue" and f.get("label") == -1:
                     raise UserError(f"{path}: row {row} has no label (GLUE test labels are hidden); "
                                     "use the validation split")
-                out.append(_guarded(task, path, f"row {row}", f, labels, names))
-    return out
+                records.append(f)
+                wheres.append(f"{path.name} row {row}" if several else f"row {row}")
+            if full():
+                break
+    return _rows(RecordSource(task, paths[0].parent if several else paths[0], records, wheres, labels, names))
+
+
+def _rows(source: RecordSource) -> Rows:
+    """Every row of a source; its first row decoded now, so that a file of the wrong kind stops the stage at once."""
+    if not source.records:
+        raise UserError(f"{source.path}: no rows; a split needs at least one example")
+    source.example(0)
+    return Rows(source, np.arange(len(source.records)))
 
 
 def _parquet_class_names(task: RealTask, paths: list[Path]) -> tuple[str, ...]:
@@ -575,30 +639,64 @@ def _several(raw) -> tuple[str, ...]:
     return tuple(str(v) for v in raw) if isinstance(raw, (list, tuple)) else tuple(str(raw).split("|"))
 
 
-def _defined_example(task: DefinedTask, root: Path, f: dict) -> Example:
+def _defined_text(task: DefinedTask, f: dict) -> Example:
+    """A defined task's row without its image: prompt, answer, candidates, references."""
     answer = str(f[task.answer]).strip()
-    answer = task.labels.get(answer, answer)
-    img = None
-    if task.image:
-        raw = f[task.image]
-        if task.image_kind == "path":
-            raw = (root / task.image_root / str(raw)).read_bytes()
-        img = np.array(_image(raw))  # a writable copy (torch warns on a read-only array)
     refs = tuple(task.labels.get(r, r) for r in _several(f[task.refs])) if task.refs else None
     cands = _several(f[task.candidates_column]) if task.candidates_column else None
-    return Example(task.prompt.format(**f), answer, img, candidates=cands, refs=refs)
+    return Example(task.prompt.format(**f), task.labels.get(answer, answer), None, candidates=cands, refs=refs)
 
 
-def read_defined(task: DefinedTask, split: str, root: Path, n: int | None = None) -> list[Example]:
-    """The first n examples of a defined task's split; with no val file, val is a seeded share of train (and
-    train the rest). A missing file, an unknown column, an empty split: one line naming the field."""
+def _defined_example(task: DefinedTask, root: Path, f: dict) -> Example:
+    ex = _defined_text(task, f)
+    if not task.image:
+        return ex
+    raw = f[task.image]
+    if task.image_kind == "path":
+        raw = (root / task.image_root / str(raw)).read_bytes()
+    img = np.array(_image(raw))  # a writable copy (torch warns on a read-only array)
+    return Example(ex.prompt, ex.answer, img, candidates=ex.candidates, refs=ex.refs)
+
+
+class DefinedSource:
+    """A defined task's rows as read (its columns; an image as a path under image_root, base64 text or bytes),
+    each made into an Example, its image read and decoded, when a batch takes it (for Rows)."""
+
+    def __init__(self, task: DefinedTask, root: Path, path: Path, records: list[dict], wheres: list[str]):
+        self.task, self.root, self.path, self.records, self.wheres = task, root, path, records, wheres
+
+    def example(self, j: int) -> Example:
+        return self._read(_defined_example, self.task, self.root, self.records[j], where=self.wheres[j])
+
+    def text(self, j: int) -> Example:
+        """Row j without its image (no file read)."""
+        return self._read(_defined_text, self.task, self.records[j], where=self.wheres[j])
+
+    def answer(self, j: int) -> str:
+        return self.text(j).answer
+
+    def _read(self, make, *args, where: str) -> Example:
+        try:
+            return make(*args)
+        except FileNotFoundError as e:
+            raise UserError(f"{self.path}:{where}: missing image file {e.filename}") from None
+        except OSError as e:  # an unreadable image
+            raise UserError(f"{self.path}:{where}: unreadable image ({' '.join(str(e).split())[:100]})") from None
+        except (binascii.Error, ValueError) as e:
+            raise UserError(f"{self.path}:{where}: unreadable field ({' '.join(str(e).split())[:100]})") from None
+
+
+def read_defined(task: DefinedTask, split: str, root: Path, n: int | None = None) -> Rows:
+    """The first n examples of a defined task's split, each decoded when a batch takes it; with no val file,
+    val is a seeded share of train (and train the rest). A missing file, an unknown column, an empty split, a
+    first row that does not read: one line naming the field or the row."""
     root = Path(root)
     which = split if split in task.files else "train"
     path = Path(task.files[which]) if Path(task.files[which]).is_absolute() else root / task.files[which]
     if not path.is_file():
         raise UserError(f"{task.where}.files.{which}: {path} is missing; write it, or point files.{which} at "
                         f"the file (relative to data.root={root})")
-    out, columns = [], None
+    records, wheres, columns = [], [], None
     for where, f in _defined_rows(task, path):
         if columns is None:
             columns = set(f)
@@ -606,18 +704,17 @@ def read_defined(task: DefinedTask, split: str, root: Path, n: int | None = None
                 if col not in columns:
                     raise UserError(f"{task.where}.{field_name}: column '{col}' is not in {path} "
                                     f"(its columns: {', '.join(sorted(columns))})")
-        try:
-            out.append(_defined_example(task, root, f))
-        except OSError as e:  # a missing or unreadable image
-            raise UserError(f"{path}:{where}: unreadable image ({' '.join(str(e).split())[:100]})") from None
-        except (binascii.Error, ValueError) as e:
-            raise UserError(f"{path}:{where}: unreadable field ({' '.join(str(e).split())[:100]})") from None
-        if n is not None and split not in ("train", "val") and len(out) >= n:
+        records.append(f)
+        wheres.append(where)
+        if n is not None and split not in ("train", "val") and len(records) >= n:
             break
-    if not out:
+    if not records:
         raise UserError(f"{task.where}.files.{which}: {path} has no rows; a split needs at least one example")
+    source, index = DefinedSource(task, root, path, records, wheres), np.arange(len(records))
+    source.example(0)  # a file of the wrong kind stops the stage now, not in its first batch
     if which != split or ("val" not in task.files and split == "train"):  # val carved from train, seeded
         rng = random.Random(f"{task.name}/val")
-        val = set(rng.sample(range(len(out)), max(1, round(task.val_fraction * len(out))))) if len(out) > 1 else set()
-        out = [e for i, e in enumerate(out) if (i in val) == (split == "val")]
-    return out[:n] if n is not None else out
+        m = len(records)
+        val = set(rng.sample(range(m), max(1, round(task.val_fraction * m)))) if m > 1 else set()
+        index = np.array([i for i in range(m) if (i in val) == (split == "val")], dtype=np.int64)
+    return Rows(source, index[:n] if n is not None else index)

@@ -7,6 +7,7 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
+from common.config import UserError
 from conftest import REPO, backbone_only, stage, stages
 
 SHAPES = {  # a CSV of image paths, questions and answers, images drawn with PIL
@@ -98,4 +99,31 @@ def test_a_bad_definition_is_one_line_naming_the_field(micro, tmp_path, change, 
     task = next(iter(change))
     code, out, err = stage("train_expert.py", "--task", task, "--config", config, f"runs_dir={runs}")
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (runs / "micro/experts").exists()
+
+
+def test_a_defined_task_reads_an_image_when_a_batch_takes_its_row(micro, tmp_path):
+    """A split of a defined task holds its rows' fields, not their images: a missing image file goes unnoticed
+    until its row is taken; then the stage stops in one line naming the file and the row, also when the row
+    was taken in a DataLoader worker (data.num_workers=2), and writes nothing."""
+    from common import data
+    from common.config import load_config
+
+    write_user_files(tmp_path / "data")
+    runs = backbone_only(micro, tmp_path / "runs")
+    config = profile(tmp_path, SHAPES, ["my-shapes", "nli", "my-entail"])
+    cfg = load_config(config, [f"runs_dir={runs}"])
+    train = data.split(cfg, "my-shapes", "train")
+    row = int(train.index[5])
+    missing = train.source.records[row]["path"]
+    (tmp_path / "data/shapes/images" / missing).unlink()
+    again = data.split(cfg, "my-shapes", "train")  # read without the image: nothing is decoded yet
+    assert len(again) == 18 and [e.answer for e in again.texts()] == again.answers()
+    with pytest.raises(UserError) as e:
+        again[5]
+    assert f"shapes/train.csv:line {row + 2}: missing image file " in str(e.value) and missing in str(e.value)
+    code, out, err = stage("train_expert.py", "--task", "my-shapes", "--config", config, f"runs_dir={runs}",
+                           "data.num_workers=2")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"shapes/train.csv:line {row + 2}: missing image file " in err and "DataLoader" not in err
     assert not (runs / "micro/experts").exists()
