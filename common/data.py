@@ -308,9 +308,9 @@ class _Encoded(torch.utils.data.Dataset):
         size, idx = key
         try:
             mine = [self.exs[i] for i in idx]
+            return Batch(self.enc.batch(mine), size, self.enc.targets(mine))
         except UserError as e:  # a row that does not read: its one line, not a worker's traceback around it
             return e
-        return Batch(self.enc.batch(mine), size, self.enc.targets(mine))
 
 
 def _as_is(batch):  # the collate: __getitems__ made the batch
