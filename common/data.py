@@ -307,10 +307,11 @@ class _Encoded(torch.utils.data.Dataset):
 
         size, idx = key
         try:
-            mine = [self.exs[i] for i in idx]
-            return Batch(self.enc.batch(mine), size, self.enc.targets(mine))
+            inputs = self.enc.batch([self.exs[i] for i in idx])
         except UserError as e:  # a row that does not read: its one line, not a worker's traceback around it
             return e
+        # the loss's terms: the answer tokens the labels hold (Encoder.targets, without tokenizing them again)
+        return Batch(inputs, size, int((inputs["labels"] != -100).sum()))
 
 
 def _as_is(batch):  # the collate: __getitems__ made the batch
