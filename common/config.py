@@ -65,7 +65,7 @@ class WorldConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "mini"  # mini: the embedded world | files: the real tasks of common/readers.py under root
+    source: str = "mini"  # mini: the embedded world | files: the paper's tasks (configs/paper_tasks.yaml) under root
     root: str = "data"  # OFA's *_data/ folders, CoOp folders, `hf download` copies of hub datasets
     download: bool = False  # fetch hub-hosted tasks (GLUE) into root when their files are missing
     # per task, split -> file under root instead of the catalogue's default, e.g.

@@ -9,7 +9,7 @@ import torch
 
 from common import world as W
 from common.config import UserError, WorldConfig
-from common.readers import REAL_TASKS, fetch_hub, read_defined, read_examples
+from common.readers import catalogue, fetch_hub, read_defined
 from common.tasks import Example, Task, define, k_shot
 
 
@@ -152,19 +152,20 @@ def low_shot(exs: list[Example], shots: int, seed: int, per_class: bool = False)
 
 def task(cfg, name: str, where: str = "tasks.pool"):
     """A task by name: one the profile defines (tasks.define, read from files), else one of the configured
-    data source (a mini-world Task or a readers.RealTask)."""
+    data source: a mini-world Task, or a definition of the paper's catalogue (configs/paper_tasks.yaml)."""
     if name in cfg.tasks.define:
         return define(name, cfg.tasks.define[name], cfg.path)
     if cfg.data.source == "mini":
         return get_task(name, where)
     import dataclasses
 
-    if name not in REAL_TASKS:
-        raise UserError(f"unknown task '{name}' in {where} (data.source=files); known: {', '.join(REAL_TASKS)}")
+    known = catalogue()
+    if name not in known:
+        raise UserError(f"unknown task '{name}' in {where} (data.source=files); known: {', '.join(known)}")
     files = cfg.data.files.get(name, {})
     if not isinstance(files, dict) or set(files) - {"train", "val", "test"}:
         raise UserError(f"{cfg.path}: data.files.{name} must map train/val/test to files under data.root")
-    return dataclasses.replace(REAL_TASKS[name], files={**REAL_TASKS[name].files, **files})
+    return dataclasses.replace(known[name], files={**known[name].files, **files})
 
 
 def split(cfg, name: str, which: str, n: int | None = None) -> list[Example]:
@@ -174,15 +175,13 @@ def split(cfg, name: str, which: str, n: int | None = None) -> list[Example]:
     cap = {"train": cfg.data.train_size, "val": cfg.data.val_size, "test": cfg.data.test_size}[which] or None
     n = min((x for x in (n, cap) if x), default=None)  # the data section's cap on files, 0 = none
     t, root = task(cfg, name), Path(cfg.data.root)
-    if name in cfg.tasks.define:
-        return read_defined(t, which, root, n)
     try:
-        return read_examples(t, which, root, n)
+        return read_defined(t, which, root, n)
     except UserError:
-        if not (cfg.data.download and t.hub):
+        if not (cfg.data.download and t.hub) or (root / t.files.get(which, "")).is_file():
             raise
         fetch_hub(t, which, root)  # then read the downloaded shards (a failed fetch says how to get them by hand)
-        return read_examples(t, which, root, n)
+        return read_defined(t, which, root, n)
 
 
 def train_split(cfg, name: str, shots: int, seed: int, where: str = "tasks.target_shots") -> list[Example]:
@@ -197,9 +196,9 @@ def train_split(cfg, name: str, shots: int, seed: int, where: str = "tasks.targe
 
 
 def check_words(cfg, name: str, enc: "Encoder", *splits: list[Example]) -> None:
-    """The embedded backbone knows the mini world's words only: a defined task that uses others stops here,
-    in one line naming them (a real backbone's subword tokenizer has no unknown words)."""
-    if cfg.backbone.source != "embedded" or name not in cfg.tasks.define:
+    """The embedded backbone knows the mini world's words only: a task read from files that uses others stops
+    here, in one line naming them (a real backbone's subword tokenizer has no unknown words)."""
+    if cfg.backbone.source != "embedded" or (cfg.data.source == "mini" and name not in cfg.tasks.define):
         return
     vocab, split = enc.tok.get_vocab(), enc.tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str
     rows = [e for exs in splits for e in (exs.texts() if hasattr(exs, "texts") else exs)]  # Rows: no image read
@@ -208,7 +207,8 @@ def check_words(cfg, name: str, enc: "Encoder", *splits: list[Example]) -> None:
     unknown = sorted({w for t in texts for w, _ in split(t)} - set(vocab))
     if unknown:
         more = f" and {len(unknown) - 12} more" if len(unknown) > 12 else ""
-        raise UserError(f"{cfg.path}: tasks.define.{name} uses words the embedded backbone's vocabulary lacks: "
+        where = f"{cfg.path}: tasks.define.{name}" if name in cfg.tasks.define else f"configs/paper_tasks.yaml: {name}"
+        raise UserError(f"{where} uses words the embedded backbone's vocabulary lacks: "
                         f"{', '.join(unknown[:12])}{more}; use the mini world's words (the vocabulary in "
                         f"{cfg.run_dir / 'backbone' / 'tokenizer.json'}), or a real backbone (backbone.source)")
 

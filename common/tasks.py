@@ -1,11 +1,12 @@
-"""Tasks and examples, one home for every source: the mini world (common/data.py), the paper's catalogue of
-real files (common/readers.py), and the tasks a profile defines in YAML. An example is (optional image,
-prompt) -> answer text; a task names its family, answer set and metric. Also the seeded k-shot samples."""
+"""Tasks and examples, one home for every source: the mini world (common/data.py) and the tasks defined in
+YAML over files (a profile's own, and the paper's catalogue, configs/paper_tasks.yaml; both read by
+common/readers.py). An example is (optional image, prompt) -> answer text; a task names its family, answer set
+and metric. Also the seeded k-shot samples."""
 from __future__ import annotations
 
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -44,58 +45,102 @@ def k_shot(exs: list[Example], k: int, seed: int, per_class: bool) -> list[Examp
     return [exs[i] for i in sorted(picked)]
 
 
-# ---- tasks a profile defines in YAML (tasks.define.<name>), read from files by common/readers.py ----
-FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".tsv": "tsv", ".parquet": "parquet"}
+# ---- tasks defined in YAML: a profile's own (tasks.define.<name>) and the paper's catalogue
+# (configs/paper_tasks.yaml), read from files by common/readers.py ----
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".tsv": "tsv", ".parquet": "parquet", ".json": "coop-json"}
 IMAGE_KINDS = ("path", "base64", "bytes")
 METRICS = ("accuracy", "vqa_accuracy", "cider", "acc_iou", "exact_match")
 FAMILIES = ("vision-language", "vision", "language")
+CLEANERS = ("ofa", "ofa-question", "lower", "caption", "class")
+ALL_ANSWERS = "all-answers"
 DEFINE_FIELDS = {  # field: what it is, for the one-line errors
-    "files": "split -> file under data.root (train and test; val optional: carved from train)",
-    "format": "csv | jsonl | tsv | parquet (default: the files' extension)",
+    "files": "split -> file under data.root, a glob or a folder of parquet shards (train and test; val optional: "
+             "carved from train)",
+    "format": "csv | jsonl | tsv | parquet | coop-json, for files whose extension does not say",
+    "columns": "the column names of a headerless csv/tsv, in order ('' = unused), as OFA's TSVs are",
     "prompt": "the prompt, with {column} for a row's value",
-    "answer": "the column holding the answer",
+    "answer": "the column holding the answer (the refs column: its most frequent reference)",
+    "answer_format": "text | box (pixels 'x0,y0,x1,y1', answered as four location tokens)",
     "image": "the column holding the image (none: a text-only task)",
     "image_kind": "path (under image_root) | base64 | bytes",
     "image_root": "the folder under data.root that image paths are relative to",
+    "clean": "column -> " + " | ".join(CLEANERS) + ": OFA's normalisation of that column's text",
     "labels": "raw answer value -> answer text",
-    "refs": "a column of several reference answers (a list, or text split at '|')",
-    "candidates": "the closed answer set: a list, or a column of per-example candidates; none: open answers",
-    "metric": "accuracy | vqa_accuracy | cider | acc_iou | exact_match",
-    "family": "vision-language | vision | language (default: by the image column)",
+    "refs": "a column of several reference answers (VQA's ten, every caption)",
+    "refs_format": "list (a list, or text split at refs_sep) | ofa-vqa (OFA's 'conf|!+answer&&...')",
+    "refs_sep": "the separator of references held as one text (default '|')",
+    "candidates": f"the closed answer set: a list, a column of per-example candidates, or {ALL_ANSWERS} (every "
+                  "answer in the split's file); none: open answers",
+    "metric": " | ".join(METRICS),
+    "family": " | ".join(FAMILIES) + " (default: by the image column)",
     "val_fraction": "the share of train carved (seeded) into val when files has no val",
+    "hub": "{repo, config, splits: {our split: the hub's}}: the task's parquet copy on the hub (data.download)",
+    "per_format": "format -> {rename: {file column: ours}, labels, image_kind, image_root}: files in another layout",
+    "get": "where the files come from, said when one is missing",
 }
+PER_FORMAT_FIELDS = ("rename", "labels", "image_kind", "image_root")
+
+
+@dataclass(frozen=True)
+class Hub:
+    """A task's parquet copy on the Hugging Face hub: the repo, its config and its split names."""
+    repo: str
+    config: str | None
+    splits: dict  # our split -> the hub's split name
 
 
 @dataclass(frozen=True)
 class DefinedTask:
-    """A task defined in a profile: where its rows are and how a row becomes an Example. `where` names it in
-    errors ("configs/mine.yaml: tasks.define.mine")."""
+    """A task defined in YAML: where its rows are and how a row becomes an Example. `where` names it in errors
+    ("configs/mine.yaml: tasks.define.mine")."""
     name: str
     where: str
     files: dict
     format: str
+    columns: tuple[str, ...] | None  # a headerless file's columns
     prompt: str
     answer: str
+    answer_format: str
     image: str | None
     image_kind: str
     image_root: str
+    clean: dict
     labels: dict
     refs: str | None
-    candidates: tuple[str, ...] | None  # a fixed closed set (else None: per-example or open)
+    refs_format: str
+    refs_sep: str
+    candidates: tuple[str, ...] | None  # a fixed closed set (else None: per-example, from the data, or open)
     candidates_column: str | None
+    all_answers: bool  # the closed set is every answer in the split's file
     metric: str
     family: str
     val_fraction: float
+    hub: Hub | None = None
+    per_format: dict = field(default_factory=dict)
+    get: str = ""
 
 
-def define(name: str, spec, path: str) -> DefinedTask:
+def _str_map(value, bad, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise bad(key, f"is {value!r}, not a mapping")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _choice(spec: dict, key: str, choices, default, bad):
+    value = spec.get(key, default)
+    if value not in choices:
+        raise bad(key, f"is {value!r}")
+    return value
+
+
+def define(name: str, spec, path: str, prefix: str = "tasks.define.") -> DefinedTask:
     """A DefinedTask from its YAML mapping; anything wrong is one line naming the field and what it takes."""
     from common.config import UserError
 
-    where = f"{path}: tasks.define.{name}"
+    where = f"{path}: {prefix}{name}"
 
     def bad(key, why):
-        return UserError(f"{where}.{key} {why}; {key}: {DEFINE_FIELDS[key]}")
+        return UserError(f"{where}.{key} {why}; {key}: {DEFINE_FIELDS[key.split('.')[0]]}")
 
     if not isinstance(spec, dict):
         raise UserError(f"{where} is {spec!r}, not a mapping of " + ", ".join(DEFINE_FIELDS))
@@ -112,25 +157,27 @@ def define(name: str, spec, path: str) -> DefinedTask:
     if fmt not in FORMATS.values():
         raise bad("format", f"is {spec.get('format')!r}" if spec.get("format") else "cannot be told from "
                   f"{files['train']!r}")
+    columns = spec.get("columns")
+    if columns is not None and not (isinstance(columns, list) and columns and fmt in ("csv", "tsv")):
+        raise bad("columns", f"is {columns!r}" + ("" if fmt in ("csv", "tsv") else f" for a {fmt} file"))
     image = spec.get("image")
-    kind = spec.get("image_kind", "path")
-    if kind not in IMAGE_KINDS:
-        raise bad("image_kind", f"is {kind!r}")
-    labels = spec.get("labels") or {}
-    if not isinstance(labels, dict):
-        raise bad("labels", f"is {labels!r}")
-    labels = {str(k): str(v) for k, v in labels.items()}
+    kind = _choice(spec, "image_kind", IMAGE_KINDS, "path", bad)
+    clean = _str_map(spec.get("clean") or {}, bad, "clean")
+    for column, how in clean.items():
+        if how not in CLEANERS:
+            raise bad(f"clean.{column}", f"is {how!r}")
+    labels = _str_map(spec.get("labels") or {}, bad, "labels")
     cands = spec.get("candidates")
-    fixed, column = None, None
+    fixed, column, every = None, None, cands == ALL_ANSWERS
     if isinstance(cands, list) and cands:
         fixed = tuple(str(c) for c in cands)
-    elif isinstance(cands, str):
+    elif isinstance(cands, str) and not every:
         column = cands
-    elif cands is not None:
+    elif cands is not None and not every:
         raise bad("candidates", f"is {cands!r}")
-    if fixed is None and column is None and labels and spec.get("metric", "accuracy") == "accuracy":
+    if fixed is None and column is None and not every and labels and spec.get("metric", "accuracy") == "accuracy":
         fixed = tuple(dict.fromkeys(labels.values()))  # a label map is a closed set
-    metric = spec.get("metric") or ("accuracy" if fixed or column else "exact_match")
+    metric = spec.get("metric") or ("accuracy" if fixed or column or every else "exact_match")
     if metric not in METRICS:
         raise bad("metric", f"is {metric!r}")
     family = spec.get("family") or ("vision-language" if image else "language")
@@ -139,6 +186,23 @@ def define(name: str, spec, path: str) -> DefinedTask:
     frac = spec.get("val_fraction", 0.1)
     if not isinstance(frac, (int, float)) or not 0 < frac < 1:
         raise bad("val_fraction", f"is {frac!r}, not a fraction between 0 and 1")
-    return DefinedTask(name, where, dict(files), fmt, str(spec["prompt"]), str(spec["answer"]), image, kind,
-                       str(spec.get("image_root", "")), labels, spec.get("refs"), fixed, column, metric, family,
-                       float(frac))
+    hub = spec.get("hub")
+    if hub is not None:
+        if not isinstance(hub, dict) or "repo" not in hub or not isinstance(hub.get("splits"), dict):
+            raise bad("hub", f"is {hub!r}")
+        hub = Hub(str(hub["repo"]), hub.get("config"), {str(k): str(v) for k, v in hub["splits"].items()})
+    per_format = spec.get("per_format") or {}
+    if not isinstance(per_format, dict) or set(per_format) - set(FORMATS.values()):
+        raise bad("per_format", f"is {per_format!r}")
+    for other, layout in per_format.items():
+        if not isinstance(layout, dict) or set(layout) - set(PER_FORMAT_FIELDS):
+            raise bad(f"per_format.{other}", f"is {layout!r}, not a mapping of {', '.join(PER_FORMAT_FIELDS)}")
+        per_format[other] = {**layout, "rename": _str_map(layout.get("rename") or {}, bad, f"per_format.{other}"),
+                             "labels": _str_map(layout.get("labels") or labels, bad, f"per_format.{other}")}
+        _choice(layout, "image_kind", IMAGE_KINDS, kind, bad)
+    return DefinedTask(
+        name, where, dict(files), fmt, tuple(str(c or "") for c in columns) if columns else None,
+        str(spec["prompt"]), str(spec["answer"]), _choice(spec, "answer_format", ("text", "box"), "text", bad),
+        image, kind, str(spec.get("image_root", "")), clean, labels, spec.get("refs"),
+        _choice(spec, "refs_format", ("list", "ofa-vqa"), "list", bad), str(spec.get("refs_sep", "|")),
+        fixed, column, every, metric, family, float(frac), hub, per_format, str(spec.get("get", "")))

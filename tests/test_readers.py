@@ -12,7 +12,10 @@ from PIL import Image
 
 from common.config import UserError
 from common.metrics import vqa_accuracy
-from common.readers import REAL_TASKS, box_to_tokens, fetch_hub, k_shot, read_examples, tokens_to_box
+from common.readers import box_to_tokens, catalogue, fetch_hub, k_shot, read_defined, tokens_to_box
+
+
+CATALOGUE = catalogue()
 
 
 def png(w: int, h: int, colour=(200, 30, 30)) -> bytes:
@@ -39,7 +42,7 @@ def snli_rows():
 
 def test_snli_ve_tsv_prompts_answers_images(tmp_path):
     write_tsv(tmp_path / "snli_ve_data/snli_ve_train.tsv", snli_rows())
-    exs = read_examples(REAL_TASKS["snli-ve"], "train", tmp_path)
+    exs = read_defined(CATALOGUE["snli-ve"], "train", tmp_path)
     assert [e.prompt for e in exs] == [' does the image describe " a man in blue. "?',
                                        ' does the image describe " two dogs "?',
                                        ' does the image describe " a cat "?']
@@ -52,8 +55,8 @@ def test_tsv_rows_are_decoded_when_asked_for_and_the_index_is_cached(tmp_path):
     rows = snli_rows()[:2] + [("3", "13", "!!!not-an-image!!!", "a cat", "premise", "neutral")]
     path = tmp_path / "snli_ve_data/snli_ve_train.tsv"
     write_tsv(path, rows)
-    assert len(read_examples(REAL_TASKS["snli-ve"], "train", tmp_path, n=2)) == 2
-    exs = read_examples(REAL_TASKS["snli-ve"], "train", tmp_path)  # indexed, nothing decoded
+    assert len(read_defined(CATALOGUE["snli-ve"], "train", tmp_path, n=2)) == 2
+    exs = read_defined(CATALOGUE["snli-ve"], "train", tmp_path)  # indexed, nothing decoded
     assert len(exs) == 3 and exs[1].answer == "no" and [e.answer for e in exs[:2]] == ["yes", "no"]
     with pytest.raises(UserError) as e:
         exs[2]  # the batch that takes row 3
@@ -62,9 +65,9 @@ def test_tsv_rows_are_decoded_when_asked_for_and_the_index_is_cached(tmp_path):
     index = path.with_name(".snli_ve_train.tsv.lines.npy")
     assert index.is_file()
     index.write_bytes(b"garbage")  # a cut-short index is built again
-    assert read_examples(REAL_TASKS["snli-ve"], "train", tmp_path)[0].answer == "yes"
+    assert read_defined(CATALOGUE["snli-ve"], "train", tmp_path)[0].answer == "yes"
     write_tsv(path, rows[:2])  # a changed file: a new index
-    assert len(read_examples(REAL_TASKS["snli-ve"], "train", tmp_path)) == 2
+    assert len(read_defined(CATALOGUE["snli-ve"], "train", tmp_path)) == 2
 
 
 def test_forked_data_workers_read_their_own_rows_of_a_file_the_parent_has_open(tmp_path):
@@ -77,7 +80,7 @@ def test_forked_data_workers_read_their_own_rows_of_a_file_the_parent_has_open(t
     # rows longer than a read buffer, read out of order: each row is a seek and a read from the file
     rows = [(str(i), str(i), b64(8, 8), f"scene {i} " + "x" * 9000, "premise", "entailment") for i in range(200)]
     write_tsv(tmp_path / "snli_ve_data/snli_ve_train.tsv", rows)
-    exs = read_examples(REAL_TASKS["snli-ve"], "train", tmp_path)
+    exs = read_defined(CATALOGUE["snli-ve"], "train", tmp_path)
     assert exs[0].prompt.split()[6] == "0"  # the parent's handle is open
     order = random.Random(0).sample(range(200), 200)
     loader = torch.utils.data.DataLoader(exs, sampler=order, batch_size=4, num_workers=2,
@@ -88,13 +91,13 @@ def test_forked_data_workers_read_their_own_rows_of_a_file_the_parent_has_open(t
 def test_wrong_column_count_names_file_and_line(tmp_path):
     write_tsv(tmp_path / "snli_ve_data/snli_ve_dev.tsv", [snli_rows()[0], ("4", "14", b64(8, 8), "no label")])
     with pytest.raises(UserError) as e:
-        read_examples(REAL_TASKS["snli-ve"], "val", tmp_path)[1]
+        read_defined(CATALOGUE["snli-ve"], "val", tmp_path)[1]
     assert "snli_ve_dev.tsv:2:" in str(e.value) and "4 tab-separated columns, expected 6" in str(e.value)
 
 
 def test_missing_file_says_what_to_put_there(tmp_path):
     with pytest.raises(UserError) as e:
-        read_examples(REAL_TASKS["snli-ve"], "test", tmp_path)
+        read_defined(CATALOGUE["snli-ve"], "test", tmp_path)
     msg = str(e.value)
     assert str(tmp_path / "snli_ve_data/snli_ve_test.tsv") in msg and "snli_ve_data.zip" in msg and "\n" not in msg
 
@@ -103,7 +106,7 @@ def test_vqa_tsv_question_answer_and_ten_refs(tmp_path):
     # OFA layout: question-id, image-id, question, conf|!+answer&&..., objects, image
     write_tsv(tmp_path / "vqa_data/vqa_val.tsv",
               [("7", "70", "What colour is the cat", "1.0|!+white&&0.6|!+gray&&0.3|!+black", "cat&&sofa", b64(16, 16))])
-    (ex,) = read_examples(REAL_TASKS["vqa"], "test", tmp_path)
+    (ex,) = read_defined(CATALOGUE["vqa"], "test", tmp_path)
     assert ex.prompt == " what colour is the cat?" and ex.answer == "white"
     assert len(ex.refs) == 10 and ex.refs.count("white") == 4 and ex.refs.count("gray") == 2
     # the rebuilt refs give back OFA's per-answer VQA scores
@@ -114,7 +117,7 @@ def test_refcoco_tsv_location_tokens_round_trip_within_a_bin(tmp_path):
     w, h, box = 200, 100, (20.0, 10.0, 121.3, 60.7)
     write_tsv(tmp_path / "refcoco_data/refcoco_train.tsv",
               [("79_1", "5", "The Woman in white", ",".join(map(str, box)), b64(w, h))])
-    (ex,) = read_examples(REAL_TASKS["refcoco"], "train", tmp_path)
+    (ex,) = read_defined(CATALOGUE["refcoco"], "train", tmp_path)
     assert ex.prompt == ' which region does the text " the woman in white " describe?'
     assert ex.answer == "<loc_100><loc_100><loc_606><loc_607>" == box_to_tokens(box, w, h)
     back = np.array(tokens_to_box(ex.answer)) * [w, h, w, h]
@@ -125,7 +128,7 @@ def test_refcoco_tsv_location_tokens_round_trip_within_a_bin(tmp_path):
 def test_caption_tsv_refs_are_every_caption(tmp_path):
     write_tsv(tmp_path / "caption_data/caption_test.tsv",
               [("1", "9", "A dog runs.&&Two dogs, playing!", "dog", b64(10, 10))])
-    (ex,) = read_examples(REAL_TASKS["caption"], "test", tmp_path)
+    (ex,) = read_defined(CATALOGUE["caption"], "test", tmp_path)
     assert ex.prompt == " what does the image describe?"
     assert ex.refs == ("a dog runs", "two dogs playing") and ex.answer == "a dog runs"
 
@@ -133,7 +136,7 @@ def test_caption_tsv_refs_are_every_caption(tmp_path):
 def test_classification_tsv_candidates_are_every_class_in_the_file(tmp_path):
     rows = [(b64(8, 8), "0", "tench"), (b64(8, 8), "0", "tench"), (b64(8, 8), "1", "great_white_shark")]
     write_tsv(tmp_path / "imagenet_1k_data/imagenet_1k_val.tsv", rows)
-    exs = read_examples(REAL_TASKS["imagenet"], "test", tmp_path, n=2)
+    exs = read_defined(CATALOGUE["imagenet"], "test", tmp_path, n=2)
     assert [e.answer for e in exs] == ["tench", "tench"]
     assert exs[0].candidates == ("great white shark", "tench")  # the unread third row's class too
     assert exs[0].prompt == " what does the image describe?"
@@ -144,12 +147,12 @@ def test_glue_tsvs_in_ofa_layouts(tmp_path):
               [("The Cat  sat.", "A cat sat.", "1"), ("x", "y", "0"), ("x", "y", "2")])
     write_tsv(tmp_path / "glue_data/rte_dev.tsv", [("0", "It Rains.", "It is wet.", "not_entailment")])
     write_tsv(tmp_path / "glue_data/qnli_train.tsv", [("0", "Who won?", "Ann won.", "entailment")])
-    mnli = read_examples(REAL_TASKS["mnli"], "train", tmp_path)
+    mnli = read_defined(CATALOGUE["mnli"], "train", tmp_path)
     assert mnli[0].prompt == ' can text1 " the cat sat. " imply text2 " a cat sat. "?' and mnli[0].image is None
     assert [e.answer for e in mnli] == ["yes", "maybe", "no"]  # OFA's own label coding for its MNLI TSV
-    (rte,) = read_examples(REAL_TASKS["rte"], "test", tmp_path)
+    (rte,) = read_defined(CATALOGUE["rte"], "test", tmp_path)
     assert rte.prompt == ' can text1 " it rains. " imply text2 " it is wet. "?' and rte.answer == "no"
-    (qnli,) = read_examples(REAL_TASKS["qnli"], "train", tmp_path)
+    (qnli,) = read_defined(CATALOGUE["qnli"], "train", tmp_path)
     assert qnli.prompt == ' does " ann won. " contain the answer to question " who won? "?' and qnli.answer == "yes"
 
 
@@ -161,10 +164,10 @@ def test_glue_parquet_in_the_hub_layout(tmp_path):
     pq.write_table(table, tmp_path / "mnli/validation_matched-00000-of-00001.parquet")
     pq.write_table(table.slice(0, 1).set_column(2, "label", pa.array([1])),
                    tmp_path / "mnli/validation_mismatched-00000-of-00001.parquet")
-    exs = read_examples(REAL_TASKS["mnli"], "test", tmp_path)
+    exs = read_defined(CATALOGUE["mnli"], "test", tmp_path)
     assert [e.answer for e in exs] == ["yes", "no"]  # the hub's coding: 0 entailment, 1 neutral, 2 contradiction
     assert exs[0].prompt == ' can text1 " a man sleeps. " imply text2 " someone rests. "?'
-    assert len(read_examples(REAL_TASKS["mnli"], "val", tmp_path, n=1)) == 1
+    assert len(read_defined(CATALOGUE["mnli"], "val", tmp_path, n=1)) == 1
 
 
 def test_parquet_with_image_bytes_and_class_label_names(tmp_path):
@@ -173,8 +176,8 @@ def test_parquet_with_image_bytes_and_class_label_names(tmp_path):
     table = pa.table({"image": [{"bytes": png(12, 6, (0, 200, 0)), "path": None}, {"bytes": png(4, 4), "path": None}],
                       "label": [1, 0]})
     pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps(meta)}), tmp_path / "dtd-train.parquet")
-    task = dataclasses.replace(REAL_TASKS["dtd"], files={"train": "dtd-train.parquet"})
-    a, b = read_examples(task, "train", tmp_path)
+    task = dataclasses.replace(CATALOGUE["dtd"], files={**CATALOGUE["dtd"].files, "train": "dtd-train.parquet"})
+    a, b = read_defined(task, "train", tmp_path)
     assert (a.answer, b.answer) == ("bubbly dots", "banded") and a.candidates == ("banded", "bubbly dots")
     assert a.image.shape == (6, 12, 3) and tuple(a.image[0, 0]) == (0, 200, 0)
 
@@ -187,12 +190,12 @@ def test_coop_split_json(tmp_path):
     split = {"train": [["a.jpg", 1, "great_pyrenees"], ["b.jpg", 0, "abyssinian"]],
              "val": [["c.jpg", 0, "abyssinian"]], "test": [["c.jpg", 2, "pug"]]}
     (folder / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
-    exs = read_examples(REAL_TASKS["oxford-pets"], "train", tmp_path)
+    exs = read_defined(CATALOGUE["oxford-pets"], "train", tmp_path)
     assert [e.answer for e in exs] == ["great pyrenees", "abyssinian"]
-    assert exs[0].candidates == ("abyssinian", "great pyrenees", "pug")  # label order, from every split
+    assert exs[0].candidates == ("abyssinian", "great pyrenees", "pug")  # the classes of every split
     (folder / "images/c.jpg").unlink()
     with pytest.raises(UserError, match="missing image"):
-        read_examples(REAL_TASKS["oxford-pets"], "test", tmp_path)
+        read_defined(CATALOGUE["oxford-pets"], "test", tmp_path)
 
 
 def test_fetch_hub_offline_is_one_line_and_makes_no_request(tmp_path, monkeypatch):
@@ -205,7 +208,7 @@ def test_fetch_hub_offline_is_one_line_and_makes_no_request(tmp_path, monkeypatc
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError) as e:
-        fetch_hub(REAL_TASKS["rte"], "train", tmp_path)
+        fetch_hub(CATALOGUE["rte"], "train", tmp_path)
     msg = str(e.value)
     assert "nyu-mll/glue" in msg and "hf download nyu-mll/glue --repo-type dataset" in msg and "data.root" in msg
     assert "\n" not in msg
@@ -220,9 +223,9 @@ def test_fetch_hub_network_failure_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
     with pytest.raises(UserError, match=r"cannot fetch nyu-mll/glue \(cola: ConnectionError\)"):
-        fetch_hub(REAL_TASKS["cola"], "val", tmp_path)
+        fetch_hub(CATALOGUE["cola"], "val", tmp_path)
     with pytest.raises(UserError, match="no hub dataset"):
-        fetch_hub(REAL_TASKS["snli-ve"], "train", tmp_path)
+        fetch_hub(CATALOGUE["snli-ve"], "train", tmp_path)
 
 
 def test_k_shot_per_class_is_seeded_and_order_stable():
@@ -240,10 +243,44 @@ def test_k_shot_per_class_is_seeded_and_order_stable():
     assert k_shot(exs, 0, seed=0, per_class=True) == exs and k_shot(exs, 99, seed=0, per_class=False) == exs
 
 
-def test_catalogue_covers_the_task_pool():
-    names = set(REAL_TASKS)
-    assert {"snli-ve", "vqa", "caption", "refcoco", "refcoco+", "refcocog",
-            "cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte"} <= names
-    assert sum(t.family == "vision" for t in REAL_TASKS.values()) >= 8
-    assert all(t.metric in ("accuracy", "vqa_accuracy", "acc_iou", "cider") for t in REAL_TASKS.values())
-    assert REAL_TASKS["mnli"].hub.splits["test"] == "validation_matched"
+def test_the_shipped_catalogue_is_task_definitions_covering_the_papers_pool():
+    """configs/paper_tasks.yaml holds the pool as definitions of the tasks.define schema; the real profiles'
+    pools are all in it."""
+    import yaml
+
+    from conftest import REPO
+
+    for profile in ("florence2-base", "t5-base"):
+        pool = yaml.safe_load((REPO / f"configs/{profile}.yaml").read_text())["tasks"]["pool"]
+        assert set(pool) <= set(CATALOGUE), profile
+    assert len(yaml.safe_load((REPO / "configs/florence2-base.yaml").read_text())["tasks"]["pool"]) == 21
+    assert sum(t.family == "vision" for t in CATALOGUE.values()) >= 8
+    assert {t.metric for t in CATALOGUE.values()} == {"accuracy", "vqa_accuracy", "acc_iou", "cider"}
+    assert CATALOGUE["mnli"].hub.splits["test"] == "validation_matched"
+    assert CATALOGUE["snli-ve"].where == "configs/paper_tasks.yaml: snli-ve"
+
+
+def test_a_catalogue_entry_copied_under_another_name_reads_the_same_examples(tmp_path):
+    """The catalogue is definitions of the tasks.define schema: its SNLI-VE entry, copied into a profile as a
+    task of one's own, reads OFA's TSV into the same examples."""
+    import yaml
+
+    from common.tasks import define
+    from conftest import REPO
+
+    write_tsv(tmp_path / "snli_ve_data/snli_ve_train.tsv", snli_rows())
+    spec = yaml.safe_load((REPO / "configs/paper_tasks.yaml").read_text())["snli-ve"]
+    mine = define("my-snli", spec, "configs/mine.yaml")
+    assert mine.where == "configs/mine.yaml: tasks.define.my-snli"
+    ours, theirs = read_defined(mine, "train", tmp_path), read_defined(CATALOGUE["snli-ve"], "train", tmp_path)
+    assert [(e.prompt, e.answer, e.image.tobytes()) for e in ours] == [(e.prompt, e.answer, e.image.tobytes())
+                                                                       for e in theirs]
+
+
+def test_a_label_the_map_lacks_names_its_row(tmp_path):
+    rows = snli_rows()[:2] + [("3", "13", b64(8, 8), "a cat", "premise", "contradicton")]
+    write_tsv(tmp_path / "snli_ve_data/snli_ve_train.tsv", rows)
+    exs = read_defined(CATALOGUE["snli-ve"], "train", tmp_path)
+    with pytest.raises(UserError, match=r"snli_ve_train.tsv:3: answer 'contradicton' is not a key of labels "
+                                        r"\(entailment, contradiction, neutral\)"):
+        exs[2]

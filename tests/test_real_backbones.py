@@ -46,16 +46,19 @@ def test_paper_profile_with_a_local_backbone_names_the_missing_data(micro, offli
     assert p.returncode == 2 and "nyu-mll/glue" in line and "data.root=DIR" in line
 
 
+COLOURS = ("red", "blue", "green")  # the embedded backbone's words: it refuses a task with words it lacks
+
+
 def write_real_data(root):
     """SNLI-VE as OFA's TSVs (base64 images) and RTE as the hub's parquet shards (`hf download nyu-mll/glue`)."""
     labels = ["entailment", "contradiction", "neutral"]
     for split, n in (("train", 12), ("dev", 6), ("test", 9)):
-        rows = [(str(i), str(i), b64(40, 30, (30 * i % 255, 90, 200)), f"a red circle {i}", "premise", labels[i % 3])
+        rows = [(str(i), str(i), b64(40, 30, (30 * i % 255, 90, 200)), f"a {COLOURS[i % 3]} circle", "premise", labels[i % 3])
                 for i in range(n)]
         write_tsv(root / f"snli_ve_data/snli_ve_{split}.tsv", rows)
     for split, n in (("train", 12), ("validation", 6)):
         (root / "rte").mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"sentence1": [f"a blue square {i}" for i in range(n)],
+        pq.write_table(pa.table({"sentence1": [f"a {COLOURS[i % 3]} square" for i in range(n)],
                                  "sentence2": ["a square"] * n, "label": [i % 2 for i in range(n)],
                                  "idx": list(range(n))}), root / f"rte/{split}-00000-of-00001.parquet")
 
@@ -71,6 +74,20 @@ def test_the_four_stages_run_on_real_file_formats(micro, tmp_path):
     assert result["test_size"] == 9 and result["experts"] == ["snli-ve-4shot-s0", "rte"]
     meta = json.loads((runs / "micro/experts/rte/meta.json").read_text())
     assert meta["train_size"] == 12 and meta["val_size"] == 6
+
+
+def test_the_embedded_backbone_refuses_a_catalogue_task_with_words_it_lacks(micro, tmp_path):
+    from conftest import backbone_only
+
+    write_real_data(tmp_path / "data")
+    rows = [(str(i), str(i), b64(8, 8), "a zebra grazes", "premise", "neutral") for i in range(4)]
+    write_tsv(tmp_path / "data/snli_ve_data/snli_ve_train.tsv", rows)
+    runs = backbone_only(micro, tmp_path / "runs")
+    code, out, err = stage("train_expert.py", "--task", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}",
+                           "data.source=files", f"data.root={tmp_path}/data")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "configs/paper_tasks.yaml: snli-ve uses words the embedded backbone's vocabulary lacks: grazes, zebra" in err
+    assert not (runs / "micro/experts").exists()
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +154,8 @@ def test_snli_ve_from_its_own_annotations_and_a_flickr30k_dir(tmp_path):
     (ex,) = data.split(cfg, "snli-ve", "train", 1)
     assert ex.prompt == ' does the image describe " two men are outside. "?' and ex.answer == "yes"
     assert ex.image.shape == (10, 20, 3) and tuple(ex.image[0, 0]) == (0, 200, 0)
-    with pytest.raises(UserError, match="404.jpg: missing Flickr30k image for snli_ve_train.jsonl:2"):
-        data.split(cfg, "snli-ve", "train")
+    with pytest.raises(UserError, match="snli_ve_train.jsonl:2: missing image file .*flickr30k-images/404.jpg"):
+        data.split(cfg, "snli-ve", "train")[1]  # read when a batch takes the row
 
 
 def test_data_workers_read_and_encode_the_same_batches_as_the_stage_alone(micro, tmp_path, monkeypatch):

@@ -121,9 +121,9 @@ def test_a_defined_task_reads_an_image_when_a_batch_takes_its_row(micro, tmp_pat
     assert len(again) == 18 and [e.answer for e in again.texts()] == again.answers()
     with pytest.raises(UserError) as e:
         again[5]
-    assert f"shapes/train.csv:line {row + 2}: missing image file " in str(e.value) and missing in str(e.value)
+    assert f"shapes/train.csv:{row + 2}: missing image file " in str(e.value) and missing in str(e.value)
     code, out, err = stage("train_expert.py", "--task", "my-shapes", "--config", config, f"runs_dir={runs}",
                            "data.num_workers=2")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert f"shapes/train.csv:line {row + 2}: missing image file " in err and "DataLoader" not in err
+    assert f"shapes/train.csv:{row + 2}: missing image file " in err and "DataLoader" not in err
     assert not (runs / "micro/experts").exists()
