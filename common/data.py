@@ -176,12 +176,12 @@ def split(cfg, name: str, which: str, n: int | None = None) -> list[Example]:
     n = min((x for x in (n, cap) if x), default=None)  # the data section's cap on files, 0 = none
     t, root = task(cfg, name), Path(cfg.data.root)
     try:
-        return read_defined(t, which, root, n)
+        return read_defined(t, which, root, n, cfg.data.num_workers)
     except UserError:
         if not (cfg.data.download and t.hub) or (root / t.files.get(which, "")).is_file():
             raise
         fetch_hub(t, which, root)  # then read the downloaded shards (a failed fetch says how to get them by hand)
-        return read_defined(t, which, root, n)
+        return read_defined(t, which, root, n, cfg.data.num_workers)
 
 
 def train_split(cfg, name: str, shots: int, seed: int, where: str = "tasks.target_shots") -> list[Example]:
@@ -261,13 +261,47 @@ class Encoder:
         return out
 
 
-def batches(exs: list[Example], batch_size: int, rng: random.Random | None = None):
-    """Mini-batches in order, or shuffled (one epoch) when an rng is given."""
+def batches(exs: list[Example], batch_size: int, rng: random.Random | None = None, shard: bool = False):
+    """Mini-batches in order, or shuffled (one epoch) when an rng is given; shard: only this rank's share of
+    them under torchrun (batches rank, rank + world, ...). A lazily read split with workers (readers.Rows,
+    data.num_workers) is decoded in that many DataLoader worker processes, a few batches ahead."""
+    from common import dist
+
     order = list(range(len(exs)))
     if rng is not None:
         rng.shuffle(order)
-    for i in range(0, len(order), batch_size):
-        yield [exs[j] for j in order[i:i + batch_size]]
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if shard:
+        chunks = dist.shard(chunks)
+    if not getattr(exs, "workers", 0) or not chunks:
+        yield from ([exs[j] for j in chunk] for chunk in chunks)
+        return
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer's threads and forked workers
+    loader = torch.utils.data.DataLoader(_Decoded(exs), batch_sampler=chunks, collate_fn=_as_is,
+                                         num_workers=exs.workers, generator=torch.Generator())
+    for batch in loader:
+        if isinstance(batch, UserError):
+            raise batch
+        yield batch
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """A split's examples decoded a batch at a time (in a DataLoader worker): a row that does not read is
+    returned as its one-line error, raised by the stage (not a worker's traceback around it)."""
+
+    def __init__(self, exs):
+        self.exs = exs
+
+    def __len__(self) -> int:
+        return len(self.exs)
+
+    def __getitems__(self, idx):
+        try:
+            return [self.exs[i] for i in idx]
+        except UserError as e:
+            return e
 
 
 def infinite_batches(exs: list[Example], batch_size: int, seed: int):

@@ -157,6 +157,7 @@ def task_metric(model, enc: Encoder, task, exs: list[Example], batch_size: int =
         right, total = dist.all_sum([hits])[0].tolist()
         return metric, right / max(total, 1)
     preds = dist.gather(generate_answers(model, enc, mine, batch_size), len(exs))
+    exs = exs.texts() if hasattr(exs, "texts") else exs  # the references: no image decoded again
     refs = [e.refs or (e.answer,) for e in exs]
     if metric == "vqa_accuracy":
         return metric, sum(vqa_accuracy(p, r) for p, r in zip(preds, refs)) / len(exs)

@@ -186,21 +186,23 @@ class Rows(Sequence):
     source's rows (a headerless file: one byte offset each; other files: each row's columns as read, its image a
     path or still encoded) and which of them this view takes. Slices are views (rows[r::world], rows[:n]);
     answers() reads the answer alone (the k-per-class sample of tasks.shots_per_class), no image decoded.
-    Picklable (each process opens its own file)."""
+    `workers`: the DataLoader workers that decode it when it is read in batches (common.data.batches: the
+    evaluation, the Fisher); data.split sets it from data.num_workers. Picklable (each process opens its
+    own file)."""
 
-    def __init__(self, source: "_Source", index: np.ndarray):
-        self.source, self.index = source, index
+    def __init__(self, source: "_Source", index: np.ndarray, workers: int = 0):
+        self.source, self.index, self.workers = source, index, workers
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return Rows(self.source, self.index[i])
+            return Rows(self.source, self.index[i], self.workers)
         return self.source.example(int(self.index[i]))
 
     def __mul__(self, times: int) -> "Rows":
-        return Rows(self.source, np.tile(self.index, times))
+        return Rows(self.source, np.tile(self.index, times), self.workers)
 
     def answers(self) -> list[str]:
         return [self.source.text(int(j)).answer for j in self.index]
@@ -436,7 +438,7 @@ def _resolve(task: DefinedTask, which: str, root: Path) -> list[Path]:
     return found
 
 
-def read_defined(task: DefinedTask, split: str, root: Path, n: int | None = None) -> Rows:
+def read_defined(task: DefinedTask, split: str, root: Path, n: int | None = None, workers: int = 0) -> Rows:
     """The first n examples of a defined task's split, each decoded when a batch takes it; with no val file,
     val is a seeded share of train (and train the rest). A missing file, an unknown column, an empty split, a
     first row that does not read: one line naming the field or the row."""
@@ -464,7 +466,7 @@ def read_defined(task: DefinedTask, split: str, root: Path, n: int | None = None
         rng, m = random.Random(f"{task.name}/val"), len(source)
         val = set(rng.sample(range(m), max(1, round(task.val_fraction * m)))) if m > 1 else set()
         index = np.array([i for i in range(m) if (i in val) == (split == "val")], dtype=np.int64)
-    return Rows(source, index[:n] if n is not None else index)
+    return Rows(source, index[:n] if n is not None else index, workers)
 
 
 # ---- the hub ----

@@ -44,8 +44,10 @@ def fisher_diagonal(model, enc: Encoder, exs: list[Example], estimator: str = "p
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     step = 1 if estimator == "per_sample" else batch_size
-    mine = dist.shard(list(batches(exs, step)))
-    for chunk in tqdm(mine, desc=desc, leave=False, dynamic_ncols=True, disable=None if dist.is_main() else True):
+    mine = batches(exs, step, shard=True)  # decoded as taken (data.num_workers workers), not all held at once
+    total = len(range(dist.rank(), -(-len(exs) // step), dist.world()))
+    for chunk in tqdm(mine, total=total, desc=desc, leave=False, dynamic_ncols=True,
+                      disable=None if dist.is_main() else True):
         with autocast():
             logp = answer_logprobs(model, enc, chunk, [e.answer for e in chunk]).sum()
         grads = torch.autograd.grad(logp, list(params.values()))

@@ -284,3 +284,23 @@ def test_a_label_the_map_lacks_names_its_row(tmp_path):
     with pytest.raises(UserError, match=r"snli_ve_train.tsv:3: answer 'contradicton' is not a key of labels "
                                         r"\(entailment, contradiction, neutral\)"):
         exs[2]
+
+
+def test_batches_of_a_split_decoded_in_workers_are_the_batches_read_in_order(tmp_path):
+    """common.data.batches (the evaluation's and the Fisher's batches) over a split with data.num_workers=2
+    yields the examples a plain read does, in order; a row that does not read stops it in one line."""
+    from common.data import batches
+
+    rows = [(str(i), str(i), b64(8, 8, (i, 0, 0)), "a cat", "premise", "neutral") for i in range(7)]
+    write_tsv(tmp_path / "snli_ve_data/snli_ve_train.tsv", rows + [("7", "7", "not-an-image", "x", "p", "neutral")])
+    plain = read_defined(CATALOGUE["snli-ve"], "train", tmp_path, n=7)
+    ahead = read_defined(CATALOGUE["snli-ve"], "train", tmp_path, n=7, workers=2)
+    assert ahead.workers == 2 and ahead[1:].workers == 2
+
+    def seen(exs):
+        return [[int(e.image[0, 0, 0]) for e in batch] for batch in batches(exs, 3)]
+
+    assert seen(ahead) == seen(plain) == [[0, 1, 2], [3, 4, 5], [6]]
+    broken = read_defined(CATALOGUE["snli-ve"], "train", tmp_path, workers=2)
+    with pytest.raises(UserError, match="snli_ve_train.tsv:8: unreadable image"):
+        list(batches(broken, 3))

@@ -159,23 +159,26 @@ def test_snli_ve_from_its_own_annotations_and_a_flickr30k_dir(tmp_path):
 
 
 def test_data_workers_read_and_encode_the_same_batches_as_the_stage_alone(micro, tmp_path, monkeypatch):
-    """data.num_workers=2: the TSV's rows are decoded and encoded in two DataLoader worker processes, and the
-    expert trained on them is the one the stage trains reading them itself, bit for bit."""
+    """data.num_workers=2: the TSV's rows are decoded and encoded in two DataLoader worker processes, for the
+    training batches and for the validation, and the expert trained on them is the one the stage trains
+    reading them itself, bit for bit, with the same validation score."""
     from safetensors.torch import load_file
 
     from common import data
 
     write_real_data(tmp_path / "data")
     readers_pids = tmp_path / "pids"
-    fetch = data._Encoded.__getitems__
 
-    def recorded(self, key):  # which process read each batch (forked workers inherit the patch)
-        with open(readers_pids, "a") as f:
-            f.write(f"{os.getpid()}\n")
-        return fetch(self, key)
+    def recorded(fetch, what):
+        def fetched(self, key):  # which process read each batch (forked workers inherit the patch)
+            with open(readers_pids, "a") as f:
+                f.write(f"{what} {os.getpid()}\n")
+            return fetch(self, key)
+        return fetched
 
-    monkeypatch.setattr(data._Encoded, "__getitems__", recorded)
-    weights, pids = {}, {}
+    monkeypatch.setattr(data._Encoded, "__getitems__", recorded(data._Encoded.__getitems__, "train"))
+    monkeypatch.setattr(data._Decoded, "__getitems__", recorded(data._Decoded.__getitems__, "val"))
+    weights, pids, scores = {}, {}, {}
     for workers in (0, 2):
         runs = tmp_path / f"runs{workers}"
         shutil.copytree(micro[1] / "backbone", runs / "micro/backbone")
@@ -184,8 +187,12 @@ def test_data_workers_read_and_encode_the_same_batches_as_the_stage_alone(micro,
                              f"data.num_workers={workers}", "expert.batch_size=4")
         assert code == 0, err
         weights[workers] = load_file(str(next((runs / "micro/experts/snli-ve").glob("*.safetensors"))))
-        pids[workers] = set(readers_pids.read_text().split())
+        scores[workers] = json.loads((runs / "micro/experts/snli-ve/meta.json").read_text())["val_value"]
+        pids[workers] = {tuple(line.split()) for line in readers_pids.read_text().splitlines()}
         readers_pids.unlink()
-    assert pids[0] == {str(os.getpid())} and len(pids[2]) == 2 and str(os.getpid()) not in pids[2]
+    me = str(os.getpid())
+    assert {pid for _, pid in pids[2]}.isdisjoint({me}) and pids[0] == {("train", me)}  # 0: no DataLoader read
+    assert len({pid for what, pid in pids[2] if what == "train"}) == 2 and any(w == "val" for w, _ in pids[2])
+    assert scores[0] == scores[2]
     assert weights[0].keys() == weights[2].keys()
     assert all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
