@@ -147,7 +147,7 @@ def _text(source: "_Source", f: dict) -> Example:
     else:
         answer = _answer(task, labels, f)
     cands = _several(f[task.candidates_column], "|") if task.candidates_column else source.names
-    prompt = task.prompt.format(**{**f, **{c: _cleaned(task, c, f[c]) for c in task.clean if c in f}})
+    prompt = task.prompt.format_map({**f, **{c: _cleaned(task, c, f[c]) for c in task.clean if c in f}})
     return Example(prompt, answer, None, candidates=cands, refs=refs)
 
 
@@ -335,9 +335,21 @@ def _line_source(task: DefinedTask, layout: dict, root: Path, path: Path) -> Lin
     source = LineSource(task, layout, root, path, offsets)
     if task.all_answers:  # every answer in the file: one pass over its text, nothing kept but the answers
         with open(path, encoding="utf-8") as fh:
-            source.names = tuple(sorted({_answer(task, layout["labels"], _split_line(task, path, i, line))
-                                         for i, line in enumerate(fh, 1)}))
+            rows = ((str(i), _split_line(task, path, i, line)) for i, line in enumerate(fh, 1))
+            source.names = _every_answer(task, layout["labels"], path, rows)
     return source
+
+
+def _every_answer(task: DefinedTask, labels: dict, path: Path, rows) -> tuple[str, ...]:
+    """The closed set of `candidates: all-answers`: every answer of (where, row) in rows, sorted."""
+    answers = set()
+    for where, f in rows:
+        try:
+            answers.add(_answer(task, labels, f))
+        except (_BadRow, KeyError) as e:
+            raise UserError(f"{path}:{where}: {e if isinstance(e, _BadRow) else f'no column {e} in this row'}") \
+                from None
+    return tuple(sorted(answers))
 
 
 def _records(fmt: str, path: Path, which: str, n: int | None):
@@ -408,13 +420,14 @@ def _record_source(task: DefinedTask, fmt: str, layout: dict, root: Path, paths:
     source = RecordSource(task, layout, root, paths[0].parent if several else paths[0], records, wheres)
     if task.all_answers:
         if fmt == "coop-json":  # CoOp's classes: those of every split in the file
-            parts = _coop_split(paths[0], paths[0].stat().st_mtime_ns).values()
-            rows = [{"image": r[0], "label": r[1], "classname": r[2]} for part in parts for r in part]
-        elif class_names:
-            rows = [{task.answer: str(i)} for i in range(len(class_names))]  # every class, not only those read
+            parts = _coop_split(paths[0], paths[0].stat().st_mtime_ns).items()
+            rows = [(f"{s}[{i}]", {"image": r[0], "label": r[1], "classname": r[2]})
+                    for s, part in parts for i, r in enumerate(part)]
+        elif class_names:  # every class, not only those read
+            rows = [(f"class {i}", {task.answer: str(i)}) for i in range(len(class_names))]
         else:
-            rows = records
-        source.names = tuple(sorted({_answer(task, layout["labels"], f) for f in rows}))
+            rows = zip(wheres, records)
+        source.names = _every_answer(task, layout["labels"], source.path, rows)
     return source
 
 
