@@ -28,6 +28,7 @@ from common.artifacts import read_json, write_json, write_text
 from common.backbone import load_backbone
 from common.config import changed_fields, parse_stage, require_current, run_stage, stage_parser
 from common.device import accelerator
+from common.expert_types import EXPERT_TYPES
 from common.experts import (MergedExpert, current_expert, expert_dir, expert_name, load_expert, load_pool,
                             unload_expert)
 from common.metrics import task_metric
@@ -65,7 +66,7 @@ def methods(cfg, run: str, meta: dict) -> tuple[dict, list[str]]:
     out = {"zero-shot": ("base", None), "target-only": ("expert", expert_dir(cfg, run))}
     found = [(name, "target", exp / f"{run}.{v}") for v, name in (("2x", "target-only-2x"), ("full-ft", "full-ft"))]
     out["uniform-merge"] = ("uniform", meta["experts"])
-    if cfg.expert.method == "lora":
+    if EXPERT_TYPES[cfg.expert.method].peft_merges:
         out["linear-merge"], out["ties-merge"] = ("linear", meta["experts"]), ("ties", meta["experts"])
     out["pi-tuning"] = ("expert", interp / run)
     for d in sorted(interp.glob(f"{run}.*")):

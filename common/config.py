@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from common.expert_types import EXPERT_TYPES
+
 
 class UserError(Exception):
     """A mistake the user can fix; printed as one line, exit code 2, no traceback."""
@@ -116,7 +118,7 @@ class TasksConfig:
 
 @dataclass
 class ExpertConfig:
-    method: str = "lora"  # lora | ia3 | prompt | prefix | adapter
+    method: str = "lora"  # one of common/expert_types.py: lora | dora | ia3 | prompt | prefix | adapter
     r: int = ranged(8, 1)  # lora rank
     alpha: float = ranged(16.0, 0, lo_open=True)  # lora scale alpha/r
     dropout: float = ranged(0.0, 0, 1, hi_open=True)  # lora / adapter dropout
@@ -125,7 +127,7 @@ class ExpertConfig:
     adapter_dim: int = ranged(128, 1)  # bottleneck width of the Houlsby adapters
     steps: int = ranged(300, 1)
     batch_size: int = ranged(32, 1)
-    lr: float = ranged(0.0, 0)  # 0 = the method's default (experts.py DEFAULT_LR: 1e-3 lora/adapter, 1e-2 ia3/prefix, 3e-2 prompt)
+    lr: float = ranged(0.0, 0)  # 0 = the type's own (expert_types.py: 1e-3 lora/dora/adapter, 1e-2 ia3/prefix, 3e-2 prompt)
     grad_clip: float = ranged(1.0, 0)  # 0 = no clipping
     eval_size: int = ranged(200, 1)  # validation examples scored after training
     grad_accum: int = ranged(1, 1)  # batches per optimizer step (the effective batch is batch_size x grad_accum)
@@ -211,7 +213,7 @@ class Config:
 CHOICES = {
     "precision": ("fp32", "bf16", "fp16"),
     "log_with": ("none", "tensorboard", "wandb"),
-    "expert.method": ("lora", "ia3", "prompt", "prefix", "adapter"),
+    "expert.method": tuple(EXPERT_TYPES),
     "data.source": ("mini", "files"),
     "fisher.embedding": ("fisher", "weights"),
     "fisher.estimator": ("per_sample", "batch"),

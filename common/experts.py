@@ -1,5 +1,6 @@
-"""Parameter-efficient experts (LoRA, IA3, prompt, prefix via peft; adapters from common.adapters):
-create, name, save, load, group their tensors, and run K of them merged as one."""
+"""Parameter-efficient experts (each type one object in common/expert_types.py: LoRA, DoRA, IA3, prompt,
+prefix via peft; adapters from common.adapters): create, name, save, load, group their tensors, and run K
+of them merged as one."""
 from __future__ import annotations
 
 import re
@@ -12,6 +13,7 @@ from common.adapters import AdapterModel
 from common.artifacts import read_json
 from common.backbone import backbone_dir, fingerprint
 from common.config import UserError, require_current
+from common.expert_types import EXPERT_TYPES, join_layers as _join, split_layers as _split
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -27,20 +29,6 @@ def expert_dir(cfg, name: str) -> Path:
     return cfg.run_dir / "experts" / name
 
 
-METHODS = ("lora", "ia3", "prompt", "prefix", "adapter")
-# what each method attaches to when expert.target_modules is "": the language model only (a bare
-# `q_proj|fc2` would also match Florence-2's vision tower); T5 names its modules q/k/v/o, wi/wo
-DEFAULT_TARGETS = {
-    "bart": {"lora": r".*(language_model|model)\.(encoder|decoder)\..*\.(q_proj|k_proj|v_proj|out_proj)$",
-             "ia3": r".*(language_model|model)\.(encoder|decoder)\..*\.(k_proj|v_proj|fc2)$",
-             "adapter": r".*(language_model|model)\.(encoder|decoder)\..*\.(self_attn\.out_proj|fc2)$"},
-    "t5": {"lora": r".*\.(SelfAttention|EncDecAttention)\.(q|k|v|o)$",
-           "ia3": r".*\.((SelfAttention|EncDecAttention)\.(k|v)|DenseReluDense\.wo)$",
-           "adapter": r".*\.(SelfAttention\.o|DenseReluDense\.wo)$"},
-}
-# expert.lr: 0 takes these: IA3 vectors, soft prompts and prefixes need far larger steps than LoRA / adapters
-DEFAULT_LR = {"lora": 1e-3, "ia3": 1e-2, "prompt": 3e-2, "prefix": 1e-2, "adapter": 1e-3}
-FEEDFORWARD = {"bart": r".*\.fc2$", "t5": r".*\.DenseReluDense\.wo$"}  # IA3 scales these modules' inputs
 
 
 def text_dims(model) -> dict:
@@ -54,39 +42,25 @@ def text_dims(model) -> dict:
 
 
 def learning_rate(ecfg) -> float:
-    return ecfg.lr or DEFAULT_LR[ecfg.method]
+    return ecfg.lr or EXPERT_TYPES[ecfg.method].lr
 
 
 def target_modules(ecfg, dims: dict) -> str:
-    return ecfg.target_modules or DEFAULT_TARGETS[dims["family"]][ecfg.method]
+    return ecfg.target_modules or EXPERT_TYPES[ecfg.method].targets.get(dims["family"], "")
 
 
 def attach(model, ecfg, rank_multiplier: int = 1):
-    """Wrap the frozen backbone in a fresh expert of the configured method (only the expert's tensors train).
+    """Wrap the frozen backbone in a fresh expert of the configured type (only the expert's tensors train).
 
     rank_multiplier: a k-expert LoRA merge is one LoRA of rank k*r (the same alpha/r keeps sum_i p_i B_i A_i exact)."""
-    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+    from peft import get_peft_model
 
     dims, m = text_dims(model), ecfg.method
-    if m == "adapter":
-        return AdapterModel(model, target_modules(ecfg, dims), ecfg.adapter_dim, ecfg.dropout)
-    if m == "lora":
-        pc = LoraConfig(r=ecfg.r * rank_multiplier, lora_alpha=ecfg.alpha * rank_multiplier,
-                        lora_dropout=ecfg.dropout, target_modules=target_modules(ecfg, dims), bias="none")
-    elif m == "ia3":
-        targets = target_modules(ecfg, dims)
-        pc = IA3Config(target_modules=targets, feedforward_modules=FEEDFORWARD[dims["family"]])
-    elif m == "prompt":  # soft tokens before the encoder input; Florence-2 needs the dims spelled out
-        pc = PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=ecfg.virtual_tokens,
-                                token_dim=dims["d_model"], num_attention_heads=dims["heads"],
-                                num_layers=dims["encoder_layers"], num_transformer_submodules=1,
-                                prompt_tuning_init="SAMPLE_VOCAB")
-    else:  # prefix: keys/values prepended in every decoder self-attention (peft's seq2seq prefix tuning)
-        pc = PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=ecfg.virtual_tokens,
-                                token_dim=dims["d_model"], num_attention_heads=dims["heads"],
-                                num_layers=dims["decoder_layers"], num_transformer_submodules=2)
+    built = EXPERT_TYPES[m].build(model, ecfg, dims, target_modules(ecfg, dims), rank_multiplier)
+    if isinstance(built, torch.nn.Module):  # an expert of our own (adapters): the model already holds it
+        return built
     try:
-        return get_peft_model(model, pc)
+        return get_peft_model(model, built)
     except ValueError as e:  # peft: "Target modules ... not found in the base model"
         raise UserError(f"expert.target_modules: {str(e).splitlines()[0][:160]}; fix the regex or leave it \"\" "
                         f"for the {m} default")
@@ -165,6 +139,7 @@ def param_name(key: str, adapter: str = "default") -> str:
     if key == "prompt_embeddings":  # prompt / prefix: the prompt encoder's embedding table
         return f"prompt_encoder.{adapter}.embedding.weight"
     key = re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{adapter}.weight", key)
+    key = re.sub(r"\.lora_magnitude_vector$", f".lora_magnitude_vector.{adapter}.weight", key)  # DoRA
     return re.sub(r"\.ia3_l$", f".ia3_l.{adapter}", key)
 
 
@@ -175,7 +150,7 @@ def group_of(mode: str):
     prefix layer, or the prompt; layer: every site of one transformer layer; tensor: as site for LoRA
     (the exact merge weights whole sites), else each tensor; global: one softmax for everything."""
     def site(key):
-        m = re.match(r"(.*)\.(lora_[AB]|adapter)\.", key)
+        m = re.match(r"(.*)\.(lora_[AB]\.|lora_magnitude_vector$|adapter\.)", key)
         return m.group(1) if m else key
 
     def layer(key):
@@ -192,35 +167,30 @@ def group_of(mode: str):
 
 
 def split_layers(weights: dict[str, torch.Tensor], method: str, layers: int) -> dict[str, torch.Tensor]:
-    """Prefix: the [tokens, layers*2*d] table as one [tokens, 2*d] tensor per decoder layer (its own group)."""
-    if method != "prefix":
-        return weights
-    t = weights["prompt_embeddings"]
-    return {f"prompt_embeddings.layer{i}": p.contiguous() for i, p in enumerate(t.view(t.shape[0], layers, -1).unbind(1))}
+    """A layered type's (prefix's) one table as one tensor per decoder layer (its own group); others as they are."""
+    return _split(weights, layers) if EXPERT_TYPES[method].layered else weights
 
 
 def join_layers(weights: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
     """Inverse of split_layers."""
-    if method != "prefix":
-        return weights
-    parts = [weights[f"prompt_embeddings.layer{i}"] for i in range(len(weights))]
-    return {"prompt_embeddings": torch.stack(parts, 1).flatten(1)}
+    return _join(weights) if EXPERT_TYPES[method].layered else weights
 
 
 class MergedExpert:
     """K experts of one method mixed with per-group softmax weights, run as ONE expert of that method.
 
-    LoRA: the exact update sum_i p_i B_i A_i as one LoRA of rank K*r; every other method: the weighted
-    sum of each tensor (IA3 vectors, prompt / prefix tables, adapter weights and biases)."""
+    A type whose merge is "lora": the exact update sum_i p_i B_i A_i as one LoRA of rank K*r; every other:
+    the weighted sum of each tensor (IA3 vectors, prompt / prefix tables, adapter weights and biases, DoRA's
+    A, B and magnitudes)."""
 
     def __init__(self, model, ecfg, experts: list[dict[str, torch.Tensor]], groups: str, trainable: bool):
         from common.merge import ExpertStack
 
-        self.method, k = ecfg.method, len(experts)
-        self.model = attach(model, ecfg, rank_multiplier=k if self.method == "lora" else 1)
+        self.method, k, kind = ecfg.method, len(experts), EXPERT_TYPES[ecfg.method].merge
+        self.model = attach(model, ecfg, rank_multiplier=k if kind == "lora" else 1)
         self.layers = text_dims(model)["decoder_layers"]
         self.stack = ExpertStack([split_layers(e, self.method, self.layers) for e in experts], group_of(groups),
-                                 kind="lora" if self.method == "lora" else "sum", trainable=trainable)
+                                 kind=kind, trainable=trainable)
         self.stack.to(next(model.parameters()).device)  # the merge runs where the model is (Triton on CUDA)
         self.group_names = self.stack.group_names
 
@@ -258,7 +228,7 @@ def load_pool(cfg, names: list[str]) -> list[dict[str, torch.Tensor]]:
     for name in names:
         current_expert(cfg, name)
         w = load_expert_weights(expert_dir(cfg, name))
-        if cfg.expert.method == "lora":
+        if EXPERT_TYPES[cfg.expert.method].scaled:
             w = at_config_scale(w, expert_dir(cfg, name), cfg.expert)
         if weights and {k: v.shape for k, v in w.items()} != {k: v.shape for k, v in weights[0].items()}:
             raise UserError(f"{expert_dir(cfg, name)}: its tensors differ from {names[0]}'s; all experts must share "

@@ -8,8 +8,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import re
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -19,7 +17,8 @@ from tqdm import tqdm
 from common import dist
 from common.backbone import backbone_dir, fingerprint
 from common.data import Encoder, Example, batches
-from common.experts import WEIGHTS, expert_dir, split_layers
+from common.expert_types import EXPERT_TYPES
+from common.experts import WEIGHTS, expert_dir
 from common.metrics import answer_logprobs
 
 EPS = 1e-6
@@ -120,25 +119,9 @@ def task_similarity(fa: dict[str, torch.Tensor], fb: dict[str, torch.Tensor]) ->
 
 
 def expert_update(weights: dict[str, torch.Tensor], method: str, layers: int = 1) -> dict[str, torch.Tensor]:
-    """{site: what the expert adds there} from its saved tensors (no backbone needed).
-
-    LoRA B starts at zero, so B·A is the whole update; IA3 starts at 1; adapters and prompts have no
-    neutral start, so their map (up·down) / mean token stands for them."""
-    if method in ("prompt", "prefix"):  # the prompt, or one site per decoder layer of the prefix table
-        return {k.rsplit(".", 1)[-1]: t.float().mean(0) for k, t in split_layers(weights, method, layers).items()}
-    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for k, v in weights.items():
-        m = re.match(r"(.*)\.(lora_A|lora_B|adapter\.down|adapter\.up|ia3_l)(?:\.weight)?$", k)
-        if m:
-            parts[m.group(1)][m.group(2)] = v.float()
-    out = {}
-    for site, p in parts.items():
-        if "lora_B" in p:
-            out[site] = p["lora_B"] @ p["lora_A"]
-        elif "adapter.up" in p:
-            out[site] = p["adapter.up"] @ p["adapter.down"]
-        elif "ia3_l" in p:
-            out[site] = p["ia3_l"] - 1
+    """{site: what the expert adds there} from its saved tensors (no backbone needed), as its type defines it
+    (common/expert_types.py: LoRA's B·A, IA3's scales - 1, an adapter's up·down, a prompt's mean token)."""
+    out = EXPERT_TYPES[method].update(weights, layers)
     if not out:
         raise ValueError(f"no {method} expert tensors found")
     return out
