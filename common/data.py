@@ -116,7 +116,6 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 ]}
 PRETRAIN_TASKS = {"pt-caption": Task("pt-caption", "pretraining", _pt_caption, None),
                   "pt-infill": Task("pt-infill", "pretraining", _pt_infill, None)}
-SPLITS = ("train", "val", "test")
 
 
 def get_task(name: str, where: str = "tasks.pool") -> Task:
@@ -137,15 +136,6 @@ def examples(task: str, split: str, world: WorldConfig, n: int | None = None) ->
     n = size if n is None else min(n, size)
     rng, t = _rng(world, task, split), get_task(task)
     return [t.make(rng, world.image_size) for _ in range(n)]
-
-
-def low_shot(exs: list[Example], shots: int, seed: int, per_class: bool = False) -> list[Example]:
-    """A seeded k-shot sample (the target's training data in the low-shot regime); per_class: k of every answer."""
-    if per_class:
-        return k_shot(exs, shots, seed, per_class=True)
-    if shots <= 0 or shots >= len(exs):
-        return exs[:]  # a list's copy; lazily read rows (readers.Rows) stay a view
-    return random.Random(seed).sample(exs, shots)
 
 
 # ---- what the stages call: the mini world or real files, by data.source ----
@@ -192,7 +182,7 @@ def train_split(cfg, name: str, shots: int, seed: int, where: str = "tasks.targe
         setting = where if where.startswith("--") else f"{cfg.path}: field '{where}'"
         raise UserError(f"{setting} is {shots}, but {name}'s train split has {len(exs)} examples; use at "
                         f"most {len(exs)} (0 = all of them)")
-    return low_shot(exs, shots, seed, cfg.tasks.shots_per_class)
+    return k_shot(exs, shots, seed, cfg.tasks.shots_per_class)
 
 
 def check_words(cfg, name: str, enc: "Encoder", *splits: list[Example]) -> None:

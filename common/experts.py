@@ -9,13 +9,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from common.adapters import AdapterModel
+from common.adapters import WEIGHTS, AdapterModel
 from common.artifacts import read_json
 from common.backbone import backbone_dir, fingerprint
 from common.config import UserError, require_current
 from common.expert_types import EXPERT_TYPES, join_layers as _join, split_layers as _split
-
-WEIGHTS = "adapter_model.safetensors"
 
 
 def expert_name(task: str, shots: int | None = None, seed: int = 0) -> str:

@@ -12,7 +12,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from common import dist
 from common.data import Encoder, Example, Task, batches, candidates_for
-from common.readers import tokens_to_box
+from common.readers import PUNCTUATION, tokens_to_box
 
 
 def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -226,12 +226,9 @@ def acc_at_iou(pred_texts, gold_texts, threshold: float = 0.5) -> float:
     return hits / max(len(gold_texts), 1)
 
 
-_CAPTION_PUNCT = re.compile(r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~]")
-
-
 def caption_tokens(text: str) -> list[str]:
     """Lower-cased words without punctuation: a stand-in for coco-caption's PTB tokenizer (Java)."""
-    return _CAPTION_PUNCT.sub(" ", text.lower()).split()
+    return PUNCTUATION.sub(" ", text.lower()).split()
 
 
 def _ngrams(words: list[str], n: int) -> Counter:

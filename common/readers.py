@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from common.config import UserError
-from common.tasks import ALL_ANSWERS, FORMATS, DefinedTask, Example, define, k_shot  # noqa: F401 (k_shot)
+from common.tasks import FORMATS, DefinedTask, Example, define
 
 CATALOGUE = Path(__file__).resolve().parent.parent / "configs" / "paper_tasks.yaml"
 LOC_BINS = 1000  # Florence-2's <loc_0>..<loc_999>
@@ -74,13 +74,13 @@ def _ofa_question(text: str) -> str:
     return question if question.endswith("?") else question + "?"
 
 
-_PUNCT = re.compile(r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~]")
+PUNCTUATION = re.compile(r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~]")  # captions' (OFA, coco-caption)
 
 CLEAN = {
     "ofa": _ofa_text,
     "ofa-question": _ofa_question,  # VQA: and a '?' at the end
     "lower": lambda text: " ".join(text.lower().split()),  # OFA lower-cases GLUE's sentences
-    "caption": lambda text: " ".join(_PUNCT.sub("", text).lower().split()),  # caption_dataset.py, as coco scores
+    "caption": lambda text: " ".join(PUNCTUATION.sub("", text).lower().split()),  # caption_dataset.py, as coco scores
     "class": lambda text: text.replace("_", " ").strip(),  # CoOp prompts with '_' as spaces
 }
 

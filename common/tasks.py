@@ -30,12 +30,13 @@ class Task:
 
 
 def k_shot(exs: list[Example], k: int, seed: int, per_class: bool) -> list[Example]:
-    """A seeded k-shot sample, CoOp style: k examples of each answer class (per_class) or k in all; input order kept."""
-    if k <= 0:
+    """The one seeded k-shot sample (a target's low-shot training split): k examples in all, in the order drawn
+    (the mini profile's draws), or, CoOp style, k of each answer class (per_class), in the input's order."""
+    if k <= 0 or (k >= len(exs) and not per_class):
         return exs[:]  # a list's copy; lazily read rows (readers.Rows) stay a view
     rng = random.Random(seed)
     if not per_class:
-        return exs[:] if k >= len(exs) else [exs[i] for i in sorted(rng.sample(range(len(exs)), k))]
+        return [exs[i] for i in rng.sample(range(len(exs)), k)]  # = rng.sample(exs, k), without a copy of exs
     by_class = defaultdict(list)
     answers = exs.answers() if hasattr(exs, "answers") else [e.answer for e in exs]  # Rows: no image decoded
     for i, a in enumerate(answers):

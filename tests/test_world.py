@@ -35,10 +35,13 @@ def test_snli_ve_labels_are_balanced_and_images_show_objects():
     assert img.shape == (64, 64, 3) and img.dtype == np.uint8 and img.max() > 200  # a bright object is drawn
 
 
-def test_low_shot_is_a_seeded_sample():
+def test_the_low_shot_sample_is_seeded_and_draws_what_the_mini_profile_always_drew():
+    import random
+
     exs = data.examples("nli", "train", W)
-    s0, s0b, s1 = data.low_shot(exs, 8, 0), data.low_shot(exs, 8, 0), data.low_shot(exs, 8, 1)
+    s0, s0b, s1 = data.k_shot(exs, 8, 0, False), data.k_shot(exs, 8, 0, False), data.k_shot(exs, 8, 1, False)
     assert len(s0) == 8 and [e.prompt for e in s0] == [e.prompt for e in s0b] != [e.prompt for e in s1]
+    assert s0 == random.Random(0).sample(exs, 8)  # the draws, in their order, of the sampler it replaced
 
 
 def test_unknown_task_names_the_known_ones():
