@@ -32,11 +32,8 @@ from common.expert_types import EXPERT_TYPES
 from common.experts import (MergedExpert, current_expert, expert_dir, expert_name, load_expert, load_pool,
                             unload_expert)
 from common.metrics import task_metric
-from common.report import load_results
+from common.report import load_results, ordered
 
-# table order; pair-<expert> runs feed the transfer matrix instead
-ORDER = ("zero-shot", "target-only", "target-only-2x", "full-ft", "uniform-merge", "linear-merge", "ties-merge",
-         "pi-random", "pi-frozen", "pi-tuning", "pi-oracle")
 
 
 def uniform_merge(cfg, base, experts: list[str]):
@@ -93,7 +90,7 @@ def table(target: str, metric: str, runs: list[dict], left_out: list[str]) -> st
     lines = [f"| {target} (test {metric}) | " + " | ".join(f"{f'{s}-shot' if s else 'full data'} (n={len(rs)} seeds)" for s, rs in
                                                      sorted(by_shots.items())) + " |",
              "|---" * (1 + len(by_shots)) + "|"]
-    shown = [m for m in ORDER if any(m in r["accuracy"] for r in runs)]
+    shown = ordered(runs)
     for m in shown:
         cells = []
         for _, rs in sorted(by_shots.items()):
@@ -181,7 +178,7 @@ def main() -> None:
         runs, left_out = load_results(cfg, args.target)  # rebuilt from the results on disk: no stale row
         write_json(res_dir / f"{args.target}.json", {"runs": {r["run"]: r for r in runs}, "left_out": left_out})
         write_text(res_dir / f"{args.target}.md", table(args.target, metric, runs, left_out))
-    scores = ", ".join(f"{m} {acc[m]:.3f}" for m in ORDER if m in acc)
+    scores = ", ".join(f"{m} {acc[m]:.3f}" for m in ordered([result]))
     note = f"; left out as stale: {', '.join(stale)}" if stale else ""
     print(f"evaluated {run} ({metric}, {len(test)} test examples): {scores}{note}; {time.time() - t0:.0f}s -> "
           f"{res_dir / args.target}.md ({len(runs)} runs)")

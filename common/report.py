@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import json
 import math
 import re
@@ -11,8 +12,39 @@ from pathlib import Path
 
 from common.artifacts import write_text
 
-ORDER = ("zero-shot", "target-only", "target-only-2x", "full-ft", "uniform-merge", "linear-merge", "ties-merge",
-         "pi-random", "pi-frozen", "pi-tuning", "pi-oracle")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the results tables: π-Tuning or a baseline, what it is and the stage run that makes it."""
+    name: str
+    what: str
+    made_by: str
+
+
+# every method the tables compare, in their order (evaluate.py scores those whose artifacts exist); one scored
+# but missing here is shown after these, not hidden; pair-<expert> runs feed the transfer matrix instead
+METHODS = (
+    Method("zero-shot", "the backbone alone", "the backbone stage"),
+    Method("target-only", "the target's own expert", "train_expert.py --task T --shots N"),
+    Method("target-only-2x", "the target's expert trained twice as long", "train_expert.py --variant 2x"),
+    Method("full-ft", "the whole backbone fine-tuned on the target", "train_expert.py --variant full-ft"),
+    Method("uniform-merge", "the target's and the top-k experts averaged, no training", "evaluate.py"),
+    Method("linear-merge", "peft add_weighted_adapter 'linear' (A and B averaged apart)", "evaluate.py"),
+    Method("ties-merge", "peft add_weighted_adapter 'ties' (density 0.5)", "evaluate.py"),
+    Method("pi-random", "π-Tuning with k random pool experts", "interpolate.py --variant random"),
+    Method("pi-frozen", "π-Tuning with the experts frozen (only the weights learn)", "interpolate.py --variant frozen"),
+    Method("pi-tuning", "π-Tuning: the target's and its top-k similar experts interpolated", "interpolate.py"),
+    Method("pi-oracle", "π-Tuning with the k experts that help most on test (an upper bound)",
+           "interpolate.py --variant oracle"),
+)
+ORDER = tuple(m.name for m in METHODS)
+
+
+def ordered(runs: list[dict]) -> list[str]:
+    """The methods scored in any of these results, in the tables' order, any not in METHODS after them."""
+    scored = {m for r in runs for m in r["accuracy"] if not m.startswith("pair-")}
+    return [m for m in ORDER if m in scored] + sorted(scored - set(ORDER))
 FAMILY_COLOURS = {"vision-language": "tab:purple", "vision": "tab:blue", "language": "tab:green"}
 
 
@@ -86,7 +118,7 @@ def write_report(cfg, target: str) -> Path:
     for r in runs:
         by_shots.setdefault(r["shots"], []).append(r)
     shots = sorted(by_shots)
-    methods = [m for m in ORDER if any(m in r["accuracy"] for r in runs)]
+    methods = ordered(runs)
     metric = runs[0]["metric"]
 
     how = "fisher.embedding: weights" if cfg.fisher.embedding == "weights" else \

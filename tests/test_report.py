@@ -71,3 +71,14 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
     again = run("make", "-n", "report", "PROFILE=micro", f"PY={sys.executable}", "STAMP=", "REPORT_SHOTS=8",
                 "REPORT_SEEDS=0", "TRANSFER_SHOTS=8", EVERY_EMBEDDING, f"OVERRIDES=runs_dir={runs}")
     assert "interpolate.py" not in again.stdout and "train_expert.py" not in again.stdout  # nothing to redo
+
+
+def test_a_scored_method_the_list_lacks_is_shown_after_the_listed_ones_not_hidden():
+    from common.report import METHODS, ordered
+    from evaluate import table
+
+    runs = [{"shots": 8, "accuracy": {"pi-tuning": 0.6, "pi-mine": 0.7, "zero-shot": 0.3, "pair-nli": 0.5}}]
+    assert ordered(runs) == ["zero-shot", "pi-tuning", "pi-mine"]  # pair- runs feed the transfer matrix
+    rows = [line.split(" | ")[0].strip("| ") for line in table("snli-ve", "accuracy", runs, []).splitlines()[2:]]
+    assert rows[:3] == ["zero-shot", "pi-tuning", "pi-mine"]
+    assert len({m.name for m in METHODS}) == len(METHODS)
