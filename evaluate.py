@@ -32,7 +32,7 @@ from common.expert_types import EXPERT_TYPES
 from common.experts import (MergedExpert, current_expert, expert_dir, expert_name, load_expert, load_pool,
                             unload_expert)
 from common.metrics import task_metric
-from common.report import load_results, ordered
+from common.report import load_results, ordered, scores_of
 
 
 
@@ -94,7 +94,7 @@ def table(target: str, metric: str, runs: list[dict], left_out: list[str]) -> st
     for m in shown:
         cells = []
         for _, rs in sorted(by_shots.items()):
-            vals = [r["accuracy"][m] for r in rs if m in r["accuracy"]]
+            vals = [r["scores"][m] for r in rs if m in r["scores"]]
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             cells.append(f"{statistics.mean(vals):.3f} ± {sd:.3f}" if vals else "-")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -135,7 +135,7 @@ def main() -> None:
         newest = max((d.stat().st_mtime for m, (_, d) in todo.items() if m.startswith("pair-")), default=0)
         row = read_json(row_path, "transfer matrix row", "run `evaluate.py --transfer`")
         if row_path.stat().st_mtime >= newest and not changed_fields(row.get("config"), cfg, "result"):
-            measured = {m: a for m, a in row["accuracy"].items() if m.startswith("pair-") and m in todo}
+            measured = {m: a for m, a in scores_of(row).items() if m.startswith("pair-") and m in todo}
     todo = {m: v for m, v in todo.items() if m not in measured}
 
     accel = accelerator(cfg)
@@ -165,7 +165,7 @@ def main() -> None:
 
     transfer = {m[5:]: round(a - acc["target-only"], 4) for m, a in acc.items() if m.startswith("pair-")}
     result = {"target": args.target, "run": run, "shots": shots, "seed": cfg.seed, "metric": metric,
-              "test_size": len(test), "experts": meta["experts"], "accuracy": acc, "transfer": transfer,
+              "test_size": len(test), "experts": meta["experts"], "scores": acc, "transfer": transfer,
               "experts_by_method": {m: e for m, e in used.items() if e}, "left_out": stale,
               "seconds": round(time.time() - t0, 1), "config": cfg.to_dict()}
     if args.transfer:

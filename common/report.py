@@ -43,7 +43,7 @@ ORDER = tuple(m.name for m in METHODS)
 
 def ordered(runs: list[dict]) -> list[str]:
     """The methods scored in any of these results, in the tables' order, any not in METHODS after them."""
-    scored = {m for r in runs for m in r["accuracy"] if not m.startswith("pair-")}
+    scored = {m for r in runs for m in r["scores"] if not m.startswith("pair-")}
     return [m for m in ORDER if m in scored] + sorted(scored - set(ORDER))
 FAMILY_COLOURS = {"vision-language": "tab:purple", "vision": "tab:blue", "language": "tab:green"}
 
@@ -82,6 +82,12 @@ def _shots_label(s: int) -> str:
     return f"{s}-shot" if s else "full data"
 
 
+def scores_of(result: dict) -> dict:
+    """method -> its score in the result's metric (results files before 2026-12 kept them as "accuracy",
+    whatever the metric)."""
+    return result["scores"] if "scores" in result else result["accuracy"]
+
+
 def load_results(cfg, target: str) -> tuple[list[dict], list[str]]:
     """The target's results on disk made under this config (any shots and seed), and those left out as made
     under another one ('run (field: recorded -> config)')."""
@@ -92,6 +98,7 @@ def load_results(cfg, target: str) -> tuple[list[dict], list[str]]:
     for p in sorted((cfg.run_dir / "results").glob(f"{target}-*.json")):
         if pattern.match(p.name):
             r = json.loads(p.read_text())
+            r["scores"] = scores_of(r)
             changed = changed_fields(r.get("config"), cfg, "result")
             if changed:
                 left_out.append(f"{r['run']} ({changed[0]})")
@@ -133,7 +140,7 @@ def write_report(cfg, target: str) -> Path:
           "| method | " + " | ".join(f"{_shots_label(s)} (n={len(by_shots[s])})" for s in shots) + " |",
           "|---" * (len(shots) + 1) + "|"]
     for m in methods:
-        md.append(f"| {m} | " + " | ".join(_mean_sd([r["accuracy"][m] for r in by_shots[s] if m in r["accuracy"]])
+        md.append(f"| {m} | " + " | ".join(_mean_sd([r["scores"][m] for r in by_shots[s] if m in r["scores"]])
                                           for s in shots) + " |")
 
     md += ["", "## π-Tuning against the baselines, seed by seed", "",
@@ -141,14 +148,14 @@ def write_report(cfg, target: str) -> Path:
            "| shots | vs | wins | mean gain |", "|---|---|---|---|"]
     for s in shots:
         for base in ("target-only", "target-only-2x", "pi-random", "uniform-merge"):
-            pairs = [(r["accuracy"]["pi-tuning"], r["accuracy"][base]) for r in by_shots[s] if base in r["accuracy"]]
+            pairs = [(r["scores"]["pi-tuning"], r["scores"][base]) for r in by_shots[s] if base in r["scores"]]
             if pairs:
                 gains = [a - b for a, b in pairs]
                 md.append(f"| {s} | {base} | {sum(g > 0 for g in gains)}/{len(gains)} | {_mean_sd(gains)} |")
     md += ["", "| shots | seed | retrieved | target-only | π-Tuning | π random-k |", "|---|---|---|---|---|---|"]
     for s in shots:
         for r in sorted(by_shots[s], key=lambda r: r["seed"]):
-            a = r["accuracy"]
+            a = r["scores"]
             rnd = f"{a['pi-random']:.3f}" if "pi-random" in a else "-"
             md.append(f"| {s} | {r['seed']} | {', '.join(r['experts'][1:])} | {a['target-only']:.3f} | "
                       f"{a['pi-tuning']:.3f} | {rnd} |")
@@ -269,12 +276,12 @@ def _plot_accuracy(path: Path, target: str, by_shots: dict, methods: list[str], 
     fig, (ax, gx) = plt.subplots(1, 2, figsize=(13, 4.8))
     for m in methods:
         style = dict(lw=2.5, color="black") if m == "pi-tuning" else dict(lw=1.2)
-        pts = [(i, [r["accuracy"][m] for r in by_shots[s] if m in r["accuracy"]]) for i, s in zip(x, shots)]
+        pts = [(i, [r["scores"][m] for r in by_shots[s] if m in r["scores"]]) for i, s in zip(x, shots)]
         pts = [(i, v) for i, v in pts if v]
         line = ax.errorbar([i for i, _ in pts], [statistics.mean(v) for _, v in pts],
                            yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in pts], marker="o", capsize=3,
                            label=m, **style)
-        gains = [(i, [r["accuracy"][m] - r["accuracy"]["target-only"] for r in by_shots[s] if m in r["accuracy"]])
+        gains = [(i, [r["scores"][m] - r["scores"]["target-only"] for r in by_shots[s] if m in r["scores"]])
                  for i, s in zip(x, shots)]
         gains = [(i, g) for i, g in gains if g]
         if m in ("zero-shot", "target-only") or not gains or min(min(g) for _, g in gains) < -0.1:

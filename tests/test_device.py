@@ -34,7 +34,7 @@ def tiny_florence(seed: int = 0):
 def test_the_micro_pipeline_runs_in_bf16_and_an_fp32_backbone_is_refused_there(micro, tmp_path):
     out = stages(tmp_path, "precision=bf16", backbone=True)
     result = json.loads((tmp_path / "micro/results/snli-ve-8shot-s0.json").read_text())
-    assert result["config"]["precision"] == "bf16" and "pi-tuning" in result["accuracy"], out
+    assert result["config"]["precision"] == "bf16" and "pi-tuning" in result["scores"], out
     from safetensors.torch import load_file
 
     for d in ("experts/nli", "experts/snli-ve-8shot-s0", "interpolated/snli-ve-8shot-s0"):
@@ -126,5 +126,5 @@ def test_the_micro_pipeline_runs_on_cuda_in_bf16_and_merges_with_triton(tmp_path
 
     out = stages(tmp_path, "device=cuda", "precision=bf16", backbone=True)
     result = json.loads((tmp_path / "micro/results/snli-ve-8shot-s0.json").read_text())
-    assert "pi-tuning" in result["accuracy"], out
+    assert "pi-tuning" in result["scores"], out
     assert _use_triton(torch.zeros(1, device="cuda"))  # the interpolation's merge ran the Triton kernels

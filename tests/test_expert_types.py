@@ -49,7 +49,7 @@ def test_every_stage_runs_and_exports_one_expert_of_its_type(runs, method):
     root, log = runs[method]
     result = json.loads((root / f"micro/results/{NAME}.json").read_text())
     peft_merges = {"linear-merge", "ties-merge"} if EXPERT_TYPES[method].peft_merges else set()  # LoRA's only
-    assert set(result["accuracy"]) == {"zero-shot", "target-only", "uniform-merge", "pi-tuning"} | peft_merges
+    assert set(result["scores"]) == {"zero-shot", "target-only", "uniform-merge", "pi-tuning"} | peft_merges
     key, value = EXPERT_TYPES[method].saved_as
     for d in (f"experts/{NAME}", "experts/nli", f"interpolated/{NAME}"):
         assert json.loads((root / "micro" / d / "adapter_config.json").read_text())[key] == value

@@ -27,8 +27,8 @@ def test_make_all_writes_every_artifact(micro):
     for probs in w["groups"].values():
         assert abs(sum(probs.values()) - 1) < 1e-5
     res = json.loads((rd / f"results/{NAME}.json").read_text())
-    assert set(res["accuracy"]) == {"zero-shot", "target-only", "uniform-merge", "linear-merge", "ties-merge", "pi-tuning"}
-    assert all(0 <= v <= 1 for v in res["accuracy"].values())
+    assert set(res["scores"]) == {"zero-shot", "target-only", "uniform-merge", "linear-merge", "ties-merge", "pi-tuning"}
+    assert all(0 <= v <= 1 for v in res["scores"].values())
     assert out.count("| pi-tuning |") == 1  # make all prints the table, once
 
 

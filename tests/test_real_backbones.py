@@ -123,7 +123,7 @@ def test_a_text_only_t5_backbone_runs_the_four_stages(t5_dir, tmp_path, method):
     assert "t5" in json.loads((tmp_path / "micro/backbone/meta.json").read_text())["kind"]
     result = json.loads((tmp_path / "micro/results/nli-8shot-s0.json").read_text())
     peft_merges = {"linear-merge", "ties-merge"} if method == "lora" else set()
-    assert set(result["accuracy"]) == {"zero-shot", "target-only", "uniform-merge", "pi-tuning"} | peft_merges, out
+    assert set(result["scores"]) == {"zero-shot", "target-only", "uniform-merge", "pi-tuning"} | peft_merges, out
 
 
 def test_an_image_task_on_a_text_only_backbone_is_one_line(t5_dir, tmp_path):

@@ -32,7 +32,7 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
             "TRANSFER_SHOTS=8", EVERY_EMBEDDING, f"OVERRIDES=runs_dir={runs}")
     result = json.loads((runs / "micro/results/snli-ve-8shot-s0.json").read_text())
     assert {"target-only-2x", "full-ft", "linear-merge", "ties-merge", "pi-random", "pi-frozen", "pi-oracle",
-            "pair-nli", "pair-shape"} <= set(result["accuracy"]), p.stdout[-2000:]
+            "pair-nli", "pair-shape"} <= set(result["scores"]), p.stdout[-2000:]
     assert set(result["transfer"]) == {"nli", "shape"}
     best = max(result["transfer"], key=result["transfer"].get)
     assert result["experts_by_method"]["pi-oracle"][1] == best  # the oracle ranks by measured transfer
@@ -77,8 +77,15 @@ def test_a_scored_method_the_list_lacks_is_shown_after_the_listed_ones_not_hidde
     from common.report import METHODS, ordered
     from evaluate import table
 
-    runs = [{"shots": 8, "accuracy": {"pi-tuning": 0.6, "pi-mine": 0.7, "zero-shot": 0.3, "pair-nli": 0.5}}]
+    runs = [{"shots": 8, "scores": {"pi-tuning": 0.6, "pi-mine": 0.7, "zero-shot": 0.3, "pair-nli": 0.5}}]
     assert ordered(runs) == ["zero-shot", "pi-tuning", "pi-mine"]  # pair- runs feed the transfer matrix
     rows = [line.split(" | ")[0].strip("| ") for line in table("snli-ve", "accuracy", runs, []).splitlines()[2:]]
     assert rows[:3] == ["zero-shot", "pi-tuning", "pi-mine"]
     assert len({m.name for m in METHODS}) == len(METHODS)
+
+
+def test_results_name_their_scores_by_the_metric_and_older_files_still_read():
+    from common.report import scores_of
+
+    assert scores_of({"metric": "cider", "scores": {"pi-tuning": 0.9}}) == {"pi-tuning": 0.9}
+    assert scores_of({"metric": "vqa_accuracy", "accuracy": {"pi-tuning": 0.4}}) == {"pi-tuning": 0.4}  # before 2026-12

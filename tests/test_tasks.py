@@ -64,7 +64,7 @@ def test_defined_tasks_run_the_four_stages_in_a_pool_with_world_tasks(micro, tmp
     sim = json.loads((rd / "similarity/my-shapes-8shot-s0.json").read_text())
     assert sim["names"] == ["my-shapes-8shot-s0", "nli", "my-entail"] and len(sim["top_k"]) == 2
     result = json.loads((rd / "results/my-shapes-8shot-s0.json").read_text())
-    assert result["metric"] == "accuracy" and result["test_size"] == 8 and "pi-tuning" in result["accuracy"]
+    assert result["metric"] == "accuracy" and result["test_size"] == 8 and "pi-tuning" in result["scores"]
 
     # the target as a pool task: no val file, so val is a seeded tenth of train (2 of 20), apart from train
     from common import data
