@@ -454,22 +454,27 @@ def require_current(recorded: dict | None, cfg: Config, kind: str, where, fix: s
 
 def write_stamps(cfg: Config) -> None:
     """runs/<profile>/.config/<section or field>.json, one per entry of MADE_FROM, rewritten only when its
-    value changes: make's view of the config."""
+    values change: make's view of the config. A stamp holds every value; one that lacks a field (a field
+    added to the code since, or a stamp written before they held every value) reads it at its default, so
+    neither a new field nor a default changed under a value the profile sets makes anything stale."""
     from common.artifacts import write_text  # atomic: two makes of one study read the stamps at once
 
     d = cfg.run_dir / ".config"
     d.mkdir(parents=True, exist_ok=True)
     now, defaults = cfg.to_dict(), Config().to_dict()
     for key in sorted({k for keys in MADE_FROM.values() for k in keys}):
-        # what differs from the defaults: a field added to the code at its default changes no stamp
-        default = _leaves(_at(defaults, key), key)
-        changed = {k: v for k, v in _leaves(_at(now, key), key).items() if default.get(k, _MISSING) != v}
-        text = json.dumps(changed, indent=1, sort_keys=True) + "\n"
+        values = _leaves(_at(now, key), key)
+        text = json.dumps(values, indent=1, sort_keys=True) + "\n"
         path = d / f"{key}.json"
         if not path.is_file():
             write_text(path, text)
             os.utime(path, (0, 0))  # first sight is not a change: artifacts made before stamps stay valid
-        elif path.read_text() != text:
+            continue
+        try:
+            stamped = json.loads(path.read_text())
+        except ValueError:
+            stamped = None
+        if not isinstance(stamped, dict) or {**_leaves(_at(defaults, key), key), **stamped} != values:
             write_text(path, text)
 
 

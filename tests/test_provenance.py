@@ -160,7 +160,7 @@ def test_a_changed_config_changes_the_table_and_the_report_and_mixes_no_runs(mic
     assert ".py" not in make("all", runs_dir=runs, extra="interpolate.steps=3").stdout.replace("pipeline.mk", "")
     table = (rd / "results/snli-ve.md").read_text()
     new = json.loads((rd / f"results/{NAME}.json").read_text())
-    assert "8-shot (n=1 seeds)" in table and f"| pi-tuning | {new['accuracy']['pi-tuning']:.3f} ± 0.000 |" in table
+    assert "8-shot (n=1 seeds)" in table and f"| pi-tuning | {new['scores']['pi-tuning']:.3f} ± 0.000 |" in table
     assert "| pi-random |" not in table and "pi-random (interpolate.steps: 5 -> 3)" in out  # a stale baseline run
     assert "snli-ve-8shot-s1 (interpolate.steps: 5 -> 3)" in table  # a stale seed, named, not averaged in
     summary = json.loads((rd / "results/snli-ve.json").read_text())
@@ -168,7 +168,7 @@ def test_a_changed_config_changes_the_table_and_the_report_and_mixes_no_runs(mic
 
     write_report(load_config("configs/micro.yaml", [f"runs_dir={runs}", "interpolate.steps=3"]), "snli-ve")
     report = (rd / "report.md").read_text()
-    assert f"| pi-tuning | {new['accuracy']['pi-tuning']:.3f} ± 0.000 |" in report and "8-shot (n=1)" in report
+    assert f"| pi-tuning | {new['scores']['pi-tuning']:.3f} ± 0.000 |" in report and "8-shot (n=1)" in report
     assert "left out as made under another: snli-ve-8shot-s1 (interpolate.steps: 5 -> 3)" in report
     write_report(load_config("configs/micro.yaml", [f"runs_dir={runs}"]), "snli-ve")  # the old config: seed 1 only
     assert f"{NAME} (interpolate.steps: 3 -> 5)" in (rd / "report.md").read_text()
@@ -223,3 +223,25 @@ def test_a_field_newer_than_an_artifact_counts_at_its_default_and_checkpointing_
     assert {p.name: p.read_text() for p in (tmp_path / "micro/.config").iterdir()} == stamps
     write_stamps(later)
     assert json.loads((tmp_path / "micro/.config/expert.json").read_text())["expert.grad_accum"] == 2
+
+
+def test_a_stamp_changes_only_when_a_value_does(tmp_path):
+    """A stamp holds every value; one lacking a field (added to the code since, or written when stamps held only
+    what differed from the defaults) reads it at its default: same values, the stamp is left as it is, and
+    make rebuilds nothing."""
+    import os
+
+    from common.config import load_config, write_stamps
+
+    cfg = load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={tmp_path}"])
+    write_stamps(cfg)
+    stamp = tmp_path / "micro/.config/interpolate.json"
+    values = json.loads(stamp.read_text())
+    assert values["interpolate.steps"] == 5 and "interpolate.grad_clip" in values  # every value, not only changes
+    older = {k: v for k, v in values.items() if k != "interpolate.grad_clip"}  # a field the code has gained since
+    stamp.write_text(json.dumps(older))
+    os.utime(stamp, (0, 0))
+    write_stamps(cfg)
+    assert stamp.stat().st_mtime == 0 and json.loads(stamp.read_text()) == older
+    write_stamps(load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={tmp_path}", "interpolate.steps=7"]))
+    assert stamp.stat().st_mtime > 0 and json.loads(stamp.read_text())["interpolate.steps"] == 7
