@@ -266,9 +266,9 @@ class LineSource(_Source):
     """A headerless csv / tsv (OFA's TSVs of base64 images) read by line offset: row j is line j + 1, and nothing
     but the offsets is held."""
 
-    def __init__(self, task, layout, root, path, offsets: np.ndarray):
+    def __init__(self, task, layout, root, path, offsets: np.ndarray, fmt: str):
         super().__init__(task, layout, root, path)
-        self.offsets, self._fh, self._pid = offsets, None, None
+        self.offsets, self.fmt, self._fh, self._pid = offsets, fmt, None, None
 
     def __getstate__(self):
         return {**self.__dict__, "_fh": None}  # each process opens its own handle
@@ -280,18 +280,18 @@ class LineSource(_Source):
         if self._fh is None or self._pid != os.getpid():  # a forked DataLoader worker: not its parent's offset
             self._fh, self._pid = open(self.path, "rb"), os.getpid()
         self._fh.seek(self.offsets[j])
-        return _split_line(self.task, self.path, j + 1, self._fh.readline().decode("utf-8"))
+        return _split_line(self.task, self.fmt, self.path, j + 1, self._fh.readline().decode("utf-8"))
 
     def where(self, j: int) -> str:
         return str(j + 1)
 
 
-def _split_line(task: DefinedTask, path: Path, lineno: int, line: str) -> dict:
+def _split_line(task: DefinedTask, fmt: str, path: Path, lineno: int, line: str) -> dict:
     """A headerless line's columns by the definition's `columns` (OFA's base64 holds no tab; csv is parsed)."""
     line = line.rstrip("\r\n")
-    cols = line.split("\t") if task.format == "tsv" else next(csv.reader([line]))
+    cols = line.split("\t") if fmt == "tsv" else next(csv.reader([line]))
     if len(cols) < len(task.columns):
-        sep = "tab" if task.format == "tsv" else "comma"
+        sep = "tab" if fmt == "tsv" else "comma"
         raise UserError(f"{path}:{lineno}: {len(cols)} {sep}-separated columns, expected {len(task.columns)} "
                         f"({', '.join(c or '-' for c in task.columns)}); is this the file of {task.name}?")
     return {name: cols[i] for i, name in enumerate(task.columns) if name}
@@ -328,14 +328,14 @@ def line_index(path: Path) -> np.ndarray:
     return offsets
 
 
-def _line_source(task: DefinedTask, layout: dict, root: Path, path: Path) -> LineSource:
+def _line_source(task: DefinedTask, fmt: str, layout: dict, root: Path, path: Path) -> LineSource:
     offsets = line_index(path)
     if not len(offsets):
         raise UserError(f"{task.where}.files: {path} is empty; a split needs at least one row")
-    source = LineSource(task, layout, root, path, offsets)
+    source = LineSource(task, layout, root, path, offsets, fmt)
     if task.all_answers:  # every answer in the file: one pass over its text, nothing kept but the answers
         with open(path, encoding="utf-8") as fh:
-            rows = ((str(i), _split_line(task, path, i, line)) for i, line in enumerate(fh, 1))
+            rows = ((str(i), _split_line(task, fmt, path, i, line)) for i, line in enumerate(fh, 1))
             source.names = _every_answer(task, layout["labels"], path, rows)
     return source
 
@@ -465,7 +465,7 @@ def read_defined(task: DefinedTask, split: str, root: Path, n: int | None = None
     layout = {"rename": {}, "labels": task.labels, "image_kind": task.image_kind, "image_root": task.image_root,
               **task.per_format.get(fmt, {})}
     if task.columns and fmt in ("csv", "tsv"):
-        source = _line_source(task, layout, root, paths[0])
+        source = _line_source(task, fmt, layout, root, paths[0])
     else:
         source = _record_source(task, fmt, layout, root, paths, which, None if carve else n)
     first = source.row(0)

@@ -305,3 +305,13 @@ def test_batches_of_a_split_decoded_in_workers_are_the_batches_read_in_order(tmp
     broken = read_defined(CATALOGUE["snli-ve"], "train", tmp_path, workers=2)
     with pytest.raises(UserError, match="snli_ve_train.tsv:8: unreadable image"):
         list(batches(broken, 3))
+
+
+def test_a_headerless_csv_is_read_by_its_columns_quotes_and_all(tmp_path):
+    from common.tasks import define
+
+    (tmp_path / "qa.csv").write_text('1,"is it red, or blue?",red\n2,is it green?,green\n')
+    task = define("qa", {"files": {"train": "qa.csv", "test": "qa.csv"}, "columns": ["", "question", "answer"],
+                         "prompt": " {question}", "answer": "answer"}, "mine.yaml")
+    exs = read_defined(task, "test", tmp_path)
+    assert [(e.prompt, e.answer) for e in exs] == [(" is it red, or blue?", "red"), (" is it green?", "green")]
