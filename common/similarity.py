@@ -111,7 +111,7 @@ def task_similarity(fa: dict[str, torch.Tensor], fb: dict[str, torch.Tensor]) ->
     if fa.keys() != fb.keys():
         raise ValueError("experts have different tensors; embed experts of one type and one backbone")
     sims = []
-    for n in fa:
+    for n in sorted(fa):  # one order, whether a Fisher was just computed (module order) or read back (sorted)
         a, b = fa[n].flatten().double(), fb[n].flatten().double()
         denom = a + b + EPS
         sims.append(F.cosine_similarity(a / denom, b / denom, dim=0).item())

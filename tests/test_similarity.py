@@ -38,6 +38,17 @@ def test_similarity_matches_the_formula_and_is_symmetric():
     assert abs(task_similarity(fs[0], fs[0]) - 1.0) < 1e-9
 
 
+def test_similarity_is_bitwise_the_same_whatever_order_the_tensors_come_in():
+    """A Fisher computed now lists its tensors in module order, one read back from the cache sorted: the
+    similarity must not depend on which (two runs of one study differed in the last bit)."""
+    g = torch.Generator().manual_seed(1)
+    names = [f"layer{i}.lora_{ab}" for i in range(50) for ab in "BA"]
+    fa, fb = ({n: torch.rand(8, generator=g) ** 3 for n in names} for _ in range(2))
+    backwards = {n: fb[n] for n in reversed(names)}
+    assert task_similarity(fa, fb) == task_similarity(dict(sorted(fa.items())), backwards)
+    assert similarity_matrix([fa, fb])[0][1] == similarity_matrix([fa, backwards])[1][0]
+
+
 def test_normalisation_makes_similarity_independent_of_fisher_scale():
     fs = fishers(2)
     tiny = [{k: v * 1e-10 for k, v in f.items()} for f in fs]
