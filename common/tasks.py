@@ -192,10 +192,11 @@ def define(name: str, spec, path: str, prefix: str = "tasks.define.") -> Defined
         if not isinstance(hub, dict) or "repo" not in hub or not isinstance(hub.get("splits"), dict):
             raise bad("hub", f"is {hub!r}")
         hub = Hub(str(hub["repo"]), hub.get("config"), {str(k): str(v) for k, v in hub["splits"].items()})
-    per_format = spec.get("per_format") or {}
-    if not isinstance(per_format, dict) or set(per_format) - set(FORMATS.values()):
-        raise bad("per_format", f"is {per_format!r}")
-    for other, layout in per_format.items():
+    given = spec.get("per_format") or {}
+    if not isinstance(given, dict) or set(given) - set(FORMATS.values()):
+        raise bad("per_format", f"is {given!r}")
+    per_format = {}  # a new mapping: the profile's own (recorded in every artifact's config) stays as written
+    for other, layout in given.items():
         if not isinstance(layout, dict) or set(layout) - set(PER_FORMAT_FIELDS):
             raise bad(f"per_format.{other}", f"is {layout!r}, not a mapping of {', '.join(PER_FORMAT_FIELDS)}")
         per_format[other] = {**layout, "rename": _str_map(layout.get("rename") or {}, bad, f"per_format.{other}"),

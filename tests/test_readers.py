@@ -271,7 +271,9 @@ def test_a_catalogue_entry_copied_under_another_name_reads_the_same_examples(tmp
 
     write_tsv(tmp_path / "snli_ve_data/snli_ve_train.tsv", snli_rows())
     spec = yaml.safe_load((REPO / "configs/paper_tasks.yaml").read_text())["snli-ve"]
+    written = json.dumps(spec, sort_keys=True)
     mine = define("my-snli", spec, "configs/mine.yaml")
+    assert json.dumps(spec, sort_keys=True) == written  # the profile's mapping (recorded in artifacts) is left as is
     assert mine.where == "configs/mine.yaml: tasks.define.my-snli"
     ours, theirs = read_defined(mine, "train", tmp_path), read_defined(CATALOGUE["snli-ve"], "train", tmp_path)
     assert [(e.prompt, e.answer, e.image.tobytes()) for e in ours] == [(e.prompt, e.answer, e.image.tobytes())
