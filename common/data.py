@@ -193,12 +193,12 @@ def check_words(cfg, name: str, enc: "Encoder", *splits: list[Example]) -> None:
     vocab, split = enc.tok.get_vocab(), enc.tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str
     rows = [e for exs in splits for e in (exs.texts() if hasattr(exs, "texts") else exs)]  # Rows: no image read
     texts = {t for e in rows for t in (e.prompt, e.answer, *(e.candidates or ()), *(e.refs or ()))}
-    texts |= set(task(cfg, name).candidates or ())
+    defined = task(cfg, name)
+    texts |= set(defined.candidates or ())
     unknown = sorted({w for t in texts for w, _ in split(t)} - set(vocab))
     if unknown:
         more = f" and {len(unknown) - 12} more" if len(unknown) > 12 else ""
-        where = f"{cfg.path}: tasks.define.{name}" if name in cfg.tasks.define else f"configs/paper_tasks.yaml: {name}"
-        raise UserError(f"{where} uses words the embedded backbone's vocabulary lacks: "
+        raise UserError(f"{defined.where} uses words the embedded backbone's vocabulary lacks: "
                         f"{', '.join(unknown[:12])}{more}; use the mini world's words (the vocabulary in "
                         f"{cfg.run_dir / 'backbone' / 'tokenizer.json'}), or a real backbone (backbone.source)")
 
@@ -265,12 +265,20 @@ def batches(exs: list[Example], batch_size: int, rng: random.Random | None = Non
         chunks = dist.shard(chunks)
     if not getattr(exs, "workers", 0) or not chunks:
         yield from ([exs[j] for j in chunk] for chunk in chunks)
-        return
+    else:
+        yield from _in_workers(_Decoded(exs), chunks, exs.workers)
+
+
+def _in_workers(dataset, batch_sampler, workers: int, pin: bool = False):
+    """The batches of a dataset whose __getitems__ makes them (or returns a UserError), read in `workers` DataLoader
+    processes (0: this one): a returned UserError is raised here, in the stage, as its one line."""
     import os
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer's threads and forked workers
-    loader = torch.utils.data.DataLoader(_Decoded(exs), batch_sampler=chunks, collate_fn=_as_is,
-                                         num_workers=exs.workers, generator=torch.Generator())
+    if workers:  # the tokenizer's own threads and forked workers do not mix (its warning)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # its own generator: the workers' seeds are not drawn from torch's global one (dropout, init)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=_as_is,
+                                         num_workers=workers, pin_memory=pin, generator=torch.Generator())
     for batch in loader:
         if isinstance(batch, UserError):
             raise batch
@@ -363,19 +371,8 @@ class Loader:
 
     def __next__(self):
         if self._it is None:
-            import os
-
-            if self.workers:  # the tokenizer's own threads and forked workers do not mix (its warning)
-                os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            # its own generator: the workers' seeds are not drawn from torch's global one (dropout, init)
-            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.order, collate_fn=_as_is,
-                                                 num_workers=self.workers, pin_memory=self.pin,
-                                                 generator=torch.Generator())
-            self._it = iter(loader)
-        batch = next(self._it)
-        if isinstance(batch, UserError):
-            raise batch
-        return batch
+            self._it = _in_workers(self.dataset, self.order, self.workers, self.pin)
+        return next(self._it)
 
 
 def train_batches(cfg, exs, batch_size: int, seed: int, enc: Encoder, field: str, desc: str) -> Loader:

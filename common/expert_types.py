@@ -76,21 +76,25 @@ def join_layers(weights: dict) -> dict:
                                              1).flatten(1)}
 
 
-def _lora(ecfg, dims, targets, k, dora=False):
+def _lora(model, ecfg, dims, targets, k, dora=False):
     from peft import LoraConfig
 
     return LoraConfig(r=ecfg.r * k, lora_alpha=ecfg.alpha * k, lora_dropout=ecfg.dropout, target_modules=targets,
                       bias="none", use_dora=dora)
 
 
-def _ia3(ecfg, dims, targets, k):
+def _dora(model, ecfg, dims, targets, k):  # merged per tensor, so always rank r
+    return _lora(model, ecfg, dims, targets, 1, dora=True)
+
+
+def _ia3(model, ecfg, dims, targets, k):
     from peft import IA3Config
 
     feedforward = {"bart": r".*\.fc2$", "t5": r".*\.DenseReluDense\.wo$"}[dims["family"]]  # scales their inputs
     return IA3Config(target_modules=targets, feedforward_modules=feedforward)
 
 
-def _prompt(ecfg, dims, targets, k):  # soft tokens before the encoder input; Florence-2 needs the dims spelled out
+def _prompt(model, ecfg, dims, targets, k):  # soft tokens before the encoder input; Florence-2 needs the dims spelled out
     from peft import PromptTuningConfig, TaskType
 
     return PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=ecfg.virtual_tokens,
@@ -99,7 +103,7 @@ def _prompt(ecfg, dims, targets, k):  # soft tokens before the encoder input; Fl
                               prompt_tuning_init="SAMPLE_VOCAB")
 
 
-def _prefix(ecfg, dims, targets, k):  # keys/values prepended in every decoder self-attention (peft's seq2seq prefix)
+def _prefix(model, ecfg, dims, targets, k):  # keys/values prepended in every decoder self-attention (peft's seq2seq prefix)
     from peft import PrefixTuningConfig, TaskType
 
     return PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=ecfg.virtual_tokens,
@@ -107,32 +111,32 @@ def _prefix(ecfg, dims, targets, k):  # keys/values prepended in every decoder s
                               num_layers=dims["decoder_layers"], num_transformer_submodules=2)
 
 
-def _adapter(model, ecfg, targets):
+def _adapter(model, ecfg, dims, targets, k):
     from common.adapters import AdapterModel
 
     return AdapterModel(model, targets, ecfg.adapter_dim, ecfg.dropout)
 
 
 EXPERT_TYPES: dict[str, ExpertType] = {t.name: t for t in [
-    ExpertType("lora", 1e-3, ATTENTION, lambda model, e, d, t, k: _lora(e, d, t, k), _lora_update, merge="lora",
+    ExpertType("lora", 1e-3, ATTENTION, _lora, _lora_update, merge="lora",
                peft_merges=True, scaled=True, saved_as=("peft_type", "LORA"),
                doc="LoRA on q, k, v, out of every attention (the original's), merged exactly"),
     # DoRA's update m * (W0 + BA) / ||W0 + BA|| is not linear in B.A, so there is no exact delta merge: its
     # experts interpolate in parameter space (A, B and the magnitude each a weighted sum), as adapters do
-    ExpertType("dora", 1e-3, ATTENTION, lambda model, e, d, t, k: _lora(e, d, t, 1, dora=True), _lora_update,
+    ExpertType("dora", 1e-3, ATTENTION, _dora, _lora_update,
                scaled=True, saved_as=("use_dora", True),
                doc="DoRA (peft use_dora): LoRA with a learned magnitude per output; interpolated per tensor"),
     ExpertType("ia3", 1e-2, {"bart": _BART + r"(k_proj|v_proj|fc2)$",
                              "t5": r".*\.((SelfAttention|EncDecAttention)\.(k|v)|DenseReluDense\.wo)$"},
-               lambda model, e, d, t, k: _ia3(e, d, t, k), _ia3_update, saved_as=("peft_type", "IA3"),
+               _ia3, _ia3_update, saved_as=("peft_type", "IA3"),
                doc="IA3: learned scales of keys, values and the FFN's inner activations"),
-    ExpertType("prompt", 3e-2, {}, lambda model, e, d, t, k: _prompt(e, d, t, k), _prompt_update,
+    ExpertType("prompt", 3e-2, {}, _prompt, _prompt_update,
                saved_as=("peft_type", "PROMPT_TUNING"), doc="soft prompt tokens before the encoder's input"),
-    ExpertType("prefix", 1e-2, {}, lambda model, e, d, t, k: _prefix(e, d, t, k), _prefix_update, layered=True,
+    ExpertType("prefix", 1e-2, {}, _prefix, _prefix_update, layered=True,
                saved_as=("peft_type", "PREFIX_TUNING"), doc="prefix keys / values in every decoder self-attention"),
     ExpertType("adapter", 1e-3, {"bart": _BART + r"(self_attn\.out_proj|fc2)$", "t5": r".*\.(SelfAttention\.o|"
                                  r"DenseReluDense\.wo)$"},
-               lambda model, e, d, t, k: _adapter(model, e, t), _adapter_update,
+               _adapter, _adapter_update,
                saved_as=("expert_type", "houlsby_adapter"),
                doc="Houlsby bottleneck adapters after each self-attention and FFN (the paper's headline)"),
 ]}

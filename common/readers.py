@@ -352,8 +352,8 @@ def _every_answer(task: DefinedTask, labels: dict, path: Path, rows) -> tuple[st
     return tuple(sorted(answers))
 
 
-def _records(fmt: str, path: Path, which: str, n: int | None):
-    """(where, {column: value}) per row of a headed csv / tsv, jsonl, parquet or CoOp split JSON, at most n."""
+def _records(fmt: str, path: Path, which: str):
+    """(where, {column: value}) per row of a headed csv / tsv, jsonl, parquet or CoOp split JSON."""
     if fmt in ("csv", "tsv"):
         with open(path, encoding="utf-8", newline="") as fh:
             for i, row in enumerate(csv.DictReader(fh, delimiter="," if fmt == "csv" else "\t"), 2):
@@ -410,7 +410,7 @@ def _record_source(task: DefinedTask, fmt: str, layout: dict, root: Path, paths:
             layout = {**layout, "labels": {str(i): name for i, name in enumerate(class_names)}}
     records, wheres = [], []
     for path in paths:
-        for where, rec in _records(fmt, path, which, None):
+        for where, rec in _records(fmt, path, which):
             if n is not None and len(records) >= n:
                 break
             records.append({rename.get(k, k): v for k, v in rec.items()} if rename else rec)
