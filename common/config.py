@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from common.embeddings import EMBEDDINGS
 from common.expert_types import EXPERT_TYPES
 
 
@@ -138,8 +139,8 @@ class ExpertConfig:
 
 @dataclass
 class FisherConfig:
-    # fisher: π-Tuning's task embedding (the diagonal Fisher of each expert) | weights: the cosine of what
-    # each expert changed (SPoT-style, no backbone pass); the mini profile ships weights (README: retrieval)
+    # common/embeddings.py: fisher (π-Tuning's: the diagonal Fisher of each expert) | weights (the cosine of
+    # what each expert changed, SPoT-style, no backbone pass); the mini profile ships weights (README: retrieval)
     embedding: str = "fisher"
     estimator: str = "per_sample"  # per_sample | batch (the original code's squared batch gradient)
     samples: int = ranged(256, 1)
@@ -215,9 +216,9 @@ class Config:
 CHOICES = {
     "precision": ("fp32", "bf16", "fp16"),
     "log_with": ("none", "tensorboard", "wandb"),
-    "expert.method": tuple(EXPERT_TYPES),
+    "expert.method": EXPERT_TYPES,  # read as they are: a type or an embedding added later is a choice too
     "data.source": ("mini", "files"),
-    "fisher.embedding": ("fisher", "weights"),
+    "fisher.embedding": EMBEDDINGS,
     "fisher.estimator": ("per_sample", "batch"),
     "fisher.normalize": ("mean", "none"),
     "interpolate.groups": ("global", "layer", "site", "tensor"),

@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 
 from common.artifacts import write_text
+from common.embeddings import EMBEDDINGS, recorded, variants
 
 
 
@@ -128,8 +129,7 @@ def write_report(cfg, target: str) -> Path:
     methods = ordered(runs)
     metric = runs[0]["metric"]
 
-    how = "fisher.embedding: weights" if cfg.fisher.embedding == "weights" else \
-        f"fisher.embedding: fisher, estimator {cfg.fisher.estimator}"
+    how = "fisher." + ", ".join(f"{k}: {v}" for k, v in recorded(cfg.fisher).items())
     md = [f"# π-Tuning study: {target} ({cfg.profile})", "",
           f"Expert `{cfg.expert.method}`, top-{cfg.interpolate.top_k} retrieval by `{how}`, interpolation groups `{cfg.interpolate.groups}`, "
           f"{runs[0]['test_size']} test examples, test {metric}. Seeds vary the target's k-shot sample, its expert "
@@ -226,10 +226,10 @@ def _similarities(cfg, runs: list[dict]) -> dict[str, dict[str, dict[str, float]
     is what π-Tuning used (similarity/<run>.json), the others similarity/<run>.<embedding>.json, and the
     FISHER_SUBSETS of the cached per-sample Fishers (fisher/<expert>.safetensors) where they exist."""
     from common.config import changed_fields
-    from common.similarity import EMBEDDINGS, cached_fisher, fisher_cache, normalized, task_similarity
+    from common.similarity import cached_fisher, fisher_cache, normalized, task_similarity
 
     # each file is checked against the config it should have been made with: stale ones are left out
-    as_computed = {e: dataclasses.replace(cfg, fisher=dataclasses.replace(cfg.fisher, **f)) for e, f in EMBEDDINGS.items()}
+    as_computed = {e: dataclasses.replace(cfg, fisher=dataclasses.replace(cfg.fisher, **f)) for e, f in variants().items()}
     as_computed[""] = cfg
     plain = dataclasses.replace(cfg, fisher=dataclasses.replace(cfg.fisher, estimator="per_sample", passes=1))
     out: dict[str, dict] = {}
@@ -338,9 +338,8 @@ def _plot_similarity(heat_path: Path, graph_path: Path, sim: dict, families: dic
             if i != j:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white")
     fig.colorbar(im, ax=ax, label="similarity (off-diagonal range)")
-    how = {"weights": "cosine of the experts' updates"}.get(sim.get("fisher", {}).get("embedding"),
-                                                             "diagonal Fisher of each expert")
-    ax.set_title(f"task similarity ({how})")
+    kind = EMBEDDINGS.get(sim.get("fisher", {}).get("embedding", "fisher"))
+    ax.set_title(f"task similarity ({kind.what if kind else sim['fisher']['embedding']})")
     fig.tight_layout()
     fig.savefig(heat_path, dpi=110)
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""Task embeddings and the similarity between tasks.
+"""What the retrieval embeddings (common/embeddings.py) compute, and the similarity between tasks.
 
 fisher: the diagonal Fisher of an expert's own parameters, compared with π-Tuning's normalised cosine.
 weights: what the expert changed (SPoT-style): each site's weight update (LoRA B·A, IA3 scale - 1, the
@@ -8,28 +8,25 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from tqdm import tqdm
 
-from common import dist
-from common.backbone import backbone_dir, fingerprint
+from common import data, dist
+from common.artifacts import atomic_file, read_json
+from common.backbone import backbone_dir, fingerprint, load_backbone
+from common.config import UserError
 from common.data import Encoder, Example, batches
+from common.device import accelerator
 from common.expert_types import EXPERT_TYPES
-from common.experts import WEIGHTS, expert_dir
+from common.experts import WEIGHTS, attach, expert_dir, load_expert_weights, read_expert_meta, set_weights
 from common.metrics import answer_logprobs
 
 EPS = 1e-6
-
-# --embedding: retrieval's alternatives, computed beside it for comparison (make report ranks them by Spearman
-# against the measured transfer); each is the fisher section with these fields changed
-EMBEDDINGS = {"fisher": {"embedding": "fisher"}, "weights": {"embedding": "weights"},
-              "fisher-batch": {"embedding": "fisher", "estimator": "batch"},  # the original code's estimator
-              "fisher-raw": {"embedding": "fisher", "normalize": "none"},  # the paper's formula on raw values
-              "fisher-passes": {"embedding": "fisher", "passes": 4}}  # the few shots passed 4 times, dropout on
-
 
 def fisher_diagonal(model, enc: Encoder, exs: list[Example], estimator: str = "per_sample",
                     batch_size: int = 16, desc: str = "fisher", autocast=contextlib.nullcontext) -> dict[str, torch.Tensor]:
@@ -133,6 +130,53 @@ def update_similarity(ua: dict[str, torch.Tensor], ub: dict[str, torch.Tensor]) 
         raise ValueError("experts have different tensors; embed experts of one type and one backbone")
     return sum(F.cosine_similarity(ua[n].flatten().double(), ub[n].flatten().double(), dim=0).item()
                for n in ua) / len(ua)
+
+
+def weight_embedding(cfg, name: str) -> dict[str, torch.Tensor]:
+    path = expert_dir(cfg, name)
+    layers = read_json(path / "adapter_config.json", "expert config", "retrain it").get("num_layers") or 1
+    try:
+        return expert_update(load_expert_weights(path), cfg.expert.method, layers)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}; fisher.embedding=weights needs experts of expert.method={cfg.expert.method}")
+
+
+def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tensor]], str]:
+    """Each expert's diagonal Fisher on its own training data (cached per expert and settings), normalised;
+    and how many had to be computed."""
+    fc = cfg.fisher
+    peft_model = None
+    fishers, computed = [], []
+    for name in names:
+        path = expert_dir(cfg, name)
+        meta = read_expert_meta(path)
+        out, key = fisher_cache(cfg, name)  # every variant kept: the study compares them
+        fisher = cached_fisher(out, key)
+        if fisher is None:
+            if peft_model is None:  # load the backbone only when something needs computing
+                acc = accelerator(cfg)
+                model, processor = load_backbone(cfg, acc.device)
+                enc = data.Encoder(processor, acc.device)
+                peft_model = attach(model, cfg.expert)
+                peft_model.eval()
+            set_weights(peft_model, load_expert_weights(path))
+            # the expert's own training data, as it saw it (the low-shot sample for the target); with
+            # fisher.passes, a low-shot sample is passed again (dropout on, so each pass differs) up to `samples`
+            exs = data.train_split(cfg, meta["task"], meta["shots"] or 0, meta["seed"])[:fc.samples]
+            exs = exs * min(fc.passes, math.ceil(fc.samples / max(len(exs), 1)))
+            peft_model.train(fc.passes > 1)
+            torch.manual_seed(0)  # the same dropout whichever process computes (and caches) this Fisher
+            fisher = fisher_diagonal(peft_model, enc, exs, fc.estimator, fc.batch_size, desc=f"fisher {name}",
+                                     autocast=acc.autocast)
+            fisher = {k.replace(".default", ""): v.contiguous().cpu() for k, v in fisher.items()}
+            if not all(torch.isfinite(v).all() for v in fisher.values()):
+                raise UserError(f"{path}: its Fisher is not finite, nothing written; retrain the expert with a "
+                                f"lower expert.lr")
+            with atomic_file(out) as tmp:
+                save_file(fisher, str(tmp), metadata=key)
+            computed.append(name)
+        fishers.append(normalized(fisher, fc.normalize))
+    return fishers, f"{len(computed)} Fisher computed, {len(names) - len(computed)} cached"
 
 
 def similarity_matrix(embeddings: list[dict[str, torch.Tensor]], sim=task_similarity) -> list[list[float]]:

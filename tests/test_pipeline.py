@@ -104,6 +104,33 @@ def test_weight_embedding_needs_no_fisher_and_no_backbone_pass(micro_copy):
     assert all(m[i][i] == 1.0 and m[i][j] == m[j][i] and -1 <= m[i][j] <= 1 for i in range(3) for j in range(3))
 
 
+def test_a_new_embedding_is_one_entry_in_the_registry(micro_copy, monkeypatch):
+    """An embedding added to common/embeddings.py alone is a config choice, retrieval's embedding and one of
+    --embedding's alternatives; its similarity file says which it was."""
+    from safetensors.torch import load_file
+
+    from common.embeddings import EMBEDDINGS, Embedding
+    from common.experts import WEIGHTS, expert_dir
+
+    def norms(cfg, names):  # each expert as the norms of its saved tensors
+        weights = [load_file(str(expert_dir(cfg, n) / WEIGHTS)) for n in names]
+        return [torch.stack([w[k].norm() for k in sorted(w)]) for w in weights], "tensor norms"
+
+    monkeypatch.setitem(EMBEDDINGS, "norms", Embedding("norms", "norms of the expert's tensors", norms,
+                                                       lambda a, b: torch.cosine_similarity(a, b, dim=0).item()))
+    runs = micro_copy[0]
+    args = ("embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}")
+    assert "(tensor norms)" in inproc(*args, "fisher.embedding=norms").stdout
+    sim = json.loads((runs / f"micro/similarity/{NAME}.json").read_text())
+    assert sim["fisher"] == {"embedding": "norms"} and len(sim["top_k"]) == 2 and 0 < sim["matrix"][0][1] < 1
+    inproc(*args, "--embedding", "norms,weights")
+    beside = json.loads((runs / f"micro/similarity/{NAME}.norms.json").read_text())
+    assert beside["matrix"] == sim["matrix"]
+    monkeypatch.delitem(EMBEDDINGS, "norms")
+    code, _, err = stage(*args, "fisher.embedding=norms")
+    assert code == 2 and "field 'fisher.embedding' is 'norms'; use one of fisher, weights" in err
+
+
 def test_exported_merge_reproduces_the_interpolated_model(micro_cfg, tmp_path):
     """The exact LoRA merge exported at rank k*r reloads with plain peft and gives the same logits."""
     from peft import PeftModel

@@ -90,3 +90,14 @@ def test_weight_embedding_of_ia3_and_prefix_experts():
     table = torch.arange(24.0).view(2, 12)  # 2 tokens, 3 decoder layers of 4 values each
     u = expert_update({"prompt_embeddings": table}, "prefix", layers=3)
     assert list(u) == ["layer0", "layer1", "layer2"] and u["layer1"].tolist() == [10.0, 11.0, 12.0, 13.0]
+
+
+def test_make_report_computes_every_embedding_but_those_asked_for():
+    """pipeline.mk's EMBED_AS (make report's alternatives) lists the registry's variants, in its order."""
+    import re
+    from pathlib import Path
+
+    from common.embeddings import ASKED_FOR, variants
+
+    listed = re.search(r"^EMBED_AS := (.*)$", (Path(__file__).parents[1] / "pipeline.mk").read_text(), re.M)
+    assert listed.group(1).split() == [v for v in variants() if v not in ASKED_FOR]
