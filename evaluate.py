@@ -1,4 +1,4 @@
-"""Stage 4: compare π-Tuning with the baselines on the target's test split.
+"""Stage 4: compare π-Tuning with the baselines on the target's test split (and its validation split, to choose on).
 
     python evaluate.py --target snli-ve
 
@@ -6,8 +6,11 @@ Methods: the zero-shot backbone, the target-only expert, the uniform merge of th
 used, peft's linear and TIES merges of them (LoRA), and π-Tuning; plus every baseline run that exists
 for this target/shots/seed (train_expert.py --variant 2x | full-ft, interpolate.py --variant random |
 oracle | frozen | pair-<expert>) and was made under this config (one made under another is left out, named).
+Every method is scored on both splits: `scores` (test, what the report reports) and `val_scores`
+(validation, what choices are made on), with each example's score where the metric is their mean
+(`per_example`, for the report's paired bootstrap).
 Writes runs/<profile>/results/<target>-<shots>shot-s<seed>.json (with the transfer of each pair-<expert>
-run over target-only), rebuilds <target>.json and <target>.md (mean ± std over every result on disk made
+run over target-only, on each split), rebuilds <target>.json and <target>.md (mean ± std over every result on disk made
 under this config; `make all` prints it) and prints one line.
 """
 from __future__ import annotations
@@ -31,8 +34,8 @@ from common.device import accelerator
 from common.expert_types import EXPERT_TYPES
 from common.experts import (MergedExpert, current_expert, expert_dir, expert_name, load_expert, load_pool,
                             unload_expert)
-from common.metrics import task_metric
-from common.report import load_results, ordered, scores_of
+from common.metrics import task_scores
+from common.report import load_results, ordered, pack, scores_of, unpack
 
 
 
@@ -123,26 +126,29 @@ def main() -> None:
     meta = read_json(interp / "meta.json", "interpolated expert", interpolate)
     require_current(meta.get("config"), cfg, "interpolated", interp, interpolate)
     current_expert(cfg, run)
-    test = data.split(cfg, args.target, "test")
+    splits = {"test": data.split(cfg, args.target, "test"), "val": data.split(cfg, args.target, "val")}
     t0 = time.time()
     todo, stale = methods(cfg, run, meta)
     res_dir = cfg.run_dir / "results"
     row_path = res_dir / f"{run}.transfer.json"
-    measured = {}  # the pair runs' accuracies, when evaluate.py --transfer has measured them (not older, same config)
+    measured = {}  # the pair runs' scores, when evaluate.py --transfer has measured them (not older, same config)
     if args.transfer:
         todo = {m: v for m, v in todo.items() if m == "target-only" or m.startswith("pair-")}
     elif row_path.is_file():
         newest = max((d.stat().st_mtime for m, (_, d) in todo.items() if m.startswith("pair-")), default=0)
         row = read_json(row_path, "transfer matrix row", "run `evaluate.py --transfer`")
-        if row_path.stat().st_mtime >= newest and not changed_fields(row.get("config"), cfg, "result"):
-            measured = {m: a for m, a in scores_of(row).items() if m.startswith("pair-") and m in todo}
+        if row_path.stat().st_mtime >= newest and not changed_fields(row.get("config"), cfg, "result") \
+                and "val_scores" in row:  # a row from before the validation split was scored is measured again
+            measured = {m: {"test": a, "val": row["val_scores"][m],
+                            "each": {s: unpack(e[m]) if m in e else None for s, e in row["per_example"].items()}}
+                        for m, a in scores_of(row).items() if m.startswith("pair-") and m in todo}
     todo = {m: v for m, v in todo.items() if m not in measured}
 
     accel = accelerator(cfg)
     base, processor = load_backbone(cfg, accel.device)  # loaded once; each method's expert goes in and comes out
     enc = data.Encoder(processor, accel.device)
-    data.check_words(cfg, args.target, enc, test)
-    acc, used = {}, {}
+    data.check_words(cfg, args.target, enc, *splits.values())
+    scores, each, used = {s: {} for s in splits}, {s: {} for s in splits}, {}
     for m, (kind, what) in todo.items():
         if kind == "full":  # a fully fine-tuned copy of the backbone
             model = type(base).from_pretrained(str(what)).eval().to(accel.device)
@@ -155,32 +161,39 @@ def main() -> None:
             model = peft_merge(cfg, base, what, kind)
         else:
             model = base
-        with accel.autocast():
-            metric, acc[m] = task_metric(model, enc, task, test, cfg.evaluate.batch_size)
+        for s, exs in splits.items():
+            with accel.autocast():
+                metric, scores[s][m], each[s][m] = task_scores(model, enc, task, exs, cfg.evaluate.batch_size)
         if model is not base and kind != "full":
             base = unload_expert(model)
-    acc.update(measured)
+    for m, got in measured.items():
+        for s in splits:
+            scores[s][m], each[s][m] = got[s], got["each"][s]
+    acc = scores["test"]
     if not dist.is_main():  # every rank holds the whole accuracies; rank 0 writes them and rebuilds the table
         return
 
-    transfer = {m[5:]: round(a - acc["target-only"], 4) for m, a in acc.items() if m.startswith("pair-")}
+    transfer = {s: {m[5:]: round(a - sc["target-only"], 4) for m, a in sc.items() if m.startswith("pair-")}
+                for s, sc in scores.items()}
     result = {"target": args.target, "run": run, "shots": shots, "seed": cfg.seed, "metric": metric,
-              "test_size": len(test), "experts": meta["experts"], "scores": acc, "transfer": transfer,
+              "test_size": len(splits["test"]), "val_size": len(splits["val"]), "experts": meta["experts"],
+              "scores": acc, "val_scores": scores["val"], "transfer": transfer["test"], "val_transfer": transfer["val"],
+              "per_example": {s: {m: pack(e) for m, e in got.items() if e is not None} for s, got in each.items()},
               "experts_by_method": {m: e for m, e in used.items() if e}, "left_out": stale,
               "seconds": round(time.time() - t0, 1), "config": cfg.to_dict()}
     if args.transfer:
         write_json(row_path, result)
         return print(f"transfer over target-only ({acc['target-only']:.3f}): "
-                     + ", ".join(f"{s} {v:+.3f}" for s, v in sorted(transfer.items(), key=lambda x: -x[1])))
+                     + ", ".join(f"{s} {v:+.3f}" for s, v in sorted(transfer["test"].items(), key=lambda x: -x[1])))
     write_json(res_dir / f"{run}.json", result)
     with open(res_dir / f".{args.target}.lock", "w") as lock:  # make report evaluates two runs at once
         fcntl.flock(lock, fcntl.LOCK_EX)
         runs, left_out = load_results(cfg, args.target)  # rebuilt from the results on disk: no stale row
         write_json(res_dir / f"{args.target}.json", {"runs": {r["run"]: r for r in runs}, "left_out": left_out})
         write_text(res_dir / f"{args.target}.md", table(args.target, metric, runs, left_out))
-    scores = ", ".join(f"{m} {acc[m]:.3f}" for m in ordered([result]))
+    line = ", ".join(f"{m} {acc[m]:.3f}" for m in ordered([result]))
     note = f"; left out as stale: {', '.join(stale)}" if stale else ""
-    print(f"evaluated {run} ({metric}, {len(test)} test examples): {scores}{note}; {time.time() - t0:.0f}s -> "
+    print(f"evaluated {run} ({metric}, {len(splits['test'])} test examples): {line}{note}; {time.time() - t0:.0f}s -> "
           f"{res_dir / args.target}.md ({len(runs)} runs)")
 
 

@@ -144,28 +144,37 @@ def token_hits(model, enc: Encoder, exs: list[Example], batch_size: int = 64) ->
 
 def task_metric(model, enc: Encoder, task, exs: list[Example], batch_size: int = 64) -> tuple[str, float]:
     """The task's headline metric: candidate accuracy where answers are closed, token accuracy for the mini
-    world's open answers, or the real task's own metric (VQA accuracy, Acc@IoU>=0.5, CIDEr-D) on greedy answers.
-    Under torchrun each rank scores its share of the examples; the per-example results are gathered, so every
-    rank returns the value of the whole set."""
+    world's open answers, or the real task's own metric (VQA accuracy, Acc@IoU>=0.5, CIDEr-D) on greedy answers."""
+    return task_scores(model, enc, task, exs, batch_size)[:2]
+
+
+def task_scores(model, enc: Encoder, task, exs: list[Example], batch_size: int = 64) -> tuple[str, float, list | None]:
+    """task_metric, and each example's score where the metric is their mean (accuracy, VQA accuracy,
+    Acc@IoU, exact match: what a paired bootstrap over the examples resamples); None where it is not (token
+    accuracy weighs examples by their answer's length, CIDEr-D is a corpus statistic). Under torchrun each rank
+    scores its share of the examples; the per-example results are gathered, so every rank returns the whole set's."""
     closed = task.candidates is not None or exs[0].candidates is not None
     metric = getattr(task, "metric", None) or ("accuracy" if closed else "token_accuracy")
     mine = dist.shard(exs)
     if metric == "accuracy":
-        return metric, sum(dist.gather(candidate_hits(model, enc, task, mine, batch_size), len(exs))) / len(exs)
+        each = [float(h) for h in dist.gather(candidate_hits(model, enc, task, mine, batch_size), len(exs))]
+        return metric, sum(each) / len(exs), each
     if metric == "token_accuracy":
         hits = torch.tensor(token_hits(model, enc, mine, batch_size), device=enc.device)
         right, total = dist.all_sum([hits])[0].tolist()
-        return metric, right / max(total, 1)
+        return metric, right / max(total, 1), None
     preds = dist.gather(generate_answers(model, enc, mine, batch_size), len(exs))
     exs = exs.texts() if hasattr(exs, "texts") else exs  # the references: no image decoded again
     refs = [e.refs or (e.answer,) for e in exs]
+    if metric == "cider":
+        return metric, cider(preds, refs), None
     if metric == "vqa_accuracy":
-        return metric, sum(vqa_accuracy(p, r) for p, r in zip(preds, refs)) / len(exs)
-    if metric == "acc_iou":
-        return metric, acc_at_iou(preds, [e.answer for e in exs])
-    if metric == "exact_match":
-        return metric, sum(exact_match(p, r) for p, r in zip(preds, refs)) / len(exs)
-    return metric, cider(preds, refs)
+        each = [vqa_accuracy(p, r) for p, r in zip(preds, refs)]
+    elif metric == "acc_iou":
+        each = [float(h) for h in iou_hits(preds, [e.answer for e in exs])]
+    else:
+        each = [exact_match(p, r) for p, r in zip(preds, refs)]
+    return metric, sum(each) / len(exs), each
 
 
 def exact_match(pred: str, refs) -> float:
@@ -219,11 +228,13 @@ def box_iou(a, b) -> float:
 
 def acc_at_iou(pred_texts, gold_texts, threshold: float = 0.5) -> float:
     """Fraction of predictions whose location-token box has IoU >= threshold with the gold one (unparseable = miss)."""
-    hits = 0
-    for pred, gold in zip(pred_texts, gold_texts, strict=True):
-        p, g = tokens_to_box(pred), tokens_to_box(gold)
-        hits += p is not None and g is not None and box_iou(p, g) >= threshold
-    return hits / max(len(gold_texts), 1)
+    return sum(iou_hits(pred_texts, gold_texts, threshold)) / max(len(gold_texts), 1)
+
+
+def iou_hits(pred_texts, gold_texts, threshold: float = 0.5) -> list[bool]:
+    """Per prediction: does its location-token box have IoU >= threshold with the gold one (unparseable: no)?"""
+    boxes = [(tokens_to_box(p), tokens_to_box(g)) for p, g in zip(pred_texts, gold_texts, strict=True)]
+    return [p is not None and g is not None and box_iou(p, g) >= threshold for p, g in boxes]
 
 
 def caption_tokens(text: str) -> list[str]:

@@ -89,6 +89,43 @@ def scores_of(result: dict) -> dict:
     return result["scores"] if "scores" in result else result["accuracy"]
 
 
+def pack(scores: list[float]) -> str | list[float]:
+    """Per-example scores as a results file keeps them: a string of 0s and 1s where each is a hit or a miss
+    (accuracy: 4,000 examples in 4 KB), else the numbers rounded to 1e-4."""
+    if all(s in (0.0, 1.0) for s in scores):
+        return "".join("1" if s else "0" for s in scores)
+    return [round(s, 4) for s in scores]
+
+
+def unpack(stored: str | list) -> list[float]:
+    return [float(c) for c in stored] if isinstance(stored, str) else [float(s) for s in stored]
+
+
+def paired_ci(runs: list[dict], a: str, b: str, split: str = "test", draws: int = 2000,
+              level: float = 0.95) -> tuple[float, float] | None:
+    """The confidence interval of the mean paired gain a - b over runs (seeds), by a two-level bootstrap: the
+    seeds drawn with replacement, and within each seed its examples drawn with replacement (both methods on
+    the same draw: paired). None where a run lacks either method's per-example scores (token accuracy, CIDEr).
+    Seeded: the same results give the same interval."""
+    import numpy as np
+
+    diffs = []
+    for r in runs:
+        each = r.get("per_example", {}).get(split, {})
+        if a not in each or b not in each:
+            return None
+        diffs.append(np.asarray(unpack(each[a])) - np.asarray(unpack(each[b])))
+    if not diffs:
+        return None
+    rng = np.random.default_rng(0)
+    # per seed, `draws` resamples of its examples; then per draw, the seeds resampled among those
+    means = np.stack([d[rng.integers(0, len(d), (draws, len(d)))].mean(1) for d in diffs])  # seeds x draws
+    picked = rng.integers(0, len(diffs), (draws, len(diffs)))
+    stat = means[picked, np.arange(draws)[:, None]].mean(1)
+    lo, hi = np.quantile(stat, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def load_results(cfg, target: str) -> tuple[list[dict], list[str]]:
     """The target's results on disk made under this config (any shots and seed), and those left out as made
     under another one ('run (field: recorded -> config)')."""
@@ -144,14 +181,18 @@ def write_report(cfg, target: str) -> Path:
                                           for s in shots) + " |")
 
     md += ["", "## π-Tuning against the baselines, seed by seed", "",
-           "Wins count seeds where π-Tuning is strictly better; gain is π-Tuning minus the baseline.", "",
-           "| shots | vs | wins | mean gain |", "|---|---|---|---|"]
+           "Wins count seeds where π-Tuning is strictly better; gain is π-Tuning minus the baseline, mean ± std "
+           "over seeds, and its 95% interval by a paired bootstrap over the seeds and the test examples (a gain "
+           "whose interval holds 0 is a tie).", "",
+           "| shots | vs | wins | mean gain | 95% interval |", "|---|---|---|---|---|"]
     for s in shots:
         for base in ("target-only", "target-only-2x", "pi-random", "uniform-merge"):
-            pairs = [(r["scores"]["pi-tuning"], r["scores"][base]) for r in by_shots[s] if base in r["scores"]]
-            if pairs:
-                gains = [a - b for a, b in pairs]
-                md.append(f"| {s} | {base} | {sum(g > 0 for g in gains)}/{len(gains)} | {_mean_sd(gains)} |")
+            both = [r for r in by_shots[s] if base in r["scores"]]
+            if both:
+                gains = [r["scores"]["pi-tuning"] - r["scores"][base] for r in both]
+                ci = paired_ci(both, "pi-tuning", base)
+                md.append(f"| {s} | {base} | {sum(g > 0 for g in gains)}/{len(gains)} | {_mean_sd(gains)} | "
+                          + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-") + " |")
     md += ["", "| shots | seed | retrieved | target-only | π-Tuning | π random-k |", "|---|---|---|---|---|---|"]
     for s in shots:
         for r in sorted(by_shots[s], key=lambda r: r["seed"]):
@@ -170,28 +211,36 @@ def write_report(cfg, target: str) -> Path:
     rho_rows, scatter = [], []
     for emb, sims in _similarities(cfg, runs).items():
         for s in shots:
-            rhos, per_expert = [], {}
-            for r in by_shots[s]:
-                sim = sims.get(r["run"])
-                if not r.get("transfer") or sim is None:
-                    continue
-                names = sorted(r["transfer"])
-                rhos.append(spearman([sim[n] for n in names], [r["transfer"][n] for n in names]))
-                for n in names:
-                    per_expert.setdefault(n, []).append((sim[n], r["transfer"][n]))
-            if rhos:
-                ok = [x for x in rhos if not math.isnan(x)]
-                rho_rows.append(f"| {s} | {emb} | {len(rhos)} | {_mean_sd(ok)} | {', '.join(f'{x:+.2f}' for x in rhos)} |")
-                if emb.startswith("retrieval"):
-                    scatter.append((s, per_expert, _mean_sd(ok)))
+            for split, key in (("val", "val_transfer"), ("test", "transfer")):
+                rhos, per_expert = [], {}
+                for r in by_shots[s]:
+                    sim = sims.get(r["run"])
+                    if not r.get(key) or sim is None:
+                        continue
+                    names = sorted(r[key])
+                    rhos.append(spearman([sim[n] for n in names], [r[key][n] for n in names]))
+                    for n in names:
+                        per_expert.setdefault(n, []).append((sim[n], r[key][n], r.get("val_transfer", {}).get(n)))
+                if rhos:
+                    ok = [x for x in rhos if not math.isnan(x)]
+                    rho_rows.append(f"| {s} | {emb} | {split} | {len(rhos)} | {_mean_sd(ok)} | "
+                                    f"{', '.join(f'{x:+.2f}' for x in rhos)} |")
+                    if emb.startswith("retrieval") and split == "test":
+                        scatter.append((s, per_expert, _mean_sd(ok)))
     if rho_rows:
-        md += ["| shots | embedding | seeds | Spearman (mean ± std) | per seed |", "|---|---|---|---|---|", *rho_rows, ""]
+        md += ["Each transfer is measured on the validation split (what an embedding or a default is chosen by) "
+               "and on the test split (what is reported).", "",
+               "| shots | embedding | split | seeds | Spearman (mean ± std) | per seed |", "|---|---|---|---|---|---|",
+               *rho_rows, ""]
     if scatter:
         s, per_expert, rho = scatter[-1]
-        md += [f"At {_shots_label(s)} (retrieval's embedding):", "", "| expert | similarity | transfer |", "|---|---|---|"]
-        for n, v in sorted(per_expert.items(), key=lambda kv: -statistics.mean(t for _, t in kv[1])):
-            md.append(f"| {n} | {_mean_sd([a for a, _ in v])} | {_mean_sd([b for _, b in v])} |")
-        _plot_transfer(figs / "transfer_vs_similarity.png", s, per_expert, rho)
+        md += [f"At {_shots_label(s)} (retrieval's embedding):", "",
+               "| expert | similarity | transfer (val) | transfer (test) |", "|---|---|---|---|"]
+        for n, v in sorted(per_expert.items(), key=lambda kv: -statistics.mean(t for _, t, _ in kv[1])):
+            val = [x for _, _, x in v if x is not None]
+            md.append(f"| {n} | {_mean_sd([a for a, _, _ in v])} | {_mean_sd(val) if val else '-'} | "
+                      f"{_mean_sd([b for _, b, _ in v])} |")
+        _plot_transfer(figs / "transfer_vs_similarity.png", s, {n: [(a, b) for a, b, _ in v] for n, v in per_expert.items()}, rho)
     elif not rho_rows:
         md.append("_No transfer measured yet (interpolate.py --variant pair-<expert>, evaluate.py --transfer)._")
 

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import re
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from common.report import pack, paired_ci, unpack
 from conftest import inproc, run
 
 EVERY_EMBEDDING = "EMBED_AS=fisher weights fisher-batch fisher-raw fisher-passes"  # the default adds no fisher-passes
@@ -22,6 +25,29 @@ def test_spearman_matches_hand_computed_ranks():
     # ties take their average rank: x ranks 0, 1.5, 1.5, 3 against y ranks 0, 1, 2, 3
     assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_paired_bootstrap_interval_holds_the_gain_and_says_tie_for_noise():
+    """Two methods scored on the same examples over seeds: the interval of a clear gain excludes 0, that of
+    no real difference holds it, identical predictions give [0, 0]; the same results, the same interval."""
+    rng = random.Random(0)
+
+    def run_of(p_base, p_gain, n=2000):
+        base = [float(rng.random() < p_base) for _ in range(n)]
+        better = [1.0 if rng.random() < p_gain else b for b in base]  # right where base was, and some more
+        return {"per_example": {"test": {"a": pack(better), "b": pack(base), "c": pack(base)}}}
+
+    clear = [run_of(0.6, 0.05) for _ in range(5)]  # about +0.02
+    lo, hi = paired_ci(clear, "a", "b")
+    assert 0 < lo < 0.02 < hi < 0.04
+    assert paired_ci(clear, "a", "b") == (lo, hi)
+    assert paired_ci(clear, "b", "c") == (0.0, 0.0)
+    noise = [{"per_example": {"test": {"a": pack([float(rng.random() < 0.6) for _ in range(400)]),
+                                       "b": pack([float(rng.random() < 0.6) for _ in range(400)])}}} for _ in range(5)]
+    lo, hi = paired_ci(noise, "a", "b")
+    assert lo < 0 < hi
+    assert paired_ci(clear + [{"per_example": {}}], "a", "b") is None  # a run without them: no interval
+    assert unpack(pack([1.0, 0.0, 1.0])) == [1.0, 0.0, 1.0] and pack([0.5, 1.0]) == [0.5, 1.0]
 
 
 def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_path):
@@ -45,10 +71,17 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
     assert (runs / "micro/fisher/snli-ve-8shot-s0.batch.safetensors").is_file()
     assert (runs / "micro/fisher/snli-ve-8shot-s0.safetensors").is_file()
     assert (runs / "micro/fisher/snli-ve-8shot-s0.passes4.safetensors").is_file()
-    for row in ("| 8 | retrieval (fisher) | 1 |", "| 8 | fisher | 1 |", "| 8 | weights | 1 |", "| 8 | fisher-batch | 1 |",
-                "| 8 | fisher-raw | 1 |", "| 8 | fisher-passes | 1 |", "| 8 | fisher: lora_A only | 1 |",
-                "| 8 | fisher: decoder only | 1 |"):
-        assert row in report
+    for emb in ("retrieval (fisher)", "fisher", "weights", "fisher-batch", "fisher-raw", "fisher-passes",
+                "fisher: lora_A only", "fisher: decoder only"):
+        assert f"| 8 | {emb} | val | 1 |" in report and f"| 8 | {emb} | test | 1 |" in report
+    # every method scored on validation too, each example's score kept (their mean is the score), and the
+    # paired gains given an interval
+    assert set(result["val_scores"]) == set(result["scores"]) and set(result["val_transfer"]) == {"nli", "shape"}
+    for split, key in (("test", "scores"), ("val", "val_scores")):
+        each = result["per_example"][split]
+        assert set(each) == set(result[key]) and len(each["pi-tuning"]) == result[f"{split}_size"]
+        assert all(sum(unpack(each[m])) / len(each[m]) == pytest.approx(result[key][m]) for m in each)
+    assert re.search(r"\| 8 \| target-only \| \d/1 \| [-+.\d ±]+ \| \[[-+.\d]+, [-+.\d]+\] \|", report)
     for png in ("accuracy_vs_shots", "similarity", "task_graph", "weights", "transfer_vs_similarity"):
         f = runs / f"micro/report/{png}.png"
         assert f.read_bytes()[:4] == b"\x89PNG" and f"report/{png}.png" in report
