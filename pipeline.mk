@@ -53,7 +53,7 @@ PAIRS    := $(foreach t,$(OTHERS),$(RUN)/interpolated/$(NAME).pair-$(t)/meta.jso
 TRANSFER := $(RUN)/results/$(NAME).transfer.json
 # the study's embeddings (make report EMBED_AS="... fisher-passes" adds the repeated-shots Fisher: its pool
 # Fishers are computed anew, about 3 min more)
-EMBED_AS := fisher weights fisher-batch fisher-raw
+EMBED_AS := fisher weights prototypes fisher-batch fisher-raw
 EMBEDS   := $(foreach e,$(EMBED_AS),$(RUN)/similarity/$(NAME).$(e).json)
 ORACLE   := $(RUN)/interpolated/$(NAME).oracle/meta.json
 ifdef STUDY

@@ -147,6 +147,8 @@ class FisherConfig:
     batch_size: int = ranged(16, 1)
     normalize: str = "mean"  # mean: each tensor scaled to mean 1 before comparing | none
     passes: int = ranged(1, 1)  # > 1: up to this many passes over an expert's examples, dropout on, until `samples` gradients
+    at: str = "own"  # own: each expert's Fisher at its own weights | pool-mean: every task's at the mean pool expert
+    answers: str = "truth"  # truth: the examples' answers (empirical Fisher) | model: drawn from the model's own distribution
 
 
 @dataclass
@@ -221,6 +223,8 @@ CHOICES = {
     "fisher.embedding": EMBEDDINGS,
     "fisher.estimator": ("per_sample", "batch"),
     "fisher.normalize": ("mean", "none"),
+    "fisher.at": ("own", "pool-mean"),
+    "fisher.answers": ("truth", "model"),
     "interpolate.groups": ("global", "layer", "site", "tensor"),
 }
 

@@ -24,6 +24,7 @@ class ExpertType:
     targets: dict  # backbone family (bart | t5) -> target_modules regex; {} = acts through extra inputs
     build: Callable
     update: Callable
+    factors: Callable | None = None  # weights -> {site: (B, A)} where the update is their product B @ A
     merge: str = "sum"  # sum: the weighted sum of each tensor | lora: the exact sum_i p_i B_i A_i (rank K*r)
     peft_merges: bool = False  # peft's add_weighted_adapter baselines (linear-merge, ties-merge) apply
     scaled: bool = False  # B carries alpha/r: rescaled to the configured scale before a merge
@@ -44,6 +45,14 @@ def _parts(weights: dict, names: str) -> dict[str, dict]:
 
 def _lora_update(weights, layers=1):  # B starts at zero, so B.A is the whole update (DoRA: its direction)
     return {site: p["lora_B"] @ p["lora_A"] for site, p in _parts(weights, "lora_A|lora_B").items()}
+
+
+def _lora_factors(weights):
+    return {site: (p["lora_B"], p["lora_A"]) for site, p in _parts(weights, "lora_A|lora_B").items()}
+
+
+def _adapter_factors(weights):
+    return {site: (p["adapter.up"], p["adapter.down"]) for site, p in _parts(weights, r"adapter\.down|adapter\.up").items()}
 
 
 def _ia3_update(weights, layers=1):  # the scales start at 1
@@ -118,12 +127,12 @@ def _adapter(model, ecfg, dims, targets, k):
 
 
 EXPERT_TYPES: dict[str, ExpertType] = {t.name: t for t in [
-    ExpertType("lora", 1e-3, ATTENTION, _lora, _lora_update, merge="lora",
+    ExpertType("lora", 1e-3, ATTENTION, _lora, _lora_update, _lora_factors, merge="lora",
                peft_merges=True, scaled=True, saved_as=("peft_type", "LORA"),
                doc="LoRA on q, k, v, out of every attention (the original's), merged exactly"),
     # DoRA's update m * (W0 + BA) / ||W0 + BA|| is not linear in B.A, so there is no exact delta merge: its
     # experts interpolate in parameter space (A, B and the magnitude each a weighted sum), as adapters do
-    ExpertType("dora", 1e-3, ATTENTION, _dora, _lora_update,
+    ExpertType("dora", 1e-3, ATTENTION, _dora, _lora_update, _lora_factors,
                scaled=True, saved_as=("use_dora", True),
                doc="DoRA (peft use_dora): LoRA with a learned magnitude per output; interpolated per tensor"),
     ExpertType("ia3", 1e-2, {"bart": _BART + r"(k_proj|v_proj|fc2)$",
@@ -136,7 +145,7 @@ EXPERT_TYPES: dict[str, ExpertType] = {t.name: t for t in [
                saved_as=("peft_type", "PREFIX_TUNING"), doc="prefix keys / values in every decoder self-attention"),
     ExpertType("adapter", 1e-3, {"bart": _BART + r"(self_attn\.out_proj|fc2)$", "t5": r".*\.(SelfAttention\.o|"
                                  r"DenseReluDense\.wo)$"},
-               _adapter, _adapter_update,
+               _adapter, _adapter_update, _adapter_factors,
                saved_as=("expert_type", "houlsby_adapter"),
                doc="Houlsby bottleneck adapters after each self-attention and FFN (the paper's headline)"),
 ]}

@@ -51,6 +51,23 @@ def candidate_hits(model, enc: Encoder, task: Task, exs: list[Example], batch_si
     return hits
 
 
+@torch.no_grad()
+def sampled_answers(model, enc: Encoder, task: Task, exs: list[Example], generator: torch.Generator) -> list[str]:
+    """An answer per example drawn from the model's own distribution: over the candidates for a closed task
+    (their sequence probabilities, renormalised), token by token for an open one."""
+    if candidates_for(task, exs[0]) is None:
+        return generate_answers(model, enc, exs, len(exs), sample=generator)
+    pairs = [(i, c) for i, e in enumerate(exs) for c in candidates_for(task, e)]
+    index = torch.tensor([i for i, _ in pairs], device=enc.device)
+    scores = candidate_logprobs(model, enc.inputs(exs), index, enc.labels([c for _, c in pairs])).float().cpu()
+    out = []
+    for i, e in enumerate(exs):
+        cands = candidates_for(task, e)
+        mine = scores[index.cpu() == i]
+        out.append(cands[torch.multinomial(mine.softmax(0), 1, generator=generator).item()])
+    return out
+
+
 def candidate_logprobs(model, inputs: dict, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(labels[j] | example index[j]) with the encoder run once per example, not once per candidate."""
     base, states, mask, decoder_kwargs = _encode(model, inputs)
@@ -61,8 +78,9 @@ def candidate_logprobs(model, inputs: dict, index: torch.Tensor, labels: torch.T
 
 @torch.no_grad()
 def generate_answers(model, enc: Encoder, exs: list[Example], batch_size: int = 64,
-                     max_new_tokens: int = 32) -> list[str]:
-    """Greedy decoding, the encoder run once per example (open-ended tasks: VQA, captions, boxes)."""
+                     max_new_tokens: int = 32, sample: torch.Generator | None = None) -> list[str]:
+    """Greedy decoding, the encoder run once per example (open-ended tasks: VQA, captions, boxes); with
+    `sample`, each token drawn from the model's distribution instead (by that generator)."""
     out = []
     for chunk in batches(exs, batch_size):
         base, states, mask, decoder_kwargs = _encode(model, enc.inputs(chunk))
@@ -72,7 +90,9 @@ def generate_answers(model, enc: Encoder, exs: list[Example], batch_size: int = 
         for _ in range(max_new_tokens):  # no KV cache: answers are short and this keeps every expert type simple
             logits = base(encoder_outputs=BaseModelOutput(last_hidden_state=states), attention_mask=mask,
                           decoder_input_ids=ids, **decoder_kwargs(len(chunk))).logits[:, -1]
-            nxt = logits.argmax(-1).masked_fill(done, enc.tok.pad_token_id)
+            nxt = logits.argmax(-1) if sample is None else \
+                torch.multinomial(logits.float().softmax(-1).cpu(), 1, generator=sample)[:, 0].to(logits.device)
+            nxt = nxt.masked_fill(done, enc.tok.pad_token_id)
             ids = torch.cat([ids, nxt[:, None]], 1)
             done |= nxt == enc.tok.eos_token_id
             if done.all():

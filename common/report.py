@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 from common.artifacts import write_text
-from common.embeddings import EMBEDDINGS, recorded, variants
+from common.embeddings import EMBEDDINGS, described, recorded, variants
 
 
 
@@ -204,10 +204,9 @@ def write_report(cfg, target: str) -> Path:
     md += ["", "## Retrieval: predicted similarity against measured transfer", "",
            "Transfer of expert s = accuracy of π-Tuning with the target's expert and s alone, minus target-only. "
            "Spearman is taken per seed over the pool, then averaged. `retrieval` is the embedding π-Tuning used; "
-           "the others were computed beside it for comparison (embed_tasks.py --embedding: fisher-batch is the original "
-           "code's squared batch gradient, fisher-raw the formula on unnormalised values, fisher-passes the few "
-           "shots passed again with dropout on, up to fisher.samples gradients; the `only` rows restrict the "
-           "cached per-sample Fisher to those tensors).", ""]
+           "the others were computed beside it for comparison (embed_tasks.py --embedding; the `only` rows restrict "
+           "the cached per-sample Fisher to those tensors):", "",
+           *[f"- `{n}`: {what}" for n, what in described().items()], ""]
     rho_rows, scatter = [], []
     for emb, sims in _similarities(cfg, runs).items():
         for s in shots:
@@ -280,7 +279,8 @@ def _similarities(cfg, runs: list[dict]) -> dict[str, dict[str, dict[str, float]
     # each file is checked against the config it should have been made with: stale ones are left out
     as_computed = {e: dataclasses.replace(cfg, fisher=dataclasses.replace(cfg.fisher, **f)) for e, f in variants().items()}
     as_computed[""] = cfg
-    plain = dataclasses.replace(cfg, fisher=dataclasses.replace(cfg.fisher, estimator="per_sample", passes=1))
+    plain = dataclasses.replace(cfg, fisher=dataclasses.replace(cfg.fisher, estimator="per_sample", passes=1, at="own",
+                                                                answers="truth"))
     out: dict[str, dict] = {}
     fishers: dict[str, dict | None] = {}
     for r in runs:

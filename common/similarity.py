@@ -24,17 +24,19 @@ from common.data import Encoder, Example, batches
 from common.device import accelerator
 from common.expert_types import EXPERT_TYPES
 from common.experts import WEIGHTS, attach, expert_dir, load_expert_weights, read_expert_meta, set_weights
-from common.metrics import answer_logprobs
+from common.metrics import answer_logprobs, sampled_answers
 
 EPS = 1e-6
 
 def fisher_diagonal(model, enc: Encoder, exs: list[Example], estimator: str = "per_sample",
-                    batch_size: int = 16, desc: str = "fisher", autocast=contextlib.nullcontext) -> dict[str, torch.Tensor]:
+                    batch_size: int = 16, desc: str = "fisher", autocast=contextlib.nullcontext,
+                    answers=None) -> dict[str, torch.Tensor]:
     """E[(d log p(y|x) / d phi)^2] over exs for every trainable tensor phi, at the current weights.
 
     per_sample: the squared gradient of each example's log-likelihood (the diagonal empirical Fisher).
     batch: the squared gradient of each mini-batch's summed log-likelihood, divided by the number of
-    examples (what the original code computed). No optimizer step is ever taken. The forward runs under
+    examples (what the original code computed). `answers(chunk, i)` gives the answers to differentiate for the
+    i-th mini-batch (None: the examples' own, the empirical Fisher). No optimizer step is ever taken. The forward runs under
     `autocast` (the stage's precision); the squared gradients accumulate in fp32 whatever it is. Under torchrun
     each rank takes its share of the examples (or mini-batches) and the sums are added over ranks."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -42,10 +44,11 @@ def fisher_diagonal(model, enc: Encoder, exs: list[Example], estimator: str = "p
     step = 1 if estimator == "per_sample" else batch_size
     mine = batches(exs, step, shard=True)  # decoded as taken (data.num_workers workers), not all held at once
     total = len(range(dist.rank(), -(-len(exs) // step), dist.world()))
-    for chunk in tqdm(mine, total=total, desc=desc, leave=False, dynamic_ncols=True,
-                      disable=None if dist.is_main() else True):
+    for i, chunk in tqdm(zip(range(dist.rank(), total * dist.world(), dist.world()), mine), total=total, desc=desc,
+                         leave=False, dynamic_ncols=True, disable=None if dist.is_main() else True):
         with autocast():
-            logp = answer_logprobs(model, enc, chunk, [e.answer for e in chunk]).sum()
+            targets = [e.answer for e in chunk] if answers is None else answers(chunk, i)
+            logp = answer_logprobs(model, enc, chunk, targets).sum()
         grads = torch.autograd.grad(logp, list(params.values()))
         for (n, _), g in zip(params.items(), grads):
             fisher[n] += g.float() ** 2
@@ -57,10 +60,11 @@ def _hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def fisher_cache(cfg, name: str) -> tuple[Path, dict[str, str]]:
+def fisher_cache(cfg, name: str, reference: str = "") -> tuple[Path, dict[str, str]]:
     """Where expert `name`'s Fisher under cfg.fisher is cached, and the key the cached file must carry: every
-    setting that changes the Fisher (the expert's tensors and config, the backbone, the data that feeds it,
-    the estimator). One pass with per-sample gradients is the plain file, every other estimate sits beside it."""
+    setting that changes the Fisher (the expert's tensors and config, or the hash of the common `reference`
+    weights it is taken at; the backbone, the data that feeds it, the estimator, the answers). One pass with
+    per-sample gradients at the expert's own weights is the plain file, every other estimate sits beside it."""
     fc, path = cfg.fisher, expert_dir(cfg, name)
     sampled = json.loads((path / "meta.json").read_text())["shots"] is not None  # a target's k-shot sample
     fed_by = [cfg.to_dict()[s] for s in ("world", "data")] + ([cfg.tasks.shots_per_class] if sampled else [])
@@ -78,6 +82,12 @@ def fisher_cache(cfg, name: str) -> tuple[Path, dict[str, str]]:
     if fc.passes > 1:
         key["passes"] = str(fc.passes)
         variant += f".passes{fc.passes}"
+    if fc.at != "own":
+        key["at"], key["expert"] = fc.at, reference
+        variant += f".at-{fc.at}"
+    if fc.answers != "truth":
+        key["answers"] = fc.answers
+        variant += f".{fc.answers}-answers"
     return cfg.run_dir / "fisher" / f"{name}{variant}.safetensors", key
 
 
@@ -147,10 +157,12 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
     fc = cfg.fisher
     peft_model = None
     fishers, computed = [], []
+    reference = common_reference(cfg, names) if fc.at == "pool-mean" else None
+    ref_hash = _hash(b"".join(v.float().numpy().tobytes() for _, v in sorted(reference.items()))) if reference else ""
     for name in names:
         path = expert_dir(cfg, name)
         meta = read_expert_meta(path)
-        out, key = fisher_cache(cfg, name)  # every variant kept: the study compares them
+        out, key = fisher_cache(cfg, name, ref_hash)  # every variant kept: the study compares them
         fisher = cached_fisher(out, key)
         if fisher is None:
             if peft_model is None:  # load the backbone only when something needs computing
@@ -159,15 +171,18 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
                 enc = data.Encoder(processor, acc.device)
                 peft_model = attach(model, cfg.expert)
                 peft_model.eval()
-            set_weights(peft_model, load_expert_weights(path))
+            set_weights(peft_model, reference or load_expert_weights(path))
             # the expert's own training data, as it saw it (the low-shot sample for the target); with
             # fisher.passes, a low-shot sample is passed again (dropout on, so each pass differs) up to `samples`
             exs = data.train_split(cfg, meta["task"], meta["shots"] or 0, meta["seed"])[:fc.samples]
             exs = exs * min(fc.passes, math.ceil(fc.samples / max(len(exs), 1)))
             peft_model.train(fc.passes > 1)
             torch.manual_seed(0)  # the same dropout whichever process computes (and caches) this Fisher
+            task = data.task(cfg, meta["task"])
+            drawn = None if fc.answers == "truth" else \
+                lambda chunk, i: sampled_answers(peft_model, enc, task, chunk, torch.Generator().manual_seed(i))
             fisher = fisher_diagonal(peft_model, enc, exs, fc.estimator, fc.batch_size, desc=f"fisher {name}",
-                                     autocast=acc.autocast)
+                                     autocast=acc.autocast, answers=drawn)
             fisher = {k.replace(".default", ""): v.contiguous().cpu() for k, v in fisher.items()}
             if not all(torch.isfinite(v).all() for v in fisher.values()):
                 raise UserError(f"{path}: its Fisher is not finite, nothing written; retrain the expert with a "
@@ -177,6 +192,46 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
             computed.append(name)
         fishers.append(normalized(fisher, fc.normalize))
     return fishers, f"{len(computed)} Fisher computed, {len(names) - len(computed)} cached"
+
+
+def top_direction(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The unit top right-singular vector of b @ a (out x r times r x in) by r x r work, no out x in matrix:
+    a^T = Qa Ra and b = Qb Rb, so b a = Qb (Rb Ra^T) Qa^T, whose right singular vectors are Qa times those of
+    the small middle."""
+    qa, ra = torch.linalg.qr(a.double().T)
+    _, rb = torch.linalg.qr(b.double())
+    return qa @ torch.linalg.svd(rb @ ra.T)[2][0]
+
+
+def prototype_embedding(cfg, name: str) -> dict[str, torch.Tensor]:
+    """{site: the input direction the expert's update acts on most} (peft's Arrow routing prototypes): the top
+    right-singular vector of a product-form update (LoRA's B·A, an adapter's up·down) from its factors; the
+    direction of a vector-valued one (IA3's scales - 1, a prompt's mean token)."""
+    path = expert_dir(cfg, name)
+    kind = EXPERT_TYPES[cfg.expert.method]
+    if kind.factors is not None:
+        return {site: top_direction(b, a) for site, (b, a) in kind.factors(load_expert_weights(path)).items()}
+    return {site: F.normalize(u.double().flatten(), dim=0) for site, u in weight_embedding(cfg, name).items()}
+
+
+def prototype_similarity(pa: dict[str, torch.Tensor], pb: dict[str, torch.Tensor]) -> float:
+    """Mean over sites of |cos| of the two prototypes (a singular vector's sign is arbitrary)."""
+    if pa.keys() != pb.keys():
+        raise ValueError("experts have different tensors; embed experts of one type and one backbone")
+    return sum(abs(F.cosine_similarity(pa[n], pb[n], dim=0).item()) for n in pa) / len(pa)
+
+
+def common_reference(cfg, names: list[str]) -> dict[str, torch.Tensor]:
+    """fisher.at: pool-mean: one set of expert weights for every task's Fisher, the mean of the pool's
+    full-data experts among `names` (every tensor averaged; the target's own expert left out, so the pool's
+    Fishers do not depend on the target). A LoRA at its init (B = 0) would pass no gradient to A; the mean of
+    trained experts has both factors non-zero, and a task's Fisher there says what its data asks, not where its
+    own expert ended up."""
+    pool = [n for n in names if n in cfg.tasks.pool]
+    if not pool:
+        raise UserError(f"{cfg.path}: fisher.at: pool-mean needs pool experts to average; use fisher.at: own")
+    weights = [load_expert_weights(expert_dir(cfg, n)) for n in pool]
+    return {k: torch.stack([w[k].float() for w in weights]).mean(0).to(weights[0][k].dtype) for k in weights[0]}
 
 
 def similarity_matrix(embeddings: list[dict[str, torch.Tensor]], sim=task_similarity) -> list[list[float]]:

@@ -91,6 +91,34 @@ def test_fisher_passes_repeat_the_few_shots_with_dropout_and_are_reproducible(mi
     assert not all(torch.allclose(v, one[k]) for k, v in first[NAME].items())
 
 
+def test_fisher_at_a_common_point_and_with_the_models_answers(micro_copy):
+    """fisher.at: pool-mean takes every task's Fisher at the mean pool expert: none depends on the target's
+    expert (changing it recomputes nothing), a changed pool expert moves the point (all recomputed), and they
+    differ from those at each expert's own weights. fisher.answers: model draws the answers from the model, the same ones whichever process does."""
+    from safetensors.torch import load_file, save_file
+
+    runs = micro_copy[0]
+    fd = runs / "micro/fisher"
+    cmd = ("embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}")
+    out = inproc(*cmd, "--embedding", "fisher-common,fisher-model").stdout
+    assert "(3 Fisher computed, 0 cached)" in out
+    common = {n: load_file(str(fd / f"{n}.at-pool-mean.safetensors")) for n in (NAME, "nli")}
+    own = load_file(str(fd / "nli.safetensors"))
+    assert not all(torch.allclose(v, own[k]) for k, v in common["nli"].items())
+    drawn = load_file(str(fd / "nli.model-answers.safetensors"))
+    assert not all(torch.allclose(v, own[k]) for k, v in drawn.items())
+    (fd / "nli.model-answers.safetensors").unlink()
+    f = runs / f"micro/experts/{NAME}/adapter_model.safetensors"
+    save_file({k: v * 1.5 for k, v in load_file(str(f)).items()}, str(f))
+    assert "(0 Fisher computed, 3 cached)" in inproc(*cmd, "fisher.at=pool-mean").stdout
+    f = runs / "micro/experts/shape/adapter_model.safetensors"
+    save_file({k: v * 1.5 for k, v in load_file(str(f)).items()}, str(f))
+    assert "(3 Fisher computed, 0 cached)" in inproc(*cmd, "fisher.at=pool-mean").stdout
+    assert not all(torch.equal(v, load_file(str(fd / "nli.at-pool-mean.safetensors"))[k]) for k, v in common["nli"].items())
+    inproc(*cmd, "fisher.answers=model")
+    assert all(torch.equal(v, load_file(str(fd / "nli.model-answers.safetensors"))[k]) for k, v in drawn.items())
+
+
 def test_weight_embedding_needs_no_fisher_and_no_backbone_pass(micro_copy):
     runs = micro_copy[0]
     shutil.rmtree(runs / "micro/fisher")

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from common.report import pack, paired_ci, unpack
 from conftest import inproc, run
 
-EVERY_EMBEDDING = "EMBED_AS=fisher weights fisher-batch fisher-raw fisher-passes"  # the default adds no fisher-passes
+# the default leaves out the three that compute the pool's Fishers anew
+EVERY_EMBEDDING = "EMBED_AS=fisher weights prototypes fisher-batch fisher-raw fisher-passes fisher-common fisher-model"
 
 
 def test_spearman_matches_hand_computed_ranks():
@@ -71,8 +72,10 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
     assert (runs / "micro/fisher/snli-ve-8shot-s0.batch.safetensors").is_file()
     assert (runs / "micro/fisher/snli-ve-8shot-s0.safetensors").is_file()
     assert (runs / "micro/fisher/snli-ve-8shot-s0.passes4.safetensors").is_file()
-    for emb in ("retrieval (fisher)", "fisher", "weights", "fisher-batch", "fisher-raw", "fisher-passes",
-                "fisher: lora_A only", "fisher: decoder only"):
+    assert (runs / "micro/fisher/snli-ve-8shot-s0.at-pool-mean.safetensors").is_file()
+    assert (runs / "micro/fisher/nli.model-answers.safetensors").is_file()
+    for emb in ("retrieval (fisher)", "fisher", "weights", "prototypes", "fisher-batch", "fisher-raw", "fisher-passes",
+                "fisher-common", "fisher-model", "fisher: lora_A only", "fisher: decoder only"):
         assert f"| 8 | {emb} | val | 1 |" in report and f"| 8 | {emb} | test | 1 |" in report
     # every method scored on validation too, each example's score kept (their mean is the score), and the
     # paired gains given an interval

@@ -1,6 +1,7 @@
 """Task similarity: the formula of PI_TUNING.md, symmetric, 1 on the diagonal; top-k retrieval."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -101,3 +102,18 @@ def test_make_report_computes_every_embedding_but_those_asked_for():
 
     listed = re.search(r"^EMBED_AS := (.*)$", (Path(__file__).parents[1] / "pipeline.mk").read_text(), re.M)
     assert listed.group(1).split() == [v for v in variants() if v not in ASKED_FOR]
+
+
+def test_prototype_is_the_top_singular_direction_of_the_update_without_forming_it():
+    from common.similarity import prototype_similarity, top_direction
+
+    torch.manual_seed(0)
+    b, a = torch.randn(48, 4), torch.randn(4, 32)
+    v = top_direction(b, a)
+    dense = torch.linalg.svd((b @ a).double())[2][0]
+    assert v.shape == (32,) and abs(float(v @ dense)) == pytest.approx(1.0, abs=1e-9)
+    # the same expert rescaled or with its sign flipped has the same prototype; another one does not
+    same = {"s": top_direction(-3 * b, a)}
+    other = {"s": top_direction(torch.randn(48, 4), torch.randn(4, 32))}
+    assert prototype_similarity({"s": v}, same) == pytest.approx(1.0)
+    assert prototype_similarity({"s": v}, other) < 0.9
