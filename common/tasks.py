@@ -74,7 +74,7 @@ DEFINE_FIELDS = {  # field: what it is, for the one-line errors
                   "answer in the split's file); none: open answers",
     "metric": " | ".join(METRICS),
     "family": " | ".join(FAMILIES) + " (default: by the image column)",
-    "val_fraction": "the share of train carved (seeded) into val when files has no val",
+    "val_fraction": "the share of train carved (seeded) into val when files has no val (or val is the test file)",
     "hub": "{repo, config, splits: {our split: the hub's}}: the task's parquet copy on the hub (data.download)",
     "per_format": "format -> {rename: {file column: ours}, labels, image_kind, image_root}: files in another layout",
     "get": "where the files come from, said when one is missing",

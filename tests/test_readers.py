@@ -144,17 +144,21 @@ def test_classification_tsv_candidates_are_every_class_in_the_file(tmp_path):
 
 
 def test_glue_tsvs_in_ofa_layouts(tmp_path):
-    write_tsv(tmp_path / "glue_data/mnli_train.tsv",
+    write_tsv(tmp_path / "glue_data/mnli_dev.tsv",
               [("The Cat  sat.", "A cat sat.", "1"), ("x", "y", "0"), ("x", "y", "2")])
     write_tsv(tmp_path / "glue_data/rte_dev.tsv", [("0", "It Rains.", "It is wet.", "not_entailment")])
-    write_tsv(tmp_path / "glue_data/qnli_train.tsv", [("0", "Who won?", "Ann won.", "entailment")])
-    mnli = read_defined(CATALOGUE["mnli"], "train", tmp_path)
+    write_tsv(tmp_path / "glue_data/qnli_dev.tsv", [("0", "Who won?", "Ann won.", "entailment")])
+    mnli = read_defined(CATALOGUE["mnli"], "test", tmp_path)
     assert mnli[0].prompt == ' can text1 " the cat sat. " imply text2 " a cat sat. "?' and mnli[0].image is None
     assert [e.answer for e in mnli] == ["yes", "maybe", "no"]  # OFA's own label coding for its MNLI TSV
     (rte,) = read_defined(CATALOGUE["rte"], "test", tmp_path)
     assert rte.prompt == ' can text1 " it rains. " imply text2 " it is wet. "?' and rte.answer == "no"
-    (qnli,) = read_defined(CATALOGUE["qnli"], "train", tmp_path)
+    (qnli,) = read_defined(CATALOGUE["qnli"], "test", tmp_path)
     assert qnli.prompt == ' does " ann won. " contain the answer to question " who won? "?' and qnli.answer == "yes"
+    # GLUE's dev file is its test here (the labelled test is hidden): val is a seeded tenth of train instead
+    write_tsv(tmp_path / "glue_data/mnli_train.tsv", [(f"s{i}", "y", "1") for i in range(20)])
+    train, val = (read_defined(CATALOGUE["mnli"], s, tmp_path) for s in ("train", "val"))
+    assert len(train) == 18 and len(val) == 2 and not {e.prompt for e in train} & {e.prompt for e in val}
 
 
 def test_glue_parquet_in_the_hub_layout(tmp_path):
@@ -168,7 +172,8 @@ def test_glue_parquet_in_the_hub_layout(tmp_path):
     exs = read_defined(CATALOGUE["mnli"], "test", tmp_path)
     assert [e.answer for e in exs] == ["yes", "no"]  # the hub's coding: 0 entailment, 1 neutral, 2 contradiction
     assert exs[0].prompt == ' can text1 " a man sleeps. " imply text2 " someone rests. "?'
-    assert len(read_defined(CATALOGUE["mnli"], "val", tmp_path, n=1)) == 1
+    pq.write_table(table, tmp_path / "mnli/train-00000-of-00001.parquet")
+    assert len(read_defined(CATALOGUE["mnli"], "val", tmp_path)) == 1  # carved from train: val is the test
 
 
 def test_parquet_with_image_bytes_and_class_label_names(tmp_path):

@@ -76,6 +76,13 @@ def test_defined_tasks_run_the_four_stages_in_a_pool_with_world_tasks(micro, tmp
     again = data.split(cfg, "my-shapes", "val")  # the same carve every time
     assert [e.image.tobytes() for e in again] == [e.image.tobytes() for e in val] and train[0].candidates is None
     assert data.task(cfg, "my-shapes").candidates == ("circle", "square") and train[0].image.shape == (64, 64, 3)
+    # val serving as test (GLUE, VQA): val is carved from train as well, so choices never see the test rows
+    same = {**SHAPES["my-shapes"], "files": {"train": "shapes/train.csv", "val": "shapes/test.csv",
+                                              "test": "shapes/test.csv"}}
+    config = profile(tmp_path, {**SHAPES, "my-shapes": same}, ["my-shapes", "nli", "my-entail"])
+    cfg = load_config(config, [f"runs_dir={runs}"])
+    assert [e.image.tobytes() for e in data.split(cfg, "my-shapes", "val")] == [e.image.tobytes() for e in val]
+    assert len(data.split(cfg, "my-shapes", "train")) == 18 and len(data.split(cfg, "my-shapes", "test")) == 8
 
 
 @pytest.mark.parametrize("change, message", [
