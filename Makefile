@@ -15,7 +15,7 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 PIPELINE   = $(MAKE) --no-print-directory -f pipeline.mk PY=$(PY) CONFIG=$(CONFIG) TARGET=$(TARGET)
 
-.PHONY: help all backbone experts embed interpolate evaluate seeds report test bench clean
+.PHONY: help all backbone experts embed interpolate evaluate seeds report study test bench clean
 
 help:
 	@echo "make all TARGET=snli-ve [PROFILE=mini SEED=0]     the whole pipeline; prints the results table"
@@ -23,6 +23,8 @@ help:
 	@echo "make seeds TARGET=snli-ve SEEDS='0 1 2'            the target side over several seeds (mean ± std)"
 	@echo "make report TARGET=snli-ve                        every baseline over REPORT_SHOTS x REPORT_SEEDS,"
 	@echo "                                                   the transfer matrix, runs/<profile>/report.md + plots"
+	@echo "make study TARGETS='snli-ve colour nli'           the report's study for each target, one config, every"
+	@echo "                                                   embedding; runs/<profile>/study.md + study/"
 	@echo "make test | bench | clean                          OVERRIDES='key=value ...' reach every stage"
 
 # the virtual environment, created on first use, with the exact versions of constraints.txt. pip's own
@@ -63,6 +65,22 @@ study-%: $(STAMP)
 	+@set -- $(subst -, ,$*); $(PIPELINE) SEED=$$2 STUDY=1 \
 	  TRANSFER_ROW=$(if $(filter $(word 1,$(subst -, ,$*)),$(TRANSFER_SHOTS)),1,0) \
 	  OVERRIDES="tasks.target_shots=$$1 threads=1 $(OVERRIDES)" evaluate
+
+# the study over several targets, one config for all: every pool expert, then each target's shots x seed
+# pipelines (as make report runs them, with every embedding of common/embeddings.py), then one study report
+TARGETS  ?= snli-ve colour nli
+EMBED_ALL = fisher weights prototypes fisher-batch fisher-raw fisher-passes fisher-common fisher-model
+TARGET_RUNS = $(foreach t,$(TARGETS),$(foreach s,$(STUDY_SHOTS),$(foreach r,$(REPORT_SEEDS),of/$(t)/$(s)/$(r))))
+study: $(STAMP)
+	+@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" backbone
+	+@$(PIPELINE) -j$(JOBS) SEED=$(SEED) OVERRIDES="threads=1 $(OVERRIDES)" pool-experts
+	+@$(MAKE) --no-print-directory -j$(JOBS) $(TARGET_RUNS)
+	$(PY) evaluate.py --study $(TARGETS) --config $(CONFIG) $(OVERRIDES)
+
+of/%: $(STAMP)
+	+@set -- $(subst /, ,$*); $(MAKE) --no-print-directory -f pipeline.mk PY=$(PY) CONFIG=$(CONFIG) TARGET=$$1 \
+	  SEED=$$3 STUDY=1 EMBED_AS="$(EMBED_ALL)" TRANSFER_ROW=$(if $(filter $(word 2,$(subst /, ,$*)),$(TRANSFER_SHOTS)),1,0) \
+	  OVERRIDES="tasks.target_shots=$$2 threads=1 $(OVERRIDES)" evaluate
 
 # one pytest worker per core (pytest-xdist), one torch thread each; a worker that runs out of tests takes
 # half of the other's queue (worksteal), so neither sits idle at the end

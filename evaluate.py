@@ -29,7 +29,7 @@ import torch
 from common import data, dist
 from common.artifacts import read_json, write_json, write_text
 from common.backbone import load_backbone
-from common.config import changed_fields, parse_stage, require_current, run_stage, stage_parser
+from common.config import UserError, changed_fields, parse_stage, require_current, run_stage, stage_parser
 from common.device import accelerator
 from common.expert_types import EXPERT_TYPES
 from common.experts import (MergedExpert, current_expert, expert_dir, expert_name, load_expert, load_pool,
@@ -108,12 +108,22 @@ def table(target: str, metric: str, runs: list[dict], left_out: list[str]) -> st
 
 def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
-    ap.add_argument("--target", required=True, help="target task")
+    ap.add_argument("--target", help="target task")
     ap.add_argument("--transfer", action="store_true", help="only target-only and the pair-<expert> runs: write "
                     "results/<run>.transfer.json (the transfer matrix row the oracle baseline ranks by)")
     ap.add_argument("--report", action="store_true", help="no evaluation: write runs/<profile>/report.md + PNG "
                     "plots from every result of this target made under this config (make report)")
+    ap.add_argument("--study", nargs="+", metavar="TARGET", help="no evaluation: write runs/<profile>/study.md over "
+                    "these targets (make study TARGETS=...)")
     args, cfg = parse_stage(ap)
+    if args.study:
+        from common.report import write_study
+
+        for t in args.study:
+            data.task(cfg, t, where="--study")
+        return print(f"study: {write_study(cfg, args.study)}")
+    if not args.target:
+        raise UserError("evaluate.py: --target is required (or --study TARGET ...)")
     task = data.task(cfg, args.target, where="--target")
     if args.report:
         from common.report import write_report

@@ -60,10 +60,11 @@ ifdef STUDY
 $(RESULT): $(BASELINE) $(if $(filter 1,$(TRANSFER_ROW)),$(ORACLE) $(EMBEDS))
 endif
 
-.PHONY: backbone experts embed interpolate evaluate show clean
+.PHONY: backbone experts pool-experts embed interpolate evaluate show clean
 .DELETE_ON_ERROR:
 backbone: $(BACKBONE)
 experts: $(POOL_EXP) $(TGT_EXP)
+pool-experts: $(foreach t,$(POOL),$(RUN)/experts/$(t)/meta.json)  # every pool task's (make study: each is a target's pool)
 embed: $(SIM)
 interpolate: $(INTERP)
 evaluate: $(RESULT)

@@ -145,8 +145,112 @@ def load_results(cfg, target: str) -> tuple[list[dict], list[str]]:
     return runs, left_out
 
 
-def write_report(cfg, target: str) -> Path:
-    """runs/<profile>/report.md and report/*.png; returns the markdown's path."""
+def _against(runs: list[dict], base: str) -> str:
+    """'wins | mean gain ± std | 95% interval' of π-Tuning over `base` on test, over the runs holding both."""
+    both = [r for r in runs if base in r["scores"] and "pi-tuning" in r["scores"]]
+    if not both:
+        return ""
+    gains = [r["scores"]["pi-tuning"] - r["scores"][base] for r in both]
+    ci = paired_ci(both, "pi-tuning", base)
+    return f"{sum(g > 0 for g in gains)}/{len(gains)} | {_mean_sd(gains)} | " + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-")
+
+
+def _rhos(sims: dict, runs: list[dict], key: str) -> list[float]:
+    """Spearman(similarity, transfer) of each run with both (key: transfer | val_transfer)."""
+    out = []
+    for r in runs:
+        sim = sims.get(r["run"])
+        if r.get(key) and sim is not None:
+            names = sorted(r[key])
+            out.append(spearman([sim[n] for n in names], [r[key][n] for n in names]))
+    return out
+
+
+def _precision(sims: dict, runs: list[dict], k: int) -> list[float]:
+    """Per run: the share of the embedding's top-k pool experts among the k of largest test transfer (the
+    oracle's)."""
+    out = []
+    for r in runs:
+        sim = sims.get(r["run"])
+        if r.get("transfer") and sim is not None:
+            best = set(sorted(r["transfer"], key=lambda n: -r["transfer"][n])[:k])
+            out.append(len(best & set(sorted(r["transfer"], key=lambda n: -sim[n])[:k])) / k)
+    return out
+
+
+def write_study(cfg, targets: list[str]) -> Path:
+    """runs/<profile>/study.md over several targets (one config): each target's own report as study/<target>.md,
+    and across them π-Tuning against target-only and random-k, Spearman and precision@k of every embedding
+    per target, which embedding ranks transfer best (on validation), and the targets x pool transfer matrix
+    (study/transfer_matrix.png). Returns the markdown's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out, figs = cfg.run_dir / "study.md", cfg.run_dir / "study"
+    k = cfg.interpolate.top_k
+    by_target = {}
+    for t in targets:
+        write_report(cfg, t, figs / f"{t}.md", figs / t)
+        by_target[t] = load_results(cfg, t)[0]
+    md = [f"# π-Tuning study: {', '.join(targets)} ({cfg.profile})", "",
+          f"One config for every target ({cfg.path}): expert `{cfg.expert.method}`, top-{k} retrieval by "
+          f"`fisher.{', '.join(f'{a}: {b}' for a, b in recorded(cfg.fisher).items())}`. Each target's full "
+          "report: " + ", ".join(f"[{t}](study/{t}.md)" for t in targets) + ".", "",
+          "## π-Tuning against target-only and random-k (test)", "",
+          "Gain is π-Tuning minus the baseline, mean ± std over seeds; the interval is a paired bootstrap over the "
+          "seeds and the test examples (holding 0: a tie).", "",
+          "| target | shots | vs | wins | mean gain | 95% interval |", "|---|---|---|---|---|---|"]
+    for t, runs in by_target.items():
+        for s in sorted({r["shots"] for r in runs}):
+            for base in ("target-only", "pi-random"):
+                cells = _against([r for r in runs if r["shots"] == s], base)
+                if cells:
+                    md.append(f"| {t} | {_shots_label(s)} | {base} | {cells} |")
+    md += ["", "## Retrieval: which embedding ranks the measured transfer", "",
+           f"Spearman(similarity, transfer) per seed over the pool, mean ± std over seeds, on validation and on "
+           f"test; precision@{k}: the share of the embedding's top-{k} among the {k} experts of largest test "
+           "transfer (the oracle's), mean over seeds.", "",
+           "| target | shots | embedding | Spearman (val) | Spearman (test) | precision@k |", "|---|---|---|---|---|---|"]
+    overall: dict[str, list] = {}
+    matrix: dict[str, dict[str, list]] = {}
+    for t, runs in by_target.items():
+        sims = _similarities(cfg, runs)
+        for s in sorted({r["shots"] for r in runs if r.get("transfer")}):
+            at = [r for r in runs if r["shots"] == s]
+            for emb, per_run in sims.items():
+                val, test = (_rhos(per_run, at, key) for key in ("val_transfer", "transfer"))
+                if not test:
+                    continue
+                val, test = ([x for x in v if not math.isnan(x)] for v in (val, test))
+                prec = _precision(per_run, at, k)
+                md.append(f"| {t} | {_shots_label(s)} | {emb} | {_mean_sd(val) if val else '-'} | {_mean_sd(test)} | "
+                          f"{statistics.mean(prec):.2f} |")
+                name = "retrieval" if emb.startswith("retrieval") else emb
+                overall.setdefault(name, []).append((statistics.mean(val) if val else math.nan,
+                                                     statistics.mean(test), statistics.mean(prec)))
+            for r in at:
+                for n, v in r.get("transfer", {}).items():
+                    matrix.setdefault(t, {}).setdefault(n, []).append(v)
+    if overall:
+        md += ["", "Across targets (each target's mean over seeds, then their mean; ranked by validation):", "",
+               "| embedding | target × shots | Spearman (val) | Spearman (test) | precision@k |", "|---|---|---|---|---|"]
+        rows = [(emb, len(vals), *(statistics.mean(col) for col in zip(*vals))) for emb, vals in overall.items()]
+        rows.sort(key=lambda row: math.inf if math.isnan(row[2]) else -row[2])  # no validation transfer: last
+        md += [f"| {e} | {n} | {v:+.3f} | {t:+.3f} | {p:.2f} |" for e, n, v, t, p in rows]
+        best = next((row for row in rows if row[0] != "retrieval" and not math.isnan(row[2])), None)
+        if best:
+            md += ["", f"Best on validation: **{best[0]}** (Spearman {best[2]:+.3f} across {best[1]} targets)."]
+    if matrix:
+        _plot_matrix(figs / "transfer_matrix.png", matrix)
+        md += ["", "## Transfer matrix", "", "![targets x pool transfer](study/transfer_matrix.png) (test "
+               f"{by_target[targets[0]][0]['metric']} of π-Tuning with the target's expert and one pool expert, minus "
+               "target-only; mean over seeds)"]
+    write_text(out, "\n".join(md) + "\n")
+    return out
+
+
+def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = None) -> Path:
+    """runs/<profile>/report.md and report/*.png (or `out` and `figs`); returns the markdown's path."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -157,8 +261,9 @@ def write_report(cfg, target: str) -> Path:
         stale = f" under this config ({len(left_out)} under another)" if left_out else ""
         raise UserError(f"{cfg.run_dir / 'results'}: no results for {target}{stale}; run `make report "
                         f"TARGET={target}` or the pipeline first")
-    out, figs = cfg.run_dir / "report.md", cfg.run_dir / "report"
+    out, figs = out or cfg.run_dir / "report.md", figs or cfg.run_dir / "report"
     figs.mkdir(parents=True, exist_ok=True)
+    rel = figs.relative_to(out.parent)  # the plots' links, from the markdown's folder
     by_shots: dict[int, list[dict]] = {}
     for r in runs:
         by_shots.setdefault(r["shots"], []).append(r)
@@ -187,12 +292,9 @@ def write_report(cfg, target: str) -> Path:
            "| shots | vs | wins | mean gain | 95% interval |", "|---|---|---|---|---|"]
     for s in shots:
         for base in ("target-only", "target-only-2x", "pi-random", "uniform-merge"):
-            both = [r for r in by_shots[s] if base in r["scores"]]
-            if both:
-                gains = [r["scores"]["pi-tuning"] - r["scores"][base] for r in both]
-                ci = paired_ci(both, "pi-tuning", base)
-                md.append(f"| {s} | {base} | {sum(g > 0 for g in gains)}/{len(gains)} | {_mean_sd(gains)} | "
-                          + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-") + " |")
+            cells = _against(by_shots[s], base)
+            if cells:
+                md.append(f"| {s} | {base} | {cells} |")
     md += ["", "| shots | seed | retrieved | target-only | π-Tuning | π random-k |", "|---|---|---|---|---|---|"]
     for s in shots:
         for r in sorted(by_shots[s], key=lambda r: r["seed"]):
@@ -245,21 +347,21 @@ def write_report(cfg, target: str) -> Path:
 
     md += ["", "## Plots", ""]
     _plot_accuracy(figs / "accuracy_vs_shots.png", target, by_shots, methods, metric)
-    md.append("![accuracy vs shots](report/accuracy_vs_shots.png)")
+    md.append(f"![accuracy vs shots]({rel}/accuracy_vs_shots.png)")
     if scatter:
-        md.append("![transfer vs similarity](report/transfer_vs_similarity.png)")
+        md.append(f"![transfer vs similarity]({rel}/transfer_vs_similarity.png)")
     last = min(by_shots[shots[-1]], key=lambda r: r["seed"])  # the plots show one run: most shots, first seed
     sim_file = cfg.run_dir / "similarity" / f"{last['run']}.json"
     if sim_file.is_file():
         _plot_similarity(figs / "similarity.png", figs / "task_graph.png", json.loads(sim_file.read_text()),
                          _families(cfg))
-        md += ["![similarity heatmap](report/similarity.png) ![task graph](report/task_graph.png)",
+        md += [f"![similarity heatmap]({rel}/similarity.png) ![task graph]({rel}/task_graph.png)",
                f"(similarity of {last['run']}; graph edges: each task's two most similar, the target's top-"
                f"{cfg.interpolate.top_k} in red)"]
     weights = cfg.run_dir / "interpolated" / last["run"] / "weights.json"
     if weights.is_file():
         _plot_weights(figs / "weights.png", json.loads(weights.read_text()), last["run"])
-        md.append(f"![learned weights](report/weights.png) (learned interpolation weights of {last['run']})")
+        md.append(f"![learned weights]({rel}/weights.png) (learned interpolation weights of {last['run']})")
     write_text(out, "\n".join(md) + "\n")
     return out
 
@@ -350,6 +452,28 @@ def _plot_accuracy(path: Path, target: str, by_shots: dict, methods: list[str], 
     gx.set_ylabel(f"{metric} − target-only")
     fig.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="center right")
     fig.tight_layout(rect=(0, 0, 0.87, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_matrix(path: Path, matrix: dict[str, dict[str, list]]) -> None:
+    import matplotlib.pyplot as plt
+
+    targets = list(matrix)
+    pool = sorted({n for row in matrix.values() for n in row})
+    vals = [[statistics.mean(matrix[t][n]) if n in matrix[t] else math.nan for n in pool] for t in targets]
+    top = max((abs(v) for row in vals for v in row if not math.isnan(v)), default=1) or 1
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(pool), 1.4 + 0.5 * len(targets)))
+    im = ax.imshow(vals, cmap="RdBu", vmin=-top, vmax=top)
+    ax.set_xticks(range(len(pool)), pool, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(targets)), targets, fontsize=8)
+    for i, row in enumerate(vals):
+        for j, v in enumerate(row):
+            if not math.isnan(v):
+                ax.text(j, i, f"{v:+.3f}", ha="center", va="center", fontsize=6)
+    fig.colorbar(im, ax=ax, label="transfer")
+    ax.set_title("transfer: π with the target's expert and one pool expert, minus target-only")
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -6,6 +6,7 @@ adapter's up·down, the prompt's / prefix layer's mean token), compared by plain
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -153,45 +154,64 @@ def weight_embedding(cfg, name: str) -> dict[str, torch.Tensor]:
 
 def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tensor]], str]:
     """Each expert's diagonal Fisher on its own training data (cached per expert and settings), normalised;
-    and how many had to be computed."""
+    and how many had to be computed. Runs that want the same Fisher at once (make study: several targets
+    share the pool) take turns: the first computes it, the others read it."""
     fc = cfg.fisher
-    peft_model = None
+    loaded: list = []  # (peft model, encoder, accelerator), once something needs computing
     fishers, computed = [], []
     reference = common_reference(cfg, names) if fc.at == "pool-mean" else None
     ref_hash = _hash(b"".join(v.float().numpy().tobytes() for _, v in sorted(reference.items()))) if reference else ""
     for name in names:
-        path = expert_dir(cfg, name)
-        meta = read_expert_meta(path)
         out, key = fisher_cache(cfg, name, ref_hash)  # every variant kept: the study compares them
         fisher = cached_fisher(out, key)
         if fisher is None:
-            if peft_model is None:  # load the backbone only when something needs computing
-                acc = accelerator(cfg)
-                model, processor = load_backbone(cfg, acc.device)
-                enc = data.Encoder(processor, acc.device)
-                peft_model = attach(model, cfg.expert)
-                peft_model.eval()
-            set_weights(peft_model, reference or load_expert_weights(path))
-            # the expert's own training data, as it saw it (the low-shot sample for the target); with
-            # fisher.passes, a low-shot sample is passed again (dropout on, so each pass differs) up to `samples`
-            exs = data.train_split(cfg, meta["task"], meta["shots"] or 0, meta["seed"])[:fc.samples]
-            exs = exs * min(fc.passes, math.ceil(fc.samples / max(len(exs), 1)))
-            peft_model.train(fc.passes > 1)
-            torch.manual_seed(0)  # the same dropout whichever process computes (and caches) this Fisher
-            task = data.task(cfg, meta["task"])
-            drawn = None if fc.answers == "truth" else \
-                lambda chunk, i: sampled_answers(peft_model, enc, task, chunk, torch.Generator().manual_seed(i))
-            fisher = fisher_diagonal(peft_model, enc, exs, fc.estimator, fc.batch_size, desc=f"fisher {name}",
-                                     autocast=acc.autocast, answers=drawn)
-            fisher = {k.replace(".default", ""): v.contiguous().cpu() for k, v in fisher.items()}
-            if not all(torch.isfinite(v).all() for v in fisher.values()):
-                raise UserError(f"{path}: its Fisher is not finite, nothing written; retrain the expert with a "
-                                f"lower expert.lr")
-            with atomic_file(out) as tmp:
-                save_file(fisher, str(tmp), metadata=key)
-            computed.append(name)
+            with _turn(out):
+                fisher = cached_fisher(out, key)  # another process may have just written it
+                if fisher is None:
+                    if not loaded:  # load the backbone only when something needs computing
+                        acc = accelerator(cfg)
+                        model, processor = load_backbone(cfg, acc.device)
+                        loaded += [attach(model, cfg.expert), data.Encoder(processor, acc.device), acc]
+                    fisher = _fisher_of(cfg, name, reference, *loaded)
+                    with atomic_file(out) as tmp:
+                        save_file(fisher, str(tmp), metadata=key)
+                    computed.append(name)
         fishers.append(normalized(fisher, fc.normalize))
     return fishers, f"{len(computed)} Fisher computed, {len(names) - len(computed)} cached"
+
+
+@contextlib.contextmanager
+def _turn(out: Path):
+    """Hold the lock beside cache file `out` (under torchrun the ranks compute together: no lock)."""
+    if dist.active():
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f".{out.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _fisher_of(cfg, name: str, reference: dict | None, peft_model, enc, acc) -> dict[str, torch.Tensor]:
+    """Expert `name`'s Fisher under cfg.fisher: at its own weights (or the common reference), on its own
+    training data as it saw it (the low-shot sample for the target); with fisher.passes, a low-shot sample is
+    passed again (dropout on, so each pass differs) up to `samples`."""
+    fc, path = cfg.fisher, expert_dir(cfg, name)
+    meta = read_expert_meta(path)
+    set_weights(peft_model, reference or load_expert_weights(path))
+    exs = data.train_split(cfg, meta["task"], meta["shots"] or 0, meta["seed"])[:fc.samples]
+    exs = exs * min(fc.passes, math.ceil(fc.samples / max(len(exs), 1)))
+    peft_model.train(fc.passes > 1)
+    torch.manual_seed(0)  # the same dropout whichever process computes (and caches) this Fisher
+    task = data.task(cfg, meta["task"])
+    drawn = None if fc.answers == "truth" else \
+        lambda chunk, i: sampled_answers(peft_model, enc, task, chunk, torch.Generator().manual_seed(i))
+    fisher = fisher_diagonal(peft_model, enc, exs, fc.estimator, fc.batch_size, desc=f"fisher {name}",
+                             autocast=acc.autocast, answers=drawn)
+    fisher = {k.replace(".default", ""): v.contiguous().cpu() for k, v in fisher.items()}
+    if not all(torch.isfinite(v).all() for v in fisher.values()):
+        raise UserError(f"{path}: its Fisher is not finite, nothing written; retrain the expert with a lower expert.lr")
+    return fisher
 
 
 def top_direction(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

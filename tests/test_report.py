@@ -108,6 +108,22 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
                 "REPORT_SEEDS=0", "TRANSFER_SHOTS=8", EVERY_EMBEDDING, f"OVERRIDES=runs_dir={runs}")
     assert "interpolate.py" not in again.stdout and "train_expert.py" not in again.stdout  # nothing to redo
 
+    # the study over two targets, one config: snli-ve's runs are those above (nothing redone), nli's are made
+    p = run("make", "study", "PROFILE=micro", f"PY={sys.executable}", "STAMP=", "TARGETS=snli-ve nli", "REPORT_SHOTS=8",
+            "REPORT_SEEDS=0", "TRANSFER_SHOTS=8", f"OVERRIDES=runs_dir={runs}")
+    assert "--task snli-ve --shots 8" not in p.stdout and "--target nli" in p.stdout, p.stdout[-3000:]
+    nli = json.loads((runs / "micro/results/nli-8shot-s0.json").read_text())
+    assert set(nli["transfer"]) == {"snli-ve", "shape"} and "pi-random" in nli["scores"]
+    study = (runs / "micro/study.md").read_text()
+    for t in ("snli-ve", "nli"):
+        assert f"| {t} | 8-shot | target-only | " in study and f"| {t} | 8-shot | pi-random | " in study
+        assert f"| {t} | 8-shot | prototypes | " in study and (runs / f"micro/study/{t}.md").is_file()
+        assert (runs / f"micro/study/{t}/accuracy_vs_shots.png").is_file() and f"({t}/accuracy_vs_shots.png)" in \
+            (runs / f"micro/study/{t}.md").read_text()
+    assert re.search(r"\| fisher-common \| 2 \| [-+.\d]+ \| [-+.\d]+ \| [.\d]+ \|", study)
+    assert "Best on validation: **" in study
+    assert (runs / "micro/study/transfer_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
 
 def test_a_scored_method_the_list_lacks_is_shown_after_the_listed_ones_not_hidden():
     from common.report import METHODS, ordered

@@ -117,3 +117,13 @@ def test_prototype_is_the_top_singular_direction_of_the_update_without_forming_i
     other = {"s": top_direction(torch.randn(48, 4), torch.randn(4, 32))}
     assert prototype_similarity({"s": v}, same) == pytest.approx(1.0)
     assert prototype_similarity({"s": v}, other) < 0.9
+
+
+def test_make_study_computes_every_embedding():
+    import re
+    from pathlib import Path
+
+    from common.embeddings import variants
+
+    listed = re.search(r"^EMBED_ALL = (.*)$", (Path(__file__).parents[1] / "Makefile").read_text(), re.M)
+    assert listed.group(1).split() == list(variants())
