@@ -6,9 +6,9 @@ Methods: the zero-shot backbone, the target-only expert, the uniform merge of th
 used, peft's linear and TIES merges of them (LoRA), and π-Tuning; plus every baseline run that exists
 for this target/shots/seed (train_expert.py --variant 2x | full-ft, interpolate.py --variant random |
 oracle | frozen | pair-<expert>) and was made under this config (one made under another is left out, named).
-Every method is scored on both splits: `scores` (test, what the report reports) and `val_scores`
-(validation, what choices are made on), with each example's score where the metric is their mean
-(`per_example`, for the report's paired bootstrap).
+Methods are scored on test (`scores`, what the report reports) and those choices are made among (π-Tuning's
+runs, target-only, the pair runs: report.METHODS on_val) on validation too (`val_scores`), with each
+example's score where the metric is their mean (`per_example`, for the report's paired bootstrap).
 Writes runs/<profile>/results/<target>-<shots>shot-s<seed>.json (with the transfer of each pair-<expert>
 run over target-only, on each split), rebuilds <target>.json and <target>.md (mean ± std over every result on disk made
 under this config; `make all` prints it) and prints one line.
@@ -35,7 +35,7 @@ from common.expert_types import EXPERT_TYPES
 from common.experts import (MergedExpert, current_expert, expert_dir, expert_name, load_expert, load_pool,
                             unload_expert)
 from common.metrics import task_scores
-from common.report import load_results, ordered, pack, scores_of, unpack
+from common.report import load_results, on_val, ordered, pack, scores_of, unpack
 
 
 
@@ -172,6 +172,8 @@ def main() -> None:
         else:
             model = base
         for s, exs in splits.items():
+            if s == "val" and not on_val(m):
+                continue
             with accel.autocast():
                 metric, scores[s][m], each[s][m] = task_scores(model, enc, task, exs, cfg.evaluate.batch_size)
         if model is not base and kind != "full":

@@ -17,29 +17,41 @@ from common.embeddings import EMBEDDINGS, described, recorded, variants
 
 @dataclass(frozen=True)
 class Method:
-    """A row of the results tables: π-Tuning or a baseline, what it is and the stage run that makes it."""
+    """A row of the results tables: π-Tuning or a baseline, what it is and the stage run that makes it;
+    `on_val`: scored on the validation split too, as a method choices are made among (a recipe, a default:
+    π-Tuning's runs, target-only they are measured against, and every pair run); the other baselines are
+    reported on test only."""
     name: str
     what: str
     made_by: str
+    on_val: bool = False
 
 
 # every method the tables compare, in their order (evaluate.py scores those whose artifacts exist); one scored
 # but missing here is shown after these, not hidden; pair-<expert> runs feed the transfer matrix instead
 METHODS = (
     Method("zero-shot", "the backbone alone", "the backbone stage"),
-    Method("target-only", "the target's own expert", "train_expert.py --task T --shots N"),
+    Method("target-only", "the target's own expert", "train_expert.py --task T --shots N", on_val=True),
     Method("target-only-2x", "the target's expert trained twice as long", "train_expert.py --variant 2x"),
     Method("full-ft", "the whole backbone fine-tuned on the target", "train_expert.py --variant full-ft"),
     Method("uniform-merge", "the target's and the top-k experts averaged, no training", "evaluate.py"),
     Method("linear-merge", "peft add_weighted_adapter 'linear' (A and B averaged apart)", "evaluate.py"),
     Method("ties-merge", "peft add_weighted_adapter 'ties' (density 0.5)", "evaluate.py"),
-    Method("pi-random", "π-Tuning with k random pool experts", "interpolate.py --variant random"),
-    Method("pi-frozen", "π-Tuning with the experts frozen (only the weights learn)", "interpolate.py --variant frozen"),
-    Method("pi-tuning", "π-Tuning: the target's and its top-k similar experts interpolated", "interpolate.py"),
+    Method("pi-random", "π-Tuning with k random pool experts", "interpolate.py --variant random", on_val=True),
+    Method("pi-frozen", "π-Tuning with the experts frozen (only the weights learn)", "interpolate.py --variant frozen",
+           on_val=True),
+    Method("pi-tuning", "π-Tuning: the target's and its top-k similar experts interpolated", "interpolate.py",
+           on_val=True),
     Method("pi-oracle", "π-Tuning with the k experts that help most on test (an upper bound)",
            "interpolate.py --variant oracle"),
 )
 ORDER = tuple(m.name for m in METHODS)
+
+
+def on_val(method: str) -> bool:
+    """Is this method scored on validation too? Listed ones as METHODS says; pair runs and methods the list
+    lacks (a variant of your own is likely a recipe being chosen) yes."""
+    return next((m.on_val for m in METHODS if m.name == method), True)
 
 
 def ordered(runs: list[dict]) -> list[str]:
