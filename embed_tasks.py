@@ -24,7 +24,7 @@ from common.artifacts import write_json, write_text
 from common.config import UserError, parse_stage, run_stage, stage_parser
 from common.embeddings import EMBEDDINGS, recorded, variants
 from common.experts import current_expert, expert_name
-from common.similarity import similarity_matrix, top_k_similar
+from common.similarity import similarity_matrix, similarity_row, top_k_similar
 
 
 def pool_experts(cfg, target: str | None) -> list[str]:
@@ -42,23 +42,25 @@ def pool_experts(cfg, target: str | None) -> list[str]:
 
 
 def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:
-    """Embed the experts by fisher.embedding, write the similarity matrix (and the target's top-k) to
-    similarity/<target run | pool><suffix>.csv/.json; returns the summary line."""
+    """Embed the experts by fisher.embedding and write to similarity/<target run | pool><suffix>.csv/.json the
+    target's similarity row and top-k (retrieval compares the target alone with each expert; the report draws
+    the whole matrix from the cached embeddings), or without a target the pool's matrix; returns the summary line."""
     how = EMBEDDINGS[cfg.fisher.embedding]
     t0 = time.time()
     embeddings, work = how.embed(cfg, names)
     try:
-        matrix = similarity_matrix(embeddings, how.similarity)
+        rows = [similarity_row(embeddings, how.similarity)] if target else similarity_matrix(embeddings, how.similarity)
     except ValueError as e:
         raise UserError(f"{cfg.path}: {e} (expert.method / backbone must be the same for all of {names})")
     label = (names[0] if target else "pool") + suffix
-    result = {"names": names, "matrix": matrix, "fisher": recorded(cfg.fisher), "config": cfg.to_dict()}
+    result = {"names": names, "fisher": recorded(cfg.fisher), "config": cfg.to_dict()}
     if target:
-        result["target"] = names[0]
-        result["top_k"] = top_k_similar(names, matrix, names[0], cfg.interpolate.top_k)
+        result |= {"target": names[0], "row": rows[0], "top_k": top_k_similar(names, rows[0], cfg.interpolate.top_k)}
+    else:
+        result["matrix"] = rows
     sim_dir = cfg.run_dir / "similarity"
     csv = "task," + ",".join(names) + "\n" + "".join(
-        f"{n}," + ",".join(f"{v:.4f}" for v in row) + "\n" for n, row in zip(names, matrix))
+        f"{n}," + ",".join(f"{v:.4f}" for v in row) + "\n" for n, row in zip(names, rows))
     write_text(sim_dir / f"{label}.csv", csv)
     write_json(sim_dir / f"{label}.json", result)
     extra = f" | top-{cfg.interpolate.top_k} for {names[0]}: {', '.join(result['top_k'])}" if target else ""

@@ -117,7 +117,7 @@ def main() -> None:
     embed = f"run `python embed_tasks.py --target {args.target}` (make reruns what is stale)"
     sim = read_json(sim_path, "similarity matrix", embed)
     require_current(sim.get("config"), cfg, "similarity", sim_path, embed)
-    chosen = ic.experts or top_k_similar(sim["names"], sim["matrix"], run, ic.top_k)
+    chosen = ic.experts or top_k_similar(sim["names"], sim["row"] if "row" in sim else sim["matrix"][0], ic.top_k)
     for name in ic.experts:
         if name not in sim["names"] or name == run:
             raise UserError(f"{cfg.path}: interpolate.experts names '{name}', not a pool expert of {run} "

@@ -365,7 +365,7 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
     last = min(by_shots[shots[-1]], key=lambda r: r["seed"])  # the plots show one run: most shots, first seed
     sim_file = cfg.run_dir / "similarity" / f"{last['run']}.json"
     if sim_file.is_file():
-        _plot_similarity(figs / "similarity.png", figs / "task_graph.png", json.loads(sim_file.read_text()),
+        _plot_similarity(figs / "similarity.png", figs / "task_graph.png", _whole(cfg, json.loads(sim_file.read_text())),
                          _families(cfg))
         md += [f"![similarity heatmap]({rel}/similarity.png) ![task graph]({rel}/task_graph.png)",
                f"(similarity of {last['run']}; graph edges: each task's two most similar, the target's top-"
@@ -404,7 +404,8 @@ def _similarities(cfg, runs: list[dict]) -> dict[str, dict[str, dict[str, float]
             if extra[1:] not in as_computed or changed_fields(s.get("config"), as_computed[extra[1:]], "similarity"):
                 continue
             kind = s.get("fisher", {}).get("embedding", "fisher")
-            out.setdefault(extra[1:] if extra else f"retrieval ({kind})", {})[r["run"]] = dict(zip(s["names"], s["matrix"][0]))
+            row = s["row"] if "row" in s else s["matrix"][0]  # (files before 2026-12 held the whole matrix)
+            out.setdefault(extra[1:] if extra else f"retrieval ({kind})", {})[r["run"]] = dict(zip(s["names"], row))
         names = [r["run"]] + list(r.get("transfer", {}))
         for n in names:
             if n not in fishers:
@@ -420,6 +421,18 @@ def _similarities(cfg, runs: list[dict]) -> dict[str, dict[str, dict[str, float]
                 emb = [normalized(x, cfg.fisher.normalize) for x in sub]
                 out.setdefault(label, {})[r["run"]] = {n: task_similarity(emb[0], e) for n, e in zip(names[1:], emb[1:])}
     return dict(sorted(out.items(), key=lambda kv: not kv[0].startswith("retrieval")))
+
+
+def _whole(cfg, sim: dict) -> dict:
+    """A target's similarity file with its whole matrix (retrieval wrote the target's row only): every pair of
+    its experts compared again from the embeddings, read from their caches (or from the experts' files)."""
+    if "matrix" in sim:
+        return sim
+    from common.similarity import similarity_matrix
+
+    how = EMBEDDINGS[sim["fisher"]["embedding"]]
+    as_made = dataclasses.replace(cfg, fisher=dataclasses.replace(cfg.fisher, **sim["fisher"]))
+    return {**sim, "matrix": similarity_matrix(how.embed(as_made, sim["names"])[0], how.similarity)}
 
 
 def _families(cfg) -> dict[str, str]:

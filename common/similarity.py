@@ -135,19 +135,43 @@ def expert_update(weights: dict[str, torch.Tensor], method: str, layers: int = 1
     return out
 
 
-def update_similarity(ua: dict[str, torch.Tensor], ub: dict[str, torch.Tensor]) -> float:
-    """Mean over sites of the cosine between the two experts' updates there."""
+class LowRank:
+    """An update b @ a kept as its factors (out x r, r x in), never formed: <b1 a1, b2 a2> = sum((b1^T b2) *
+    (a1 a2^T)), r x r work, and its squared norm computed once."""
+
+    def __init__(self, b: torch.Tensor, a: torch.Tensor):
+        self.b, self.a = b.double(), a.double()
+        self.norm2 = self.dot(self)
+
+    def dot(self, other: "LowRank") -> float:
+        return float(((self.b.T @ other.b) * (self.a @ other.a.T)).sum())
+
+
+def _cosine(x, y) -> float:
+    if isinstance(x, LowRank):
+        den = math.sqrt(x.norm2 * y.norm2)
+        return x.dot(y) / den if den > 0 else 0.0
+    return F.cosine_similarity(x.flatten().double(), y.flatten().double(), dim=0).item()
+
+
+def update_similarity(ua: dict, ub: dict) -> float:
+    """Mean over sites of the cosine between the two experts' updates there (each a tensor, or a LowRank)."""
     if ua.keys() != ub.keys():
         raise ValueError("experts have different tensors; embed experts of one type and one backbone")
-    return sum(F.cosine_similarity(ua[n].flatten().double(), ub[n].flatten().double(), dim=0).item()
-               for n in ua) / len(ua)
+    return sum(_cosine(ua[n], ub[n]) for n in sorted(ua)) / len(ua)  # one order, however they were listed
 
 
-def weight_embedding(cfg, name: str) -> dict[str, torch.Tensor]:
+def weight_embedding(cfg, name: str) -> dict:
+    """{site: the expert's update there}: a LowRank where its type's update is a product of factors (LoRA,
+    DoRA's direction, adapters), so no d x d matrix is formed; the tensor otherwise."""
     path = expert_dir(cfg, name)
     layers = read_json(path / "adapter_config.json", "expert config", "retrain it").get("num_layers") or 1
+    kind = EXPERT_TYPES[cfg.expert.method]
     try:
-        return expert_update(load_expert_weights(path), cfg.expert.method, layers)
+        weights = load_expert_weights(path)
+        if kind.factors is not None and (factors := kind.factors(weights)):
+            return {site: LowRank(b, a) for site, (b, a) in factors.items()}
+        return expert_update(weights, cfg.expert.method, layers)
     except ValueError as e:
         raise UserError(f"{path}: {e}; fisher.embedding=weights needs experts of expert.method={cfg.expert.method}")
 
@@ -263,8 +287,13 @@ def similarity_matrix(embeddings: list[dict[str, torch.Tensor]], sim=task_simila
     return m
 
 
-def top_k_similar(names: list[str], matrix: list[list[float]], target: str, k: int) -> list[str]:
-    """The k tasks most similar to the target (itself excluded), best first."""
-    i = names.index(target)
-    order = sorted((j for j in range(len(names)) if j != i), key=lambda j: -matrix[i][j])
+def similarity_row(embeddings: list, sim=task_similarity) -> list[float]:
+    """The first embedding's similarity to each (itself: 1): what retrieval for a target needs, N - 1
+    comparisons instead of the N^2 / 2 of the whole matrix."""
+    return [1.0] + [sim(embeddings[0], e) for e in embeddings[1:]]
+
+
+def top_k_similar(names: list[str], row: list[float], k: int) -> list[str]:
+    """The k tasks most similar to names[0] (the target; itself excluded) by its similarity row, best first."""
+    order = sorted(range(1, len(names)), key=lambda j: -row[j])
     return [names[j] for j in order[:k]]

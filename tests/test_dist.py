@@ -66,7 +66,7 @@ def test_make_all_under_torchrun_equals_the_single_process_run(request, tmp_path
         assert all((a[k] - b[k]).abs().max() <= 1e-5 * a[k].abs().max() for k in a), f.name
     sim = [json.loads((d / "similarity/snli-ve-8shot-s0.json").read_text()) for d in (run_dir, mine)]
     assert sim[0]["top_k"] == sim[1]["top_k"]
-    assert torch.allclose(torch.tensor(sim[0]["matrix"]), torch.tensor(sim[1]["matrix"]), rtol=0, atol=1e-6)
+    assert torch.allclose(torch.tensor(sim[0]["row"]), torch.tensor(sim[1]["row"]), rtol=0, atol=1e-6)
     res = [json.loads((d / "results/snli-ve-8shot-s0.json").read_text()) for d in (run_dir, mine)]
     assert res[0]["scores"] == res[1]["scores"] and res[0]["test_size"] == res[1]["test_size"]
     assert not list(mine.rglob(".*.ckpt")) and not [f for f in mine.rglob(".*") if f.name.startswith(".nli")]

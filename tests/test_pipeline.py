@@ -32,13 +32,19 @@ def test_make_all_writes_every_artifact(micro):
     assert out.count("| pi-tuning |") == 1  # make all prints the table, once
 
 
-def test_similarity_matrix_is_symmetric_with_unit_diagonal(micro):
+def test_retrieval_compares_the_target_alone_and_the_report_draws_the_whole_matrix(micro, micro_cfg):
+    """A target's similarity file holds its row (N - 1 comparisons, not the N^2 / 2 of the matrix); the
+    whole matrix the report draws, from the cached embeddings, is symmetric with a unit diagonal and that row
+    first."""
+    from common.report import _whole
+
     sim = json.loads((micro[1] / f"similarity/{NAME}.json").read_text())
-    m = sim["matrix"]
-    assert all(m[i][i] == 1 for i in range(len(m)))
+    assert "matrix" not in sim and sim["row"][0] == 1.0 and len(sim["row"]) == len(sim["names"])
+    m = _whole(micro_cfg, sim)["matrix"]
+    assert all(m[i][i] == 1 for i in range(len(m))) and m[0] == sim["row"]
     assert all(abs(m[i][j] - m[j][i]) < 1e-12 for i in range(len(m)) for j in range(len(m)))
     csv = (micro[1] / f"similarity/{NAME}.csv").read_text().splitlines()
-    assert csv[0] == "task," + ",".join(sim["names"])
+    assert csv[0] == "task," + ",".join(sim["names"]) and len(csv) == 2
 
 
 def test_second_make_does_no_work_and_a_deleted_expert_reruns_only_what_depends_on_it(micro_copy):
@@ -128,8 +134,18 @@ def test_weight_embedding_needs_no_fisher_and_no_backbone_pass(micro_copy):
     assert "(weight updates)" in out and not (runs / "micro/fisher").exists()
     sim = json.loads((runs / f"micro/similarity/{NAME}.json").read_text())
     assert sim["fisher"] == {"embedding": "weights"} and len(sim["top_k"]) == 2
-    m = sim["matrix"]
-    assert all(m[i][i] == 1.0 and m[i][j] == m[j][i] and -1 <= m[i][j] <= 1 for i in range(3) for j in range(3))
+    row = sim["row"]
+    assert row[0] == 1.0 and all(-1 <= v <= 1 for v in row)
+    # from the LoRA factors, B·A never formed: the same as the cosine of the formed products, the same top-k
+    from common.config import load_config
+    from common.experts import expert_dir, load_expert_weights
+    from common.similarity import expert_update, similarity_matrix, top_k_similar, update_similarity
+
+    cfg = load_config("configs/micro.yaml", [f"runs_dir={runs}"])
+    dense = [expert_update(load_expert_weights(expert_dir(cfg, n)), "lora") for n in sim["names"]]
+    formed = similarity_matrix(dense, update_similarity)
+    assert all(abs(a - b) < 1e-6 for a, b in zip(row, formed[0]))
+    assert top_k_similar(sim["names"], formed[0], 2) == sim["top_k"]
 
 
 def test_a_new_embedding_is_one_entry_in_the_registry(micro_copy, monkeypatch):
@@ -150,10 +166,10 @@ def test_a_new_embedding_is_one_entry_in_the_registry(micro_copy, monkeypatch):
     args = ("embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}")
     assert "(tensor norms)" in inproc(*args, "fisher.embedding=norms").stdout
     sim = json.loads((runs / f"micro/similarity/{NAME}.json").read_text())
-    assert sim["fisher"] == {"embedding": "norms"} and len(sim["top_k"]) == 2 and 0 < sim["matrix"][0][1] < 1
+    assert sim["fisher"] == {"embedding": "norms"} and len(sim["top_k"]) == 2 and 0 < sim["row"][1] < 1
     inproc(*args, "--embedding", "norms,weights")
     beside = json.loads((runs / f"micro/similarity/{NAME}.norms.json").read_text())
-    assert beside["matrix"] == sim["matrix"]
+    assert beside["row"] == sim["row"]
     monkeypatch.delitem(EMBEDDINGS, "norms")
     code, _, err = stage(*args, "fisher.embedding=norms")
     assert code == 2 and "field 'fisher.embedding' is 'norms'; use one of fisher, weights" in err

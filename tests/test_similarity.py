@@ -65,7 +65,7 @@ def test_normalisation_makes_similarity_independent_of_fisher_scale():
 def test_top_k_excludes_the_target_and_orders_by_similarity():
     names = ["t", "a", "b", "c"]
     m = [[1, 0.2, 0.9, 0.5], [0.2, 1, 0, 0], [0.9, 0, 1, 0], [0.5, 0, 0, 1]]
-    assert top_k_similar(names, m, "t", 2) == ["b", "c"]
+    assert top_k_similar(names, m[0], 2) == ["b", "c"]
 
 
 def test_weight_embedding_compares_what_lora_experts_changed_not_their_factors():
@@ -80,6 +80,23 @@ def test_weight_embedding_compares_what_lora_experts_changed_not_their_factors()
     assert abs(update_similarity(u1, u2) - 1) < 1e-6  # A and B compared apart would say otherwise
     assert F.cosine_similarity(A.flatten(), e2["q.lora_A.weight"].flatten(), dim=0) < 0.5
     assert abs(update_similarity(u1, u3) + 1) < 1e-6
+
+
+def test_lora_update_cosine_from_the_factors_equals_the_dense_one():
+    """<B1 A1, B2 A2> by r x r work, the d x d products never formed: the same cosine as on the products."""
+    from common.similarity import LowRank
+
+    g = torch.Generator().manual_seed(0)
+    experts = [{s: (torch.randn(64, 4, generator=g), torch.randn(4, 48, generator=g)) for s in ("q", "v")}
+               for _ in range(3)]
+    factored = [{s: LowRank(b, a) for s, (b, a) in e.items()} for e in experts]
+    dense = [{s: b @ a for s, (b, a) in e.items()} for e in experts]
+    for i in range(3):
+        for j in range(3):
+            assert update_similarity(factored[i], factored[j]) == pytest.approx(update_similarity(dense[i], dense[j]),
+                                                                                abs=1e-6)
+    zero = {s: LowRank(torch.zeros(64, 4), a) for s, (_, a) in experts[0].items()}  # an expert still at B = 0
+    assert update_similarity(zero, factored[1]) == 0.0
 
 
 def test_weight_embedding_of_ia3_and_prefix_experts():
