@@ -136,15 +136,16 @@ def expert_update(weights: dict[str, torch.Tensor], method: str, layers: int = 1
 
 
 class LowRank:
-    """An update b @ a kept as its factors (out x r, r x in), never formed: <b1 a1, b2 a2> = sum((b1^T b2) *
-    (a1 a2^T)), r x r work, and its squared norm computed once."""
+    """An update b @ a kept as its factors (out x r, r x in, fp32: a thousand Florence-2-base LoRAs in 7 GB),
+    never formed: <b1 a1, b2 a2> = sum((b1^T b2) * (a1 a2^T)), r x r work summed in fp64, and its squared norm
+    computed once."""
 
     def __init__(self, b: torch.Tensor, a: torch.Tensor):
-        self.b, self.a = b.double(), a.double()
+        self.b, self.a = b.float(), a.float()
         self.norm2 = self.dot(self)
 
     def dot(self, other: "LowRank") -> float:
-        return float(((self.b.T @ other.b) * (self.a @ other.a.T)).sum())
+        return float(((self.b.T @ other.b).double() * (self.a @ other.a.T).double()).sum())
 
 
 def _cosine(x, y) -> float:
@@ -161,17 +162,20 @@ def update_similarity(ua: dict, ub: dict) -> float:
     return sum(_cosine(ua[n], ub[n]) for n in sorted(ua)) / len(ua)  # one order, however they were listed
 
 
-def weight_embedding(cfg, name: str) -> dict:
+def update_embedding(weights: dict[str, torch.Tensor], method: str, layers: int = 1) -> dict:
     """{site: the expert's update there}: a LowRank where its type's update is a product of factors (LoRA,
     DoRA's direction, adapters), so no d x d matrix is formed; the tensor otherwise."""
+    kind = EXPERT_TYPES[method]
+    if kind.factors is not None and (factors := kind.factors(weights)):
+        return {site: LowRank(b, a) for site, (b, a) in factors.items()}
+    return expert_update(weights, method, layers)
+
+
+def weight_embedding(cfg, name: str) -> dict:
     path = expert_dir(cfg, name)
     layers = read_json(path / "adapter_config.json", "expert config", "retrain it").get("num_layers") or 1
-    kind = EXPERT_TYPES[cfg.expert.method]
     try:
-        weights = load_expert_weights(path)
-        if kind.factors is not None and (factors := kind.factors(weights)):
-            return {site: LowRank(b, a) for site, (b, a) in factors.items()}
-        return expert_update(weights, cfg.expert.method, layers)
+        return update_embedding(load_expert_weights(path), cfg.expert.method, layers)
     except ValueError as e:
         raise UserError(f"{path}: {e}; fisher.embedding=weights needs experts of expert.method={cfg.expert.method}")
 
@@ -247,15 +251,16 @@ def top_direction(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return qa @ torch.linalg.svd(rb @ ra.T)[2][0]
 
 
+def prototypes(embedding: dict) -> dict[str, torch.Tensor]:
+    """{site: the input direction the expert's update acts on most} (peft's Arrow routing prototypes) from its
+    update_embedding: the top right-singular vector of a LowRank; the direction of a vector-valued update
+    (IA3's scales - 1, a prompt's mean token)."""
+    return {site: top_direction(u.b, u.a) if isinstance(u, LowRank) else F.normalize(u.double().flatten(), dim=0)
+            for site, u in embedding.items()}
+
+
 def prototype_embedding(cfg, name: str) -> dict[str, torch.Tensor]:
-    """{site: the input direction the expert's update acts on most} (peft's Arrow routing prototypes): the top
-    right-singular vector of a product-form update (LoRA's B·A, an adapter's up·down) from its factors; the
-    direction of a vector-valued one (IA3's scales - 1, a prompt's mean token)."""
-    path = expert_dir(cfg, name)
-    kind = EXPERT_TYPES[cfg.expert.method]
-    if kind.factors is not None:
-        return {site: top_direction(b, a) for site, (b, a) in kind.factors(load_expert_weights(path)).items()}
-    return {site: F.normalize(u.double().flatten(), dim=0) for site, u in weight_embedding(cfg, name).items()}
+    return prototypes(weight_embedding(cfg, name))
 
 
 def prototype_similarity(pa: dict[str, torch.Tensor], pb: dict[str, torch.Tensor]) -> float:
