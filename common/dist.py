@@ -26,6 +26,11 @@ def active() -> bool:
     return _group() is not None
 
 
+def launched() -> bool:
+    """Started by a launcher as one of several processes (torchrun's WORLD_SIZE), the group up or not yet."""
+    return active() or int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
 def world() -> int:
     return _group().get_world_size() if active() else 1
 

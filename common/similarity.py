@@ -210,8 +210,9 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
 
 @contextlib.contextmanager
 def _turn(out: Path):
-    """Hold the lock beside cache file `out` (under torchrun the ranks compute together: no lock)."""
-    if dist.active():
+    """Hold the lock beside cache file `out` (under torchrun the ranks compute together, so no lock: rank 1
+    waiting on it while rank 0 waits for rank 1's share would never end)."""
+    if dist.launched():
         yield
         return
     out.parent.mkdir(parents=True, exist_ok=True)
