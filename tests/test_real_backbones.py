@@ -73,7 +73,7 @@ def test_the_four_stages_run_on_real_file_formats(micro, tmp_path):
     result = json.loads((runs / "micro/results/snli-ve-4shot-s0.json").read_text())
     assert result["test_size"] == 9 and result["experts"] == ["snli-ve-4shot-s0", "rte"]
     meta = json.loads((runs / "micro/experts/rte/meta.json").read_text())
-    assert meta["train_size"] == 12 and meta["val_size"] == 6
+    assert meta["train_size"] == 11 and meta["val_size"] == 1  # GLUE's validation is its test: val carved from train
 
 
 def test_the_embedded_backbone_refuses_a_catalogue_task_with_words_it_lacks(micro, tmp_path):
