@@ -227,7 +227,8 @@ def write_study(cfg, targets: list[str]) -> Path:
     matrix: dict[str, dict[str, list]] = {}
     for t, runs in by_target.items():
         sims = _similarities(cfg, runs)
-        for s in sorted({r["shots"] for r in runs if r.get("transfer")}):
+        measured = sorted({r["shots"] for r in runs if r.get("transfer")})
+        for s in measured:
             at = [r for r in runs if r["shots"] == s]
             for emb, per_run in sims.items():
                 val, test = (_rhos(per_run, at, key) for key in ("val_transfer", "transfer"))
@@ -240,7 +241,7 @@ def write_study(cfg, targets: list[str]) -> Path:
                 name = "retrieval" if emb.startswith("retrieval") else emb
                 overall.setdefault(name, []).append((statistics.mean(val) if val else math.nan,
                                                      statistics.mean(test), statistics.mean(prec)))
-            for r in at:
+            for r in at if s == measured[-1] else []:  # the matrix at the most shots measured
                 for n, v in r.get("transfer", {}).items():
                     matrix.setdefault(t, {}).setdefault(n, []).append(v)
     if overall:
@@ -251,12 +252,12 @@ def write_study(cfg, targets: list[str]) -> Path:
         md += [f"| {e} | {n} | {v:+.3f} | {t:+.3f} | {p:.2f} |" for e, n, v, t, p in rows]
         best = next((row for row in rows if row[0] != "retrieval" and not math.isnan(row[2])), None)
         if best:
-            md += ["", f"Best on validation: **{best[0]}** (Spearman {best[2]:+.3f} across {best[1]} targets)."]
+            md += ["", f"Best on validation: **{best[0]}** (Spearman {best[2]:+.3f} over {best[1]} target × shots)."]
     if matrix:
         _plot_matrix(figs / "transfer_matrix.png", matrix)
         md += ["", "## Transfer matrix", "", "![targets x pool transfer](study/transfer_matrix.png) (test "
                f"{by_target[targets[0]][0]['metric']} of π-Tuning with the target's expert and one pool expert, minus "
-               "target-only; mean over seeds)"]
+               "target-only; mean over seeds, at each target's most shots with transfer measured)"]
     write_text(out, "\n".join(md) + "\n")
     return out
 
