@@ -54,33 +54,28 @@ seeds: $(STAMP)
 # at a time across all of them (one torch thread each; make's job server), then the report
 # the transfer rows first: the costliest pipelines start early, so the last one to finish is a short one
 STUDY_SHOTS = $(filter $(TRANSFER_SHOTS),$(REPORT_SHOTS)) $(filter-out $(TRANSFER_SHOTS),$(REPORT_SHOTS))
-STUDY_RUNS = $(foreach s,$(STUDY_SHOTS),$(foreach r,$(REPORT_SEEDS),study-$(s)-$(r)))
+STUDY_RUNS = $(foreach t,$(1),$(foreach s,$(STUDY_SHOTS),$(foreach r,$(REPORT_SEEDS),of/$(t)/$(s)/$(r))))
 report: $(STAMP)
 	+@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" backbone
 	+@$(PIPELINE) -j$(JOBS) SEED=$(SEED) OVERRIDES="threads=1 $(OVERRIDES)" experts
-	+@$(MAKE) --no-print-directory -j$(JOBS) $(STUDY_RUNS)
+	+@$(MAKE) --no-print-directory -j$(JOBS) $(call STUDY_RUNS,$(TARGET))
 	$(PY) evaluate.py --report --target $(TARGET) --config $(CONFIG) $(OVERRIDES)
 
-study-%: $(STAMP)
-	+@set -- $(subst -, ,$*); $(PIPELINE) SEED=$$2 STUDY=1 \
-	  TRANSFER_ROW=$(if $(filter $(word 1,$(subst -, ,$*)),$(TRANSFER_SHOTS)),1,0) \
-	  OVERRIDES="tasks.target_shots=$$1 threads=1 $(OVERRIDES)" evaluate
+# one target / shots / seed pipeline of the study, with its baselines (and the transfer row at TRANSFER_SHOTS)
+of/%: $(STAMP)
+	+@set -- $(subst /, ,$*); $(MAKE) --no-print-directory -f pipeline.mk PY=$(PY) CONFIG=$(CONFIG) TARGET=$$1 \
+	  SEED=$$3 STUDY=1 TRANSFER_ROW=$(if $(filter $(word 2,$(subst /, ,$*)),$(TRANSFER_SHOTS)),1,0) \
+	  OVERRIDES="tasks.target_shots=$$2 threads=1 $(OVERRIDES)" evaluate
 
 # the study over several targets, one config for all: every pool expert, then each target's shots x seed
 # pipelines (as make report runs them, with every embedding of common/embeddings.py), then one study report
 TARGETS  ?= snli-ve colour nli
 EMBED_ALL = fisher weights prototypes fisher-batch fisher-raw fisher-passes fisher-common fisher-model
-TARGET_RUNS = $(foreach t,$(TARGETS),$(foreach s,$(STUDY_SHOTS),$(foreach r,$(REPORT_SEEDS),of/$(t)/$(s)/$(r))))
 study: $(STAMP)
 	+@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" backbone
 	+@$(PIPELINE) -j$(JOBS) SEED=$(SEED) OVERRIDES="threads=1 $(OVERRIDES)" pool-experts
-	+@$(MAKE) --no-print-directory -j$(JOBS) $(TARGET_RUNS)
+	+@$(MAKE) --no-print-directory -j$(JOBS) $(call STUDY_RUNS,$(TARGETS)) EMBED_AS="$(EMBED_ALL)"
 	$(PY) evaluate.py --study $(TARGETS) --config $(CONFIG) $(OVERRIDES)
-
-of/%: $(STAMP)
-	+@set -- $(subst /, ,$*); $(MAKE) --no-print-directory -f pipeline.mk PY=$(PY) CONFIG=$(CONFIG) TARGET=$$1 \
-	  SEED=$$3 STUDY=1 EMBED_AS="$(EMBED_ALL)" TRANSFER_ROW=$(if $(filter $(word 2,$(subst /, ,$*)),$(TRANSFER_SHOTS)),1,0) \
-	  OVERRIDES="tasks.target_shots=$$2 threads=1 $(OVERRIDES)" evaluate
 
 # one pytest worker per core (pytest-xdist), one torch thread each; a worker that runs out of tests takes
 # half of the other's queue (worksteal), so neither sits idle at the end

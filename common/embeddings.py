@@ -20,46 +20,32 @@ class Embedding:
     settings: tuple = ()  # the `fisher` fields that change it, recorded in the similarity file beside its name
 
 
-def _fisher(cfg, names):
-    from common.similarity import fisher_embeddings
-    return fisher_embeddings(cfg, names)
+def _similarity(attr: str) -> Callable:
+    """common.similarity's function `attr`, imported when first called (torch stays out of config reads)."""
+    def call(*args):
+        from common import similarity
+        return getattr(similarity, attr)(*args)
+    return call
 
 
-def _fisher_similarity(a, b):
-    from common.similarity import task_similarity
-    return task_similarity(a, b)
-
-
-def _weights(cfg, names):
-    from common.similarity import weight_embedding
-    return [weight_embedding(cfg, n) for n in names], "weight updates"
-
-
-def _update_similarity(a, b):
-    from common.similarity import update_similarity
-    return update_similarity(a, b)
-
-
-def _prototypes(cfg, names):
-    from common.similarity import prototype_embedding
-    return [prototype_embedding(cfg, n) for n in names], "update prototypes"
-
-
-def _prototype_similarity(a, b):
-    from common.similarity import prototype_similarity
-    return prototype_similarity(a, b)
+def _each(attr: str, work: str) -> Callable:
+    """embed(): common.similarity's per-expert function `attr` over the names, no cache to report."""
+    def embed(cfg, names):
+        return [_similarity(attr)(cfg, n) for n in names], work
+    return embed
 
 
 EMBEDDINGS = {e.name: e for e in (
     # π-Tuning's: the diagonal Fisher of each expert on its own data, compared by the paper's normalised cosine
-    Embedding("fisher", "diagonal Fisher of each expert", _fisher, _fisher_similarity,
-              ("estimator", "samples", "normalize", "passes", "at", "answers")),
+    Embedding("fisher", "diagonal Fisher of each expert", _similarity("fisher_embeddings"),
+              _similarity("task_similarity"), ("estimator", "samples", "normalize", "passes", "at", "answers")),
     # SPoT-style: what each expert changed at each site, by plain cosine (no backbone pass)
-    Embedding("weights", "cosine of the experts' updates", _weights, _update_similarity),
+    Embedding("weights", "cosine of the experts' updates", _each("weight_embedding", "weight updates"),
+              _similarity("update_similarity")),
     # Arrow-style (peft's Arrow routing): per site the input direction each expert's update acts on most (its top
     # right-singular vector, from the LoRA factors without the d x d product), compared by |cos|
-    Embedding("prototypes", "top singular direction of each expert's update per site", _prototypes,
-              _prototype_similarity),
+    Embedding("prototypes", "top singular direction of each expert's update per site",
+              _each("prototype_embedding", "update prototypes"), _similarity("prototype_similarity")),
 )}
 
 # embed_tasks.py --embedding NAME: computed beside retrieval's own for comparison (make report ranks them by
@@ -92,3 +78,8 @@ def described() -> dict[str, str]:
 def recorded(fc) -> dict:
     """What a similarity file records of how it was embedded: the embedding and the settings that change it."""
     return {"embedding": fc.embedding, **{f: getattr(fc, f) for f in EMBEDDINGS[fc.embedding].settings}}
+
+
+def heading(fc) -> str:
+    """The same, as the reports name it: `fisher.embedding: fisher, estimator: per_sample, ...`."""
+    return "fisher." + ", ".join(f"{k}: {v}" for k, v in recorded(fc).items())

@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 from common.artifacts import write_text
-from common.embeddings import EMBEDDINGS, described, recorded, variants
+from common.embeddings import EMBEDDINGS, described, heading, variants
 
 
 
@@ -206,7 +206,7 @@ def write_study(cfg, targets: list[str]) -> Path:
         by_target[t] = load_results(cfg, t)[0]
     md = [f"# π-Tuning study: {', '.join(targets)} ({cfg.profile})", "",
           f"One config for every target ({cfg.path}): expert `{cfg.expert.method}`, top-{k} retrieval by "
-          f"`fisher.{', '.join(f'{a}: {b}' for a, b in recorded(cfg.fisher).items())}`. Each target's full "
+          f"`{heading(cfg.fisher)}`. Each target's full "
           "report: " + ", ".join(f"[{t}](study/{t}.md)" for t in targets) + ".", "",
           "## π-Tuning against target-only and random-k (test)", "",
           "Gain is π-Tuning minus the baseline, mean ± std over seeds; the interval is a paired bootstrap over the "
@@ -284,7 +284,7 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
     methods = ordered(runs)
     metric = runs[0]["metric"]
 
-    how = "fisher." + ", ".join(f"{k}: {v}" for k, v in recorded(cfg.fisher).items())
+    how = heading(cfg.fisher)
     md = [f"# π-Tuning study: {target} ({cfg.profile})", "",
           f"Expert `{cfg.expert.method}`, top-{cfg.interpolate.top_k} retrieval by `{how}`, interpolation groups `{cfg.interpolate.groups}`, "
           f"{runs[0]['test_size']} test examples, test {metric}. Seeds vary the target's k-shot sample, its expert "

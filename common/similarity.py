@@ -71,7 +71,8 @@ def fisher_cache(cfg, name: str, reference: str = "") -> tuple[Path, dict[str, s
     fed_by = [cfg.to_dict()[s] for s in ("world", "data")] + ([cfg.tasks.shots_per_class] if sampled else [])
     expert_config = json.loads((path / "adapter_config.json").read_text())
     expert_config.pop("base_model_name_or_path", None)  # where the backbone was: moving runs/ changes nothing
-    key = {"expert": _hash((path / WEIGHTS).read_bytes()), "backbone": fingerprint(backbone_dir(cfg)),
+    own = fc.at == "own"  # at the common point the expert's own tensors change nothing: not read
+    key = {"expert": _hash((path / WEIGHTS).read_bytes()) if own else reference, "backbone": fingerprint(backbone_dir(cfg)),
            "expert_config": _hash(json.dumps(expert_config, sort_keys=True).encode()),
            "data": _hash(json.dumps(fed_by, sort_keys=True).encode()), "estimator": fc.estimator,
            "samples": str(fc.samples)}
@@ -83,8 +84,8 @@ def fisher_cache(cfg, name: str, reference: str = "") -> tuple[Path, dict[str, s
     if fc.passes > 1:
         key["passes"] = str(fc.passes)
         variant += f".passes{fc.passes}"
-    if fc.at != "own":
-        key["at"], key["expert"] = fc.at, reference
+    if not own:
+        key["at"] = fc.at
         variant += f".at-{fc.at}"
     if fc.answers != "truth":
         key["answers"] = fc.answers
@@ -114,12 +115,18 @@ def normalized(fisher: dict[str, torch.Tensor], mode: str) -> dict[str, torch.Te
     return {n: f / f.mean().clamp_min(1e-30) for n, f in fisher.items()}
 
 
+def _sites(a: dict, b: dict) -> list[str]:
+    """The sites two embeddings share, in one order whatever order they were listed in (a Fisher just computed
+    lists its tensors in module order, one read back from its cache sorted; float sums depend on the order)."""
+    if a.keys() != b.keys():
+        raise ValueError("experts have different tensors; embed experts of one type and one backbone")
+    return sorted(a)
+
+
 def task_similarity(fa: dict[str, torch.Tensor], fb: dict[str, torch.Tensor]) -> float:
     """Symmetric normalised cosine per tensor: a'=Fa/(Fa+Fb+eps), b'=Fb/(Fa+Fb+eps), s=cos(a',b'); mean over tensors."""
-    if fa.keys() != fb.keys():
-        raise ValueError("experts have different tensors; embed experts of one type and one backbone")
     sims = []
-    for n in sorted(fa):  # one order, whether a Fisher was just computed (module order) or read back (sorted)
+    for n in _sites(fa, fb):
         a, b = fa[n].flatten().double(), fb[n].flatten().double()
         denom = a + b + EPS
         sims.append(F.cosine_similarity(a / denom, b / denom, dim=0).item())
@@ -157,9 +164,7 @@ def _cosine(x, y) -> float:
 
 def update_similarity(ua: dict, ub: dict) -> float:
     """Mean over sites of the cosine between the two experts' updates there (each a tensor, or a LowRank)."""
-    if ua.keys() != ub.keys():
-        raise ValueError("experts have different tensors; embed experts of one type and one backbone")
-    return sum(_cosine(ua[n], ub[n]) for n in sorted(ua)) / len(ua)  # one order, however they were listed
+    return sum(_cosine(ua[n], ub[n]) for n in _sites(ua, ub)) / len(ua)
 
 
 def update_embedding(weights: dict[str, torch.Tensor], method: str, layers: int = 1) -> dict:
@@ -266,9 +271,7 @@ def prototype_embedding(cfg, name: str) -> dict[str, torch.Tensor]:
 
 def prototype_similarity(pa: dict[str, torch.Tensor], pb: dict[str, torch.Tensor]) -> float:
     """Mean over sites of |cos| of the two prototypes (a singular vector's sign is arbitrary)."""
-    if pa.keys() != pb.keys():
-        raise ValueError("experts have different tensors; embed experts of one type and one backbone")
-    return sum(abs(F.cosine_similarity(pa[n], pb[n], dim=0).item()) for n in pa) / len(pa)
+    return sum(abs(F.cosine_similarity(pa[n], pb[n], dim=0).item()) for n in _sites(pa, pb)) / len(pa)
 
 
 def common_reference(cfg, names: list[str]) -> dict[str, torch.Tensor]:
