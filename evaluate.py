@@ -32,7 +32,7 @@ from common.backbone import load_backbone
 from common.config import UserError, changed_fields, parse_stage, require_current, run_stage, stage_parser
 from common.device import accelerator
 from common.expert_types import EXPERT_TYPES
-from common.experts import (MergedExpert, current_expert, expert_dir, expert_name, load_expert, load_pool,
+from common.experts import (MergedExpert, current_expert, expert_dir, expert_name, folded, load_expert, load_pool,
                             unload_expert)
 from common.metrics import task_scores
 from common.report import load_results, on_val, ordered, pack, scores_of, unpack
@@ -171,11 +171,12 @@ def main() -> None:
             model = peft_merge(cfg, base, what, kind)
         else:
             model = base
-        for s, exs in splits.items():
-            if s == "val" and not on_val(m):
-                continue
-            with accel.autocast():
-                metric, scores[s][m], each[s][m] = task_scores(model, enc, task, exs, cfg.evaluate.batch_size)
+        with folded(model):  # LoRA, DoRA, IA3: scored with the update in the weights (the same function, faster)
+            for s, exs in splits.items():
+                if s == "val" and not on_val(m):
+                    continue
+                with accel.autocast():
+                    metric, scores[s][m], each[s][m] = task_scores(model, enc, task, exs, cfg.evaluate.batch_size)
         if model is not base and kind != "full":
             base = unload_expert(model)
     for m, got in measured.items():

@@ -35,6 +35,7 @@ CFG      := $(RUN)/.config
 FROM_EXPERT := $(CFG)/expert.json $(CFG)/data.json $(CFG)/tasks.define.json
 FROM_TARGET := $(FROM_EXPERT) $(CFG)/tasks.shots_per_class.json
 FROM_SIM    := $(CFG)/fisher.json $(CFG)/tasks.pool.json
+FROM_SCORED := $(CFG)/evaluate.json $(foreach k,world.val_size world.test_size data.val_size data.test_size,$(CFG)/$(k).json)
 NAME     := $(TARGET)-$(if $(filter 0,$(SHOTS)),full,$(SHOTS)shot)-s$(SEED)
 BACKBONE := $(RUN)/backbone/meta.json
 POOL_EXP := $(foreach t,$(filter-out $(TARGET),$(POOL)),$(RUN)/experts/$(t)/meta.json)
@@ -85,7 +86,7 @@ $(RUN)/experts/%/meta.json: $(BACKBONE) $(FROM_EXPERT)
 $(SIM): $(POOL_EXP) $(TGT_EXP) $(FROM_SIM)
 	$(STAGE_CMD) embed_tasks.py --target $(TARGET) $(ARGS)
 
-$(RESULT): $(INTERP) $(TGT_EXP) $(CFG)/evaluate.json
+$(RESULT): $(INTERP) $(TGT_EXP) $(FROM_SCORED)
 	$(STAGE_CMD) evaluate.py --target $(TARGET) $(ARGS)
 
 # one baseline or comparison run alone (make -f pipeline.mk .../snli-ve-64shot-s0.oracle/meta.json)
@@ -118,7 +119,7 @@ endif
 $(PAIRS) &: $(SIM) $(CFG)/interpolate.json
 	$(STAGE_CMD) interpolate.py --target $(TARGET) --variant $(subst $(SPACE),$(COMMA),$(addprefix pair-,$(OTHERS))) $(ARGS)
 
-$(TRANSFER): $(PAIRS) $(TGT_EXP) $(CFG)/evaluate.json
+$(TRANSFER): $(PAIRS) $(TGT_EXP) $(FROM_SCORED)
 	$(STAGE_CMD) evaluate.py --target $(TARGET) --transfer $(ARGS)
 
 $(ORACLE): $(TRANSFER)

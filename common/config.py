@@ -409,7 +409,11 @@ MADE_FROM["expert"] = MADE_FROM["backbone"] + ("data", "tasks.define", "expert")
 MADE_FROM["target"] = MADE_FROM["expert"] + ("tasks.shots_per_class",)
 MADE_FROM["similarity"] = MADE_FROM["target"] + ("tasks.pool", "fisher")
 MADE_FROM["interpolated"] = MADE_FROM["similarity"] + ("interpolate",)
-MADE_FROM["result"] = MADE_FROM["interpolated"] + ("evaluate",)
+# the sizes of the splits that scoring reads: a result is made from them; the backbone, the experts and the
+# Fishers are not (they train on train; an expert's and the backbone's validation figures in their meta.json
+# read at most expert.eval_size and 200 examples), so a larger test split rebuilds none of them
+SCORED_SIZES = ("world.val_size", "world.test_size", "data.val_size", "data.test_size")
+MADE_FROM["result"] = MADE_FROM["interpolated"] + ("evaluate",) + SCORED_SIZES
 # fields that change how an artifact is made, not what it is: never stale, never stamped
 HOW_NOT_WHAT = tuple(f"{section}.{name}" for section in ("pretrain", "expert", "interpolate")
                      for name in ("gradient_checkpointing", "checkpoint_every")) + ("data.num_workers",)
@@ -426,12 +430,15 @@ def _at(tree, key: str, missing=None):
     return tree
 
 
-def _leaves(tree, prefix: str) -> dict:
+def _leaves(tree, prefix: str, key: str = "") -> dict:
+    """{field: value} of the MADE_FROM entry `key` (a section or a field) at `prefix`; a section leaves out the
+    scored sizes, which are their own entries (SCORED_SIZES)."""
     if tree is _MISSING:
         return {}
     if not isinstance(tree, dict):
-        return {} if prefix in HOW_NOT_WHAT else {prefix: tree}
-    return {k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}.{key}").items()}
+        return {} if prefix in HOW_NOT_WHAT or (prefix in SCORED_SIZES and prefix != (key or prefix)) \
+            else {prefix: tree}
+    return {k: v for name, sub in tree.items() for k, v in _leaves(sub, f"{prefix}.{name}", key or prefix).items()}
 
 
 def changed_fields(recorded: dict | None, cfg: Config, kind: str) -> list[str]:
@@ -457,6 +464,13 @@ def require_current(recorded: dict | None, cfg: Config, kind: str, where, fix: s
         raise UserError(f"{where}: {made} under another config ({changed[0]}{more}); {fix}")
 
 
+def _stamped(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
 def write_stamps(cfg: Config) -> None:
     """runs/<profile>/.config/<section or field>.json, one per entry of MADE_FROM, rewritten only when its
     values change: make's view of the config. A stamp holds every value; one that lacks a field (a field
@@ -473,13 +487,17 @@ def write_stamps(cfg: Config) -> None:
         path = d / f"{key}.json"
         if not path.is_file():
             write_text(path, text)
-            os.utime(path, (0, 0))  # first sight is not a change: artifacts made before stamps stay valid
+            # first sight is not a change: artifacts made before stamps stay valid; nor is a field that moved
+            # out of its section's stamp (SCORED_SIZES) unless its value differs from what that stamp held
+            section = d / f"{key.rsplit('.', 1)[0]}.json"
+            held = _stamped(section) if "." in key and section.is_file() else {}
+            if all(held.get(k, v) == v for k, v in values.items()):
+                os.utime(path, (0, 0))
             continue
-        try:
-            stamped = json.loads(path.read_text())
-        except ValueError:
-            stamped = None
-        if not isinstance(stamped, dict) or {**_leaves(_at(defaults, key), key), **stamped} != values:
+        stamped = _stamped(path)
+        # a field the entry no longer holds (moved to an entry of its own, removed from the code) changes nothing
+        old = {**_leaves(_at(defaults, key), key), **stamped} if isinstance(stamped, dict) else {}
+        if any(old.get(k, _MISSING) != v for k, v in values.items()):
             write_text(path, text)
 
 

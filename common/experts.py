@@ -4,6 +4,7 @@ of them merged as one."""
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -130,6 +131,32 @@ def unload_expert(model):
     if is_prompt_learning(model):  # soft tokens never touched the backbone
         return model.get_base_model()
     return model.unload()
+
+
+@contextmanager
+def folded(model):
+    """The model with its expert's update added into the backbone's weights while inside (peft's merge_adapter:
+    LoRA, DoRA, IA3), for scoring: the same function without the expert's extra products, which are a quarter
+    of a mini LoRA scoring pass. The backbone's tensors are restored bit for bit on the way out (an unmerge
+    alone would leave rounding in them). An expert that does not fold (adapters, prompts, prefixes), or a
+    backbone held in 16 bits (the sum would round most of the update away), scores as it is."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)] \
+        if isinstance(model, PeftModel) and not is_prompt_learning(model) else []
+    saved = [(p, p.detach().clone()) for m in layers for p in m.get_base_layer().parameters()]
+    if not saved or any(p.dtype != torch.float32 for p, _ in saved):
+        yield model
+        return
+    model.merge_adapter()
+    try:
+        yield model
+    finally:
+        model.unmerge_adapter()
+        with torch.no_grad():
+            for p, before in saved:
+                p.copy_(before)
 
 
 def param_name(key: str, adapter: str = "default") -> str:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from common import data, dist
 from common.artifacts import atomic_file, read_json
 from common.backbone import backbone_dir, fingerprint, load_backbone
-from common.config import UserError
+from common.config import SCORED_SIZES, UserError
 from common.data import Encoder, Example, batches
 from common.device import accelerator
 from common.expert_types import EXPERT_TYPES
@@ -68,7 +68,8 @@ def fisher_cache(cfg, name: str, reference: str = "") -> tuple[Path, dict[str, s
     per-sample gradients at the expert's own weights is the plain file, every other estimate sits beside it."""
     fc, path = cfg.fisher, expert_dir(cfg, name)
     sampled = json.loads((path / "meta.json").read_text())["shots"] is not None  # a target's k-shot sample
-    fed_by = [cfg.to_dict()[s] for s in ("world", "data")] + ([cfg.tasks.shots_per_class] if sampled else [])
+    fed_by = [{k: v for k, v in cfg.to_dict()[s].items() if f"{s}.{k}" not in SCORED_SIZES} for s in ("world", "data")] \
+        + ([cfg.tasks.shots_per_class] if sampled else [])  # the train split: not the scored splits' sizes
     expert_config = json.loads((path / "adapter_config.json").read_text())
     expert_config.pop("base_model_name_or_path", None)  # where the backbone was: moving runs/ changes nothing
     own = fc.at == "own"  # at the common point the expert's own tensors change nothing: not read

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -130,8 +131,10 @@ def test_the_fisher_cache_key_holds_every_setting_that_changes_the_fisher(micro)
 
     assert key("nli") == key("nli", "fisher.batch_size=2")  # a per-sample Fisher takes one example at a time
     assert key("nli", "fisher.estimator=batch") != key("nli", "fisher.estimator=batch", "fisher.batch_size=2")
-    for setting in ("fisher.samples=4", "fisher.passes=2", "world.train_size=60", "data.val_size=9"):
+    for setting in ("fisher.samples=4", "fisher.passes=2", "world.train_size=60", "data.train_size=9"):
         assert key("nli") != key("nli", setting), setting
+    for setting in ("world.val_size=9", "world.test_size=9", "data.val_size=9", "data.test_size=9"):
+        assert key("nli") == key("nli", setting), setting  # the Fisher reads the train split alone
     # the target's k-shot sample depends on the sampling, a pool expert's full split does not
     assert key(NAME) != key(NAME, "tasks.shots_per_class=true")
     assert key("nli") == key("nli", "tasks.shots_per_class=true")
@@ -180,6 +183,30 @@ def test_the_pool_list_and_the_sampling_are_stamped_apart(micro_copy):
     assert "embed_tasks.py" in plan and "interpolate.py" in plan and "train_expert.py" not in plan  # no expert retrains
     plan = make("-n", "all", runs_dir=runs, extra="tasks.shots_per_class=true").stdout
     assert "train_expert.py --task snli-ve --shots 8" in plan and "--task nli" not in plan and "--task shape" not in plan
+
+
+def test_larger_scored_splits_rescore_and_rebuild_nothing(micro_copy):
+    """world.test_size: only evaluate.py reruns; the backbone, the experts, the Fishers and the interpolation
+    stay. A run made when world.json still held the sizes: that stamp is left as it is, and the sizes' own
+    stamps, new, count as changed only where the value differs from what it held."""
+    from common.config import changed_fields, load_config
+
+    runs, rd = micro_copy
+    stamp = rd / ".config/world.json"
+    old = json.loads(stamp.read_text()) | {"world.test_size": 24, "world.val_size": 16}  # as stamps held them
+    stamp.write_text(json.dumps(old))
+    os.utime(stamp, (0, 0))
+    for k in ("world.test_size", "world.val_size"):
+        (rd / f".config/{k}.json").unlink()
+    plan = make("-n", "all", runs_dir=runs, extra="world.test_size=30").stdout  # dry run
+    assert "evaluate.py --target snli-ve" in plan
+    assert not any(s in plan for s in ("train_expert.py", "embed_tasks.py", "interpolate.py")), plan
+    assert stamp.stat().st_mtime == 0 and (rd / ".config/world.val_size.json").stat().st_mtime == 0
+    assert (rd / ".config/world.test_size.json").stat().st_mtime > 0
+    cfg = load_config("configs/micro.yaml", [f"runs_dir={runs}", "world.test_size=30"])
+    recorded = json.loads((rd / "backbone/meta.json").read_text())["config"]
+    assert changed_fields(recorded, cfg, "backbone") == [] and changed_fields(recorded, cfg, "interpolated") == []
+    assert changed_fields(recorded, cfg, "result") == ["world.test_size: 24 -> 30"]
 
 
 def test_each_pool_expert_is_merged_at_its_own_saved_scale(micro_copy):
