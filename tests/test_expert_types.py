@@ -135,6 +135,33 @@ def test_one_loaded_backbone_serves_expert_after_expert(runs, method):
     assert torch.allclose(other, fresh, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_scoring_with_the_update_folded_in_is_the_same_function_and_restores_the_backbone(runs, method):
+    """evaluate.py scores LoRA, DoRA and IA3 experts with their update added into the weights (folded): the
+    same log-probabilities, and after it the backbone's tensors are bit for bit what they were (an unload
+    then gives the plain backbone). The other types score as they are."""
+    from common import data
+    from common.backbone import load_backbone
+    from common.experts import expert_dir, folded, load_expert, unload_expert
+
+    cfg = config(runs[method][0], method)
+    base, processor = load_backbone(cfg)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    batch = data.Encoder(processor).batch(data.examples("snli-ve", "test", cfg.world, 4))
+    model = load_expert(base, expert_dir(cfg, NAME))
+    layers = [m for m in model.modules() if hasattr(m, "merged")]
+    with torch.no_grad():
+        plain = model(**batch).logits
+        with folded(model):
+            assert (bool(layers) and all(m.merged for m in layers)) == (method in ("lora", "dora", "ia3"))
+            inside = model(**batch).logits
+        after = model(**batch).logits
+    assert torch.allclose(inside, plain, atol=1e-5) and torch.equal(after, plain)
+    assert not any(getattr(m, "merged", False) for m in layers)
+    base = unload_expert(model)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
 def tower_counter(model) -> list[int]:
     """How many images the vision tower has encoded so far (one entry per call)."""
     seen = []
