@@ -190,7 +190,9 @@ class Config:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only): autocast through accelerate; weights stay fp32
     log_every: float = ranged(30.0, 0)  # seconds between progress lines without a terminal (0 = every step)
     log_with: str = "none"  # none | tensorboard | wandb: loss, lr, examples/s of every step to accelerate's tracker
-    feature_cache_mb: int = ranged(1024, 0)  # Florence-2's frozen vision tower memoised per image, up to this much (0 = off)
+    # what the frozen backbone would compute again and again, memoised, each up to this much (0 = off): Florence-2's
+    # vision tower per image, and evaluate.py's encoded inputs per batch (every method scores the same batches)
+    feature_cache_mb: int = ranged(1024, 0)
     world: WorldConfig = field(default_factory=WorldConfig)
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)

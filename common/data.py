@@ -208,15 +208,29 @@ def candidates_for(task: Task, ex: Example) -> tuple[str, ...]:
 
 
 class Encoder:
-    """Turns examples into model inputs through the backbone's processor (the real path)."""
+    """Turns examples into model inputs through the backbone's processor (the real path). keep_mb: the inputs
+    of each batch of examples kept, up to this much, for when the same batches come again (evaluate.py
+    scores every method on the same splits: the processor's work once, not once per method)."""
 
-    def __init__(self, processor, device=None, max_len: int = 512):
+    def __init__(self, processor, device=None, max_len: int = 512, keep_mb: int = 0):
         self.processor = processor  # a Florence-2 processor, or a text-only model's tokenizer
         self.tok = getattr(processor, "tokenizer", processor)
         self.device = torch.device(device or "cpu")  # where the tensors it returns live (the model's device)
         self.max_len = max_len
+        self.kept: dict[tuple, tuple] = {}  # the examples' ids -> (the examples, kept alive so no id is reused; inputs)
+        self.room = keep_mb << 20
 
     def inputs(self, exs: list[Example]) -> dict[str, torch.Tensor]:
+        key = tuple(map(id, exs))
+        if key in self.kept:
+            return dict(self.kept[key][1])
+        out = self._inputs(exs)
+        size = sum(v.numel() * v.element_size() for v in out.values())
+        if size <= self.room:
+            self.kept[key], self.room = (list(exs), out), self.room - size
+        return dict(out)
+
+    def _inputs(self, exs: list[Example]) -> dict[str, torch.Tensor]:
         with_image = [e.image is not None for e in exs]
         if any(with_image) and not all(with_image):
             raise ValueError("a batch mixes image and text-only examples")
