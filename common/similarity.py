@@ -188,43 +188,52 @@ def weight_embedding(cfg, name: str) -> dict:
 
 def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tensor]], str]:
     """Each expert's diagonal Fisher on its own training data (cached per expert and settings), normalised;
-    and how many had to be computed. Runs that want the same Fisher at once (make study: several targets
-    share the pool) take turns: the first computes it, the others read it."""
+    and how many had to be computed. Runs that want the same Fishers at once (make study: several targets
+    and seeds share the pool) share the work: each first computes those no other process is computing
+    (a lock beside each cache file), then waits for the others' and reads them."""
     fc = cfg.fisher
     loaded: list = []  # (peft model, encoder, accelerator), once something needs computing
-    fishers, computed = [], []
+    fishers, computed = {}, []
     reference = common_reference(cfg, names) if fc.at == "pool-mean" else None
     ref_hash = _hash(b"".join(v.float().numpy().tobytes() for _, v in sorted(reference.items()))) if reference else ""
-    for name in names:
-        out, key = fisher_cache(cfg, name, ref_hash)  # every variant kept: the study compares them
-        fisher = cached_fisher(out, key)
-        if fisher is None:
-            with _turn(out):
-                fisher = cached_fisher(out, key)  # another process may have just written it
-                if fisher is None:
-                    if not loaded:  # load the backbone only when something needs computing
-                        acc = accelerator(cfg)
-                        model, processor = load_backbone(cfg, acc.device)
-                        loaded += [attach(model, cfg.expert), data.Encoder(processor, acc.device), acc]
-                    fisher = _fisher_of(cfg, name, reference, *loaded)
-                    with atomic_file(out) as tmp:
-                        save_file(fisher, str(tmp), metadata=key)
-                    computed.append(name)
-        fishers.append(normalized(fisher, fc.normalize))
-    return fishers, f"{len(computed)} Fisher computed, {len(names) - len(computed)} cached"
+    for wait in (False, True):
+        for name in (n for n in names if n not in fishers):
+            out, key = fisher_cache(cfg, name, ref_hash)  # every variant kept: the study compares them
+            fisher = cached_fisher(out, key)
+            if fisher is None:
+                with _turn(out, wait) as mine:
+                    if not mine:  # another process is computing it: back to it once the free ones are done
+                        continue
+                    fisher = cached_fisher(out, key)  # another process may have just written it
+                    if fisher is None:
+                        if not loaded:  # load the backbone only when something needs computing
+                            acc = accelerator(cfg)
+                            model, processor = load_backbone(cfg, acc.device)
+                            loaded += [attach(model, cfg.expert), data.Encoder(processor, acc.device), acc]
+                        fisher = _fisher_of(cfg, name, reference, *loaded)
+                        with atomic_file(out) as tmp:
+                            save_file(fisher, str(tmp), metadata=key)
+                        computed.append(name)
+            fishers[name] = normalized(fisher, fc.normalize)
+    return [fishers[n] for n in names], f"{len(computed)} Fisher computed, {len(names) - len(computed)} cached"
 
 
 @contextlib.contextmanager
-def _turn(out: Path):
-    """Hold the lock beside cache file `out` (under torchrun the ranks compute together, so no lock: rank 1
-    waiting on it while rank 0 waits for rank 1's share would never end)."""
+def _turn(out: Path, wait: bool = True):
+    """Hold the lock beside cache file `out`: yields True once held; with wait=False, False at once when
+    another process holds it. Under torchrun the ranks compute together, so no lock (rank 1 waiting on it
+    while rank 0 waits for rank 1's share would never end)."""
     if dist.launched():
-        yield
+        yield True
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_name(f".{out.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 def _fisher_of(cfg, name: str, reference: dict | None, peft_model, enc, acc) -> dict[str, torch.Tensor]:

@@ -140,6 +140,38 @@ def test_the_fisher_cache_key_holds_every_setting_that_changes_the_fisher(micro)
     assert key("nli") == key("nli", "tasks.shots_per_class=true")
 
 
+def test_runs_that_want_the_same_fishers_share_the_work(micro_copy, monkeypatch):
+    """make study: a run finding one Fisher being computed by another process (its lock held) computes the
+    free ones first, then takes that one once the lock is let go; the Fishers are what one run alone gives."""
+    import fcntl
+
+    from common import similarity
+    from common.config import load_config
+
+    runs, rd = micro_copy
+    cfg = load_config("configs/micro.yaml", [f"runs_dir={runs}"])
+    names = [NAME, "nli", "shape"]
+    alone, _ = similarity.fisher_embeddings(cfg, names)
+    for f in (rd / "fisher").iterdir():
+        f.unlink()
+    busy, _ = similarity.fisher_cache(cfg, NAME)
+    other = open(busy.with_name(f".{busy.name}.lock"), "w")  # another process, computing the target's Fisher
+    fcntl.flock(other, fcntl.LOCK_EX)
+    order, compute = [], similarity._fisher_of
+
+    def recording(cfg, name, *args):
+        order.append(name)
+        if name == "shape":
+            other.close()  # the other process has let go (without writing it: this one computes it)
+        return compute(cfg, name, *args)
+
+    monkeypatch.setattr(similarity, "_fisher_of", recording)
+    shared, what = similarity.fisher_embeddings(cfg, names)
+    assert order == ["nli", "shape", NAME] and what == "3 Fisher computed, 0 cached"
+    for a, b in zip(alone, shared):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_changed_config_changes_the_table_and_the_report_and_mixes_no_runs(micro_copy):
     """interpolate.steps changed: make reruns interpolate and evaluate only, the table and the report hold the
     runs made under the new config, and the older ones are named as left out."""
