@@ -338,7 +338,7 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
                 if rhos:
                     ok = [x for x in rhos if not math.isnan(x)]
                     rho_rows.append(f"| {s} | {emb} | {split} | {len(rhos)} | {_mean_sd(ok)} | "
-                                    f"{', '.join(f'{x:+.2f}' for x in rhos)} |")
+                                    f"{', '.join('undefined' if math.isnan(x) else f'{x:+.2f}' for x in rhos)} |")
                     if emb.startswith("retrieval") and split == "test":
                         scatter.append((s, per_expert, _mean_sd(ok)))
     if rho_rows:
@@ -346,6 +346,9 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
                "and on the test split (what is reported).", "",
                "| shots | embedding | split | seeds | Spearman (mean ± std) | per seed |", "|---|---|---|---|---|---|",
                *rho_rows, ""]
+        if any("undefined" in row for row in rho_rows):
+            md += ["Undefined: every transfer of that seed is the same (all 0 where the target is at its ceiling), "
+                   "so there is no ranking to correlate with.", ""]
     if scatter:
         s, per_expert, rho = scatter[-1]
         md += [f"At {_shots_label(s)} (retrieval's embedding):", "",

@@ -125,6 +125,19 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
     assert "Best on validation: **" in study
     assert (runs / "micro/study/transfer_matrix.png").read_bytes()[:4] == b"\x89PNG"
 
+    # a target at its ceiling: every transfer the same, no ranking to correlate with: said so, not "+nan"
+    from common.config import load_config
+    from common.report import write_report
+
+    path = runs / "micro/results/snli-ve-8shot-s0.json"
+    flat = json.loads(path.read_text())
+    flat["transfer"] = flat["val_transfer"] = {n: 0.0 for n in flat["transfer"]}
+    path.write_text(json.dumps(flat))
+    write_report(load_config("configs/micro.yaml", [f"runs_dir={runs}"]), "snli-ve")
+    report = (runs / "micro/report.md").read_text()
+    assert "| 8 | weights | val | 1 | - | undefined |" in report and "Undefined: every transfer" in report
+    assert "nan" not in report
+
 
 def test_a_scored_method_the_list_lacks_is_shown_after_the_listed_ones_not_hidden():
     from common.report import METHODS, ordered
