@@ -196,9 +196,10 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
     fishers, computed = {}, []
     reference = common_reference(cfg, names) if fc.at == "pool-mean" else None
     ref_hash = _hash(b"".join(v.float().numpy().tobytes() for _, v in sorted(reference.items()))) if reference else ""
+    where = {n: fisher_cache(cfg, n, ref_hash) for n in names}  # every variant kept: the study compares them
     for wait in (False, True):
         for name in (n for n in names if n not in fishers):
-            out, key = fisher_cache(cfg, name, ref_hash)  # every variant kept: the study compares them
+            out, key = where[name]
             fisher = cached_fisher(out, key)
             if fisher is None:
                 with _turn(out, wait) as mine:
