@@ -225,6 +225,7 @@ def write_study(cfg, targets: list[str]) -> Path:
            "| target | shots | embedding | Spearman (val) | Spearman (test) | precision@k |", "|---|---|---|---|---|---|"]
     overall: dict[str, list] = {}
     matrix: dict[str, dict[str, list]] = {}
+    undefined: set[str] = set()
     for t, runs in by_target.items():
         sims = _similarities(cfg, runs)
         measured = sorted({r["shots"] for r in runs if r.get("transfer")})
@@ -235,6 +236,10 @@ def write_study(cfg, targets: list[str]) -> Path:
                 if not test:
                     continue
                 val, test = ([x for x in v if not math.isnan(x)] for v in (val, test))
+                if not test:  # every seed's transfers all the same (a target at its ceiling): nothing to rank
+                    md.append(f"| {t} | {_shots_label(s)} | {emb} | undefined | undefined | - |")
+                    undefined.add(t)
+                    continue
                 prec = _precision(per_run, at, k)
                 md.append(f"| {t} | {_shots_label(s)} | {emb} | {_mean_sd(val) if val else '-'} | {_mean_sd(test)} | "
                           f"{statistics.mean(prec):.2f} |")
@@ -244,6 +249,10 @@ def write_study(cfg, targets: list[str]) -> Path:
             for r in at if s == measured[-1] else []:  # the matrix at the most shots measured
                 for n, v in r.get("transfer", {}).items():
                     matrix.setdefault(t, {}).setdefault(n, []).append(v)
+    if undefined:
+        md += ["", f"Undefined: every pool expert's transfer to {', '.join(sorted(undefined))} was the same in every "
+               "seed (a target at its ceiling), so there is no ranking to correlate with or to take the top of; "
+               "the line below leaves it out."]
     if overall:
         md += ["", "Across targets (each target's mean over seeds, then their mean; ranked by validation):", "",
                "| embedding | target × shots | Spearman (val) | Spearman (test) | precision@k |", "|---|---|---|---|---|"]

@@ -127,7 +127,7 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
 
     # a target at its ceiling: every transfer the same, no ranking to correlate with: said so, not "+nan"
     from common.config import load_config
-    from common.report import write_report
+    from common.report import write_report, write_study
 
     path = runs / "micro/results/snli-ve-8shot-s0.json"
     flat = json.loads(path.read_text())
@@ -137,6 +137,11 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
     report = (runs / "micro/report.md").read_text()
     assert "| 8 | weights | val | 1 | - | undefined |" in report and "Undefined: every transfer" in report
     assert "nan" not in report
+    # and in the study beside a target with a ranking: that one alone is averaged across targets
+    write_study(load_config("configs/micro.yaml", [f"runs_dir={runs}"]), ["snli-ve", "nli"])
+    study = (runs / "micro/study.md").read_text()
+    assert "| snli-ve | 8-shot | weights | undefined | undefined | - |" in study and "to snli-ve was the same" in study
+    assert re.search(r"\| weights \| 1 \| [-+.\d]+ \| [-+.\d]+ \| [.\d]+ \|", study) and "nan" not in study
 
 
 def test_a_scored_method_the_list_lacks_is_shown_after_the_listed_ones_not_hidden():
