@@ -87,6 +87,31 @@ def _arith(rng, size):
     return Example(f" what is {W.NUMBERS[a]} plus {W.NUMBERS[b]}?", W.NUMBERS[a + b])
 
 
+# the wider pool (configs/mini-wide.yaml, README "The mini world"): the same scenes and statements as a
+# target under another answer convention, or the same decision from other inputs; only the vocabulary's
+# words, so the backbone is the one every profile of this world builds
+def _two_way(label: str) -> str:
+    """RTE's two-way entailment: entailed or not; what snli-ve and nli call maybe (undecidable) is not entailed."""
+    return "yes" if label == "yes" else "no"
+
+
+def _ve_2way(rng, size):
+    scene = W.random_scene(rng)
+    hyp, label = W.hypothesis(scene, rng)
+    return Example(f' can the image imply text " {hyp} "?', _two_way(label), _img(scene, rng, size))
+
+
+def _nli_2way(rng, size):
+    scene = W.random_scene(rng)
+    hyp, label = W.hypothesis(scene, rng)
+    return Example(f' does text1 " {W.describe(scene)} " imply text2 " {hyp} "?', _two_way(label))
+
+
+def _colour_text(rng, size):
+    scene = W.random_scene(rng, 1)
+    return Example(f' what is the colour of the object in text " {W.describe(scene, rng)} "?', scene.objects[0].colour)
+
+
 # pre-training tasks (the backbone's own; never downstream)
 def _pt_caption(rng, size):
     scene = W.random_scene(rng)
@@ -113,6 +138,9 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("paraphrase", "language", _paraphrase, YN),
     Task("qa-entail", "language", _qa_entail, YN),
     Task("arith", "language", _arith, W.NUMBERS),
+    Task("ve-2way", "vision-language", _ve_2way, YN),
+    Task("nli-2way", "language", _nli_2way, YN),
+    Task("colour-text", "language", _colour_text, tuple(W.COLOURS)),
 ]}
 PRETRAIN_TASKS = {"pt-caption": Task("pt-caption", "pretraining", _pt_caption, None),
                   "pt-infill": Task("pt-infill", "pretraining", _pt_infill, None)}

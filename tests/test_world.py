@@ -47,3 +47,39 @@ def test_the_low_shot_sample_is_seeded_and_draws_what_the_mini_profile_always_dr
 def test_unknown_task_names_the_known_ones():
     with pytest.raises(UserError, match="unknown task 'snli' .*snli-ve"):
         data.get_task("snli")
+
+
+WIDER = ("ve-2way", "nli-2way", "colour-text")  # configs/mini-wide.yaml's tasks beyond mini's pool
+
+
+def test_the_wider_pools_tasks_use_no_word_the_backbone_lacks():
+    """The vocabulary (and so the embedded backbone) is built from every task's words: the wider pool's tasks
+    must add none, or every profile of the world would rebuild its backbone."""
+    from common.backbone import build_vocab
+
+    def vocab(names):
+        return build_vocab([t for n in names for e in data.examples(n, "train", W, 400)
+                            for t in (e.prompt, e.answer, *(data.get_task(n).candidates or ()))])
+
+    before = [n for n in [*data.TASKS, *data.PRETRAIN_TASKS] if n not in WIDER]
+    assert vocab(before) == vocab([*before, *WIDER])
+
+
+def test_two_way_tasks_are_the_three_way_statements_with_undecidable_counted_as_not_entailed():
+    import random
+
+    for three, two in (("snli-ve", "ve-2way"), ("nli", "nli-2way")):
+        pairs = [(data.TASKS[three].make(random.Random(i), 64), data.TASKS[two].make(random.Random(i), 64))
+                 for i in range(300)]
+        hyp = lambda e: e.prompt.split('"')[-2]  # noqa: E731 - the statement, the last quoted text
+        assert all(hyp(a) == hyp(b) for a, b in pairs) and {a.answer for a, _ in pairs} == {"yes", "no", "maybe"}
+        assert all(b.answer == ("yes" if a.answer == "yes" else "no") for a, b in pairs)
+        assert all(a.prompt != b.prompt for a, b in pairs)  # its own prompt: another task, not a relabelled copy
+
+
+def test_colour_text_answers_the_colour_its_description_names():
+    from common import world
+
+    for e in data.examples("colour-text", "train", W):
+        named = [c for c in world.COLOURS if f" {c} " in e.prompt]
+        assert named == [e.answer] and e.image is None
