@@ -68,10 +68,12 @@ def test_the_wider_pools_tasks_use_no_word_the_backbone_lacks():
 def test_two_way_tasks_are_the_three_way_statements_with_undecidable_counted_as_not_entailed():
     import random
 
+    def hyp(e):  # the statement: the last quoted text
+        return e.prompt.split('"')[-2]
+
     for three, two in (("snli-ve", "ve-2way"), ("nli", "nli-2way")):
         pairs = [(data.TASKS[three].make(random.Random(i), 64), data.TASKS[two].make(random.Random(i), 64))
                  for i in range(300)]
-        hyp = lambda e: e.prompt.split('"')[-2]  # noqa: E731 - the statement, the last quoted text
         assert all(hyp(a) == hyp(b) for a, b in pairs) and {a.answer for a, _ in pairs} == {"yes", "no", "maybe"}
         assert all(b.answer == ("yes" if a.answer == "yes" else "no") for a, b in pairs)
         assert all(a.prompt != b.prompt for a, b in pairs)  # its own prompt: another task, not a relabelled copy
