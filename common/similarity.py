@@ -197,6 +197,18 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
     reference = common_reference(cfg, names) if fc.at == "pool-mean" else None
     ref_hash = _hash(b"".join(v.float().numpy().tobytes() for _, v in sorted(reference.items()))) if reference else ""
     where = {n: fisher_cache(cfg, n, ref_hash) for n in names}  # every variant kept: the study compares them
+
+    def compute(name: str) -> dict[str, torch.Tensor]:
+        if not loaded:  # load the backbone only when something needs computing
+            acc = accelerator(cfg)
+            model, processor = load_backbone(cfg, acc.device)
+            loaded.extend([attach(model, cfg.expert), data.Encoder(processor, acc.device), acc])
+        fisher = _fisher_of(cfg, name, reference, *loaded)
+        with atomic_file(where[name][0]) as tmp:
+            save_file(fisher, str(tmp), metadata=where[name][1])
+        computed.append(name)
+        return fisher
+
     for wait in (False, True):
         for name in (n for n in names if n not in fishers):
             out, key = where[name]
@@ -205,16 +217,7 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
                 with _turn(out, wait) as mine:
                     if not mine:  # another process is computing it: back to it once the free ones are done
                         continue
-                    fisher = cached_fisher(out, key)  # another process may have just written it
-                    if fisher is None:
-                        if not loaded:  # load the backbone only when something needs computing
-                            acc = accelerator(cfg)
-                            model, processor = load_backbone(cfg, acc.device)
-                            loaded += [attach(model, cfg.expert), data.Encoder(processor, acc.device), acc]
-                        fisher = _fisher_of(cfg, name, reference, *loaded)
-                        with atomic_file(out) as tmp:
-                            save_file(fisher, str(tmp), metadata=key)
-                        computed.append(name)
+                    fisher = cached_fisher(out, key) or compute(name)  # another process may have just written it
             fishers[name] = normalized(fisher, fc.normalize)
     return [fishers[n] for n in names], f"{len(computed)} Fisher computed, {len(names) - len(computed)} cached"
 
