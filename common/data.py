@@ -247,6 +247,7 @@ class Encoder:
         self.max_len = max_len
         self.kept: dict[tuple, tuple] = {}  # the examples' ids -> (the examples, kept alive so no id is reused; inputs)
         self.room = keep_mb << 20
+        self.answer_ids: dict[str, list[int]] = {}  # answer -> its tokens + </s>: candidates come again and again
 
     def inputs(self, exs: list[Example]) -> dict[str, torch.Tensor]:
         key = tuple(map(id, exs))
@@ -279,13 +280,19 @@ class Encoder:
 
     def labels(self, answers: list[str]) -> torch.Tensor:
         """Answer tokens + </s>, padded with -100 (ignored by the loss)."""
-        ids = [self.tok(a, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id] for a in answers]
+        ids = [self.answer_ids.get(a) or self._answer(a) for a in answers]
         width = max(map(len, ids))
         return torch.tensor([x + [-100] * (width - len(x)) for x in ids], device=self.device)
 
+    def _answer(self, answer: str) -> list[int]:
+        ids = self.tok(answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+        if len(self.answer_ids) < 4096:  # closed answer sets; open answers (captions) are not all kept
+            self.answer_ids[answer] = ids
+        return ids
+
     def targets(self, exs: list[Example]) -> int:
         """How many answer tokens the loss of enc.batch(exs) averages over (each answer's tokens and its </s>)."""
-        return sum(len(self.tok(e.answer, add_special_tokens=False)["input_ids"]) + 1 for e in exs)
+        return sum(len(self.answer_ids.get(e.answer) or self._answer(e.answer)) for e in exs)
 
     def batch(self, exs: list[Example]) -> dict[str, torch.Tensor]:
         out = self.inputs(exs)
