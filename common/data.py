@@ -107,6 +107,24 @@ def _nli_2way(rng, size):
     return Example(f' does text1 " {W.describe(scene)} " imply text2 " {hyp} "?', _two_way(label))
 
 
+def _decidable(label: str) -> str:
+    """Can the statement be decided (entailed or contradicted: yes) or not (undecidable: no)? The same statements
+    as the target, a different decision: snli-ve's no becomes yes and its maybe no (two of three disagree)."""
+    return "no" if label == "maybe" else "yes"
+
+
+def _ve_decide(rng, size):
+    scene = W.random_scene(rng)
+    hyp, label = W.hypothesis(scene, rng)
+    return Example(f' does the image answer " {hyp} "?', _decidable(label), _img(scene, rng, size))
+
+
+def _nli_decide(rng, size):
+    scene = W.random_scene(rng)
+    hyp, label = W.hypothesis(scene, rng)
+    return Example(f' can text1 " {W.describe(scene)} " answer text2 " {hyp} "?', _decidable(label))
+
+
 def _colour_text(rng, size):
     scene = W.random_scene(rng, 1)
     return Example(f' what is the colour of the object in text " {W.describe(scene, rng)} "?', scene.objects[0].colour)
@@ -141,6 +159,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("ve-2way", "vision-language", _ve_2way, YN),
     Task("nli-2way", "language", _nli_2way, YN),
     Task("colour-text", "language", _colour_text, tuple(W.COLOURS)),
+    Task("ve-decide", "vision-language", _ve_decide, YN),
+    Task("nli-decide", "language", _nli_decide, YN),
 ]}
 PRETRAIN_TASKS = {"pt-caption": Task("pt-caption", "pretraining", _pt_caption, None),
                   "pt-infill": Task("pt-infill", "pretraining", _pt_infill, None)}

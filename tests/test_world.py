@@ -49,7 +49,7 @@ def test_unknown_task_names_the_known_ones():
         data.get_task("snli")
 
 
-WIDER = ("ve-2way", "nli-2way", "colour-text")  # configs/mini-wide.yaml's tasks beyond mini's pool
+WIDER = ("ve-2way", "nli-2way", "colour-text", "ve-decide", "nli-decide")  # configs/mini-wide.yaml's tasks beyond mini's pool
 
 
 def test_the_wider_pools_tasks_use_no_word_the_backbone_lacks():
@@ -76,6 +76,20 @@ def test_two_way_tasks_are_the_three_way_statements_with_undecidable_counted_as_
         assert all(hyp(a) == hyp(b) for a, b in pairs) and {a.answer for a, _ in pairs} == {"yes", "no", "maybe"}
         assert all(b.answer == ("yes" if a.answer == "yes" else "no") for a, b in pairs)
         assert all(a.prompt != b.prompt for a, b in pairs)  # its own prompt: another task, not a relabelled copy
+
+
+def test_decide_tasks_ask_whether_the_three_way_statement_is_decidable():
+    """ve-decide / nli-decide: the target's statements, yes when entailed or contradicted, no when undecidable,
+    under a prompt one word from the target's."""
+    import random
+
+    for three, decide in (("snli-ve", "ve-decide"), ("nli", "nli-decide")):
+        pairs = [(data.TASKS[three].make(random.Random(i), 64), data.TASKS[decide].make(random.Random(i), 64))
+                 for i in range(300)]
+        assert all(a.prompt.split('"')[-2] == b.prompt.split('"')[-2] for a, b in pairs)
+        assert all(b.answer == ("no" if a.answer == "maybe" else "yes") for a, b in pairs)
+        differ = [sum(x != y for x, y in zip(a.prompt.split(), b.prompt.split())) for a, b in pairs]
+        assert set(differ) == {1}
 
 
 def test_colour_text_answers_the_colour_its_description_names():
