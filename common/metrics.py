@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
 from common import dist
-from common.data import Encoder, Example, Task, batches, candidates_for
+from common.data import Encoder, Example, Task, batches, by_length, candidates_for
 from common.readers import PUNCTUATION, tokens_to_box
 
 
@@ -36,9 +36,10 @@ def candidate_accuracy(model, enc: Encoder, task: Task, exs: list[Example], batc
 
 @torch.no_grad()
 def candidate_hits(model, enc: Encoder, task: Task, exs: list[Example], batch_size: int = 64) -> list[bool]:
-    """For each example: is its best-scoring candidate answer the right one?"""
-    hits = []
-    for chunk in batches(exs, max(1, batch_size // len(candidates_for(task, exs[0])))):
+    """For each example: is its best-scoring candidate answer the right one? (Scored in batches of alike
+    prompt lengths, returned in the examples' order.)"""
+    hits, order = [], by_length(exs)
+    for chunk in batches(exs, max(1, batch_size // len(candidates_for(task, exs[0]))), order=order):
         pairs = [(e, c) for e in chunk for c in candidates_for(task, e)]
         index = torch.tensor([i for i, e in enumerate(chunk) for _ in candidates_for(task, e)], device=enc.device)
         scores = candidate_logprobs(model, enc.inputs(chunk), index, enc.labels([c for _, c in pairs])).tolist()
@@ -48,7 +49,10 @@ def candidate_hits(model, enc: Encoder, task: Task, exs: list[Example], batch_si
             best = max(range(len(cands)), key=lambda j: scores[k + j])
             hits.append(cands[best] == e.answer)
             k += len(cands)
-    return hits
+    out = [False] * len(exs)
+    for i, hit in zip(order, hits):
+        out[i] = hit
+    return out
 
 
 @torch.no_grad()

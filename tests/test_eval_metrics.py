@@ -109,3 +109,21 @@ def test_cider_averages_over_references():
     got = cider(["red car parked here", "blue boat floats away"],
                 [["red car parked here", "green tree"], ["blue boat floats away"]])
     assert got == pytest.approx((5 + 10) / 2)
+
+
+def test_candidate_scoring_in_batches_of_alike_lengths_gives_each_example_its_own_hit(micro_cfg):
+    """Scoring sorts the examples by prompt length so batches pad less; the hits must come back in the
+    examples' order, each the hit that example gets scored alone."""
+    from common import data
+    from common.backbone import load_backbone
+    from common.experts import expert_dir, load_expert
+    from common.metrics import candidate_hits
+
+    model, processor = load_backbone(micro_cfg)
+    model = load_expert(model, expert_dir(micro_cfg, "nli"))
+    enc, task = data.Encoder(processor), data.task(micro_cfg, "nli")
+    exs = data.examples("nli", "test", micro_cfg.world, 24)
+    assert data.by_length(exs) != list(range(len(exs)))  # the order does change: the test can fail
+    alone = [candidate_hits(model, enc, task, [e])[0] for e in exs]
+    batched = candidate_hits(model, enc, task, exs, batch_size=12)
+    assert batched == alone and len(set(alone)) == 2  # right and wrong hits both there to misplace
