@@ -9,7 +9,8 @@ self-attention, 6 decoder layers with self- and cross-attention: 72 sites, d 768
 (adapter_model.safetensors, 7 MB each), drawn in 20 families (a family's experts share a direction, so the
 top-k has something to find; printed: the share of the top-k in the target's family). Each N runs in its own
 process, so its peak resident memory is its own. Printed per N: writing the files (once, kept under --dir),
-loading them into embeddings (read + LowRank factors + norms, or + each site's prototype), retrieval (the
+loading them into embeddings (read + LowRank factors + norms, or + each site's prototype, and the prototypes
+read back from their per-expert cache files, as embed_tasks.py does after the first time), retrieval (the
 target's row and top-k; no N x N matrix, no d x d product; the fastest of 3) and the peak RSS; then the
 retrieval time ratios from N = 100 to N = 1000.
 """
@@ -57,7 +58,7 @@ def write_experts(folder: Path, n: int) -> float:
 
 def child(folder: Path, n: int) -> dict:
     import torch
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     from common.similarity import (prototype_similarity, prototypes, similarity_row, top_k_similar,
                                    update_embedding, update_similarity)
@@ -70,7 +71,16 @@ def child(folder: Path, n: int) -> dict:
     t0 = time.time()
     protos = [prototypes(u) for u in updates]
     t_proto = time.time() - t0
-    out = {"n": n, "load_s": t_load, "prototypes_s": t_proto}
+    cache = folder / "prototypes"  # what embed_tasks.py caches per expert (similarity.prototype_embedding)
+    cache.mkdir(exist_ok=True)
+    for m, p in zip(names, protos):
+        if not (cache / f"{m}.safetensors").is_file():
+            save_file(p, str(cache / f"{m}.safetensors"))
+    t0 = time.time()
+    cached = [load_file(str(cache / f"{m}.safetensors")) for m in names]
+    t_cached = time.time() - t0
+    assert all(torch.equal(c[k], p[k]) for c, p in zip(cached, protos) for k in p)
+    out = {"n": n, "load_s": t_load, "prototypes_s": t_proto, "cached_prototypes_s": t_cached}
     for label, embs, sim in (("weights", updates, update_similarity), ("prototypes", protos, prototype_similarity)):
         times = []
         for _ in range(REPEATS):  # the fastest of a few: the machine's noise only ever adds
@@ -99,7 +109,8 @@ def main() -> None:
                            text=True, check=True)
         rows[n] = json.loads(p.stdout.strip().splitlines()[-1])
         r = rows[n]
-        print(f"N={n:5d}: load {r['load_s']:7.2f}s, prototypes {r['prototypes_s']:6.2f}s | retrieval weights "
+        print(f"N={n:5d}: load {r['load_s']:7.2f}s, prototypes {r['prototypes_s']:6.2f}s (from the cache "
+              f"{r['cached_prototypes_s']:5.2f}s) | retrieval weights "
               f"{r['weights_retrieval_s']:6.3f}s (top-{K} in family {r['weights_family_hits']:.1f}), prototypes "
               f"{r['prototypes_retrieval_s']:6.3f}s ({r['prototypes_family_hits']:.1f}) | peak RSS {r['peak_rss_mb']:.0f} MB")
     if 100 in rows and 1000 in rows:

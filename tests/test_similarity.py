@@ -136,6 +136,42 @@ def test_prototype_is_the_top_singular_direction_of_the_update_without_forming_i
     assert prototype_similarity({"s": v}, other) < 0.9
 
 
+def test_prototypes_are_computed_once_per_expert_file(micro, tmp_path, monkeypatch):
+    """Each expert's prototypes are cached by the hash of its weights: read back while the file is the same,
+    computed again once it changes (or the cache is cut short)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from common import similarity
+    from common.config import load_config
+    from conftest import REPO
+
+    shutil.copytree(micro[1] / "experts" / "nli", tmp_path / "micro" / "experts" / "nli")
+    cfg = load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={tmp_path}"])
+    real, calls = similarity.prototypes, []
+
+    def counted(embedding):
+        calls.append(1)
+        return real(embedding)
+
+    monkeypatch.setattr(similarity, "prototypes", counted)
+    first = similarity.prototype_embedding(cfg, "nli")
+    again = similarity.prototype_embedding(cfg, "nli")
+    assert len(calls) == 1 and again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+    weights = tmp_path / "micro" / "experts" / "nli" / similarity.WEIGHTS
+    tensors = load_file(str(weights))
+    name = next(k for k in tensors if "lora_A" in k)
+    tensors[name] = torch.randn_like(tensors[name])
+    save_file(tensors, str(weights))
+    changed = similarity.prototype_embedding(cfg, "nli")
+    assert len(calls) == 2 and not all(torch.equal(changed[k], first[k]) for k in first)
+    cache = tmp_path / "micro" / "embeddings" / "nli.prototypes.safetensors"
+    cache.write_bytes(cache.read_bytes()[:100])  # cut short: computed again, no error
+    similarity.prototype_embedding(cfg, "nli")
+    assert len(calls) == 3
+
+
 def test_make_study_computes_every_embedding():
     import re
     from pathlib import Path
