@@ -300,11 +300,13 @@ class Encoder:
 
     def labels(self, answers: list[str]) -> torch.Tensor:
         """Answer tokens + </s>, padded with -100 (ignored by the loss)."""
-        ids = [self.answer_ids.get(a) or self._answer(a) for a in answers]
+        ids = [self._answer(a) for a in answers]
         width = max(map(len, ids))
         return torch.tensor([x + [-100] * (width - len(x)) for x in ids], device=self.device)
 
     def _answer(self, answer: str) -> list[int]:
+        if answer in self.answer_ids:
+            return self.answer_ids[answer]
         ids = self.tok(answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
         if len(self.answer_ids) < 4096:  # closed answer sets; open answers (captions) are not all kept
             self.answer_ids[answer] = ids
@@ -312,7 +314,7 @@ class Encoder:
 
     def targets(self, exs: list[Example]) -> int:
         """How many answer tokens the loss of enc.batch(exs) averages over (each answer's tokens and its </s>)."""
-        return sum(len(self.answer_ids.get(e.answer) or self._answer(e.answer)) for e in exs)
+        return sum(len(self._answer(e.answer)) for e in exs)
 
     def batch(self, exs: list[Example]) -> dict[str, torch.Tensor]:
         out = self.inputs(exs)
@@ -323,8 +325,9 @@ class Encoder:
 def batches(exs: list[Example], batch_size: int, rng: random.Random | None = None, shard: bool = False,
             order: list[int] | None = None):
     """Mini-batches in order (or in `order`, a permutation of the indices), or shuffled (one epoch) when an rng
-    is given; shard: only this rank's share of them under torchrun (batches rank, rank + world, ...). A lazily read split with workers (readers.Rows,
-    data.num_workers) is decoded in that many DataLoader worker processes, a few batches ahead."""
+    is given; shard: only this rank's share of them under torchrun (batches rank, rank + world, ...). A lazily
+    read split with workers (readers.Rows, data.num_workers) is decoded in that many DataLoader worker
+    processes, a few batches ahead."""
     from common import dist
 
     order = list(range(len(exs))) if order is None else list(order)

@@ -95,7 +95,8 @@ def fisher_cache(cfg, name: str, reference: str = "") -> tuple[Path, dict[str, s
 
 
 def cached_fisher(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
-    """The stored Fisher if it was computed with this key (None: compute it)."""
+    """The stored tensors (a Fisher, an expert's prototypes) if they were computed with this key (None: compute
+    them)."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -283,17 +284,11 @@ def prototype_embedding(cfg, name: str) -> dict[str, torch.Tensor]:
     """The expert's prototypes, computed once per expert file: cached in runs/<profile>/embeddings/ under the
     hash of its weights (a QR and an SVD per site: 38 s for 1,000 Florence-2-base LoRAs, each time a target
     was embedded; bench/README)."""
-    from safetensors import safe_open
-
     weights = expert_dir(cfg, name) / WEIGHTS
     out = cfg.run_dir / "embeddings" / f"{name}.prototypes.safetensors"
     key = {"expert": _hash(weights.read_bytes()) if weights.is_file() else "", "method": cfg.expert.method}
-    try:
-        with safe_open(str(out), "pt") as f:
-            if f.metadata() == key:
-                return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception:  # none yet, or cut short: computed again
-        pass
+    if (cached := cached_fisher(out, key)) is not None:
+        return cached
     protos = prototypes(weight_embedding(cfg, name))
     with atomic_file(out) as tmp:
         save_file({k: v.contiguous() for k, v in protos.items()}, str(tmp), metadata=key)
