@@ -32,7 +32,7 @@ from common.backbone import load_backbone
 from common.config import UserError, changed_fields, parse_stage, require_current, run_stage, stage_parser
 from common.device import accelerator
 from common.expert_types import EXPERT_TYPES
-from common.experts import (MergedExpert, current_expert, expert_dir, expert_name, folded, load_expert, load_pool,
+from common.experts import (NULL, MergedExpert, current_expert, expert_dir, expert_name, folded, load_expert, load_pool,
                             unload_expert)
 from common.metrics import task_scores
 from common.report import load_results, on_val, ordered, pack, scores_of, unpack
@@ -188,16 +188,19 @@ def main() -> None:
 
     transfer = {s: {m[5:]: round(a - sc["target-only"], 4) for m, a in sc.items() if m.startswith("pair-")}
                 for s, sc in scores.items()}
+    control = {s: row.pop(NULL, None) for s, row in transfer.items()}  # pair-null: the row's control, not a pool expert
     result = {"target": args.target, "run": run, "shots": shots, "seed": cfg.seed, "metric": metric,
               "test_size": len(splits["test"]), "val_size": len(splits["val"]), "experts": meta["experts"],
               "scores": acc, "val_scores": scores["val"], "transfer": transfer["test"], "val_transfer": transfer["val"],
+              **({"control": control["test"], "val_control": control["val"]} if control["test"] is not None else {}),
               "per_example": {s: {m: pack(e) for m, e in got.items() if e is not None} for s, got in each.items()},
               "experts_by_method": {m: e for m, e in used.items() if e}, "left_out": stale,
               "seconds": round(time.time() - t0, 1), "config": cfg.to_dict()}
     if args.transfer:
         write_json(row_path, result)
         return print(f"transfer over target-only ({acc['target-only']:.3f}): "
-                     + ", ".join(f"{s} {v:+.3f}" for s, v in sorted(transfer["test"].items(), key=lambda x: -x[1])))
+                     + ", ".join(f"{s} {v:+.3f}" for s, v in sorted(transfer["test"].items(), key=lambda x: -x[1]))
+                     + (f" | control (pair-{NULL}) {control['test']:+.3f}" if control["test"] is not None else ""))
     write_json(res_dir / f"{run}.json", result)
     with open(res_dir / f".{args.target}.lock", "w") as lock:  # make report evaluates two runs at once
         fcntl.flock(lock, fcntl.LOCK_EX)

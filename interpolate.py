@@ -25,7 +25,8 @@ from common.artifacts import atomic_dir, read_json, write_json
 from common.backbone import backbone_dir, fingerprint, load_backbone
 from common.config import UserError, parse_stage, require_current, run_stage, stage_parser
 from common.device import accelerator
-from common.experts import MergedExpert, expert_name, load_pool, unload_expert
+from common.expert_types import EXPERT_TYPES
+from common.experts import NULL, MergedExpert, expert_name, load_pool, unload_expert
 from common.similarity import top_k_similar
 from common.training import Checkpoint, checkpointing, train_steps
 
@@ -53,7 +54,13 @@ def variant(cfg, name: str, run: str, sim: dict, chosen: list[str]) -> tuple[lis
         return sorted(pool, key=lambda s: -transfer[s])[:ic.top_k], "oracle (measured transfer)", ic.train_experts
     if name.startswith("pair-") and name[5:] in pool:
         return [name[5:]], "one expert (transfer matrix)", ic.train_experts
-    raise UserError(f"--variant '{name}': use pi, random, oracle, frozen or pair-<expert> with one of {', '.join(pool)}")
+    if name == f"pair-{NULL}":  # the transfer row's control: the same run with nothing to add
+        if EXPERT_TYPES[cfg.expert.method].merge != "lora":
+            raise UserError(f"--variant pair-{NULL}: an expert that adds nothing is exact for expert.method=lora "
+                            f"(B = A = 0 get no gradient); {cfg.expert.method} has none yet: leave pair-{NULL} out")
+        return [NULL], "nothing (an expert whose update is zero: the transfer row's control)", ic.train_experts
+    raise UserError(f"--variant '{name}': use pi, random, oracle, frozen, pair-{NULL} or pair-<expert> with one of "
+                    f"{', '.join(pool)}")
 
 
 def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts: list[str], how: str,
@@ -63,7 +70,10 @@ def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts:
     ic, shots = cfg.interpolate, cfg.tasks.target_shots
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    merge = MergedExpert(model, cfg.expert, load_pool(cfg, experts), ic.groups, trainable=train_experts)
+    weights = load_pool(cfg, [e for e in experts if e != NULL])
+    if NULL in experts:  # B = A = 0: the merge adds nothing for it, and neither factor receives a gradient
+        weights.append({k: torch.zeros_like(v) for k, v in weights[0].items()})
+    merge = MergedExpert(model, cfg.expert, weights, ic.groups, trainable=train_experts)
     logits = torch.zeros(len(merge.group_names), len(experts), device=acc.device, requires_grad=True)  # uniform
     merge.model.train()
 
@@ -107,8 +117,9 @@ def main() -> None:
     ap.add_argument("--variant", default="pi", help="pi (π-Tuning as configured, interpolated/<run>/), or a "
                     "baseline run instead, written to interpolated/<run>.<variant>/: random (k seeded random pool "
                     "experts), oracle (the k best by measured transfer), frozen (experts not trained), pair-<expert> "
-                    "(that expert alone: one cell of the transfer matrix); several, comma-separated, share one "
-                    "backbone load (pi,random,frozen)")
+                    "(that expert alone: one cell of the transfer matrix), pair-null (an expert that adds nothing: "
+                    "the row's control, what the interpolation itself does to the target's expert); several, "
+                    "comma-separated, share one backbone load (pi,random,frozen)")
     args, cfg = parse_stage(ap)
     data.task(cfg, args.target, where="--target")
     ic = cfg.interpolate

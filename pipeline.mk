@@ -18,13 +18,14 @@ else
 LAUNCH_PY := $(LAUNCH) $(PY)
 endif
 STAGE_CMD := $(if $(strip $(GPUS)),$(PY) -m common.gpus --locks $(GPU_LOCKS) "$(GPUS)" )$(LAUNCH_PY)
-VALUES   := $(shell $(PY) -m common.config $(CONFIG) $(OVERRIDES) --stamp --get run_dir tasks.target_shots tasks.pool || echo ERROR)
+VALUES   := $(shell $(PY) -m common.config $(CONFIG) $(OVERRIDES) --stamp --get run_dir tasks.target_shots expert.method tasks.pool || echo ERROR)
 ifneq ($(filter ERROR,$(VALUES)),)
 $(error $(CONFIG) could not be read; see the line above)
 endif
 RUN      := $(word 1,$(VALUES))
 SHOTS    := $(word 2,$(VALUES))
-POOL     := $(wordlist 3,$(words $(VALUES)),$(VALUES))
+METHOD   := $(word 3,$(VALUES))
+POOL     := $(wordlist 4,$(words $(VALUES)),$(VALUES))
 ifeq ($(filter $(TARGET),$(POOL)),)
 $(error TARGET=$(TARGET) is not in tasks.pool of $(CONFIG) ($(POOL)); pick one of those or add it there)
 endif
@@ -48,9 +49,11 @@ RESULT   := $(RUN)/results/$(NAME).json
 COMMA    := ,
 SPACE    := $(subst ,, )
 OTHERS   := $(filter-out $(TARGET),$(POOL))
+# the transfer row's control: the target's expert paired with one that adds nothing (exact for LoRA)
+CONTROL  := $(if $(filter lora,$(METHOD)),null)
 BASELINE := $(RUN)/experts/$(NAME).2x/meta.json $(RUN)/experts/$(NAME).full-ft/meta.json \
             $(RUN)/interpolated/$(NAME).random/meta.json $(RUN)/interpolated/$(NAME).frozen/meta.json
-PAIRS    := $(foreach t,$(OTHERS),$(RUN)/interpolated/$(NAME).pair-$(t)/meta.json)
+PAIRS    := $(foreach t,$(OTHERS) $(CONTROL),$(RUN)/interpolated/$(NAME).pair-$(t)/meta.json)
 TRANSFER := $(RUN)/results/$(NAME).transfer.json
 # the study's embeddings (make report EMBED_AS="... fisher-passes" adds the repeated-shots Fisher: its pool
 # Fishers are computed anew, about 3 min more)
@@ -117,7 +120,7 @@ $(INTERP): $(SIM) $(CFG)/interpolate.json
 endif
 
 $(PAIRS) &: $(SIM) $(CFG)/interpolate.json
-	$(STAGE_CMD) interpolate.py --target $(TARGET) --variant $(subst $(SPACE),$(COMMA),$(addprefix pair-,$(OTHERS))) $(ARGS)
+	$(STAGE_CMD) interpolate.py --target $(TARGET) --variant $(subst $(SPACE),$(COMMA),$(addprefix pair-,$(OTHERS) $(CONTROL))) $(ARGS)
 
 $(TRANSFER): $(PAIRS) $(TGT_EXP) $(FROM_SCORED)
 	$(STAGE_CMD) evaluate.py --target $(TARGET) --transfer $(ARGS)

@@ -17,6 +17,9 @@ from common.config import UserError, require_current
 from common.expert_types import EXPERT_TYPES, join_layers as _join, split_layers as _split
 
 
+NULL = "null"  # the transfer row's control: an expert whose update is zero (interpolate.py --variant pair-null)
+
+
 def expert_name(task: str, shots: int | None = None, seed: int = 0) -> str:
     """Pool experts are named by task; a target's expert by its shots (0 = its whole train split) and seed."""
     if shots is None:

@@ -204,6 +204,37 @@ def test_exported_merge_reproduces_the_interpolated_model(micro_cfg, tmp_path):
     assert not torch.allclose(live, untouched, atol=1e-3)  # the merge does change the model
 
 
+def test_the_transfer_rows_control_adds_nothing_and_stays_out_of_the_row(micro_copy, micro_cfg):
+    """pair-null pairs the target's expert with one whose update is zero: trained as every pair run is, its
+    half of the exported rank-2r LoRA is still exactly zero, so the run is the target's expert as the
+    interpolation leaves it; evaluate.py --transfer reports it as the row's control, not as a pool expert."""
+    import interpolate
+    from common.config import UserError, load_config
+    from common.experts import load_expert_weights
+
+    runs, rd = micro_copy
+    args = ("--config", "configs/micro.yaml", f"runs_dir={runs}")
+    inproc("interpolate.py", "--target", "snli-ve", "--variant", "pair-null", *args)
+    out = rd / f"interpolated/{NAME}.pair-null"
+    assert json.loads((out / "weights.json").read_text())["experts"] == [NAME, "null"]
+    r = micro_cfg.expert.r
+    weights = load_expert_weights(out)
+    a = {k: v for k, v in weights.items() if "lora_A" in k}
+    assert a and all(v.shape[0] == 2 * r for v in a.values())
+    for k, v in a.items():
+        b = weights[k.replace("lora_A", "lora_B")]
+        assert v[:r].abs().sum() > 0 and b[:, :r].abs().sum() > 0  # the target's half trained
+        assert not v[r:].any() and not b[:, r:].any(), k  # the null half: still zero after training, in every site
+    p = inproc("evaluate.py", "--target", "snli-ve", "--transfer", *args)
+    row = json.loads((rd / f"results/{NAME}.transfer.json").read_text())
+    assert "null" not in row["transfer"] and "null" not in row["val_transfer"]
+    assert row["control"] == pytest.approx(row["scores"]["pair-null"] - row["scores"]["target-only"], abs=1e-4)
+    assert "control (pair-null)" in p.stdout
+    adapter = load_config("configs/micro.yaml", ["expert.method=adapter"])
+    with pytest.raises(UserError, match="exact for expert.method=lora"):
+        interpolate.variant(adapter, "pair-null", NAME, {"names": [NAME, "nli"]}, ["nli"])
+
+
 def test_pi_tuning_artifact_loads_with_plain_peft(micro, micro_cfg):
     from peft import PeftConfig
 

@@ -79,7 +79,11 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
         assert f"| 8 | {emb} | val | 1 |" in report and f"| 8 | {emb} | test | 1 |" in report
     # the methods choices are made among scored on validation too, each example's score kept (their mean is
     # the score), and the paired gains given an interval
-    assert set(result["val_scores"]) == {"target-only", "pi-tuning", "pi-random", "pi-frozen", "pair-nli", "pair-shape"}
+    assert set(result["val_scores"]) == {"target-only", "pi-tuning", "pi-random", "pi-frozen", "pair-nli", "pair-shape",
+                                         "pair-null"}
+    # the row's control (an expert that adds nothing) is measured beside it and shown, not ranked as an expert
+    assert result["control"] == pytest.approx(result["scores"]["pair-null"] - result["scores"]["target-only"], abs=1e-4)
+    assert "| control: `pair-null`, nothing added |" in report
     assert set(result["val_transfer"]) == {"nli", "shape"}
     for split, key in (("test", "scores"), ("val", "val_scores")):
         each = result["per_example"][split]
