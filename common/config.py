@@ -259,8 +259,17 @@ def _fill(cls, data: dict, path: str, prefix: str = ""):
 def _check_together(cfg: Config, path: str) -> None:
     """The checks that span fields."""
     pool, b = cfg.tasks.pool, cfg.backbone
+    odd = [t for t in pool if not isinstance(t, str) or not t]
+    if odd:  # YAML reads a bare null, yes or 12 as None, True, 12
+        raise UserError(f"{path}: field 'tasks.pool' holds {odd[0]!r}, not a task name; write task names as strings "
+                        f"(quoted where YAML would read them otherwise)")
     if len(set(pool)) != len(pool):
         raise UserError(f"{path}: field 'tasks.pool' names a task twice ({pool}); list each once")
+    from common.experts import NULL
+
+    if NULL in pool:
+        raise UserError(f"{path}: field 'tasks.pool' names a task '{NULL}', the name of the transfer row's control "
+                        f"(interpolate.py --variant pair-{NULL}); rename the task")
     if not cfg.interpolate.experts and cfg.interpolate.top_k > len(pool) - 1:
         raise UserError(f"{path}: field 'interpolate.top_k' is {cfg.interpolate.top_k}, but tasks.pool has "
                         f"{len(pool) - 1} tasks beside the target; use at most {len(pool) - 1} or add tasks")

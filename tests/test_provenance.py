@@ -60,6 +60,8 @@ def test_every_list_that_must_hold_something_refuses_an_empty_one(name):
 @pytest.mark.parametrize("overrides, message", [
     (["interpolate.top_k=3"], "field 'interpolate.top_k' is 3, but tasks.pool has 2 tasks beside the target"),
     (["tasks.pool=[snli-ve,nli,nli]"], "field 'tasks.pool' names a task twice"),
+    (["tasks.pool=[snli-ve,nli,null]"], "field 'tasks.pool' holds None, not a task name"),
+    (["tasks.pool=[snli-ve,nli,'null']"], "field 'tasks.pool' names a task 'null', the name of the transfer row's"),
     (["backbone.heads=3"], "field 'backbone.heads' is 3, which does not divide backbone.d_model 32"),
     (["backbone.vision_heads=[1,1]"], "field 'backbone.vision_heads' has 2 entries, vision_dims 3"),
     (["expert.lr=.nan"], "field 'expert.lr' is nan; use a value 0 or more"),  # a range holds no NaN
