@@ -29,10 +29,10 @@ import torch
 from common import data, dist
 from common.artifacts import read_json, write_json, write_text
 from common.backbone import load_backbone
-from common.config import UserError, changed_fields, parse_stage, require_current, run_stage, stage_parser
+from common.config import NULL, UserError, changed_fields, parse_stage, require_current, run_stage, stage_parser
 from common.device import accelerator
 from common.expert_types import EXPERT_TYPES
-from common.experts import (NULL, MergedExpert, current_expert, expert_dir, expert_name, folded, load_expert, load_pool,
+from common.experts import (MergedExpert, current_expert, expert_dir, expert_name, folded, load_expert, load_pool,
                             unload_expert)
 from common.metrics import task_scores
 from common.report import load_results, on_val, ordered, pack, scores_of, unpack

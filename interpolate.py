@@ -23,10 +23,10 @@ import torch
 from common import data
 from common.artifacts import atomic_dir, read_json, write_json
 from common.backbone import backbone_dir, fingerprint, load_backbone
-from common.config import UserError, parse_stage, require_current, run_stage, stage_parser
+from common.config import NULL, UserError, parse_stage, require_current, run_stage, stage_parser
 from common.device import accelerator
 from common.expert_types import EXPERT_TYPES
-from common.experts import NULL, MergedExpert, expert_name, load_pool, unload_expert
+from common.experts import MergedExpert, expert_name, load_pool, unload_expert
 from common.similarity import top_k_similar
 from common.training import Checkpoint, checkpointing, train_steps
 
@@ -55,10 +55,10 @@ def variant(cfg, name: str, run: str, sim: dict, chosen: list[str]) -> tuple[lis
     if name.startswith("pair-") and name[5:] in pool:
         return [name[5:]], "one expert (transfer matrix)", ic.train_experts
     if name == f"pair-{NULL}":  # the transfer row's control: the same run with nothing to add
-        if EXPERT_TYPES[cfg.expert.method].merge != "lora":
-            raise UserError(f"--variant pair-{NULL}: an expert that adds nothing is exact for expert.method=lora "
-                            f"(B = A = 0 get no gradient); {cfg.expert.method} has none yet: leave pair-{NULL} out")
-        return [NULL], "nothing (an expert whose update is zero: the transfer row's control)", ic.train_experts
+        if EXPERT_TYPES[cfg.expert.method].null is None:
+            raise UserError(f"--variant pair-{NULL}: expert.method={cfg.expert.method} has no expert that changes "
+                            f"nothing (lora, adapter and ia3 have); leave pair-{NULL} out")
+        return [NULL], "nothing (an expert that changes nothing: the transfer row's control)", ic.train_experts
     raise UserError(f"--variant '{name}': use pi, random, oracle, frozen, pair-{NULL} or pair-<expert> with one of "
                     f"{', '.join(pool)}")
 
@@ -70,10 +70,12 @@ def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts:
     ic, shots = cfg.interpolate, cfg.tasks.target_shots
     torch.manual_seed(cfg.seed)
     t0 = time.time()
+    kind = EXPERT_TYPES[cfg.expert.method]
     weights = load_pool(cfg, [e for e in experts if e != NULL])
-    if NULL in experts:  # B = A = 0: the merge adds nothing for it, and neither factor receives a gradient
-        weights.append({k: torch.zeros_like(v) for k, v in weights[0].items()})
-    merge = MergedExpert(model, cfg.expert, weights, ic.groups, trainable=train_experts)
+    if NULL in experts:  # LoRA's B = A = 0 get no gradient; a summed type's null is held as it is
+        weights.append(kind.null(weights[0]))
+    frozen = tuple(i for i, e in enumerate(experts) if e == NULL and kind.merge == "sum")
+    merge = MergedExpert(model, cfg.expert, weights, ic.groups, trainable=train_experts, frozen=frozen)
     logits = torch.zeros(len(merge.group_names), len(experts), device=acc.device, requires_grad=True)  # uniform
     merge.model.train()
 

@@ -49,8 +49,9 @@ RESULT   := $(RUN)/results/$(NAME).json
 COMMA    := ,
 SPACE    := $(subst ,, )
 OTHERS   := $(filter-out $(TARGET),$(POOL))
-# the transfer row's control: the target's expert paired with one that adds nothing (exact for LoRA)
-CONTROL  := $(if $(filter lora,$(METHOD)),null)
+# the transfer row's control: the target's expert paired with one that changes nothing (the types whose
+# ExpertType.null is set in common/expert_types.py)
+CONTROL  := $(if $(filter lora adapter ia3,$(METHOD)),null)
 BASELINE := $(RUN)/experts/$(NAME).2x/meta.json $(RUN)/experts/$(NAME).full-ft/meta.json \
             $(RUN)/interpolated/$(NAME).random/meta.json $(RUN)/interpolated/$(NAME).frozen/meta.json
 PAIRS    := $(foreach t,$(OTHERS) $(CONTROL),$(RUN)/interpolated/$(NAME).pair-$(t)/meta.json)

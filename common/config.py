@@ -17,6 +17,8 @@ import yaml
 from common.embeddings import EMBEDDINGS
 from common.expert_types import EXPERT_TYPES
 
+NULL = "null"  # the transfer row's control: an expert that adds nothing (interpolate.py --variant pair-null)
+
 
 class UserError(Exception):
     """A mistake the user can fix; printed as one line, exit code 2, no traceback."""
@@ -265,8 +267,6 @@ def _check_together(cfg: Config, path: str) -> None:
                         f"(quoted where YAML would read them otherwise)")
     if len(set(pool)) != len(pool):
         raise UserError(f"{path}: field 'tasks.pool' names a task twice ({pool}); list each once")
-    from common.experts import NULL
-
     if NULL in pool:
         raise UserError(f"{path}: field 'tasks.pool' names a task '{NULL}', the name of the transfer row's control "
                         f"(interpolate.py --variant pair-{NULL}); rename the task")

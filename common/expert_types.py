@@ -31,6 +31,8 @@ class ExpertType:
     layered: bool = False  # one table for all decoder layers, interpolated per layer (prefix)
     doc: str = ""
     saved_as: tuple = field(default=("peft_type", ""))  # adapter_config.json's key and value for this type
+    null: Callable | None = None  # weights -> the expert of this shape that changes nothing (the transfer row's
+    #                               control); None: the type has none (a soft token, a magnitude, is never nothing)
 
 
 def _parts(weights: dict, names: str) -> dict[str, dict]:
@@ -53,6 +55,14 @@ def _lora_factors(weights):
 
 def _adapter_factors(weights):
     return {site: (p["adapter.up"], p["adapter.down"]) for site, p in _parts(weights, r"adapter\.down|adapter\.up").items()}
+
+
+def _zeros(weights):  # LoRA (B = A = 0), an adapter (x + up(relu(down x)) = x)
+    return {k: v.new_zeros(v.shape) for k, v in weights.items()}
+
+
+def _ones(weights):  # IA3: every scale 1
+    return {k: v.new_ones(v.shape) for k, v in weights.items()}
 
 
 def _ia3_update(weights, layers=1):  # the scales start at 1
@@ -128,7 +138,7 @@ def _adapter(model, ecfg, dims, targets, k):
 
 EXPERT_TYPES: dict[str, ExpertType] = {t.name: t for t in [
     ExpertType("lora", 1e-3, ATTENTION, _lora, _lora_update, _lora_factors, merge="lora",
-               peft_merges=True, scaled=True, saved_as=("peft_type", "LORA"),
+               peft_merges=True, scaled=True, saved_as=("peft_type", "LORA"), null=_zeros,
                doc="LoRA on q, k, v, out of every attention (the original's), merged exactly"),
     # DoRA's update m * (W0 + BA) / ||W0 + BA|| is not linear in B.A, so there is no exact delta merge: its
     # experts interpolate in parameter space (A, B and the magnitude each a weighted sum), as adapters do
@@ -137,7 +147,7 @@ EXPERT_TYPES: dict[str, ExpertType] = {t.name: t for t in [
                doc="DoRA (peft use_dora): LoRA with a learned magnitude per output; interpolated per tensor"),
     ExpertType("ia3", 1e-2, {"bart": _BART + r"(k_proj|v_proj|fc2)$",
                              "t5": r".*\.((SelfAttention|EncDecAttention)\.(k|v)|DenseReluDense\.wo)$"},
-               _ia3, _ia3_update, saved_as=("peft_type", "IA3"),
+               _ia3, _ia3_update, saved_as=("peft_type", "IA3"), null=_ones,
                doc="IA3: learned scales of keys, values and the FFN's inner activations"),
     ExpertType("prompt", 3e-2, {}, _prompt, _prompt_update,
                saved_as=("peft_type", "PROMPT_TUNING"), doc="soft prompt tokens before the encoder's input"),
@@ -146,6 +156,6 @@ EXPERT_TYPES: dict[str, ExpertType] = {t.name: t for t in [
     ExpertType("adapter", 1e-3, {"bart": _BART + r"(self_attn\.out_proj|fc2)$", "t5": r".*\.(SelfAttention\.o|"
                                  r"DenseReluDense\.wo)$"},
                _adapter, _adapter_update, _adapter_factors,
-               saved_as=("expert_type", "houlsby_adapter"),
+               saved_as=("expert_type", "houlsby_adapter"), null=_zeros,
                doc="Houlsby bottleneck adapters after each self-attention and FFN (the paper's headline)"),
 ]}

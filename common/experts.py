@@ -17,9 +17,6 @@ from common.config import UserError, require_current
 from common.expert_types import EXPERT_TYPES, join_layers as _join, split_layers as _split
 
 
-NULL = "null"  # the transfer row's control: an expert whose update is zero (interpolate.py --variant pair-null)
-
-
 def expert_name(task: str, shots: int | None = None, seed: int = 0) -> str:
     """Pool experts are named by task; a target's expert by its shots (0 = its whole train split) and seed."""
     if shots is None:
@@ -211,14 +208,15 @@ class MergedExpert:
     the weighted sum of each tensor (IA3 vectors, prompt / prefix tables, adapter weights and biases, DoRA's
     A, B and magnitudes)."""
 
-    def __init__(self, model, ecfg, experts: list[dict[str, torch.Tensor]], groups: str, trainable: bool):
+    def __init__(self, model, ecfg, experts: list[dict[str, torch.Tensor]], groups: str, trainable: bool,
+                 frozen: tuple[int, ...] = ()):
         from common.merge import ExpertStack
 
         self.method, k, kind = ecfg.method, len(experts), EXPERT_TYPES[ecfg.method].merge
         self.model = attach(model, ecfg, rank_multiplier=k if kind == "lora" else 1)
         self.layers = text_dims(model)["decoder_layers"]
         self.stack = ExpertStack([split_layers(e, self.method, self.layers) for e in experts], group_of(groups),
-                                 kind=kind, trainable=trainable)
+                                 kind=kind, trainable=trainable, frozen=frozen)
         self.stack.to(next(model.parameters()).device)  # the merge runs where the model is (Triton on CUDA)
         self.group_names = self.stack.group_names
 

@@ -351,11 +351,12 @@ class ExpertStack(torch.nn.Module):
                  with no copy into a flat gradient. B stays one parameter (the fused scale op).
     group_of maps a tensor name to its group (for LoRA, A and B of one site must share a group).
     trainable=True registers the packed stacks as nn.Parameters (kind="lora": `lora_B_stack` and the
-    per-site A leaves `lora_A`), else as buffers.
+    per-site A leaves `lora_A`), else as buffers. frozen (kind="sum"): experts whose rows of `stack`
+    stay as given while the others train (their gradient is zeroed).
     """
 
     def __init__(self, experts: list[dict[str, Tensor]], group_of: Callable[[str], str],
-                 kind: str = "sum", trainable: bool = True):
+                 kind: str = "sum", trainable: bool = True, frozen: tuple[int, ...] = ()):
         super().__init__()
         if not experts:
             raise ValueError("need at least one expert")
@@ -377,8 +378,14 @@ class ExpertStack(torch.nn.Module):
         for n in names:
             by_group.setdefault(group_of(n), []).append(n)
         self.group_names = list(by_group)
+        if frozen and kind != "sum":  # a LoRA block of zeros gets no gradient anyway; others are not needed
+            raise ValueError("frozen experts are for kind='sum'")
         if kind == "sum":
             self._build_sum(experts, by_group)
+            if trainable and frozen:  # their rows get no gradient, so AdamW leaves them bit for bit
+                keep = torch.ones(len(experts), 1, dtype=self.stack.dtype)
+                keep[list(frozen)] = 0
+                self.stack.register_hook(lambda g: g * keep.to(g.device))
         elif kind == "lora":
             self._build_lora(experts, by_group, group_of)
         else:

@@ -57,6 +57,40 @@ def test_every_stage_runs_and_exports_one_expert_of_its_type(runs, method):
     assert meta["method"] == method and meta["experts"][0] == NAME
 
 
+@pytest.mark.parametrize("method", [m for m in METHODS if EXPERT_TYPES[m].null])
+def test_the_null_expert_changes_nothing_and_a_summed_one_stays_put_while_the_target_trains(runs, method):
+    """The transfer row's control for each type that has one: merged alone it leaves the backbone's outputs as
+    they are; mixed with the target's expert and trained, a summed type's null row is held bit for bit."""
+    from common import data
+    from common.backbone import load_backbone
+    from common.experts import MergedExpert, load_pool
+
+    cfg = config(runs[method][0], method)
+    kind = EXPERT_TYPES[method]
+    target = load_pool(cfg, [NAME])[0]
+    null = kind.null(target)
+    model, processor = load_backbone(cfg)
+    batch = data.Encoder(processor).batch(data.examples("snli-ve", "test", cfg.world, 6))
+    with torch.no_grad():
+        untouched = model(**batch).logits
+        alone = MergedExpert(model, cfg.expert, [null], "site", trainable=False)
+        merge_logits = torch.zeros(len(alone.group_names), 1)
+        assert torch.allclose(alone(merge_logits, **batch).logits, untouched, atol=1e-6)
+    if kind.merge != "sum":
+        return  # LoRA: B = A = 0 get no gradient (test_pipeline checks the exported run)
+    model = load_backbone(cfg)[0]
+    merge = MergedExpert(model, cfg.expert, [target, null], "site", trainable=True, frozen=(1,))
+    before = merge.stack.stack.detach().clone()
+    opt = torch.optim.AdamW(merge.stack.parameters(), lr=1e-2, weight_decay=0.0)
+    merge.model.train()
+    for _ in range(2):
+        merge(torch.zeros(len(merge.group_names), 2), **batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = merge.stack.stack.detach()
+    assert torch.equal(after[1], before[1]) and not torch.equal(after[0], before[0])
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_exported_merge_reloads_and_reproduces_the_interpolated_model(runs, method, tmp_path):
     from common import data

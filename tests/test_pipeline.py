@@ -230,9 +230,9 @@ def test_the_transfer_rows_control_adds_nothing_and_stays_out_of_the_row(micro_c
     assert "null" not in row["transfer"] and "null" not in row["val_transfer"]
     assert row["control"] == pytest.approx(row["scores"]["pair-null"] - row["scores"]["target-only"], abs=1e-4)
     assert "control (pair-null)" in p.stdout
-    adapter = load_config("configs/micro.yaml", ["expert.method=adapter"])
-    with pytest.raises(UserError, match="exact for expert.method=lora"):
-        interpolate.variant(adapter, "pair-null", NAME, {"names": [NAME, "nli"]}, ["nli"])
+    prompt = load_config("configs/micro.yaml", ["expert.method=prompt"])  # a soft token is never nothing
+    with pytest.raises(UserError, match="expert.method=prompt has no expert that changes nothing"):
+        interpolate.variant(prompt, "pair-null", NAME, {"names": [NAME, "nli"]}, ["nli"])
 
 
 def test_pi_tuning_artifact_loads_with_plain_peft(micro, micro_cfg):
