@@ -370,10 +370,10 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
         if control:  # pair-null: the same interpolation with an expert that adds nothing
             md += [f"| control: `pair-null`, nothing added | - | {_mean_sd([r['val_control'] for r in control])} | "
                    f"{_mean_sd([r['control'] for r in control])} |", "",
-                   "The control is the target's expert interpolated, as every pair run is, with an expert whose update "
-                   "is zero: what the interpolation alone does to the target's expert (its mix settles near the "
-                   "other runs'). An expert adds something of its own only by the amount its transfer exceeds the "
-                   "control's."]
+                   "The control is the target's expert interpolated, as every pair run is, with an expert that "
+                   "changes nothing: what the interpolation alone does to the target's expert (its mix settles near "
+                   "the other runs'). An expert adds something of its own only by the amount its transfer exceeds "
+                   "the control's."]
         _plot_transfer(figs / "transfer_vs_similarity.png", s, {n: [(a, b) for a, b, _ in v] for n, v in per_expert.items()}, rho)
     elif not rho_rows:
         md.append("_No transfer measured yet (interpolate.py --variant pair-<expert>, evaluate.py --transfer)._")
