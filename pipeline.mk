@@ -18,13 +18,14 @@ else
 LAUNCH_PY := $(LAUNCH) $(PY)
 endif
 STAGE_CMD := $(if $(strip $(GPUS)),$(PY) -m common.gpus --locks $(GPU_LOCKS) "$(GPUS)" )$(LAUNCH_PY)
-VALUES   := $(shell $(PY) -m common.config $(CONFIG) $(OVERRIDES) --stamp --get run_dir tasks.target_shots expert.method tasks.pool || echo ERROR)
+VALUES   := $(shell $(PY) -m common.config $(CONFIG) $(OVERRIDES) --stamp --get run_dir tasks.target_shots control tasks.pool || echo ERROR)
 ifneq ($(filter ERROR,$(VALUES)),)
 $(error $(CONFIG) could not be read; see the line above)
 endif
 RUN      := $(word 1,$(VALUES))
 SHOTS    := $(word 2,$(VALUES))
-METHOD   := $(word 3,$(VALUES))
+# the transfer row's control (pair-null), for the expert types that have an expert changing nothing
+CONTROL  := $(filter-out -,$(word 3,$(VALUES)))
 POOL     := $(wordlist 4,$(words $(VALUES)),$(VALUES))
 ifeq ($(filter $(TARGET),$(POOL)),)
 $(error TARGET=$(TARGET) is not in tasks.pool of $(CONFIG) ($(POOL)); pick one of those or add it there)
@@ -49,9 +50,6 @@ RESULT   := $(RUN)/results/$(NAME).json
 COMMA    := ,
 SPACE    := $(subst ,, )
 OTHERS   := $(filter-out $(TARGET),$(POOL))
-# the transfer row's control: the target's expert paired with one that changes nothing (the types whose
-# ExpertType.null is set in common/expert_types.py)
-CONTROL  := $(if $(filter lora adapter ia3,$(METHOD)),null)
 BASELINE := $(RUN)/experts/$(NAME).2x/meta.json $(RUN)/experts/$(NAME).full-ft/meta.json \
             $(RUN)/interpolated/$(NAME).random/meta.json $(RUN)/interpolated/$(NAME).frozen/meta.json
 PAIRS    := $(foreach t,$(OTHERS) $(CONTROL),$(RUN)/interpolated/$(NAME).pair-$(t)/meta.json)

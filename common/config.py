@@ -213,6 +213,12 @@ class Config:
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.profile
 
+    @property
+    def control(self) -> str:
+        """The transfer row's control run's expert name, or "-" where expert.method has no expert that changes
+        nothing (ExpertType.null); the Makefile reads it through --get."""
+        return NULL if EXPERT_TYPES[self.expert.method].null else "-"
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("path")

@@ -385,7 +385,8 @@ class ExpertStack(torch.nn.Module):
             if trainable and frozen:  # their rows get no gradient, so AdamW leaves them bit for bit
                 keep = torch.ones(len(experts), 1, dtype=self.stack.dtype)
                 keep[list(frozen)] = 0
-                self.stack.register_hook(lambda g: g * keep.to(g.device))
+                self.register_buffer("_keep", keep, persistent=False)  # moves with the stack (.to(device))
+                self.stack.register_hook(lambda g: g * self._keep)
         elif kind == "lora":
             self._build_lora(experts, by_group, group_of)
         else:
