@@ -111,17 +111,21 @@ def record_backbone(cfg) -> None:
 
 
 @torch.no_grad()
-def attribute_probe(model, enc, exs) -> dict[str, float]:
+def attribute_probe(model, enc, exs, batch_size: int = 200) -> dict[str, float]:
     """Teacher-forced accuracy on the caption words of each attribute: does the backbone see it?"""
     from common import world as W
-    b = enc.batch(exs)
-    pred = model(**b).logits.argmax(-1)
-    acc = {}
-    for attr, words in (("shape", W.SHAPES), ("colour", tuple(W.COLOURS)), ("size", W.SIZES),
-                        ("count", W.NUMBERS[1:4]), ("position", ("top", "bottom", "left", "right", "center"))):
-        hit = torch.isin(b["labels"], torch.tensor(enc.tok.convert_tokens_to_ids(list(words)), device=enc.device))
-        acc[attr] = round(((pred == b["labels"]) & hit).sum().item() / max(hit.sum().item(), 1), 3)
-    return acc
+    attrs = {"shape": W.SHAPES, "colour": tuple(W.COLOURS), "size": W.SIZES, "count": W.NUMBERS[1:4],
+             "position": ("top", "bottom", "left", "right", "center")}
+    ids = {a: torch.tensor(enc.tok.convert_tokens_to_ids(list(words)), device=enc.device) for a, words in attrs.items()}
+    right, total = dict.fromkeys(attrs, 0), dict.fromkeys(attrs, 0)
+    for chunk in data.batches(exs, batch_size):
+        b = enc.batch(chunk)
+        pred = model(**b).logits.argmax(-1)
+        for a in attrs:
+            hit = torch.isin(b["labels"], ids[a])
+            right[a] += ((pred == b["labels"]) & hit).sum().item()
+            total[a] += hit.sum().item()
+    return {a: round(right[a] / max(total[a], 1), 3) for a in attrs}
 
 
 def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> None:

@@ -32,6 +32,22 @@ def test_make_all_writes_every_artifact(micro):
     assert out.count("| pi-tuning |") == 1  # make all prints the table, once
 
 
+def test_what_the_backbone_sees_is_recorded_and_does_not_depend_on_the_probes_batches(micro, micro_cfg):
+    """meta.json's caption-word accuracy per attribute is what the saved backbone gives on the validation
+    captions, whether they are probed in one batch or in several (bench/pretrain_bench.py probes 1,000)."""
+    from common import data
+    from common.backbone import load_backbone
+    from train_expert import attribute_probe
+
+    meta = json.loads((micro[1] / "backbone/meta.json").read_text())
+    model, processor = load_backbone(micro_cfg)
+    enc = data.Encoder(processor, "cpu")
+    exs = data.examples("pt-caption", "val", micro_cfg.world, 200)
+    whole, chunked = attribute_probe(model, enc, exs), attribute_probe(model, enc, exs, batch_size=5)
+    assert len(exs) > 5 and whole == chunked == meta["val_caption_word_accuracy"]
+    assert set(whole) == {"shape", "colour", "size", "count", "position"} and any(whole.values())
+
+
 def test_retrieval_compares_the_target_alone_and_the_report_draws_the_whole_matrix(micro, micro_cfg):
     """A target's similarity file holds its row (N - 1 comparisons, not the N^2 / 2 of the matrix); the
     whole matrix the report draws, from the cached embeddings, is symmetric with a unit diagonal and that row
