@@ -180,8 +180,8 @@ def train_steps(loss_fn, param_groups: list[dict], batches, steps: int, grad_cli
     acc = acc or fresh("cpu", "fp32")
     acc.gradient_accumulation_steps = grad_accum
     params = [p for g in param_groups for p in g["params"]]
-    # fused: one kernel over every tensor instead of a loop of small ones (CPU and CUDA; 1.09x a pre-training step
-    # on the 2-core CPU, bench/pretrain_bench.py); another device (MPS, XLA) takes the for-each loop
+    # fused: one kernel over every tensor instead of a loop of small ones (CPU and CUDA; a mini caption step took
+    # 98 ms against 107 on the 2-core CPU); on another device (MPS, XLA) torch picks its own
     fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
     opt = torch.optim.AdamW(param_groups, weight_decay=0.0, fused=fused)
     opt, sched = acc.prepare(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup)))
