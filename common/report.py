@@ -190,6 +190,32 @@ def _precision(sims: dict, runs: list[dict], k: int) -> list[float]:
     return out
 
 
+def transfer_row(runs: list[dict]) -> str:
+    """One target's transfer row on test as a study.md table row: target-only's seed-to-seed std, the control,
+    the best and worst pool expert (mean ± std over seeds), their spread against target-only's std, and the
+    experts that measurably hurt (mean transfer below 0 by more than its std). '' without a row."""
+    measured = [r for r in runs if r.get("transfer")]
+    if len(measured) < 2:  # a std needs two seeds
+        return ""
+    per_expert = {n: [r["transfer"][n] for r in measured if n in r["transfer"]] for n in measured[0]["transfer"]}
+    stats = {n: (statistics.mean(v), statistics.stdev(v)) for n, v in per_expert.items() if len(v) > 1}
+    if not stats:
+        return ""
+    best, worst = max(stats, key=lambda n: stats[n][0]), min(stats, key=lambda n: stats[n][0])
+    spread = stats[best][0] - stats[worst][0]
+    base_sd = statistics.stdev(r["scores"]["target-only"] for r in measured)
+    control = [r["control"] for r in measured if r.get("control") is not None]
+    hurt = sorted((n for n, (m, sd) in stats.items() if m + sd < 0), key=lambda n: stats[n][0])
+    ratio = f"{spread / base_sd:.1f}x" if base_sd else "-"
+
+    def cell(n):
+        return f"{n} {stats[n][0]:+.3f} ± {stats[n][1]:.3f}"
+
+    return (f"| {_shots_label(measured[0]['shots'])} | {len(measured)} | {base_sd:.3f} | "
+            f"{_mean_sd(control) if control else '-'} | {cell(best)} | {cell(worst)} | {spread:.3f} ({ratio}) | "
+            f"{', '.join(cell(n) for n in hurt) or 'none'} |")
+
+
 def write_study(cfg, targets: list[str]) -> Path:
     """runs/<profile>/study.md over several targets (one config): each target's own report as study/<target>.md,
     and across them π-Tuning against target-only and random-k, Spearman and precision@k of every embedding
@@ -226,11 +252,15 @@ def write_study(cfg, targets: list[str]) -> Path:
     overall: dict[str, list] = {}
     matrix: dict[str, dict[str, list]] = {}
     undefined: set[str] = set()
+    transfer_rows = []  # each target's transfer row, per shots measured
     for t, runs in by_target.items():
         sims = _similarities(cfg, runs)
         measured = sorted({r["shots"] for r in runs if r.get("transfer")})
         for s in measured:
             at = [r for r in runs if r["shots"] == s]
+            row = transfer_row(at)
+            if row:
+                transfer_rows.append(f"| {t} {row}")
             for emb, per_run in sims.items():
                 val, test = (_rhos(per_run, at, key) for key in ("val_transfer", "transfer"))
                 if not test:
@@ -262,6 +292,14 @@ def write_study(cfg, targets: list[str]) -> Path:
         best = next((row for row in rows if row[0] != "retrieval" and not math.isnan(row[2])), None)
         if best:
             md += ["", f"Best on validation: **{best[0]}** (Spearman {best[2]:+.3f} over {best[1]} target × shots)."]
+    if transfer_rows:
+        md += ["", "## The transfer row: does the pool hold experts that help and experts that hurt? (test)", "",
+               "Transfer of an expert: π-Tuning with the target's expert and that one alone, minus target-only; mean "
+               "± std over seeds. The control is the same run with an expert that changes nothing. Spread: best "
+               "minus worst expert, and how many times target-only's seed-to-seed std that is. Hurts: mean "
+               "transfer below 0 by more than its std.", "",
+               "| target | shots | seeds | target-only std | control | best | worst | spread | hurts |",
+               "|---|---|---|---|---|---|---|---|---|", *transfer_rows]
     if matrix:
         _plot_matrix(figs / "transfer_matrix.png", matrix)
         md += ["", "## Transfer matrix", "", "![targets x pool transfer](study/transfer_matrix.png) (test "

@@ -148,6 +148,25 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
     assert re.search(r"\| weights \| 1 \| [-+.\d]+ \| [-+.\d]+ \| [.\d]+ \|", study) and "nan" not in study
 
 
+def test_the_transfer_row_names_the_experts_that_hurt_and_the_spread_against_target_onlys_noise():
+    from common.report import transfer_row
+
+    def run(seed, base, transfer):
+        return {"shots": 64, "seed": seed, "scores": {"target-only": base}, "transfer": transfer, "control": 0.001}
+
+    runs = [run(0, 0.60, {"helps": 0.020, "hurts": -0.010, "noisy": -0.020, "flat": 0.0}),
+            run(1, 0.62, {"helps": 0.030, "hurts": -0.014, "noisy": 0.030, "flat": 0.0}),
+            run(2, 0.64, {"helps": 0.025, "hurts": -0.012, "noisy": -0.060, "flat": 0.0})]
+    row = transfer_row(runs)
+    # target-only's seed std 0.020; best helps +0.025, worst noisy -0.017 (its std 0.045): spread 0.042 = 2.1x;
+    # only 'hurts' is below 0 by more than its std ('noisy' is lower on average, but inside its noise)
+    assert row == ("| 64-shot | 3 | 0.020 | 0.001 ± 0.000 | helps +0.025 ± 0.005 | noisy -0.017 ± 0.045 | "
+                   "0.042 (2.1x) | hurts -0.012 ± 0.002 |")
+    assert transfer_row(runs[:1]) == "" and transfer_row([{**r, "transfer": {}} for r in runs]) == ""
+    nothing = [{**r, "transfer": {"flat": 0.0}} for r in runs]
+    assert transfer_row(nothing).endswith("| 0.000 (0.0x) | none |")
+
+
 def test_a_scored_method_the_list_lacks_is_shown_after_the_listed_ones_not_hidden():
     from common.report import METHODS, ordered
     from evaluate import table
