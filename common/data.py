@@ -130,6 +130,29 @@ def _colour_text(rng, size):
     return Example(f' what is the colour of the object in text " {W.describe(scene, rng)} "?', scene.objects[0].colour)
 
 
+# the target's own prompt under another answer convention (two datasets that ask the same question and were
+# labelled under different guidelines): the conflict at its strongest that the world can pose with its words
+def _ve_strict(rng, size):
+    """snli-ve's prompt and statements, labelled under RTE's two-way convention (undecidable counts as no)."""
+    scene = W.random_scene(rng)
+    hyp, label = W.hypothesis(scene, rng)
+    return Example(f' does the image describe " {hyp} "?', _two_way(label), _img(scene, rng, size))
+
+
+def _ve_lenient(rng, size):
+    """snli-ve's prompt and statements, labelled as fact checking's "not refuted": undecidable counts as yes."""
+    scene = W.random_scene(rng)
+    hyp, label = W.hypothesis(scene, rng)
+    return Example(f' does the image describe " {hyp} "?', "no" if label == "no" else "yes", _img(scene, rng, size))
+
+
+def _nli_strict(rng, size):
+    """nli's prompt and statements under RTE's two-way convention."""
+    scene = W.random_scene(rng)
+    hyp, label = W.hypothesis(scene, rng)
+    return Example(f' can text1 " {W.describe(scene)} " imply text2 " {hyp} "?', _two_way(label))
+
+
 # pre-training tasks (the backbone's own; never downstream)
 def _pt_caption(rng, size):
     scene = W.random_scene(rng)
@@ -161,6 +184,9 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("colour-text", "language", _colour_text, tuple(W.COLOURS)),
     Task("ve-decide", "vision-language", _ve_decide, YN),
     Task("nli-decide", "language", _nli_decide, YN),
+    Task("ve-strict", "vision-language", _ve_strict, YN),
+    Task("ve-lenient", "vision-language", _ve_lenient, YN),
+    Task("nli-strict", "language", _nli_strict, YN),
 ]}
 PRETRAIN_TASKS = {"pt-caption": Task("pt-caption", "pretraining", _pt_caption, None),
                   "pt-infill": Task("pt-infill", "pretraining", _pt_infill, None)}

@@ -49,7 +49,8 @@ def test_unknown_task_names_the_known_ones():
         data.get_task("snli")
 
 
-WIDER = ("ve-2way", "nli-2way", "colour-text", "ve-decide", "nli-decide")  # configs/mini-wide.yaml's tasks beyond mini's pool
+WIDER = ("ve-2way", "nli-2way", "colour-text", "ve-decide", "nli-decide",  # configs/mini-wide.yaml's beyond mini's
+         "ve-strict", "ve-lenient", "nli-strict")  # and the conventions under the target's own prompt
 
 
 def test_the_wider_pools_tasks_use_no_word_the_backbone_lacks():
@@ -90,6 +91,22 @@ def test_decide_tasks_ask_whether_the_three_way_statement_is_decidable():
         assert all(b.answer == ("no" if a.answer == "maybe" else "yes") for a, b in pairs)
         differ = [sum(x != y for x, y in zip(a.prompt.split(), b.prompt.split())) for a, b in pairs]
         assert set(differ) == {1}
+
+
+def test_strict_and_lenient_tasks_are_the_targets_very_examples_under_another_convention():
+    """ve-strict / ve-lenient / nli-strict: the target's prompt, image and statement drawn alike, the answer
+    its label under a two-way convention (undecidable: no when strict, yes when lenient), never maybe."""
+    import random
+
+    for three, other, maybe in (("snli-ve", "ve-strict", "no"), ("snli-ve", "ve-lenient", "yes"),
+                                ("nli", "nli-strict", "no")):
+        pairs = [(data.TASKS[three].make(random.Random(i), 64), data.TASKS[other].make(random.Random(i), 64))
+                 for i in range(300)]
+        assert all(a.prompt == b.prompt for a, b in pairs)
+        assert all((a.image is None) == (b.image is None) and (a.image is None or (a.image == b.image).all())
+                   for a, b in pairs)
+        assert all(b.answer == (maybe if a.answer == "maybe" else a.answer) for a, b in pairs)
+        assert {a.answer for a, _ in pairs} == {"yes", "no", "maybe"} and {b.answer for _, b in pairs} == {"yes", "no"}
 
 
 def test_colour_text_answers_the_colour_its_description_names():
