@@ -85,10 +85,11 @@ def spearman(x: list[float], y: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(rx, ry)) / (sx * sy)
 
 
-def _mean_sd(vals: list[float]) -> str:
+def _mean_sd(vals: list[float], signed: bool = False) -> str:
+    """'mean ± std'; signed: a gain, a transfer or a correlation, with its sign either way."""
     if not vals:
         return "-"
-    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.3f}"
+    return f"{statistics.mean(vals):{'+' if signed else ''}.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.3f}"
 
 
 def _shots_label(s: int) -> str:
@@ -164,7 +165,7 @@ def _against(runs: list[dict], base: str) -> str:
         return ""
     gains = [r["scores"]["pi-tuning"] - r["scores"][base] for r in both]
     ci = paired_ci(both, "pi-tuning", base)
-    return f"{sum(g > 0 for g in gains)}/{len(gains)} | {_mean_sd(gains)} | " + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-")
+    return f"{sum(g > 0 for g in gains)}/{len(gains)} | {_mean_sd(gains, signed=True)} | " + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-")
 
 
 def _rhos(sims: dict, runs: list[dict], key: str) -> list[float]:
@@ -212,7 +213,7 @@ def transfer_row(runs: list[dict]) -> str:
         return f"{n} {stats[n][0]:+.3f} ± {stats[n][1]:.3f}"
 
     return (f"| {_shots_label(measured[0]['shots'])} | {len(measured)} | {base_sd:.3f} | "
-            f"{_mean_sd(control) if control else '-'} | {cell(best)} | {cell(worst)} | {spread:.3f} ({ratio}) | "
+            f"{_mean_sd(control, signed=True) if control else '-'} | {cell(best)} | {cell(worst)} | {spread:.3f} ({ratio}) | "
             f"{', '.join(cell(n) for n in hurt) or 'none'} |")
 
 
@@ -271,7 +272,7 @@ def write_study(cfg, targets: list[str]) -> Path:
                     undefined.add(t)
                     continue
                 prec = _precision(per_run, at, k)
-                md.append(f"| {t} | {_shots_label(s)} | {emb} | {_mean_sd(val) if val else '-'} | {_mean_sd(test)} | "
+                md.append(f"| {t} | {_shots_label(s)} | {emb} | {_mean_sd(val, signed=True) if val else '-'} | {_mean_sd(test, signed=True)} | "
                           f"{statistics.mean(prec):.2f} |")
                 name = "retrieval" if emb.startswith("retrieval") else emb
                 overall.setdefault(name, []).append((statistics.mean(val) if val else math.nan,
@@ -384,10 +385,10 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
                         per_expert.setdefault(n, []).append((sim[n], r[key][n], r.get("val_transfer", {}).get(n)))
                 if rhos:
                     ok = [x for x in rhos if not math.isnan(x)]
-                    rho_rows.append(f"| {s} | {emb} | {split} | {len(rhos)} | {_mean_sd(ok)} | "
+                    rho_rows.append(f"| {s} | {emb} | {split} | {len(rhos)} | {_mean_sd(ok, signed=True)} | "
                                     f"{', '.join('undefined' if math.isnan(x) else f'{x:+.2f}' for x in rhos)} |")
                     if emb.startswith("retrieval") and split == "test":
-                        scatter.append((s, per_expert, _mean_sd(ok)))
+                        scatter.append((s, per_expert, _mean_sd(ok, signed=True)))
     if rho_rows:
         md += ["Each transfer is measured on the validation split (what an embedding or a default is chosen by) "
                "and on the test split (what is reported).", "",
@@ -402,12 +403,13 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
                "| expert | similarity | transfer (val) | transfer (test) |", "|---|---|---|---|"]
         for n, v in sorted(per_expert.items(), key=lambda kv: -statistics.mean(t for _, t, _ in kv[1])):
             val = [x for _, _, x in v if x is not None]
-            md.append(f"| {n} | {_mean_sd([a for a, _, _ in v])} | {_mean_sd(val) if val else '-'} | "
-                      f"{_mean_sd([b for _, b, _ in v])} |")
+            md.append(f"| {n} | {_mean_sd([a for a, _, _ in v], signed=True)} | "
+                      f"{_mean_sd(val, signed=True) if val else '-'} | {_mean_sd([b for _, b, _ in v], signed=True)} |")
         control = [r for r in by_shots[s] if r.get("control") is not None]
         if control:  # pair-null: the same interpolation with an expert that adds nothing
-            md += [f"| control: `pair-null`, nothing added | - | {_mean_sd([r['val_control'] for r in control])} | "
-                   f"{_mean_sd([r['control'] for r in control])} |", "",
+            val, test = ([r[k] for r in control] for k in ("val_control", "control"))
+            md += [f"| control: `pair-null`, nothing added | - | {_mean_sd(val, signed=True)} | "
+                   f"{_mean_sd(test, signed=True)} |", "",
                    "The control is the target's expert interpolated, as every pair run is, with an expert that "
                    "changes nothing: what the interpolation alone does to the target's expert (its mix settles near "
                    "the other runs'). An expert adds something of its own only by the amount its transfer exceeds "

@@ -160,11 +160,21 @@ def test_the_transfer_row_names_the_experts_that_hurt_and_the_spread_against_tar
     row = transfer_row(runs)
     # target-only's seed std 0.020; best helps +0.025, worst noisy -0.017 (its std 0.045): spread 0.042 = 2.1x;
     # only 'hurts' is below 0 by more than its std ('noisy' is lower on average, but inside its noise)
-    assert row == ("| 64-shot | 3 | 0.020 | 0.001 ± 0.000 | helps +0.025 ± 0.005 | noisy -0.017 ± 0.045 | "
+    assert row == ("| 64-shot | 3 | 0.020 | +0.001 ± 0.000 | helps +0.025 ± 0.005 | noisy -0.017 ± 0.045 | "
                    "0.042 (2.1x) | hurts -0.012 ± 0.002 |")
     assert transfer_row(runs[:1]) == "" and transfer_row([{**r, "transfer": {}} for r in runs]) == ""
     nothing = [{**r, "transfer": {"flat": 0.0}} for r in runs]
     assert transfer_row(nothing).endswith("| 0.000 (0.0x) | none |")
+
+
+def test_a_gain_is_printed_with_its_sign_either_way():
+    from common.report import _against
+
+    def run(pi, base):
+        return {"scores": {"pi-tuning": pi, "target-only": base}}
+
+    assert _against([run(0.62, 0.61), run(0.63, 0.62)], "target-only") == "2/2 | +0.010 ± 0.000 | -"
+    assert _against([run(0.60, 0.61), run(0.61, 0.62)], "target-only") == "0/2 | -0.010 ± 0.000 | -"
 
 
 def test_a_scored_method_the_list_lacks_is_shown_after_the_listed_ones_not_hidden():
