@@ -17,16 +17,22 @@ def _img(scene, rng, size):
     return W.render(scene, size, rng)
 
 
-def _snli_ve(rng, size):
-    scene = W.random_scene(rng)
-    hyp, label = W.hypothesis(scene, rng)
-    return Example(f' does the image describe " {hyp} "?', label, _img(scene, rng, size))
+def _statements(prompt: str, answer=lambda label: label):
+    """A task on a scene's statements (W.hypothesis): the prompt with {hyp} (and {text}, the scene's description:
+    a text-only task, else the image is drawn), the answer the statement's yes / no / maybe label under `answer`.
+    Every such task draws its scene, statement and image alike: the same seed, the same example."""
+    def make(rng, size):
+        scene = W.random_scene(rng)
+        hyp, label = W.hypothesis(scene, rng)
+        if "{text}" in prompt:
+            return Example(prompt.format(text=W.describe(scene), hyp=hyp), answer(label))
+        return Example(prompt.format(hyp=hyp), answer(label), _img(scene, rng, size))
+    return make
 
 
-def _nli(rng, size):
-    scene = W.random_scene(rng)
-    hyp, label = W.hypothesis(scene, rng)
-    return Example(f' can text1 " {W.describe(scene)} " imply text2 " {hyp} "?', label)
+VE_PROMPT = ' does the image describe " {hyp} "?'
+NLI_PROMPT = ' can text1 " {text} " imply text2 " {hyp} "?'
+_snli_ve, _nli = _statements(VE_PROMPT), _statements(NLI_PROMPT)
 
 
 def _vqa(rng, size):
@@ -95,16 +101,8 @@ def _two_way(label: str) -> str:
     return "yes" if label == "yes" else "no"
 
 
-def _ve_2way(rng, size):
-    scene = W.random_scene(rng)
-    hyp, label = W.hypothesis(scene, rng)
-    return Example(f' can the image imply text " {hyp} "?', _two_way(label), _img(scene, rng, size))
-
-
-def _nli_2way(rng, size):
-    scene = W.random_scene(rng)
-    hyp, label = W.hypothesis(scene, rng)
-    return Example(f' does text1 " {W.describe(scene)} " imply text2 " {hyp} "?', _two_way(label))
+_ve_2way = _statements(' can the image imply text " {hyp} "?', _two_way)
+_nli_2way = _statements(' does text1 " {text} " imply text2 " {hyp} "?', _two_way)
 
 
 def _decidable(label: str) -> str:
@@ -113,16 +111,8 @@ def _decidable(label: str) -> str:
     return "no" if label == "maybe" else "yes"
 
 
-def _ve_decide(rng, size):
-    scene = W.random_scene(rng)
-    hyp, label = W.hypothesis(scene, rng)
-    return Example(f' does the image answer " {hyp} "?', _decidable(label), _img(scene, rng, size))
-
-
-def _nli_decide(rng, size):
-    scene = W.random_scene(rng)
-    hyp, label = W.hypothesis(scene, rng)
-    return Example(f' can text1 " {W.describe(scene)} " answer text2 " {hyp} "?', _decidable(label))
+_ve_decide = _statements(' does the image answer " {hyp} "?', _decidable)
+_nli_decide = _statements(' can text1 " {text} " answer text2 " {hyp} "?', _decidable)
 
 
 def _colour_text(rng, size):
@@ -130,27 +120,15 @@ def _colour_text(rng, size):
     return Example(f' what is the colour of the object in text " {W.describe(scene, rng)} "?', scene.objects[0].colour)
 
 
+def _not_refuted(label: str) -> str:
+    """Fact checking's "not refuted": what snli-ve and nli call maybe (undecidable) counts as yes."""
+    return "no" if label == "no" else "yes"
+
+
 # the target's own prompt under another answer convention (two datasets that ask the same question and were
 # labelled under different guidelines): the conflict at its strongest that the world can pose with its words
-def _ve_strict(rng, size):
-    """snli-ve's prompt and statements, labelled under RTE's two-way convention (undecidable counts as no)."""
-    scene = W.random_scene(rng)
-    hyp, label = W.hypothesis(scene, rng)
-    return Example(f' does the image describe " {hyp} "?', _two_way(label), _img(scene, rng, size))
-
-
-def _ve_lenient(rng, size):
-    """snli-ve's prompt and statements, labelled as fact checking's "not refuted": undecidable counts as yes."""
-    scene = W.random_scene(rng)
-    hyp, label = W.hypothesis(scene, rng)
-    return Example(f' does the image describe " {hyp} "?', "no" if label == "no" else "yes", _img(scene, rng, size))
-
-
-def _nli_strict(rng, size):
-    """nli's prompt and statements under RTE's two-way convention."""
-    scene = W.random_scene(rng)
-    hyp, label = W.hypothesis(scene, rng)
-    return Example(f' can text1 " {W.describe(scene)} " imply text2 " {hyp} "?', _two_way(label))
+_ve_strict, _ve_lenient = _statements(VE_PROMPT, _two_way), _statements(VE_PROMPT, _not_refuted)
+_nli_strict = _statements(NLI_PROMPT, _two_way)
 
 
 # pre-training tasks (the backbone's own; never downstream)
