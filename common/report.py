@@ -210,10 +210,10 @@ def transfer_row(runs: list[dict]) -> str:
     ratio = f"{spread / base_sd:.1f}x" if base_sd else "-"
 
     def cell(n):
-        return f"{n} {stats[n][0]:+.3f} ± {stats[n][1]:.3f}"
+        return f"{n} {_mean_sd(per_expert[n], signed=True)}"
 
     return (f"| {_shots_label(measured[0]['shots'])} | {len(measured)} | {base_sd:.3f} | "
-            f"{_mean_sd(control, signed=True) if control else '-'} | {cell(best)} | {cell(worst)} | {spread:.3f} ({ratio}) | "
+            f"{_mean_sd(control, signed=True)} | {cell(best)} | {cell(worst)} | {spread:.3f} ({ratio}) | "
             f"{', '.join(cell(n) for n in hurt) or 'none'} |")
 
 
@@ -272,8 +272,8 @@ def write_study(cfg, targets: list[str]) -> Path:
                     undefined.add(t)
                     continue
                 prec = _precision(per_run, at, k)
-                md.append(f"| {t} | {_shots_label(s)} | {emb} | {_mean_sd(val, signed=True) if val else '-'} | {_mean_sd(test, signed=True)} | "
-                          f"{statistics.mean(prec):.2f} |")
+                md.append(f"| {t} | {_shots_label(s)} | {emb} | {_mean_sd(val, signed=True)} | "
+                          f"{_mean_sd(test, signed=True)} | {statistics.mean(prec):.2f} |")
                 name = "retrieval" if emb.startswith("retrieval") else emb
                 overall.setdefault(name, []).append((statistics.mean(val) if val else math.nan,
                                                      statistics.mean(test), statistics.mean(prec)))
@@ -404,7 +404,7 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
         for n, v in sorted(per_expert.items(), key=lambda kv: -statistics.mean(t for _, t, _ in kv[1])):
             val = [x for _, _, x in v if x is not None]
             md.append(f"| {n} | {_mean_sd([a for a, _, _ in v], signed=True)} | "
-                      f"{_mean_sd(val, signed=True) if val else '-'} | {_mean_sd([b for _, b, _ in v], signed=True)} |")
+                      f"{_mean_sd(val, signed=True)} | {_mean_sd([b for _, b, _ in v], signed=True)} |")
         control = [r for r in by_shots[s] if r.get("control") is not None]
         if control:  # pair-null: the same interpolation with an expert that adds nothing
             val, test = ([r[k] for r in control] for k in ("val_control", "control"))

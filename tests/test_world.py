@@ -65,15 +65,20 @@ def test_the_wider_pools_tasks_use_no_word_the_backbone_lacks():
     assert build_vocab(before) == build_vocab(before + [t for n in WIDER for t in texts[n]])
 
 
-def test_two_way_tasks_are_the_three_way_statements_with_undecidable_counted_as_not_entailed():
+def _drawn_alike(three: str, other: str) -> list:
+    """300 (target, other task) example pairs, each pair drawn from the same seed."""
     import random
 
+    return [(data.TASKS[three].make(random.Random(i), 64), data.TASKS[other].make(random.Random(i), 64))
+            for i in range(300)]
+
+
+def test_two_way_tasks_are_the_three_way_statements_with_undecidable_counted_as_not_entailed():
     def hyp(e):  # the statement: the last quoted text
         return e.prompt.split('"')[-2]
 
     for three, two in (("snli-ve", "ve-2way"), ("nli", "nli-2way")):
-        pairs = [(data.TASKS[three].make(random.Random(i), 64), data.TASKS[two].make(random.Random(i), 64))
-                 for i in range(300)]
+        pairs = _drawn_alike(three, two)
         assert all(hyp(a) == hyp(b) for a, b in pairs) and {a.answer for a, _ in pairs} == {"yes", "no", "maybe"}
         assert all(b.answer == ("yes" if a.answer == "yes" else "no") for a, b in pairs)
         assert all(a.prompt != b.prompt for a, b in pairs)  # its own prompt: another task, not a relabelled copy
@@ -82,11 +87,8 @@ def test_two_way_tasks_are_the_three_way_statements_with_undecidable_counted_as_
 def test_decide_tasks_ask_whether_the_three_way_statement_is_decidable():
     """ve-decide / nli-decide: the target's statements, yes when entailed or contradicted, no when undecidable,
     under a prompt one word from the target's."""
-    import random
-
     for three, decide in (("snli-ve", "ve-decide"), ("nli", "nli-decide")):
-        pairs = [(data.TASKS[three].make(random.Random(i), 64), data.TASKS[decide].make(random.Random(i), 64))
-                 for i in range(300)]
+        pairs = _drawn_alike(three, decide)
         assert all(a.prompt.split('"')[-2] == b.prompt.split('"')[-2] for a, b in pairs)
         assert all(b.answer == ("no" if a.answer == "maybe" else "yes") for a, b in pairs)
         differ = [sum(x != y for x, y in zip(a.prompt.split(), b.prompt.split())) for a, b in pairs]
@@ -96,12 +98,9 @@ def test_decide_tasks_ask_whether_the_three_way_statement_is_decidable():
 def test_strict_and_lenient_tasks_are_the_targets_very_examples_under_another_convention():
     """ve-strict / ve-lenient / nli-strict: the target's prompt, image and statement drawn alike, the answer
     its label under a two-way convention (undecidable: no when strict, yes when lenient), never maybe."""
-    import random
-
     for three, other, maybe in (("snli-ve", "ve-strict", "no"), ("snli-ve", "ve-lenient", "yes"),
                                 ("nli", "nli-strict", "no")):
-        pairs = [(data.TASKS[three].make(random.Random(i), 64), data.TASKS[other].make(random.Random(i), 64))
-                 for i in range(300)]
+        pairs = _drawn_alike(three, other)
         assert all(a.prompt == b.prompt for a, b in pairs)
         assert all((a.image is None) == (b.image is None) and (a.image is None or (a.image == b.image).all())
                    for a, b in pairs)
