@@ -4,7 +4,10 @@
 
 phi = sum_i softmax(w_g)_i phi_i over i in {target, top-k}, one learnable logit vector w_g per group
 (per site by default: a LoRA / IA3 / adapter module, a prefix layer), trained with the experts (unless
-interpolate.train_experts=false) on the target's low-shot split. LoRA updates are merged exactly
+interpolate.train_experts=false) on the target's low-shot split. With interpolate.holdout (stacking) the
+mix learns, experts frozen, on that fraction of the split with the target's expert refitted on the rest
+(experts/<run>.fold); the full expert then takes its place under those weights, and the experts (unless
+train_experts=false) train on the whole split with the weights fixed. LoRA updates are merged exactly
 (sum_i p_i B_i A_i, one LoRA of rank k*r); other methods by the weighted sum of their tensors.
 Writes runs/<profile>/interpolated/<target>-<shots>shot-s<seed>/: one ordinary expert of the
 configured method (peft dir, or adapter dir), weights.json (final weights per group) and meta.json.
@@ -26,7 +29,7 @@ from common.backbone import backbone_dir, fingerprint, load_backbone
 from common.config import NULL, UserError, parse_stage, require_current, run_stage, stage_parser
 from common.device import accelerator
 from common.expert_types import EXPERT_TYPES
-from common.experts import MergedExpert, expert_name, load_pool, unload_expert
+from common.experts import MergedExpert, expert_dir, expert_name, load_pool, unload_expert
 from common.similarity import top_k_similar
 from common.training import Checkpoint, checkpointing, train_steps
 
@@ -71,28 +74,42 @@ def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts:
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     kind = EXPERT_TYPES[cfg.expert.method]
-    weights = load_pool(cfg, [e for e in experts if e != NULL])
-    if NULL in experts:  # LoRA's B = A = 0 get no gradient; a summed type's null is held as it is
-        weights.append(kind.null(weights[0]))
     frozen = tuple(i for i, e in enumerate(experts) if e == NULL and kind.merge == "sum")
-    merge = MergedExpert(model, cfg.expert, weights, ic.groups, trainable=train_experts, frozen=frozen)
-    logits = torch.zeros(len(merge.group_names), len(experts), device=acc.device, requires_grad=True)  # uniform
-    merge.model.train()
 
-    def loss_fn(inputs):
-        return merge(logits, **inputs).loss
+    def stack(names: list[str], trainable: bool) -> MergedExpert:
+        weights = load_pool(cfg, [e for e in names if e != NULL])
+        if NULL in names:  # LoRA's B = A = 0 get no gradient; a summed type's null is held as it is
+            weights.append(kind.null(weights[0]))
+        return MergedExpert(model, cfg.expert, weights, ic.groups, trainable=trainable, frozen=frozen)
 
-    train = data.train_split(cfg, target, shots, cfg.seed)
+    def fit(merge: MergedExpert, train, learn_logits: bool, learn_experts: bool, ckpt: Checkpoint, desc: str) -> float:
+        merge.model.train()
+        groups = [{"params": [logits], "lr": ic.logits_lr}] if learn_logits else []
+        if learn_experts:
+            groups.append({"params": list(merge.stack.parameters()), "lr": ic.lr})
+        batches = data.train_batches(cfg, train, ic.batch_size, cfg.seed, enc, "interpolate.batch_size", desc)
+        return train_steps(lambda inputs: merge(logits, **inputs).loss, groups, batches, ic.steps, ic.grad_clip,
+                           warmup=min(20, ic.steps // 10), desc=desc, acc=acc, grad_accum=ic.grad_accum,
+                           lr_field="interpolate.lr" if learn_experts else "interpolate.logits_lr",
+                           checkpoint=ckpt, log_every=cfg.log_every)
+
     out = cfg.run_dir / "interpolated" / (f"{run}.{name}" if name else run)
-    ckpt = Checkpoint.beside(out, ic.checkpoint_every, cfg, "interpolated")
-    groups = [{"params": [logits], "lr": ic.logits_lr}]
-    if train_experts:
-        groups.append({"params": list(merge.stack.parameters()), "lr": ic.lr})
+    ckpts = [Checkpoint.beside(out, ic.checkpoint_every, cfg, "interpolated")]
     desc = f"interpolate {run}"
-    batches = data.train_batches(cfg, train, ic.batch_size, cfg.seed, enc, "interpolate.batch_size", desc)
-    loss = train_steps(loss_fn, groups, batches, ic.steps, ic.grad_clip, warmup=min(20, ic.steps // 10), desc=desc,
-                       lr_field="interpolate.logits_lr" if not train_experts else "interpolate.lr", acc=acc,
-                       grad_accum=ic.grad_accum, checkpoint=ckpt, log_every=cfg.log_every)
+    train = data.train_split(cfg, target, shots, cfg.seed)
+    mix_on = data.fold_split(cfg, target, shots, cfg.seed)[1] if ic.holdout else train
+    # stacking (holdout): the mix learns on examples that the target's expert in it (the fold expert) never saw
+    merge = stack([f"{run}.fold" if e == run and ic.holdout else e for e in experts],
+                  trainable=train_experts and not ic.holdout)
+    logits = torch.zeros(len(merge.group_names), len(experts), device=acc.device, requires_grad=True)  # uniform
+    loss = fit(merge, mix_on, True, train_experts and not ic.holdout, ckpts[0], desc)
+    if ic.holdout:  # those weights on the expert fitted to every example; trained experts then fit them all
+        unload_expert(merge.model)
+        merge = stack(experts, trainable=train_experts)
+        if train_experts:
+            ckpts.append(Checkpoint.beside(out.with_name(f"{out.name}.experts"), ic.checkpoint_every, cfg,
+                                           "interpolated"))
+            loss = fit(merge, train, False, True, ckpts[1], f"{desc} (experts)")
 
     probs = torch.softmax(logits.detach(), dim=-1)
     with atomic_dir(out) as tmp:
@@ -102,11 +119,13 @@ def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts:
         write_json(tmp / "meta.json", {
             "target": target, "run": run, "experts": experts, "shots": shots, "seed": cfg.seed,
             "retrieval": how, "variant": name, "method": cfg.expert.method,
-            "train_size": len(train), "groups": ic.groups, "num_groups": len(merge.group_names),
+            "train_size": len(train), "mix_size": len(mix_on), "groups": ic.groups,
+            "num_groups": len(merge.group_names),
             "train_experts": train_experts, "steps": ic.steps, "final_loss": loss,
             "mean_weights": dict(zip(experts, probs.mean(0).tolist())), "backbone": fingerprint(backbone_dir(cfg)),
             "seconds": round(time.time() - t0, 1), "config": cfg.to_dict()})
-    ckpt.done()
+    for ckpt in ckpts:
+        ckpt.done()
     unload_expert(merge.model)
     mean = ", ".join(f"{e} {p:.2f}" for e, p in zip(experts, probs.mean(0).tolist()))
     return (f"interpolated {out.name} ({cfg.expert.method}, {how}): {len(merge.group_names)} groups, mean weights "
@@ -135,6 +154,11 @@ def main() -> None:
         if name not in sim["names"] or name == run:
             raise UserError(f"{cfg.path}: interpolate.experts names '{name}', not a pool expert of {run} "
                             f"(pool: {', '.join(sim['names'][1:])})")
+    if ic.holdout and not (expert_dir(cfg, f"{run}.fold") / "meta.json").is_file():
+        raise UserError(f"{expert_dir(cfg, f'{run}.fold')}: not found; {cfg.path}: field 'interpolate.holdout' is "
+                        f"{ic.holdout}, so the mix needs the target's expert refitted without the examples it holds "
+                        f"out: run `python train_expert.py --task {args.target} --shots {cfg.tasks.target_shots} "
+                        f"--variant fold` (make does)")
     names = ["" if v == "pi" else v for v in args.variant.split(",")]
     todo = [(v, *variant(cfg, v, run, sim, chosen)) for v in names]  # all checked before training
     acc = accelerator(cfg)

@@ -18,7 +18,7 @@ else
 LAUNCH_PY := $(LAUNCH) $(PY)
 endif
 STAGE_CMD := $(if $(strip $(GPUS)),$(PY) -m common.gpus --locks $(GPU_LOCKS) "$(GPUS)" )$(LAUNCH_PY)
-VALUES   := $(shell $(PY) -m common.config $(CONFIG) $(OVERRIDES) --stamp --get run_dir tasks.target_shots control tasks.pool || echo ERROR)
+VALUES   := $(shell $(PY) -m common.config $(CONFIG) $(OVERRIDES) --stamp --get run_dir tasks.target_shots control interpolate.holdout tasks.pool || echo ERROR)
 ifneq ($(filter ERROR,$(VALUES)),)
 $(error $(CONFIG) could not be read; see the line above)
 endif
@@ -26,7 +26,8 @@ RUN      := $(word 1,$(VALUES))
 SHOTS    := $(word 2,$(VALUES))
 # the transfer row's control (pair-null), for the expert types that have an expert changing nothing
 CONTROL  := $(filter-out -,$(word 3,$(VALUES)))
-POOL     := $(wordlist 4,$(words $(VALUES)),$(VALUES))
+HOLDOUT  := $(word 4,$(VALUES))
+POOL     := $(wordlist 5,$(words $(VALUES)),$(VALUES))
 ifeq ($(filter $(TARGET),$(POOL)),)
 $(error TARGET=$(TARGET) is not in tasks.pool of $(CONFIG) ($(POOL)); pick one of those or add it there)
 endif
@@ -45,6 +46,8 @@ TGT_EXP  := $(RUN)/experts/$(NAME)/meta.json
 SIM      := $(RUN)/similarity/$(NAME).json
 INTERP   := $(RUN)/interpolated/$(NAME)/meta.json
 RESULT   := $(RUN)/results/$(NAME).json
+# stacking (interpolate.holdout > 0): every interpolation needs the target's expert refitted without the held-out
+FOLD     := $(if $(filter-out 0 0.0,$(HOLDOUT)),$(RUN)/experts/$(NAME).fold/meta.json)
 
 # the study (make report): every baseline of this target/shots/seed, and the transfer matrix row
 COMMA    := ,
@@ -66,7 +69,7 @@ endif
 .PHONY: backbone experts pool-experts embed interpolate evaluate show clean
 .DELETE_ON_ERROR:
 backbone: $(BACKBONE)
-experts: $(POOL_EXP) $(TGT_EXP)
+experts: $(POOL_EXP) $(TGT_EXP) $(FOLD)
 pool-experts: $(foreach t,$(POOL),$(RUN)/experts/$(t)/meta.json)  # every pool task's (make study: each is a target's pool)
 embed: $(SIM)
 interpolate: $(INTERP)
@@ -98,7 +101,10 @@ $(RUN)/similarity/$(NAME).%.json: $(POOL_EXP) $(TGT_EXP) $(FROM_SIM)
 $(RUN)/experts/$(NAME).%/meta.json: $(BACKBONE) $(FROM_TARGET)
 	$(STAGE_CMD) train_expert.py --task $(TARGET) --shots $(SHOTS) --variant $* $(ARGS)
 
-$(RUN)/interpolated/$(NAME).%/meta.json: $(SIM) $(CFG)/interpolate.json
+$(RUN)/experts/$(NAME).fold/meta.json: $(BACKBONE) $(FROM_TARGET) $(CFG)/interpolate.holdout.json
+	$(STAGE_CMD) train_expert.py --task $(TARGET) --shots $(SHOTS) --variant fold $(ARGS)
+
+$(RUN)/interpolated/$(NAME).%/meta.json: $(SIM) $(FOLD) $(CFG)/interpolate.json
 	$(STAGE_CMD) interpolate.py --target $(TARGET) --variant $* $(ARGS)
 
 # the study: runs that would load the same backbone one after another share one process (each run in it
@@ -111,14 +117,14 @@ $(RUN)/experts/$(NAME).2x/meta.json $(RUN)/experts/$(NAME).full-ft/meta.json &: 
 	$(STAGE_CMD) train_expert.py --task $(TARGET) --shots $(SHOTS) --variant 2x,full-ft $(ARGS)
 
 ifdef STUDY
-$(INTERP) $(RUN)/interpolated/$(NAME).random/meta.json $(RUN)/interpolated/$(NAME).frozen/meta.json &: $(SIM) $(CFG)/interpolate.json
+$(INTERP) $(RUN)/interpolated/$(NAME).random/meta.json $(RUN)/interpolated/$(NAME).frozen/meta.json &: $(SIM) $(FOLD) $(CFG)/interpolate.json
 	$(STAGE_CMD) interpolate.py --target $(TARGET) --variant pi,random,frozen $(ARGS)
 else
-$(INTERP): $(SIM) $(CFG)/interpolate.json
+$(INTERP): $(SIM) $(FOLD) $(CFG)/interpolate.json
 	$(STAGE_CMD) interpolate.py --target $(TARGET) $(ARGS)
 endif
 
-$(PAIRS) &: $(SIM) $(CFG)/interpolate.json
+$(PAIRS) &: $(SIM) $(FOLD) $(CFG)/interpolate.json
 	$(STAGE_CMD) interpolate.py --target $(TARGET) --variant $(subst $(SPACE),$(COMMA),$(addprefix pair-,$(OTHERS) $(CONTROL))) $(ARGS)
 
 $(TRANSFER): $(PAIRS) $(TGT_EXP) $(FROM_SCORED)

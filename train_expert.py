@@ -130,7 +130,8 @@ def attribute_probe(model, enc, exs, batch_size: int = 200) -> dict[str, float]:
 
 def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> None:
     """variant: a target-side baseline with the same data: 2x (twice the steps) or full-ft (every weight
-    of the backbone trains, no expert); written to experts/<name>.<variant>/."""
+    of the backbone trains, no expert); or fold, the expert refitted without the examples that
+    interpolate.holdout keeps for the mix (stacking); written to experts/<name>.<variant>/."""
     task = data.task(cfg, task_name, where="--task")
     name = expert_name(task_name, shots, cfg.seed) + (f".{variant}" if variant else "")
     # pool experts are trained once per profile; the seed varies only the target's side
@@ -140,6 +141,8 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
     model, processor = load_backbone(cfg, acc.device)
     enc = data.Encoder(processor, acc.device)
     train = data.train_split(cfg, task_name, shots or 0, seed, where="--shots")
+    if variant == "fold":
+        train = data.fold_split(cfg, task_name, shots, seed)[0]
     val = data.split(cfg, task_name, "val", cfg.expert.eval_size)
     data.check_words(cfg, task_name, enc, train, val)
 
@@ -151,7 +154,8 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
     params = [p for p in model.parameters() if p.requires_grad]
     t0 = time.time()
     out = expert_dir(cfg, name)
-    ckpt = Checkpoint.beside(out, ec.checkpoint_every, cfg, "expert" if shots is None else "target")
+    ckpt = Checkpoint.beside(out, ec.checkpoint_every, cfg,
+                             "expert" if shots is None else "fold" if variant == "fold" else "target")
     desc = f"expert {name}"
     batches = data.train_batches(cfg, train, ec.batch_size, seed, enc, "expert.batch_size", desc)
     loss = train_steps(lambda inputs: model(**inputs).loss, [{"params": params, "lr": lr}], batches, steps,
@@ -164,7 +168,8 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         write_json(tmp / "meta.json", {
-            "name": name, "task": task_name, "family": task.family, "method": variant or ec.method, "shots": shots,
+            "name": name, "task": task_name, "family": task.family, "method": ec.method if variant == "fold" else
+            variant or ec.method, "shots": shots, **({"holdout": cfg.interpolate.holdout} if variant == "fold" else {}),
             "seed": seed, "train_size": len(train), "val_size": len(val), "steps": steps, "final_loss": loss,
             "val_metric": metric, "val_value": value, "trainable_params": sum(p.numel() for p in params),
             "backbone": fingerprint(backbone_dir(cfg)), "seconds": round(time.time() - t0, 1),
@@ -180,8 +185,9 @@ def main() -> None:
     ap.add_argument("--shots", type=int, help="train the target's expert on a seeded k-shot sample (0 = its whole "
                     "train split); without it, the task's pool expert")
     ap.add_argument("--variant", default="", help="with --shots: a target-side baseline instead, in "
-                    "experts/<name>.<variant>/: 2x (twice the steps) or full-ft (full fine-tuning); both, "
-                    "comma-separated, share one process (2x,full-ft)")
+                    "experts/<name>.<variant>/: 2x (twice the steps) or full-ft (full fine-tuning); or fold, the "
+                    "expert without the examples interpolate.holdout keeps for the mix; several, comma-separated, "
+                    "share one process (2x,full-ft)")
     ap.add_argument("--pretrain", action="store_true", help="build and pre-train the embedded backbone (a real "
                     "backbone.source: check that it loads and record it)")
     args, cfg = parse_stage(ap)
@@ -191,9 +197,12 @@ def main() -> None:
         if args.shots is not None and args.shots < 0:
             raise UserError(f"--shots {args.shots}: use 0 (the whole train split) or a positive number of examples")
         variants = args.variant.split(",")
-        if args.variant and (args.shots is None or set(variants) - {"2x", "full-ft"}):
-            raise UserError(f"--variant '{args.variant}': use 2x, full-ft or 2x,full-ft, with --shots (the baselines "
-                            f"of the target's low-shot expert)")
+        if args.variant and (args.shots is None or set(variants) - {"2x", "full-ft", "fold"}):
+            raise UserError(f"--variant '{args.variant}': use 2x, full-ft, fold or several of them, with --shots (the "
+                            f"baselines of the target's low-shot expert; fold: its expert for stacking)")
+        if "fold" in variants and not cfg.interpolate.holdout:
+            raise UserError(f"--variant fold: {cfg.path}: field 'interpolate.holdout' is 0, so no examples are held "
+                            f"out for the mix; set it (0.5 holds out half) or leave fold out")
         for variant in variants:  # each on a freshly loaded backbone, seeded as if run alone
             train_expert(cfg, args.task, args.shots, variant)
     else:

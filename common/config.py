@@ -169,6 +169,13 @@ class InterpolateConfig:
     grad_accum: int = ranged(1, 1)  # batches per optimizer step (the effective batch is batch_size x grad_accum)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, same result, slower
     checkpoint_every: int = ranged(0, 0)  # keep the loop's state every N steps, to resume after a crash (0 = never)
+    # stacking: the fraction of the target's training examples held out of the expert the mix is learned with.
+    # The mix learns on them (the experts frozen) with the target's expert refitted on the rest (experts/<run>.fold,
+    # train_expert.py --variant fold); its weights then apply to the expert fitted on all of them, and with
+    # train_experts the experts train on all of them under those weights. 0 = the paper's: the mix learns on the
+    # very examples the target's expert fitted, and in the few-shot runs settles near 0.8 on it whatever the
+    # other experts are (README "The mini world")
+    holdout: float = ranged(0.0, 0, 1, hi_open=True)
 
 
 @dataclass
@@ -425,6 +432,7 @@ MADE_FROM = {"backbone": ("world", "backbone", "pretrain", "precision")}
 MADE_FROM["expert"] = MADE_FROM["backbone"] + ("data", "tasks.define", "expert")
 MADE_FROM["target"] = MADE_FROM["expert"] + ("tasks.shots_per_class",)
 MADE_FROM["similarity"] = MADE_FROM["target"] + ("tasks.pool", "fisher")
+MADE_FROM["fold"] = MADE_FROM["target"] + ("interpolate.holdout",)  # the target's expert refitted without them
 MADE_FROM["interpolated"] = MADE_FROM["similarity"] + ("interpolate",)
 # the sizes of the splits that scoring reads: a result is made from them; the backbone, the experts and the
 # Fishers are not (they train on train; an expert's and the backbone's validation figures in their meta.json

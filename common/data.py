@@ -10,7 +10,7 @@ import torch
 from common import world as W
 from common.config import UserError, WorldConfig
 from common.readers import catalogue, fetch_hub, read_defined
-from common.tasks import Example, Task, define, k_shot
+from common.tasks import Example, Task, define, holdout_split, k_shot
 
 
 def _img(scene, rng, size):
@@ -235,6 +235,16 @@ def train_split(cfg, name: str, shots: int, seed: int, where: str = "tasks.targe
         raise UserError(f"{setting} is {shots}, but {name}'s train split has {len(exs)} examples; use at "
                         f"most {len(exs)} (0 = all of them)")
     return k_shot(exs, shots, seed, cfg.tasks.shots_per_class)
+
+
+def fold_split(cfg, name: str, shots: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """The target's training examples as stacking splits them (interpolate.holdout): (what the fold expert
+    fits, what the mix learns on)."""
+    train = train_split(cfg, name, shots, seed)
+    if len(train) < 2:
+        raise UserError(f"{cfg.path}: field 'interpolate.holdout' holds out part of {len(train)} training example; "
+                        f"use at least 2 (tasks.target_shots) or set interpolate.holdout to 0")
+    return holdout_split(train, cfg.interpolate.holdout, seed)
 
 
 def check_words(cfg, name: str, enc: "Encoder", *splits: list[Example]) -> None:

@@ -92,11 +92,13 @@ def current_expert(cfg, name: str) -> dict:
     path = expert_dir(cfg, name)
     meta = read_expert_meta(path)
     retrain = f"retrain it with `python train_expert.py --task {meta['task']}" + (
-        f" --shots {meta['shots']}`" if meta.get("shots") is not None else "`") + " (make reruns what is stale)"
+        f" --shots {meta['shots']}" if meta.get("shots") is not None else "") + (
+        " --variant fold`" if "holdout" in meta else "`") + " (make reruns what is stale)"
     fp = fingerprint(backbone_dir(cfg))
     if meta["backbone"] != fp:
         raise UserError(f"{path}: trained on another backbone ({meta['backbone']} != {fp}); {retrain}")
-    require_current(meta.get("config"), cfg, "expert" if meta.get("shots") is None else "target", path, retrain)
+    kind = "expert" if meta.get("shots") is None else "fold" if "holdout" in meta else "target"
+    require_current(meta.get("config"), cfg, kind, path, retrain)
     return meta
 
 

@@ -46,6 +46,14 @@ def k_shot(exs: list[Example], k: int, seed: int, per_class: bool) -> list[Examp
     return [exs[i] for i in sorted(picked)]
 
 
+def holdout_split(exs: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A target's training examples split for stacking (interpolate.holdout): (the rest, in order; a seeded
+    `fraction` of them, held out), at least one in each."""
+    n = len(exs)
+    held = set(random.Random(f"holdout-{seed}").sample(range(n), min(max(round(fraction * n), 1), n - 1)))
+    return [exs[i] for i in range(n) if i not in held], [exs[i] for i in sorted(held)]
+
+
 # ---- tasks defined in YAML: a profile's own (tasks.define.<name>) and the paper's catalogue
 # (configs/paper_tasks.yaml), read from files by common/readers.py ----
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".tsv": "tsv", ".parquet": "parquet", ".json": "coop-json"}

@@ -251,6 +251,46 @@ def test_the_transfer_rows_control_adds_nothing_and_stays_out_of_the_row(micro_c
         interpolate.variant(prompt, "pair-null", NAME, {"names": [NAME, "nli"]}, ["nli"])
 
 
+def test_stacking_learns_the_mix_on_held_out_examples_and_exports_the_full_expert_under_it(micro_copy):
+    """interpolate.holdout=0.5: make refits the target's expert without a seeded half of its 8 examples (the
+    fold expert), the mix learns on that half, and the artifact holds the target's expert fitted on all 8 under
+    the learned weights (experts frozen here, so exactly): the fold expert is in no artifact. Without the fold
+    expert, interpolate.py stops in one line saying how to make it."""
+    from common import data
+    from common.config import load_config
+    from common.experts import load_expert_weights
+
+    runs, rd = micro_copy
+    extra = "interpolate.holdout=0.5 interpolate.train_experts=false"
+    out = make("all", runs_dir=runs, extra=extra).stdout
+    assert "--variant fold" in out and "--task nli" not in out and "--shots 8 --config" not in out  # the rest kept
+    cfg = load_config("configs/micro.yaml", [f"runs_dir={runs}", *extra.split()])
+    train, (rest, held) = data.train_split(cfg, "snli-ve", 8, 0), data.fold_split(cfg, "snli-ve", 8, 0)
+    def key(e):
+        return e.prompt, e.answer, e.image.tobytes()
+    assert len(rest) == len(held) == 4 and sorted(map(key, rest + held)) == sorted(map(key, train))
+    fold = json.loads((rd / f"experts/{NAME}.fold/meta.json").read_text())
+    meta = json.loads((rd / f"interpolated/{NAME}/meta.json").read_text())
+    assert fold["train_size"] == 4 and fold["holdout"] == 0.5 and (meta["mix_size"], meta["train_size"]) == (4, 8)
+    full, refit = load_expert_weights(rd / f"experts/{NAME}"), load_expert_weights(rd / f"experts/{NAME}.fold")
+    merged, r = load_expert_weights(rd / f"interpolated/{NAME}"), cfg.expert.r
+    a_keys = [k for k in merged if "lora_A" in k]
+    assert a_keys and all(not torch.equal(full[k], refit[k]) for k in a_keys)
+    for k in a_keys:  # the exact merge's A_cat is [A_target; A_1; A_2], unweighted
+        assert torch.equal(merged[k][:r], full[k]), k
+
+    again = make("all", runs_dir=runs, extra=extra.replace("0.5", "0.25")).stdout  # another split: refitted
+    fold = json.loads((rd / f"experts/{NAME}.fold/meta.json").read_text())
+    assert "--variant fold" in again and fold["holdout"] == 0.25 and fold["train_size"] == 6
+    shutil.rmtree(rd / f"experts/{NAME}.fold")
+    code, _, err = stage("interpolate.py", "--target", "snli-ve", "--config", "configs/micro.yaml",
+                         f"runs_dir={runs}", *extra.split())
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--variant fold" in err and "holdout" in err
+    code, _, err = stage("train_expert.py", "--task", "snli-ve", "--shots", "8", "--variant", "fold",
+                         "--config", "configs/micro.yaml", f"runs_dir={runs}")
+    assert code == 2 and "field 'interpolate.holdout' is 0" in err
+
+
 def test_pi_tuning_artifact_loads_with_plain_peft(micro, micro_cfg):
     from peft import PeftConfig
 
