@@ -107,6 +107,7 @@ def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts:
         unload_expert(merge.model)
         merge = stack(experts, trainable=train_experts)
         if train_experts:
+            logits.requires_grad_(False)
             ckpts.append(Checkpoint.beside(out.with_name(f"{out.name}.experts"), ic.checkpoint_every, cfg,
                                            "interpolated"))
             loss = fit(merge, train, False, True, ckpts[1], f"{desc} (experts)")
