@@ -97,7 +97,7 @@ def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts:
     ckpts = [Checkpoint.beside(out, ic.checkpoint_every, cfg, "interpolated")]
     desc = f"interpolate {run}"
     train = data.train_split(cfg, target, shots, cfg.seed)
-    mix_on = data.fold_split(cfg, target, shots, cfg.seed)[1] if ic.holdout else train
+    mix_on = data.fold_split(cfg, train, cfg.seed)[1] if ic.holdout else train
     # stacking (holdout): the mix learns on examples that the target's expert in it (the fold expert) never saw
     merge = stack([f"{run}.fold" if e == run and ic.holdout else e for e in experts],
                   trainable=train_experts and not ic.holdout)

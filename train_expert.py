@@ -142,7 +142,7 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
     enc = data.Encoder(processor, acc.device)
     train = data.train_split(cfg, task_name, shots or 0, seed, where="--shots")
     if variant == "fold":
-        train = data.fold_split(cfg, task_name, shots, seed)[0]
+        train = data.fold_split(cfg, train, seed)[0]
     val = data.split(cfg, task_name, "val", cfg.expert.eval_size)
     data.check_words(cfg, task_name, enc, train, val)
 

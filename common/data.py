@@ -237,10 +237,9 @@ def train_split(cfg, name: str, shots: int, seed: int, where: str = "tasks.targe
     return k_shot(exs, shots, seed, cfg.tasks.shots_per_class)
 
 
-def fold_split(cfg, name: str, shots: int, seed: int) -> tuple[list[Example], list[Example]]:
-    """The target's training examples as stacking splits them (interpolate.holdout): (what the fold expert
-    fits, what the mix learns on)."""
-    train = train_split(cfg, name, shots, seed)
+def fold_split(cfg, train: list[Example], seed: int) -> tuple[list[Example], list[Example]]:
+    """The target's training examples (train_split's) as stacking splits them (interpolate.holdout): (what the
+    fold expert fits, what the mix learns on)."""
     if len(train) < 2:
         raise UserError(f"{cfg.path}: field 'interpolate.holdout' holds out part of {len(train)} training example; "
                         f"use at least 2 (tasks.target_shots) or set interpolate.holdout to 0")

@@ -265,7 +265,8 @@ def test_stacking_learns_the_mix_on_held_out_examples_and_exports_the_full_exper
     out = make("all", runs_dir=runs, extra=extra).stdout
     assert "--variant fold" in out and "--task nli" not in out and "--shots 8 --config" not in out  # the rest kept
     cfg = load_config("configs/micro.yaml", [f"runs_dir={runs}", *extra.split()])
-    train, (rest, held) = data.train_split(cfg, "snli-ve", 8, 0), data.fold_split(cfg, "snli-ve", 8, 0)
+    train = data.train_split(cfg, "snli-ve", 8, 0)
+    rest, held = data.fold_split(cfg, train, 0)
     def key(e):
         return e.prompt, e.answer, e.image.tobytes()
     assert len(rest) == len(held) == 4 and sorted(map(key, rest + held)) == sorted(map(key, train))
