@@ -131,6 +131,23 @@ _ve_strict, _ve_lenient = _statements(VE_PROMPT, _two_way), _statements(VE_PROMP
 _nli_strict = _statements(NLI_PROMPT, _two_way)
 
 
+# the same decision as a target from other inputs, with many examples (as MNLI is to RTE): the neighbour that
+# should transfer most, so a pool holds experts that help a target strongly beside those that conflict with it
+def _shape_at(rng, size):
+    """shape's decision on scenes of 2-3 objects: the shape of the object a grid cell names."""
+    scene = W.random_scene(rng, rng.randint(2, 3))
+    o = rng.choice(scene.objects)
+    return Example(f" what is the shape of the object at the {W.POSITIONS[o.pos]}?", o.shape, _img(scene, rng, size))
+
+
+def _nli_shuffled(rng, size):
+    """nli's three-way decision on the same kind of statements, read against a description that lists the objects
+    in any order with either connective (paraphrase's texts), under a prompt of its own."""
+    scene = W.random_scene(rng)
+    hyp, label = W.hypothesis(scene, rng)
+    return Example(f' does text " {W.describe(scene, rng)} " imply " {hyp} "?', label)
+
+
 # pre-training tasks (the backbone's own; never downstream)
 def _pt_caption(rng, size):
     scene = W.random_scene(rng)
@@ -165,6 +182,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("ve-strict", "vision-language", _ve_strict, YN),
     Task("ve-lenient", "vision-language", _ve_lenient, YN),
     Task("nli-strict", "language", _nli_strict, YN),
+    Task("shape-at", "vision", _shape_at, W.SHAPES),
+    Task("nli-shuffled", "language", _nli_shuffled, YNM),
 ]}
 PRETRAIN_TASKS = {"pt-caption": Task("pt-caption", "pretraining", _pt_caption, None),
                   "pt-infill": Task("pt-infill", "pretraining", _pt_infill, None)}

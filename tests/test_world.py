@@ -50,7 +50,8 @@ def test_unknown_task_names_the_known_ones():
 
 
 WIDER = ("ve-2way", "nli-2way", "colour-text", "ve-decide", "nli-decide",  # configs/mini-wide.yaml's beyond mini's
-         "ve-strict", "ve-lenient", "nli-strict")  # and the conventions under the target's own prompt
+         "ve-strict", "ve-lenient", "nli-strict",  # and the conventions under the target's own prompt
+         "shape-at", "nli-shuffled")  # and the targets' decisions from other inputs
 
 
 def test_the_wider_pools_tasks_use_no_word_the_backbone_lacks():
@@ -106,6 +107,33 @@ def test_strict_and_lenient_tasks_are_the_targets_very_examples_under_another_co
                    for a, b in pairs)
         assert all(b.answer == (maybe if a.answer == "maybe" else a.answer) for a, b in pairs)
         assert {a.answer for a, _ in pairs} == {"yes", "no", "maybe"} and {b.answer for _, b in pairs} == {"yes", "no"}
+
+
+def test_shape_at_names_the_shape_of_the_object_in_the_cell_it_asks_about():
+    """shape-at draws a scene of 2-3 objects and asks for the shape in one cell: the answer is that object's."""
+    import random
+
+    from common import world
+
+    for i in range(300):
+        e = data.TASKS["shape-at"].make(random.Random(i), 64)
+        rng = random.Random(i)
+        scene = world.random_scene(rng, rng.randint(2, 3))  # the draw shape-at makes first
+        cell = world.POSITIONS.index(e.prompt.split(" at the ")[1].rstrip("?"))
+        assert len(scene.objects) in (2, 3) and [o.shape for o in scene.objects if o.pos == cell] == [e.answer]
+
+
+def test_nli_shuffled_is_nlis_decision_on_its_statements_against_a_reordered_description():
+    """nli-shuffled: drawn alike, the same statement and three-way label as nli, the same objects described in
+    any order, under its own prompt."""
+    def parts(e):
+        text, hyp = e.prompt.split('"')[1].strip(), e.prompt.split('"')[-2]
+        return hyp, sorted(text.split(" : ")[1].replace(" , ", " and ").split(" and "))
+
+    pairs = _drawn_alike("nli", "nli-shuffled")
+    assert all(parts(a) == parts(b) and a.answer == b.answer and a.prompt != b.prompt for a, b in pairs)
+    assert sum(a.prompt.split('"')[1] != b.prompt.split('"')[1] for a, b in pairs) > 50  # reordered, often
+    assert {b.answer for _, b in pairs} == {"yes", "no", "maybe"} and all(b.image is None for _, b in pairs)
 
 
 def test_colour_text_answers_the_colour_its_description_names():
