@@ -52,9 +52,9 @@ def _refexp(rng, size):
     return Example(f' which region does the text " {expr} " describe?', cell, _img(scene, rng, size))
 
 
-def _shape(rng, size):
+def _shape(rng, size, name=lambda shape: shape):
     scene = W.random_scene(rng, 1)
-    return Example(" what is the shape of the object?", scene.objects[0].shape, _img(scene, rng, size))
+    return Example(" what is the shape of the object?", name(scene.objects[0].shape), _img(scene, rng, size))
 
 
 def _colour(rng, size):
@@ -131,6 +131,12 @@ _ve_strict, _ve_lenient = _statements(VE_PROMPT, _two_way), _statements(VE_PROMP
 _nli_strict = _statements(NLI_PROMPT, _two_way)
 
 
+def _shape_plus(rng, size):
+    """shape's very examples, named as a dataset that calls the upright cross a plus (the sign it is) names them:
+    one shape word in four conflicts, under shape's prompt."""
+    return _shape(rng, size, lambda shape: "plus" if shape == "cross" else shape)
+
+
 # the same decision as a target from other inputs, with many examples (as MNLI is to RTE): the neighbour that
 # should transfer most, so a pool holds experts that help a target strongly beside those that conflict with it
 def _shape_at(rng, size):
@@ -184,6 +190,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("nli-strict", "language", _nli_strict, YN),
     Task("shape-at", "vision", _shape_at, W.SHAPES),
     Task("nli-shuffled", "language", _nli_shuffled, YNM),
+    Task("shape-plus", "vision", _shape_plus, ("circle", "square", "triangle", "plus")),
 ]}
 PRETRAIN_TASKS = {"pt-caption": Task("pt-caption", "pretraining", _pt_caption, None),
                   "pt-infill": Task("pt-infill", "pretraining", _pt_infill, None)}

@@ -51,7 +51,8 @@ def test_unknown_task_names_the_known_ones():
 
 WIDER = ("ve-2way", "nli-2way", "colour-text", "ve-decide", "nli-decide",  # configs/mini-wide.yaml's beyond mini's
          "ve-strict", "ve-lenient", "nli-strict",  # and the conventions under the target's own prompt
-         "shape-at", "nli-shuffled")  # and the targets' decisions from other inputs
+         "shape-at", "nli-shuffled",  # and the targets' decisions from other inputs
+         "shape-plus")
 
 
 def test_the_wider_pools_tasks_use_no_word_the_backbone_lacks():
@@ -98,13 +99,18 @@ def test_decide_tasks_ask_whether_the_three_way_statement_is_decidable():
 
 def test_strict_and_lenient_tasks_are_the_targets_very_examples_under_another_convention():
     """ve-strict / ve-lenient / nli-strict: the target's prompt, image and statement drawn alike, the answer
-    its label under a two-way convention (undecidable: no when strict, yes when lenient), never maybe."""
+    its label under a two-way convention (undecidable: no when strict, yes when lenient), never maybe; shape-plus:
+    shape's prompt and image, the cross named plus."""
     for three, other, maybe in (("snli-ve", "ve-strict", "no"), ("snli-ve", "ve-lenient", "yes"),
-                                ("nli", "nli-strict", "no")):
+                                ("nli", "nli-strict", "no"), ("shape", "shape-plus", None)):
         pairs = _drawn_alike(three, other)
         assert all(a.prompt == b.prompt for a, b in pairs)
         assert all((a.image is None) == (b.image is None) and (a.image is None or (a.image == b.image).all())
                    for a, b in pairs)
+        if maybe is None:  # shape-plus: the cross named plus, every other shape as shape names it
+            assert all(b.answer == ("plus" if a.answer == "cross" else a.answer) for a, b in pairs)
+            assert {b.answer for _, b in pairs} == {"circle", "square", "triangle", "plus"}
+            continue
         assert all(b.answer == (maybe if a.answer == "maybe" else a.answer) for a, b in pairs)
         assert {a.answer for a, _ in pairs} == {"yes", "no", "maybe"} and {b.answer for _, b in pairs} == {"yes", "no"}
 
