@@ -1,6 +1,7 @@
 """Tasks as (optional image, prompt) -> answer text, their splits, and batches for the backbone."""
 from __future__ import annotations
 
+import dataclasses
 import random
 import zlib
 from pathlib import Path
@@ -146,6 +147,14 @@ def _shape_at(rng, size):
     return Example(f" what is the shape of the object at the {W.POSITIONS[o.pos]}?", o.shape, _img(scene, rng, size))
 
 
+def _shape_large(rng, size):
+    """shape's question on close-ups: one object, always drawn large (a dataset of close-up photos, its subject
+    filling the frame). shape's decision and its four names, from other inputs than shape's small and large mix."""
+    scene = W.random_scene(rng, 1)
+    scene = W.Scene((dataclasses.replace(scene.objects[0], size="large"),), scene.jitter)
+    return Example(" what is the shape of the object?", scene.objects[0].shape, _img(scene, rng, size))
+
+
 def _nli_shuffled(rng, size):
     """nli's three-way decision on the same kind of statements, read against a description that lists the objects
     in any order with either connective (paraphrase's texts), under a prompt of its own."""
@@ -191,6 +200,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("shape-at", "vision", _shape_at, W.SHAPES),
     Task("nli-shuffled", "language", _nli_shuffled, YNM),
     Task("shape-plus", "vision", _shape_plus, ("circle", "square", "triangle", "plus")),
+    Task("shape-large", "vision", _shape_large, W.SHAPES),
 ]}
 PRETRAIN_TASKS = {"pt-caption": Task("pt-caption", "pretraining", _pt_caption, None),
                   "pt-infill": Task("pt-infill", "pretraining", _pt_infill, None)}

@@ -52,7 +52,7 @@ def test_unknown_task_names_the_known_ones():
 WIDER = ("ve-2way", "nli-2way", "colour-text", "ve-decide", "nli-decide",  # configs/mini-wide.yaml's beyond mini's
          "ve-strict", "ve-lenient", "nli-strict",  # and the conventions under the target's own prompt
          "shape-at", "nli-shuffled",  # and the targets' decisions from other inputs
-         "shape-plus")
+         "shape-plus", "shape-large")
 
 
 def test_the_wider_pools_tasks_use_no_word_the_backbone_lacks():
@@ -113,6 +113,17 @@ def test_strict_and_lenient_tasks_are_the_targets_very_examples_under_another_co
             continue
         assert all(b.answer == (maybe if a.answer == "maybe" else a.answer) for a, b in pairs)
         assert {a.answer for a, _ in pairs} == {"yes", "no", "maybe"} and {b.answer for _, b in pairs} == {"yes", "no"}
+
+
+def test_shape_large_is_shapes_question_on_the_same_object_drawn_large():
+    """shape-large: shape's prompt and answer, drawn alike, the object always large: where shape drew it small,
+    shape-large's image covers it and more; where shape drew it large, the images are the same."""
+    pairs = _drawn_alike("shape", "shape-large")
+    assert all(a.prompt == b.prompt and a.answer == b.answer for a, b in pairs)
+    drawn = [((a.image > 40).any(-1).sum(), (b.image > 40).any(-1).sum(), (a.image == b.image).all())
+             for a, b in pairs]  # the object's pixels (the background is grey below 40), and whether alike
+    assert all(nb >= na and (nb > na) != same for na, nb, same in drawn)
+    assert 0.3 < sum(same for *_, same in drawn) / len(drawn) < 0.7  # shape's sizes: small or large, evenly
 
 
 def test_shape_at_names_the_shape_of_the_object_in_the_cell_it_asks_about():
