@@ -71,7 +71,7 @@ def methods(cfg, run: str, meta: dict) -> tuple[dict, list[str]]:
     out["pi-tuning"] = ("expert", interp / run)
     for d in sorted(interp.glob(f"{run}.*")):
         v = d.name[len(run) + 1:]
-        found.append((v if v.startswith("pair-") else f"pi-{v}", "interpolated", d))
+        found.append((v, "pair", d) if v.startswith("pair-") else (f"pi-{v}", "interpolated", d))
     stale = []
     for name, kind, d in found:
         if not (d / "meta.json").is_file():

@@ -94,7 +94,8 @@ def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts:
                            checkpoint=ckpt, log_every=cfg.log_every)
 
     out = cfg.run_dir / "interpolated" / (f"{run}.{name}" if name else run)
-    ckpts = [Checkpoint.beside(out, ic.checkpoint_every, cfg, "interpolated")]
+    made = "pair" if name.startswith("pair-") else "interpolated"  # what it is made from (MADE_FROM)
+    ckpts = [Checkpoint.beside(out, ic.checkpoint_every, cfg, made)]
     desc = f"interpolate {run}"
     train = data.train_split(cfg, target, shots, cfg.seed)
     mix_on = data.fold_split(cfg, train, cfg.seed)[1] if ic.holdout else train
@@ -108,8 +109,7 @@ def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts:
         merge = stack(experts, trainable=train_experts)
         if train_experts:
             logits.requires_grad_(False)
-            ckpts.append(Checkpoint.beside(out.with_name(f"{out.name}.experts"), ic.checkpoint_every, cfg,
-                                           "interpolated"))
+            ckpts.append(Checkpoint.beside(out.with_name(f"{out.name}.experts"), ic.checkpoint_every, cfg, made))
             loss = fit(merge, train, False, True, ckpts[1], f"{desc} (experts)")
 
     probs = torch.softmax(logits.detach(), dim=-1)

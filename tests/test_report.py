@@ -147,6 +147,17 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
     assert "| snli-ve | 8-shot | weights | undefined | undefined | - |" in study and "to snli-ve was the same" in study
     assert re.search(r"\| weights \| 1 \| [-+.\d]+ \| [-+.\d]+ \| [.\d]+ \|", study) and "nan" not in study
 
+    # the pool grows by a task: its expert, the retrieval and π-Tuning's runs are made again, and of the transfer
+    # row only the new pair run; the others, made from the same two experts as before, stay and count in the row
+    pair = "micro/interpolated/snli-ve-8shot-s0.pair-{}/meta.json"
+    before = {t: (runs / pair.format(t)).stat().st_mtime_ns for t in ("nli", "shape", "null")}
+    p = run("make", "report", "PROFILE=micro", f"PY={sys.executable}", "STAMP=", "REPORT_SHOTS=8", "REPORT_SEEDS=0",
+            "TRANSFER_SHOTS=8", f"OVERRIDES=runs_dir={runs} tasks.pool=[snli-ve,nli,shape,colour]")
+    assert "train_expert.py --task colour" in p.stdout and "--variant pair-colour " in p.stdout, p.stdout[-3000:]
+    assert {t: (runs / pair.format(t)).stat().st_mtime_ns for t in before} == before
+    grown = json.loads(path.read_text())
+    assert set(grown["transfer"]) == {"nli", "shape", "colour"} and grown["left_out"] == []
+
 
 def test_the_transfer_row_names_the_experts_that_hurt_and_the_spread_against_target_onlys_noise():
     from common.report import transfer_row
