@@ -5,7 +5,8 @@ from common.config import UserError, load_config
 
 
 def test_profiles_load():
-    for p in ("configs/mini.yaml", "configs/micro.yaml", "configs/mini-wide.yaml", "configs/mini-conflict.yaml"):
+    for p in ("configs/mini.yaml", "configs/micro.yaml", "configs/mini-wide.yaml", "configs/mini-conflict.yaml",
+              "configs/mini-conflict-frozen.yaml"):
         cfg = load_config(p)
         assert cfg.tasks.pool and cfg.expert.method == "lora"
 
