@@ -267,7 +267,7 @@ def write_study(cfg, targets: list[str]) -> Path:
                 if not test:
                     continue
                 val, test = ([x for x in v if not math.isnan(x)] for v in (val, test))
-                if not test:  # every seed's transfers all the same (a target at its ceiling): nothing to rank
+                if not test:  # every seed's transfers all the same (a target at its ceiling), or one: nothing to rank
                     md.append(f"| {t} | {_shots_label(s)} | {emb} | undefined | undefined | - |")
                     undefined.add(t)
                     continue
@@ -282,7 +282,8 @@ def write_study(cfg, targets: list[str]) -> Path:
                     matrix.setdefault(t, {}).setdefault(n, []).append(v)
     if undefined:
         md += ["", f"Undefined: every pool expert's transfer to {', '.join(sorted(undefined))} was the same in every "
-               "seed (a target at its ceiling), so there is no ranking to correlate with or to take the top of; "
+               "seed (a target at its ceiling), or one expert's alone was measured, so there is no ranking to "
+               "correlate with or to take the top of; "
                "the line below leaves it out."]
     if overall:
         md += ["", "Across targets (each target's mean over seeds, then their mean; ranked by validation):", "",
@@ -396,7 +397,7 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
                *rho_rows, ""]
         if any("undefined" in row for row in rho_rows):
             md += ["Undefined: every transfer of that seed is the same (all 0 where the target is at its ceiling), "
-                   "so there is no ranking to correlate with.", ""]
+                   "or one expert's alone was measured, so there is no ranking to correlate with.", ""]
     if scatter:
         s, per_expert, rho = scatter[-1]
         md += [f"At {_shots_label(s)} (retrieval's embedding):", "",
