@@ -126,9 +126,9 @@ endif
 
 # A pair run is made from the target's expert and one pool expert (common/config.py MADE_FROM["pair"]), not
 # from the pool or the retrieval: the row's process makes only the pair runs missing or older than what they are
-# made from, so a pool that grows adds its new pair runs and keeps the others.
+# made from (or from what is not made yet), so a pool that grows adds its new pair runs and keeps the others.
 PAIR_FROM = $(TGT_EXP) $(FOLD) $(CFG)/interpolate.json $(if $(filter $(1),$(CONTROL)),,$(RUN)/experts/$(1)/meta.json)
-PAIR_DUE  = $(shell m=$(RUN)/interpolated/$(NAME).pair-$(1)/meta.json; [ -f $$m ] && [ -z "$$(find $(call PAIR_FROM,$(1)) -newer $$m)" ] || echo pair-$(1))
+PAIR_DUE  = $(shell m=$(RUN)/interpolated/$(NAME).pair-$(1)/meta.json; [ -f $$m ] && [ -z "$$(find $(call PAIR_FROM,$(1)) -newer $$m 2>&1)" ] || echo pair-$(1))
 PAIRS_DUE = $(strip $(foreach t,$(OTHERS) $(CONTROL),$(call PAIR_DUE,$(t))))
 $(PAIRS) &: $(POOL_EXP) $(TGT_EXP) $(FOLD) $(CFG)/interpolate.json | $(SIM)
 	$(if $(PAIRS_DUE),$(STAGE_CMD) interpolate.py --target $(TARGET) --variant $(subst $(SPACE),$(COMMA),$(PAIRS_DUE)) $(ARGS),@:)
