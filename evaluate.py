@@ -29,7 +29,8 @@ import torch
 from common import data, dist
 from common.artifacts import read_json, write_json, write_text
 from common.backbone import load_backbone
-from common.config import NULL, UserError, changed_fields, parse_stage, require_current, run_stage, stage_parser
+from common.config import (NULL, UserError, changed_fields, interpolated_kind, parse_stage, require_current, run_stage,
+                           stage_parser)
 from common.device import accelerator
 from common.expert_types import EXPERT_TYPES
 from common.experts import (MergedExpert, current_expert, expert_dir, expert_name, folded, load_expert, load_pool,
@@ -71,7 +72,7 @@ def methods(cfg, run: str, meta: dict) -> tuple[dict, list[str]]:
     out["pi-tuning"] = ("expert", interp / run)
     for d in sorted(interp.glob(f"{run}.*")):
         v = d.name[len(run) + 1:]
-        found.append((v, "pair", d) if v.startswith("pair-") else (f"pi-{v}", "interpolated", d))
+        found.append((v if v.startswith("pair-") else f"pi-{v}", interpolated_kind(v), d))
     stale = []
     for name, kind, d in found:
         if not (d / "meta.json").is_file():

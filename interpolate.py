@@ -26,7 +26,8 @@ import torch
 from common import data
 from common.artifacts import atomic_dir, read_json, write_json
 from common.backbone import backbone_dir, fingerprint, load_backbone
-from common.config import NULL, UserError, parse_stage, require_current, run_stage, stage_parser
+from common.config import (NULL, UserError, interpolated_kind, parse_stage, require_current, run_stage,
+                           stage_parser)
 from common.device import accelerator
 from common.expert_types import EXPERT_TYPES
 from common.experts import MergedExpert, expert_dir, expert_name, load_pool, unload_expert
@@ -94,7 +95,7 @@ def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts:
                            checkpoint=ckpt, log_every=cfg.log_every)
 
     out = cfg.run_dir / "interpolated" / (f"{run}.{name}" if name else run)
-    made = "pair" if name.startswith("pair-") else "interpolated"  # what it is made from (MADE_FROM)
+    made = interpolated_kind(name)
     ckpts = [Checkpoint.beside(out, ic.checkpoint_every, cfg, made)]
     desc = f"interpolate {run}"
     train = data.train_split(cfg, target, shots, cfg.seed)

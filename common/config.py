@@ -437,6 +437,11 @@ MADE_FROM["interpolated"] = MADE_FROM["similarity"] + ("interpolate",)
 # a pair run (one pool expert with the target's: a cell of the transfer row) is made from those two experts,
 # not from the pool or the retrieval: a pool that grows adds pair runs and keeps the others
 MADE_FROM["pair"] = MADE_FROM["target"] + ("interpolate",)
+
+
+def interpolated_kind(variant: str) -> str:
+    """The MADE_FROM entry of an interpolate.py run of this --variant ('' = π-Tuning): a pair run's or the others'."""
+    return "pair" if variant.startswith("pair-") else "interpolated"
 # the sizes of the splits that scoring reads: a result is made from them; the backbone, the experts and the
 # Fishers are not (they train on train; an expert's and the backbone's validation figures in their meta.json
 # read at most expert.eval_size and 200 examples), so a larger test split rebuilds none of them

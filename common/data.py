@@ -53,8 +53,10 @@ def _refexp(rng, size):
     return Example(f' which region does the text " {expr} " describe?', cell, _img(scene, rng, size))
 
 
-def _shape(rng, size, name=lambda shape: shape):
+def _shape(rng, size, name=lambda shape: shape, large: bool = False):
     scene = W.random_scene(rng, 1)
+    if large:  # the same draw, the object drawn large
+        scene = W.Scene((dataclasses.replace(scene.objects[0], size="large"),), scene.jitter)
     return Example(" what is the shape of the object?", name(scene.objects[0].shape), _img(scene, rng, size))
 
 
@@ -150,9 +152,7 @@ def _shape_at(rng, size):
 def _shape_large(rng, size):
     """shape's question on close-ups: one object, always drawn large (a dataset of close-up photos, its subject
     filling the frame). shape's decision and its four names, from other inputs than shape's small and large mix."""
-    scene = W.random_scene(rng, 1)
-    scene = W.Scene((dataclasses.replace(scene.objects[0], size="large"),), scene.jitter)
-    return Example(" what is the shape of the object?", scene.objects[0].shape, _img(scene, rng, size))
+    return _shape(rng, size, large=True)
 
 
 def _nli_shuffled(rng, size):
