@@ -54,6 +54,8 @@ def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:
         raise UserError(f"{cfg.path}: {e} (expert.method / backbone must be the same for all of {names})")
     label = (names[0] if target else "pool") + suffix
     result = {"names": names, "fisher": recorded(cfg.fisher), "config": cfg.to_dict()}
+    if how.examples:  # which of each expert's examples it was embedded by (data.subset)
+        result["examples"] = how.examples(cfg, names)
     if target:
         result |= {"target": names[0], "row": rows[0], "top_k": top_k_similar(names, rows[0], cfg.interpolate.top_k)}
     else:

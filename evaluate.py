@@ -21,7 +21,6 @@ if __name__ == "__main__":  # a stage's own process: no garbage collections whil
     gc.disable()
 
 import fcntl
-import statistics
 import time
 
 import torch
@@ -36,7 +35,7 @@ from common.expert_types import EXPERT_TYPES
 from common.experts import (MergedExpert, current_expert, expert_dir, expert_name, folded, load_expert, load_pool,
                             unload_expert)
 from common.metrics import task_scores
-from common.report import load_results, on_val, ordered, pack, scores_of, unpack
+from common.report import load_results, mean_sd, on_val, ordered, pack, scores_of, seeds, shots_label, unpack
 
 
 
@@ -86,21 +85,16 @@ def methods(cfg, run: str, meta: dict) -> tuple[dict, list[str]]:
 
 
 def table(target: str, metric: str, runs: list[dict], left_out: list[str]) -> str:
-    """Markdown: one row per method, mean ± std over the seeds evaluated, per shots setting; a last line for
-    the results left out as made under another config."""
+    """Markdown: one row per method, mean ± std over the seeds evaluated (one seed: its value), per shots
+    setting; a last line for the results left out as made under another config."""
     by_shots: dict[int, list[dict]] = {}
     for r in runs:
         by_shots.setdefault(r["shots"], []).append(r)
-    lines = [f"| {target} (test {metric}) | " + " | ".join(f"{f'{s}-shot' if s else 'full data'} (n={len(rs)} seeds)" for s, rs in
+    lines = [f"| {target} (test {metric}) | " + " | ".join(f"{shots_label(s)} ({seeds(len(rs))})" for s, rs in
                                                      sorted(by_shots.items())) + " |",
              "|---" * (1 + len(by_shots)) + "|"]
-    shown = ordered(runs)
-    for m in shown:
-        cells = []
-        for _, rs in sorted(by_shots.items()):
-            vals = [r["scores"][m] for r in rs if m in r["scores"]]
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{statistics.mean(vals):.3f} ± {sd:.3f}" if vals else "-")
+    for m in ordered(runs):
+        cells = [mean_sd([r["scores"][m] for r in rs if m in r["scores"]]) for _, rs in sorted(by_shots.items())]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if left_out:
         lines += ["", f"Left out, made under another config: {'; '.join(left_out)}."]

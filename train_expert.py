@@ -170,7 +170,8 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
         write_json(tmp / "meta.json", {
             "name": name, "task": task_name, "family": task.family, "method": ec.method if variant == "fold" else
             variant or ec.method, "shots": shots, **({"holdout": cfg.interpolate.holdout} if variant == "fold" else {}),
-            "seed": seed, "train_size": len(train), "val_size": len(val), "steps": steps, "final_loss": loss,
+            "seed": seed, "train_size": len(train), "train_rows": data.train_rows(cfg, task_name), "val_size": len(val),
+            "steps": steps, "final_loss": loss,
             "val_metric": metric, "val_value": value, "trainable_params": sum(p.numel() for p in params),
             "backbone": fingerprint(backbone_dir(cfg)), "seconds": round(time.time() - t0, 1),
             "config": cfg.to_dict()})

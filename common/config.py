@@ -76,9 +76,13 @@ class DataConfig:
     # per task, split -> file under root instead of the catalogue's default, e.g.
     # {snli-ve: {train: snli_ve/snli_ve_train.jsonl}} (SNLI-VE's own annotations + root/flickr30k-images/)
     files: dict = field(default_factory=dict)
-    train_size: int = ranged(0, 0)  # read at most this many training rows per task (0 = all)
+    # at most this many rows of a split, a seeded random sample of the file's (0 = all of them)
+    train_size: int = ranged(0, 0)
     val_size: int = ranged(1000, 1)
-    test_size: int = ranged(0, 0)  # 0 = the whole test split
+    test_size: int = ranged(0, 0)
+    # leave out of every task's training data the examples whose image is in a scored split (val or test) of any
+    # task in the pool (by image id where the task names one, else by the image's bytes): data.without_scored
+    exclude_scored_images: bool = True
     # DataLoader worker processes that read and encode the training batches (0: the stage's own process);
     # how a batch is made, not what it is: the same batches either way
     num_workers: int = ranged(0, 0)

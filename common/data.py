@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import world as W
 from common.config import UserError, WorldConfig
-from common.readers import catalogue, fetch_hub, read_defined
+from common.artifacts import atomic_file
+from common.readers import catalogue, fetch_hub, image_key, read_defined
 from common.tasks import Example, Task, define, holdout_split, k_shot
 
 
@@ -235,8 +238,6 @@ def task(cfg, name: str, where: str = "tasks.pool"):
         return define(name, cfg.tasks.define[name], cfg.path)
     if cfg.data.source == "mini":
         return get_task(name, where)
-    import dataclasses
-
     known = catalogue()
     if name not in known:
         raise UserError(f"unknown task '{name}' in {where} (data.source=files); known: {', '.join(known)}")
@@ -247,19 +248,120 @@ def task(cfg, name: str, where: str = "tasks.pool"):
 
 
 def split(cfg, name: str, which: str, n: int | None = None) -> list[Example]:
-    """The first n examples of a task's split (train | val | test), from the world or from data.root."""
-    if cfg.data.source == "mini" and name not in cfg.tasks.define:
-        return examples(name, which, cfg.world, n)
+    """At most n examples of a task's split (train | val | test): the mini world's first n (its stream draws every
+    example at random, so they are a random sample), or a seeded random sample of a file's rows (Rows.sample:
+    a file's first rows are not one), within the data section's cap (data.train_size, val_size, test_size; 0 =
+    none). Training examples that show an image of a scored split are left out first (without_scored)."""
+    if from_world(cfg, name):
+        exs = examples(name, which, cfg.world, None if which == "train" else n)
+        return without_scored(cfg, name, exs)[0][:n] if which == "train" else exs
     cap = {"train": cfg.data.train_size, "val": cfg.data.val_size, "test": cfg.data.test_size}[which] or None
-    n = min((x for x in (n, cap) if x), default=None)  # the data section's cap on files, 0 = none
+    n = min((x for x in (n, cap) if x), default=None)
+    rows = _read(cfg, name, which)
+    if which == "train":
+        rows = without_scored(cfg, name, rows)[0]
+    return rows.sample(n, f"{name}/{which}")
+
+
+def _read(cfg, name: str, which: str):
+    """Every row of a defined task's split (readers.read_defined), fetched from the hub first where data.download
+    says so and its files are missing."""
     t, root = task(cfg, name), Path(cfg.data.root)
     try:
-        return read_defined(t, which, root, n, cfg.data.num_workers)
+        return read_defined(t, which, root, cfg.data.num_workers)
     except UserError:
         if not (cfg.data.download and t.hub) or (root / t.files.get(which, "")).is_file():
             raise
         fetch_hub(t, which, root)  # then read the downloaded shards (a failed fetch says how to get them by hand)
-        return read_defined(t, which, root, n, cfg.data.num_workers)
+        return read_defined(t, which, root, cfg.data.num_workers)
+
+
+# ---- the overlap guard: no image of a scored split in any task's training data ----
+
+def image_keys(exs) -> np.ndarray | None:
+    """Each example's image key (readers.image_key: a file's image ids or bytes, the mini world's pixels); None
+    for a text task."""
+    if hasattr(exs, "image_keys"):
+        return exs.image_keys() if exs.source.task.image else None
+    if not len(exs) or exs[0].image is None:
+        return None
+    return np.array([image_key(b"%dx%d:" % e.image.shape[:2] + e.image.tobytes()) for e in exs], dtype=np.uint64)
+
+
+def scored_images(cfg) -> np.ndarray:
+    """The sorted keys of every image in a scored split (val, test: whole, before any cap) of any task in the pool.
+    A split's keys are cached: beside a data file (readers.beside), or for the mini world under
+    runs/<profile>/cache/ (its 2 x 23 scored splits take 6 s to draw)."""
+    keys = []
+    for name in cfg.tasks.pool:
+        for which in ("val", "test"):
+            if from_world(cfg, name):
+                if get_task(name).family == "language":  # text only
+                    continue
+                world = json.dumps(dataclasses.asdict(cfg.world), sort_keys=True)
+                path = cfg.run_dir / "cache" / f"images-{name}-{which}-{zlib.crc32(world.encode()):08x}.npy"
+                if path.is_file():
+                    keys.append(np.load(path))
+                    continue
+                found = image_keys(examples(name, which, cfg.world))
+                with atomic_file(path) as tmp:
+                    with open(tmp, "wb") as fh:
+                        np.save(fh, found)
+            elif task(cfg, name).image:
+                found = image_keys(_read(cfg, name, which))
+            else:
+                continue
+            keys.append(found)
+    return np.unique(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.uint64)
+
+
+def without_scored(cfg, name: str, exs):
+    """(a task's training examples without those whose image is in a scored split of the pool, how many were
+    left out): data.exclude_scored_images, so that no pool expert trains on an image a target is scored on and
+    one pool expert serves every target. A task with nothing left stops in one line."""
+    keys = image_keys(exs) if cfg.data.exclude_scored_images else None
+    if keys is None:
+        return exs, 0
+    shared = np.isin(keys, scored_images(cfg))
+    if not shared.any():
+        return exs, 0
+    if shared.all():
+        raise UserError(f"{cfg.path}: every training example of {name} ({len(exs)}) shows an image of a scored "
+                        f"split of a task in tasks.pool; leave {name} or the task it shares images with out of "
+                        f"tasks.pool, or set data.exclude_scored_images=false")
+    kept = exs.take(~shared) if hasattr(exs, "take") else [e for e, s in zip(exs, shared) if not s]
+    return kept, int(shared.sum())
+
+
+def train_rows(cfg, name: str) -> dict:
+    """What a task's training examples were taken from, for the metadata of what trains on them: the split's
+    examples, how many the overlap guard left out (without_scored), and how many were used (a seeded sample
+    where data.train_size caps a file's rows)."""
+    exs = examples(name, "train", cfg.world) if from_world(cfg, name) else _read(cfg, name, "train")
+    kept, dropped = without_scored(cfg, name, exs)
+    cap = 0 if from_world(cfg, name) else cfg.data.train_size
+    used = min(cap or len(kept), len(kept))
+    return {"rows": len(exs), "dropped_scored_images": dropped, "used": used,
+            **({"sample": f"seeded random ('{name}/train', data.train_size)"} if used < len(kept) else {})}
+
+
+def from_world(cfg, name: str) -> bool:
+    """Is the task the mini world's (its splits drawn example by example at random), not read from files?"""
+    return cfg.data.source == "mini" and name not in cfg.tasks.define
+
+
+def subset(cfg, name: str, exs, n: int, key: str) -> tuple[list[Example], str]:
+    """(at most n of a task's examples exs, how they were taken): the first n of the mini world's (drawn at random
+    already), else a seeded random sample (seeded by `key`) in their order: a file's first rows are not a random
+    sample, nor is the start of a k-per-class sample (its classes in file order)."""
+    if len(exs) <= n:
+        return exs, f"all {len(exs)}"
+    if from_world(cfg, name):
+        return exs[:n], f"the first {n} of {len(exs)} (the mini world draws each at random)"
+    if hasattr(exs, "sample"):
+        return exs.sample(n, key), f"{n} of {len(exs)}, a seeded random sample ('{key}')"
+    pick = sorted(random.Random(key).sample(range(len(exs)), n))
+    return [exs[i] for i in pick], f"{n} of {len(exs)}, a seeded random sample ('{key}')"
 
 
 def train_split(cfg, name: str, shots: int, seed: int, where: str = "tasks.target_shots") -> list[Example]:
@@ -285,7 +387,7 @@ def fold_split(cfg, train: list[Example], seed: int) -> tuple[list[Example], lis
 def check_words(cfg, name: str, enc: "Encoder", *splits: list[Example]) -> None:
     """The embedded backbone knows the mini world's words only: a task read from files that uses others stops
     here, in one line naming them (a real backbone's subword tokenizer has no unknown words)."""
-    if cfg.backbone.source != "embedded" or (cfg.data.source == "mini" and name not in cfg.tasks.define):
+    if cfg.backbone.source != "embedded" or from_world(cfg, name):
         return
     vocab, split = enc.tok.get_vocab(), enc.tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str
     rows = [e for exs in splits for e in (exs.texts() if hasattr(exs, "texts") else exs)]  # Rows: no image read

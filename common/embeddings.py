@@ -18,6 +18,7 @@ class Embedding:
     embed: Callable
     similarity: Callable
     settings: tuple = ()  # the `fisher` fields that change it, recorded in the similarity file beside its name
+    examples: Callable | None = None  # (cfg, names) -> {expert: which of its examples it took}, recorded too
 
 
 def _similarity(attr: str) -> Callable:
@@ -38,7 +39,8 @@ def _each(attr: str, work: str) -> Callable:
 EMBEDDINGS = {e.name: e for e in (
     # π-Tuning's: the diagonal Fisher of each expert on its own data, compared by the paper's normalised cosine
     Embedding("fisher", "diagonal Fisher of each expert", _similarity("fisher_embeddings"),
-              _similarity("task_similarity"), ("estimator", "samples", "normalize", "passes", "at", "answers")),
+              _similarity("task_similarity"), ("estimator", "samples", "normalize", "passes", "at", "answers"),
+              _similarity("fisher_samples")),
     # SPoT-style: what each expert changed at each site, by plain cosine (no backbone pass)
     Embedding("weights", "cosine of the experts' updates", _each("weight_embedding", "weight updates"),
               _similarity("update_similarity")),

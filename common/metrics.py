@@ -209,35 +209,74 @@ def exact_match(pred: str, refs) -> float:
 
 
 # ---- Real-data metrics: pure functions on strings, no model (VQA accuracy, Acc@IoU, BLEU-4, CIDEr-D) ----
-# the official VQA evaluation's normalisation (vqaEval.py: processPunctuation, processDigitArticle; no contractions)
+# VQA accuracy as the official evaluation computes it (GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/
+# vqaEval.py): the answer goes through processPunctuation and processDigitArticle; the ten human answers through
+# processPunctuation alone, and only where they are not all the same; then the mean over the ten leave-one-out
+# subsets of min(1, matches / 3)
 _VQA_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
-_VQA_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: the official pattern
+_VQA_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: '(?!<=' is the official pattern (a lookahead)
 _VQA_COMMA = re.compile(r"(\d)(,)(\d)")
 _VQA_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_VQA_ARTICLES = ("a", "an", "the")
+# the official map of contractions written without their apostrophe (its quirks kept: somebody'd -> somebodyd)
+_VQA_CONTRACTIONS = dict(pair.split("=") for pair in """
+aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't couldn'tve=couldn't've couldnt've=couldn't've
+didnt=didn't doesnt=doesn't dont=don't hadnt=hadn't hadnt've=hadn't've hadn'tve=hadn't've hasnt=hasn't
+havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's howd=how'd howll=how'll hows=how's Id've=I'd've
+I'dve=I'd've Im=I'm Ive=I've isnt=isn't itd=it'd itd've=it'd've it'dve=it'd've itll=it'll let's=let's maam=ma'am
+mightnt=mightn't mightnt've=mightn't've mightn'tve=mightn't've mightve=might've mustnt=mustn't mustve=must've
+neednt=needn't notve=not've oclock=o'clock oughtnt=oughtn't ow's'at='ow's'at 'ows'at='ow's'at 'ow'sat='ow's'at
+shant=shan't shed've=she'd've she'dve=she'd've she's=she's shouldve=should've shouldnt=shouldn't
+shouldnt've=shouldn't've shouldn'tve=shouldn't've somebody'd=somebodyd somebodyd've=somebody'd've
+somebody'dve=somebody'd've somebodyll=somebody'll somebodys=somebody's someoned=someone'd someoned've=someone'd've
+someone'dve=someone'd've someonell=someone'll someones=someone's somethingd=something'd
+somethingd've=something'd've something'dve=something'd've somethingll=something'll thats=that's thered=there'd
+thered've=there'd've there'dve=there'd've therere=there're theres=there's theyd=they'd theyd've=they'd've
+they'dve=they'd've theyll=they'll theyre=they're theyve=they've twas='twas wasnt=wasn't wed've=we'd've
+we'dve=we'd've weve=we've werent=weren't whatll=what'll whatre=what're whats=what's whatve=what've whens=when's
+whered=where'd wheres=where's whereve=where've whod=who'd whod've=who'd've who'dve=who'd've wholl=who'll whos=who's
+whove=who've whyll=why'll whyre=why're whys=why's wont=won't wouldve=would've wouldnt=wouldn't
+wouldnt've=wouldn't've wouldn'tve=wouldn't've yall=y'all yall'll=y'all'll y'allll=y'all'll yall'd've=y'all'd've
+y'alld've=y'all'd've y'all'dve=y'all'd've youd=you'd youd've=you'd've you'dve=you'd've youll=you'll youre=you're
+youve=you've""".split())
+
+
+def vqa_punctuation(text: str) -> str:
+    """processPunctuation: a mark glued to a word goes, one standing free becomes a space (every mark goes where
+    the text has a comma between digits); then periods not beside a digit go."""
+    out = text
+    for p in _VQA_PUNCT:  # the test is on the original text, for every mark
+        glued = p + " " in text or " " + p in text or _VQA_COMMA.search(text) is not None
+        out = out.replace(p, "" if glued else " ")
+    return _VQA_PERIOD.sub("", out, count=32)  # the official passes re.UNICODE (32) where sub takes its count
+
+
+def vqa_digits_articles(text: str) -> str:
+    """processDigitArticle: lower case, number words as digits, no articles, contractions given their apostrophe."""
+    words = [_VQA_NUMBERS.get(w, w) for w in text.lower().split()]
+    return " ".join(_VQA_CONTRACTIONS.get(w, w) for w in words if w not in _VQA_ARTICLES)
 
 
 def vqa_normalize(answer: str) -> str:
-    """An answer as the official VQA eval compares it: punctuation, lower case, number words as digits, no articles."""
-    text = " ".join(answer.replace("\n", " ").replace("\t", " ").split())
-    out = text
-    for p in _VQA_PUNCT:  # glued punctuation goes, free-standing punctuation becomes a space (official rule)
-        glued = p + " " in text or " " + p in text or _VQA_COMMA.search(text) is not None
-        out = out.replace(p, "" if glued else " ")
-    out = _VQA_PERIOD.sub("", out)
-    words = [_VQA_NUMBERS.get(w, w) for w in out.lower().split()]
-    return " ".join(w for w in words if w not in ("a", "an", "the"))
+    """A predicted answer as the official evaluation compares it."""
+    return vqa_digits_articles(vqa_punctuation(answer.replace("\n", " ").replace("\t", " ").strip()))
 
 
 def vqa_accuracy(pred: str, refs) -> float:
-    """VQA accuracy of one answer: min(#refs equal to it / 3, 1), averaged over the leave-one-out subsets of refs."""
-    p = vqa_normalize(pred)
+    """The official VQA accuracy of one answer against the human answers: the answer normalised (vqa_normalize),
+    the human answers stripped of punctuation where they differ, and the mean over the leave-one-out subsets of
+    the answers of min(1, matches / 3). One reference: min(1, matches / 3) (the official subsets of one are
+    empty). An empty answer scores 0 (OFA's rebuilt references pad the ten with "")."""
+    p, refs = vqa_normalize(pred), list(refs)
     if not p or not refs:
         return 0.0
-    n, m = len(refs), sum(vqa_normalize(r) == p for r in refs)
+    if len(set(refs)) > 1:
+        refs = [vqa_punctuation(r) for r in refs]
+    n, m = len(refs), sum(r == p for r in refs)
     if n == 1:
         return min(m / 3, 1.0)
-    # leaving out one of the m matching refs leaves m-1 matches; leaving out any other leaves m
+    # leaving out one of the m matching answers leaves m - 1 matches; leaving out any other leaves m
     return (m * min((m - 1) / 3, 1.0) + (n - m) * min(m / 3, 1.0)) / n
 
 

@@ -13,12 +13,14 @@ import base64
 import binascii
 import csv
 import functools
+import hashlib
 import io
 import json
 import math
 import os
 import random
 import re
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -211,6 +213,22 @@ class Rows(Sequence):
         """Each row without its image (none read), for what looks at the words only."""
         return [self.source.text(int(j)) for j in self.index]
 
+    def image_keys(self) -> np.ndarray:
+        return self.source.image_keys()[self.index]
+
+    def take(self, keep: np.ndarray) -> "Rows":
+        """The rows where `keep` (a mask over this view) is true."""
+        return Rows(self.source, self.index[keep], self.workers)
+
+    def sample(self, n: int | None, key: str) -> "Rows":
+        """At most n of these rows: all of them, or a seeded random sample of n (seeded by `key`), in file order.
+        A file's first rows are not a random sample (OFA's TSVs group their rows by image); samples of one key
+        nest (the 200 rows of n=200 are among the 1,000 of n=1000)."""
+        if n is None or n >= len(self):
+            return self
+        pick = np.random.default_rng(zlib.crc32(key.encode())).permutation(len(self))[:n]
+        return Rows(self.source, self.index[np.sort(pick)], self.workers)
+
 
 class _Source:
     """A defined task's rows in one split's file(s), for Rows: row(j) is row j's columns as read (renamed by the
@@ -219,6 +237,44 @@ class _Source:
 
     def __init__(self, task: DefinedTask, layout: dict, root: Path, path: Path):
         self.task, self.layout, self.root, self.path, self.names = task, layout, root, path, None
+        self.classes: tuple[str, ...] = ()  # a parquet schema's class names (ClassLabel), if any
+
+    def rows(self):
+        """(where, columns) of every row, in order."""
+        return ((self.where(j), self.row(j)) for j in range(len(self)))
+
+    def image_keys(self) -> np.ndarray:
+        """Every row's image key (image_key of _image_id), as uint64: the overlap guard's and the val carve's view
+        of the images."""
+        def keys() -> np.ndarray:
+            out = np.empty(len(self), dtype=np.uint64)
+            for j, (where, f) in enumerate(self.rows()):
+                try:
+                    out[j] = image_key(self._image_id(f))
+                except KeyError as e:
+                    raise UserError(f"{self.path}:{where}: no column {e} in this row") from None
+                except OSError as e:
+                    raise UserError(f"{self.path}:{where}: unreadable image ({' '.join(str(e).split())[:100]})") \
+                        from None
+            return out
+
+        t = self.task
+        rule = json.dumps([self.layout["image_id"], t.image_set, t.image, self.layout["image_kind"],
+                           self.layout["image_root"], t.columns, str(self.root.resolve())])
+        return beside(self.path, f"images-{_digest(rule.encode())[:12]}", keys) if self.path.is_file() else keys()
+
+    def _image_id(self, f: dict) -> str | bytes:
+        """What tells a row's image: its id within the image set, the file it is in (tasks that read one folder of
+        images share them, and no image is read), or its bytes."""
+        t, column = self.task, self.layout["image_id"]
+        if column:
+            return f"{t.image_set}:{f[column]}"
+        raw = f[t.image]
+        if isinstance(raw, dict):
+            raw = raw.get("bytes")
+        if isinstance(raw, str) and self.layout["image_kind"] == "path":
+            return f"file:{(self.root / self.layout['image_root'] / raw).resolve()}"
+        return base64.urlsafe_b64decode(raw) if isinstance(raw, str) else bytes(raw)
 
     def example(self, j: int) -> Example:
         return self._read(_example, j)
@@ -285,6 +341,11 @@ class LineSource(_Source):
     def where(self, j: int) -> str:
         return str(j + 1)
 
+    def rows(self):  # one sequential pass, not a seek per row
+        with open(self.path, encoding="utf-8") as fh:
+            for i, line in enumerate(fh, 1):
+                yield str(i), _split_line(self.task, self.fmt, self.path, i, line)
+
 
 def _split_line(task: DefinedTask, fmt: str, path: Path, lineno: int, line: str) -> dict:
     """A headerless line's columns by the definition's `columns` (OFA's base64 holds no tab; csv is parsed)."""
@@ -297,47 +358,52 @@ def _split_line(task: DefinedTask, fmt: str, path: Path, lineno: int, line: str)
     return {name: cols[i] for i, name in enumerate(task.columns) if name}
 
 
-def line_index(path: Path) -> np.ndarray:
-    """The byte offset of every line of a file, found in one pass of 16 MB reads and cached beside it
-    (.<name>.lines.npy, rebuilt when the file's size or mtime changes; not cached where the folder is
-    read-only). A 530k-row TSV of base64 images is indexed once, then opened in milliseconds."""
+def beside(path: Path, tag: str, compute) -> np.ndarray:
+    """compute()'s array for data file `path`, cached beside it as .<name>.<tag>.npz and rebuilt when the file's
+    size or mtime changes (or the cache does not read); not cached where the folder is read-only. `tag` names
+    what was computed and how, so two ways of computing keep two caches."""
     stat = path.stat()
-    cache = path.with_name(f".{path.name}.lines.npy")
+    cache = path.with_name(f".{path.name}.{tag}.npz")
+    stamp = np.array([stat.st_size, stat.st_mtime_ns], dtype=np.int64)
     if cache.is_file():
         try:
-            saved = np.load(cache)
-            if saved[0] == stat.st_size and saved[1] == stat.st_mtime_ns:
-                return saved[2:]
-        except (OSError, ValueError):
+            with np.load(cache) as saved:
+                if np.array_equal(saved["stamp"], stamp):
+                    return saved["data"]
+        except (OSError, ValueError, KeyError):
             pass  # unreadable: built again
-    starts, pos = [np.zeros(1, np.int64)], 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 24):
-            starts.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10).astype(np.int64) + pos + 1)
-            pos += len(chunk)
-    offsets = np.concatenate(starts)
-    offsets = offsets[offsets < stat.st_size]  # no line after the final newline
+    data = compute()
     try:
         from common.artifacts import atomic_file
 
         with atomic_file(cache) as tmp:
             with open(tmp, "wb") as fh:
-                np.save(fh, np.concatenate([[stat.st_size, stat.st_mtime_ns], offsets]).astype(np.int64))
+                np.savez(fh, stamp=stamp, data=data)
     except OSError:
         pass
-    return offsets
+    return data
+
+
+def line_index(path: Path) -> np.ndarray:
+    """The byte offset of every line of a file, found in one pass of 16 MB reads and cached beside it (`beside`).
+    A 530k-row TSV of base64 images is indexed once, then opened in milliseconds."""
+    def offsets() -> np.ndarray:
+        starts, pos = [np.zeros(1, np.int64)], 0
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                starts.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10).astype(np.int64) + pos + 1)
+                pos += len(chunk)
+        found = np.concatenate(starts)
+        return found[found < path.stat().st_size]  # no line after the final newline
+
+    return beside(path, "lines", offsets)
 
 
 def _line_source(task: DefinedTask, fmt: str, layout: dict, root: Path, path: Path) -> LineSource:
     offsets = line_index(path)
     if not len(offsets):
         raise UserError(f"{task.where}.files: {path} is empty; a split needs at least one row")
-    source = LineSource(task, layout, root, path, offsets, fmt)
-    if task.all_answers:  # every answer in the file: one pass over its text, nothing kept but the answers
-        with open(path, encoding="utf-8") as fh:
-            rows = ((str(i), _split_line(task, fmt, path, i, line)) for i, line in enumerate(fh, 1))
-            source.names = _every_answer(task, layout["labels"], path, rows)
-    return source
+    return LineSource(task, layout, root, path, offsets, fmt)
 
 
 def _every_answer(task: DefinedTask, labels: dict, path: Path, rows) -> tuple[str, ...]:
@@ -400,8 +466,8 @@ def _class_label_names(path: Path, column: str) -> list[str] | None:
     return feature.get("names")
 
 
-def _record_source(task: DefinedTask, fmt: str, layout: dict, root: Path, paths: list[Path], which: str,
-                   n: int | None) -> RecordSource:
+def _record_source(task: DefinedTask, fmt: str, layout: dict, root: Path, paths: list[Path],
+                   which: str) -> RecordSource:
     rename, several, class_names = layout["rename"], len(paths) > 1, None
     if fmt == "parquet" and not layout["labels"]:  # integer labels: their ClassLabel names
         column = next((c for c, ours in rename.items() if ours == task.answer), task.answer)
@@ -411,23 +477,12 @@ def _record_source(task: DefinedTask, fmt: str, layout: dict, root: Path, paths:
     records, wheres = [], []
     for path in paths:
         for where, rec in _records(fmt, path, which):
-            if n is not None and len(records) >= n:
-                break
             records.append({rename.get(k, k): v for k, v in rec.items()} if rename else rec)
             wheres.append(f"{path.name}:{where}" if several else where)
     if not records:
         raise UserError(f"{task.where}.files.{which}: {paths[0]} has no rows; a split needs at least one example")
     source = RecordSource(task, layout, root, paths[0].parent if several else paths[0], records, wheres)
-    if task.all_answers:
-        if fmt == "coop-json":  # CoOp's classes: those of every split in the file
-            parts = _coop_split(paths[0], paths[0].stat().st_mtime_ns).items()
-            rows = [(f"{s}[{i}]", {"image": r[0], "label": r[1], "classname": r[2]})
-                    for s, part in parts for i, r in enumerate(part)]
-        elif class_names:  # every class, not only those read
-            rows = [(f"class {i}", {task.answer: str(i)}) for i in range(len(class_names))]
-        else:
-            rows = zip(wheres, records)
-        source.names = _every_answer(task, layout["labels"], source.path, rows)
+    source.classes = tuple(class_names or ())
     return source
 
 
@@ -451,39 +506,84 @@ def _resolve(task: DefinedTask, which: str, root: Path) -> list[Path]:
     return found
 
 
-def read_defined(task: DefinedTask, split: str, root: Path, n: int | None = None, workers: int = 0) -> Rows:
-    """The first n examples of a defined task's split, each decoded when a batch takes it; with no val file,
-    or one that is also the test file (GLUE's and VQA's labelled test is hidden, so their val serves as test),
-    val is a seeded share of train (and train the rest): choices are made apart from what is reported. A
-    missing file, an unknown column, an empty split, a first row that does not read: one line naming the field
-    or the row."""
-    root = Path(root)
-    test = task.files["test"]
-    serves = task.files.get("val", test) == test and FORMATS.get(Path(test).suffix, task.format) != "coop-json"
-    carve = serves and split in ("train", "val")  # (a CoOp split file holds each split under its own key)
-    which = "train" if carve else split
+def _open(task: DefinedTask, which: str, root: Path) -> "_Source":
+    """The rows of a split's file(s), checked: a missing file, an unknown column, an empty split, a first row
+    that does not read stop here, in one line naming the field or the row."""
     if which not in task.files:
         raise UserError(f"{task.where} has no '{which}' split; its splits: {', '.join(task.files)}")
     paths = _resolve(task, which, root)
     fmt = FORMATS.get(paths[0].suffix) or task.format
     layout = {"rename": {}, "labels": task.labels, "image_kind": task.image_kind, "image_root": task.image_root,
-              **task.per_format.get(fmt, {})}
+              "image_id": task.image_id, **task.per_format.get(fmt, {})}
     if task.columns and fmt in ("csv", "tsv"):
         source = _line_source(task, fmt, layout, root, paths[0])
     else:
-        source = _record_source(task, fmt, layout, root, paths, which, None if carve else n)
+        source = _record_source(task, fmt, layout, root, paths, which)
     first = source.row(0)
     for col, field_name in _columns_used(task).items():
         if col not in first:
             raise UserError(f"{task.where}.{field_name}: column '{col}' is not in {source.path} "
                             f"(its columns: {', '.join(sorted(first))})")
     source.example(0)  # a file of the wrong kind stops the stage now, not in its first batch
+    return source
+
+
+def carves_val(task: DefinedTask) -> bool:
+    """Is the task's val split carved from its train file? Where it has no val file, or one that is also the test
+    file (GLUE's and VQA's labelled test is hidden, so their val serves as test); a CoOp split file holds each
+    split under its own key."""
+    test = task.files["test"]
+    return task.files.get("val", test) == test and FORMATS.get(Path(test).suffix, task.format) != "coop-json"
+
+
+def read_defined(task: DefinedTask, split: str, root: Path, workers: int = 0) -> Rows:
+    """Every example of a defined task's split, each decoded when a batch takes it (Rows.sample takes a seeded
+    share). Where val is carved from train (carves_val), a seeded share of train's images (of its rows, for a
+    text task) is val and the rest train: choices are made apart from what is reported, and no image is in
+    both."""
+    root = Path(root)
+    carve = carves_val(task) and split in ("train", "val")
+    source = _open(task, "train" if carve else split, root)
+    if task.all_answers:
+        source.names = answer_set(task, root)
     index = np.arange(len(source))
-    if carve:  # val carved from train, seeded
-        rng, m = random.Random(f"{task.name}/val"), len(source)
-        val = set(rng.sample(range(m), max(1, round(task.val_fraction * m)))) if m > 1 else set()
-        index = np.array([i for i in range(m) if (i in val) == (split == "val")], dtype=np.int64)
-    return Rows(source, index[:n] if n is not None else index, workers)
+    if carve:  # val carved from train, seeded: whole images (every row of an image on one side)
+        keys = source.image_keys() if task.image else index
+        groups, group_of = np.unique(keys, return_inverse=True)
+        m = len(groups)
+        val = random.Random(f"{task.name}/val").sample(range(m), max(1, round(task.val_fraction * m))) if m > 1 else []
+        in_val = np.zeros(m, dtype=bool)
+        in_val[val] = True
+        index = np.flatnonzero(in_val[group_of] == (split == "val"))
+    return Rows(source, index, workers)
+
+
+def answer_set(task: DefinedTask, root: Path) -> tuple[str, ...]:
+    """The closed set of `candidates: all-answers`: every answer in the task's training file (train, and val where
+    carved from it), or every class its parquet schema names; never a scored split's own answers (test's would
+    hand its gold answers to the scoring). A headerless file's set is cached beside it."""
+    source = _open(task, "train", Path(root))
+    if getattr(source, "classes", ()):  # every class, not only those in the rows
+        return _every_answer(task, source.layout["labels"], source.path,
+                             [(f"class {i}", {task.answer: str(i)}) for i in range(len(source.classes))])
+
+    def every() -> np.ndarray:
+        return np.array(_every_answer(task, source.layout["labels"], source.path, source.rows()), dtype=str)
+
+    if isinstance(source, LineSource):  # one pass over a file that may hold a million base64 images: once
+        rule = json.dumps([task.answer, source.layout["labels"], task.clean.get(task.answer), task.columns])
+        return tuple(str(a) for a in beside(source.path, f"answers-{_digest(rule.encode())[:12]}", every))
+    return tuple(str(a) for a in every())
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def image_key(text_or_bytes: str | bytes) -> int:
+    """An image's key in the overlap guard: 64 bits of a hash of its id ('<image_set>:<id>') or of its bytes."""
+    data = text_or_bytes.encode() if isinstance(text_or_bytes, str) else text_or_bytes
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 # ---- the hub ----

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 import json
 import math
@@ -85,15 +86,21 @@ def spearman(x: list[float], y: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(rx, ry)) / (sx * sy)
 
 
-def _mean_sd(vals: list[float], signed: bool = False) -> str:
-    """'mean ± std'; signed: a gain, a transfer or a correlation, with its sign either way."""
+def mean_sd(vals: list[float], signed: bool = False) -> str:
+    """'mean ± std' over seeds, or the value alone from one seed (which has no spread); signed: a gain, a
+    transfer or a correlation, with its sign either way."""
     if not vals:
         return "-"
-    return f"{statistics.mean(vals):{'+' if signed else ''}.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.3f}"
+    mean = f"{statistics.mean(vals):{'+' if signed else ''}.3f}"
+    return f"{mean} ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else mean
 
 
-def _shots_label(s: int) -> str:
+def shots_label(s: int) -> str:
     return f"{s}-shot" if s else "full data"
+
+
+def seeds(n: int) -> str:
+    return f"{n} seed" + ("s" if n != 1 else "")
 
 
 def scores_of(result: dict) -> dict:
@@ -116,10 +123,11 @@ def unpack(stored: str | list) -> list[float]:
 
 def paired_ci(runs: list[dict], a: str, b: str, split: str = "test", draws: int = 2000,
               level: float = 0.95) -> tuple[float, float] | None:
-    """The confidence interval of the mean paired gain a - b over runs (seeds), by a two-level bootstrap: the
-    seeds drawn with replacement, and within each seed its examples drawn with replacement (both methods on
-    the same draw: paired). None where a run lacks either method's per-example scores (token accuracy, CIDEr).
-    Seeded: the same results give the same interval."""
+    """The confidence interval of the mean paired gain a - b over runs (seeds): hierarchical_interval on each
+    example's difference, seeds x examples (every seed scores the same test examples). None with fewer than two
+    seeds (one seed's variance is unknown), where a run lacks either method's per-example scores (token
+    accuracy, CIDEr), or where the runs scored different numbers of examples. Seeded: the same results give the
+    same interval."""
     import numpy as np
 
     diffs = []
@@ -128,15 +136,84 @@ def paired_ci(runs: list[dict], a: str, b: str, split: str = "test", draws: int 
         if a not in each or b not in each:
             return None
         diffs.append(np.asarray(unpack(each[a])) - np.asarray(unpack(each[b])))
-    if not diffs:
+    if len(diffs) < 2 or len({len(d) for d in diffs}) > 1:
         return None
-    rng = np.random.default_rng(0)
-    # per seed, `draws` resamples of its examples; then per draw, the seeds resampled among those
-    means = np.stack([d[rng.integers(0, len(d), (draws, len(d)))].mean(1) for d in diffs])  # seeds x draws
-    picked = rng.integers(0, len(diffs), (draws, len(diffs)))
-    stat = means[picked, np.arange(draws)[:, None]].mean(1)
-    lo, hi = np.quantile(stat, [(1 - level) / 2, (1 + level) / 2])
+    return hierarchical_interval(np.stack(diffs), draws, level)
+
+
+def hierarchical_interval(d, draws: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """A hierarchical paired bootstrap of the mean of d (seeds x examples of paired differences), for a design
+    where every seed scores the same examples: each draw resamples ONE set of example indices, shared by every
+    seed (and both methods: d is their difference), and resamples the seeds. It covers new seeds and new
+    examples from the same distributions. d = mean + seed effect + example effect + interaction; resampling both
+    ways counts the interaction three times (Owen 2007, the pigeonhole bootstrap), so the seed and example
+    effects are shrunk by their estimated share of it, and a few seeds' spread is itself uncertain, so the
+    seed effects are scaled by sqrt(S / (S - 1)) * t(S - 1) / z. tests/test_report.py checks the coverage on
+    simulated studies."""
+    import numpy as np
+
+    n_seeds, n = d.shape
+    mean = float(d.mean())
+    seed_eff, ex_eff = d.mean(1) - mean, d.mean(0) - mean
+    inter = d - mean - seed_eff[:, None] - ex_eff[None, :]
+    v_inter = float((inter ** 2).sum()) / max((n_seeds - 1) * (n - 1), 1)
+    v_seed, v_ex = float(seed_eff @ seed_eff) / (n_seeds - 1), float(ex_eff @ ex_eff) / max(n - 1, 1)
+
+    def shrink(v, per):  # the effect's variance without the interaction's share of it
+        return math.sqrt(max(0.0, 1 - v_inter / (per * v))) if v > 0 else 0.0
+
+    q = (1 + level) / 2
+    k_seed = shrink(v_seed, n) * math.sqrt(n_seeds / (n_seeds - 1)) * t_quantile(q, n_seeds - 1) / t_quantile(q)
+    k_ex = shrink(v_ex, n_seeds)
+    rng = np.random.default_rng(seed)
+    stat = np.empty(draws)
+    chunk = max(1, (1 << 22) // n)  # draws at a time: a chunk's example weights stay within 32 MB
+    for start in range(0, draws, chunk):
+        m = min(chunk, draws - start)
+        picks = rng.integers(0, n, (m, n)) + np.arange(m)[:, None] * n
+        w = np.bincount(picks.ravel(), minlength=m * n).reshape(m, n) / n  # each draw's examples, as weights
+        seeds = rng.integers(0, n_seeds, (m, n_seeds))
+        stat[start:start + m] = (mean + k_seed * seed_eff[seeds].mean(1) + k_ex * (w @ ex_eff)
+                                 + np.take_along_axis(w @ inter.T, seeds, 1).mean(1))
+    lo, hi = np.quantile(stat, [1 - q, q])
     return float(lo), float(hi)
+
+
+@functools.lru_cache
+def t_quantile(p: float, df: float = math.inf) -> float:
+    """The p-quantile (p > 0.5) of Student's t with df degrees of freedom (inf: the normal), by bisection on its
+    CDF, integrated by Simpson's rule (no scipy in the environment)."""
+    if math.isinf(df):
+        pdf = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    else:
+        c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+        pdf = lambda x: c * (1 + x * x / df) ** (-(df + 1) / 2)  # noqa: E731
+
+    def cdf(x, steps=2000):  # 0.5 + the integral of the pdf from 0 to x
+        h = x / steps
+        inner = sum((4 if i % 2 else 2) * pdf(i * h) for i in range(1, steps))
+        return 0.5 + h / 3 * (pdf(0) + inner + pdf(x))
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        hi *= 2
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+INTERVAL = ("The 95% interval is a hierarchical paired bootstrap (common/report.py paired_ci): each draw resamples "
+            "one set of test examples shared by every seed and both methods, and the seeds; it covers new seeds and "
+            "new test examples. Verdict: win or loss where the interval excludes 0, tie where it holds it; one seed "
+            "gives no interval.")
+
+
+def verdict(ci: tuple[float, float] | None) -> str:
+    """win / loss where the interval excludes 0, tie where it holds it; '-' without an interval."""
+    if ci is None:
+        return "-"
+    return "win" if ci[0] > 0 else "loss" if ci[1] < 0 else "tie"
 
 
 def load_results(cfg, target: str) -> tuple[list[dict], list[str]]:
@@ -158,14 +235,16 @@ def load_results(cfg, target: str) -> tuple[list[dict], list[str]]:
     return runs, left_out
 
 
-def _against(runs: list[dict], base: str) -> str:
-    """'wins | mean gain ± std | 95% interval' of π-Tuning over `base` on test, over the runs holding both."""
-    both = [r for r in runs if base in r["scores"] and "pi-tuning" in r["scores"]]
+def _against(runs: list[dict], base: str, method: str = "pi-tuning") -> str:
+    """'wins | mean gain ± std | 95% interval | verdict' of `method` over `base` on test, over the runs holding
+    both; the verdict (win / tie / loss) is the interval's (paired_ci)."""
+    both = [r for r in runs if base in r["scores"] and method in r["scores"]]
     if not both:
         return ""
-    gains = [r["scores"]["pi-tuning"] - r["scores"][base] for r in both]
-    ci = paired_ci(both, "pi-tuning", base)
-    return f"{sum(g > 0 for g in gains)}/{len(gains)} | {_mean_sd(gains, signed=True)} | " + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-")
+    gains = [r["scores"][method] - r["scores"][base] for r in both]
+    ci = paired_ci(both, method, base)
+    interval = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-"
+    return f"{sum(g > 0 for g in gains)}/{len(gains)} | {mean_sd(gains, signed=True)} | {interval} | {verdict(ci)}"
 
 
 def _rhos(sims: dict, runs: list[dict], key: str) -> list[float]:
@@ -210,10 +289,10 @@ def transfer_row(runs: list[dict]) -> str:
     ratio = f"{spread / base_sd:.1f}x" if base_sd else "-"
 
     def cell(n):
-        return f"{n} {_mean_sd(per_expert[n], signed=True)}"
+        return f"{n} {mean_sd(per_expert[n], signed=True)}"
 
-    return (f"| {_shots_label(measured[0]['shots'])} | {len(measured)} | {base_sd:.3f} | "
-            f"{_mean_sd(control, signed=True)} | {cell(best)} | {cell(worst)} | {spread:.3f} ({ratio}) | "
+    return (f"| {shots_label(measured[0]['shots'])} | {len(measured)} | {base_sd:.3f} | "
+            f"{mean_sd(control, signed=True)} | {cell(best)} | {cell(worst)} | {spread:.3f} ({ratio}) | "
             f"{', '.join(cell(n) for n in hurt) or 'none'} |")
 
 
@@ -236,15 +315,14 @@ def write_study(cfg, targets: list[str]) -> Path:
           f"`{heading(cfg.fisher)}`. Each target's full "
           "report: " + ", ".join(f"[{t}](study/{t}.md)" for t in targets) + ".", "",
           "## π-Tuning against target-only and random-k (test)", "",
-          "Gain is π-Tuning minus the baseline, mean ± std over seeds; the interval is a paired bootstrap over the "
-          "seeds and the test examples (holding 0: a tie).", "",
-          "| target | shots | vs | wins | mean gain | 95% interval |", "|---|---|---|---|---|---|"]
+          "Gain is π-Tuning minus the baseline, mean ± std over seeds. " + INTERVAL, "",
+          "| target | shots | vs | wins | mean gain | 95% interval | verdict |", "|---|---|---|---|---|---|---|"]
     for t, runs in by_target.items():
         for s in sorted({r["shots"] for r in runs}):
             for base in ("target-only", "pi-random"):
                 cells = _against([r for r in runs if r["shots"] == s], base)
                 if cells:
-                    md.append(f"| {t} | {_shots_label(s)} | {base} | {cells} |")
+                    md.append(f"| {t} | {shots_label(s)} | {base} | {cells} |")
     md += ["", "## Retrieval: which embedding ranks the measured transfer", "",
            f"Spearman(similarity, transfer) per seed over the pool, mean ± std over seeds, on validation and on "
            f"test; precision@{k}: the share of the embedding's top-{k} among the {k} experts of largest test "
@@ -268,12 +346,12 @@ def write_study(cfg, targets: list[str]) -> Path:
                     continue
                 val, test = ([x for x in v if not math.isnan(x)] for v in (val, test))
                 if not test:  # every seed's transfers all the same (a target at its ceiling), or one: nothing to rank
-                    md.append(f"| {t} | {_shots_label(s)} | {emb} | undefined | undefined | - |")
+                    md.append(f"| {t} | {shots_label(s)} | {emb} | undefined | undefined | - |")
                     undefined.add(t)
                     continue
                 prec = _precision(per_run, at, k)
-                md.append(f"| {t} | {_shots_label(s)} | {emb} | {_mean_sd(val, signed=True)} | "
-                          f"{_mean_sd(test, signed=True)} | {statistics.mean(prec):.2f} |")
+                md.append(f"| {t} | {shots_label(s)} | {emb} | {mean_sd(val, signed=True)} | "
+                          f"{mean_sd(test, signed=True)} | {statistics.mean(prec):.2f} |")
                 name = "retrieval" if emb.startswith("retrieval") else emb
                 overall.setdefault(name, []).append((statistics.mean(val) if val else math.nan,
                                                      statistics.mean(test), statistics.mean(prec)))
@@ -340,18 +418,18 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
           f"and the interpolation; pool experts are shared.", "",
           f"Every figure is from results made under this config ({cfg.path}"
           + (f"); left out as made under another: {'; '.join(left_out)}." if left_out else ")."), "",
+          overlap_note(cfg), "",
           "## Accuracy (mean ± std over seeds)", "",
-          "| method | " + " | ".join(f"{_shots_label(s)} (n={len(by_shots[s])})" for s in shots) + " |",
+          "| method | " + " | ".join(f"{shots_label(s)} ({seeds(len(by_shots[s]))})" for s in shots) + " |",
           "|---" * (len(shots) + 1) + "|"]
     for m in methods:
-        md.append(f"| {m} | " + " | ".join(_mean_sd([r["scores"][m] for r in by_shots[s] if m in r["scores"]])
+        md.append(f"| {m} | " + " | ".join(mean_sd([r["scores"][m] for r in by_shots[s] if m in r["scores"]])
                                           for s in shots) + " |")
 
     md += ["", "## π-Tuning against the baselines, seed by seed", "",
            "Wins count seeds where π-Tuning is strictly better; gain is π-Tuning minus the baseline, mean ± std "
-           "over seeds, and its 95% interval by a paired bootstrap over the seeds and the test examples (a gain "
-           "whose interval holds 0 is a tie).", "",
-           "| shots | vs | wins | mean gain | 95% interval |", "|---|---|---|---|---|"]
+           "over seeds. " + INTERVAL, "",
+           "| shots | vs | wins | mean gain | 95% interval | verdict |", "|---|---|---|---|---|---|"]
     for s in shots:
         for base in ("target-only", "target-only-2x", "pi-random", "uniform-merge"):
             cells = _against(by_shots[s], base)
@@ -386,10 +464,10 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
                         per_expert.setdefault(n, []).append((sim[n], r[key][n], r.get("val_transfer", {}).get(n)))
                 if rhos:
                     ok = [x for x in rhos if not math.isnan(x)]
-                    rho_rows.append(f"| {s} | {emb} | {split} | {len(rhos)} | {_mean_sd(ok, signed=True)} | "
+                    rho_rows.append(f"| {s} | {emb} | {split} | {len(rhos)} | {mean_sd(ok, signed=True)} | "
                                     f"{', '.join('undefined' if math.isnan(x) else f'{x:+.2f}' for x in rhos)} |")
                     if emb.startswith("retrieval") and split == "test":
-                        scatter.append((s, per_expert, _mean_sd(ok, signed=True)))
+                        scatter.append((s, per_expert, mean_sd(ok, signed=True)))
     if rho_rows:
         md += ["Each transfer is measured on the validation split (what an embedding or a default is chosen by) "
                "and on the test split (what is reported).", "",
@@ -400,17 +478,17 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
                    "or one expert's alone was measured, so there is no ranking to correlate with.", ""]
     if scatter:
         s, per_expert, rho = scatter[-1]
-        md += [f"At {_shots_label(s)} (retrieval's embedding):", "",
+        md += [f"At {shots_label(s)} (retrieval's embedding):", "",
                "| expert | similarity | transfer (val) | transfer (test) |", "|---|---|---|---|"]
         for n, v in sorted(per_expert.items(), key=lambda kv: -statistics.mean(t for _, t, _ in kv[1])):
             val = [x for _, _, x in v if x is not None]
-            md.append(f"| {n} | {_mean_sd([a for a, _, _ in v], signed=True)} | "
-                      f"{_mean_sd(val, signed=True)} | {_mean_sd([b for _, b, _ in v], signed=True)} |")
+            md.append(f"| {n} | {mean_sd([a for a, _, _ in v], signed=True)} | "
+                      f"{mean_sd(val, signed=True)} | {mean_sd([b for _, b, _ in v], signed=True)} |")
         control = [r for r in by_shots[s] if r.get("control") is not None]
         if control:  # pair-null: the same interpolation with an expert that adds nothing
             val, test = ([r[k] for r in control] for k in ("val_control", "control"))
-            md += [f"| control: `pair-null`, nothing added | - | {_mean_sd(val, signed=True)} | "
-                   f"{_mean_sd(test, signed=True)} |", "",
+            md += [f"| control: `pair-null`, nothing added | - | {mean_sd(val, signed=True)} | "
+                   f"{mean_sd(test, signed=True)} |", "",
                    "The control is the target's expert interpolated, as every pair run is, with an expert that "
                    "changes nothing: what the interpolation alone does to the target's expert (its mix settles near "
                    "the other runs'). An expert adds something of its own only by the amount its transfer exceeds "
@@ -460,14 +538,17 @@ def _similarities(cfg, runs: list[dict]) -> dict[str, dict[str, dict[str, float]
     out: dict[str, dict] = {}
     fishers: dict[str, dict | None] = {}
     for r in runs:
-        for p in sorted((cfg.run_dir / "similarity").glob(f"{r['run']}*.json")):
-            extra = p.name[len(r["run"]):-len(".json")]
+        files = {emb: cfg.run_dir / "similarity" / f"{r['run']}{'.' + emb if emb else ''}.json" for emb in as_computed}
+        for emb, p in sorted(files.items(), key=lambda kv: kv[1].name):  # by exact name: ...-s1's are not ...-s10's
+            if not p.is_file():
+                continue
+            made_as = as_computed[emb]
             s = json.loads(p.read_text())
-            if extra[1:] not in as_computed or changed_fields(s.get("config"), as_computed[extra[1:]], "similarity"):
+            if changed_fields(s.get("config"), made_as, "similarity"):
                 continue
             kind = s.get("fisher", {}).get("embedding", "fisher")
             row = s["row"] if "row" in s else s["matrix"][0]  # (files before 2026-12 held the whole matrix)
-            out.setdefault(extra[1:] if extra else f"retrieval ({kind})", {})[r["run"]] = dict(zip(s["names"], row))
+            out.setdefault(emb or f"retrieval ({kind})", {})[r["run"]] = dict(zip(s["names"], row))
         names = [r["run"]] + list(r.get("transfer", {}))
         for n in names:
             if n not in fishers:
@@ -495,6 +576,23 @@ def _whole(cfg, sim: dict) -> dict:
     how = EMBEDDINGS[sim["fisher"]["embedding"]]
     as_made = dataclasses.replace(cfg, fisher=dataclasses.replace(cfg.fisher, **sim["fisher"]))
     return {**sim, "matrix": similarity_matrix(how.embed(as_made, sim["names"])[0], how.similarity)}
+
+
+def overlap_note(cfg) -> str:
+    """The overlap guard's line: how many training examples each pool task lost for showing an image of a scored
+    split of the pool (data.exclude_scored_images), from the pool experts' meta.json."""
+    if not cfg.data.exclude_scored_images:
+        return "Training examples that show an image of a scored split were kept (data.exclude_scored_images: false)."
+    dropped = {}
+    for t in cfg.tasks.pool:  # the pool expert's, or (the target's) any of its k-shot experts'
+        metas = [cfg.run_dir / "experts" / t / "meta.json", *sorted((cfg.run_dir / "experts").glob(f"{t}-*/meta.json"))]
+        rows = next((m.get("train_rows") for m in (json.loads(p.read_text()) for p in metas if p.is_file())
+                     if m.get("task") == t), None)
+        dropped[t] = f"{rows['dropped_scored_images']:,} of {rows['rows']:,}" if rows else "not recorded"
+    hit = {t: d for t, d in dropped.items() if not d.startswith("0 of")}
+    return ("Training examples left out for showing an image of a scored split (validation or test) of a pool task "
+            "(data.exclude_scored_images): " + (", ".join(f"{t} {d}" for t, d in hit.items()) if hit else "none")
+            + ".")
 
 
 def _families(cfg) -> dict[str, str]:
@@ -530,7 +628,7 @@ def _plot_accuracy(path: Path, target: str, by_shots: dict, methods: list[str], 
                     color=line[0].get_color(), **{k: v for k, v in style.items() if k != "color"})
     for a, title in ((ax, f"{target}: mean ± std over seeds"),
                      (gx, "gain over target-only, seed by seed")):
-        a.set_xticks(x, [_shots_label(s) for s in shots])
+        a.set_xticks(x, [shots_label(s) for s in shots])
         a.set_xlabel("target training data")
         a.set_title(title)
         a.grid(alpha=0.3)
@@ -577,7 +675,7 @@ def _plot_transfer(path: Path, shots: int, per_expert: dict, rho: str) -> None:
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("predicted similarity to the target")
     ax.set_ylabel("measured transfer (accuracy gain)")
-    ax.set_title(f"{_shots_label(shots)}: one dot per expert and seed, name at its mean\nSpearman {rho}")
+    ax.set_title(f"{shots_label(shots)}: one dot per expert and seed, name at its mean\nSpearman {rho}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -67,7 +67,8 @@ def fisher_cache(cfg, name: str, reference: str = "") -> tuple[Path, dict[str, s
     weights it is taken at; the backbone, the data that feeds it, the estimator, the answers). One pass with
     per-sample gradients at the expert's own weights is the plain file, every other estimate sits beside it."""
     fc, path = cfg.fisher, expert_dir(cfg, name)
-    sampled = json.loads((path / "meta.json").read_text())["shots"] is not None  # a target's k-shot sample
+    meta = json.loads((path / "meta.json").read_text())
+    sampled = meta["shots"] is not None  # a target's k-shot sample
     fed_by = [{k: v for k, v in cfg.to_dict()[s].items() if f"{s}.{k}" not in SCORED_SIZES} for s in ("world", "data")] \
         + ([cfg.tasks.shots_per_class] if sampled else [])  # the train split: not the scored splits' sizes
     expert_config = json.loads((path / "adapter_config.json").read_text())
@@ -91,7 +92,12 @@ def fisher_cache(cfg, name: str, reference: str = "") -> tuple[Path, dict[str, s
     if fc.answers != "truth":
         key["answers"] = fc.answers
         variant += f".{fc.answers}-answers"
+    if not data.from_world(cfg, meta["task"]):  # a file's examples: a seeded sample of them, not its first rows
+        key["sample"] = "seeded"
     return cfg.run_dir / "fisher" / f"{name}{variant}.safetensors", key
+
+
+SAMPLED = "sampled"  # the cache's note of which examples the Fisher took (data.subset), beside its key
 
 
 def cached_fisher(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
@@ -103,11 +109,27 @@ def cached_fisher(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
         return None
     try:
         with safe_open(str(path), "pt") as f:
-            if f.metadata() != key:
+            if {k: v for k, v in (f.metadata() or {}).items() if k != SAMPLED} != key:
                 return None
             return {k: f.get_tensor(k) for k in f.keys()}
     except Exception:  # a corrupt cache entry is simply recomputed
         return None
+
+
+def fisher_samples(cfg, names: list[str]) -> dict[str, str]:
+    """Which examples each expert's cached Fisher under cfg.fisher took (its cache's note; '-' where the cache
+    predates the note), for the similarity file."""
+    from safetensors import safe_open
+
+    out = {}
+    for name in names:
+        path = fisher_cache(cfg, name)[0]
+        try:
+            with safe_open(str(path), "pt") as f:
+                out[name] = (f.metadata() or {}).get(SAMPLED, "-")
+        except Exception:
+            out[name] = "-"
+    return out
 
 
 def normalized(fisher: dict[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:
@@ -204,9 +226,9 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
             acc = accelerator(cfg)
             model, processor = load_backbone(cfg, acc.device)
             loaded.extend([attach(model, cfg.expert), data.Encoder(processor, acc.device), acc])
-        fisher = _fisher_of(cfg, name, reference, *loaded)
+        fisher, sampled = _fisher_of(cfg, name, reference, *loaded)
         with atomic_file(where[name][0]) as tmp:
-            save_file(fisher, str(tmp), metadata=where[name][1])
+            save_file(fisher, str(tmp), metadata={**where[name][1], SAMPLED: sampled})
         computed.append(name)
         return fisher
 
@@ -241,14 +263,16 @@ def _turn(out: Path, wait: bool = True):
         yield True
 
 
-def _fisher_of(cfg, name: str, reference: dict | None, peft_model, enc, acc) -> dict[str, torch.Tensor]:
-    """Expert `name`'s Fisher under cfg.fisher: at its own weights (or the common reference), on its own
-    training data as it saw it (the low-shot sample for the target); with fisher.passes, a low-shot sample is
-    passed again (dropout on, so each pass differs) up to `samples`."""
+def _fisher_of(cfg, name: str, reference: dict | None, peft_model, enc, acc) -> tuple[dict[str, torch.Tensor], str]:
+    """Expert `name`'s Fisher under cfg.fisher, and which examples it took: at its own weights (or the common
+    reference), on fisher.samples of its own training data as it saw it (the low-shot sample for the target;
+    data.subset); with fisher.passes, a low-shot sample is passed again (dropout on, so each pass differs) up
+    to `samples`."""
     fc, path = cfg.fisher, expert_dir(cfg, name)
     meta = read_expert_meta(path)
     set_weights(peft_model, reference or load_expert_weights(path))
-    exs = data.train_split(cfg, meta["task"], meta["shots"] or 0, meta["seed"])[:fc.samples]
+    train = data.train_split(cfg, meta["task"], meta["shots"] or 0, meta["seed"])
+    exs, sampled = data.subset(cfg, meta["task"], train, fc.samples, f"fisher/{name}")
     exs = exs * min(fc.passes, math.ceil(fc.samples / max(len(exs), 1)))
     peft_model.train(fc.passes > 1)
     torch.manual_seed(0)  # the same dropout whichever process computes (and caches) this Fisher
@@ -260,7 +284,7 @@ def _fisher_of(cfg, name: str, reference: dict | None, peft_model, enc, acc) -> 
     fisher = {k.replace(".default", ""): v.contiguous().cpu() for k, v in fisher.items()}
     if not all(torch.isfinite(v).all() for v in fisher.values()):
         raise UserError(f"{path}: its Fisher is not finite, nothing written; retrain the expert with a lower expert.lr")
-    return fisher
+    return fisher, sampled
 
 
 def top_direction(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

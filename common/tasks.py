@@ -73,21 +73,27 @@ DEFINE_FIELDS = {  # field: what it is, for the one-line errors
     "image": "the column holding the image (none: a text-only task)",
     "image_kind": "path (under image_root) | base64 | bytes",
     "image_root": "the folder under data.root that image paths are relative to",
+    "image_id": "the column naming a row's image (rows may share one); rows of tasks with one image_set and the "
+                "same id show the same image (the overlap guard, data.exclude_scored_images); none: the image's "
+                "file tells (image_kind path), else its bytes",
+    "image_set": "the images image_id counts in, shared by tasks over one image collection (coco2014: VQA, COCO "
+                 "captions and RefCOCO all use COCO's ids); default: the task's name",
     "clean": "column -> " + " | ".join(CLEANERS) + ": OFA's normalisation of that column's text",
     "labels": "raw answer value -> answer text",
     "refs": "a column of several reference answers (VQA's ten, every caption)",
     "refs_format": "list (a list, or text split at refs_sep) | ofa-vqa (OFA's 'conf|!+answer&&...')",
     "refs_sep": "the separator of references held as one text (default '|')",
     "candidates": f"the closed answer set: a list, a column of per-example candidates, or {ALL_ANSWERS} (every "
-                  "answer in the split's file); none: open answers",
+                  "answer in the task's training file, never a scored split's own); none: open answers",
     "metric": " | ".join(METRICS),
     "family": " | ".join(FAMILIES) + " (default: by the image column)",
     "val_fraction": "the share of train carved (seeded) into val when files has no val (or val is the test file)",
     "hub": "{repo, config, splits: {our split: the hub's}}: the task's parquet copy on the hub (data.download)",
-    "per_format": "format -> {rename: {file column: ours}, labels, image_kind, image_root}: files in another layout",
+    "per_format": "format -> {rename: {file column: ours}, labels, image_kind, image_root, image_id}: files in "
+                  "another layout",
     "get": "where the files come from, said when one is missing",
 }
-PER_FORMAT_FIELDS = ("rename", "labels", "image_kind", "image_root")
+PER_FORMAT_FIELDS = ("rename", "labels", "image_kind", "image_root", "image_id")
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,8 @@ class DefinedTask:
     image: str | None
     image_kind: str
     image_root: str
+    image_id: str | None
+    image_set: str
     clean: dict
     labels: dict
     refs: str | None
@@ -171,6 +179,9 @@ def define(name: str, spec, path: str, prefix: str = "tasks.define.") -> Defined
         raise bad("columns", f"is {columns!r}" + ("" if fmt in ("csv", "tsv") else f" for a {fmt} file"))
     image = spec.get("image")
     kind = _choice(spec, "image_kind", IMAGE_KINDS, "path", bad)
+    image_id = spec.get("image_id")
+    if image_id is not None and not (image and isinstance(image_id, str)):
+        raise bad("image_id", f"is {image_id!r}" + ("" if image else " for a task without an image"))
     clean = _str_map(spec.get("clean") or {}, bad, "clean")
     for column, how in clean.items():
         if how not in CLEANERS:
@@ -213,6 +224,7 @@ def define(name: str, spec, path: str, prefix: str = "tasks.define.") -> Defined
     return DefinedTask(
         name, where, dict(files), fmt, tuple(str(c or "") for c in columns) if columns else None,
         str(spec["prompt"]), str(spec["answer"]), _choice(spec, "answer_format", ("text", "box"), "text", bad),
-        image, kind, str(spec.get("image_root", "")), clean, labels, spec.get("refs"),
+        image, kind, str(spec.get("image_root", "")), image_id, str(spec.get("image_set") or name), clean, labels,
+        spec.get("refs"),
         _choice(spec, "refs_format", ("list", "ofa-vqa"), "list", bad), str(spec.get("refs_sep", "|")),
         fixed, column, every, metric, family, float(frac), hub, per_format, str(spec.get("get", "")))

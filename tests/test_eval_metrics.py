@@ -6,30 +6,42 @@ import pytest
 from common.metrics import acc_at_iou, bleu4, box_iou, cider, vqa_accuracy, vqa_normalize
 
 
-def official_vqa(pred, refs):
-    """The official loop, written out: for each human, min(#other humans who gave pred / 3, 1); then the mean."""
-    p, rs = vqa_normalize(pred), [vqa_normalize(r) for r in refs]
-    return sum(min(sum(r == p for j, r in enumerate(rs) if j != i) / 3, 1) for i in range(len(rs))) / len(rs)
+def leave_one_out(pred, refs):
+    """The official loop, written out: for each human answer left out, min(#others equal to pred / 3, 1); the mean."""
+    return sum(min(sum(r == pred for j, r in enumerate(refs) if j != i) / 3, 1) for i in range(len(refs))) / len(refs)
 
 
-def test_vqa_normalisation():
-    assert vqa_normalize("Two dogs!") == "2 dogs"
-    assert vqa_normalize("the Red  car.") == "red car"
-    assert vqa_normalize("3.5") == "3.5" and vqa_normalize("an apple") == "apple"
-    assert vqa_normalize("yes, it is") == "yes it is"
+@pytest.mark.parametrize("answer, compared_as", [
+    ("Two Dogs", "2 dogs"),  # lower case; number words as digits
+    ("none", "0"),
+    ("the red car", "red car"), ("an apple", "apple"), ("a dog", "dog"),  # articles go
+    ("dog.", "dog"), ("3.5", "3.5"), ("e.g.", "eg"),  # a period goes unless a digit follows it
+    ("t-shirt", "t shirt"), ("black/white", "black white"),  # a mark glued to a word becomes a space
+    ("yes, it is", "yes it is"), ("red - white", "red white"),  # one next to a space goes
+    ("t-shirt 1,000", "tshirt 1000"),  # any comma between digits: every mark goes
+    ("dont", "don't"), ("isnt", "isn't"), ("im", "im"), ("somebody'd", "somebodyd"),  # the contractions map, as is
+    ("  yes\n", "yes"),
+])
+def test_vqa_answers_are_processed_as_the_official_evaluation_processes_them(answer, compared_as):
+    assert vqa_normalize(answer) == compared_as
 
 
 @pytest.mark.parametrize("matches, score", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
-def test_vqa_accuracy_is_the_ten_choose_nine_average(matches, score):
+def test_vqa_accuracy_is_the_mean_over_the_ten_leave_one_out_subsets(matches, score):
     refs = ["2"] * matches + ["blue"] * (10 - matches)
-    assert vqa_accuracy("two", refs) == pytest.approx(score)
-    assert vqa_accuracy("Two", refs) == pytest.approx(official_vqa("two", refs))
+    assert vqa_accuracy("two", refs) == pytest.approx(score) == pytest.approx(leave_one_out("2", refs))
 
 
-def test_vqa_accuracy_edge_cases():
+def test_vqa_human_answers_lose_their_punctuation_only_where_they_differ_and_nothing_else():
+    # the answer is processed, the humans' are not lower-cased or stripped of articles (the annotations are)
+    assert vqa_accuracy("dont", ["don't"] * 10) == 1.0  # a missing apostrophe, matched through the map
+    assert vqa_accuracy("dog", ["dog."] * 10) == 0.0  # ten alike: taken as they are
+    assert vqa_accuracy("dog", ["dog."] * 2 + ["cat"] * 8) == pytest.approx(0.6)  # they differ: "dog." is "dog"
+    assert vqa_accuracy("dog", ["Dog"] * 9 + ["cat"]) == 0.0  # no lower-casing of theirs
+    # "a dog" keeps its article, and "dog," becomes "dog " (a mark glued to a word is a space; nothing strips it)
+    refs = ["a dog", "dog", "dog,", "cat", "cat", "cat", "cat", "bird", "fish", "dogs"]
+    assert vqa_accuracy("a dog", refs) == pytest.approx(leave_one_out("dog", refs)) == pytest.approx(0.3)
     assert vqa_accuracy("", ["", "yes"]) == 0.0 and vqa_accuracy("yes", []) == 0.0
-    refs = ["a dog", "dog", "Dog.", "cat", "cat", "cat", "cat", "bird", "fish", "dogs"]
-    assert vqa_accuracy("dog", refs) == pytest.approx(official_vqa("dog", refs)) == pytest.approx(0.9)
 
 
 def test_box_iou():

@@ -56,14 +56,14 @@ def test_tsv_rows_are_decoded_when_asked_for_and_the_index_is_cached(tmp_path):
     rows = snli_rows()[:2] + [("3", "13", "!!!not-an-image!!!", "a cat", "premise", "neutral")]
     path = tmp_path / "snli_ve_data/snli_ve_train.tsv"
     write_tsv(path, rows)
-    assert len(read_defined(CATALOGUE["snli-ve"], "train", tmp_path, n=2)) == 2
+    assert len(read_defined(CATALOGUE["snli-ve"], "train", tmp_path)[:2]) == 2
     exs = read_defined(CATALOGUE["snli-ve"], "train", tmp_path)  # indexed, nothing decoded
     assert len(exs) == 3 and exs[1].answer == "no" and [e.answer for e in exs[:2]] == ["yes", "no"]
     with pytest.raises(UserError) as e:
         exs[2]  # the batch that takes row 3
     msg = str(e.value)
     assert "snli_ve_train.tsv:3:" in msg and "image" in msg and "\n" not in msg
-    index = path.with_name(".snli_ve_train.tsv.lines.npy")
+    index = path.with_name(".snli_ve_train.tsv.lines.npz")
     assert index.is_file()
     index.write_bytes(b"garbage")  # a cut-short index is built again
     assert read_defined(CATALOGUE["snli-ve"], "train", tmp_path)[0].answer == "yes"
@@ -134,13 +134,20 @@ def test_caption_tsv_refs_are_every_caption(tmp_path):
     assert ex.refs == ("a dog runs", "two dogs playing") and ex.answer == "a dog runs"
 
 
-def test_classification_tsv_candidates_are_every_class_in_the_file(tmp_path):
-    rows = [(b64(8, 8), "0", "tench"), (b64(8, 8), "0", "tench"), (b64(8, 8), "1", "great_white_shark")]
+def test_all_answers_candidates_are_every_class_of_the_training_file_never_the_scored_splits(tmp_path):
+    """candidates: all-answers is the answer set of the task's training file: a class that only the test split
+    holds is no candidate (the scored split's own answers would hand its gold labels to the scoring)."""
+    write_tsv(tmp_path / "imagenet_1k_data/imagenet_1k_train.tsv",
+              [(b64(8, 8, (i, 0, 0)), "0", name) for i, name in enumerate(["tench", "great_white_shark"] * 5)])
+    rows = [(b64(8, 8), "0", "tench"), (b64(8, 8), "0", "tench"), (b64(8, 8), "1", "goldfish")]
     write_tsv(tmp_path / "imagenet_1k_data/imagenet_1k_val.tsv", rows)
-    exs = read_defined(CATALOGUE["imagenet"], "test", tmp_path, n=2)
-    assert [e.answer for e in exs] == ["tench", "tench"]
-    assert exs[0].candidates == ("great white shark", "tench")  # the unread third row's class too
+    exs = read_defined(CATALOGUE["imagenet"], "test", tmp_path)
+    assert [e.answer for e in exs] == ["tench", "tench", "goldfish"]
+    assert exs[0].candidates == ("great white shark", "tench")  # goldfish is in test alone: not a candidate
     assert exs[0].prompt == " what does the image describe?"
+    # ImageNet's val is carved from train (OFA's val subset is drawn from the val file that is test here)
+    val, train = (read_defined(CATALOGUE["imagenet"], s, tmp_path) for s in ("val", "train"))
+    assert len(val) == 1 and len(train) == 9 and val[0].candidates == exs[0].candidates
 
 
 def test_glue_tsvs_in_ofa_layouts(tmp_path):
@@ -182,9 +189,14 @@ def test_parquet_with_image_bytes_and_class_label_names(tmp_path):
     table = pa.table({"image": [{"bytes": png(12, 6, (0, 200, 0)), "path": None}, {"bytes": png(4, 4), "path": None}],
                       "label": [1, 0]})
     pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps(meta)}), tmp_path / "dtd-train.parquet")
-    task = dataclasses.replace(CATALOGUE["dtd"], files={**CATALOGUE["dtd"].files, "train": "dtd-train.parquet"})
+    for split in ("val", "test"):
+        pq.write_table(table.slice(0, 1).replace_schema_metadata({"huggingface": json.dumps(meta)}),
+                       tmp_path / f"dtd-{split}.parquet")
+    task = dataclasses.replace(CATALOGUE["dtd"], files={s: f"dtd-{s}.parquet" for s in ("train", "val", "test")})
     a, b = read_defined(task, "train", tmp_path)
     assert (a.answer, b.answer) == ("bubbly dots", "banded") and a.candidates == ("banded", "bubbly dots")
+    (c,) = read_defined(task, "test", tmp_path)  # the schema's classes, whichever split
+    assert c.candidates == ("banded", "bubbly dots")
     assert a.image.shape == (6, 12, 3) and tuple(a.image[0, 0]) == (0, 200, 0)
 
 
@@ -198,7 +210,7 @@ def test_coop_split_json(tmp_path):
     (folder / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
     exs = read_defined(CATALOGUE["oxford-pets"], "train", tmp_path)
     assert [e.answer for e in exs] == ["great pyrenees", "abyssinian"]
-    assert exs[0].candidates == ("abyssinian", "great pyrenees", "pug")  # the classes of every split
+    assert exs[0].candidates == ("abyssinian", "great pyrenees")  # train's classes: test's pug is not one
     (folder / "images/c.jpg").unlink()
     with pytest.raises(UserError, match="missing image"):
         read_defined(CATALOGUE["oxford-pets"], "test", tmp_path)
@@ -301,8 +313,8 @@ def test_batches_of_a_split_decoded_in_workers_are_the_batches_read_in_order(tmp
 
     rows = [(str(i), str(i), b64(8, 8, (i, 0, 0)), "a cat", "premise", "neutral") for i in range(7)]
     write_tsv(tmp_path / "snli_ve_data/snli_ve_train.tsv", rows + [("7", "7", "not-an-image", "x", "p", "neutral")])
-    plain = read_defined(CATALOGUE["snli-ve"], "train", tmp_path, n=7)
-    ahead = read_defined(CATALOGUE["snli-ve"], "train", tmp_path, n=7, workers=2)
+    plain = read_defined(CATALOGUE["snli-ve"], "train", tmp_path)[:7]
+    ahead = read_defined(CATALOGUE["snli-ve"], "train", tmp_path, workers=2)[:7]
     assert ahead.workers == 2 and ahead[1:].workers == 2
 
     def seen(exs):

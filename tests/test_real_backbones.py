@@ -53,8 +53,8 @@ def write_real_data(root):
     """SNLI-VE as OFA's TSVs (base64 images) and RTE as the hub's parquet shards (`hf download nyu-mll/glue`)."""
     labels = ["entailment", "contradiction", "neutral"]
     for split, n in (("train", 12), ("dev", 6), ("test", 9)):
-        rows = [(str(i), str(i), b64(40, 30, (30 * i % 255, 90, 200)), f"a {COLOURS[i % 3]} circle", "premise", labels[i % 3])
-                for i in range(n)]
+        rows = [(str(i), f"{split}{i}", b64(40, 30, (30 * i % 255, 90, 200)), f"a {COLOURS[i % 3]} circle", "premise",
+                 labels[i % 3]) for i in range(n)]  # each split its own images (ids)
         write_tsv(root / f"snli_ve_data/snli_ve_{split}.tsv", rows)
     for split, n in (("train", 12), ("validation", 6)):
         (root / "rte").mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,8 @@ def test_the_embedded_backbone_refuses_a_catalogue_task_with_words_it_lacks(micr
     write_tsv(tmp_path / "data/snli_ve_data/snli_ve_train.tsv", rows)
     runs = backbone_only(micro, tmp_path / "runs")
     code, out, err = stage("train_expert.py", "--task", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}",
-                           "data.source=files", f"data.root={tmp_path}/data")
+                           "data.source=files", f"data.root={tmp_path}/data", "tasks.pool=[snli-ve,rte]",
+                           "interpolate.top_k=1")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "configs/paper_tasks.yaml: snli-ve uses words the embedded backbone's vocabulary lacks: grazes, zebra" in err
     assert not (runs / "micro/experts").exists()
@@ -149,9 +150,11 @@ def test_snli_ve_from_its_own_annotations_and_a_flickr30k_dir(tmp_path):
             {"Flikr30kID": "404.jpg", "sentence1": "x", "sentence2": "y", "gold_label": "neutral"}]
     (tmp_path / "snli_ve").mkdir()
     (tmp_path / "snli_ve/snli_ve_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # (the overlap guard off: the profile's 20 other pool tasks' scored splits are not written here)
     cfg = load_config(str(REPO / "configs/florence2-base.yaml"),
-                      [f"data.root={tmp_path}", "data.files={snli-ve: {train: snli_ve/snli_ve_train.jsonl}}"])
-    (ex,) = data.split(cfg, "snli-ve", "train", 1)
+                      [f"data.root={tmp_path}", "data.files={snli-ve: {train: snli_ve/snli_ve_train.jsonl}}",
+                       "data.exclude_scored_images=false"])
+    ex = data.split(cfg, "snli-ve", "train")[0]
     assert ex.prompt == ' does the image describe " two men are outside. "?' and ex.answer == "yes"
     assert ex.image.shape == (10, 20, 3) and tuple(ex.image[0, 0]) == (0, 200, 0)
     with pytest.raises(UserError, match="snli_ve_train.jsonl:2: missing image file .*flickr30k-images/404.jpg"):
@@ -184,6 +187,7 @@ def test_data_workers_read_and_encode_the_same_batches_as_the_stage_alone(micro,
         shutil.copytree(micro[1] / "backbone", runs / "micro/backbone")
         code, _, err = stage("train_expert.py", "--task", "snli-ve", "--config", "configs/micro.yaml",
                              f"runs_dir={runs}", "data.source=files", f"data.root={tmp_path}/data",
+                             "tasks.pool=[snli-ve,rte]", "interpolate.top_k=1",
                              f"data.num_workers={workers}", "expert.batch_size=4")
         assert code == 0, err
         weights[workers] = load_file(str(next((runs / "micro/experts/snli-ve").glob("*.safetensors"))))

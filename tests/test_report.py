@@ -31,24 +31,63 @@ def test_spearman_matches_hand_computed_ranks():
 def test_paired_bootstrap_interval_holds_the_gain_and_says_tie_for_noise():
     """Two methods scored on the same examples over seeds: the interval of a clear gain excludes 0, that of
     no real difference holds it, identical predictions give [0, 0]; the same results, the same interval."""
+    from common.report import verdict
+
     rng = random.Random(0)
+    base = [[float(rng.random() < 0.6) for _ in range(2000)] for _ in range(5)]
 
-    def run_of(p_base, p_gain, n=2000):
-        base = [float(rng.random() < p_base) for _ in range(n)]
-        better = [1.0 if rng.random() < p_gain else b for b in base]  # right where base was, and some more
-        return {"per_example": {"test": {"a": pack(better), "b": pack(base), "c": pack(base)}}}
+    def run_of(seed, p_gain):  # right where base was, and some more
+        better = [1.0 if rng.random() < p_gain else b for b in base[seed]]
+        return {"per_example": {"test": {"a": pack(better), "b": pack(base[seed]), "c": pack(base[seed])}}}
 
-    clear = [run_of(0.6, 0.05) for _ in range(5)]  # about +0.02
+    clear = [run_of(s, 0.05) for s in range(5)]  # about +0.02
     lo, hi = paired_ci(clear, "a", "b")
-    assert 0 < lo < 0.02 < hi < 0.04
+    assert 0 < lo < 0.02 < hi < 0.04 and verdict((lo, hi)) == "win"
     assert paired_ci(clear, "a", "b") == (lo, hi)
     assert paired_ci(clear, "b", "c") == (0.0, 0.0)
     noise = [{"per_example": {"test": {"a": pack([float(rng.random() < 0.6) for _ in range(400)]),
                                        "b": pack([float(rng.random() < 0.6) for _ in range(400)])}}} for _ in range(5)]
     lo, hi = paired_ci(noise, "a", "b")
-    assert lo < 0 < hi
+    assert lo < 0 < hi and verdict((lo, hi)) == "tie" and verdict((-0.02, -0.01)) == "loss"
     assert paired_ci(clear + [{"per_example": {}}], "a", "b") is None  # a run without them: no interval
+    assert paired_ci(clear[:1], "a", "b") is None and verdict(None) == "-"  # one seed: its variance is unknown
     assert unpack(pack([1.0, 0.0, 1.0])) == [1.0, 0.0, 1.0] and pack([0.5, 1.0]) == [0.5, 1.0]
+
+
+def test_the_interval_covers_the_true_gain_95_percent_of_the_time_where_seeds_share_the_test_examples():
+    """Simulated studies of this design: every seed scores the same test examples, so an example that favours
+    one method does so in every seed (example effects shared across seeds), seeds differ by an effect of their
+    own, and each seed and example by their interaction. The hierarchical interval covers the known true gain in
+    92-98% of 300 studies; the interval that resampled each seed's examples on their own (before 2026-12-05)
+    divided the shared example variance by the number of seeds and covers it far less often."""
+    import numpy as np
+
+    from common.report import hierarchical_interval
+
+    def old_interval(d, rng, draws=1000):
+        means = np.stack([x[rng.integers(0, len(x), (draws, len(x)))].mean(1) for x in d])  # seeds x draws
+        picked = rng.integers(0, len(d), (draws, len(d)))
+        return np.quantile(means[picked, np.arange(draws)[:, None]].mean(1), [0.025, 0.975])
+
+    gain, examples, seeds = 0.01, 500, 5
+    rng = np.random.default_rng(0)
+    new = old = 0
+    for study in range(300):
+        d = (gain + rng.normal(0, 0.1, examples)[None] + rng.normal(0, 0.003, seeds)[:, None]
+             + rng.normal(0, 0.05, (seeds, examples)))
+        lo, hi = hierarchical_interval(d, seed=study)
+        new += lo <= gain <= hi
+        lo, hi = old_interval(d, rng)
+        old += lo <= gain <= hi
+    assert 0.92 <= new / 300 <= 0.98, new / 300
+    assert old / 300 < 0.90, old / 300
+
+
+def test_students_t_quantiles_match_the_tables():
+    from common.report import t_quantile
+
+    for df, q in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042), (math.inf, 1.960)):
+        assert t_quantile(0.975, df) == pytest.approx(q, abs=1e-3)
 
 
 def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_path):
@@ -89,7 +128,7 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
         each = result["per_example"][split]
         assert set(each) == set(result[key]) and len(each["pi-tuning"]) == result[f"{split}_size"]
         assert all(sum(unpack(each[m])) / len(each[m]) == pytest.approx(result[key][m]) for m in each)
-    assert re.search(r"\| 8 \| target-only \| \d/1 \| [-+.\d ±]+ \| \[[-+.\d]+, [-+.\d]+\] \|", report)
+    assert re.search(r"\| 8 \| target-only \| \d/1 \| [-+.\d]+ \| - \| - \|", report)  # one seed: no interval
     for png in ("accuracy_vs_shots", "similarity", "task_graph", "weights", "transfer_vs_similarity"):
         f = runs / f"micro/report/{png}.png"
         assert f.read_bytes()[:4] == b"\x89PNG" and f"report/{png}.png" in report
@@ -184,8 +223,8 @@ def test_a_gain_is_printed_with_its_sign_either_way():
     def run(pi, base):
         return {"scores": {"pi-tuning": pi, "target-only": base}}
 
-    assert _against([run(0.62, 0.61), run(0.63, 0.62)], "target-only") == "2/2 | +0.010 ± 0.000 | -"
-    assert _against([run(0.60, 0.61), run(0.61, 0.62)], "target-only") == "0/2 | -0.010 ± 0.000 | -"
+    assert _against([run(0.62, 0.61), run(0.63, 0.62)], "target-only") == "2/2 | +0.010 ± 0.000 | - | -"
+    assert _against([run(0.60, 0.61), run(0.61, 0.62)], "target-only") == "0/2 | -0.010 ± 0.000 | - | -"
 
 
 def test_a_scored_method_the_list_lacks_is_shown_after_the_listed_ones_not_hidden():
@@ -204,3 +243,36 @@ def test_results_name_their_scores_by_the_metric_and_older_files_still_read():
 
     assert scores_of({"metric": "cider", "scores": {"pi-tuning": 0.9}}) == {"pi-tuning": 0.9}
     assert scores_of({"metric": "vqa_accuracy", "accuracy": {"pi-tuning": 0.4}}) == {"pi-tuning": 0.4}  # before 2026-12
+
+
+def test_the_report_matches_run_names_exactly_so_seed_1_is_not_seed_10(tmp_path):
+    """With 11 seeds, run ...-s1's similarity files are its own: ...-s10.json is seed 10's, not an embedding of
+    seed 1's named ''."""
+    from common.config import load_config
+    from common.embeddings import recorded
+    from common.report import _similarities
+
+    cfg = load_config("configs/micro.yaml", [f"runs_dir={tmp_path}"])
+    folder = cfg.run_dir / "similarity"
+    folder.mkdir(parents=True)
+    runs = []
+    for seed in range(11):
+        run = f"snli-ve-8shot-s{seed}"
+        folder.joinpath(f"{run}.json").write_text(json.dumps({
+            "names": [run, "nli", "shape"], "row": [1.0, seed / 10, -seed / 10], "fisher": recorded(cfg.fisher),
+            "config": cfg.to_dict()}))
+        runs.append({"run": run, "seed": seed})
+    sims = _similarities(cfg, runs)
+    assert list(sims) == ["retrieval (fisher)"]
+    assert sims["retrieval (fisher)"]["snli-ve-8shot-s1"] == {"snli-ve-8shot-s1": 1.0, "nli": 0.1, "shape": -0.1}
+    assert sims["retrieval (fisher)"]["snli-ve-8shot-s10"] == {"snli-ve-8shot-s10": 1.0, "nli": 1.0, "shape": -1.0}
+
+
+def test_a_one_seed_table_shows_the_value_without_a_spread():
+    from evaluate import table
+
+    runs = [{"shots": 8, "scores": {"target-only": 0.6, "pi-tuning": 0.625}}]
+    text = table("snli-ve", "accuracy", runs, [])
+    assert "| 8-shot (1 seed) |" in text and "| pi-tuning | 0.625 |" in text and "±" not in text
+    two = table("snli-ve", "accuracy", runs + [{"shots": 8, "scores": {"target-only": 0.62, "pi-tuning": 0.635}}], [])
+    assert "| 8-shot (2 seeds) |" in two and "| pi-tuning | 0.630 ± 0.007 |" in two

@@ -63,6 +63,10 @@ def test_defined_tasks_run_the_four_stages_in_a_pool_with_world_tasks(micro, tmp
     assert entail["train_size"] == 16 and entail["val_size"] == 6 and entail["family"] == "language"
     sim = json.loads((rd / "similarity/my-shapes-8shot-s0.json").read_text())
     assert sim["names"] == ["my-shapes-8shot-s0", "nli", "my-entail"] and len(sim["top_k"]) == 2
+    # each Fisher's fisher.samples (8) of its expert's examples: a file's a seeded random sample, not its first
+    # rows; the mini world's first (drawn at random already); recorded in the similarity file
+    assert sim["examples"] == {"my-shapes-8shot-s0": "all 8", "my-entail": "8 of 16, a seeded random sample "
+                               "('fisher/my-entail')", "nli": "the first 8 of 64 (the mini world draws each at random)"}
     result = json.loads((rd / "results/my-shapes-8shot-s0.json").read_text())
     assert result["metric"] == "accuracy" and result["test_size"] == 8 and "pi-tuning" in result["scores"]
 
@@ -83,6 +87,12 @@ def test_defined_tasks_run_the_four_stages_in_a_pool_with_world_tasks(micro, tmp
     cfg = load_config(config, [f"runs_dir={runs}"])
     assert [e.image.tobytes() for e in data.split(cfg, "my-shapes", "val")] == [e.image.tobytes() for e in val]
     assert len(data.split(cfg, "my-shapes", "train")) == 18 and len(data.split(cfg, "my-shapes", "test")) == 8
+    # a cap on a file's rows takes a seeded random sample of them, the same every time, not the first rows
+    capped = load_config(config, [f"runs_dir={runs}", "data.test_size=4"])
+    first = [e.image.tobytes() for e in data.split(cfg, "my-shapes", "test")]
+    sample = [e.image.tobytes() for e in data.split(capped, "my-shapes", "test")]
+    assert len(sample) == 4 and sample != first[:4] and set(sample) <= set(first)
+    assert [e.image.tobytes() for e in data.split(capped, "my-shapes", "test")] == sample
 
 
 @pytest.mark.parametrize("change, message", [
