@@ -15,7 +15,8 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 PIPELINE   = $(MAKE) --no-print-directory -f pipeline.mk PY=$(PY) CONFIG=$(CONFIG) TARGET=$(TARGET)
 
-.PHONY: help all backbone experts embed interpolate evaluate seeds report study test bench clean
+.PHONY: help all backbone experts embed interpolate evaluate seeds report study compare check test bench clean prune
+PROFILES = $(filter-out paper_tasks,$(basename $(notdir $(wildcard configs/*.yaml))))
 
 help:
 	@echo "make all TARGET=snli-ve [PROFILE=mini SEED=0]     the whole pipeline; prints the results table"
@@ -25,7 +26,11 @@ help:
 	@echo "                                                   the transfer matrix, runs/<profile>/report.md + plots"
 	@echo "make study TARGETS='snli-ve shape nli'            the report's study for each target, one config, every"
 	@echo "                                                   embedding; runs/<profile>/study.md + study/"
-	@echo "make test | bench | clean                          OVERRIDES='key=value ...' reach every stage"
+	@echo "make compare TARGET=snli-ve AGAINST='k=v ...'     this config's results against another's, seed by seed"
+	@echo "make prune                                         delete the artifacts this config would not make"
+	@echo "make clean                                         delete runs/<profile>/ entirely, the backbone too"
+	@echo "make test | bench                                  OVERRIDES='key=value ...' reach every stage"
+	@echo "profiles (PROFILE=, configs/<profile>.yaml): $(PROFILES)"
 
 # the virtual environment, created on first use, with the exact versions of constraints.txt. pip's own
 # bytecode pass compiles all of torch and transformers (about a minute here); instead the modules the stages
@@ -39,14 +44,22 @@ $(STAMP): requirements.txt constraints.txt
 	PYTHONDONTWRITEBYTECODE= $(PY) -c "$(WARM)"
 	touch $@
 
-# the pipeline's file graph lives in pipeline.mk, read once the venv can parse the profile
+# the pipeline's file graph lives in pipeline.mk, made by the code (common/provenance.py); every config error stops
+# in one line before the first stage (`check`: common/checks.py)
+CHECK = $(PY) -m common.checks $(CONFIG) $(OVERRIDES) --targets
+check: $(STAMP)
+	@$(CHECK) $(TARGET)
+
 all: $(STAMP)
-	+@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" evaluate show
+	@$(CHECK) $(TARGET)
+	+@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" show
 
 backbone experts embed interpolate evaluate: $(STAMP)
+	@$(CHECK) $(TARGET)
 	+@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" $@
 
 seeds: $(STAMP)
+	@$(CHECK) $(TARGET)
 	+@for s in $(SEEDS); do $(PIPELINE) SEED=$$s OVERRIDES="$(OVERRIDES)" evaluate || exit 1; done
 	+@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" show
 
@@ -56,6 +69,7 @@ seeds: $(STAMP)
 STUDY_SHOTS = $(filter $(TRANSFER_SHOTS),$(REPORT_SHOTS)) $(filter-out $(TRANSFER_SHOTS),$(REPORT_SHOTS))
 STUDY_RUNS = $(foreach t,$(1),$(foreach s,$(STUDY_SHOTS),$(foreach r,$(REPORT_SEEDS),of/$(t)/$(s)/$(r))))
 report: $(STAMP)
+	@$(CHECK) $(TARGET) --shots "$(REPORT_SHOTS)"
 	+@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" backbone
 	+@$(PIPELINE) -j$(JOBS) SEED=$(SEED) OVERRIDES="threads=1 $(OVERRIDES)" experts
 	+@$(MAKE) --no-print-directory -j$(JOBS) $(call STUDY_RUNS,$(TARGET))
@@ -65,18 +79,24 @@ report: $(STAMP)
 of/%: $(STAMP)
 	+@set -- $(subst /, ,$*); $(MAKE) --no-print-directory -f pipeline.mk PY=$(PY) CONFIG=$(CONFIG) TARGET=$$1 \
 	  SEED=$$3 STUDY=1 TRANSFER_ROW=$(if $(filter $(word 2,$(subst /, ,$*)),$(TRANSFER_SHOTS)),1,0) \
-	  OVERRIDES="tasks.target_shots=$$2 threads=1 $(OVERRIDES)" evaluate
+	  EMBED_AS="$(EMBED_AS)" OVERRIDES="tasks.target_shots=$$2 threads=1 $(OVERRIDES)" evaluate
 
 # the study over several targets, one config for all: every pool expert, then each target's shots x seed
 # pipelines (as make report runs them, with every embedding of common/embeddings.py), then one study report
 # shape, not colour, is the vision target: colour scores 1.000 with every method at 32 shots (README: the study)
 TARGETS  ?= snli-ve shape nli
-EMBED_ALL = fisher weights prototypes fisher-batch fisher-raw fisher-passes fisher-common fisher-model
+EMBED_AS ?= default
 study: $(STAMP)
+	@$(CHECK) $(TARGETS) --shots "$(REPORT_SHOTS)"
 	+@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" backbone
 	+@$(PIPELINE) -j$(JOBS) SEED=$(SEED) OVERRIDES="threads=1 $(OVERRIDES)" pool-experts
-	+@$(MAKE) --no-print-directory -j$(JOBS) $(call STUDY_RUNS,$(TARGETS)) EMBED_AS="$(EMBED_ALL)"
+	+@$(MAKE) --no-print-directory -j$(JOBS) $(call STUDY_RUNS,$(TARGETS)) EMBED_AS=all
 	$(PY) evaluate.py --study $(TARGETS) --config $(CONFIG) $(OVERRIDES)
+
+# this config's results for TARGET against another's (AGAINST: the overrides that make it), on the seeds both ran
+AGAINST ?=
+compare: $(STAMP)
+	$(PY) evaluate.py --compare "$(AGAINST)" --target $(TARGET) --config $(CONFIG) $(OVERRIDES)
 
 # one pytest worker per core (pytest-xdist), one torch thread each; a worker that runs out of tests takes
 # half of the other's queue (worksteal), so neither sits idle at the end
@@ -88,5 +108,11 @@ bench: $(STAMP)
 	$(PY) bench/merge_bench.py --threads 1
 	$(PY) bench/step_bench.py
 
+# prune: the artifacts of runs/<profile>/ that this config would not make (other configs', older code's);
+# clean: the whole of runs/<profile>/, the backbone included
+prune: $(STAMP)
+	$(PY) -m common.provenance $(CONFIG) $(OVERRIDES) --prune
+
 clean: $(STAMP)
-	+@$(PIPELINE) OVERRIDES="$(OVERRIDES)" clean
+	@d=$$($(PY) -m common.provenance $(CONFIG) $(OVERRIDES) --get run_dir) && echo "removing $$d (every artifact of \
+	profile $(PROFILE), the backbone too)" && rm -rf "$$d"

@@ -21,9 +21,11 @@ import time
 
 from common import data
 from common.artifacts import write_json, write_text
-from common.config import UserError, parse_stage, run_stage, stage_parser
+from common.stage import parse_stage, run_stage, stage_parser
+from common.errors import UserError
 from common.embeddings import EMBEDDINGS, recorded, variants
 from common.experts import current_expert, expert_name
+from common.provenance import artifact, link, made_from
 from common.similarity import similarity_matrix, similarity_row, top_k_similar
 
 
@@ -52,21 +54,22 @@ def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:
         rows = [similarity_row(embeddings, how.similarity)] if target else similarity_matrix(embeddings, how.similarity)
     except ValueError as e:
         raise UserError(f"{cfg.path}: {e} (expert.method / backbone must be the same for all of {names})")
-    label = (names[0] if target else "pool") + suffix
-    result = {"names": names, "fisher": recorded(cfg.fisher), "config": cfg.to_dict()}
+    path = artifact(cfg, "similarity", names[0] if target else "pool", suffix[1:])
+    result = {"names": names, "fisher": recorded(cfg.fisher), "config": cfg.to_dict(),
+              "made_from": made_from(cfg, "similarity", names[0] if target else "pool", suffix[1:])}
     if how.examples:  # which of each expert's examples it was embedded by (data.subset)
         result["examples"] = how.examples(cfg, names)
     if target:
         result |= {"target": names[0], "row": rows[0], "top_k": top_k_similar(names, rows[0], cfg.interpolate.top_k)}
     else:
         result["matrix"] = rows
-    sim_dir = cfg.run_dir / "similarity"
     csv = "task," + ",".join(names) + "\n" + "".join(
         f"{n}," + ",".join(f"{v:.4f}" for v in row) + "\n" for n, row in zip(names, rows))
-    write_text(sim_dir / f"{label}.csv", csv)
-    write_json(sim_dir / f"{label}.json", result)
+    write_text(path.with_suffix(".csv"), csv)
+    write_json(path, result)
+    link(path), link(path.with_suffix(".csv"))
     extra = f" | top-{cfg.interpolate.top_k} for {names[0]}: {', '.join(result['top_k'])}" if target else ""
-    return f"similarity: {len(names)} experts ({work}){extra} | {time.time() - t0:.0f}s -> {sim_dir / label}.csv"
+    return f"similarity: {len(names)} experts ({work}){extra} | {time.time() - t0:.0f}s -> {path.with_suffix('.csv')}"
 
 
 def main() -> None:

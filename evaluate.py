@@ -1,17 +1,17 @@
 """Stage 4: compare π-Tuning with the baselines on the target's test split (and its validation split, to choose on).
 
-    python evaluate.py --target snli-ve
+    .venv/bin/python evaluate.py --target snli-ve
 
 Methods: the zero-shot backbone, the target-only expert, the uniform merge of the experts π-Tuning
-used, peft's linear and TIES merges of them (LoRA), and π-Tuning; plus every baseline run that exists
-for this target/shots/seed (train_expert.py --variant 2x | full-ft, interpolate.py --variant random |
-oracle | frozen | pair-<expert>) and was made under this config (one made under another is left out, named).
-Methods are scored on test (`scores`, what the report reports) and those choices are made among (π-Tuning's
-runs, target-only, the pair runs: report.METHODS on_val) on validation too (`val_scores`), with each
-example's score where the metric is their mean (`per_example`, for the report's paired bootstrap).
-Writes runs/<profile>/results/<target>-<shots>shot-s<seed>.json (with the transfer of each pair-<expert>
-run over target-only, on each split), rebuilds <target>.json and <target>.md (mean ± std over every result on disk made
-under this config; `make all` prints it) and prints one line.
+used, peft's linear and TIES merges of them (LoRA), and π-Tuning; plus every baseline run of this config that
+exists for this target/shots/seed (train_expert.py --variant 2x | full-ft, interpolate.py --variant random |
+oracle | frozen | pair-<expert>). Methods are scored on test (`scores`, what the report reports) and those
+choices are made among (π-Tuning's runs, target-only, the pair runs: report.METHODS on_val) on validation too
+(`val_scores`), with each example's score where the metric is their mean (`per_example`, for the report's
+paired bootstrap). Writes runs/<profile>/results/<target>-<shots>shot-s<seed>@<digest>.json (with the transfer of
+each pair-<expert> run over target-only, on each split), rebuilds <target>.json (this config's results) and
+<target>.md (a table per config with results on disk, this config's first; `make all` prints it) and prints
+one line. --compare "key=value ..." puts this config's results and another's side by side.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import gc
 if __name__ == "__main__":  # a stage's own process: no garbage collections while the imports load (run_stage)
     gc.disable()
 
-import fcntl
+import glob
+import shlex
 import time
 
 import torch
@@ -28,14 +29,17 @@ import torch
 from common import data, dist
 from common.artifacts import read_json, write_json, write_text
 from common.backbone import load_backbone
-from common.config import (NULL, UserError, changed_fields, interpolated_kind, parse_stage, require_current, run_stage,
-                           stage_parser)
+from common.config import NULL, load_config, split_overrides
+from common.stage import parse_stage, run_stage, stage_parser
+from common.errors import UserError
 from common.device import accelerator
 from common.expert_types import EXPERT_TYPES
 from common.experts import (MergedExpert, current_expert, expert_dir, expert_name, folded, load_expert, load_pool,
                             unload_expert)
 from common.metrics import task_scores
-from common.report import load_results, mean_sd, on_val, ordered, pack, scores_of, seeds, shots_label, unpack
+from common.provenance import artifact, config_id, link, made_from, readable
+from common.report import (INTERVAL, config_label, load_results, mean_sd, on_val, ordered, pack, paired_ci, scores_of,
+                           seeds, shots_label, unpack, verdict, write_tables)
 
 
 
@@ -59,46 +63,59 @@ def peft_merge(cfg, base, experts: list[str], how: str):
     return model.eval()
 
 
-def methods(cfg, run: str, meta: dict) -> tuple[dict, list[str]]:
-    """name -> what to load, for every method whose artifacts exist for this run and were made under this
-    config; and the baseline runs left out as made under another one."""
-    exp, interp = cfg.run_dir / "experts", cfg.run_dir / "interpolated"
+def methods(cfg, run: str, experts: list[str] | None) -> dict:
+    """name -> what to load, for every method whose artifacts exist for this run under this config (their paths
+    carry its digests; another config's are other paths). experts: π-Tuning's, for the merges of the same ones
+    (None: π-Tuning is not needed, as in the transfer row)."""
     out = {"zero-shot": ("base", None), "target-only": ("expert", expert_dir(cfg, run))}
-    found = [(name, "target", exp / f"{run}.{v}") for v, name in (("2x", "target-only-2x"), ("full-ft", "full-ft"))]
-    out["uniform-merge"] = ("uniform", meta["experts"])
-    if EXPERT_TYPES[cfg.expert.method].peft_merges:
-        out["linear-merge"], out["ties-merge"] = ("linear", meta["experts"]), ("ties", meta["experts"])
-    out["pi-tuning"] = ("expert", interp / run)
-    for d in sorted(interp.glob(f"{run}.*")):
-        v = d.name[len(run) + 1:]
-        found.append((v if v.startswith("pair-") else f"pi-{v}", interpolated_kind(v), d))
-    stale = []
-    for name, kind, d in found:
-        if not (d / "meta.json").is_file():
-            continue
-        changed = changed_fields(read_json(d / "meta.json", "baseline run", f"delete {d}").get("config"), cfg, kind)
-        if changed:
-            stale.append(f"{name} ({changed[0]})")
-        else:
-            out[name] = ("full" if name == "full-ft" else "expert", d)
-    return out, stale
+    for v, name in (("2x", "target-only-2x"), ("full-ft", "full-ft")):
+        if (expert_dir(cfg, f"{run}.{v}") / "meta.json").is_file():
+            out[name] = ("full" if v == "full-ft" else "expert", expert_dir(cfg, f"{run}.{v}"))
+    if experts is not None:
+        out["uniform-merge"] = ("uniform", experts)
+        if EXPERT_TYPES[cfg.expert.method].peft_merges:
+            out["linear-merge"], out["ties-merge"] = ("linear", experts), ("ties", experts)
+        out["pi-tuning"] = ("expert", artifact(cfg, "interpolated", run))
+    for d in sorted((cfg.run_dir / "interpolated").glob(f"{glob.escape(run)}.*@*")):
+        v = readable(d).name[len(run) + 1:]
+        if not d.is_symlink() and d == artifact(cfg, "interpolated", run, v) and (d / "meta.json").is_file():
+            out[v if v.startswith("pair-") else f"pi-{v}"] = ("expert", d)
+    return out
 
 
-def table(target: str, metric: str, runs: list[dict], left_out: list[str]) -> str:
-    """Markdown: one row per method, mean ± std over the seeds evaluated (one seed: its value), per shots
-    setting; a last line for the results left out as made under another config."""
-    by_shots: dict[int, list[dict]] = {}
-    for r in runs:
-        by_shots.setdefault(r["shots"], []).append(r)
-    lines = [f"| {target} (test {metric}) | " + " | ".join(f"{shots_label(s)} ({seeds(len(rs))})" for s, rs in
-                                                     sorted(by_shots.items())) + " |",
-             "|---" * (1 + len(by_shots)) + "|"]
-    for m in ordered(runs):
-        cells = [mean_sd([r["scores"][m] for r in rs if m in r["scores"]]) for _, rs in sorted(by_shots.items())]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    if left_out:
-        lines += ["", f"Left out, made under another config: {'; '.join(left_out)}."]
-    return "\n".join(lines) + "\n"
+def compare(cfg, target: str, against: list[str]) -> str:
+    """This config's results for the target against another's (its overrides on top of this one's), shots by
+    shots on the seeds both ran: each method's paired gain (the other minus this) with the hierarchical interval
+    (report.paired_ci: both scored the same test examples). Writes runs/<profile>/compare-<target>.md."""
+    other = load_config(cfg.path, [*cfg.overrides, *split_overrides(against)])
+    labels = {"A": config_label(cfg.path, cfg.to_dict()), "B": config_label(cfg.path, other.to_dict())}
+    found = {"A": load_results(cfg, target), "B": load_results(other, target)}
+    for side, runs in found.items():
+        if not runs:
+            raise UserError(f"no results for {target} under {labels[side]}; make them first (`make report "
+                            f"TARGET={target} OVERRIDES=\"{' '.join((cfg if side == 'A' else other).overrides)}\"`)")
+    md = [f"# {target}: B against A (test {found['A'][0]['metric']})", "", f"- A: {labels['A']}", f"- B: {labels['B']}",
+          "", "Gain: B minus A on the same seed, mean ± std over the seeds both ran. " + INTERVAL, "",
+          "| shots | method | A | B | wins | B − A | 95% interval | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for shots in sorted({r["shots"] for r in found["A"]} & {r["shots"] for r in found["B"]}):
+        by_seed = {side: {r["seed"]: r for r in runs if r["shots"] == shots} for side, runs in found.items()}
+        both = sorted(set(by_seed["A"]) & set(by_seed["B"]))
+        pairs = [(by_seed["A"][s], by_seed["B"][s]) for s in both]
+        for m in ordered([a for a, _ in pairs]):
+            have = [(a, b) for a, b in pairs if m in a["scores"] and m in b["scores"]]
+            if not have:
+                continue
+            gains = [b["scores"][m] - a["scores"][m] for a, b in have]
+            each = [(a["per_example"]["test"], b["per_example"]["test"]) for a, b in have]
+            ci = paired_ci([{"per_example": {"test": {"A": ea[m], "B": eb[m]}}} for ea, eb in each], "B", "A") \
+                if all(m in ea and m in eb for ea, eb in each) else None
+            md.append(f"| {shots_label(shots)} | {m} | {mean_sd([a['scores'][m] for a, _ in have])} | "
+                      f"{mean_sd([b['scores'][m] for _, b in have])} | {sum(g > 0 for g in gains)}/{len(gains)} | "
+                      f"{mean_sd(gains, signed=True)} | {f'[{ci[0]:+.3f}, {ci[1]:+.3f}]' if ci else '-'} | "
+                      f"{verdict(ci)} |")
+    text = "\n".join(md) + "\n"
+    write_text(cfg.run_dir / f"compare-{target}.md", text)
+    return text
 
 
 def main() -> None:
@@ -110,6 +127,9 @@ def main() -> None:
                     "plots from every result of this target made under this config (make report)")
     ap.add_argument("--study", nargs="+", metavar="TARGET", help="no evaluation: write runs/<profile>/study.md over "
                     "these targets (make study TARGETS=...)")
+    ap.add_argument("--compare", metavar="OVERRIDES", help="no evaluation: this config's results for --target "
+                    "against those of this config with these overrides too ('interpolate.top_k=1 ...'), seed by seed "
+                    "(make compare AGAINST=...); writes runs/<profile>/compare-<target>.md")
     args, cfg = parse_stage(ap)
     if args.study:
         from common.report import write_study
@@ -124,26 +144,27 @@ def main() -> None:
         from common.report import write_report
 
         return print(f"report: {write_report(cfg, args.target)}")
+    if args.compare is not None:
+        return print(compare(cfg, args.target, shlex.split(args.compare)), end="")
     shots = cfg.tasks.target_shots
     run = expert_name(args.target, shots, cfg.seed)
-    interp = cfg.run_dir / "interpolated" / run
-    interpolate = f"run `python interpolate.py --target {args.target}` (make reruns what is stale)"
-    meta = read_json(interp / "meta.json", "interpolated expert", interpolate)
-    require_current(meta.get("config"), cfg, "interpolated", interp, interpolate)
+    experts = None
+    if not args.transfer:  # the transfer row needs the target's expert and the pair runs, not π-Tuning's
+        interp = artifact(cfg, "interpolated", run)
+        fix = f"run `{cfg.command('interpolate.py', '--target', args.target)}` (make does)"
+        experts = read_json(interp / "meta.json", "interpolated expert", fix)["experts"]
     current_expert(cfg, run)
     splits = {"test": data.split(cfg, args.target, "test"), "val": data.split(cfg, args.target, "val")}
     t0 = time.time()
-    todo, stale = methods(cfg, run, meta)
-    res_dir = cfg.run_dir / "results"
-    row_path = res_dir / f"{run}.transfer.json"
-    measured = {}  # the pair runs' scores, when evaluate.py --transfer has measured them (not older, same config)
+    todo = methods(cfg, run, experts)
+    row_path = artifact(cfg, "transfer", run)
+    measured = {}  # the pair runs' scores, when evaluate.py --transfer has measured them (not older)
     if args.transfer:
         todo = {m: v for m, v in todo.items() if m == "target-only" or m.startswith("pair-")}
     elif row_path.is_file():
         newest = max((d.stat().st_mtime for m, (_, d) in todo.items() if m.startswith("pair-")), default=0)
-        row = read_json(row_path, "transfer matrix row", "run `evaluate.py --transfer`")
-        if row_path.stat().st_mtime >= newest and not changed_fields(row.get("config"), cfg, "result") \
-                and "val_scores" in row:  # a row from before the validation split was scored is measured again
+        row = read_json(row_path, "transfer matrix row", "delete it (make measures it again)")
+        if row_path.stat().st_mtime >= newest:
             measured = {m: {"test": a, "val": row["val_scores"][m],
                             "each": {s: unpack(e[m]) if m in e else None for s, e in row["per_example"].items()}}
                         for m, a in scores_of(row).items() if m.startswith("pair-") and m in todo}
@@ -152,7 +173,7 @@ def main() -> None:
     accel = accelerator(cfg)
     base, processor = load_backbone(cfg, accel.device)  # loaded once; each method's expert goes in and comes out
     enc = data.Encoder(processor, accel.device, keep_mb=cfg.feature_cache_mb)  # every method scores the same batches
-    data.check_words(cfg, args.target, enc, *splits.values())
+    data.check_words(cfg, args.target, enc.tok.get_vocab(), *splits.values())
     scores, each, used = {s: {} for s in splits}, {s: {} for s in splits}, {}
     for m, (kind, what) in todo.items():
         if kind == "full":  # a fully fine-tuned copy of the backbone
@@ -185,27 +206,26 @@ def main() -> None:
                 for s, sc in scores.items()}
     control = {s: row.pop(NULL, None) for s, row in transfer.items()}  # pair-null: the row's control, not a pool expert
     result = {"target": args.target, "run": run, "shots": shots, "seed": cfg.seed, "metric": metric,
-              "test_size": len(splits["test"]), "val_size": len(splits["val"]), "experts": meta["experts"],
+              "test_size": len(splits["test"]), "val_size": len(splits["val"]), "experts": experts,
               "scores": acc, "val_scores": scores["val"], "transfer": transfer["test"], "val_transfer": transfer["val"],
               **({"control": control["test"], "val_control": control["val"]} if control["test"] is not None else {}),
               "per_example": {s: {m: pack(e) for m, e in got.items() if e is not None} for s, got in each.items()},
-              "experts_by_method": {m: e for m, e in used.items() if e}, "left_out": stale,
-              "seconds": round(time.time() - t0, 1), "config": cfg.to_dict()}
+              "experts_by_method": {m: e for m, e in used.items() if e}, "seconds": round(time.time() - t0, 1),
+              "config": cfg.to_dict(), "config_id": config_id(cfg),
+              "made_from": made_from(cfg, "transfer" if args.transfer else "result", run)}
     if args.transfer:
         write_json(row_path, result)
+        link(row_path)
         return print(f"transfer over target-only ({acc['target-only']:.3f}): "
                      + ", ".join(f"{s} {v:+.3f}" for s, v in sorted(transfer["test"].items(), key=lambda x: -x[1]))
                      + (f" | control (pair-{NULL}) {control['test']:+.3f}" if control["test"] is not None else ""))
-    write_json(res_dir / f"{run}.json", result)
-    with open(res_dir / f".{args.target}.lock", "w") as lock:  # make report evaluates two runs at once
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        runs, left_out = load_results(cfg, args.target)  # rebuilt from the results on disk: no stale row
-        write_json(res_dir / f"{args.target}.json", {"runs": {r["run"]: r for r in runs}, "left_out": left_out})
-        write_text(res_dir / f"{args.target}.md", table(args.target, metric, runs, left_out))
+    path = artifact(cfg, "result", run)
+    write_json(path, result)
+    link(path)
+    table = write_tables(cfg, args.target)
     line = ", ".join(f"{m} {acc[m]:.3f}" for m in ordered([result]))
-    note = f"; left out as stale: {', '.join(stale)}" if stale else ""
-    print(f"evaluated {run} ({metric}, {len(splits['test'])} test examples): {line}{note}; {time.time() - t0:.0f}s -> "
-          f"{res_dir / args.target}.md ({len(runs)} runs)")
+    print(f"evaluated {run} ({metric}, {len(splits['test'])} test examples): {line}; {time.time() - t0:.0f}s -> "
+          f"{table} ({seeds(len(load_results(cfg, args.target)))} under this config)")
 
 
 if __name__ == "__main__":

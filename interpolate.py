@@ -26,35 +26,36 @@ import torch
 from common import data
 from common.artifacts import atomic_dir, read_json, write_json
 from common.backbone import backbone_dir, fingerprint, load_backbone
-from common.config import (NULL, UserError, interpolated_kind, parse_stage, require_current, run_stage,
-                           stage_parser)
+from common.config import NULL
+from common.stage import parse_stage, run_stage, stage_parser
+from common.errors import UserError
 from common.device import accelerator
 from common.expert_types import EXPERT_TYPES
 from common.experts import MergedExpert, expert_dir, expert_name, load_pool, unload_expert
+from common.provenance import artifact, link, made_from, parse_run
 from common.similarity import top_k_similar
 from common.training import Checkpoint, checkpointing, train_steps
 
 
-def variant(cfg, name: str, run: str, sim: dict, chosen: list[str]) -> tuple[list[str], str, bool]:
-    """The pool experts, how they were picked, and whether they train: π-Tuning as configured, or a baseline."""
-    ic, pool = cfg.interpolate, sim["names"][1:]
+def variant(cfg, name: str, run: str, pool: list[str], retrieved) -> tuple[list[str], str, bool]:
+    """The pool experts, how they were picked, and whether they train: π-Tuning as configured, or a baseline.
+    retrieved() reads the retrieval's choice (the similarity file), for the runs that use it."""
+    ic = cfg.interpolate
     how = "by hand (interpolate.experts)" if ic.experts else f"top-{ic.top_k} similar"
     if not name:
-        return chosen, how, ic.train_experts
+        return retrieved(), how, ic.train_experts
     if name == "frozen":
-        return chosen, how, False
+        return retrieved(), how, False
     if name == "random":  # a seeded draw: each seed its own random set
         return random.Random(f"random-{cfg.seed}").sample(pool, min(ic.top_k, len(pool))), "random", ic.train_experts
     if name == "oracle":  # an upper bound: the experts that measurably help most on this run's test split
-        path = cfg.run_dir / "results" / f"{run}.transfer.json"
-        fix = "run `interpolate.py --variant pair-<expert>` for every pool expert, then `evaluate.py --transfer` " \
-              "(make report does)"
-        row = read_json(path, "transfer matrix row", fix)
-        require_current(row.get("config"), cfg, "result", path, fix, made="measured")
-        transfer = row.get("transfer", {})
+        path = artifact(cfg, "transfer", run)
+        target = parse_run(run)["task"]
+        fix = (f"run `{cfg.command('interpolate.py', '--target', target, '--variant', 'pairs')}`, then "
+               f"`{cfg.command('evaluate.py', '--target', target, '--transfer')}` (make report does)")
+        transfer = read_json(path, "transfer matrix row", fix).get("transfer", {})
         if len(transfer) < len(pool):
-            raise UserError(f"{path}: transfer measured for {len(transfer)} of {len(pool)} pool experts; run "
-                            f"`interpolate.py --variant pair-<expert>` for each, then `evaluate.py --transfer`")
+            raise UserError(f"{path}: transfer measured for {len(transfer)} of {len(pool)} pool experts; {fix}")
         return sorted(pool, key=lambda s: -transfer[s])[:ic.top_k], "oracle (measured transfer)", ic.train_experts
     if name.startswith("pair-") and name[5:] in pool:
         return [name[5:]], "one expert (transfer matrix)", ic.train_experts
@@ -63,8 +64,23 @@ def variant(cfg, name: str, run: str, sim: dict, chosen: list[str]) -> tuple[lis
             raise UserError(f"--variant pair-{NULL}: expert.method={cfg.expert.method} has no expert that changes "
                             f"nothing (lora, adapter and ia3 have); leave pair-{NULL} out")
         return [NULL], "nothing (an expert that changes nothing: the transfer row's control)", ic.train_experts
-    raise UserError(f"--variant '{name}': use pi, random, oracle, frozen, pair-{NULL} or pair-<expert> with one of "
-                    f"{', '.join(pool)}")
+    raise UserError(f"--variant '{name}': use pi, random, oracle, frozen, pairs, pair-{NULL} or pair-<expert> with "
+                    f"one of {', '.join(pool)}")
+
+
+def due_pairs(cfg, run: str, pool: list[str]) -> list[str]:
+    """The pair runs of the transfer row (each pool expert, and the control where the type has one) that are
+    missing or older than an expert they are made from: a pool that grows adds its new pair runs."""
+    control = [NULL] if cfg.control != "-" else []
+    due = []
+    for other in pool + control:
+        made = artifact(cfg, "interpolated", run, f"pair-{other}") / "meta.json"
+        inputs = [expert_dir(cfg, run), *([expert_dir(cfg, f"{run}.fold")] if cfg.interpolate.holdout else []),
+                  *([] if other == NULL else [expert_dir(cfg, other)])]
+        if not made.is_file() or any((d / "meta.json").is_file() and (d / "meta.json").stat().st_mtime_ns >
+                                     made.stat().st_mtime_ns for d in inputs):
+            due.append(f"pair-{other}")
+    return due
 
 
 def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts: list[str], how: str,
@@ -94,9 +110,8 @@ def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts:
                            lr_field="interpolate.lr" if learn_experts else "interpolate.logits_lr",
                            checkpoint=ckpt, log_every=cfg.log_every)
 
-    out = cfg.run_dir / "interpolated" / (f"{run}.{name}" if name else run)
-    made = interpolated_kind(name)
-    ckpts = [Checkpoint.beside(out, ic.checkpoint_every, cfg, made)]
+    out = artifact(cfg, "interpolated", run, name)
+    ckpts = [Checkpoint.beside(out, ic.checkpoint_every, cfg)]
     desc = f"interpolate {run}"
     train = data.train_split(cfg, target, shots, cfg.seed)
     mix_on = data.fold_split(cfg, train, cfg.seed)[1] if ic.holdout else train
@@ -110,7 +125,7 @@ def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts:
         merge = stack(experts, trainable=train_experts)
         if train_experts:
             logits.requires_grad_(False)
-            ckpts.append(Checkpoint.beside(out.with_name(f"{out.name}.experts"), ic.checkpoint_every, cfg, made))
+            ckpts.append(Checkpoint.beside(out.with_name(f"{out.name}.experts"), ic.checkpoint_every, cfg))
             loss = fit(merge, train, False, True, ckpts[1], f"{desc} (experts)")
 
     probs = torch.softmax(logits.detach(), dim=-1)
@@ -125,7 +140,9 @@ def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts:
             "num_groups": len(merge.group_names),
             "train_experts": train_experts, "steps": ic.steps, "final_loss": loss,
             "mean_weights": dict(zip(experts, probs.mean(0).tolist())), "backbone": fingerprint(backbone_dir(cfg)),
-            "seconds": round(time.time() - t0, 1), "config": cfg.to_dict()})
+            "seconds": round(time.time() - t0, 1), "config": cfg.to_dict(),
+            "made_from": made_from(cfg, "interpolated", run, name)})
+    link(out)
     for ckpt in ckpts:
         ckpt.done()
     unload_expert(merge.model)
@@ -147,22 +164,32 @@ def main() -> None:
     data.task(cfg, args.target, where="--target")
     ic = cfg.interpolate
     run = expert_name(args.target, cfg.tasks.target_shots, cfg.seed)
-    sim_path = cfg.run_dir / "similarity" / f"{run}.json"
-    embed = f"run `python embed_tasks.py --target {args.target}` (make reruns what is stale)"
-    sim = read_json(sim_path, "similarity matrix", embed)
-    require_current(sim.get("config"), cfg, "similarity", sim_path, embed)
-    chosen = ic.experts or top_k_similar(sim["names"], sim["row"] if "row" in sim else sim["matrix"][0], ic.top_k)
+    pool = [t for t in cfg.tasks.pool if t != args.target]
     for name in ic.experts:
-        if name not in sim["names"] or name == run:
+        if name not in pool:
             raise UserError(f"{cfg.path}: interpolate.experts names '{name}', not a pool expert of {run} "
-                            f"(pool: {', '.join(sim['names'][1:])})")
+                            f"(pool: {', '.join(pool)})")
+
+    def retrieved() -> list[str]:
+        if ic.experts:
+            return list(ic.experts)
+        path = artifact(cfg, "similarity", run)
+        sim = read_json(path, "similarity", f"run `{cfg.command('embed_tasks.py', '--target', args.target)}` (make "
+                        f"does)")
+        return top_k_similar(sim["names"], sim["row"] if "row" in sim else sim["matrix"][0], ic.top_k)
+
     if ic.holdout and not (expert_dir(cfg, f"{run}.fold") / "meta.json").is_file():
+        fold = cfg.command("train_expert.py", "--task", args.target, "--shots", str(cfg.tasks.target_shots), "--variant",
+                           "fold")
         raise UserError(f"{expert_dir(cfg, f'{run}.fold')}: not found; {cfg.path}: field 'interpolate.holdout' is "
                         f"{ic.holdout}, so the mix needs the target's expert refitted without the examples it holds "
-                        f"out: run `python train_expert.py --task {args.target} --shots {cfg.tasks.target_shots} "
-                        f"--variant fold` (make does)")
-    names = ["" if v == "pi" else v for v in args.variant.split(",")]
-    todo = [(v, *variant(cfg, v, run, sim, chosen)) for v in names]  # all checked before training
+                        f"out: run `{fold}` (make does)")
+    names = []
+    for v in args.variant.split(","):
+        names += due_pairs(cfg, run, pool) if v == "pairs" else ["" if v == "pi" else v]
+    todo = [(v, *variant(cfg, v, run, pool, retrieved)) for v in names]  # all checked before training
+    if not todo:
+        return print(f"interpolate {run}: every pair run is made and current")
     acc = accelerator(cfg)
     model, processor = load_backbone(cfg, acc.device)
     checkpointing(model, ic.gradient_checkpointing)

@@ -22,11 +22,13 @@ import torch
 
 from common import data
 from common.artifacts import atomic_dir, write_json
-from common.backbone import (backbone_dir, build_model, build_processor, build_vocab, fingerprint,
+from common.backbone import (backbone_dir, build_model, build_processor, fingerprint,
                              init_unseen_embeddings, load_backbone)
-from common.config import UserError, parse_stage, run_stage, stage_parser
+from common.stage import parse_stage, run_stage, stage_parser
+from common.errors import UserError
 from common.device import accelerator
 from common.experts import attach, expert_dir, expert_name, learning_rate
+from common.provenance import artifact, link, made_from
 from common.metrics import task_metric, token_accuracy
 from common.training import Checkpoint, checkpointing, train_steps
 
@@ -39,10 +41,7 @@ def pretrain(cfg) -> None:
     acc = accelerator(cfg)
     torch.manual_seed(0)  # one backbone for every seed (make builds it once), like the pool experts
     w, pc = cfg.world, cfg.pretrain
-    # the vocabulary is every word any task of the world can use
-    texts = [t for name in list(data.TASKS) + list(data.PRETRAIN_TASKS) for e in data.examples(name, "train", w, 400)
-             for t in (e.prompt, e.answer, *(data.get_task(name).candidates or ()))]
-    vocab = build_vocab(texts)
+    vocab = data.world_vocabulary(w)
     model, n_image_tokens = build_model(cfg.backbone, len(vocab), w.image_size)
     processor = build_processor(vocab, w.image_size, n_image_tokens)
     model.to(acc.device)
@@ -62,7 +61,7 @@ def pretrain(cfg) -> None:
 
     model.train()
     t0 = time.time()
-    ckpt = Checkpoint.beside(out, pc.checkpoint_every, cfg, "backbone")
+    ckpt = Checkpoint.beside(out, pc.checkpoint_every, cfg)
     loss = train_steps(lambda b: model(**enc.batch(b)).loss, [{"params": list(model.parameters()), "lr": pc.lr}],
                        batches(), pc.steps, pc.grad_clip, pc.warmup, desc="pretrain backbone", lr_field="pretrain.lr",
                        acc=acc, grad_accum=pc.grad_accum, checkpoint=ckpt, log_every=cfg.log_every, count=enc.targets)
@@ -87,7 +86,8 @@ def pretrain(cfg) -> None:
             "kind": "embedded-florence2", "params": sum(p.numel() for p in model.parameters()),
             "vocab_size": len(vocab), "image_tokens": n_image_tokens, "steps": pc.steps, "final_loss": loss,
             "val_token_accuracy": accuracy, "val_caption_word_accuracy": attrs, "new_label_tokens": n_new,
-            "seconds": round(time.time() - t0, 1), "config": cfg.to_dict()})
+            "seconds": round(time.time() - t0, 1), "config": cfg.to_dict(), "made_from": made_from(cfg, "backbone")})
+    link(out)
     ckpt.done()
     print(f"backbone: {out} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | "
           f"caption token acc {accuracy['pt-caption']:.3f} ({', '.join(f'{k} {v:.2f}' for k, v in attrs.items())}) | "
@@ -100,12 +100,13 @@ def record_backbone(cfg) -> None:
     record what it is in runs/<profile>/backbone/meta.json, the file the Makefile's later stages depend on."""
     t0 = time.time()
     model, processor = load_backbone(cfg)
-    out = cfg.run_dir / "backbone"
+    out = artifact(cfg, "backbone")
     with atomic_dir(out) as tmp:
         write_json(tmp / "meta.json", {
             "kind": model.config.model_type, "source": cfg.backbone.source,
             "fingerprint": fingerprint(backbone_dir(cfg)), "params": sum(p.numel() for p in model.parameters()),
-            "config": cfg.to_dict()})
+            "config": cfg.to_dict(), "made_from": made_from(cfg, "backbone")})
+    link(out)
     print(f"backbone: {cfg.backbone.source} ({model.config.model_type}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params) loads | {time.time() - t0:.0f}s -> {out}")
 
@@ -144,7 +145,7 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
     if variant == "fold":
         train = data.fold_split(cfg, train, seed)[0]
     val = data.split(cfg, task_name, "val", cfg.expert.eval_size)
-    data.check_words(cfg, task_name, enc, train, val)
+    data.check_words(cfg, task_name, enc.tok.get_vocab(), train, val)
 
     ec = cfg.expert
     steps, lr = ec.steps * (2 if variant == "2x" else 1), ec.full_ft_lr if variant == "full-ft" else learning_rate(ec)
@@ -154,8 +155,7 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
     params = [p for p in model.parameters() if p.requires_grad]
     t0 = time.time()
     out = expert_dir(cfg, name)
-    ckpt = Checkpoint.beside(out, ec.checkpoint_every, cfg,
-                             "expert" if shots is None else "fold" if variant == "fold" else "target")
+    ckpt = Checkpoint.beside(out, ec.checkpoint_every, cfg)
     desc = f"expert {name}"
     batches = data.train_batches(cfg, train, ec.batch_size, seed, enc, "expert.batch_size", desc)
     loss = train_steps(lambda inputs: model(**inputs).loss, [{"params": params, "lr": lr}], batches, steps,
@@ -174,7 +174,8 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
             "steps": steps, "final_loss": loss,
             "val_metric": metric, "val_value": value, "trainable_params": sum(p.numel() for p in params),
             "backbone": fingerprint(backbone_dir(cfg)), "seconds": round(time.time() - t0, 1),
-            "config": cfg.to_dict()})
+            "config": cfg.to_dict(), "made_from": made_from(cfg, "expert", name)})
+    link(out)
     ckpt.done()
     print(f"expert {name}: {len(train)} train examples, {steps} steps, loss {loss:.3f}, "
           f"val {metric} {value:.3f}, {time.time() - t0:.0f}s -> {out}")

@@ -1,5 +1,5 @@
 """A stage process's start-up and exit, with the cyclic garbage collector kept out of the imports' objects (what
-every stage script does: common.config.run_stage) and with it left as Python sets it.
+every stage script does: common.stage.run_stage) and with it left as Python sets it.
 
     python bench/startup_bench.py [--rounds 3] [--stage "train_expert.py --task nli"]
 
@@ -28,16 +28,18 @@ RUNNER = """
 import gc, os, runpy, sys, time
 if os.environ["GC"] == "on":
     gc.disable = lambda: None
-import common.config as config
+else:  # what the script's first lines do, before its imports (common.stage's among them)
+    gc.disable()
+import common.stage as stage
 MARKS = int(os.environ["MARKS"])
-run_stage = config.run_stage
+run_stage = stage.run_stage
 def timed_run_stage(main):
     def timed_main():
         os.write(MARKS, b"imports %.6f\\n" % time.time())
         main()
         os.write(MARKS, b"main %.6f\\n" % time.time())
     run_stage(timed_main)
-config.run_stage = timed_run_stage
+stage.run_stage = timed_run_stage
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from common import dist
-from common.config import UserError
+from common.errors import UserError
 
 
 @contextmanager

@@ -8,7 +8,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from common.config import BackboneConfig, UserError, require_current
+from common.config import BackboneConfig
+from common.provenance import artifact
+
+from common.errors import UserError
 
 # one concise line per stage: no per-tensor loading bars, no deprecation chatter from peft <-> transformers
 transformers.utils.logging.disable_progress_bar()
@@ -19,8 +22,31 @@ PUNCT = '?".,:'
 
 
 def backbone_dir(cfg) -> Path:
-    """Where the stages load the backbone from: the embedded build, or the configured hub id / directory."""
-    return cfg.run_dir / "backbone" if cfg.backbone.source == "embedded" else Path(cfg.backbone.source)
+    """Where the stages load the backbone from: the embedded build (runs/<profile>/backbone@<digest>), or the
+    configured hub id / directory."""
+    return artifact(cfg, "backbone") if cfg.backbone.source == "embedded" else Path(cfg.backbone.source)
+
+
+def looks_like_path(source: str) -> bool:
+    """Is backbone.source meant as a local directory (a hub id is owner/name or name, never absolute, never
+    starting with ./ or ~, never more than one slash)?"""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or Path(source).exists()
+
+
+def check_source(cfg) -> None:
+    """A local backbone.source that is missing, empty or not a checkpoint stops in one line, before any stage."""
+    source = cfg.backbone.source
+    if source == "embedded" or not looks_like_path(source):
+        return
+    path = Path(source).expanduser()
+    fix = "point backbone.source at a checkpoint directory (config.json and weights) or a hub id"
+    where = cfg.where("backbone.source")
+    if not path.exists():
+        raise UserError(f"{where}: backbone.source '{source}' is a path that does not exist; {fix}")
+    if path.is_dir() and not any(path.iterdir()):
+        raise UserError(f"{where}: backbone.source '{source}' is an empty directory; {fix}")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{where}: backbone.source '{source}' is not a checkpoint (no config.json in it); {fix}")
 
 
 def fingerprint(path: Path) -> str:
@@ -54,14 +80,21 @@ def build_vocab(texts: list[str]) -> list[str]:
     return SPECIALS + sorted(words - set(SPECIALS))
 
 
+def word_splitter():
+    """How the embedded backbone's tokenizer splits a text into its words: at spaces, every punctuation mark a
+    word of its own."""
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+
+
 def build_processor(vocab: list[str], image_size: int, image_tokens: int):
     """An offline Florence2Processor: word-level fast tokenizer + CLIP-style image processor."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models
     from transformers import CLIPImageProcessor, Florence2Processor, PreTrainedTokenizerFast
 
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                pre_tokenizers.Punctuation("isolated")])
+    tk.pre_tokenizer = word_splitter()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                   unk_token="<unk>", mask_token="<mask>",
                                   extra_special_tokens={"image_token": "<image>"})
@@ -110,14 +143,9 @@ def load_backbone(cfg, device=None):
 
     path, source = backbone_dir(cfg), cfg.backbone.source
     if source == "embedded" and not (path / "meta.json").is_file():
-        raise UserError(f"{path}: no backbone; run `python train_expert.py --pretrain --config {cfg.path}` "
-                        f"or `make backbone`")
-    if source == "embedded":
-        import json
-
-        require_current(json.loads((path / "meta.json").read_text()).get("config"), cfg, "backbone", path,
-                        f"rebuild it with `python train_expert.py --pretrain --config {cfg.path}` or `make backbone`",
-                        made="built")
+        raise UserError(f"{path}: no backbone built under this config; run `{cfg.command('train_expert.py', '--pretrain')}`"
+                        f" or `make backbone`")
+    check_source(cfg)
     if source != "embedded" and not path.exists() and not _cached(source) and not _hub_reachable():
         raise UserError(f"{cfg.path}: backbone.source '{source}' is a hub id, not in the local cache, and the hub is "
                         f"unreachable; download it where there is network (`hf download {source} --local-dir DIR`) "

@@ -1,13 +1,12 @@
 """Run configuration: one YAML per profile, `key=value` overrides, validated at the door."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import gc
 import json
 import math
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +14,12 @@ from pathlib import Path
 import yaml
 
 from common.embeddings import EMBEDDINGS
+from common.errors import UserError
 from common.expert_types import EXPERT_TYPES
+from common.tasks import define
 
+VENV_PYTHON = ".venv/bin/python"  # what make creates; the commands an error names run with it
 NULL = "null"  # the transfer row's control: an expert that adds nothing (interpolate.py --variant pair-null)
-
-
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line, exit code 2, no traceback."""
 
 
 @dataclass(frozen=True)
@@ -217,8 +215,10 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
-    # where this config was read from, for error messages (not part of the run's identity)
+    # where this config was read from and the overrides applied, for error messages and the commands they name
+    # (not part of the run's identity)
     path: str = field(default="<defaults>", compare=False)
+    overrides: tuple = field(default=(), compare=False)
 
     @property
     def run_dir(self) -> Path:
@@ -232,8 +232,19 @@ class Config:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d.pop("path")
+        d.pop("path"), d.pop("overrides")
         return d
+
+    def where(self, name: str) -> str:
+        """What set a field, for an error: the override that did, else the profile file."""
+        hit = next((o for o in self.overrides if (k := o.split("=", 1)[0]) == name or name.startswith(k + ".")
+                    or k.startswith(name + ".")), None)
+        return f"override '{hit}'" if hit else self.path
+
+    def command(self, script: str, *args: str) -> str:
+        """The command that runs a stage under this config, as typed (the venv's python, --config, overrides)."""
+        words = [script, *args, "--config", self.path, *(shlex.quote(o) for o in self.overrides)]
+        return f"{VENV_PYTHON} {' '.join(words)}"
 
 
 CHOICES = {
@@ -250,58 +261,59 @@ CHOICES = {
 }
 
 
-def _fill(cls, data: dict, path: str, prefix: str = ""):
-    """Build dataclass `cls` from a dict, rejecting unknown fields and wrong types by name."""
+def _fill(cls, data: dict, where, prefix: str = ""):
+    """Build dataclass `cls` from a dict, rejecting unknown fields and wrong types by name; where(field) names
+    what set it (the profile file, or an override)."""
     if not isinstance(data, dict):
-        raise UserError(f"{path}: field '{prefix.rstrip('.') or '<root>'}' must be a mapping; fix the YAML")
-    known = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
+        name = prefix.rstrip(".") or "<root>"
+        raise UserError(f"{where(name)}: field '{name}' must be a mapping; fix the YAML")
+    known = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("path", "overrides")}
     kwargs = {}
     for key, value in data.items():
         name = prefix + key
         if key not in known:
-            raise UserError(f"{path}: unknown field '{name}' (known: {', '.join(sorted(known))})")
+            raise UserError(f"{where(name)}: unknown field '{name}' (known: {', '.join(sorted(known))})")
         default = getattr(cls(), key)
         if dataclasses.is_dataclass(default):
-            kwargs[key] = _fill(type(default), value or {}, path, name + ".")
+            kwargs[key] = _fill(type(default), value or {}, where, name + ".")
             continue
-        kwargs[key] = _check_type(value, default, name, path)
+        kwargs[key] = _check_type(value, default, name, where(name))
         if name in CHOICES and kwargs[key] not in CHOICES[name]:
-            raise UserError(f"{path}: field '{name}' is {value!r}; use one of {', '.join(CHOICES[name])}")
+            raise UserError(f"{where(name)}: field '{name}' is {value!r}; use one of {', '.join(CHOICES[name])}")
         allowed = known[key].metadata.get("range")
         if allowed and kwargs[key] not in allowed:
-            raise UserError(f"{path}: field '{name}' is {value!r}; use a value {allowed}")
+            raise UserError(f"{where(name)}: field '{name}' is {value!r}; use a value {allowed}")
         if known[key].metadata.get("nonempty") and not kwargs[key]:
-            raise UserError(f"{path}: field '{name}' is empty; list at least one")
+            raise UserError(f"{where(name)}: field '{name}' is empty; list at least one")
     return cls(**kwargs)
 
 
-def _check_together(cfg: Config, path: str) -> None:
-    """The checks that span fields."""
+def _check_together(cfg: Config, where) -> None:
+    """The checks that span fields (where(field): the file or override that set it)."""
     pool, b = cfg.tasks.pool, cfg.backbone
     odd = [t for t in pool if not isinstance(t, str) or not t]
     if odd:  # YAML reads a bare null, yes or 12 as None, True, 12
-        raise UserError(f"{path}: field 'tasks.pool' holds {odd[0]!r}, not a task name; write task names as strings "
-                        f"(quoted where YAML would read them otherwise)")
+        raise UserError(f"{where('tasks.pool')}: field 'tasks.pool' holds {odd[0]!r}, not a task name; write task "
+                        f"names as strings (quoted where YAML would read them otherwise)")
     if len(set(pool)) != len(pool):
-        raise UserError(f"{path}: field 'tasks.pool' names a task twice ({pool}); list each once")
+        raise UserError(f"{where('tasks.pool')}: field 'tasks.pool' names a task twice ({pool}); list each once")
     if NULL in pool:
-        raise UserError(f"{path}: field 'tasks.pool' names a task '{NULL}', the name of the transfer row's control "
-                        f"(interpolate.py --variant pair-{NULL}); rename the task")
+        raise UserError(f"{where('tasks.pool')}: field 'tasks.pool' names a task '{NULL}', the name of the transfer "
+                        f"row's control (interpolate.py --variant pair-{NULL}); rename the task")
     if not cfg.interpolate.experts and cfg.interpolate.top_k > len(pool) - 1:
-        raise UserError(f"{path}: field 'interpolate.top_k' is {cfg.interpolate.top_k}, but tasks.pool has "
-                        f"{len(pool) - 1} tasks beside the target; use at most {len(pool) - 1} or add tasks")
+        raise UserError(f"{where('interpolate.top_k')}: field 'interpolate.top_k' is {cfg.interpolate.top_k}, but "
+                        f"tasks.pool has {len(pool) - 1} tasks beside the target; use at most {len(pool) - 1} or add "
+                        f"tasks")
     if b.d_model % b.heads:
-        raise UserError(f"{path}: field 'backbone.heads' is {b.heads}, which does not divide backbone.d_model "
-                        f"{b.d_model}; pick a divisor")
+        raise UserError(f"{where('backbone.heads')}: field 'backbone.heads' is {b.heads}, which does not divide "
+                        f"backbone.d_model {b.d_model}; pick a divisor")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        raise UserError(f"{path}: field 'device' is {cfg.device!r}; use auto, cpu, cuda or cuda:N")
-    from common.tasks import define
-
-    for name, spec in cfg.tasks.define.items():  # each definition checked here; its files when read
-        define(str(name), spec, path)
+        raise UserError(f"{where('device')}: field 'device' is {cfg.device!r}; use auto, cpu, cuda or cuda:N")
+    for name, spec in cfg.tasks.define.items():  # each definition checked here; its files by common.checks
+        define(str(name), spec, where(f"tasks.define.{name}"))
     if len(b.vision_dims) != len(b.vision_heads):
-        raise UserError(f"{path}: field 'backbone.vision_heads' has {len(b.vision_heads)} entries, vision_dims "
-                        f"{len(b.vision_dims)}; give one head count per vision stage")
+        raise UserError(f"{where('backbone.vision_heads')}: field 'backbone.vision_heads' has {len(b.vision_heads)} "
+                        f"entries, vision_dims {len(b.vision_dims)}; give one head count per vision stage")
 
 
 def _check_type(value, default, name, path):
@@ -351,10 +363,24 @@ def _read_profile(p: Path, seen: tuple = ()) -> dict:
     return merged(base, data)
 
 
+def split_overrides(words: list[str]) -> list[str]:
+    """key=value overrides from command-line words: a value that the shell split at its spaces (make's OVERRIDES
+    do: tasks.pool=[snli-ve, nli]) is joined again while its brackets are open."""
+    out: list[str] = []
+    for word in words:
+        if out and out[-1].count("[") + out[-1].count("{") > out[-1].count("]") + out[-1].count("}"):
+            out[-1] += " " + word
+        else:
+            out.append(word)
+    return out
+
+
 def load_config(path: str, overrides: list[str] = ()) -> Config:
-    """Read a profile YAML and apply `section.key=value` overrides (values parsed as YAML)."""
+    """Read a profile YAML and apply `section.key=value` overrides (values parsed as YAML). A bad value names what
+    set it: the profile file, or the override."""
     data = _read_profile(Path(path))
-    for item in overrides:
+    given = {}  # field -> the override that set it
+    for item in split_overrides(list(overrides)):
         if "=" not in item:
             raise UserError(f"override '{item}': expected key=value, e.g. expert.steps=100")
         key, raw = item.split("=", 1)
@@ -364,196 +390,19 @@ def load_config(path: str, overrides: list[str] = ()) -> Config:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(f"override '{item}': '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
-    cfg = _fill(Config, data, path)
-    _check_together(cfg, path)
-    cfg.path = str(path)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise UserError(f"override '{item}': the value is not valid YAML ({getattr(e, 'problem', e)}); write "
+                            f"a list as {key}=[a,b]") from None
+        given[key] = item
+
+    def where(name: str) -> str:
+        hit = next((item for key, item in given.items() if name == key or name.startswith(key + ".")
+                    or key.startswith(name + ".")), None)
+        return f"override '{hit}'" if hit else str(path)
+
+    cfg = _fill(Config, data, where)
+    _check_together(cfg, where)
+    cfg.path, cfg.overrides = str(path), tuple(given.values())
     return cfg
-
-
-def stage_parser(description: str) -> argparse.ArgumentParser:
-    """The command line every stage shares: --config, key=value overrides."""
-    ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--config", default="configs/mini.yaml", help="profile YAML (default: configs/mini.yaml)")
-    ap.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. expert.steps=100")
-    return ap
-
-
-def parse_stage(ap: argparse.ArgumentParser):
-    """Parse a stage's command line (overrides may sit anywhere) and load its config."""
-    args = ap.parse_intermixed_args()
-    cfg = load_config(args.config, args.overrides)
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
-    if not gc.isenabled():
-        # the stage's own process (run_stage): the libraries every stage loads next, with the collector off;
-        # then it runs on everything made after them
-        import accelerate  # noqa: F401
-        import peft  # noqa: F401
-        import transformers.modeling_utils  # noqa: F401
-
-        gc.freeze()
-        gc.enable()
-    return args, cfg
-
-
-def run_stage(main) -> None:
-    """Run a stage's main(); a UserError becomes one line on stderr and exit code 2. Under torchrun only rank 0
-    prints (every rank runs the same code on the same inputs, so a UserError is everyone's); each exits alike."""
-    import contextlib
-    import os
-
-    from common import dist
-
-    # A stage script run as a process turns the cyclic garbage collector off before its imports (torch,
-    # transformers, peft, accelerate: about a million objects that live as long as the process); collections
-    # that scan them cost seconds of each stage's start and of its exit (bench/startup_bench.py). parse_stage
-    # loads the libraries, freezes their objects out of the collector and turns it on for everything made
-    # after; at exit everything is frozen again, so the exit collects nothing.
-    own_process = not gc.isenabled()
-    main_rank = dist.is_main()  # before the process group: the launcher's RANK
-    try:
-        with contextlib.nullcontext() if main_rank else contextlib.redirect_stdout(open(os.devnull, "w")):
-            main()
-    except UserError as e:
-        if main_rank:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if own_process:
-            gc.freeze()
-
-
-# What each kind of artifact is made from, beyond what its name says (task, shots, seed): config sections
-# or single fields. An artifact whose recorded config differs in one of them is stale: make rebuilds it
-# (each entry is a stamp file), a stage refuses it, evaluate and the report leave it out.
-MADE_FROM = {"backbone": ("world", "backbone", "pretrain", "precision")}
-MADE_FROM["expert"] = MADE_FROM["backbone"] + ("data", "tasks.define", "expert")
-MADE_FROM["target"] = MADE_FROM["expert"] + ("tasks.shots_per_class",)
-MADE_FROM["similarity"] = MADE_FROM["target"] + ("tasks.pool", "fisher")
-MADE_FROM["fold"] = MADE_FROM["target"] + ("interpolate.holdout",)  # the target's expert refitted without them
-MADE_FROM["interpolated"] = MADE_FROM["similarity"] + ("interpolate",)
-# a pair run (one pool expert with the target's: a cell of the transfer row) is made from those two experts,
-# not from the pool or the retrieval: a pool that grows adds pair runs and keeps the others
-MADE_FROM["pair"] = MADE_FROM["target"] + ("interpolate",)
-
-
-def interpolated_kind(variant: str) -> str:
-    """The MADE_FROM entry of an interpolate.py run of this --variant ('' = π-Tuning): a pair run's or the others'."""
-    return "pair" if variant.startswith("pair-") else "interpolated"
-# the sizes of the splits that scoring reads: a result is made from them; the backbone, the experts and the
-# Fishers are not (they train on train; an expert's and the backbone's validation figures in their meta.json
-# read at most expert.eval_size and 200 examples), so a larger test split rebuilds none of them
-SCORED_SIZES = ("world.val_size", "world.test_size", "data.val_size", "data.test_size")
-MADE_FROM["result"] = MADE_FROM["interpolated"] + ("evaluate",) + SCORED_SIZES
-# fields that change how an artifact is made, not what it is: never stale, never stamped
-HOW_NOT_WHAT = tuple(f"{section}.{name}" for section in ("pretrain", "expert", "interpolate")
-                     for name in ("gradient_checkpointing", "checkpoint_every")) + ("data.num_workers",)
-
-
-_MISSING = object()
-
-
-def _at(tree, key: str, missing=None):
-    for part in key.split("."):
-        tree = tree.get(part, _MISSING) if isinstance(tree, dict) else _MISSING
-        if tree is _MISSING:
-            return missing
-    return tree
-
-
-def _leaves(tree, prefix: str, key: str = "") -> dict:
-    """{field: value} of the MADE_FROM entry `key` (a section or a field) at `prefix`; a section leaves out the
-    scored sizes, which are their own entries (SCORED_SIZES)."""
-    if tree is _MISSING:
-        return {}
-    if not isinstance(tree, dict):
-        return {} if prefix in HOW_NOT_WHAT or (prefix in SCORED_SIZES and prefix != (key or prefix)) \
-            else {prefix: tree}
-    return {k: v for name, sub in tree.items() for k, v in _leaves(sub, f"{prefix}.{name}", key or prefix).items()}
-
-
-def changed_fields(recorded: dict | None, cfg: Config, kind: str) -> list[str]:
-    """The fields of MADE_FROM[kind] in which an artifact's recorded config differs from cfg ([] = current),
-    as 'field: recorded -> config'. A field the recorded config lacks is newer than the artifact: it had its
-    default then. No recorded config at all: every field differs."""
-    now, defaults, out = cfg.to_dict(), Config().to_dict() if recorded else {}, []
-    for key in MADE_FROM[kind]:
-        old = _leaves(_at(recorded or {}, key, _MISSING), key)
-        for k, v in _leaves(_at(defaults, key, _MISSING), key).items():
-            if _at(recorded, k, _MISSING) is _MISSING:
-                old[k] = v
-        new = _leaves(_at(now, key), key)
-        out += [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    return out
-
-
-def require_current(recorded: dict | None, cfg: Config, kind: str, where, fix: str, made: str = "made") -> None:
-    """A UserError naming `where`, the first field that differs and `fix`, unless the artifact is current."""
-    changed = changed_fields(recorded, cfg, kind)
-    if changed:
-        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
-        raise UserError(f"{where}: {made} under another config ({changed[0]}{more}); {fix}")
-
-
-def _stamped(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        return None
-
-
-def write_stamps(cfg: Config) -> None:
-    """runs/<profile>/.config/<section or field>.json, one per entry of MADE_FROM, rewritten only when its
-    values change: make's view of the config. A stamp holds every value; one that lacks a field (a field
-    added to the code since, or a stamp written before they held every value) reads it at its default, so
-    neither a new field nor a default changed under a value the profile sets makes anything stale."""
-    from common.artifacts import write_text  # atomic: two makes of one study read the stamps at once
-
-    d = cfg.run_dir / ".config"
-    d.mkdir(parents=True, exist_ok=True)
-    now, defaults = cfg.to_dict(), Config().to_dict()
-    for key in sorted({k for keys in MADE_FROM.values() for k in keys}):
-        values = _leaves(_at(now, key), key)
-        text = json.dumps(values, indent=1, sort_keys=True) + "\n"
-        path = d / f"{key}.json"
-        if not path.is_file():
-            write_text(path, text)
-            # first sight is not a change: artifacts made before stamps stay valid; nor is a field that moved
-            # out of its section's stamp (SCORED_SIZES) unless its value differs from what that stamp held
-            section = d / f"{key.rsplit('.', 1)[0]}.json"
-            held = _stamped(section) if "." in key and section.is_file() else {}
-            if all(held.get(k, v) == v for k, v in values.items()):
-                os.utime(path, (0, 0))
-            continue
-        stamped = _stamped(path)
-        # a field the entry no longer holds (moved to an entry of its own, removed from the code) changes nothing
-        old = {**_leaves(_at(defaults, key), key), **stamped} if isinstance(stamped, dict) else {}
-        if any(old.get(k, _MISSING) != v for k, v in values.items()):
-            write_text(path, text)
-
-
-if __name__ == "__main__":  # python -m common.config CONFIG [key=value ...] [--stamp] --get a.b c.d  (for the Makefile)
-    def _get(cfg, key):
-        for part in key.split("."):
-            cfg = getattr(cfg, part)
-        return " ".join(map(str, cfg)) if isinstance(cfg, list) else cfg
-
-    argv = sys.argv[1:]
-    keys = argv[argv.index("--get") + 1:] if "--get" in argv else []
-    argv = argv[:argv.index("--get")] if "--get" in argv else argv
-    stamp = "--stamp" in argv
-    argv = [a for a in argv if a != "--stamp"]
-    try:
-        c = load_config(argv[0], argv[1:])
-        if stamp:
-            write_stamps(c)
-        print(" ".join(str(_get(c, k)) for k in keys))
-    except (UserError, AttributeError, IndexError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

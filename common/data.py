@@ -1,7 +1,9 @@
 """Tasks as (optional image, prompt) -> answer text, their splits, and batches for the backbone."""
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
 import json
 import random
 import zlib
@@ -11,14 +13,37 @@ import numpy as np
 import torch
 
 from common import world as W
-from common.config import UserError, WorldConfig
-from common.artifacts import atomic_file
+from common.config import WorldConfig
+from common.errors import UserError
+from common.backbone import backbone_dir, build_vocab, word_splitter
 from common.readers import catalogue, fetch_hub, image_key, read_defined
 from common.tasks import Example, Task, define, holdout_split, k_shot
 
 
+_UNDRAWN = contextvars.ContextVar("undrawn", default=False)  # examples drawn with their images' keys, not drawn
+
+
 def _img(scene, rng, size):
+    if _UNDRAWN.get():  # what the image is made from: its scene and the seed render draws (its one draw)
+        return ("image", repr(scene), rng.randrange(2 ** 31), size)
     return W.render(scene, size, rng)
+
+
+@functools.lru_cache(maxsize=256)
+def _world_keys(task: str, which: str, world: str) -> np.ndarray:
+    token = _UNDRAWN.set(True)
+    try:
+        exs = examples(task, which, WorldConfig(**json.loads(world)))
+    finally:
+        _UNDRAWN.reset(token)
+    return np.array([image_key(repr(e.image)) for e in exs], dtype=np.uint64)
+
+
+def world_keys(task: str, which: str, world: WorldConfig) -> np.ndarray:
+    """The keys of a mini-world split's images, in order, without drawing one: an image is its scene and the noise
+    seed render draws, so two examples show the same image only where both agree (never, in practice: each draws
+    its own seed)."""
+    return _world_keys(task, which, json.dumps(dataclasses.asdict(world), sort_keys=True))
 
 
 def _statements(prompt: str, answer=lambda label: label):
@@ -278,40 +303,24 @@ def _read(cfg, name: str, which: str):
 
 # ---- the overlap guard: no image of a scored split in any task's training data ----
 
-def image_keys(exs) -> np.ndarray | None:
-    """Each example's image key (readers.image_key: a file's image ids or bytes, the mini world's pixels); None
-    for a text task."""
-    if hasattr(exs, "image_keys"):
-        return exs.image_keys() if exs.source.task.image else None
-    if not len(exs) or exs[0].image is None:
-        return None
-    return np.array([image_key(b"%dx%d:" % e.image.shape[:2] + e.image.tobytes()) for e in exs], dtype=np.uint64)
+def image_keys(cfg, name: str, which: str, exs) -> np.ndarray | None:
+    """The image keys of a task's split exs (all of it, as read; readers.image_key: a file's image ids, files or
+    bytes, the mini world's scenes and seeds); None for a text task."""
+    if from_world(cfg, name):
+        return None if get_task(name).family == "language" else world_keys(name, which, cfg.world)
+    return exs.image_keys() if exs.source.task.image else None
 
 
 def scored_images(cfg) -> np.ndarray:
     """The sorted keys of every image in a scored split (val, test: whole, before any cap) of any task in the pool.
-    A split's keys are cached: beside a data file (readers.beside), or for the mini world under
-    runs/<profile>/cache/ (its 2 x 23 scored splits take 6 s to draw)."""
+    A file's keys are cached beside it (readers.beside); the mini world's are drawn without their images."""
     keys = []
     for name in cfg.tasks.pool:
         for which in ("val", "test"):
-            if from_world(cfg, name):
-                if get_task(name).family == "language":  # text only
-                    continue
-                world = json.dumps(dataclasses.asdict(cfg.world), sort_keys=True)
-                path = cfg.run_dir / "cache" / f"images-{name}-{which}-{zlib.crc32(world.encode()):08x}.npy"
-                if path.is_file():
-                    keys.append(np.load(path))
-                    continue
-                found = image_keys(examples(name, which, cfg.world))
-                with atomic_file(path) as tmp:
-                    with open(tmp, "wb") as fh:
-                        np.save(fh, found)
-            elif task(cfg, name).image:
-                found = image_keys(_read(cfg, name, which))
-            else:
-                continue
-            keys.append(found)
+            exs = None if from_world(cfg, name) else _read(cfg, name, which)
+            found = image_keys(cfg, name, which, exs)
+            if found is not None:
+                keys.append(found)
     return np.unique(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.uint64)
 
 
@@ -319,7 +328,7 @@ def without_scored(cfg, name: str, exs):
     """(a task's training examples without those whose image is in a scored split of the pool, how many were
     left out): data.exclude_scored_images, so that no pool expert trains on an image a target is scored on and
     one pool expert serves every target. A task with nothing left stops in one line."""
-    keys = image_keys(exs) if cfg.data.exclude_scored_images else None
+    keys = image_keys(cfg, name, "train", exs) if cfg.data.exclude_scored_images else None
     if keys is None:
         return exs, 0
     shared = np.isin(keys, scored_images(cfg))
@@ -384,22 +393,33 @@ def fold_split(cfg, train: list[Example], seed: int) -> tuple[list[Example], lis
     return holdout_split(train, cfg.interpolate.holdout, seed)
 
 
-def check_words(cfg, name: str, enc: "Encoder", *splits: list[Example]) -> None:
+def world_vocabulary(world: WorldConfig) -> list[str]:
+    """The embedded backbone's vocabulary: every word any task of the mini world can use (what pretraining
+    builds it from)."""
+    texts = [t for name in list(TASKS) + list(PRETRAIN_TASKS) for e in examples(name, "train", world, 400)
+             for t in (e.prompt, e.answer, *(get_task(name).candidates or ()))]
+    return build_vocab(texts)
+
+
+def check_words(cfg, name: str, vocab, *splits: list[Example]) -> None:
     """The embedded backbone knows the mini world's words only: a task read from files that uses others stops
-    here, in one line naming them (a real backbone's subword tokenizer has no unknown words)."""
+    here, in one line naming them and, briefly, what it has (a real backbone's subword tokenizer has no unknown
+    words)."""
     if cfg.backbone.source != "embedded" or from_world(cfg, name):
         return
-    vocab, split = enc.tok.get_vocab(), enc.tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str
+    split = word_splitter().pre_tokenize_str
     rows = [e for exs in splits for e in (exs.texts() if hasattr(exs, "texts") else exs)]  # Rows: no image read
     texts = {t for e in rows for t in (e.prompt, e.answer, *(e.candidates or ()), *(e.refs or ()))}
     defined = task(cfg, name)
     texts |= set(defined.candidates or ())
+    words = {w for w in vocab if not w.startswith("<")}
     unknown = sorted({w for t in texts for w, _ in split(t)} - set(vocab))
     if unknown:
         more = f" and {len(unknown) - 12} more" if len(unknown) > 12 else ""
+        sample = ", ".join(sorted(w for w in words if w.isalpha())[:8])
         raise UserError(f"{defined.where} uses words the embedded backbone's vocabulary lacks: "
-                        f"{', '.join(unknown[:12])}{more}; use the mini world's words (the vocabulary in "
-                        f"{cfg.run_dir / 'backbone' / 'tokenizer.json'}), or a real backbone (backbone.source)")
+                        f"{', '.join(unknown[:12])}{more}; it has the mini world's {len(words)} words ({sample}, ...: "
+                        f"{backbone_dir(cfg) / 'tokenizer.json'}), so use those, or a real backbone (backbone.source)")
 
 
 def candidates_for(task: Task, ex: Example) -> tuple[str, ...]:

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from common.config import UserError
+from common.errors import UserError
 
 MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # config precision -> accelerate's mixed_precision
 

@@ -13,20 +13,14 @@ from safetensors.torch import load_file
 from common.adapters import WEIGHTS, AdapterModel
 from common.artifacts import read_json
 from common.backbone import backbone_dir, fingerprint
-from common.config import UserError, require_current
+from common.provenance import artifact, expert_name  # noqa: F401 (expert_name: the stages import it here)
+from common.errors import UserError
 from common.expert_types import EXPERT_TYPES, join_layers as _join, split_layers as _split
 
 
-def expert_name(task: str, shots: int | None = None, seed: int = 0) -> str:
-    """Pool experts are named by task; a target's expert by its shots (0 = its whole train split) and seed."""
-    if shots is None:
-        return task
-    return f"{task}-{shots}shot-s{seed}" if shots else f"{task}-full-s{seed}"
-
-
 def expert_dir(cfg, name: str) -> Path:
-    return cfg.run_dir / "experts" / name
-
+    """Where this config's expert of that name lives (common.provenance: experts/<name>@<digest>)."""
+    return artifact(cfg, "expert", name)
 
 
 
@@ -82,23 +76,32 @@ def load_expert_weights(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{f}: corrupt expert weights ({str(e)[:80]}); delete {path} and retrain it")
 
 
-def read_expert_meta(path: Path) -> dict:
-    return read_json(Path(path) / "meta.json", "expert", "train it with `python train_expert.py --task TASK "
-                     "[--shots N]` or `make experts`")
+def read_expert_meta(path: Path, fix: str = "train it with `make experts`") -> dict:
+    return read_json(Path(path) / "meta.json", "expert", fix)
+
+
+def train_command(cfg, name: str) -> str:
+    """The command that trains expert `name` under cfg, as typed."""
+    from common.provenance import parse_run
+
+    run = parse_run(name)
+    if run is None:
+        return cfg.command("train_expert.py", "--task", name)
+    shots = run["shots"] or "0"
+    return cfg.command("train_expert.py", "--task", run["task"], "--shots", shots,
+                       *(("--variant", run["variant"]) if run["variant"] else ()))
 
 
 def current_expert(cfg, name: str) -> dict:
-    """An expert's meta, checked to be made on this backbone under this config (else a UserError: retrain it)."""
+    """This config's expert `name` (its meta), checked to be there and made on this backbone's weights (a real
+    checkpoint's files can change under one hub id); else a UserError naming the command that makes it."""
     path = expert_dir(cfg, name)
-    meta = read_expert_meta(path)
-    retrain = f"retrain it with `python train_expert.py --task {meta['task']}" + (
-        f" --shots {meta['shots']}" if meta.get("shots") is not None else "") + (
-        " --variant fold`" if "holdout" in meta else "`") + " (make reruns what is stale)"
+    fix = f"run `{train_command(cfg, name)}` (make makes it)"
+    meta = read_expert_meta(path, fix)
     fp = fingerprint(backbone_dir(cfg))
     if meta["backbone"] != fp:
-        raise UserError(f"{path}: trained on another backbone ({meta['backbone']} != {fp}); {retrain}")
-    kind = "expert" if meta.get("shots") is None else "fold" if "holdout" in meta else "target"
-    require_current(meta.get("config"), cfg, kind, path, retrain)
+        raise UserError(f"{path}: trained on another backbone's weights ({meta['backbone']} != {fp}); delete it and "
+                        f"{fix}")
     return meta
 
 

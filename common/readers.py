@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common.config import UserError
+from common.errors import UserError
 from common.tasks import FORMATS, DefinedTask, Example, define
 
 CATALOGUE = Path(__file__).resolve().parent.parent / "configs" / "paper_tasks.yaml"

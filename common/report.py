@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
+import glob
+import sys
 from dataclasses import dataclass
 import json
 import math
@@ -11,7 +14,10 @@ import re
 import statistics
 from pathlib import Path
 
-from common.artifacts import write_text
+from common.artifacts import write_json, write_text
+from common.config import load_config, split_overrides
+from common.errors import UserError
+from common.provenance import artifact, config_id, differs, link, readable
 from common.embeddings import EMBEDDINGS, described, heading, variants
 
 
@@ -216,23 +222,74 @@ def verdict(ci: tuple[float, float] | None) -> str:
     return "win" if ci[0] > 0 else "loss" if ci[1] < 0 else "tie"
 
 
-def load_results(cfg, target: str) -> tuple[list[dict], list[str]]:
-    """The target's results on disk made under this config (any shots and seed), and those left out as made
-    under another one ('run (field: recorded -> config)')."""
-    from common.config import changed_fields
-
-    pattern = re.compile(rf"{re.escape(target)}-(\d+shot|full)-s\d+\.json$")
-    runs, left_out = [], []
-    for p in sorted((cfg.run_dir / "results").glob(f"{target}-*.json")):
-        if pattern.match(p.name):
+def _results(cfg, target: str) -> list[dict]:
+    """Every result of this target on disk (results/<target>-<shots>-s<seed>@<digest>.json), any config."""
+    pattern = re.compile(rf"{re.escape(target)}-(\d+shot|full)-s\d+@[0-9a-f]+\.json$")
+    out = []
+    for p in sorted((cfg.run_dir / "results").glob(f"{glob.escape(target)}-*@*.json")):
+        if pattern.match(p.name) and not p.is_symlink():
             r = json.loads(p.read_text())
             r["scores"] = scores_of(r)
-            changed = changed_fields(r.get("config"), cfg, "result")
-            if changed:
-                left_out.append(f"{r['run']} ({changed[0]})")
-            else:
-                runs.append(r)
-    return runs, left_out
+            out.append(r)
+    return out
+
+
+def load_results(cfg, target: str) -> list[dict]:
+    """The target's results on disk made under this config (any shots and seed: one config_id)."""
+    return results_by_config(cfg, target).get(config_id(cfg), [])
+
+
+def results_by_config(cfg, target: str) -> dict[str, list[dict]]:
+    """config_id -> the target's results on disk made under it, this config's first."""
+    groups: dict[str, list[dict]] = {}
+    for r in _results(cfg, target):
+        groups.setdefault(r.get("config_id", "?"), []).append(r)
+    mine = config_id(cfg)
+    return dict(sorted(groups.items(), key=lambda kv: kv[0] != mine))
+
+
+def config_label(profile: str, config: dict) -> str:
+    """A config named by the profile and the fields of it that differ from the profile's file (its overrides)."""
+    changed = differs(config, profile)
+    return f"{profile} with {' '.join(changed)}" if changed else f"{profile} as written"
+
+
+def table(target: str, metric: str, runs: list[dict]) -> str:
+    """Markdown: one row per method, mean ± std over the seeds evaluated (one seed: its value), per shots
+    setting."""
+    by_shots: dict[int, list[dict]] = {}
+    for r in runs:
+        by_shots.setdefault(r["shots"], []).append(r)
+    lines = [f"| {target} (test {metric}) | " + " | ".join(f"{shots_label(s)} ({seeds(len(rs))})" for s, rs in
+                                                     sorted(by_shots.items())) + " |",
+             "|---" * (1 + len(by_shots)) + "|"]
+    for m in ordered(runs):
+        cells = [mean_sd([r["scores"][m] for r in rs if m in r["scores"]]) for _, rs in sorted(by_shots.items())]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def tables(cfg, target: str) -> str:
+    """Every config's table of this target's results on disk, this config's first, each headed by the fields
+    that differ from the profile (what makes it)."""
+    out = []
+    for cid, runs in results_by_config(cfg, target).items():
+        mine = " (this config)" if cid == config_id(cfg) else ""
+        out += [f"## {config_label(cfg.path, runs[0]['config'])}{mine}", "", table(target, runs[0]["metric"], runs)]
+    return "\n".join(out)
+
+
+def write_tables(cfg, target: str) -> Path:
+    """results/<target>@<config_id>.md (tables, this config's first) and .json (this config's results), from the
+    results on disk; results/<target>.md links to the last written."""
+    res_dir, cid = cfg.run_dir / "results", config_id(cfg)
+    res_dir.mkdir(parents=True, exist_ok=True)
+    with open(res_dir / f".{target}.lock", "w") as lock:  # make report evaluates two runs at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        write_json(res_dir / f"{target}@{cid}.json", {"runs": {r["run"]: r for r in load_results(cfg, target)}})
+        write_text(res_dir / f"{target}@{cid}.md", tables(cfg, target))
+        link(res_dir / f"{target}@{cid}.json"), link(res_dir / f"{target}@{cid}.md")
+    return res_dir / f"{target}@{cid}.md"
 
 
 def _against(runs: list[dict], base: str, method: str = "pi-tuning") -> str:
@@ -309,7 +366,7 @@ def write_study(cfg, targets: list[str]) -> Path:
     by_target = {}
     for t in targets:
         write_report(cfg, t, figs / f"{t}.md", figs / t)
-        by_target[t] = load_results(cfg, t)[0]
+        by_target[t] = load_results(cfg, t)
     md = [f"# π-Tuning study: {', '.join(targets)} ({cfg.profile})", "",
           f"One config for every target ({cfg.path}): expert `{cfg.expert.method}`, top-{k} retrieval by "
           f"`{heading(cfg.fisher)}`. Each target's full "
@@ -394,13 +451,14 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
-    from common.config import UserError
 
-    runs, left_out = load_results(cfg, target)
+    runs = load_results(cfg, target)
+    others = [config_label(cfg.path, rs[0]["config"]) + f" ({seeds(len(rs))})"
+              for cid, rs in results_by_config(cfg, target).items() if cid != config_id(cfg)]
     if not runs:
-        stale = f" under this config ({len(left_out)} under another)" if left_out else ""
-        raise UserError(f"{cfg.run_dir / 'results'}: no results for {target}{stale}; run `make report "
-                        f"TARGET={target}` or the pipeline first")
+        elsewhere = f" under this config (under others: {'; '.join(others)})" if others else ""
+        raise UserError(f"{cfg.run_dir / 'results'}: no results for {target}{elsewhere}; run `make report "
+                        f"TARGET={target}` with this config first")
     out, figs = out or cfg.run_dir / "report.md", figs or cfg.run_dir / "report"
     figs.mkdir(parents=True, exist_ok=True)
     rel = figs.relative_to(out.parent)  # the plots' links, from the markdown's folder
@@ -416,8 +474,9 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
           f"Expert `{cfg.expert.method}`, top-{cfg.interpolate.top_k} retrieval by `{how}`, interpolation groups `{cfg.interpolate.groups}`, "
           f"{runs[0]['test_size']} test examples, test {metric}. Seeds vary the target's k-shot sample, its expert "
           f"and the interpolation; pool experts are shared.", "",
-          f"Every figure is from results made under this config ({cfg.path}"
-          + (f"); left out as made under another: {'; '.join(left_out)}." if left_out else ")."), "",
+          f"Every figure is from results made under this config: {config_label(cfg.path, cfg.to_dict())}."
+          + (f" Results of other configs for this target (`make compare`): {'; '.join(others)}." if others else ""),
+          "",
           overlap_note(cfg), "",
           "## Accuracy (mean ± std over seeds)", "",
           "| method | " + " | ".join(f"{shots_label(s)} ({seeds(len(by_shots[s]))})" for s in shots) + " |",
@@ -464,7 +523,8 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
                         per_expert.setdefault(n, []).append((sim[n], r[key][n], r.get("val_transfer", {}).get(n)))
                 if rhos:
                     ok = [x for x in rhos if not math.isnan(x)]
-                    rho_rows.append(f"| {s} | {emb} | {split} | {len(rhos)} | {mean_sd(ok, signed=True)} | "
+                    counted = f"{len(ok)} of {len(rhos)}" if len(ok) < len(rhos) else f"{len(rhos)}"  # defined ones
+                    rho_rows.append(f"| {s} | {emb} | {split} | {counted} | {mean_sd(ok, signed=True)} | "
                                     f"{', '.join('undefined' if math.isnan(x) else f'{x:+.2f}' for x in rhos)} |")
                     if emb.startswith("retrieval") and split == "test":
                         scatter.append((s, per_expert, mean_sd(ok, signed=True)))
@@ -503,14 +563,14 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
     if scatter:
         md.append(f"![transfer vs similarity]({rel}/transfer_vs_similarity.png)")
     last = min(by_shots[shots[-1]], key=lambda r: r["seed"])  # the plots show one run: most shots, first seed
-    sim_file = cfg.run_dir / "similarity" / f"{last['run']}.json"
+    sim_file = artifact(cfg, "similarity", last["run"])
     if sim_file.is_file():
         _plot_similarity(figs / "similarity.png", figs / "task_graph.png", _whole(cfg, json.loads(sim_file.read_text())),
                          _families(cfg))
         md += [f"![similarity heatmap]({rel}/similarity.png) ![task graph]({rel}/task_graph.png)",
                f"(similarity of {last['run']}; graph edges: each task's two most similar, the target's top-"
                f"{cfg.interpolate.top_k} in red)"]
-    weights = cfg.run_dir / "interpolated" / last["run"] / "weights.json"
+    weights = artifact(cfg, "interpolated", last["run"]) / "weights.json"
     if weights.is_file():
         _plot_weights(figs / "weights.png", json.loads(weights.read_text()), last["run"])
         md.append(f"![learned weights]({rel}/weights.png) (learned interpolation weights of {last['run']})")
@@ -527,25 +587,19 @@ def _similarities(cfg, runs: list[dict]) -> dict[str, dict[str, dict[str, float]
     """embedding -> run -> {pool expert: predicted similarity to the target's expert}; "retrieval (<kind>)"
     is what π-Tuning used (similarity/<run>.json), the others similarity/<run>.<embedding>.json, and the
     FISHER_SUBSETS of the cached per-sample Fishers (fisher/<expert>.safetensors) where they exist."""
-    from common.config import changed_fields
     from common.similarity import cached_fisher, fisher_cache, normalized, task_similarity
 
-    # each file is checked against the config it should have been made with: stale ones are left out
-    as_computed = {e: dataclasses.replace(cfg, fisher=dataclasses.replace(cfg.fisher, **f)) for e, f in variants().items()}
-    as_computed[""] = cfg
     plain = dataclasses.replace(cfg, fisher=dataclasses.replace(cfg.fisher, estimator="per_sample", passes=1, at="own",
                                                                 answers="truth"))
     out: dict[str, dict] = {}
     fishers: dict[str, dict | None] = {}
     for r in runs:
-        files = {emb: cfg.run_dir / "similarity" / f"{r['run']}{'.' + emb if emb else ''}.json" for emb in as_computed}
-        for emb, p in sorted(files.items(), key=lambda kv: kv[1].name):  # by exact name: ...-s1's are not ...-s10's
+        # this config's files (their paths carry its digests), by exact name: ...-s1's are not ...-s10's
+        files = {emb: artifact(cfg, "similarity", r["run"], emb) for emb in ["", *variants()]}
+        for emb, p in sorted(files.items(), key=lambda kv: readable(kv[1]).name):
             if not p.is_file():
                 continue
-            made_as = as_computed[emb]
             s = json.loads(p.read_text())
-            if changed_fields(s.get("config"), made_as, "similarity"):
-                continue
             kind = s.get("fisher", {}).get("embedding", "fisher")
             row = s["row"] if "row" in s else s["matrix"][0]  # (files before 2026-12 held the whole matrix)
             out.setdefault(emb or f"retrieval ({kind})", {})[r["run"]] = dict(zip(s["names"], row))
@@ -585,7 +639,8 @@ def overlap_note(cfg) -> str:
         return "Training examples that show an image of a scored split were kept (data.exclude_scored_images: false)."
     dropped = {}
     for t in cfg.tasks.pool:  # the pool expert's, or (the target's) any of its k-shot experts'
-        metas = [cfg.run_dir / "experts" / t / "meta.json", *sorted((cfg.run_dir / "experts").glob(f"{t}-*/meta.json"))]
+        metas = [artifact(cfg, "expert", t) / "meta.json",
+                 *sorted((cfg.run_dir / "experts").glob(f"{glob.escape(t)}-*@*/meta.json"))]
         rows = next((m.get("train_rows") for m in (json.loads(p.read_text()) for p in metas if p.is_file())
                      if m.get("task") == t), None)
         dropped[t] = f"{rows['dropped_scored_images']:,} of {rows['rows']:,}" if rows else "not recorded"
@@ -597,7 +652,7 @@ def overlap_note(cfg) -> str:
 
 def _families(cfg) -> dict[str, str]:
     fam = {}
-    for p in (cfg.run_dir / "experts").glob("*/meta.json"):
+    for p in (cfg.run_dir / "experts").glob("*@*/meta.json"):
         m = json.loads(p.read_text())
         fam[m["name"]] = m.get("family", "")
     return fam
@@ -610,6 +665,7 @@ def _plot_accuracy(path: Path, target: str, by_shots: dict, methods: list[str], 
     shots = sorted(by_shots)
     x = list(range(len(shots)))
     fig, (ax, gx) = plt.subplots(1, 2, figsize=(13, 4.8))
+    off_panel = []  # methods whose mean gain is far below target-only's: named on the panel, not dropped
     for m in methods:
         style = dict(lw=2.5, color="black") if m == "pi-tuning" else dict(lw=1.2)
         pts = [(i, [r["scores"][m] for r in by_shots[s] if m in r["scores"]]) for i, s in zip(x, shots)]
@@ -620,14 +676,18 @@ def _plot_accuracy(path: Path, target: str, by_shots: dict, methods: list[str], 
         gains = [(i, [r["scores"][m] - r["scores"]["target-only"] for r in by_shots[s] if m in r["scores"]])
                  for i, s in zip(x, shots)]
         gains = [(i, g) for i, g in gains if g]
-        if m in ("zero-shot", "target-only") or not gains or min(min(g) for _, g in gains) < -0.1:
-            continue  # far below target-only: the left panel shows it
+        if m in ("zero-shot", "target-only") or not gains:
+            continue
+        if m != "pi-tuning" and min(statistics.mean(g) for _, g in gains) < -0.1:  # would squash the others
+            off_panel.append(f"{m} {min(statistics.mean(g) for _, g in gains):+.2f}")
+            continue
         off = 0.012 * (methods.index(m) - len(methods) / 2)  # side by side, not on top of each other
         gx.errorbar([i + off for i, _ in gains], [statistics.mean(g) for _, g in gains],
                     yerr=[statistics.stdev(g) if len(g) > 1 else 0 for _, g in gains], marker="o", capsize=3,
                     color=line[0].get_color(), **{k: v for k, v in style.items() if k != "color"})
+    below = f"\nbelow the panel (mean gain): {', '.join(off_panel)}" if off_panel else ""
     for a, title in ((ax, f"{target}: mean ± std over seeds"),
-                     (gx, "gain over target-only, seed by seed")):
+                     (gx, f"gain over target-only, seed by seed{below}")):
         a.set_xticks(x, [shots_label(s) for s in shots])
         a.set_xlabel("target training data")
         a.set_title(title)
@@ -750,3 +810,14 @@ def _plot_weights(path: Path, weights: dict, run: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # python -m common.report CONFIG [key=value ...] --tables TARGET: make all's table, fresh
+    try:
+        argv = sys.argv[1:]
+        at = argv.index("--tables")
+        cfg = load_config(argv[0], split_overrides(argv[1:at]))
+        print(write_tables(cfg, argv[at + 1]).read_text(), end="")
+    except (UserError, ValueError, IndexError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

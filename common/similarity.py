@@ -20,7 +20,8 @@ from tqdm import tqdm
 from common import data, dist
 from common.artifacts import atomic_file, read_json
 from common.backbone import backbone_dir, fingerprint, load_backbone
-from common.config import SCORED_SIZES, UserError
+from common.provenance import SCORED_SIZES
+from common.errors import UserError
 from common.data import Encoder, Example, batches
 from common.device import accelerator
 from common.expert_types import EXPERT_TYPES
@@ -94,7 +95,7 @@ def fisher_cache(cfg, name: str, reference: str = "") -> tuple[Path, dict[str, s
         variant += f".{fc.answers}-answers"
     if not data.from_world(cfg, meta["task"]):  # a file's examples: a seeded sample of them, not its first rows
         key["sample"] = "seeded"
-    return cfg.run_dir / "fisher" / f"{name}{variant}.safetensors", key
+    return cfg.run_dir / "fisher" / f"{path.name}{variant}.safetensors", key  # the expert's name@digest
 
 
 SAMPLED = "sampled"  # the cache's note of which examples the Fisher took (data.subset), beside its key
@@ -309,7 +310,7 @@ def prototype_embedding(cfg, name: str) -> dict[str, torch.Tensor]:
     hash of its weights (a QR and an SVD per site: 38 s for 1,000 Florence-2-base LoRAs, each time a target
     was embedded; bench/README)."""
     weights = expert_dir(cfg, name) / WEIGHTS
-    out = cfg.run_dir / "embeddings" / f"{name}.prototypes.safetensors"
+    out = cfg.run_dir / "embeddings" / f"{weights.parent.name}.prototypes.safetensors"  # the expert's name@digest
     key = {"expert": _hash(weights.read_bytes()) if weights.is_file() else "", "method": cfg.expert.method}
     if (cached := cached_fisher(out, key)) is not None:
         return cached

@@ -11,6 +11,8 @@ from typing import Callable
 
 import numpy as np
 
+from common.errors import UserError
+
 
 @dataclass(frozen=True)
 class Example:
@@ -152,8 +154,6 @@ def _choice(spec: dict, key: str, choices, default, bad):
 
 def define(name: str, spec, path: str, prefix: str = "tasks.define.") -> DefinedTask:
     """A DefinedTask from its YAML mapping; anything wrong is one line naming the field and what it takes."""
-    from common.config import UserError
-
     where = f"{path}: {prefix}{name}"
 
     def bad(key, why):

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from common import dist
-from common.config import UserError
+from common.errors import UserError
 
 
 def lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -67,21 +67,21 @@ class Batch:
 @dataclass
 class Checkpoint:
     """Where a training loop keeps its state every `every` steps (0: never), beside the artifact it makes:
-    trainable weights, optimizer, schedule, RNG states, the data position and the recent losses. A rerun
-    resumes from it unless it was made under another config (cfg, MADE_FROM[kind]); `done()` removes it once
-    the artifact has landed. kill_at (debug.kill_at_step) ends the process with SIGKILL after that step;
-    fail_rank (debug.fail_rank) makes that rank raise after the last step, for the tests of a failing rank."""
+    trainable weights, optimizer, schedule, RNG states, the data position and the recent losses. The artifact's
+    path carries the digest of what it is made from (common.provenance), and so does its checkpoint's: a rerun
+    resumes from the one of its own config. `done()` removes it once the artifact has landed. kill_at
+    (debug.kill_at_step) ends the process with SIGKILL after that step; fail_rank (debug.fail_rank) makes that
+    rank raise after the last step, for the tests of a failing rank."""
     path: Path
     every: int
     cfg: object
-    kind: str
     kill_at: int = 0
     fail_rank: int = -1
 
     @classmethod
-    def beside(cls, artifact: Path, every: int, cfg, kind: str) -> "Checkpoint":
+    def beside(cls, artifact: Path, every: int, cfg) -> "Checkpoint":
         artifact = Path(artifact)
-        return cls(artifact.parent / f".{artifact.name}.ckpt", every, cfg, kind, cfg.debug.kill_at_step,
+        return cls(artifact.parent / f".{artifact.name}.ckpt", every, cfg, cfg.debug.kill_at_step,
                    cfg.debug.fail_rank)
 
     def save(self, step: int, params, opt, sched, tail: list[float]) -> None:
@@ -95,17 +95,15 @@ class Checkpoint:
 
     def resume(self, params, opt, sched, desc: str) -> tuple[int, list[float]]:
         """(step to start from, recent losses); (0, []) when there is nothing current to resume."""
-        from common.config import changed_fields
-
         if not self.path.is_file():
             return 0, []
         try:
             state = torch.load(self.path, weights_only=False)
         except Exception as e:  # a checkpoint cut short by the crash it was for
             return self._fresh(desc, f"unreadable ({str(e)[:60]})")
-        changed = changed_fields(state.get("config"), self.cfg, self.kind)
-        if changed or len(state["params"]) != len(params):
-            return self._fresh(desc, f"made under another config ({(changed or ['its tensors'])[0]})")
+        if len(state["params"]) != len(params) or any(
+                saved.shape != p.shape for saved, p in zip(state["params"], params)):
+            return self._fresh(desc, "of other tensors")
         with torch.no_grad():
             for p, saved in zip(params, state["params"]):
                 p.copy_(saved)

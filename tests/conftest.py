@@ -41,7 +41,7 @@ def stage(script: str, *args: str) -> tuple[int, str, str]:
     import importlib
     import io
 
-    from common.config import run_stage
+    from common.stage import run_stage
 
     out, err = io.StringIO(), io.StringIO()
     argv = sys.argv
@@ -114,6 +114,14 @@ def built_once(shared: Path, name: str, build) -> tuple[Path, str]:
     return runs, json.loads(log.read_text())
 
 
+def cached(folder: Path, expert: str, variant: str = "") -> Path:
+    """The cache file of an expert in fisher/ or embeddings/ (named by the expert's name@digest, then the
+    variant): the one there is."""
+    (found,) = [p for p in folder.glob(f"{expert}@*{variant}.safetensors") if p.name.split("@")[1][8:] == variant +
+                ".safetensors"]
+    return found
+
+
 def make_output(p: subprocess.CompletedProcess) -> str:
     return p.stdout + p.stderr
 
@@ -135,14 +143,17 @@ def micro(tmp_path_factory):
 def micro_copy(micro, tmp_path):
     """A private copy of the micro run (mtimes kept, so make sees it as up to date): (runs_dir, run_dir)."""
     runs = tmp_path / "runs"
-    shutil.copytree(micro[0], runs)
+    shutil.copytree(micro[0], runs, symlinks=True)  # readable names stay links to their artifacts
     return runs, runs / "micro"
 
 
 def backbone_only(micro, root: Path) -> Path:
-    """root as a runs dir holding only the micro run's backbone and stamps (for stages after the backbone)."""
-    for part in ("backbone", ".config"):
-        shutil.copytree(micro[1] / part, root / "micro" / part)
+    """root as a runs dir holding only the micro run's backbone (for stages after the backbone): its folder and
+    the readable link to it."""
+    (root / "micro").mkdir(parents=True, exist_ok=True)
+    for built in micro[1].glob("backbone@*"):
+        shutil.copytree(built, root / "micro" / built.name)
+    os.symlink((micro[1] / "backbone").readlink(), root / "micro" / "backbone")
     return root
 
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from common import data, dist  # noqa: E402
-from common.config import UserError  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from common.device import fresh  # noqa: E402
 from common.artifacts import atomic_dir  # noqa: E402
 from common.training import Checkpoint, train_steps  # noqa: E402

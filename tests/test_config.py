@@ -1,7 +1,9 @@
 """Configs are validated at the door: one line naming the file, the field and the fix."""
 import pytest
 
-from common.config import UserError, load_config
+from common.config import load_config
+
+from common.errors import UserError
 
 
 def test_profiles_load():
@@ -17,14 +19,33 @@ def test_overrides_are_typed():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("expert.rank=4", "configs/micro.yaml: unknown field 'expert.rank'"),
-    ("expert.steps=many", "field 'expert.steps' is 'many'; expected int"),
+    ("expert.rank=4", "override 'expert.rank=4': unknown field 'expert.rank'"),
+    ("expert.steps=many", "override 'expert.steps=many': field 'expert.steps' is 'many'; expected int"),
     ("interpolate.groups=row", "field 'interpolate.groups' is 'row'; use one of global, layer, site, tensor"),
     ("steps", "expected key=value"),
+    ("tasks.pool=[snli-ve,", "override 'tasks.pool=[snli-ve,': the value is not valid YAML"),
 ])
-def test_bad_fields_are_named(override, message):
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+def test_bad_fields_are_named_with_what_set_them(override, message):
+    """An override's error names the override; a bad field in the profile file names the file."""
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         load_config("configs/micro.yaml", [override])
+
+
+def test_a_bad_field_in_the_file_names_the_file(tmp_path):
+    from conftest import REPO
+
+    (tmp_path / "mine.yaml").write_text(f"base: {REPO / 'configs/micro.yaml'}\nexpert: {{rank: 4}}\n")
+    with pytest.raises(UserError, match=r"mine.yaml: unknown field 'expert.rank'"):
+        load_config(str(tmp_path / "mine.yaml"), ["expert.r=2"])
+
+
+def test_a_list_override_split_at_its_spaces_is_joined_again():
+    """make passes OVERRIDES through the shell, which splits tasks.pool=['snli-ve', 'nli'] at its space."""
+    from common.config import split_overrides
+
+    words = ["tasks.pool=[snli-ve,", "nli]", "expert.r=2"]
+    assert split_overrides(words) == ["tasks.pool=[snli-ve, nli]", "expert.r=2"]
+    assert load_config("configs/micro.yaml", words + ["interpolate.top_k=1"]).tasks.pool == ["snli-ve", "nli"]
 
 
 def test_missing_and_corrupt_files(tmp_path):

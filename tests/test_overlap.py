@@ -11,7 +11,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from common.config import UserError, load_config
+from common.config import load_config
+
+from common.errors import UserError
 from conftest import REPO, backbone_only, stage
 
 VE = yaml.safe_load((REPO / "configs/paper_tasks.yaml").read_text())["snli-ve"]  # OFA's SNLI-VE TSV layout
@@ -103,3 +105,22 @@ def test_the_mini_world_shares_no_image_so_the_guard_changes_no_artifact(micro, 
     assert (runs / "micro" / weights).read_bytes() == (micro[1] / weights).read_bytes()
     assert json.loads((micro[1] / "experts/shape/meta.json").read_text())["train_rows"] == \
         {"rows": 64, "dropped_scored_images": 0, "used": 64}
+
+
+def test_the_mini_worlds_image_keys_are_drawn_without_the_images_from_the_same_stream():
+    """world_keys replays a split's stream with each image left undrawn (its key: the scene and the noise seed
+    render would draw): the examples around it are the same, and keys differ wherever the pictures do."""
+    from common import data
+    from common.config import WorldConfig
+
+    world = WorldConfig(train_size=200, val_size=50, test_size=50)
+    for task in ("snli-ve", "shape-at", "count"):
+        keys = data.world_keys(task, "train", world)
+        drawn = data.examples(task, "train", world)
+        assert len(keys) == len(drawn) == 200 and len(set(keys.tolist())) == 200
+        token = data._UNDRAWN.set(True)
+        try:
+            undrawn = data.examples(task, "train", world)
+        finally:
+            data._UNDRAWN.reset(token)
+        assert [(e.prompt, e.answer) for e in undrawn] == [(e.prompt, e.answer) for e in drawn]

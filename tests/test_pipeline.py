@@ -1,11 +1,12 @@
 """The four stages on the micro profile, end to end through `make all`, and what a user checks after."""
 import json
+import re
 import shutil
 
 import pytest
 import torch
 
-from conftest import inproc, make, stage
+from conftest import cached, inproc, make, stage
 
 NAME = "snli-ve-8shot-s0"
 
@@ -67,7 +68,7 @@ def test_second_make_does_no_work_and_a_deleted_expert_reruns_only_what_depends_
     runs, rd = micro_copy
     again = make("all", runs_dir=runs)
     assert ".py" not in again.stdout.replace("pipeline.mk", ""), again.stdout
-    shutil.rmtree(rd / "experts/shape")
+    shutil.rmtree((rd / "experts/shape").resolve())  # the artifact, not just its readable name
     redo = make("all", runs_dir=runs).stdout
     assert "train_expert.py --task shape" in redo
     assert "--pretrain" not in redo and "--task nli" not in redo and "--shots" not in redo
@@ -102,14 +103,14 @@ def test_fisher_passes_repeat_the_few_shots_with_dropout_and_are_reproducible(mi
     assert "(3 Fisher computed, 0 cached)" in inproc(*cmd).stdout
     sim = json.loads((runs / f"micro/similarity/{NAME}.json").read_text())
     assert sim["fisher"]["passes"] == 4
-    first = {n: load_file(str(fd / f"{n}.passes4.safetensors")) for n in (NAME, "nli")}
+    first = {n: load_file(str(cached(fd, n, ".passes4"))) for n in (NAME, "nli")}
     for n in first:
-        (fd / f"{n}.passes4.safetensors").unlink()
+        cached(fd, n, ".passes4").unlink()
     assert "(2 Fisher computed, 1 cached)" in inproc(*cmd).stdout
     for n, fisher in first.items():  # the same dropout whichever process computes it
-        assert all(torch.equal(v, load_file(str(fd / f"{n}.passes4.safetensors"))[k]) for k, v in fisher.items())
+        assert all(torch.equal(v, load_file(str(cached(fd, n, ".passes4")))[k]) for k, v in fisher.items())
     inproc(*cmd[:-1])  # one pass, dropout off: a different estimate, cached beside it
-    one = load_file(str(fd / f"{NAME}.safetensors"))
+    one = load_file(str(cached(fd, NAME)))
     assert not all(torch.allclose(v, one[k]) for k, v in first[NAME].items())
 
 
@@ -124,21 +125,21 @@ def test_fisher_at_a_common_point_and_with_the_models_answers(micro_copy):
     cmd = ("embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}")
     out = inproc(*cmd, "--embedding", "fisher-common,fisher-model").stdout
     assert "(3 Fisher computed, 0 cached)" in out
-    common = {n: load_file(str(fd / f"{n}.at-pool-mean.safetensors")) for n in (NAME, "nli")}
-    own = load_file(str(fd / "nli.safetensors"))
+    common = {n: load_file(str(cached(fd, n, ".at-pool-mean"))) for n in (NAME, "nli")}
+    own = load_file(str(cached(fd, "nli")))
     assert not all(torch.allclose(v, own[k]) for k, v in common["nli"].items())
-    drawn = load_file(str(fd / "nli.model-answers.safetensors"))
+    drawn = load_file(str(cached(fd, "nli", ".model-answers")))
     assert not all(torch.allclose(v, own[k]) for k, v in drawn.items())
-    (fd / "nli.model-answers.safetensors").unlink()
+    cached(fd, "nli", ".model-answers").unlink()
     f = runs / f"micro/experts/{NAME}/adapter_model.safetensors"
     save_file({k: v * 1.5 for k, v in load_file(str(f)).items()}, str(f))
     assert "(0 Fisher computed, 3 cached)" in inproc(*cmd, "fisher.at=pool-mean").stdout
     f = runs / "micro/experts/shape/adapter_model.safetensors"
     save_file({k: v * 1.5 for k, v in load_file(str(f)).items()}, str(f))
     assert "(3 Fisher computed, 0 cached)" in inproc(*cmd, "fisher.at=pool-mean").stdout
-    assert not all(torch.equal(v, load_file(str(fd / "nli.at-pool-mean.safetensors"))[k]) for k, v in common["nli"].items())
+    assert not all(torch.equal(v, load_file(str(cached(fd, "nli", ".at-pool-mean")))[k]) for k, v in common["nli"].items())
     inproc(*cmd, "fisher.answers=model")
-    assert all(torch.equal(v, load_file(str(fd / "nli.model-answers.safetensors"))[k]) for k, v in drawn.items())
+    assert all(torch.equal(v, load_file(str(cached(fd, "nli", ".model-answers")))[k]) for k, v in drawn.items())
 
 
 def test_weight_embedding_needs_no_fisher_and_no_backbone_pass(micro_copy):
@@ -225,7 +226,8 @@ def test_the_transfer_rows_control_adds_nothing_and_stays_out_of_the_row(micro_c
     half of the exported rank-2r LoRA is still exactly zero, so the run is the target's expert as the
     interpolation leaves it; evaluate.py --transfer reports it as the row's control, not as a pool expert."""
     import interpolate
-    from common.config import UserError, load_config
+    from common.config import load_config
+    from common.errors import UserError
     from common.experts import load_expert_weights
 
     runs, rd = micro_copy
@@ -283,7 +285,8 @@ def test_stacking_learns_the_mix_on_held_out_examples_and_exports_the_full_exper
     again = make("all", runs_dir=runs, extra=extra.replace("0.5", "0.25")).stdout  # another split: refitted
     fold = json.loads((rd / f"experts/{NAME}.fold/meta.json").read_text())
     assert "--variant fold" in again and fold["holdout"] == 0.25 and fold["train_size"] == 6
-    shutil.rmtree(rd / f"experts/{NAME}.fold")
+    for made in (rd / "experts").glob(f"{NAME}.fold@*"):  # both holdouts' fold experts, kept side by side
+        shutil.rmtree(made)
     code, _, err = stage("interpolate.py", "--target", "snli-ve", "--config", "configs/micro.yaml",
                          f"runs_dir={runs}", *extra.split())
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--variant fold" in err and "holdout" in err
@@ -303,7 +306,7 @@ def test_pi_tuning_artifact_loads_with_plain_peft(micro, micro_cfg):
     (["train_expert.py", "--task", "snli"], "unknown task 'snli' in --task"),
     (["train_expert.py", "--config", "configs/nope.yaml", "--task", "nli"], "configs/nope.yaml: config file not found"),
     (["train_expert.py", "--task", "nli", "expert.rank=3"], "unknown field 'expert.rank'"),
-    (["interpolate.py", "--target", "nli"], "missing similarity matrix"),
+    (["interpolate.py", "--target", "nli"], "missing similarity; run `.venv/bin/python embed_tasks.py --target nli"),
     (["evaluate.py", "--target", "shape"], "missing interpolated expert"),
     (["interpolate.py", "--target", "snli-ve", "interpolate.experts=[vqa]"], "interpolate.experts names 'vqa'"),
     (["interpolate.py", "--target", "snli-ve", "--variant", "pi,randmo"], "--variant 'randmo': use pi, random"),
@@ -324,12 +327,12 @@ def test_missing_and_corrupt_experts_are_named(micro, micro_copy):
     (rd / "experts/nli/adapter_model.safetensors").write_bytes(b"not a safetensors file")
     p = inproc("interpolate.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}",
                check=False)
-    assert p.returncode == 2 and "experts/nli/adapter_model.safetensors: corrupt expert weights" in p.stderr
+    assert p.returncode == 2 and re.search(r"experts/nli@\w+/adapter_model.safetensors: corrupt expert weights", p.stderr)
     shutil.copy(micro[1] / "experts/nli/adapter_model.safetensors", rd / "experts/nli/adapter_model.safetensors")
-    shutil.rmtree(rd / "experts/shape")
+    shutil.rmtree((rd / "experts/shape").resolve())
     p = inproc("embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}",
                check=False)
-    assert p.returncode == 2 and "experts/shape/meta.json: missing expert" in p.stderr
+    assert p.returncode == 2 and re.search(r"experts/shape@\w+/meta.json: missing expert", p.stderr)
     assert len(p.stderr.strip().splitlines()) == 1
 
 

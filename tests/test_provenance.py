@@ -41,17 +41,19 @@ def test_every_numeric_field_declares_its_range():
 
 @pytest.mark.parametrize("name, allowed, default", RANGED, ids=[n for n, _, _ in RANGED])
 def test_every_ranged_field_refuses_a_value_out_of_range(name, allowed, default):
-    from common.config import UserError, load_config
+    from common.config import load_config
+    from common.errors import UserError
 
     assert default in allowed
     bad = allowed.outside()
-    with pytest.raises(UserError, match=rf"configs/micro.yaml: field '{name}' is {bad!r}; use a value "):
+    with pytest.raises(UserError, match=rf"override '{name}={bad}': field '{name}' is {bad!r}; use a value "):
         load_config("configs/micro.yaml", [f"{name}={bad}"])
 
 
 @pytest.mark.parametrize("name", NONEMPTY)
 def test_every_list_that_must_hold_something_refuses_an_empty_one(name):
-    from common.config import UserError, load_config
+    from common.config import load_config
+    from common.errors import UserError
 
     with pytest.raises(UserError, match=rf"field '{name}' is empty"):
         load_config("configs/micro.yaml", [f"{name}=[]"])
@@ -67,7 +69,8 @@ def test_every_list_that_must_hold_something_refuses_an_empty_one(name):
     (["expert.lr=.nan"], "field 'expert.lr' is nan; use a value 0 or more"),  # a range holds no NaN
 ])
 def test_fields_that_must_agree_are_checked_together(overrides, message):
-    from common.config import UserError, load_config
+    from common.config import load_config
+    from common.errors import UserError
 
     with pytest.raises(UserError, match=message):
         load_config("configs/micro.yaml", overrides)
@@ -81,23 +84,40 @@ def files(root):
     (["train_expert.py", "--task", "snli-ve", "--shots", "-5"], "--shots -5: use 0"),
     (["train_expert.py", "--task", "snli-ve", "--shots", "65"], "--shots is 65, but snli-ve's train split has 64"),
     (["embed_tasks.py", "--target", "snli-ve", "tasks.pool=[]"], "field 'tasks.pool' is empty"),
-    # what a stage reads must have been made under the config in force
-    (["embed_tasks.py", "--target", "snli-ve", "expert.r=2"], "experts/snli-ve-8shot-s0: made under another config "
-                                                             "(expert.r: 4 -> 2)"),
-    (["embed_tasks.py", "--target", "snli-ve", "tasks.shots_per_class=true"],
-     "experts/snli-ve-8shot-s0: made under another config (tasks.shots_per_class: False -> True)"),
+    # what a stage reads is this config's (its path carries the config's digest): another config's is not there,
+    # and the refusal names the command that makes it, as typed
+    (["embed_tasks.py", "--target", "snli-ve", "expert.r=2"], "missing expert; run `.venv/bin/python train_expert.py "
+                                                             "--task snli-ve --shots 8 --config configs/micro.yaml "),
     (["interpolate.py", "--target", "snli-ve", "fisher.normalize=none"],
-     f"similarity/{NAME}.json: made under another config (fisher.normalize: 'mean' -> 'none')"),
+     "missing similarity; run `.venv/bin/python embed_tasks.py --target snli-ve --config configs/micro.yaml "),
     (["evaluate.py", "--target", "snli-ve", "interpolate.steps=3"],
-     f"interpolated/{NAME}: made under another config (interpolate.steps: 5 -> 3)"),
-    (["train_expert.py", "--task", "nli", "pretrain.steps=21"], "backbone: built under another config "
-                                                                "(pretrain.steps: 20 -> 21)"),
+     "missing interpolated expert; run `.venv/bin/python interpolate.py --target snli-ve --config configs/micro.yaml "),
+    (["train_expert.py", "--task", "nli", "pretrain.steps=21"], "no backbone built under this config; run "
+                                                                "`.venv/bin/python train_expert.py --pretrain "),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(micro, args, message):
     before = files(micro[0])
     code, _, err = stage(*args, *CONFIG, f"runs_dir={micro[0]}")
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert files(micro[0]) == before
+
+
+def test_the_command_a_refusal_names_works_as_typed(micro_copy):
+    """A stage refused for a missing input names the command that makes it, with --config and the overrides:
+    typed in a shell (in the repo, with the venv's python), it makes exactly what was missing."""
+    import shlex
+    import subprocess
+    import sys
+
+    runs = micro_copy[0]
+    code, _, err = stage("embed_tasks.py", "--target", "snli-ve", *CONFIG, f"runs_dir={runs}", "expert.steps=3")
+    command = err.split("run `", 1)[1].split("`", 1)[0]
+    assert code == 2 and command.startswith(".venv/bin/python train_expert.py --task snli-ve --shots 8 --config "
+                                            "configs/micro.yaml ") and "expert.steps=3" in command
+    words = shlex.split(command)
+    subprocess.run([sys.executable, *words[1:]], cwd=REPO, check=True, capture_output=True)
+    code, _, err = stage("embed_tasks.py", "--target", "snli-ve", *CONFIG, f"runs_dir={runs}", "expert.steps=3")
+    assert code == 2 and "--task nli" in err  # the next one missing: the pool's experts of that config
 
 
 def test_a_nan_loss_stops_the_stage_and_writes_no_expert(micro_copy):
@@ -112,16 +132,19 @@ def test_a_nan_loss_stops_the_stage_and_writes_no_expert(micro_copy):
 
 def test_after_a_rebuilt_backbone_no_stage_uses_the_old_experts_or_fishers(micro_copy):
     from common.config import load_config
+    from common.experts import expert_dir
     from common.similarity import fisher_cache
 
     runs, rd = micro_copy
     before = load_config("configs/micro.yaml", [f"runs_dir={runs}"])
-    old_keys = [fisher_cache(before, n)[1] for n in ("nli", NAME)]
+    old = [fisher_cache(before, n) for n in ("nli", NAME)]
     inproc("train_expert.py", "--pretrain", *CONFIG, f"runs_dir={runs}", "pretrain.steps=21")
+    assert len(list(rd.glob("backbone@*"))) == 2  # the other backbone kept beside it
     code, out, err = stage("embed_tasks.py", "--target", "snli-ve", *CONFIG, f"runs_dir={runs}", "pretrain.steps=21")
-    assert code == 2 and "trained on another backbone" in err and "cached" not in out
+    assert code == 2 and "missing expert" in err and "cached" not in out
     after = load_config("configs/micro.yaml", [f"runs_dir={runs}", "pretrain.steps=21"])
-    assert all(fisher_cache(after, n)[1] != k for n, k in zip(("nli", NAME), old_keys))  # an old Fisher never matches
+    for n, (path, _) in zip(("nli", NAME), old):  # an old Fisher is never found: it sits beside its expert's name@digest
+        assert path.name.startswith(expert_dir(before, n).name) and expert_dir(after, n).name != expert_dir(before, n).name
 
 
 def test_the_fisher_cache_key_holds_every_setting_that_changes_the_fisher(micro):
@@ -131,14 +154,21 @@ def test_the_fisher_cache_key_holds_every_setting_that_changes_the_fisher(micro)
     def key(name, *overrides):
         return fisher_cache(load_config("configs/micro.yaml", [f"runs_dir={micro[0]}", *overrides]), name)[1]
 
+    def expert(name, *overrides):
+        from common.experts import expert_dir
+
+        return expert_dir(load_config("configs/micro.yaml", [f"runs_dir={micro[0]}", *overrides]), name).name
+
     assert key("nli") == key("nli", "fisher.batch_size=2")  # a per-sample Fisher takes one example at a time
     assert key("nli", "fisher.estimator=batch") != key("nli", "fisher.estimator=batch", "fisher.batch_size=2")
-    for setting in ("fisher.samples=4", "fisher.passes=2", "world.train_size=60", "data.train_size=9"):
+    for setting in ("fisher.samples=4", "fisher.passes=2"):
         assert key("nli") != key("nli", setting), setting
+    for setting in ("world.train_size=60", "data.train_size=9"):  # another expert (its own name@digest, its own Fisher)
+        assert expert("nli") != expert("nli", setting), setting
     for setting in ("world.val_size=9", "world.test_size=9", "data.val_size=9", "data.test_size=9"):
         assert key("nli") == key("nli", setting), setting  # the Fisher reads the train split alone
     # the target's k-shot sample depends on the sampling, a pool expert's full split does not
-    assert key(NAME) != key(NAME, "tasks.shots_per_class=true")
+    assert expert(NAME) != expert(NAME, "tasks.shots_per_class=true")
     assert key("nli") == key("nli", "tasks.shots_per_class=true")
 
 
@@ -174,44 +204,70 @@ def test_runs_that_want_the_same_fishers_share_the_work(micro_copy, monkeypatch)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_changed_config_changes_the_table_and_the_report_and_mixes_no_runs(micro_copy):
-    """interpolate.steps changed: make reruns interpolate and evaluate only, the table and the report hold the
-    runs made under the new config, and the older ones are named as left out."""
-    from common.config import load_config
-    from common.report import write_report
+def times(root):
+    return {p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in root.rglob("*")
+            if not p.is_symlink()}
 
+
+def test_an_override_then_the_default_again_rebuilds_nothing_and_keeps_both_results(micro_copy):
+    """(1) make with an override, then with the profile as written: the second make finds everything it needs
+    (the artifacts of each config live at their own paths), and both configs' results stay, each table headed by
+    the fields that make its config."""
     runs, rd = micro_copy
-    # another seed's result, made under this config (a copy stands in for running seed 1: only its config counts)
-    seed1 = json.loads((rd / f"results/{NAME}.json").read_text()) | {"run": "snli-ve-8shot-s1", "seed": 1}
-    (rd / "results/snli-ve-8shot-s1.json").write_text(json.dumps(seed1))
-    inproc("interpolate.py", "--target", "snli-ve", "--variant", "random", *CONFIG, f"runs_dir={runs}")
-    inproc("evaluate.py", "--target", "snli-ve", *CONFIG, f"runs_dir={runs}")
-    table = (rd / "results/snli-ve.md").read_text()
-    assert "8-shot (2 seeds)" in table and "| pi-random |" in table
-
-    out = make("all", runs_dir=runs, extra="interpolate.steps=3").stdout  # seed 0 again, under a new config
-    assert out.count("| pi-tuning |") == 1  # make all prints the table once
-    # only the stages that read the changed section rerun, and once rerun, nothing is stale
-    assert "interpolate.py" in out and "evaluate.py" in out
-    assert "train_expert.py" not in out and "embed_tasks.py" not in out
-    assert ".py" not in make("all", runs_dir=runs, extra="interpolate.steps=3").stdout.replace("pipeline.mk", "")
-    table = (rd / "results/snli-ve.md").read_text()
-    new = json.loads((rd / f"results/{NAME}.json").read_text())
-    assert "8-shot (1 seed)" in table and f"| pi-tuning | {new['scores']['pi-tuning']:.3f} |" in table
-    assert "| pi-random |" not in table and "pi-random (interpolate.steps: 5 -> 3)" in out  # a stale baseline run
-    assert "snli-ve-8shot-s1 (interpolate.steps: 5 -> 3)" in table  # a stale seed, named, not averaged in
-    summary = json.loads((rd / "results/snli-ve.json").read_text())
-    assert list(summary["runs"]) == [NAME] and summary["runs"][NAME]["config"]["interpolate"]["steps"] == 3
-
-    write_report(load_config("configs/micro.yaml", [f"runs_dir={runs}", "interpolate.steps=3"]), "snli-ve")
-    report = (rd / "report.md").read_text()
-    assert f"| pi-tuning | {new['scores']['pi-tuning']:.3f} |" in report and "8-shot (1 seed)" in report
-    assert "left out as made under another: snli-ve-8shot-s1 (interpolate.steps: 5 -> 3)" in report
-    write_report(load_config("configs/micro.yaml", [f"runs_dir={runs}"]), "snli-ve")  # the old config: seed 1 only
-    assert f"{NAME} (interpolate.steps: 3 -> 5)" in (rd / "report.md").read_text()
+    first = make("all", runs_dir=runs, extra="interpolate.top_k=1").stdout
+    assert "interpolate.py" in first and "evaluate.py" in first and "train_expert.py" not in first
+    assert "## configs/micro.yaml with interpolate.top_k=1 (this config)" in first
+    again = make("all", runs_dir=runs).stdout
+    assert ".py --" not in again.replace("evaluate.py --tables", "")  # nothing rebuilt
+    assert "## configs/micro.yaml as written (this config)" in again and "## configs/micro.yaml with interpolate.top_k=1" in again
+    assert len(list((rd / "results").glob(f"{NAME}@*.json"))) == 2
+    assert ".py --" not in make("all", runs_dir=runs, extra="interpolate.top_k=1").stdout.replace("--tables", "")
+    # (6) the two configs side by side, seed by seed: make compare
+    table = make("compare", "AGAINST=interpolate.top_k=1", runs_dir=runs).stdout
+    assert "- A: configs/micro.yaml as written" in table and "- B: configs/micro.yaml with interpolate.top_k=1" in table
+    assert "| 8-shot | pi-tuning |" in table and (rd / "compare-snli-ve.md").is_file()
 
 
-def test_the_pool_list_and_the_sampling_are_stamped_apart(micro_copy):
+def test_prune_drops_what_this_config_would_not_make_and_clean_drops_the_profile(micro_copy):
+    """Disk in check: make prune keeps exactly what the config in force is made of (another config's interpolation
+    and result go, with the links left dangling), so make all after it does nothing; make clean removes the
+    whole run folder, the backbone too, and says so."""
+    runs, rd = micro_copy
+    make("all", runs_dir=runs, extra="interpolate.steps=3")
+    kept = {p for p in rd.rglob("*@*") if not p.is_symlink()}
+    out = make("prune", runs_dir=runs).stdout
+    gone = kept - {p for p in rd.rglob("*@*") if not p.is_symlink()}
+    assert "removed" in out and gone and all(p.parent.name in ("interpolated", "results") for p in gone), gone
+    assert {p.name.split("@")[0] for p in gone} == {NAME, "snli-ve"}  # the interpolation, its result, its tables
+    assert len(list((rd / "results").glob("snli-ve@*.md"))) == 1  # the config in force keeps its own tables
+    assert ".py --" not in make("all", runs_dir=runs).stdout.replace("common.report", "")
+    out = make("clean", runs_dir=runs).stdout
+    assert f"removing {rd}" in out and "the backbone too" in out and not rd.exists()
+
+
+def test_make_n_writes_nothing(micro_copy):
+    """(2) make -n plans without touching a file: no stamp, no cache, no link."""
+    runs = micro_copy[0]
+    before = times(runs)
+    plan = make("-n", "all", runs_dir=runs, extra="expert.steps=3").stdout
+    assert "train_expert.py --task nli" in plan
+    plan = make("-n", "report", "REPORT_SHOTS=8", "TRANSFER_SHOTS=8", "REPORT_SEEDS=0 1", runs_dir=runs).stdout
+    assert "--variant pairs" in plan and "seed=1" in plan
+    assert times(runs) == before
+
+
+def test_a_stage_run_by_hand_is_what_make_would_make(micro_copy):
+    """(3) interpolate.py by hand with an override, then make with the same override: make finds it and rebuilds
+    nothing before evaluate; then make with the profile as written: nothing refused, its own artifacts found."""
+    runs, rd = micro_copy
+    inproc("interpolate.py", "--target", "snli-ve", *CONFIG, f"runs_dir={runs}", "interpolate.groups=global")
+    out = make("all", runs_dir=runs, extra="interpolate.groups=global").stdout
+    assert "interpolate.py" not in out and "evaluate.py --target snli-ve" in out
+    out = make("all", runs_dir=runs).stdout
+    assert "error" not in out and "| pi-tuning |" in out and "interpolate.py" not in out
+
+
+def test_the_pool_list_and_the_sampling_are_made_from_apart(micro_copy):
     runs = micro_copy[0]
     plan = make("-n", "all", runs_dir=runs, extra="tasks.pool=[snli-ve,nli] interpolate.top_k=1").stdout  # dry run
     assert "embed_tasks.py" in plan and "interpolate.py" in plan and "train_expert.py" not in plan  # no expert retrains
@@ -221,26 +277,88 @@ def test_the_pool_list_and_the_sampling_are_stamped_apart(micro_copy):
 
 def test_larger_scored_splits_rescore_and_rebuild_nothing(micro_copy):
     """world.test_size: only evaluate.py reruns; the backbone, the experts, the Fishers and the interpolation
-    stay. A run made when world.json still held the sizes: that stamp is left as it is, and the sizes' own
-    stamps, new, count as changed only where the value differs from what it held."""
-    from common.config import changed_fields, load_config
-
-    runs, rd = micro_copy
-    stamp = rd / ".config/world.json"
-    old = json.loads(stamp.read_text()) | {"world.test_size": 24, "world.val_size": 16}  # as stamps held them
-    stamp.write_text(json.dumps(old))
-    os.utime(stamp, (0, 0))
-    for k in ("world.test_size", "world.val_size"):
-        (rd / f".config/{k}.json").unlink()
+    are made from the training data, not the scored splits."""
+    runs = micro_copy[0]
     plan = make("-n", "all", runs_dir=runs, extra="world.test_size=30").stdout  # dry run
     assert "evaluate.py --target snli-ve" in plan
     assert not any(s in plan for s in ("train_expert.py", "embed_tasks.py", "interpolate.py")), plan
-    assert stamp.stat().st_mtime == 0 and (rd / ".config/world.val_size.json").stat().st_mtime == 0
-    assert (rd / ".config/world.test_size.json").stat().st_mtime > 0
-    cfg = load_config("configs/micro.yaml", [f"runs_dir={runs}", "world.test_size=30"])
-    recorded = json.loads((rd / "backbone/meta.json").read_text())["config"]
-    assert changed_fields(recorded, cfg, "backbone") == [] and changed_fields(recorded, cfg, "interpolated") == []
-    assert changed_fields(recorded, cfg, "result") == ["world.test_size: 24 -> 30"]
+
+
+def test_a_new_task_defined_beside_a_built_pool_rebuilds_no_other_expert(micro_copy, tmp_path):
+    """(7) A profile that defines one task of its own beside the built pool: only that task's expert is made; no
+    other expert is rebuilt or refused (an expert is made from its own task's definition, not every task's)."""
+    import yaml
+
+    runs = micro_copy[0]
+    rows = [{"premise": f"a {c} circle is at the top", "hypothesis": f"a {d} circle is at the top", "label": int(c != d)}
+            for c in ("red", "blue", "green") for d in ("red", "blue", "green")]
+    (tmp_path / "entail.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+    define = {"my-entail": {"files": {"train": str(tmp_path / "entail.jsonl"), "test": str(tmp_path / "entail.jsonl")},
+                            "prompt": ' can text1 " {premise} " imply text2 " {hypothesis} "?', "answer": "label",
+                            "labels": {0: "yes", 1: "no"}}}
+    config = tmp_path / "mine.yaml"  # micro, and one task of its own in the pool
+    config.write_text(yaml.safe_dump({"base": str(REPO / "configs/micro.yaml"),
+                                      "tasks": {"define": define, "pool": ["snli-ve", "nli", "shape", "my-entail"]}}))
+    out = make("all", f"CONFIG={config}", runs_dir=runs).stdout
+    assert "train_expert.py --task my-entail" in out and "--task nli" not in out and "--task shape" not in out
+    assert "train_expert.py --task snli-ve --shots 8" not in out and "| pi-tuning |" in out
+
+
+def test_digests_ignore_fields_at_their_default_and_how_an_artifact_is_made(tmp_path):
+    """A field the code gains later sits at its default: no digest moves. Activation checkpointing and the loop's
+    checkpoints change how an artifact is made, not what it is."""
+    from common.config import load_config
+    from common.provenance import digest
+
+    cfg = load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={tmp_path}"])
+    same = load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={tmp_path}", "expert.grad_accum=1",
+                                                            "expert.gradient_checkpointing=true",
+                                                            "interpolate.checkpoint_every=2", "threads=1"])
+    for kind, name in (("backbone", ""), ("expert", "nli"), ("expert", NAME), ("similarity", NAME),
+                       ("interpolated", NAME), ("result", NAME)):
+        assert digest(cfg, kind, name) == digest(same, kind, name), kind
+    later = load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={tmp_path}", "expert.grad_accum=2"])
+    assert digest(later, "expert", "nli") != digest(cfg, "expert", "nli")
+    assert digest(later, "backbone") == digest(cfg, "backbone")
+
+
+ENTAIL = {"files": {"train": "e.jsonl", "test": "e.jsonl"}, "answer": "label", "labels": {0: "yes", 1: "no"},
+          "prompt": ' can text1 " {premise} " imply text2 " {hypothesis} "?'}
+
+
+@pytest.mark.parametrize("change, says", [
+    ("tasks.target_shots=1000", "field 'tasks.target_shots' is 1000, but snli-ve's train split has 64 examples"),
+    ("tasks.pool=[snli-ve,nli,shpe]", "unknown task 'shpe' in tasks.pool (override 'tasks.pool=[snli-ve,nli,shpe]')"),
+    ("interpolate.topk=3", "override 'interpolate.topk=3': unknown field 'interpolate.topk'"),
+    ("backbone.source=/nowhere/at/all", "backbone.source '/nowhere/at/all' is a path that does not exist"),
+    ("backbone.source=EMPTY", "is an empty directory"),
+    ("backbone.source=NOT_A_CHECKPOINT", "is not a checkpoint (no config.json in it)"),
+    ({"my-entail": ENTAIL | {"answer": "anwser"}}, "tasks.define.my-entail.answer: column 'anwser' is not in"),
+    ({"my-entail": ENTAIL | {"colum": "x"}}, "tasks.define.my-entail.colum is not a field of a task definition"),
+    ({"my-entail": ENTAIL | {"prompt": ' does " {premise} " entail " {hypothesis} "?'}},
+     "uses words the embedded backbone's vocabulary lacks: entail; it has the mini world's"),
+])
+def test_every_config_error_stops_make_before_the_first_stage_in_one_line(tmp_path, change, says):
+    """(5) What a stage would find only after the backbone and the pool experts trained, make refuses before
+    running any: one line, exit 2, nothing written."""
+    import yaml
+
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "NOT_A_CHECKPOINT").mkdir()
+    (tmp_path / "NOT_A_CHECKPOINT/model.safetensors").write_bytes(b"")
+    (tmp_path / "e.jsonl").write_text(json.dumps({"premise": "a red circle", "hypothesis": "a circle", "label": 0}) + "\n")
+    config = tmp_path / "mine.yaml"
+    base = {"base": str(REPO / "configs/micro.yaml"), "data": {"root": str(tmp_path)}}
+    extra = ""
+    if isinstance(change, dict):
+        base["tasks"] = {"define": change, "pool": ["snli-ve", "nli", "my-entail"]}
+    else:
+        extra = change.replace("EMPTY", str(tmp_path / "EMPTY")).replace("NOT_A_CHECKPOINT", str(tmp_path / "NOT_A_CHECKPOINT"))
+    config.write_text(yaml.safe_dump(base))
+    p = make("all", f"CONFIG={config}", runs_dir=tmp_path / "runs", extra=extra, check=False)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert p.returncode == 2 and len(errors) == 1 and says in errors[0], p.stderr
+    assert "Traceback" not in p.stderr and ".py " not in p.stdout and not (tmp_path / "runs").exists()
 
 
 def test_each_pool_expert_is_merged_at_its_own_saved_scale(micro_copy):
@@ -263,46 +381,3 @@ def test_each_pool_expert_is_merged_at_its_own_saved_scale(micro_copy):
     assert any(not torch.equal(v, load_file(str(weights))[k]) for k, v in after[1].items())  # B was rescaled
     for old, new in zip(before, after):
         assert old.keys() == new.keys() and all(torch.allclose(old[k], new[k], atol=0, rtol=1e-6) for k in old)
-
-
-def test_a_field_newer_than_an_artifact_counts_at_its_default_and_checkpointing_is_never_stale(tmp_path):
-    from common.config import changed_fields, load_config, write_stamps
-
-    cfg = load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={tmp_path}"])
-    recorded = cfg.to_dict()
-    del recorded["expert"]["grad_accum"], recorded["precision"]  # made before these fields existed
-    assert changed_fields(recorded, cfg, "result") == []
-    later = load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={tmp_path}", "expert.grad_accum=2"])
-    assert changed_fields(recorded, later, "expert") == ["expert.grad_accum: 1 -> 2"]
-    assert changed_fields(None, cfg, "backbone")  # no recorded config at all: stale
-    write_stamps(cfg)
-    stamps = {p.name: p.read_text() for p in (tmp_path / "micro/.config").iterdir()}
-    checkpointed = load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={tmp_path}", "expert.gradient_checkpointing=true",
-                                                               "interpolate.gradient_checkpointing=true"])
-    assert changed_fields(cfg.to_dict(), checkpointed, "result") == []
-    write_stamps(checkpointed)  # how an expert is trained is not what it is: make rebuilds nothing
-    assert {p.name: p.read_text() for p in (tmp_path / "micro/.config").iterdir()} == stamps
-    write_stamps(later)
-    assert json.loads((tmp_path / "micro/.config/expert.json").read_text())["expert.grad_accum"] == 2
-
-
-def test_a_stamp_changes_only_when_a_value_does(tmp_path):
-    """A stamp holds every value; one lacking a field (added to the code since, or written when stamps held only
-    what differed from the defaults) reads it at its default: same values, the stamp is left as it is, and
-    make rebuilds nothing."""
-    import os
-
-    from common.config import load_config, write_stamps
-
-    cfg = load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={tmp_path}"])
-    write_stamps(cfg)
-    stamp = tmp_path / "micro/.config/interpolate.json"
-    values = json.loads(stamp.read_text())
-    assert values["interpolate.steps"] == 5 and "interpolate.grad_clip" in values  # every value, not only changes
-    older = {k: v for k, v in values.items() if k != "interpolate.grad_clip"}  # a field the code has gained since
-    stamp.write_text(json.dumps(older))
-    os.utime(stamp, (0, 0))
-    write_stamps(cfg)
-    assert stamp.stat().st_mtime == 0 and json.loads(stamp.read_text()) == older
-    write_stamps(load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={tmp_path}", "interpolate.steps=7"]))
-    assert stamp.stat().st_mtime > 0 and json.loads(stamp.read_text())["interpolate.steps"] == 7

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from common.config import UserError
+from common.errors import UserError
 from common.metrics import vqa_accuracy
 from common.readers import box_to_tokens, catalogue, fetch_hub, read_defined, tokens_to_box
 from common.tasks import k_shot

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import REPO, inproc, stage, stages
+from conftest import REPO, backbone_only, inproc, stage, stages
 from test_readers import b64, write_tsv
 
 
@@ -67,7 +67,7 @@ def test_the_four_stages_run_on_real_file_formats(micro, tmp_path):
     """The micro backbone on SNLI-VE (TSV) with RTE (parquet) in the pool: only data.* changes."""
     write_real_data(tmp_path / "data")
     runs = tmp_path / "runs"
-    shutil.copytree(micro[1] / "backbone", runs / "micro/backbone")
+    backbone_only(micro, runs)
     stages(runs, "data.source=files", f"data.root={tmp_path}/data", "tasks.pool=[snli-ve,rte]", "tasks.target_shots=4",
            "interpolate.top_k=1")
     result = json.loads((runs / "micro/results/snli-ve-4shot-s0.json").read_text())
@@ -77,8 +77,6 @@ def test_the_four_stages_run_on_real_file_formats(micro, tmp_path):
 
 
 def test_the_embedded_backbone_refuses_a_catalogue_task_with_words_it_lacks(micro, tmp_path):
-    from conftest import backbone_only
-
     write_real_data(tmp_path / "data")
     rows = [(str(i), str(i), b64(8, 8), "a zebra grazes", "premise", "neutral") for i in range(4)]
     write_tsv(tmp_path / "data/snli_ve_data/snli_ve_train.tsv", rows)
@@ -141,7 +139,8 @@ def test_snli_ve_from_its_own_annotations_and_a_flickr30k_dir(tmp_path):
     from test_readers import png
 
     from common import data
-    from common.config import UserError, load_config
+    from common.config import load_config
+    from common.errors import UserError
 
     (tmp_path / "flickr30k-images").mkdir()
     (tmp_path / "flickr30k-images/1000092795.jpg").write_bytes(png(20, 10, (0, 200, 0)))
@@ -184,7 +183,7 @@ def test_data_workers_read_and_encode_the_same_batches_as_the_stage_alone(micro,
     weights, pids, scores = {}, {}, {}
     for workers in (0, 2):
         runs = tmp_path / f"runs{workers}"
-        shutil.copytree(micro[1] / "backbone", runs / "micro/backbone")
+        backbone_only(micro, runs)
         code, _, err = stage("train_expert.py", "--task", "snli-ve", "--config", "configs/micro.yaml",
                              f"runs_dir={runs}", "data.source=files", f"data.root={tmp_path}/data",
                              "tasks.pool=[snli-ve,rte]", "interpolate.top_k=1",

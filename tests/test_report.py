@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from common.report import pack, paired_ci, unpack
-from conftest import inproc, run
+from conftest import cached, inproc, run
 
 # the default leaves out the three that compute the pool's Fishers anew
 EVERY_EMBEDDING = "EMBED_AS=fisher weights prototypes fisher-batch fisher-raw fisher-passes fisher-common fisher-model"
@@ -108,11 +108,10 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
     assert (runs / "micro/similarity/snli-ve-8shot-s0.weights.json").is_file()
     # and the retrieval study's Fisher variants: the original's batch estimator (its own cache beside the
     # per-sample one), raw values, and subsets of the tensors
-    assert (runs / "micro/fisher/snli-ve-8shot-s0.batch.safetensors").is_file()
-    assert (runs / "micro/fisher/snli-ve-8shot-s0.safetensors").is_file()
-    assert (runs / "micro/fisher/snli-ve-8shot-s0.passes4.safetensors").is_file()
-    assert (runs / "micro/fisher/snli-ve-8shot-s0.at-pool-mean.safetensors").is_file()
-    assert (runs / "micro/fisher/nli.model-answers.safetensors").is_file()
+    fisher = runs / "micro/fisher"
+    for expert, variant in (("snli-ve-8shot-s0", ".batch"), ("snli-ve-8shot-s0", ""), ("snli-ve-8shot-s0", ".passes4"),
+                            ("snli-ve-8shot-s0", ".at-pool-mean"), ("nli", ".model-answers")):
+        assert cached(fisher, expert, variant).is_file()
     for emb in ("retrieval (fisher)", "fisher", "weights", "prototypes", "fisher-batch", "fisher-raw", "fisher-passes",
                 "fisher-common", "fisher-model", "fisher: lora_A only", "fisher: decoder only"):
         assert f"| 8 | {emb} | val | 1 |" in report and f"| 8 | {emb} | test | 1 |" in report
@@ -135,7 +134,7 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
     # the pair runs, π-Tuning with random and frozen, 2x with full-ft were made together in one process each;
     # each run equals the same run made alone
     solo = tmp_path / "solo"
-    shutil.copytree(runs, solo)
+    shutil.copytree(runs, solo, symlinks=True)
     args = ("--config", "configs/micro.yaml", "tasks.target_shots=8", "threads=1", f"runs_dir={solo}")  # one
     alone = {"interpolated/snli-ve-8shot-s0.pair-shape": ("interpolate.py", "--target", "snli-ve", "--variant",
                                                           "pair-shape"),  # thread per stage, as make report
@@ -143,7 +142,7 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
              "experts/snli-ve-8shot-s0.full-ft": ("train_expert.py", "--task", "snli-ve", "--shots", "8", "--variant",
                                                   "full-ft")}
     for d, cmd in alone.items():
-        shutil.rmtree(solo / "micro" / d)
+        shutil.rmtree((solo / "micro" / d).resolve())  # the artifact its readable name links to
         inproc(*cmd, *args)
         weights = [next((r / "micro" / d).glob("*.safetensors")) for r in (runs, solo)]
         together, made_alone = (load_file(str(f)) for f in weights)
@@ -178,7 +177,7 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
     path.write_text(json.dumps(flat))
     write_report(load_config("configs/micro.yaml", [f"runs_dir={runs}"]), "snli-ve")
     report = (runs / "micro/report.md").read_text()
-    assert "| 8 | weights | val | 1 | - | undefined |" in report and "Undefined: every transfer" in report
+    assert "| 8 | weights | val | 0 of 1 | - | undefined |" in report and "Undefined: every transfer" in report
     assert "nan" not in report
     # and in the study beside a target with a ranking: that one alone is averaged across targets
     write_study(load_config("configs/micro.yaml", [f"runs_dir={runs}"]), ["snli-ve", "nli"])
@@ -192,10 +191,11 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
     before = {t: (runs / pair.format(t)).stat().st_mtime_ns for t in ("nli", "shape", "null")}
     p = run("make", "report", "PROFILE=micro", f"PY={sys.executable}", "STAMP=", "REPORT_SHOTS=8", "REPORT_SEEDS=0",
             "TRANSFER_SHOTS=8", f"OVERRIDES=runs_dir={runs} tasks.pool=[snli-ve,nli,shape,colour]")
-    assert "train_expert.py --task colour" in p.stdout and "--variant pair-colour " in p.stdout, p.stdout[-3000:]
+    assert "train_expert.py --task colour" in p.stdout and "--variant pairs " in p.stdout, p.stdout[-3000:]
+    assert "interpolated snli-ve-8shot-s0.pair-colour@" in p.stdout and "pair-nli@" not in p.stdout
     assert {t: (runs / pair.format(t)).stat().st_mtime_ns for t in before} == before
     grown = json.loads(path.read_text())
-    assert set(grown["transfer"]) == {"nli", "shape", "colour"} and grown["left_out"] == []
+    assert set(grown["transfer"]) == {"nli", "shape", "colour"}
 
 
 def test_the_transfer_row_names_the_experts_that_hurt_and_the_spread_against_target_onlys_noise():
@@ -229,11 +229,11 @@ def test_a_gain_is_printed_with_its_sign_either_way():
 
 def test_a_scored_method_the_list_lacks_is_shown_after_the_listed_ones_not_hidden():
     from common.report import METHODS, ordered
-    from evaluate import table
+    from common.report import table
 
     runs = [{"shots": 8, "scores": {"pi-tuning": 0.6, "pi-mine": 0.7, "zero-shot": 0.3, "pair-nli": 0.5}}]
     assert ordered(runs) == ["zero-shot", "pi-tuning", "pi-mine"]  # pair- runs feed the transfer matrix
-    rows = [line.split(" | ")[0].strip("| ") for line in table("snli-ve", "accuracy", runs, []).splitlines()[2:]]
+    rows = [line.split(" | ")[0].strip("| ") for line in table("snli-ve", "accuracy", runs).splitlines()[2:]]
     assert rows[:3] == ["zero-shot", "pi-tuning", "pi-mine"]
     assert len({m.name for m in METHODS}) == len(METHODS)
 
@@ -252,13 +252,14 @@ def test_the_report_matches_run_names_exactly_so_seed_1_is_not_seed_10(tmp_path)
     from common.embeddings import recorded
     from common.report import _similarities
 
+    from common.provenance import artifact
+
     cfg = load_config("configs/micro.yaml", [f"runs_dir={tmp_path}"])
-    folder = cfg.run_dir / "similarity"
-    folder.mkdir(parents=True)
+    (cfg.run_dir / "similarity").mkdir(parents=True)
     runs = []
     for seed in range(11):
         run = f"snli-ve-8shot-s{seed}"
-        folder.joinpath(f"{run}.json").write_text(json.dumps({
+        artifact(cfg, "similarity", run).write_text(json.dumps({
             "names": [run, "nli", "shape"], "row": [1.0, seed / 10, -seed / 10], "fisher": recorded(cfg.fisher),
             "config": cfg.to_dict()}))
         runs.append({"run": run, "seed": seed})
@@ -269,10 +270,10 @@ def test_the_report_matches_run_names_exactly_so_seed_1_is_not_seed_10(tmp_path)
 
 
 def test_a_one_seed_table_shows_the_value_without_a_spread():
-    from evaluate import table
+    from common.report import table
 
     runs = [{"shots": 8, "scores": {"target-only": 0.6, "pi-tuning": 0.625}}]
-    text = table("snli-ve", "accuracy", runs, [])
+    text = table("snli-ve", "accuracy", runs)
     assert "| 8-shot (1 seed) |" in text and "| pi-tuning | 0.625 |" in text and "±" not in text
-    two = table("snli-ve", "accuracy", runs + [{"shots": 8, "scores": {"target-only": 0.62, "pi-tuning": 0.635}}], [])
+    two = table("snli-ve", "accuracy", runs + [{"shots": 8, "scores": {"target-only": 0.62, "pi-tuning": 0.635}}])
     assert "| 8-shot (2 seeds) |" in two and "| pi-tuning | 0.630 ± 0.007 |" in two

@@ -110,15 +110,19 @@ def test_weight_embedding_of_ia3_and_prefix_experts():
     assert list(u) == ["layer0", "layer1", "layer2"] and u["layer1"].tolist() == [10.0, 11.0, 12.0, 13.0]
 
 
-def test_make_report_computes_every_embedding_but_those_asked_for():
-    """pipeline.mk's EMBED_AS (make report's alternatives) lists the registry's variants, in its order."""
-    import re
-    from pathlib import Path
-
+def test_make_report_computes_every_embedding_but_those_asked_for_and_make_study_every_one(capsys):
+    """The rules make runs come from the registry (common.provenance --rules): make report's alternatives are its
+    variants but the three asked for by name, make study's (EMBED_AS=all) every one."""
     from common.embeddings import ASKED_FOR, variants
+    from common.provenance import main
 
-    listed = re.search(r"^EMBED_AS := (.*)$", (Path(__file__).parents[1] / "pipeline.mk").read_text(), re.M)
-    assert listed.group(1).split() == [v for v in variants() if v not in ASKED_FOR]
+    def embedded(*asked):
+        main(["configs/micro.yaml", "--rules", "snli-ve", "0", "--study", "--transfer-row", *asked])
+        line = next(r for r in capsys.readouterr().out.split("%%NL%%") if "--embedding" in r)
+        return line.split("--embedding ")[1].split()[0].split(",")
+
+    assert embedded() == [v for v in variants() if v not in ASKED_FOR]
+    assert embedded("--embed-as", "all") == list(variants())
 
 
 def test_prototype_is_the_top_singular_direction_of_the_update_without_forming_it():
@@ -147,8 +151,9 @@ def test_prototypes_are_computed_once_per_expert_file(micro, tmp_path, monkeypat
     from common.config import load_config
     from conftest import REPO
 
-    shutil.copytree(micro[1] / "experts" / "nli", tmp_path / "micro" / "experts" / "nli")
     cfg = load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={tmp_path}"])
+    nli = similarity.expert_dir(cfg, "nli")  # the artifact's own folder, name@digest
+    shutil.copytree(micro[1] / "experts" / nli.name, nli)
     real, calls = similarity.prototypes, []
 
     def counted(embedding):
@@ -159,24 +164,16 @@ def test_prototypes_are_computed_once_per_expert_file(micro, tmp_path, monkeypat
     first = similarity.prototype_embedding(cfg, "nli")
     again = similarity.prototype_embedding(cfg, "nli")
     assert len(calls) == 1 and again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
-    weights = tmp_path / "micro" / "experts" / "nli" / similarity.WEIGHTS
+    weights = nli / similarity.WEIGHTS
     tensors = load_file(str(weights))
     name = next(k for k in tensors if "lora_A" in k)
     tensors[name] = torch.randn_like(tensors[name])
     save_file(tensors, str(weights))
     changed = similarity.prototype_embedding(cfg, "nli")
     assert len(calls) == 2 and not all(torch.equal(changed[k], first[k]) for k in first)
-    cache = tmp_path / "micro" / "embeddings" / "nli.prototypes.safetensors"
+    cache = tmp_path / "micro" / "embeddings" / f"{nli.name}.prototypes.safetensors"
     cache.write_bytes(cache.read_bytes()[:100])  # cut short: computed again, no error
     similarity.prototype_embedding(cfg, "nli")
     assert len(calls) == 3
 
 
-def test_make_study_computes_every_embedding():
-    import re
-    from pathlib import Path
-
-    from common.embeddings import variants
-
-    listed = re.search(r"^EMBED_ALL = (.*)$", (Path(__file__).parents[1] / "Makefile").read_text(), re.M)
-    assert listed.group(1).split() == list(variants())

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from common.config import UserError
+from common.errors import UserError
 from conftest import REPO, backbone_only, stage, stages
 
 SHAPES = {  # a CSV of image paths, questions and answers, images drawn with PIL

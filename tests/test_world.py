@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from common import data
-from common.config import UserError, WorldConfig
+from common.config import WorldConfig
+from common.errors import UserError
 
 W = WorldConfig(train_size=40, val_size=10, test_size=10)
 

@@ -1,0 +1,77 @@
+"""Every config error before the first stage, in one line: what a stage would otherwise find only after the
+backbone and the pool experts have trained. make runs it once per command; each stage runs it on what it reads.
+
+    python -m common.checks CONFIG [key=value ...] --targets snli-ve [nli ...] [--shots "32 64"]
+
+Checked: the pool's and the targets' task names; a local backbone.source (missing, empty, not a checkpoint);
+each target's shots against its training split; every task read from files (its definition's files, columns
+and first row); on the embedded backbone, the words of those tasks against its vocabulary."""
+from __future__ import annotations
+
+import sys
+
+from common import data
+from common.backbone import backbone_dir, check_source
+from common.config import load_config, split_overrides
+from common.device import resolve
+from common.errors import UserError
+
+
+def preflight(cfg, targets: list[str] = (), shots: list[int] | None = None, read: list[str] | None = None) -> None:
+    """Raise the first config error a run of these targets (at these shots; default: tasks.target_shots) would
+    meet, as one line. read: the tasks whose files to open (None: every pool task's, as make's run reads them;
+    a stage by hand checks those it reads)."""
+    for t in cfg.tasks.pool:
+        data.task(cfg, t, where=f"tasks.pool ({cfg.where('tasks.pool')})")
+    for t in targets:
+        if t not in cfg.tasks.pool:
+            raise UserError(f"{cfg.where('tasks.pool')}: target {t!r} is not in tasks.pool ({', '.join(cfg.tasks.pool)}); "
+                            f"pick one of those or add it there")
+    check_source(cfg)
+    resolve(cfg)  # the device and precision this machine has
+    files = [t for t in (cfg.tasks.pool if read is None else read) if not data.from_world(cfg, t)]
+    for t in files:  # every split opens: its files, columns and first row
+        for which in ("train", "val", "test"):
+            data.split(cfg, t, which)
+    for t in targets:
+        if cfg.tasks.shots_per_class:  # k of each class: as many as a class has
+            continue
+        # the mini world's images all differ: the overlap guard leaves its whole train split
+        rows = cfg.world.train_size if data.from_world(cfg, t) else data.train_rows(cfg, t)["used"]
+        for k in shots or [cfg.tasks.target_shots]:
+            if k > rows:
+                where = f"REPORT_SHOTS ({k})" if shots else cfg.where("tasks.target_shots")
+                raise UserError(f"{where}: field 'tasks.target_shots' is {k}, but {t}'s train split has {rows} examples; "
+                                f"use at most {rows} (0 = all of them)")
+    if files and cfg.backbone.source == "embedded":
+        built = backbone_dir(cfg) / "tokenizer.json"
+        vocab = _built_vocab(built) if built.is_file() else data.world_vocabulary(cfg.world)
+        for t in files:
+            data.check_words(cfg, t, vocab, *(data.split(cfg, t, which) for which in ("train", "val", "test")))
+
+
+def _built_vocab(path) -> list[str]:
+    import json
+
+    return list(json.loads(path.read_text())["model"]["vocab"])
+
+
+def main(argv: list[str]) -> None:
+    if not argv or "--targets" not in argv:
+        raise UserError('usage: python -m common.checks CONFIG [key=value ...] --targets T [T ...] [--shots "32 64"]')
+    at = argv.index("--targets")
+    cfg = load_config(argv[0], split_overrides(argv[1:at]))
+    rest = argv[at + 1:]
+    shots = None
+    if "--shots" in rest:
+        i = rest.index("--shots")
+        shots, rest = [int(k) for k in rest[i + 1].split()], rest[:i] + rest[i + 2:]
+    preflight(cfg, rest, shots)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
