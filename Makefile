@@ -15,7 +15,7 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 PIPELINE   = $(MAKE) --no-print-directory -f pipeline.mk PY=$(PY) CONFIG=$(CONFIG) TARGET=$(TARGET)
 
-.PHONY: help all backbone experts embed interpolate evaluate seeds report study compare check test bench clean prune
+.PHONY: help all backbone experts embed interpolate evaluate seeds report study loto compare check test bench clean prune
 PROFILES = $(filter-out paper_tasks,$(basename $(notdir $(wildcard configs/*.yaml))))
 
 help:
@@ -26,6 +26,8 @@ help:
 	@echo "                                                   the transfer matrix, runs/<profile>/report.md + plots"
 	@echo "make study TARGETS='snli-ve shape nli'            the report's study for each target, one config, every"
 	@echo "                                                   embedding; runs/<profile>/study.md + study/"
+	@echo "make loto                                          every pool task as the target in turn, the rest its"
+	@echo "                                                   pool; runs/<profile>/loto.md"
 	@echo "make compare TARGET=snli-ve AGAINST='k=v ...'     this config's results against another's, seed by seed"
 	@echo "make prune                                         delete the artifacts this config would not make"
 	@echo "make clean                                         delete runs/<profile>/ entirely, the backbone too"
@@ -78,7 +80,7 @@ report: $(STAMP)
 # one target / shots / seed pipeline of the study, with its baselines (and the transfer row at TRANSFER_SHOTS)
 of/%: $(STAMP)
 	+@set -- $(subst /, ,$*); $(MAKE) --no-print-directory -f pipeline.mk PY=$(PY) CONFIG=$(CONFIG) TARGET=$$1 \
-	  SEED=$$3 STUDY=1 TRANSFER_ROW=$(if $(filter $(word 2,$(subst /, ,$*)),$(TRANSFER_SHOTS)),1,0) \
+	  SEED=$$3 STUDY=report TRANSFER_ROW=$(if $(filter $(word 2,$(subst /, ,$*)),$(TRANSFER_SHOTS)),1,0) \
 	  EMBED_AS="$(EMBED_AS)" OVERRIDES="tasks.target_shots=$$2 threads=1 $(OVERRIDES)" evaluate
 
 # the study over several targets, one config for all: every pool expert, then each target's shots x seed
@@ -92,6 +94,24 @@ study: $(STAMP)
 	+@$(PIPELINE) -j$(JOBS) SEED=$(SEED) OVERRIDES="threads=1 $(OVERRIDES)" pool-experts
 	+@$(MAKE) --no-print-directory -j$(JOBS) $(call STUDY_RUNS,$(TARGETS)) EMBED_AS=all
 	$(PY) evaluate.py --study $(TARGETS) --config $(CONFIG) $(OVERRIDES)
+
+# every task of the pool as the target in turn, the others its pool (leave one target out): π-Tuning as configured,
+# random-k, the paper's Fisher retrieval and the retrieval chosen on validation, over REPORT_SHOTS x REPORT_SEEDS,
+# without the transfer rows, the untrained merges and the validation scores (selection keeps its own); then
+# runs/<profile>/loto.md. The shots outermost: the most shots first, for every target
+LOTO_TARGETS ?= $(shell $(PY) -m common.provenance $(CONFIG) $(OVERRIDES) --get tasks.pool)
+LOTO_RUNS = $(foreach s,$(REPORT_SHOTS),$(foreach t,$(1),$(foreach r,$(REPORT_SEEDS),loto/$(t)/$(s)/$(r))))
+LOTO_EVAL = evaluate.merges=false evaluate.validation=false
+loto: $(STAMP)
+	@$(CHECK) $(LOTO_TARGETS) --shots "$(REPORT_SHOTS)"
+	+@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" backbone
+	+@$(PIPELINE) -j$(JOBS) SEED=$(SEED) OVERRIDES="threads=1 $(OVERRIDES)" pool-experts
+	+@$(MAKE) --no-print-directory -j$(JOBS) $(call LOTO_RUNS,$(LOTO_TARGETS))
+	$(PY) evaluate.py --loto $(LOTO_TARGETS) --config $(CONFIG) $(LOTO_EVAL) $(OVERRIDES)
+
+loto/%: $(STAMP)
+	+@set -- $(subst /, ,$*); $(MAKE) --no-print-directory -f pipeline.mk PY=$(PY) CONFIG=$(CONFIG) TARGET=$$1 \
+	  SEED=$$3 STUDY=loto OVERRIDES="tasks.target_shots=$$2 threads=1 $(LOTO_EVAL) $(OVERRIDES)" evaluate
 
 # this config's results for TARGET against another's (AGAINST: the overrides that make it), on the seeds both ran
 AGAINST ?=

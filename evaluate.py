@@ -72,9 +72,10 @@ def methods(cfg, run: str, experts: list[str] | None) -> dict:
         if (expert_dir(cfg, f"{run}.{v}") / "meta.json").is_file():
             out[name] = ("full" if v == "full-ft" else "expert", expert_dir(cfg, f"{run}.{v}"))
     if experts is not None:
-        out["uniform-merge"] = ("uniform", experts)
-        if EXPERT_TYPES[cfg.expert.method].peft_merges:
-            out["linear-merge"], out["ties-merge"] = ("linear", experts), ("ties", experts)
+        if cfg.evaluate.merges and len(experts) > 1:  # (π-Tuning chosen on validation may keep the target's alone)
+            out["uniform-merge"] = ("uniform", experts)
+            if EXPERT_TYPES[cfg.expert.method].peft_merges:
+                out["linear-merge"], out["ties-merge"] = ("linear", experts), ("ties", experts)
         out["pi-tuning"] = ("expert", artifact(cfg, "interpolated", run))
     for d in sorted((cfg.run_dir / "interpolated").glob(f"{glob.escape(run)}.*@*")):
         v = readable(d).name[len(run) + 1:]
@@ -127,16 +128,22 @@ def main() -> None:
                     "plots from every result of this target made under this config (make report)")
     ap.add_argument("--study", nargs="+", metavar="TARGET", help="no evaluation: write runs/<profile>/study.md over "
                     "these targets (make study TARGETS=...)")
+    ap.add_argument("--loto", nargs="+", metavar="TARGET", help="no evaluation: write runs/<profile>/loto.md over "
+                    "these targets, each with the rest of the pool (make loto)")
     ap.add_argument("--compare", metavar="OVERRIDES", help="no evaluation: this config's results for --target "
                     "against those of this config with these overrides too ('interpolate.top_k=1 ...'), seed by seed "
                     "(make compare AGAINST=...); writes runs/<profile>/compare-<target>.md")
-    args, cfg = parse_stage(ap)
+    args, cfg = parse_stage(ap, reads_test=True)
     if args.study:
         from common.report import write_study
 
         for t in args.study:
             data.task(cfg, t, where="--study")
         return print(f"study: {write_study(cfg, args.study)}")
+    if args.loto:
+        from common.report import write_loto
+
+        return print(f"every target: {write_loto(cfg, args.loto)}")
     if not args.target:
         raise UserError("evaluate.py: --target is required (or --study TARGET ...)")
     task = data.task(cfg, args.target, where="--target")
@@ -189,7 +196,7 @@ def main() -> None:
             model = base
         with folded(model):  # LoRA, DoRA, IA3: scored with the update in the weights (the same function, faster)
             for s, exs in splits.items():
-                if s == "val" and not on_val(m):
+                if s == "val" and not (on_val(m) and cfg.evaluate.validation):
                     continue
                 with accel.autocast():
                     metric, scores[s][m], each[s][m] = task_scores(model, enc, task, exs, cfg.evaluate.batch_size)

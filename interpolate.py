@@ -20,7 +20,10 @@ if __name__ == "__main__":  # a stage's own process: no garbage collections whil
     gc.disable()
 
 import random
+import shutil
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from common import data
@@ -31,7 +34,9 @@ from common.stage import parse_stage, run_stage, stage_parser
 from common.errors import UserError
 from common.device import accelerator
 from common.expert_types import EXPERT_TYPES
-from common.experts import MergedExpert, expert_dir, expert_name, load_pool, unload_expert
+from common.embeddings import EMBEDDINGS
+from common.experts import MergedExpert, expert_dir, expert_name, folded, load_expert, load_pool, unload_expert
+from common.metrics import task_scores
 from common.provenance import artifact, link, made_from, parse_run
 from common.similarity import top_k_similar
 from common.training import Checkpoint, checkpointing, train_steps
@@ -57,6 +62,12 @@ def variant(cfg, name: str, run: str, pool: list[str], retrieved) -> tuple[list[
         if len(transfer) < len(pool):
             raise UserError(f"{path}: transfer measured for {len(transfer)} of {len(pool)} pool experts; {fix}")
         return sorted(pool, key=lambda s: -transfer[s])[:ic.top_k], "oracle (measured transfer)", ic.train_experts
+    if name == "paper":  # the paper's retrieval: top-k by the Fisher embedding, whatever fisher.embedding says
+        path = artifact(cfg, "similarity", run, "fisher")
+        fix = f"run `{cfg.command('embed_tasks.py', '--target', parse_run(run)['task'], '--embedding', 'fisher')}`"
+        sim = read_json(path, "similarity", f"{fix} (make does)")
+        return top_k_similar(sim["names"], sim["row"], ic.top_k), f"top-{ic.top_k} by the Fisher (the paper's)", \
+            ic.train_experts
     if name.startswith("pair-") and name[5:] in pool:
         return [name[5:]], "one expert (transfer matrix)", ic.train_experts
     if name == f"pair-{NULL}":  # the transfer row's control: the same run with nothing to add
@@ -64,8 +75,8 @@ def variant(cfg, name: str, run: str, pool: list[str], retrieved) -> tuple[list[
             raise UserError(f"--variant pair-{NULL}: expert.method={cfg.expert.method} has no expert that changes "
                             f"nothing (lora, adapter and ia3 have); leave pair-{NULL} out")
         return [NULL], "nothing (an expert that changes nothing: the transfer row's control)", ic.train_experts
-    raise UserError(f"--variant '{name}': use pi, random, oracle, frozen, pairs, pair-{NULL} or pair-<expert> with "
-                    f"one of {', '.join(pool)}")
+    raise UserError(f"--variant '{name}': use pi, random, oracle, frozen, paper, select, pairs, pair-{NULL} or "
+                    f"pair-<expert> with one of {', '.join(pool)}")
 
 
 def due_pairs(cfg, run: str, pool: list[str]) -> list[str]:
@@ -83,13 +94,22 @@ def due_pairs(cfg, run: str, pool: list[str]) -> list[str]:
     return due
 
 
-def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts: list[str], how: str,
-                train_experts: bool) -> str:
-    """One π-Tuning run (or baseline run) on the loaded backbone, written to interpolated/<run>[.<name>]/; the
-    backbone comes back unchanged, so one process can do several. Returns its summary line."""
+@dataclass
+class Mixed:
+    """A trained mix on the loaded backbone (merge.model holds it until unloaded) and what the artifact records."""
+    merge: MergedExpert
+    logits: torch.Tensor
+    loss: float
+    train_size: int
+    mix_size: int
+    checkpoints: list
+
+
+def mix(cfg, acc, model, enc, target: str, run: str, experts: list[str], train_experts: bool, out: Path) -> Mixed:
+    """Train the interpolation of `experts` (the target's first) on the target's shots, seeded as if alone, its
+    checkpoints beside `out`."""
     ic, shots = cfg.interpolate, cfg.tasks.target_shots
     torch.manual_seed(cfg.seed)
-    t0 = time.time()
     kind = EXPERT_TYPES[cfg.expert.method]
     frozen = tuple(i for i, e in enumerate(experts) if e == NULL and kind.merge == "sum")
 
@@ -110,7 +130,6 @@ def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts:
                            lr_field="interpolate.lr" if learn_experts else "interpolate.logits_lr",
                            checkpoint=ckpt, log_every=cfg.log_every)
 
-    out = artifact(cfg, "interpolated", run, name)
     ckpts = [Checkpoint.beside(out, ic.checkpoint_every, cfg)]
     desc = f"interpolate {run}"
     train = data.train_split(cfg, target, shots, cfg.seed)
@@ -127,39 +146,123 @@ def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts:
             logits.requires_grad_(False)
             ckpts.append(Checkpoint.beside(out.with_name(f"{out.name}.experts"), ic.checkpoint_every, cfg))
             loss = fit(merge, train, False, True, ckpts[1], f"{desc} (experts)")
+    return Mixed(merge, logits, loss, len(train), len(mix_on), ckpts)
 
-    probs = torch.softmax(logits.detach(), dim=-1)
+
+def write(cfg, mixed: Mixed, out: Path, target: str, run: str, name: str, experts: list[str], how: str,
+          train_experts: bool, t0: float, extra: dict | None = None) -> str:
+    """Export a trained mix as ONE ordinary expert at `out` (+ weights.json, meta.json), unload it from the backbone
+    and return the stage's summary line."""
+    ic, merge = cfg.interpolate, mixed.merge
+    probs = torch.softmax(mixed.logits.detach(), dim=-1)
     with atomic_dir(out) as tmp:
-        merge.export(logits).save_pretrained(tmp)
+        merge.export(mixed.logits).save_pretrained(tmp)
         write_json(tmp / "weights.json", {"experts": experts, "groups": {
             g: dict(zip(experts, p.tolist())) for g, p in zip(merge.group_names, probs)}})
         write_json(tmp / "meta.json", {
-            "target": target, "run": run, "experts": experts, "shots": shots, "seed": cfg.seed,
+            "target": target, "run": run, "experts": experts, "shots": cfg.tasks.target_shots, "seed": cfg.seed,
             "retrieval": how, "variant": name, "method": cfg.expert.method,
-            "train_size": len(train), "mix_size": len(mix_on), "groups": ic.groups,
-            "num_groups": len(merge.group_names),
-            "train_experts": train_experts, "steps": ic.steps, "final_loss": loss,
-            "mean_weights": dict(zip(experts, probs.mean(0).tolist())), "backbone": fingerprint(backbone_dir(cfg)),
-            "seconds": round(time.time() - t0, 1), "config": cfg.to_dict(),
-            "made_from": made_from(cfg, "interpolated", run, name)})
+            "train_size": mixed.train_size, "mix_size": mixed.mix_size, "groups": ic.groups,
+            "num_groups": len(merge.group_names), "train_experts": train_experts, "steps": ic.steps,
+            "final_loss": mixed.loss, "mean_weights": dict(zip(experts, probs.mean(0).tolist())),
+            "backbone": fingerprint(backbone_dir(cfg)), "seconds": round(time.time() - t0, 1), "config": cfg.to_dict(),
+            "made_from": made_from(cfg, "interpolated", run, name), **(extra or {})})
     link(out)
-    for ckpt in ckpts:
+    for ckpt in mixed.checkpoints:
         ckpt.done()
     unload_expert(merge.model)
     mean = ", ".join(f"{e} {p:.2f}" for e, p in zip(experts, probs.mean(0).tolist()))
     return (f"interpolated {out.name} ({cfg.expert.method}, {how}): {len(merge.group_names)} groups, mean weights "
-            f"[{mean}], loss {loss:.3f}, {time.time() - t0:.0f}s -> {out}")
+            f"[{mean}], loss {mixed.loss:.3f}, {time.time() - t0:.0f}s -> {out}")
+
+
+def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts: list[str], how: str,
+                train_experts: bool) -> str:
+    """One π-Tuning run (or baseline run) on the loaded backbone, written to interpolated/<run>[.<name>]@<digest>/;
+    the backbone comes back unchanged, so one process can do several. Returns its summary line."""
+    t0, out = time.time(), artifact(cfg, "interpolated", run, name)
+    mixed = mix(cfg, acc, model, enc, target, run, experts, train_experts, out)
+    return write(cfg, mixed, out, target, run, name, experts, how, train_experts, t0)
+
+
+def candidate_sets(cfg, run: str) -> list[dict]:
+    """The retrievals selection chooses among: k = 0 (the target's expert alone), then the top-k of each embedding
+    of interpolate.select_from for each k of select_k, each expert set once (the embeddings and ks that give it)."""
+    ic, sets = cfg.interpolate, {(): []}
+    for emb in ic.select_from or list(EMBEDDINGS):
+        path = artifact(cfg, "similarity", run, emb)
+        fix = f"run `{cfg.command('embed_tasks.py', '--target', parse_run(run)['task'], '--embedding', emb)}` (make does)"
+        sim = read_json(path, "similarity", fix)
+        for k in sorted(ic.select_k):
+            sets.setdefault(tuple(top_k_similar(sim["names"], sim["row"], k)), []).append(f"{emb} top-{k}")
+    return [{"experts": list(e), "by": by or ["k = 0: the target's expert alone"]}
+            for e, by in sorted(sets.items(), key=lambda kv: len(kv[0]))]
+
+
+def select(cfg, acc, model, enc, target: str, run: str, name: str) -> str:
+    """π-Tuning chosen on the target's validation split: every candidate retrieval (candidate_sets) interpolated as
+    π-Tuning would be, scored on validation (test is never read), the best kept (ties: the earlier, fewer
+    experts); k = 0 keeps the target's expert as it is. Every candidate's score goes in the artifact's meta.json
+    (`candidates`). One backbone load; the encoded validation batches and image features are kept across
+    candidates (data.Encoder keep_mb, the feature cache)."""
+    t0, out, ic = time.time(), artifact(cfg, "interpolated", run, name), cfg.interpolate
+    task, val = data.task(cfg, target), data.split(cfg, target, "val")
+    candidates = candidate_sets(cfg, run)
+    work = out.with_name(f".{out.name}.candidates")  # the best candidate's export so far, until the end
+    shutil.rmtree(work, ignore_errors=True)
+    best = None
+    for i, c in enumerate(candidates):
+        experts = [run, *c["experts"]]
+        if c["experts"]:
+            mixed = mix(cfg, acc, model, enc, target, run, experts, ic.train_experts, out)
+            scored = mixed.merge.export(mixed.logits)
+        else:
+            scored = load_expert(model, expert_dir(cfg, run))
+        with folded(scored), acc.autocast():
+            metric, c["val"], _ = task_scores(scored, enc, task, val, cfg.evaluate.batch_size)
+        if best is None or c["val"] > best["val"]:
+            best = c
+            shutil.rmtree(work, ignore_errors=True)
+            if c["experts"]:  # written (and unloaded) now: the next candidate trains on the bare backbone
+                write(cfg, mixed, work, target, run, name, experts, " / ".join(c["by"]), ic.train_experts, t0)
+                continue
+            shutil.copytree(expert_dir(cfg, run), work)
+            write_json(work / "weights.json", {"experts": [run], "groups": {}})
+        if c["experts"]:
+            for ckpt in mixed.checkpoints:
+                ckpt.done()
+        model = unload_expert(scored)
+    print(f"select {run} on validation ({metric}, {len(val)} examples): "
+          + ", ".join(f"[{', '.join(c['experts']) or 'alone'}] {c['val']:.3f}" for c in candidates), flush=True)
+    meta = read_json(work / "meta.json", "candidate", "run it again")
+    how = f"selected on validation: {' / '.join(best['by'])}"
+    with atomic_dir(out) as tmp:
+        for f in work.iterdir():
+            if f.name != "meta.json":
+                shutil.copy2(f, tmp / f.name)
+        write_json(tmp / "meta.json", {
+            **(meta if best["experts"] else {"target": target, "run": run, "shots": cfg.tasks.target_shots,
+                                              "seed": cfg.seed, "method": cfg.expert.method,
+                                              "backbone": fingerprint(backbone_dir(cfg)), "config": cfg.to_dict()}),
+            "experts": [run, *best["experts"]], "retrieval": how, "variant": name, "candidates": candidates,
+            "seconds": round(time.time() - t0, 1), "made_from": made_from(cfg, "interpolated", run, name)})
+    link(out)
+    shutil.rmtree(work, ignore_errors=True)
+    return f"interpolated {out.name} ({cfg.expert.method}, {how}): val {metric} {best['val']:.3f}, " \
+           f"{len(candidates)} candidates, {time.time() - t0:.0f}s -> {out}"
 
 
 def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
     ap.add_argument("--target", required=True, help="target task (its low-shot expert must exist)")
-    ap.add_argument("--variant", default="pi", help="pi (π-Tuning as configured, interpolated/<run>/), or a "
-                    "baseline run instead, written to interpolated/<run>.<variant>/: random (k seeded random pool "
-                    "experts), oracle (the k best by measured transfer), frozen (experts not trained), pair-<expert> "
-                    "(that expert alone: one cell of the transfer matrix), pair-null (an expert that adds nothing: "
-                    "the row's control, what the interpolation itself does to the target's expert); several, "
-                    "comma-separated, share one backbone load (pi,random,frozen)")
+    ap.add_argument("--variant", default="pi", help="pi (π-Tuning as configured, interpolated/<run>@<d>/), or a "
+                    "baseline run instead, written to interpolated/<run>.<variant>@<d>/: random (k seeded random pool "
+                    "experts), oracle (the k best by measured transfer), frozen (experts not trained), paper (top-k by "
+                    "the Fisher embedding, the paper's retrieval), select (the retrieval chosen on the target's "
+                    "validation split: interpolate.retrieval=select's), pair-<expert> (that expert alone: one cell "
+                    "of the transfer matrix), pair-null (an expert that adds nothing: the row's control), pairs (every "
+                    "pair run missing or older than its experts); several, comma-separated, share one backbone load "
+                    "(pi,random,frozen)")
     args, cfg = parse_stage(ap)
     data.task(cfg, args.target, where="--target")
     ic = cfg.interpolate
@@ -187,16 +290,22 @@ def main() -> None:
     names = []
     for v in args.variant.split(","):
         names += due_pairs(cfg, run, pool) if v == "pairs" else ["" if v == "pi" else v]
-    todo = [(v, *variant(cfg, v, run, pool, retrieved)) for v in names]  # all checked before training
+    chosen = {"select"} | ({""} if ic.retrieval == "select" else set())  # runs chosen on validation
+    todo = [(v, *(variant(cfg, v, run, pool, retrieved) if v not in chosen else ([], "", False))) for v in names]
+    for v in (v for v in names if v in chosen):
+        candidate_sets(cfg, run)  # every similarity it needs is there: checked before training
     if not todo:
         return print(f"interpolate {run}: every pair run is made and current")
     acc = accelerator(cfg)
     model, processor = load_backbone(cfg, acc.device)
     checkpointing(model, ic.gradient_checkpointing)
-    enc = data.Encoder(processor, acc.device)
+    enc = data.Encoder(processor, acc.device, keep_mb=cfg.feature_cache_mb)  # selection scores the same batches
     for name, pool_experts, how, train_experts in todo:
-        print(interpolate(cfg, acc, model, enc, args.target, run, name, [run] + pool_experts, how, train_experts),
-              flush=True)
+        if name in chosen:
+            print(select(cfg, acc, model, enc, args.target, run, name), flush=True)
+        else:
+            print(interpolate(cfg, acc, model, enc, args.target, run, name, [run] + pool_experts, how, train_experts),
+                  flush=True)
 
 
 if __name__ == "__main__":

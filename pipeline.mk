@@ -1,7 +1,7 @@
 # The pipeline's file graph, from the code: `python -m common.provenance ... --rules` prints it for one target,
 # shots and seed, every path carrying the digest of what it is made from (common/provenance.py), so a changed
 # config makes new paths and keeps the old artifacts, and nothing but files is tracked (make -n writes nothing).
-# Called from Makefile with PY, CONFIG, TARGET, SEED, OVERRIDES (and STUDY, TRANSFER_ROW, EMBED_AS: make report).
+# Called from Makefile with PY, CONFIG, TARGET, SEED, OVERRIDES (and STUDY=report|loto, TRANSFER_ROW, EMBED_AS).
 ARGS     := --config $(CONFIG) seed=$(SEED) $(OVERRIDES)
 # every stage command: $(PY) SCRIPT, after LAUNCH (LAUNCH="srun --gres=gpu:1"), and with GPUS="0 1 2 3" on one
 # GPU of the list that no other job holds (common/gpus.py: a lock per GPU; make -j4 experts runs four at once).
@@ -27,7 +27,7 @@ define NL
 
 
 endef
-RULES := $(shell $(PY) -m common.provenance $(CONFIG) $(OVERRIDES) --rules $(TARGET) $(SEED) $(if $(STUDY),--study) \
+RULES := $(shell $(PY) -m common.provenance $(CONFIG) $(OVERRIDES) --rules $(TARGET) $(SEED) $(if $(STUDY),--study $(STUDY)) \
            $(if $(filter 1,$(TRANSFER_ROW)),--transfer-row) --embed-as "$(EMBED_AS)" || echo ERROR)
 ifneq ($(filter ERROR,$(RULES)),)
 $(error $(CONFIG) could not be read; see the line above)

@@ -17,10 +17,11 @@ from common.device import resolve
 from common.errors import UserError
 
 
-def preflight(cfg, targets: list[str] = (), shots: list[int] | None = None, read: list[str] | None = None) -> None:
+def preflight(cfg, targets: list[str] = (), shots: list[int] | None = None, read: list[str] | None = None,
+              splits: tuple = ("train", "val", "test")) -> None:
     """Raise the first config error a run of these targets (at these shots; default: tasks.target_shots) would
     meet, as one line. read: the tasks whose files to open (None: every pool task's, as make's run reads them;
-    a stage by hand checks those it reads)."""
+    a stage by hand checks those it reads), and which splits of them (a stage that chooses never opens test)."""
     for t in cfg.tasks.pool:
         data.task(cfg, t, where=f"tasks.pool ({cfg.where('tasks.pool')})")
     for t in targets:
@@ -31,7 +32,7 @@ def preflight(cfg, targets: list[str] = (), shots: list[int] | None = None, read
     resolve(cfg)  # the device and precision this machine has
     files = [t for t in (cfg.tasks.pool if read is None else read) if not data.from_world(cfg, t)]
     for t in files:  # every split opens: its files, columns and first row
-        for which in ("train", "val", "test"):
+        for which in splits:
             data.split(cfg, t, which)
     for t in targets:
         if cfg.tasks.shots_per_class:  # k of each class: as many as a class has
@@ -47,7 +48,7 @@ def preflight(cfg, targets: list[str] = (), shots: list[int] | None = None, read
         built = backbone_dir(cfg) / "tokenizer.json"
         vocab = _built_vocab(built) if built.is_file() else data.world_vocabulary(cfg.world)
         for t in files:
-            data.check_words(cfg, t, vocab, *(data.split(cfg, t, which) for which in ("train", "val", "test")))
+            data.check_words(cfg, t, vocab, *(data.split(cfg, t, which) for which in splits))
 
 
 def _built_vocab(path) -> list[str]:

@@ -178,11 +178,19 @@ class InterpolateConfig:
     # very examples the target's expert fitted, and in the few-shot runs settles near 0.8 on it whatever the
     # other experts are (README "The mini world")
     holdout: float = ranged(0.0, 0, 1, hi_open=True)
+    # how π-Tuning picks its experts: fixed (the top_k most similar by fisher.embedding, the paper's) | select (on
+    # the target's own validation split, among the top-k of each embedding of select_from for each k of select_k
+    # and k = 0, the target's expert alone: the interpolation scoring best there; test is never read to choose)
+    retrieval: str = "fixed"
+    select_from: list = field(default_factory=list)  # embeddings (common/embeddings.py); [] = every registered one
+    select_k: list = nonempty(lambda: [1, 2])
 
 
 @dataclass
 class EvaluateConfig:
     batch_size: int = ranged(64, 1)
+    merges: bool = True  # score the untrained merges of π-Tuning's experts too (uniform, peft's linear and TIES)
+    validation: bool = True  # score on the validation split too the methods choices are made among (report.on_val)
 
 
 @dataclass
@@ -258,6 +266,7 @@ CHOICES = {
     "fisher.at": ("own", "pool-mean"),
     "fisher.answers": ("truth", "model"),
     "interpolate.groups": ("global", "layer", "site", "tensor"),
+    "interpolate.retrieval": ("fixed", "select"),
 }
 
 
@@ -311,6 +320,15 @@ def _check_together(cfg: Config, where) -> None:
         raise UserError(f"{where('device')}: field 'device' is {cfg.device!r}; use auto, cpu, cuda or cuda:N")
     for name, spec in cfg.tasks.define.items():  # each definition checked here; its files by common.checks
         define(str(name), spec, where(f"tasks.define.{name}"))
+    unknown = [e for e in cfg.interpolate.select_from if e not in EMBEDDINGS]
+    bad_k = [k for k in cfg.interpolate.select_k if not isinstance(k, int) or isinstance(k, bool) or not
+             1 <= k <= len(pool) - 1]
+    if unknown:
+        raise UserError(f"{where('interpolate.select_from')}: field 'interpolate.select_from' names {unknown[0]!r}; "
+                        f"use embeddings of {', '.join(EMBEDDINGS)} ([] = all of them)")
+    if bad_k:
+        raise UserError(f"{where('interpolate.select_k')}: field 'interpolate.select_k' holds {bad_k[0]!r}; use k "
+                        f"from 1 to {len(pool) - 1} (the pool beside the target; k = 0 is always a candidate)")
     if len(b.vision_dims) != len(b.vision_heads):
         raise UserError(f"{where('backbone.vision_heads')}: field 'backbone.vision_heads' has {len(b.vision_heads)} "
                         f"entries, vision_dims {len(b.vision_dims)}; give one head count per vision stage")

@@ -16,7 +16,7 @@ from common import world as W
 from common.config import WorldConfig
 from common.errors import UserError
 from common.backbone import backbone_dir, build_vocab, word_splitter
-from common.readers import catalogue, fetch_hub, image_key, read_defined
+from common.readers import cached_image_keys, catalogue, fetch_hub, image_key, read_defined
 from common.tasks import Example, Task, define, holdout_split, k_shot
 
 
@@ -317,8 +317,11 @@ def scored_images(cfg) -> np.ndarray:
     keys = []
     for name in cfg.tasks.pool:
         for which in ("val", "test"):
-            exs = None if from_world(cfg, name) else _read(cfg, name, which)
-            found = image_keys(cfg, name, which, exs)
+            found = None if from_world(cfg, name) or not task(cfg, name).image else \
+                cached_image_keys(task(cfg, name), which, Path(cfg.data.root))  # keyed once: the file not opened
+            if found is None:
+                exs = None if from_world(cfg, name) else _read(cfg, name, which)
+                found = image_keys(cfg, name, which, exs)
             if found is not None:
                 keys.append(found)
     return np.unique(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.uint64)

@@ -8,7 +8,7 @@ path make asks for; and make needs nothing but files (no stamps: `make -n` write
 artifact, a readable name (experts/nli) links to the one made last (`link`).
 
     python -m common.provenance CONFIG [key=value ...] --get run_dir tasks.pool     # values, for the Makefile
-    python -m common.provenance CONFIG [key=value ...] --rules TARGET SEED [--study] # pipeline.mk's rules
+    python -m common.provenance CONFIG [key=value ...] --rules TARGET SEED [--study report|loto]  # pipeline.mk's
     python -m common.provenance CONFIG [key=value ...] --prune                     # drop what it would not make
 
 The graph (each kind's own fields, and what it is made from):
@@ -146,6 +146,10 @@ def _node(cfg, kind: str, name: str = "", variant: str = "") -> tuple[dict, list
         if variant.startswith("pair-"):  # made from its two experts, not the pool or the retrieval
             other = variant[5:]
             return own, [target, *fold, *([] if other == NULL else [("expert", other)])]
+        if variant == "select" or (variant == "" and cfg.interpolate.retrieval == "select"):  # chosen on validation
+            return own | _values(cfg, SCORED_SIZES), [*(("similarity", name, e) for e in select_from(cfg)), *fold]
+        if variant == "paper":  # the Fisher's top-k
+            return own, [("similarity", name, "fisher"), *fold]
         extra = [("transfer", name)] if variant == "oracle" else []
         return own, [("similarity", name), *fold, *extra]
     scored = _values(cfg, ("evaluate",) + SCORED_SIZES)
@@ -155,6 +159,13 @@ def _node(cfg, kind: str, name: str = "", variant: str = "") -> tuple[dict, list
         others = [t for t in sorted(cfg.tasks.pool) if t != run.get("task")]
         return scored, [target, *(("interpolated", name, f"pair-{t}") for t in others)]
     raise ValueError(f"no artifact kind {kind!r}")
+
+
+def select_from(cfg) -> list[str]:
+    """The embeddings whose top-k retrievals selection chooses among (interpolate.select_from; [] = every one)."""
+    from common.embeddings import EMBEDDINGS
+
+    return list(cfg.interpolate.select_from or EMBEDDINGS)
 
 
 def digest(cfg, kind: str, name: str = "", variant: str = "") -> str:
@@ -230,40 +241,58 @@ def differs(config: dict, profile: str) -> list[str]:
 
 # ---- what make asks for ----
 
-def _pipeline(cfg, target: str, seed: int, study: bool, transfer_row: bool, embed_as: list[str]) -> list[str]:
+def _pipeline(cfg, target: str, seed: int, study: str, transfer_row: bool, embed_as: list[str]):
     """pipeline.mk's rules for one target / shots / seed, one per line: 'targets: inputs ; recipe' (the recipe
-    with $(STAGE_CMD) and $(ARGS) for make to expand), and the phony targets' files."""
+    with $(STAGE_CMD) and $(ARGS) for make to expand), and the phony targets' files. study: "" (make all),
+    "report" (make report's baselines; the transfer row with transfer_row) or "loto" (make loto's: π-Tuning as
+    configured, random-k, the paper's Fisher retrieval, the retrieval chosen on validation)."""
     cfg = dataclasses.replace(cfg, seed=seed)
-    shots, run = cfg.tasks.target_shots, expert_name(target, cfg.tasks.target_shots, seed)
+    ic, shots, run = cfg.interpolate, cfg.tasks.target_shots, expert_name(target, cfg.tasks.target_shots, seed)
     meta = lambda p: f"{p}/meta.json"  # noqa: E731
+    j = " ".join
     backbone = meta(artifact(cfg, "backbone"))
     others = [t for t in cfg.tasks.pool if t != target]
     pool = {t: meta(artifact(cfg, "expert", t)) for t in cfg.tasks.pool}
     tgt = meta(artifact(cfg, "expert", run))
-    fold = [meta(artifact(cfg, "expert", f"{run}.fold"))] if cfg.interpolate.holdout else []
+    fold = [meta(artifact(cfg, "expert", f"{run}.fold"))] if ic.holdout else []
     sim = str(artifact(cfg, "similarity", run))
-    interp = {v: meta(artifact(cfg, "interpolated", run, v)) for v in ("", "random", "frozen", "oracle")}
+    interp = {v: meta(artifact(cfg, "interpolated", run, v)) for v in ("", "random", "frozen", "oracle", "paper",
+                                                                         "select")}
     result, row = str(artifact(cfg, "result", run)), str(artifact(cfg, "transfer", run))
     control = [NULL] if cfg.control != "-" else []
     pairs = [meta(artifact(cfg, "interpolated", run, f"pair-{t}")) for t in others + control]
-    embeds = [str(artifact(cfg, "similarity", run, e)) for e in embed_as]
+    selects = ic.retrieval == "select"
+    paper = study == "loto" and cfg.fisher.embedding != "fisher"  # (with the Fisher, π-Tuning is the paper's)
+    chosen = study == "loto" and not selects  # the selection beside the fixed retrieval
+    embs = list(dict.fromkeys([*(select_from(cfg) if selects or chosen else []), *(["fisher"] if paper else []),
+                               *(embed_as if transfer_row else [])]))
+    embeds = {e: str(artifact(cfg, "similarity", run, e)) for e in embs}
+    pi_from = [*([embeds[e] for e in select_from(cfg)] if selects else [sim]), *fold]
     train = f"$(STAGE_CMD) train_expert.py --task {target} --shots {shots}"
-    j = " ".join
+    interpolate = f"$(STAGE_CMD) interpolate.py --target {target}"
     rules = [f"{backbone}: ; $(STAGE_CMD) train_expert.py --pretrain $(ARGS)",
              *(f"{pool[t]}: {backbone} ; $(STAGE_CMD) train_expert.py --task {t} $(ARGS)" for t in cfg.tasks.pool),
              f"{tgt}: {backbone} ; {train} $(ARGS)",
              *(f"{f}: {backbone} ; {train} --variant fold $(ARGS)" for f in fold),
              f"{sim}: {j(pool[t] for t in others)} {tgt} ; $(STAGE_CMD) embed_tasks.py --target {target} $(ARGS)",
              f"{result}: {interp['']} {tgt} ; $(STAGE_CMD) evaluate.py --target {target} $(ARGS)"]
+    if embeds:
+        rules.append(f"{j(embeds.values())} &: {j(pool[t] for t in others)} {tgt} ; $(STAGE_CMD) embed_tasks.py "
+                     f"--target {target} --embedding {','.join(embeds)} $(ARGS)")
     phony = {"backbone": [backbone], "experts": [pool[t] for t in others] + [tgt] + fold,
              "pool-experts": list(pool.values()), "embed": [sim], "interpolate": [interp[""]], "evaluate": [result]}
-    interpolate = f"$(STAGE_CMD) interpolate.py --target {target}"
     if not study:
-        rules.append(f"{interp['']}: {sim} {j(fold)} ; {interpolate} $(ARGS)")
+        rules.append(f"{interp['']}: {j(pi_from)} ; {interpolate} $(ARGS)")
+        return rules, phony
+    if study == "loto":
+        runs = ["pi", "random", *(["paper"] if paper else []), *(["select"] if chosen else [])]
+        made = [interp["" if v == "pi" else v] for v in runs]
+        rules += [f"{j(made)} &: {sim} {j(embeds.values())} {j(fold)} ; {interpolate} --variant {','.join(runs)} $(ARGS)",
+                  f"{result}: {j(made)}"]
         return rules, phony
     baselines = [meta(artifact(cfg, "expert", f"{run}.{v}")) for v in ("2x", "full-ft")]
     rules += [f"{j(baselines)} &: {backbone} ; {train} --variant 2x,full-ft $(ARGS)",
-              f"{interp['']} {interp['random']} {interp['frozen']} &: {sim} {j(fold)} ; "
+              f"{interp['']} {interp['random']} {interp['frozen']} &: {j(dict.fromkeys([sim, *pi_from]))} ; "
               f"{interpolate} --variant pi,random,frozen $(ARGS)"]
     needs = baselines + [interp["random"], interp["frozen"]]
     if transfer_row:  # every pair run the row lacks, or older than its experts, in one process (--variant pairs)
@@ -271,10 +300,7 @@ def _pipeline(cfg, target: str, seed: int, study: bool, transfer_row: bool, embe
                   f"$(ARGS)",
                   f"{row}: {j(pairs)} {tgt} ; $(STAGE_CMD) evaluate.py --target {target} --transfer $(ARGS)",
                   f"{interp['oracle']}: {row} {sim} {j(fold)} ; {interpolate} --variant oracle $(ARGS)"]
-        if embeds:
-            rules.append(f"{j(embeds)} &: {j(pool[t] for t in others)} {tgt} ; $(STAGE_CMD) embed_tasks.py --target "
-                         f"{target} --embedding {','.join(embed_as)} $(ARGS)")
-        needs += [interp["oracle"], *embeds]
+        needs += [interp["oracle"], *embeds.values()]
     rules.append(f"{result}: {j(needs)}")
     return rules, phony
 
@@ -335,7 +361,7 @@ def prune(cfg, dry_run: bool = False) -> list[Path]:
 def main(argv: list[str]) -> None:
     if not argv or argv[0].startswith("-"):
         raise UserError("usage: python -m common.provenance CONFIG [key=value ...] (--get KEY ... | --rules TARGET "
-                        "SEED [--study] [--transfer-row] [--embed-as 'A B'] | --prune)")
+                        "SEED [--study report|loto] [--transfer-row] [--embed-as 'A B'] | --prune)")
     flags = [i for i, a in enumerate(argv) if a.startswith("--")]
     first = flags[0] if flags else len(argv)
     cfg = load_config(argv[0], split_overrides(argv[1:first]))
@@ -355,7 +381,10 @@ def main(argv: list[str]) -> None:
         if target not in cfg.tasks.pool:
             raise UserError(f"TARGET={target} is not in tasks.pool of {cfg.path} ({' '.join(cfg.tasks.pool)}); pick "
                             f"one of those or add it there")
-        rules, phony = _pipeline(cfg, target, seed, "--study" in opts, "--transfer-row" in opts, embed_as)
+        study = opts[opts.index("--study") + 1] if "--study" in opts else ""
+        if study not in ("", "report", "loto"):
+            raise UserError(f"common.provenance --study {study!r}: use report or loto")
+        rules, phony = _pipeline(cfg, target, seed, study, "--transfer-row" in opts, embed_as)
         lines = [*rules, *(f"{k}: {' '.join(v)}" for k, v in phony.items())]
         print("".join(f"{line}%%NL%%" for line in lines))
         return

@@ -258,10 +258,7 @@ class _Source:
                         from None
             return out
 
-        t = self.task
-        rule = json.dumps([self.layout["image_id"], t.image_set, t.image, self.layout["image_kind"],
-                           self.layout["image_root"], t.columns, str(self.root.resolve())])
-        return beside(self.path, f"images-{_digest(rule.encode())[:12]}", keys) if self.path.is_file() else keys()
+        return beside(self.path, _image_rule(self.task, self.layout, self.root), keys) if self.path.is_file() else keys()
 
     def _image_id(self, f: dict) -> str | bytes:
         """What tells a row's image: its id within the image set, the file it is in (tasks that read one folder of
@@ -358,20 +355,30 @@ def _split_line(task: DefinedTask, fmt: str, path: Path, lineno: int, line: str)
     return {name: cols[i] for i, name in enumerate(task.columns) if name}
 
 
+def cached_beside(path: Path, tag: str) -> np.ndarray | None:
+    """What `beside` cached for data file `path` under `tag`, if it is current; the file itself is not opened."""
+    stat = path.stat()
+    cache = path.with_name(f".{path.name}.{tag}.npz")
+    if cache.is_file():
+        try:
+            with np.load(cache) as saved:
+                if np.array_equal(saved["stamp"], [stat.st_size, stat.st_mtime_ns]):
+                    return saved["data"]
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: built again
+    return None
+
+
 def beside(path: Path, tag: str, compute) -> np.ndarray:
     """compute()'s array for data file `path`, cached beside it as .<name>.<tag>.npz and rebuilt when the file's
     size or mtime changes (or the cache does not read); not cached where the folder is read-only. `tag` names
     what was computed and how, so two ways of computing keep two caches."""
+    found = cached_beside(path, tag)
+    if found is not None:
+        return found
     stat = path.stat()
     cache = path.with_name(f".{path.name}.{tag}.npz")
     stamp = np.array([stat.st_size, stat.st_mtime_ns], dtype=np.int64)
-    if cache.is_file():
-        try:
-            with np.load(cache) as saved:
-                if np.array_equal(saved["stamp"], stamp):
-                    return saved["data"]
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable: built again
     data = compute()
     try:
         from common.artifacts import atomic_file
@@ -506,6 +513,32 @@ def _resolve(task: DefinedTask, which: str, root: Path) -> list[Path]:
     return found
 
 
+def _image_rule(task: DefinedTask, layout: dict, root: Path) -> str:
+    """The cache tag of a file's image keys: what decides them (the id column and set, or the image column and how
+    it is held)."""
+    rule = json.dumps([layout["image_id"], task.image_set, task.image, layout["image_kind"], layout["image_root"],
+                       task.columns, str(Path(root).resolve())])
+    return f"images-{_digest(rule.encode())[:12]}"
+
+
+def _layout(task: DefinedTask, fmt: str) -> dict:
+    return {"rename": {}, "labels": task.labels, "image_kind": task.image_kind, "image_root": task.image_root,
+            "image_id": task.image_id, **task.per_format.get(fmt, {})}
+
+
+def cached_image_keys(task: DefinedTask, which: str, root: Path) -> np.ndarray | None:
+    """A split's image keys from the cache beside its one file, without opening the file (None: not cached, or the
+    split is carved from train or held in shards): what the overlap guard reads of a scored split once a stage has
+    keyed it, so that later stages (the choice made on validation) never open the test file."""
+    if which not in task.files or (carves_val(task) and which == "val"):
+        return None
+    paths = _resolve(task, which, Path(root))
+    if len(paths) != 1:
+        return None
+    fmt = FORMATS.get(paths[0].suffix) or task.format
+    return cached_beside(paths[0], _image_rule(task, _layout(task, fmt), root))
+
+
 def _open(task: DefinedTask, which: str, root: Path) -> "_Source":
     """The rows of a split's file(s), checked: a missing file, an unknown column, an empty split, a first row
     that does not read stop here, in one line naming the field or the row."""
@@ -513,8 +546,7 @@ def _open(task: DefinedTask, which: str, root: Path) -> "_Source":
         raise UserError(f"{task.where} has no '{which}' split; its splits: {', '.join(task.files)}")
     paths = _resolve(task, which, root)
     fmt = FORMATS.get(paths[0].suffix) or task.format
-    layout = {"rename": {}, "labels": task.labels, "image_kind": task.image_kind, "image_root": task.image_root,
-              "image_id": task.image_id, **task.per_format.get(fmt, {})}
+    layout = _layout(task, fmt)
     if task.columns and fmt in ("csv", "tsv"):
         source = _line_source(task, fmt, layout, root, paths[0])
     else:

@@ -47,6 +47,10 @@ METHODS = (
     Method("pi-random", "π-Tuning with k random pool experts", "interpolate.py --variant random", on_val=True),
     Method("pi-frozen", "π-Tuning with the experts frozen (only the weights learn)", "interpolate.py --variant frozen",
            on_val=True),
+    Method("pi-paper", "π-Tuning with the paper's retrieval: the top-k by the Fisher embedding",
+           "interpolate.py --variant paper", on_val=True),
+    Method("pi-select", "π-Tuning with its retrieval chosen on the target's validation split (k = 0 among them)",
+           "interpolate.py --variant select", on_val=True),
     Method("pi-tuning", "π-Tuning: the target's and its top-k similar experts interpolated", "interpolate.py",
            on_val=True),
     Method("pi-oracle", "π-Tuning with the k experts that help most on test (an upper bound)",
@@ -148,13 +152,22 @@ def paired_ci(runs: list[dict], a: str, b: str, split: str = "test", draws: int 
 
 
 def hierarchical_interval(d, draws: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """A hierarchical paired bootstrap of the mean of d (seeds x examples of paired differences), for a design
-    where every seed scores the same examples: each draw resamples ONE set of example indices, shared by every
-    seed (and both methods: d is their difference), and resamples the seeds. It covers new seeds and new
-    examples from the same distributions. d = mean + seed effect + example effect + interaction; resampling both
-    ways counts the interaction three times (Owen 2007, the pigeonhole bootstrap), so the seed and example
-    effects are shrunk by their estimated share of it, and a few seeds' spread is itself uncertain, so the
-    seed effects are scaled by sqrt(S / (S - 1)) * t(S - 1) / z. tests/test_report.py checks the coverage on
+    """A hierarchical paired bootstrap interval of the mean of d (seeds x examples of paired differences), for a
+    design where every seed scores the same examples: the central `level` quantiles of hierarchical_draws."""
+    import numpy as np
+
+    q = (1 + level) / 2
+    lo, hi = np.quantile(hierarchical_draws(d, draws, level, seed), [1 - q, q])
+    return float(lo), float(hi)
+
+
+def hierarchical_draws(d, draws: int = 2000, level: float = 0.95, seed: int = 0):
+    """The bootstrap draws of the mean of d (seeds x examples): each draw resamples ONE set of example indices,
+    shared by every seed (and both methods: d is their difference), and resamples the seeds. It covers new seeds
+    and new examples from the same distributions. d = mean + seed effect + example effect + interaction;
+    resampling both ways counts the interaction three times (Owen 2007, the pigeonhole bootstrap), so the seed and
+    example effects are shrunk by their estimated share of it, and a few seeds' spread is itself uncertain, so
+    the seed effects are scaled by sqrt(S / (S - 1)) * t(S - 1) / z. tests/test_report.py checks the coverage on
     simulated studies."""
     import numpy as np
 
@@ -168,8 +181,7 @@ def hierarchical_interval(d, draws: int = 2000, level: float = 0.95, seed: int =
     def shrink(v, per):  # the effect's variance without the interaction's share of it
         return math.sqrt(max(0.0, 1 - v_inter / (per * v))) if v > 0 else 0.0
 
-    q = (1 + level) / 2
-    k_seed = shrink(v_seed, n) * math.sqrt(n_seeds / (n_seeds - 1)) * t_quantile(q, n_seeds - 1) / t_quantile(q)
+    k_seed = shrink(v_seed, n) * small_sample(n_seeds, level)
     k_ex = shrink(v_ex, n_seeds)
     rng = np.random.default_rng(seed)
     stat = np.empty(draws)
@@ -181,6 +193,30 @@ def hierarchical_interval(d, draws: int = 2000, level: float = 0.95, seed: int =
         seeds = rng.integers(0, n_seeds, (m, n_seeds))
         stat[start:start + m] = (mean + k_seed * seed_eff[seeds].mean(1) + k_ex * (w @ ex_eff)
                                  + np.take_along_axis(w @ inter.T, seeds, 1).mean(1))
+    return stat
+
+
+def small_sample(count: int, level: float = 0.95) -> float:
+    """How much to widen the resampled spread of `count` units (seeds, targets) so that the bootstrap's quantiles
+    are Student's: sqrt(n / (n - 1)) * t(n - 1) / z."""
+    q = (1 + level) / 2
+    return math.sqrt(count / (count - 1)) * t_quantile(q, count - 1) / t_quantile(q)
+
+
+def across_interval(ds: list, draws: int = 2000, level: float = 0.95) -> tuple[float, float] | None:
+    """The interval of the mean gain across targets (each a seeds x examples array of paired differences): each draw
+    resamples the targets and, within each, takes one hierarchical draw; the targets' spread widened for their
+    number (small_sample). It covers new targets from the pool's distribution, new seeds and new examples. None
+    with fewer than two targets."""
+    import numpy as np
+
+    if len(ds) < 2:
+        return None
+    per = np.stack([hierarchical_draws(d, draws, level, seed=i) for i, d in enumerate(ds)])  # targets x draws
+    centre = per.mean(0)
+    picked = np.random.default_rng(len(ds)).integers(0, len(ds), (draws, len(ds)))
+    stat = centre + small_sample(len(ds), level) * (per[picked, np.arange(draws)[:, None]].mean(1) - centre)
+    q = (1 + level) / 2
     lo, hi = np.quantile(stat, [1 - q, q])
     return float(lo), float(hi)
 
@@ -444,6 +480,114 @@ def write_study(cfg, targets: list[str]) -> Path:
                "target-only; mean over seeds, at each target's most shots with transfer measured)"]
     write_text(out, "\n".join(md) + "\n")
     return out
+
+
+def _diffs(runs: list[dict], a: str, b: str):
+    """The seeds x examples array of a's per-example scores minus b's over runs, or None where any run lacks them
+    (a metric that is no mean of its examples) or they scored different examples."""
+    import numpy as np
+
+    rows = []
+    for r in runs:
+        each = r.get("per_example", {}).get("test", {})
+        if a not in each or b not in each:
+            return None
+        rows.append(np.asarray(unpack(each[a])) - np.asarray(unpack(each[b])))
+    return np.stack(rows) if len(rows) > 1 and len({len(x) for x in rows}) == 1 else None
+
+
+LOTO_METHODS = ("pi-tuning", "pi-paper", "pi-select")  # what make loto compares against the two baselines
+LOTO_BASES = ("target-only", "pi-random")
+
+
+def write_loto(cfg, targets: list[str]) -> Path:
+    """runs/<profile>/loto.md: every target of the pool with the rest as its pool (make loto). Per target and shots:
+    each method's test score and its gain over target-only and random-k with the hierarchical interval and verdict;
+    across targets: how many each method wins, ties and loses, and its mean gain with an interval that resamples
+    the targets too (across_interval). A target at its ceiling (every method 1.000 in every seed) is shown and
+    left out of the counts; so is a metric without per-example scores (no interval)."""
+    by_target = {t: load_results(cfg, t) for t in targets}
+    missing = [t for t, runs in by_target.items() if not runs]
+    if missing:
+        raise UserError(f"{cfg.run_dir / 'results'}: no results under this config for {', '.join(missing)}; run `make "
+                        f"loto` first")
+    methods = [m for m in LOTO_METHODS if any(m in r["scores"] for runs in by_target.values() for r in runs)]
+    md = [f"# π-Tuning on every target of the pool ({cfg.profile}): each task the target, the rest its pool", "",
+          f"Config: {config_label(cfg.path, cfg.to_dict())}. Methods: `pi-tuning` as configured (retrieval "
+          f"`{cfg.interpolate.retrieval}`, `{heading(cfg.fisher)}`, top-{cfg.interpolate.top_k}); `pi-paper`: the "
+          f"top-{cfg.interpolate.top_k} by the Fisher, the paper's; `pi-select`: the retrieval chosen on the target's "
+          f"validation split (the top-k of each embedding for k in {cfg.interpolate.select_k}, and k = 0: the "
+          f"target's expert alone); `pi-random`: k random pool experts. Test accuracy (each target's metric), mean "
+          f"over seeds. " + INTERVAL, ""]
+    for shots in sorted({r["shots"] for runs in by_target.values() for r in runs}):
+        at = {t: [r for r in runs if r["shots"] == shots] for t, runs in by_target.items()}
+        at = {t: rs for t, rs in at.items() if rs}
+        md += [f"## {shots_label(shots)}", "",
+               "| target | seeds | target-only | " + " | ".join(methods) + " | pi-random | "
+               + " | ".join(f"{m} − {b}" for m in methods for b in LOTO_BASES) + " |",
+               "|---" * (4 + 2 * len(methods) + len(methods)) + "|"]
+        tally = {(m, b): {"win": 0, "tie": 0, "loss": 0, "gains": [], "d": []} for m in methods for b in LOTO_BASES}
+        ceiling = []
+        for t, rs in at.items():
+            def score(m):
+                vals = [r["scores"][m] for r in rs if m in r["scores"]]
+                return mean_sd(vals) if vals else "-"
+            flat = all(v >= 0.9995 for r in rs for v in r["scores"].values() if not isinstance(v, str)) and \
+                all(r["scores"].get("target-only", 0) >= 0.9995 for r in rs)
+            cells = []
+            for m in methods:
+                for b in LOTO_BASES:
+                    both = [r for r in rs if m in r["scores"] and b in r["scores"]]
+                    if not both:
+                        cells.append("-")
+                        continue
+                    gains = [r["scores"][m] - r["scores"][b] for r in both]
+                    d = _diffs(both, m, b)
+                    ci = hierarchical_interval(d) if d is not None else None
+                    cells.append(f"{statistics.mean(gains):+.3f} " + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}] {verdict(ci)}"
+                                                                       if ci else "(no interval)"))
+                    if ci and not flat:
+                        tally[m, b][verdict(ci)] += 1
+                        tally[m, b]["gains"].append(statistics.mean(gains))
+                        tally[m, b]["d"].append(d)
+            if flat:
+                ceiling.append(t)
+            md.append(f"| {t} | {len(rs)} | {score('target-only')} | " + " | ".join(score(m) for m in methods)
+                      + f" | {score('pi-random')} | " + " | ".join(cells) + " |")
+        md += ["", f"Across targets ({shots_label(shots)}): wins, ties and losses by each target's interval; the mean of "
+               "the targets' mean gains, and its 95% interval over new targets, seeds and examples"
+               + (f"; left out, at their ceiling: {', '.join(ceiling)}" if ceiling else "") + ".", "",
+               "| method | vs | targets | wins | ties | losses | mean gain | 95% interval | verdict |",
+               "|---|---|---|---|---|---|---|---|---|"]
+        for (m, b), got in tally.items():
+            n = got["win"] + got["tie"] + got["loss"]
+            if not n:
+                continue
+            ci = across_interval(got["d"])
+            md.append(f"| {m} | {b} | {n} | {got['win']} | {got['tie']} | {got['loss']} | "
+                      f"{statistics.mean(got['gains']):+.3f} | "
+                      + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}] | {verdict(ci)} |" if ci else "- | - |"))
+        md.append("")
+        chosen = _chosen(cfg, [r for rs in at.values() for r in rs])
+        if chosen:
+            md += [f"What `pi-select` chose ({shots_label(shots)}, every target and seed): " + ", ".join(
+                f"{what} {n}" for what, n in sorted(chosen.items(), key=lambda kv: -kv[1])) + ".", ""]
+    out = cfg.run_dir / "loto.md"
+    write_text(out, "\n".join(md) + "\n")
+    return out
+
+
+def _chosen(cfg, runs: list[dict]) -> dict[str, int]:
+    """How often selection chose each kind of retrieval (k = 0, or an embedding's top-k), from its artifacts."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        path = artifact(cfg, "interpolated", r["run"], "select") / "meta.json"
+        if cfg.interpolate.retrieval == "select":
+            path = artifact(cfg, "interpolated", r["run"]) / "meta.json"
+        if path.is_file():
+            how = json.loads(path.read_text())["retrieval"].split(": ", 1)[-1]
+            counts[how] = counts.get(how, 0) + 1
+    return counts
 
 
 def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = None) -> Path:

@@ -28,9 +28,10 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     return ap
 
 
-def parse_stage(ap: argparse.ArgumentParser):
+def parse_stage(ap: argparse.ArgumentParser, reads_test: bool = False):
     """Parse a stage's command line (overrides may sit anywhere), load its config and check it (common.checks)
-    for the targets it names (--target, --study), before anything is read or trained."""
+    for the targets it names (--target, --study), before anything is read or trained; the files of test splits
+    only for the stage that scores them (reads_test: evaluate.py)."""
     args = ap.parse_intermixed_args()
     cfg = load_config(args.config, args.overrides)
     if cfg.threads:
@@ -41,7 +42,8 @@ def parse_stage(ap: argparse.ArgumentParser):
         gc.freeze()
         gc.enable()
     targets = [t for t in [getattr(args, "target", None), *(getattr(args, "study", None) or [])] if t]
-    preflight(cfg, targets, read=[t for t in [getattr(args, "task", None), *targets] if t])  # what this stage reads
+    preflight(cfg, targets, read=[t for t in [getattr(args, "task", None), *targets] if t],  # what this stage reads
+              splits=("train", "val", "test") if reads_test else ("train", "val"))
     return args, cfg
 
 

@@ -117,7 +117,7 @@ def test_make_report_computes_every_embedding_but_those_asked_for_and_make_study
     from common.provenance import main
 
     def embedded(*asked):
-        main(["configs/micro.yaml", "--rules", "snli-ve", "0", "--study", "--transfer-row", *asked])
+        main(["configs/micro.yaml", "--rules", "snli-ve", "0", "--study", "report", "--transfer-row", *asked])
         line = next(r for r in capsys.readouterr().out.split("%%NL%%") if "--embedding" in r)
         return line.split("--embedding ")[1].split()[0].split(",")
 
