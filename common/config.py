@@ -321,14 +321,14 @@ def _check_together(cfg: Config, where) -> None:
     for name, spec in cfg.tasks.define.items():  # each definition checked here; its files by common.checks
         define(str(name), spec, where(f"tasks.define.{name}"))
     unknown = [e for e in cfg.interpolate.select_from if e not in EMBEDDINGS]
-    bad_k = [k for k in cfg.interpolate.select_k if not isinstance(k, int) or isinstance(k, bool) or not
-             1 <= k <= len(pool) - 1]
+    bad_k = [k for k in cfg.interpolate.select_k if not isinstance(k, int) or isinstance(k, bool) or k < 1]
     if unknown:
         raise UserError(f"{where('interpolate.select_from')}: field 'interpolate.select_from' names {unknown[0]!r}; "
                         f"use embeddings of {', '.join(EMBEDDINGS)} ([] = all of them)")
     if bad_k:
-        raise UserError(f"{where('interpolate.select_k')}: field 'interpolate.select_k' holds {bad_k[0]!r}; use k "
-                        f"from 1 to {len(pool) - 1} (the pool beside the target; k = 0 is always a candidate)")
+        raise UserError(f"{where('interpolate.select_k')}: field 'interpolate.select_k' holds {bad_k[0]!r}; use ks of "
+                        f"1 or more (k = 0, the target's expert alone, is always a candidate; a k beyond the pool takes "
+                        f"all of it)")
     if len(b.vision_dims) != len(b.vision_heads):
         raise UserError(f"{where('backbone.vision_heads')}: field 'backbone.vision_heads' has {len(b.vision_heads)} "
                         f"entries, vision_dims {len(b.vision_dims)}; give one head count per vision stage")
