@@ -15,7 +15,7 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 PIPELINE   = $(MAKE) --no-print-directory -f pipeline.mk PY=$(PY) CONFIG=$(CONFIG) TARGET=$(TARGET)
 
-.PHONY: help all backbone experts embed interpolate evaluate seeds report study loto compare check test bench clean prune
+.PHONY: help all backbone experts embed interpolate evaluate seeds report study loto compare check test test-slow bench clean prune
 PROFILES = $(filter-out paper_tasks,$(basename $(notdir $(wildcard configs/*.yaml))))
 
 help:
@@ -31,7 +31,7 @@ help:
 	@echo "make compare TARGET=snli-ve AGAINST='k=v ...'     this config's results against another's, seed by seed"
 	@echo "make prune                                         delete the artifacts this config would not make"
 	@echo "make clean                                         delete runs/<profile>/ entirely, the backbone too"
-	@echo "make test | bench                                  OVERRIDES='key=value ...' reach every stage"
+	@echo "make test | test-slow | bench                      OVERRIDES='key=value ...' reach every stage"
 	@echo "profiles (PROFILE=, configs/<profile>.yaml): $(PROFILES)"
 
 # the virtual environment, created on first use, with the exact versions of constraints.txt. pip's own
@@ -46,21 +46,27 @@ $(STAMP): requirements.txt constraints.txt
 	PYTHONDONTWRITEBYTECODE= $(PY) -c "$(WARM)"
 	touch $@
 
+# PROFILE=rehearsal: its checkpoint and data files, generated offline (common/rehearsal.py) before anything reads them
+REHEARSAL_ASSETS ?= runs/rehearsal-assets
+ASSETS := $(if $(filter rehearsal,$(PROFILE)),$(REHEARSAL_ASSETS))
+$(REHEARSAL_ASSETS): common/rehearsal.py common/world.py | $(STAMP)
+	$(PY) -m common.rehearsal $@
+
 # the pipeline's file graph lives in pipeline.mk, made by the code (common/provenance.py); every config error stops
 # in one line before the first stage (`check`: common/checks.py)
 CHECK = $(PY) -m common.checks $(CONFIG) $(OVERRIDES) --targets
-check: $(STAMP)
+check: $(STAMP) $(ASSETS)
 	@$(CHECK) $(TARGET)
 
-all: $(STAMP)
+all: $(STAMP) $(ASSETS)
 	@$(CHECK) $(TARGET)
 	+@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" show
 
-backbone experts embed interpolate evaluate: $(STAMP)
+backbone experts embed interpolate evaluate: $(STAMP) $(ASSETS)
 	@$(CHECK) $(TARGET)
 	+@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" $@
 
-seeds: $(STAMP)
+seeds: $(STAMP) $(ASSETS)
 	@$(CHECK) $(TARGET)
 	+@for s in $(SEEDS); do $(PIPELINE) SEED=$$s OVERRIDES="$(OVERRIDES)" evaluate || exit 1; done
 	+@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" show
@@ -70,7 +76,7 @@ seeds: $(STAMP)
 # the transfer rows first: the costliest pipelines start early, so the last one to finish is a short one
 STUDY_SHOTS = $(filter $(TRANSFER_SHOTS),$(REPORT_SHOTS)) $(filter-out $(TRANSFER_SHOTS),$(REPORT_SHOTS))
 STUDY_RUNS = $(foreach t,$(1),$(foreach s,$(STUDY_SHOTS),$(foreach r,$(REPORT_SEEDS),of/$(t)/$(s)/$(r))))
-report: $(STAMP)
+report: $(STAMP) $(ASSETS)
 	@$(CHECK) $(TARGET) --shots "$(REPORT_SHOTS)"
 	+@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" backbone
 	+@$(PIPELINE) -j$(JOBS) SEED=$(SEED) OVERRIDES="threads=1 $(OVERRIDES)" experts
@@ -88,7 +94,7 @@ of/%: $(STAMP)
 # shape, not colour, is the vision target: colour scores 1.000 with every method at 32 shots (README: the study)
 TARGETS  ?= snli-ve shape nli
 EMBED_AS ?= default
-study: $(STAMP)
+study: $(STAMP) $(ASSETS)
 	@$(CHECK) $(TARGETS) --shots "$(REPORT_SHOTS)"
 	+@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" backbone
 	+@$(PIPELINE) -j$(JOBS) SEED=$(SEED) OVERRIDES="threads=1 $(OVERRIDES)" pool-experts
@@ -102,7 +108,7 @@ study: $(STAMP)
 LOTO_TARGETS ?= $(shell $(PY) -m common.provenance $(CONFIG) $(OVERRIDES) --get tasks.pool)
 LOTO_RUNS = $(foreach s,$(REPORT_SHOTS),$(foreach t,$(1),$(foreach r,$(REPORT_SEEDS),loto/$(t)/$(s)/$(r))))
 LOTO_EVAL = evaluate.merges=false evaluate.validation=false
-loto: $(STAMP)
+loto: $(STAMP) $(ASSETS)
 	@$(CHECK) $(LOTO_TARGETS) --shots "$(REPORT_SHOTS)"
 	+@$(PIPELINE) SEED=$(SEED) OVERRIDES="$(OVERRIDES)" backbone
 	+@$(PIPELINE) -j$(JOBS) SEED=$(SEED) OVERRIDES="threads=1 $(OVERRIDES)" pool-experts
@@ -115,14 +121,19 @@ loto/%: $(STAMP)
 
 # this config's results for TARGET against another's (AGAINST: the overrides that make it), on the seeds both ran
 AGAINST ?=
-compare: $(STAMP)
+compare: $(STAMP) $(ASSETS)
 	$(PY) evaluate.py --compare "$(AGAINST)" --target $(TARGET) --config $(CONFIG) $(OVERRIDES)
 
 # one pytest worker per core (pytest-xdist), one torch thread each; a worker that runs out of tests takes
 # half of the other's queue (worksteal), so neither sits idle at the end
+# make test: all but the `slow` group (minutes each: the rehearsal end to end, single- and two-process), which
+# make test-slow runs; CI runs both
 TEST_JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests
 
 bench: $(STAMP)
 	$(PY) bench/merge_bench.py --threads 1

@@ -179,7 +179,8 @@ def main() -> None:
 
     accel = accelerator(cfg)
     base, processor = load_backbone(cfg, accel.device)  # loaded once; each method's expert goes in and comes out
-    enc = data.Encoder(processor, accel.device, keep_mb=cfg.feature_cache_mb)  # every method scores the same batches
+    # every method scores the same batches; answers as the checkpoint emits them (its generation config)
+    enc = data.Encoder(processor, accel.device, keep_mb=cfg.feature_cache_mb, generation=base.generation_config)
     data.check_words(cfg, args.target, enc.tok.get_vocab(), *splits.values())
     scores, each, used = {s: {} for s in splits}, {s: {} for s in splits}, {}
     for m, (kind, what) in todo.items():

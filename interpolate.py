@@ -299,7 +299,8 @@ def main() -> None:
     acc = accelerator(cfg)
     model, processor = load_backbone(cfg, acc.device)
     checkpointing(model, ic.gradient_checkpointing)
-    enc = data.Encoder(processor, acc.device, keep_mb=cfg.feature_cache_mb)  # selection scores the same batches
+    # selection scores the same batches; answers as the checkpoint emits them (its generation config)
+    enc = data.Encoder(processor, acc.device, keep_mb=cfg.feature_cache_mb, generation=model.generation_config)
     for name, pool_experts, how, train_experts in todo:
         if name in chosen:
             print(select(cfg, acc, model, enc, args.target, run, name), flush=True)

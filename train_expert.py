@@ -140,7 +140,7 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
     acc = accelerator(cfg)
     torch.manual_seed(seed)
     model, processor = load_backbone(cfg, acc.device)
-    enc = data.Encoder(processor, acc.device)
+    enc = data.Encoder(processor, acc.device, generation=model.generation_config)
     train = data.train_split(cfg, task_name, shots or 0, seed, where="--shots")
     if variant == "fold":
         train = data.fold_split(cfg, train, seed)[0]

@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import dist
 from common import world as W
 from common.config import WorldConfig
 from common.errors import UserError
 from common.backbone import backbone_dir, build_vocab, word_splitter
 from common.readers import cached_image_keys, catalogue, fetch_hub, image_key, read_defined
 from common.tasks import Example, Task, define, holdout_split, k_shot
+from common.training import Batch
 
 
 _UNDRAWN = contextvars.ContextVar("undrawn", default=False)  # examples drawn with their images' keys, not drawn
@@ -430,18 +432,26 @@ def candidates_for(task: Task, ex: Example) -> tuple[str, ...]:
 
 
 class Encoder:
-    """Turns examples into model inputs through the backbone's processor (the real path). keep_mb: the inputs
-    of each batch of examples kept, up to this much, for when the same batches come again (evaluate.py
+    """Turns examples into model inputs through the backbone's processor (the real path), and answers into labels
+    as the checkpoint was trained to emit them (its generation config): a BART / Florence-2 checkpoint forces
+    `<s>` first (forced_bos_token_id), so its labels are `<s> answer </s>` after the decoder start `</s>`; T5's
+    are `answer </s>` after `<pad>`; the decoder start is the model's own (it shifts the labels right). keep_mb: the
+    inputs of each batch of examples kept, up to this much, for when the same batches come again (evaluate.py
     scores every method on the same splits: the processor's work once, not once per method)."""
 
-    def __init__(self, processor, device=None, max_len: int = 512, keep_mb: int = 0):
+    def __init__(self, processor, device=None, max_len: int = 512, keep_mb: int = 0, generation=None):
         self.processor = processor  # a Florence-2 processor, or a text-only model's tokenizer
         self.tok = getattr(processor, "tokenizer", processor)
         self.device = torch.device(device or "cpu")  # where the tensors it returns live (the model's device)
         self.max_len = max_len
         self.kept: dict[tuple, tuple] = {}  # the examples' ids -> (the examples, kept alive so no id is reused; inputs)
         self.room = keep_mb << 20
-        self.answer_ids: dict[str, list[int]] = {}  # answer -> its tokens + </s>: candidates come again and again
+        self.answer_ids: dict[str, list[int]] = {}  # answer -> its label ids: candidates come again and again
+        self.generation = generation  # the checkpoint's GenerationConfig (None: the tokenizer's eos, nothing forced)
+        forced = getattr(generation, "forced_bos_token_id", None)
+        self.forced = [forced] if forced is not None else []  # tokens every answer starts with, not chosen
+        eos = getattr(generation, "eos_token_id", None)
+        self.eos = (eos[0] if isinstance(eos, list) else eos) if eos is not None else self.tok.eos_token_id
 
     def inputs(self, exs: list[Example]) -> dict[str, torch.Tensor]:
         key = tuple(map(id, exs))
@@ -473,7 +483,8 @@ class Encoder:
         return {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
 
     def labels(self, answers: list[str]) -> torch.Tensor:
-        """Answer tokens + </s>, padded with -100 (ignored by the loss)."""
+        """The forced tokens (a BART checkpoint's <s>), the answer's tokens and the end of sequence, padded with
+        -100 (ignored by the loss)."""
         ids = [self._answer(a) for a in answers]
         width = max(map(len, ids))
         return torch.tensor([x + [-100] * (width - len(x)) for x in ids], device=self.device)
@@ -481,7 +492,7 @@ class Encoder:
     def _answer(self, answer: str) -> list[int]:
         if answer in self.answer_ids:
             return self.answer_ids[answer]
-        ids = self.tok(answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+        ids = self.forced + self.tok(answer, add_special_tokens=False)["input_ids"] + [self.eos]
         if len(self.answer_ids) < 4096:  # closed answer sets; open answers (captions) are not all kept
             self.answer_ids[answer] = ids
         return ids
@@ -502,8 +513,6 @@ def batches(exs: list[Example], batch_size: int, rng: random.Random | None = Non
     is given; shard: only this rank's share of them under torchrun (batches rank, rank + world, ...). A lazily
     read split with workers (readers.Rows, data.num_workers) is decoded in that many DataLoader worker
     processes, a few batches ahead."""
-    from common import dist
-
     order = list(range(len(exs))) if order is None else list(order)
     if rng is not None:
         rng.shuffle(order)
@@ -571,33 +580,30 @@ class _Order:
         self.n, self.batch_size, self.seed, self.field, self.desc, self.start = n, batch_size, seed, field, desc, 0
 
     def __iter__(self):
-        from common.training import Batch
-
         for i, idx in enumerate(infinite_batches(range(self.n), self.batch_size, self.seed)):
             if i >= self.start:
-                yield len(idx), Batch.share(idx, len, self.field, self.desc).inputs
+                mine = Batch.share(idx, len)
+                yield len(idx), mine.inputs, mine.targets == 0 and dist.active()  # (a masked row: weighted 0)
 
 
 class _Encoded(torch.utils.data.Dataset):
     """A split's examples, read and encoded a rank's share of a batch at a time (DataLoader's batched fetch):
     a lazily read split (readers.Rows) decodes its rows here, in the worker."""
 
-    def __init__(self, exs, processor):
-        self.exs, self.enc = exs, Encoder(processor)  # CPU tensors: the loop moves them (pinned: asynchronously)
+    def __init__(self, exs, processor, generation=None):
+        self.exs, self.enc = exs, Encoder(processor, generation=generation)  # CPU tensors: the loop moves them
 
     def __len__(self) -> int:
         return len(self.exs)
 
     def __getitems__(self, key):
-        from common.training import Batch
-
-        size, idx = key
+        size, idx, masked = key
         try:
             inputs = self.enc.batch([self.exs[i] for i in idx])
         except UserError as e:  # a row that does not read: its one line, not a worker's traceback around it
             return e
         # the loss's terms: the answer tokens the labels hold (Encoder.targets, without tokenizing them again)
-        return Batch(inputs, size, int((inputs["labels"] != -100).sum()))
+        return Batch(inputs, size, 0 if masked else int((inputs["labels"] != -100).sum()))
 
 
 def _as_is(batch):  # the collate: __getitems__ made the batch
@@ -612,9 +618,9 @@ class Loader:
     field: the batch size's config field, for the error when a batch is too small to share."""
 
     def __init__(self, exs, batch_size: int, seed: int, processor, workers: int = 0, pin: bool = False,
-                 field: str = "expert.batch_size", desc: str = "train"):
+                 field: str = "expert.batch_size", desc: str = "train", generation=None):
         self.order = _Order(len(exs), batch_size, seed, field, desc)
-        self.dataset, self.workers, self.pin, self._it = _Encoded(exs, processor), workers, pin, None
+        self.dataset, self.workers, self.pin, self._it = _Encoded(exs, processor, generation), workers, pin, None
 
     def skip(self, n: int) -> None:
         assert self._it is None, "skip() before the first batch"
@@ -631,4 +637,5 @@ class Loader:
 
 def train_batches(cfg, exs, batch_size: int, seed: int, enc: Encoder, field: str, desc: str) -> Loader:
     """A stage's training batches: read in data.num_workers workers, pinned when the model is on a GPU."""
-    return Loader(exs, batch_size, seed, enc.processor, cfg.data.num_workers, enc.device.type == "cuda", field, desc)
+    return Loader(exs, batch_size, seed, enc.processor, cfg.data.num_workers, enc.device.type == "cuda", field, desc,
+                  enc.generation)

@@ -58,6 +58,15 @@ def gather(mine: list, n: int) -> list:
     return [parts[i % len(parts)][i // len(parts)] for i in range(n)]
 
 
+def every_rank(obj) -> list:
+    """Each rank's `obj`, in rank order, on every rank (alone: [obj])."""
+    if not active():
+        return [obj]
+    parts = [None] * world()
+    _group().all_gather_object(parts, obj)
+    return parts
+
+
 def all_sum(tensors: list) -> list:
     """The elementwise sum over ranks of each tensor (one flat all-reduce); alone, the tensors themselves."""
     if not active() or not tensors:

@@ -2,6 +2,7 @@
 real-data metrics (VQA accuracy, Acc@IoU with location tokens, BLEU-4, CIDEr-D) as pure functions on strings."""
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections import Counter
@@ -15,17 +16,21 @@ from common.data import Encoder, Example, Task, batches, by_length, candidates_f
 from common.readers import PUNCTUATION, tokens_to_box
 
 
-def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum over the answer's tokens of log p(token); label -100 marks padding."""
+def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor, forced: int = 0) -> torch.Tensor:
+    """Sum over the answer's tokens of log p(token); label -100 marks padding, and the first `forced` tokens (a
+    BART checkpoint's <s>, which generation forces) are no choice of the model's: not counted."""
     logp = F.log_softmax(logits.float(), dim=-1)
     tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (tok * (labels != -100)).sum(-1)
+    keep = labels != -100
+    keep[:, :forced] = False
+    return (tok * keep).sum(-1)
 
 
 def answer_logprobs(model, enc: Encoder, exs: list[Example], answers: list[str]) -> torch.Tensor:
-    """Sum of log p(answer tokens + </s> | image, prompt) for each (example, answer) pair."""
+    """Sum of log p(answer tokens + </s> | image, prompt) for each (example, answer) pair, the decoder fed as the
+    checkpoint was trained (its decoder start, then the forced tokens)."""
     labels = enc.labels(answers)
-    return sequence_logprob(model(**enc.inputs(exs), labels=labels).logits, labels)
+    return sequence_logprob(model(**enc.inputs(exs), labels=labels).logits, labels, len(enc.forced))
 
 
 @torch.no_grad()
@@ -42,7 +47,8 @@ def candidate_hits(model, enc: Encoder, task: Task, exs: list[Example], batch_si
     for chunk in batches(exs, max(1, batch_size // len(candidates_for(task, exs[0]))), order=order):
         pairs = [(e, c) for e in chunk for c in candidates_for(task, e)]
         index = torch.tensor([i for i, e in enumerate(chunk) for _ in candidates_for(task, e)], device=enc.device)
-        scores = candidate_logprobs(model, enc.inputs(chunk), index, enc.labels([c for _, c in pairs])).tolist()
+        scores = candidate_logprobs(model, enc.inputs(chunk), index, enc.labels([c for _, c in pairs]),
+                                    len(enc.forced)).tolist()
         k = 0
         for e in chunk:
             cands = candidates_for(task, e)
@@ -63,7 +69,8 @@ def sampled_answers(model, enc: Encoder, task: Task, exs: list[Example], generat
         return generate_answers(model, enc, exs, len(exs), sample=generator)
     pairs = [(i, c) for i, e in enumerate(exs) for c in candidates_for(task, e)]
     index = torch.tensor([i for i, _ in pairs], device=enc.device)
-    scores = candidate_logprobs(model, enc.inputs(exs), index, enc.labels([c for _, c in pairs])).float().cpu()
+    scores = candidate_logprobs(model, enc.inputs(exs), index, enc.labels([c for _, c in pairs]),
+                                len(enc.forced)).float().cpu()
     out = []
     for i, e in enumerate(exs):
         cands = candidates_for(task, e)
@@ -72,41 +79,70 @@ def sampled_answers(model, enc: Encoder, task: Task, exs: list[Example], generat
     return out
 
 
-def candidate_logprobs(model, inputs: dict, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(labels[j] | example index[j]) with the encoder run once per example, not once per candidate."""
+def candidate_logprobs(model, inputs: dict, index: torch.Tensor, labels: torch.Tensor, forced: int = 0) -> torch.Tensor:
+    """log p(labels[j] | example index[j]) with the encoder run once per example, not once per candidate (the
+    first `forced` label tokens not counted: sequence_logprob)."""
     base, states, mask, decoder_kwargs = _encode(model, inputs)
     logits = base(encoder_outputs=BaseModelOutput(last_hidden_state=states[index]), attention_mask=mask[index],
                   labels=labels, **decoder_kwargs(len(index))).logits
-    return sequence_logprob(logits, labels)
+    return sequence_logprob(logits, labels, forced)
 
 
 @torch.no_grad()
 def generate_answers(model, enc: Encoder, exs: list[Example], batch_size: int = 64,
                      max_new_tokens: int = 32, sample: torch.Generator | None = None) -> list[str]:
-    """Greedy decoding, the encoder run once per example (open-ended tasks: VQA, captions, boxes); with
-    `sample`, each token drawn from the model's distribution instead (by that generator)."""
+    """The model's answers (open-ended tasks: VQA, captions, boxes), the encoder run once per example: through
+    `generate` with the checkpoint's generation config (its decoder start, forced tokens, beams, no-repeat n-grams);
+    a prefix expert (keys and values in the decoder's cache, which generate cannot take) and `sample` (each token
+    drawn from the model's distribution by that generator) by a greedy loop of their own on the same start and
+    forced tokens."""
+    from peft import PeftType
+
+    peft_config = getattr(model, "active_peft_config", None)
+    own_loop = sample is not None or (peft_config is not None and peft_config.peft_type == PeftType.PREFIX_TUNING)
+    markers = {t for t in (enc.tok.pad_token, enc.tok.eos_token, enc.tok.bos_token) if t}
     out = []
     for chunk in batches(exs, batch_size):
         base, states, mask, decoder_kwargs = _encode(model, enc.inputs(chunk))
-        c = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-        ids = torch.full((len(chunk), 1), c.decoder_start_token_id, device=states.device)
-        done = torch.zeros(len(chunk), dtype=torch.bool, device=states.device)
-        for _ in range(max_new_tokens):  # no KV cache: answers are short and this keeps every expert type simple
-            logits = base(encoder_outputs=BaseModelOutput(last_hidden_state=states), attention_mask=mask,
-                          decoder_input_ids=ids, **decoder_kwargs(len(chunk))).logits[:, -1]
-            nxt = logits.argmax(-1) if sample is None else \
-                torch.multinomial(logits.float().softmax(-1).cpu(), 1, generator=sample)[:, 0].to(logits.device)
-            nxt = nxt.masked_fill(done, enc.tok.pad_token_id)
-            ids = torch.cat([ids, nxt[:, None]], 1)
-            done |= nxt == enc.tok.eos_token_id
-            if done.all():
-                break
-        # keep added special tokens such as <loc_123>; drop only the sequence markers
-        markers = {t for t in (enc.tok.pad_token, enc.tok.eos_token, enc.tok.bos_token) if t}
-        for row in ids[:, 1:].tolist():
+        encoded = BaseModelOutput(last_hidden_state=states)
+        if own_loop:
+            ids = _greedy(base, enc, encoded, mask, decoder_kwargs, len(chunk), max_new_tokens, sample)
+        else:
+            settings = copy.deepcopy(enc.generation or base.generation_config)
+            # an answer's cap, not the checkpoint's max_length (the decoder starts from one token)
+            settings.max_length, settings.max_new_tokens = max_new_tokens + 1, None
+            ids = base.generate(encoder_outputs=encoded, attention_mask=mask, generation_config=settings)
+        for row in ids[:, 1:].tolist():  # keep added special tokens such as <loc_123>; drop the sequence markers
             toks = [t for t in enc.tok.convert_ids_to_tokens(row) if t not in markers]
             out.append(enc.tok.convert_tokens_to_string(toks).strip())
     return out
+
+
+def _greedy(base, enc: Encoder, encoded, mask, decoder_kwargs, n: int, max_new_tokens: int,
+            sample: torch.Generator | None) -> torch.Tensor:
+    """Greedy (or, with `sample`, sampled) decoding without a KV cache, from the checkpoint's decoder start and
+    forced tokens (what generate does first)."""
+    c = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    start = getattr(enc.generation, "decoder_start_token_id", None)
+    start = c.decoder_start_token_id if start is None else start
+    device = encoded.last_hidden_state.device
+    ids = torch.tensor([[start, *enc.forced]] * n, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    steps = max_new_tokens - len(enc.forced)  # the forced tokens are new tokens too, as generate counts them
+    forced_eos = getattr(enc.generation, "forced_eos_token_id", None)  # the last one, where the cap is reached
+    for step in range(steps):
+        logits = base(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=ids,
+                      **decoder_kwargs(n)).logits[:, -1]
+        nxt = logits.argmax(-1) if sample is None else \
+            torch.multinomial(logits.float().softmax(-1).cpu(), 1, generator=sample)[:, 0].to(logits.device)
+        if step == steps - 1 and forced_eos is not None:
+            nxt = torch.full_like(nxt, forced_eos if isinstance(forced_eos, int) else forced_eos[0])
+        nxt = nxt.masked_fill(done, enc.tok.pad_token_id)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        done |= nxt == enc.eos
+        if done.all():
+            break
+    return ids
 
 
 def _encode(model, inputs: dict):

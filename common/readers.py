@@ -517,13 +517,15 @@ def _image_rule(task: DefinedTask, layout: dict, root: Path) -> str:
     """The cache tag of a file's image keys: what decides them (the id column and set, or the image column and how
     it is held)."""
     rule = json.dumps([layout["image_id"], task.image_set, task.image, layout["image_kind"], layout["image_root"],
-                       task.columns, str(Path(root).resolve())])
+                       task.columns, str(Path(root).resolve())] + ([layout["part"]] if layout["part"] else []))
     return f"images-{_digest(rule.encode())[:12]}"
 
 
-def _layout(task: DefinedTask, fmt: str) -> dict:
+def _layout(task: DefinedTask, fmt: str, which: str) -> dict:
+    """How a split's file is read; `part`: the split's key in a file that holds several (CoOp's split JSON), so
+    what is cached beside the file is cached per split."""
     return {"rename": {}, "labels": task.labels, "image_kind": task.image_kind, "image_root": task.image_root,
-            "image_id": task.image_id, **task.per_format.get(fmt, {})}
+            "image_id": task.image_id, "part": which if fmt == "coop-json" else "", **task.per_format.get(fmt, {})}
 
 
 def cached_image_keys(task: DefinedTask, which: str, root: Path) -> np.ndarray | None:
@@ -536,7 +538,7 @@ def cached_image_keys(task: DefinedTask, which: str, root: Path) -> np.ndarray |
     if len(paths) != 1:
         return None
     fmt = FORMATS.get(paths[0].suffix) or task.format
-    return cached_beside(paths[0], _image_rule(task, _layout(task, fmt), root))
+    return cached_beside(paths[0], _image_rule(task, _layout(task, fmt, which), root))
 
 
 def _open(task: DefinedTask, which: str, root: Path) -> "_Source":
@@ -546,7 +548,7 @@ def _open(task: DefinedTask, which: str, root: Path) -> "_Source":
         raise UserError(f"{task.where} has no '{which}' split; its splits: {', '.join(task.files)}")
     paths = _resolve(task, which, root)
     fmt = FORMATS.get(paths[0].suffix) or task.format
-    layout = _layout(task, fmt)
+    layout = _layout(task, fmt, which)
     if task.columns and fmt in ("csv", "tsv"):
         source = _line_source(task, fmt, layout, root, paths[0])
     else:

@@ -226,7 +226,8 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
         if not loaded:  # load the backbone only when something needs computing
             acc = accelerator(cfg)
             model, processor = load_backbone(cfg, acc.device)
-            loaded.extend([attach(model, cfg.expert), data.Encoder(processor, acc.device), acc])
+            enc = data.Encoder(processor, acc.device, generation=model.generation_config)
+            loaded.extend([attach(model, cfg.expert), enc, acc])
         fisher, sampled = _fisher_of(cfg, name, reference, *loaded)
         with atomic_file(where[name][0]) as tmp:
             save_file(fisher, str(tmp), metadata={**where[name][1], SAMPLED: sampled})

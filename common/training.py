@@ -48,14 +48,16 @@ class Batch:
     targets: int = 1
 
     @classmethod
-    def share(cls, batch, count, field: str, desc: str) -> "Batch":
-        """This rank's share of a batch every rank drew alike (all of it, alone); refused on every rank when one
-        would get none."""
-        if dist.active() and len(batch) < dist.world():
-            raise UserError(f"{desc}: a batch of {len(batch)} shared by {dist.world()} processes leaves rank "
-                            f"{dist.world() - 1} none; raise {field} to {dist.world()} or more, or run fewer processes")
+    def share(cls, batch, count) -> "Batch":
+        """This rank's share of a batch every rank drew alike (all of it, alone). A batch smaller than the number of
+        processes (an epoch's last, ragged one) leaves some ranks none: each of those takes the batch's first
+        example as a masked row (its loss weighted 0, so it adds no gradient), and the step is the one a single
+        process takes on the whole batch."""
         mine = dist.shard(batch)
-        return cls(mine, len(batch) if isinstance(batch, list) else 0, count(mine) if dist.active() else 1)
+        size = len(batch) if isinstance(batch, list) else 0
+        if not len(mine):
+            return cls(batch[:1], size, 0)
+        return cls(mine, size, count(mine) if dist.active() else 1)
 
     def pin_memory(self) -> "Batch":  # DataLoader(pin_memory=True) calls this, in its pinning thread
         return Batch(_tensors(self.inputs, torch.Tensor.pin_memory), self.size, self.targets)
@@ -87,9 +89,11 @@ class Checkpoint:
     def save(self, step: int, params, opt, sched, tail: list[float]) -> None:
         from common.artifacts import atomic_file
 
+        # every rank's own RNG states (each draws its own dropout on its own share), saved by rank 0
+        rng = dist.every_rank({"torch": torch.get_rng_state(),
+                               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
         state = {"step": step, "tail": tail, "config": self.cfg.to_dict(), "params": [p.detach().cpu() for p in params],
-                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng}
         with atomic_file(self.path) as tmp:
             torch.save(state, tmp)
 
@@ -97,21 +101,24 @@ class Checkpoint:
         """(step to start from, recent losses); (0, []) when there is nothing current to resume."""
         if not self.path.is_file():
             return 0, []
-        try:
-            state = torch.load(self.path, weights_only=False)
-        except Exception as e:  # a checkpoint cut short by the crash it was for
-            return self._fresh(desc, f"unreadable ({str(e)[:60]})")
+        try:  # tensors and plain values only: a checkpoint planted in a shared runs folder runs no code
+            state = torch.load(self.path, weights_only=True)
+        except Exception as e:  # a checkpoint cut short by the crash it was for, or one holding objects
+            return self._fresh(desc, f"unreadable ({' '.join(str(e).split())[:60]})")
         if len(state["params"]) != len(params) or any(
                 saved.shape != p.shape for saved, p in zip(state["params"], params)):
             return self._fresh(desc, "of other tensors")
+        if len(state.get("rng", [])) != dist.world():
+            return self._fresh(desc, f"made by {len(state.get('rng', []))} processes, not {dist.world()}")
         with torch.no_grad():
             for p, saved in zip(params, state["params"]):
                 p.copy_(saved)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        mine = state["rng"][dist.rank()]
+        torch.set_rng_state(mine["torch"])
+        if mine["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(mine["cuda"])
         if dist.is_main():
             print(f"{desc}: resumed from step {state['step']} ({self.path})", file=sys.stderr, flush=True)
         return state["step"], state["tail"]
@@ -200,7 +207,7 @@ def train_steps(loss_fn, param_groups: list[dict], batches, steps: int, grad_cli
             with acc.accumulate():
                 batch = next(batches)
                 if not isinstance(batch, Batch):
-                    batch = Batch.share(batch, count, f"{lr_field.split('.')[0]}.batch_size", desc)
+                    batch = Batch.share(batch, count)
                 examples += batch.size
                 share = 1.0
                 if dist.active():  # this rank's terms over the whole batch's

@@ -164,10 +164,62 @@ def micro_cfg(micro):
     return load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={micro[0]}"])
 
 
+@pytest.fixture(scope="session")
+def t5_dir(tmp_path_factory):
+    """A tiny random T5 with a word-level tokenizer over the mini world's words, saved like a hub checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    from common import data
+    from common.backbone import build_vocab
+    from common.config import WorldConfig
+
+    texts = [t for name in ("nli", "paraphrase", "arith") for e in data.examples(name, "train", WorldConfig(), 200)
+             for t in (e.prompt, e.answer, *data.TASKS[name].candidates)]
+    vocab = build_vocab(texts)
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    model = T5ForConditionalGeneration(T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                                num_decoder_layers=1, num_heads=4, pad_token_id=0, eos_token_id=2,
+                                                decoder_start_token_id=0))
+    out = tmp_path_factory.mktemp("t5")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def rehearsal(tmp_path_factory) -> Path:
+    """The rehearsal's checkpoint and data files (common/rehearsal.py: what `make ... PROFILE=rehearsal` builds),
+    built once for all workers: their folder (florence-2-rehearsal/, data/)."""
+    from common.rehearsal import build
+
+    shared = shared_dir(tmp_path_factory)
+    out = shared / "rehearsal-assets"
+    with FileLock(str(shared / "rehearsal.lock")):
+        if not out.is_dir():
+            build(out)
+    return out
+
+
+def rehearsal_config(assets: Path, *overrides: str):
+    """configs/rehearsal.yaml on the assets at `assets`."""
+    from common.config import load_config
+
+    return load_config(str(REPO / "configs/rehearsal.yaml"), [f"backbone.source={assets / 'florence-2-rehearsal'}",
+                                                              f"data.root={assets / 'data'}", *overrides])
+
+
 HEAVY = {"micro_copy", "runs", "t5_dir"}  # fixtures of tests that run a pipeline or several stages
 LONGEST = ("test_make_report_runs_every_baseline_and_writes_the_report",  # about 2 min each, started first
            "test_make_all_under_torchrun_equals_the_single_process_run")
 _background: list[threading.Thread] = []
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes each; `make test-slow` runs them (CI runs both groups)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -21,8 +21,9 @@ def test_two_ranks_share_each_batch_and_stop_together_on_a_nan_or_a_failing_rank
     """Batches whose examples hold 1 to 6 loss terms each: the ranks' shares differ in size, so only the
     weighting by loss terms gives the single-process step (an unweighted mean of the ranks' means is off by
     about 1e-3 here); the rest is the order of float sums. A NaN on rank 1 alone stops both ranks. A batch
-    too small to give each rank an example is refused in one line naming the field. A rank
-    that raises after its last step takes the run down before rank 0 writes the artifact."""
+    too small to give each rank an example (an epoch's ragged last one) gives the rank without one a masked row,
+    weighted 0: the steps are the single process's. A rank that raises after its last step takes the run down
+    before rank 0 writes the artifact."""
     sys.path.insert(0, str(REPO / "tests"))
     import dist_worker
 
@@ -36,8 +37,9 @@ def test_two_ranks_share_each_batch_and_stop_together_on_a_nan_or_a_failing_rank
     for r in ranks:
         assert r["weights"] == pytest.approx(alone, abs=1e-6)
         assert r["nan"].startswith("train: loss nan at step 1 of 6, nothing written")
-    assert ranks[0]["too_small"] == ranks[1]["too_small"] == ("expert tiny: a batch of 1 shared by 2 processes leaves rank 1 none; raise "
-                                     "expert.batch_size to 2 or more, or run fewer processes")
+    ragged = dist_worker.train(sizes=(3, 1))
+    for r in ranks:
+        assert r["ragged"] == pytest.approx(ragged, abs=1e-6)
 
 
 def test_make_all_under_torchrun_equals_the_single_process_run(request, tmp_path):

@@ -211,6 +211,9 @@ def test_coop_split_json(tmp_path):
     exs = read_defined(CATALOGUE["oxford-pets"], "train", tmp_path)
     assert [e.answer for e in exs] == ["great pyrenees", "abyssinian"]
     assert exs[0].candidates == ("abyssinian", "great pyrenees")  # train's classes: test's pug is not one
+    # each split's image keys (cached beside the one file that holds them all) are its own
+    keys = {s: read_defined(CATALOGUE["oxford-pets"], s, tmp_path).image_keys() for s in ("val", "train", "test")}
+    assert len(keys["train"]) == 2 and len(keys["val"]) == 1 and keys["val"][0] == keys["test"][0] != keys["train"][0]
     (folder / "images/c.jpg").unlink()
     with pytest.raises(UserError, match="missing image"):
         read_defined(CATALOGUE["oxford-pets"], "test", tmp_path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -87,32 +86,6 @@ def test_the_embedded_backbone_refuses_a_catalogue_task_with_words_it_lacks(micr
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "configs/paper_tasks.yaml: snli-ve uses words the embedded backbone's vocabulary lacks: grazes, zebra" in err
     assert not (runs / "micro/experts").exists()
-
-
-@pytest.fixture(scope="module")
-def t5_dir(tmp_path_factory):
-    """A tiny random T5 with a word-level tokenizer over the mini world's words, saved like a hub checkpoint."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
-
-    from common import data
-    from common.backbone import build_vocab
-    from common.config import WorldConfig
-
-    texts = [t for name in ("nli", "paraphrase", "arith") for e in data.examples(name, "train", WorldConfig(), 200)
-             for t in (e.prompt, e.answer, *data.TASKS[name].candidates)]
-    vocab = build_vocab(texts)
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    model = T5ForConditionalGeneration(T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                                num_decoder_layers=1, num_heads=4, pad_token_id=0, eos_token_id=2,
-                                                decoder_start_token_id=0))
-    out = tmp_path_factory.mktemp("t5")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.mark.parametrize("method", ["lora", "adapter"])

@@ -37,6 +37,23 @@ def test_a_killed_expert_resumes_from_its_checkpoint_and_ends_bit_exact(micro, t
     assert losses[0] == losses[1]
 
 
+def test_a_killed_two_process_expert_resumes_each_ranks_own_state(micro, tmp_path):
+    """Under torchrun on two processes, with dropout on (each rank draws its own masks, from its own generator):
+    killed after a checkpoint and resumed, each rank restores its own generator's state, and the expert ends where
+    the uninterrupted two-process run ends, bit for bit (gloo's sum of two ranks is exact in any order)."""
+    common = ("--task", "nli", "--config", "configs/micro.yaml", "threads=1", "expert.steps=10",
+              "expert.checkpoint_every=3", "expert.dropout=0.3")
+    launch = ("python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_expert.py")
+    whole, broken = backbone_only(micro, tmp_path / "whole"), backbone_only(micro, tmp_path / "broken")
+    run(*launch, *common, f"runs_dir={whole}")
+    p = run(*launch, *common, f"runs_dir={broken}", "debug.kill_at_step=7", check=False)
+    assert p.returncode != 0 and not (broken / "micro/experts/nli").exists()
+    p = run(*launch, *common, f"runs_dir={broken}")
+    assert "resumed from step 6" in p.stderr, p.stderr
+    a, b = (load_file(str(d / "micro/experts/nli/adapter_model.safetensors")) for d in (whole, broken))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_without_a_terminal_each_training_stage_prints_progress_lines(micro):
     out = micro[2]  # the micro run's piped `make all`, made with log_every=0 (a line per step)
     for line in ("pretrain backbone: step 20/20 | loss", "expert nli: step 10/10 | loss",
