@@ -189,6 +189,8 @@ def test_make_all_rehearsal_single_and_two_processes(rehearsal, tmp_path):
     for f in (one / "fisher").glob("*.safetensors"):
         a, b = load_file(str(f)), load_file(str(two / "fisher" / f.name))
         assert all((a[k] - b[k]).abs().max() <= 1e-5 * a[k].abs().max() for k in a), f.name
-    for f in (one / "results").glob("*.json"):
+    results = sorted((one / "results").glob("*-full-s0.json"))
+    assert [f.name for f in results] == ["rte-full-s0.json", "snli-ve-full-s0.json"]
+    for f in results:
         a, b = json.loads(f.read_text()), json.loads((two / "results" / f.name).read_text())
         assert a["scores"] == b["scores"] and a["experts"] == b["experts"] and a["test_size"] == b["test_size"] == 11
