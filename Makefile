@@ -91,7 +91,7 @@ of/%: $(STAMP)
 
 # the study over several targets, one config for all: every pool expert, then each target's shots x seed
 # pipelines (as make report runs them, with every embedding of common/embeddings.py), then one study report
-# shape, not colour, is the vision target: colour scores 1.000 with every method at 32 shots (README: the study)
+# shape, not colour, is the vision target: colour sits at its ceiling, where no expert can add (docs/study.md)
 TARGETS  ?= snli-ve shape nli
 EMBED_AS ?= default
 study: $(STAMP) $(ASSETS)

@@ -103,7 +103,7 @@ class BackboneConfig:
 class PretrainConfig:
     steps: int = ranged(1500, 1)
     batch_size: int = ranged(32, 1)
-    lr: float = ranged(1e-3, 0, lo_open=True)  # measured on mini: 1,500 steps at 1e-3 see what 3,000 at 3e-4 did (README)
+    lr: float = ranged(1e-3, 0, lo_open=True)  # with 1,500 steps, warm-up and cosine decay (docs/mini-world.md)
     grad_clip: float = ranged(1.0, 0)  # 0 = no clipping
     warmup: int = ranged(100, 0)
     grad_accum: int = ranged(1, 1)  # batches per optimizer step (the effective batch is batch_size x grad_accum)
@@ -144,7 +144,7 @@ class ExpertConfig:
 @dataclass
 class FisherConfig:
     # common/embeddings.py: fisher (π-Tuning's: the diagonal Fisher of each expert) | weights (the cosine of
-    # what each expert changed, SPoT-style, no backbone pass); the mini profile ships weights (README: retrieval)
+    # what each expert changed, SPoT-style, no backbone pass); the mini profile ships weights (docs/retrieval.md)
     embedding: str = "fisher"
     estimator: str = "per_sample"  # per_sample | batch (the original code's squared batch gradient)
     samples: int = ranged(256, 1)
@@ -161,8 +161,8 @@ class InterpolateConfig:
     experts: list = field(default_factory=list)  # pick the pool experts by hand (as the original did); [] = top-k
     groups: str = "site"  # global | layer | site | tensor
     train_experts: bool = True
-    # short and gentle (the paper's 1e-4): at 150 steps and 1e-3 the mix drifted back to the target's own
-    # expert (README)
+    # short and gentle (the paper's 1e-4): longer or faster, the mix drifts back to the target's own expert
+    # (docs/configs.md)
     steps: int = ranged(60, 1)
     batch_size: int = ranged(16, 1)
     lr: float = ranged(1e-4, 0, lo_open=True)  # experts
@@ -175,8 +175,7 @@ class InterpolateConfig:
     # The mix learns on them (the experts frozen) with the target's expert refitted on the rest (experts/<run>.fold,
     # train_expert.py --variant fold); its weights then apply to the expert fitted on all of them, and with
     # train_experts the experts train on all of them under those weights. 0 = the paper's: the mix learns on the
-    # very examples the target's expert fitted, and in the few-shot runs settles near 0.8 on it whatever the
-    # other experts are (README "The mini world")
+    # very examples the target's expert fitted, where that expert can win the mix by memory (docs/mini-world.md)
     holdout: float = ranged(0.0, 0, 1, hi_open=True)
     # how π-Tuning picks its experts: fixed (the top_k most similar by fisher.embedding, the paper's) | select (on
     # the target's own validation split, among the top-k of each embedding of select_from for each k of select_k

@@ -126,7 +126,7 @@ def _arith(rng, size):
     return Example(f" what is {W.NUMBERS[a]} plus {W.NUMBERS[b]}?", W.NUMBERS[a + b])
 
 
-# the wider pool (configs/mini-wide.yaml, README "The mini world"): the same scenes and statements as a
+# the wider pool (configs/mini-wide.yaml, docs/mini-world.md): the same scenes and statements as a
 # target under another answer convention, or the same decision from other inputs; only the vocabulary's
 # words, so the backbone is the one every profile of this world builds
 def _two_way(label: str) -> str:
