@@ -189,16 +189,22 @@ def token_accuracy(model, enc: Encoder, exs: list[Example], batch_size: int = 64
     return right / max(total, 1)
 
 
-@torch.no_grad()
 def token_hits(model, enc: Encoder, exs: list[Example], batch_size: int = 64) -> tuple[int, int]:
     """(answer tokens predicted right, answer tokens), teacher-forced."""
-    right = total = 0
+    right, total = token_hits_each(model, enc, exs, batch_size)
+    return sum(right), sum(total)
+
+
+@torch.no_grad()
+def token_hits_each(model, enc: Encoder, exs: list[Example], batch_size: int = 64) -> tuple[list[int], list[int]]:
+    """Per example: (answer tokens predicted right, answer tokens), teacher-forced."""
+    right, total = [], []
     for chunk in batches(exs, batch_size):
         b = enc.batch(chunk)
         pred = model(**b).logits.argmax(-1)
         mask = b["labels"] != -100
-        right += ((pred == b["labels"]) & mask).sum().item()
-        total += mask.sum().item()
+        right += ((pred == b["labels"]) & mask).sum(-1).tolist()
+        total += mask.sum(-1).tolist()
     return right, total
 
 
@@ -209,10 +215,13 @@ def task_metric(model, enc: Encoder, task, exs: list[Example], batch_size: int =
 
 
 def task_scores(model, enc: Encoder, task, exs: list[Example], batch_size: int = 64) -> tuple[str, float, list | None]:
-    """task_metric, and each example's score where the metric is their mean (accuracy, VQA accuracy,
-    Acc@IoU, exact match: what a paired bootstrap over the examples resamples); None where it is not (token
-    accuracy weighs examples by their answer's length, CIDEr-D is a corpus statistic). Under torchrun each rank
-    scores its share of the examples; the per-example results are gathered, so every rank returns the whole set's."""
+    """task_metric, and each example's score, whose mean is the metric (what a paired bootstrap over the examples
+    resamples): a hit or a miss for accuracy and Acc@IoU, VQA accuracy, exact match, each image's CIDEr-D (the
+    document frequencies from every reference of the split, as coco-caption averages its per-image scores), and
+    for token accuracy, which weighs an example by its answer's length, the example's right tokens over the mean
+    answer length (a bootstrap then holds the denominator fixed: the ratio's first-order term). Under torchrun
+    each rank scores its share of the examples; the per-example results are gathered, so every rank returns the
+    whole set's."""
     closed = task.candidates is not None or exs[0].candidates is not None
     metric = getattr(task, "metric", None) or ("accuracy" if closed else "token_accuracy")
     mine = dist.shard(exs)
@@ -220,14 +229,15 @@ def task_scores(model, enc: Encoder, task, exs: list[Example], batch_size: int =
         each = [float(h) for h in dist.gather(candidate_hits(model, enc, task, mine, batch_size), len(exs))]
         return metric, sum(each) / len(exs), each
     if metric == "token_accuracy":
-        hits = torch.tensor(token_hits(model, enc, mine, batch_size), device=enc.device)
-        right, total = dist.all_sum([hits])[0].tolist()
-        return metric, right / max(total, 1), None
+        pairs = dist.gather(list(zip(*token_hits_each(model, enc, mine, batch_size))), len(exs))
+        right, total = sum(r for r, _ in pairs), sum(t for _, t in pairs)
+        return metric, right / max(total, 1), [r * len(pairs) / max(total, 1) for r, _ in pairs]
     preds = dist.gather(generate_answers(model, enc, mine, batch_size), len(exs))
     exs = exs.texts() if hasattr(exs, "texts") else exs  # the references: no image decoded again
     refs = [e.refs or (e.answer,) for e in exs]
     if metric == "cider":
-        return metric, cider(preds, refs), None
+        each = cider_each(preds, refs)
+        return metric, sum(each) / len(each), each
     if metric == "vqa_accuracy":
         each = [vqa_accuracy(p, r) for p, r in zip(preds, refs)]
     elif metric == "acc_iou":
@@ -366,6 +376,12 @@ def bleu4(preds, refs_lists) -> float:
 
 def cider(preds, refs_lists, sigma: float = 6.0) -> float:
     """CIDEr-D as coco-caption: tf-idf n-grams (n=1..4, df from the references), clipping, length penalty, x10."""
+    scores = cider_each(preds, refs_lists, sigma)
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def cider_each(preds, refs_lists, sigma: float = 6.0) -> list[float]:
+    """Each image's CIDEr-D (the document frequencies from every image's references): cider is their mean."""
     hyps = [caption_tokens(p) for p in preds]
     refs = [[caption_tokens(r) for r in rs] for rs in refs_lists]
     if len(hyps) != len(refs):
@@ -392,4 +408,4 @@ def cider(preds, refs_lists, sigma: float = 6.0) -> float:
                 dot = sum(min(x, vr.get(g, 0.0)) * vr.get(g, 0.0) for g, x in vh.items())  # clipped tf-idf
                 total += (dot / (nh * nr) if nh and nr else dot) * penalty
         scores.append(10.0 * total / 4 / len(rs))
-    return sum(scores) / len(scores) if scores else 0.0
+    return scores

@@ -135,8 +135,8 @@ def paired_ci(runs: list[dict], a: str, b: str, split: str = "test", draws: int 
               level: float = 0.95) -> tuple[float, float] | None:
     """The confidence interval of the mean paired gain a - b over runs (seeds): hierarchical_interval on each
     example's difference, seeds x examples (every seed scores the same test examples). None with fewer than two
-    seeds (one seed's variance is unknown), where a run lacks either method's per-example scores (token
-    accuracy, CIDEr), or where the runs scored different numbers of examples. Seeded: the same results give the
+    seeds (one seed's variance is unknown), where a run lacks either method's per-example scores (results
+    made before they were kept for token accuracy and CIDEr), or where the runs scored different numbers of examples. Seeded: the same results give the
     same interval."""
     import numpy as np
 

@@ -139,3 +139,47 @@ def test_candidate_scoring_in_batches_of_alike_lengths_gives_each_example_its_ow
     alone = [candidate_hits(model, enc, task, [e])[0] for e in exs]
     batched = candidate_hits(model, enc, task, exs, batch_size=12)
     assert batched == alone and len(set(alone)) == 2  # right and wrong hits both there to misplace
+
+
+def test_cider_per_image_scores_average_to_the_corpus_score():
+    """Each image's CIDEr-D (document frequencies from every image's references) is what a paired bootstrap
+    resamples: their mean is the corpus figure, and the image captioned right scores above the one captioned wrong."""
+    from common.metrics import cider_each
+
+    preds = ["a red car parked outside", "green tree grows", "blue boat floats"]
+    refs = [["a red car parked outside", "red car outside"], ["a blue boat on water"], ["blue boat floats away"]]
+    each = cider_each(preds, refs)
+    assert len(each) == 3 and sum(each) / 3 == pytest.approx(cider(preds, refs), abs=1e-12)
+    assert each[0] > each[2] > each[1] == 0.0
+
+
+def test_token_accuracy_per_example_scores_weigh_by_answer_length(monkeypatch):
+    """Token accuracy weighs an example by its answer's length; each example's score is its right tokens over
+    the mean answer length, so their mean is the metric exactly (not the mean of per-example ratios) and the
+    report can give an open-answer task an interval."""
+    from common import metrics, tasks
+
+    right, total = [1, 2, 0, 3], [2, 4, 1, 3]
+    monkeypatch.setattr(metrics, "token_hits_each", lambda model, enc, exs, bs: (right, total))
+    task = tasks.Task(name="t", family="language", make=None, candidates=None)
+    exs = [tasks.Example(prompt="x", answer="y")] * 4
+    metric, score, each = metrics.task_scores(None, None, task, exs)
+    assert metric == "token_accuracy" and score == 6 / 10
+    assert each == pytest.approx([0.4, 0.8, 0.0, 1.2]) and sum(each) / 4 == pytest.approx(score)
+
+
+def test_token_hits_per_example_do_not_depend_on_the_batch(micro_cfg):
+    """Each example's (right, total) answer tokens are its own, whatever it is batched and padded with."""
+    from common import data
+    from common.backbone import load_backbone
+    from common.experts import expert_dir, load_expert
+    from common.metrics import token_hits_each
+
+    model, processor = load_backbone(micro_cfg)
+    model = load_expert(model, expert_dir(micro_cfg, "shape"))
+    enc = data.Encoder(processor)
+    exs = data.examples("caption", "test", micro_cfg.world, 6) + data.examples("snli-ve", "test", micro_cfg.world, 6)
+    right, total = token_hits_each(model, enc, exs, batch_size=12)
+    alone = [token_hits_each(model, enc, [e]) for e in exs]
+    assert right == [r[0] for r, _ in alone] and total == [t[0] for _, t in alone]
+    assert len(set(total)) > 1  # padded rows of several lengths
