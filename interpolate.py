@@ -215,7 +215,7 @@ def select(cfg, acc, model, enc, target: str, run: str, name: str) -> str:
         experts = [run, *c["experts"]]
         if c["experts"]:
             mixed = mix(cfg, acc, model, enc, target, run, experts, ic.train_experts, out)
-            scored = mixed.merge.export(mixed.logits)
+            scored = mixed.merge.export(mixed.logits).eval()  # trained in train mode: dropout off to score
         else:
             scored = load_expert(model, expert_dir(cfg, run))
         with folded(scored), acc.autocast():

@@ -81,3 +81,34 @@ def test_a_bad_selection_setting_is_one_line(override, says):
 
     with pytest.raises(UserError, match=says.replace("[", r"\[")):
         load_config(str(REPO / "configs/micro.yaml"), [override])
+
+
+def test_a_candidate_is_the_interpolation_pi_tuning_makes_of_those_experts(micro_copy, monkeypatch):
+    """Selection compares the target's expert alone with π-Tuning of each candidate set: a candidate must be
+    trained and scored exactly as `interpolate.py` makes π-Tuning of the same experts, or the comparison with k = 0
+    is biased, however many candidates were trained before it in the same process. With the top-1 and top-2 by
+    `weights` the candidates, the top-2's validation score is evaluate.py's for pi-tuning; every candidate is
+    scored with dropout off (micro has none to show it in the scores; the mini backbone's 0.1 cost each
+    interpolated candidate about 0.02 of validation accuracy against the target's expert alone)."""
+    import interpolate
+
+    runs, rd = micro_copy
+    real, modes = interpolate.task_scores, []
+
+    def scoring(model, *a, **k):
+        modes.append(any(m.training for m in model.modules()))
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(interpolate, "task_scores", scoring)
+    args = (*CONFIG, f"runs_dir={runs}", "interpolate.select_from=[weights]", "interpolate.select_k=[1,2]")
+    inproc("embed_tasks.py", "--target", "snli-ve", "--embedding", "weights", *args)
+    inproc("interpolate.py", "--target", "snli-ve", "--variant", "pi,select", *args)
+    meta = json.loads((rd / f"interpolated/{NAME}.select/meta.json").read_text())
+    pi = json.loads((rd / f"interpolated/{NAME}/meta.json").read_text())
+    cand = {tuple(c["experts"]): c["val"] for c in meta["candidates"]}
+    assert len(cand) == 3 and tuple(pi["experts"][1:]) in cand, cand  # alone, the top-1, then π-Tuning's top-2
+    assert modes == [False] * 3  # k = 0, the top-1, the top-2: each scored in eval mode
+    inproc("evaluate.py", "--target", "snli-ve", "evaluate.validation=true", *args)
+    result = json.loads((rd / f"results/{NAME}.json").read_text())
+    assert cand[()] == result["val_scores"]["target-only"]
+    assert cand[tuple(pi["experts"][1:])] == result["val_scores"]["pi-tuning"]
