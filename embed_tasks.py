@@ -23,10 +23,10 @@ from common import data
 from common.artifacts import write_json, write_text
 from common.stage import parse_stage, run_stage, stage_parser
 from common.errors import UserError
-from common.embeddings import EMBEDDINGS, recorded, variants
+from common.embeddings import recorded, variants
 from common.experts import current_expert, expert_name
 from common.provenance import artifact, link, made_from
-from common.similarity import similarity_matrix, similarity_row, top_k_similar
+from common.similarity import COMPUTE, similarity_matrix, similarity_row, top_k_similar
 
 
 def pool_experts(cfg, target: str | None) -> list[str]:
@@ -47,7 +47,7 @@ def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:
     """Embed the experts by fisher.embedding and write to similarity/<target run | pool><suffix>.csv/.json the
     target's similarity row and top-k (retrieval compares the target alone with each expert; the report draws
     the whole matrix from the cached embeddings), or without a target the pool's matrix; returns the summary line."""
-    how = EMBEDDINGS[cfg.fisher.embedding]
+    how = COMPUTE[cfg.fisher.embedding]
     t0 = time.time()
     embeddings, work = how.embed(cfg, names)
     try:

@@ -25,6 +25,7 @@ import shlex
 import time
 
 import torch
+from peft import PeftModel
 
 from common import data, dist
 from common.artifacts import read_json, write_json, write_text
@@ -39,7 +40,7 @@ from common.experts import (MergedExpert, current_expert, expert_dir, expert_nam
 from common.metrics import task_scores
 from common.provenance import artifact, config_id, link, made_from, readable
 from common.report import (INTERVAL, config_label, load_results, mean_sd, on_val, ordered, pack, paired_ci, scores_of,
-                           seeds, shots_label, unpack, verdict, write_tables)
+                           seeds, shots_label, unpack, verdict, write_loto, write_report, write_study, write_tables)
 
 
 
@@ -51,8 +52,6 @@ def uniform_merge(cfg, base, experts: list[str]):
 
 def peft_merge(cfg, base, experts: list[str], how: str):
     """peft's own add_weighted_adapter over the same experts, equal weights (linear: A and B averaged apart)."""
-    from peft import PeftModel
-
     model = PeftModel.from_pretrained(base, str(expert_dir(cfg, experts[0])), adapter_name="e0")
     for i, name in enumerate(experts[1:], 1):
         model.load_adapter(str(expert_dir(cfg, name)), adapter_name=f"e{i}")
@@ -135,21 +134,15 @@ def main() -> None:
                     "(make compare AGAINST=...); writes runs/<profile>/compare-<target>.md")
     args, cfg = parse_stage(ap, reads_test=True)
     if args.study:
-        from common.report import write_study
-
         for t in args.study:
             data.task(cfg, t, where="--study")
         return print(f"study: {write_study(cfg, args.study)}")
     if args.loto:
-        from common.report import write_loto
-
         return print(f"every target: {write_loto(cfg, args.loto)}")
     if not args.target:
         raise UserError("evaluate.py: --target is required (or --study TARGET ...)")
     task = data.task(cfg, args.target, where="--target")
     if args.report:
-        from common.report import write_report
-
         return print(f"report: {write_report(cfg, args.target)}")
     if args.compare is not None:
         return print(compare(cfg, args.target, shlex.split(args.compare)), end="")

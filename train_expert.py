@@ -21,6 +21,7 @@ import time
 import torch
 
 from common import data
+from common import world as W
 from common.artifacts import atomic_dir, write_json
 from common.backbone import (backbone_dir, build_model, build_processor, fingerprint,
                              init_unseen_embeddings, load_backbone)
@@ -114,7 +115,6 @@ def record_backbone(cfg) -> None:
 @torch.no_grad()
 def attribute_probe(model, enc, exs, batch_size: int = 200) -> dict[str, float]:
     """Teacher-forced accuracy on the caption words of each attribute: does the backbone see it?"""
-    from common import world as W
     attrs = {"shape": W.SHAPES, "colour": tuple(W.COLOURS), "size": W.SIZES, "count": W.NUMBERS[1:4],
              "position": ("top", "bottom", "left", "right", "center")}
     ids = {a: torch.tensor(enc.tok.convert_tokens_to_ids(list(words)), device=enc.device) for a, words in attrs.items()}

@@ -2,16 +2,22 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import transformers
+from huggingface_hub import constants, snapshot_download, try_to_load_from_cache
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from common.config import BackboneConfig
+from common.errors import UserError
 from common.provenance import artifact
 
-from common.errors import UserError
+# transformers' model, processor and output classes are imported where used: at the top they would add 1.5 s to
+# the 1.8 s of `python -m common.checks`, which every make target runs first
 
 # one concise line per stage: no per-tensor loading bars, no deprecation chatter from peft <-> transformers
 transformers.utils.logging.disable_progress_bar()
@@ -56,8 +62,6 @@ def fingerprint(path: Path) -> str:
     path = Path(path)
     if not path.is_dir():
         try:
-            from huggingface_hub import snapshot_download
-
             path = Path(snapshot_download(str(path), local_files_only=True))
         except Exception:  # not cached: the id itself is all there is
             return hashlib.sha256(str(path).encode()).hexdigest()[:16]
@@ -83,14 +87,11 @@ def build_vocab(texts: list[str]) -> list[str]:
 def word_splitter():
     """How the embedded backbone's tokenizer splits a text into its words: at spaces, every punctuation mark a
     word of its own."""
-    from tokenizers import pre_tokenizers
-
     return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
 
 
 def build_processor(vocab: list[str], image_size: int, image_tokens: int):
     """An offline Florence2Processor: word-level fast tokenizer + CLIP-style image processor."""
-    from tokenizers import Tokenizer, models
     from transformers import CLIPImageProcessor, Florence2Processor, PreTrainedTokenizerFast
 
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
@@ -226,8 +227,6 @@ class ImageFeatureCache:
 
 
 def _cached(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
     try:
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
     except Exception:  # not a valid repo id
@@ -236,11 +235,6 @@ def _cached(repo_id: str) -> bool:
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """One quick connection to the hub, so an offline machine fails at once instead of after minutes of retries."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
     if constants.HF_HUB_OFFLINE:
         return False
     url = urlparse(constants.ENDPOINT)

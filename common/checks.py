@@ -8,6 +8,7 @@ each target's shots against its training split; every task read from files (its 
 and first row); on the embedded backbone, the words of those tasks against its vocabulary."""
 from __future__ import annotations
 
+import json
 import sys
 
 from common import data
@@ -52,8 +53,6 @@ def preflight(cfg, targets: list[str] = (), shots: list[int] | None = None, read
 
 
 def _built_vocab(path) -> list[str]:
-    import json
-
     return list(json.loads(path.read_text())["model"]["vocab"])
 
 

@@ -5,6 +5,7 @@ import contextvars
 import dataclasses
 import functools
 import json
+import os
 import random
 import zlib
 from pathlib import Path
@@ -535,8 +536,6 @@ def by_length(exs) -> list[int]:
 def _in_workers(dataset, batch_sampler, workers: int, pin: bool = False):
     """The batches of a dataset whose __getitems__ makes them (or returns a UserError), read in `workers` DataLoader
     processes (0: this one): a returned UserError is raised here, in the stage, as its one line."""
-    import os
-
     if workers:  # the tokenizer's own threads and forked workers do not mix (its warning)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # its own generator: the workers' seeds are not drawn from torch's global one (dropout, init)

@@ -4,10 +4,13 @@ batches, runs forwards under autocast (weights stay fp32), scales fp16 losses, a
 Refused here, in one line: a CUDA device that is not there, fp16 on the CPU (no loss-scaled fp16 autocast)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
 import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState
 
 from common.errors import UserError
 
@@ -40,8 +43,6 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 def accelerator(cfg):
     """The stage's Accelerator: acc.device, acc.autocast(), acc.backward(); train_steps prepares the rest
     and logs to the tracker of `log_with` (tensorboard: event files under runs/<profile>/logs/)."""
-    import importlib.util
-
     device = resolve(cfg)
     if cfg.log_with != "none" and importlib.util.find_spec(TRACKERS[cfg.log_with]) is None:
         raise UserError(f"{cfg.path}: field 'log_with' is {cfg.log_with!r}, but its package is not installed; "
@@ -57,11 +58,8 @@ def fresh(device: str = "cpu", precision: str = "fp32", log_with: str | None = N
     """An Accelerator on `device` in `precision`, whatever one made before in this process said. accelerate
     keeps one shared state per process and refuses a second precision; a stage run in a test, a notebook or
     after another stage starts from a clean one, as in its own process (outside torchrun's process group)."""
-    import torch.distributed as dist
-    from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=not (dist.is_available() and dist.is_initialized()))
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    AcceleratorState._reset_state(reset_partial_state=not distributed)
     if device.startswith("cuda:"):  # accelerate places a single process on this device
         os.environ["ACCELERATE_TORCH_DEVICE"] = device
     else:

@@ -1,53 +1,30 @@
-"""Every retrieval embedding, one object each: how a task is embedded by its expert, how two tasks' embeddings
-compare, what the similarity file records and the report calls it. Config validation (`fisher.embedding`),
-embed_tasks.py and make report read EMBEDDINGS; a new embedding is one entry here (its computing code may live
-anywhere). VARIANTS are the study's alternatives: an embedding with some `fisher` fields changed. Light to import
-(no torch until an embedding is computed)."""
+"""Every retrieval embedding by name: what it is and the `fisher` fields that change it. Config validation
+(`fisher.embedding`, `interpolate.select_from`), provenance, embed_tasks.py and the reports read EMBEDDINGS;
+it imports nothing, so config can. How each is computed (torch, the experts) is its entry in common/similarity.py's
+COMPUTE: a new embedding is one entry here and one there. FISHER_VARIANTS are the study's alternatives: the
+Fisher with some `fisher` fields changed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)
 class Embedding:
-    """embed(cfg, names) -> ([one embedding per expert name], what it did: "2 Fisher computed, 1 cached");
-    similarity(a, b) -> how alike two embeddings are (1 for the same task)."""
+    """An embedding as the config and the reports name it (common.similarity.COMPUTE[name]: how it is computed)."""
     name: str
     what: str  # the report's words for it (its heading, the similarity plot's title)
-    embed: Callable
-    similarity: Callable
     settings: tuple = ()  # the `fisher` fields that change it, recorded in the similarity file beside its name
-    examples: Callable | None = None  # (cfg, names) -> {expert: which of its examples it took}, recorded too
-
-
-def _similarity(attr: str) -> Callable:
-    """common.similarity's function `attr`, imported when first called (torch stays out of config reads)."""
-    def call(*args):
-        from common import similarity
-        return getattr(similarity, attr)(*args)
-    return call
-
-
-def _each(attr: str, work: str) -> Callable:
-    """embed(): common.similarity's per-expert function `attr` over the names, no cache to report."""
-    def embed(cfg, names):
-        return [_similarity(attr)(cfg, n) for n in names], work
-    return embed
 
 
 EMBEDDINGS = {e.name: e for e in (
     # π-Tuning's: the diagonal Fisher of each expert on its own data, compared by the paper's normalised cosine
-    Embedding("fisher", "diagonal Fisher of each expert", _similarity("fisher_embeddings"),
-              _similarity("task_similarity"), ("estimator", "samples", "normalize", "passes", "at", "answers"),
-              _similarity("fisher_samples")),
+    Embedding("fisher", "diagonal Fisher of each expert",
+              ("estimator", "samples", "normalize", "passes", "at", "answers")),
     # SPoT-style: what each expert changed at each site, by plain cosine (no backbone pass)
-    Embedding("weights", "cosine of the experts' updates", _each("weight_embedding", "weight updates"),
-              _similarity("update_similarity")),
+    Embedding("weights", "cosine of the experts' updates"),
     # Arrow-style (peft's Arrow routing): per site the input direction each expert's update acts on most (its top
     # right-singular vector, from the LoRA factors without the d x d product), compared by |cos|
-    Embedding("prototypes", "top singular direction of each expert's update per site",
-              _each("prototype_embedding", "update prototypes"), _similarity("prototype_similarity")),
+    Embedding("prototypes", "top singular direction of each expert's update per site"),
 )}
 
 # embed_tasks.py --embedding NAME: computed beside retrieval's own for comparison (make report ranks them by

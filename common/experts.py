@@ -8,14 +8,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
+from torch.func import functional_call
 
 from common.adapters import WEIGHTS, AdapterModel
 from common.artifacts import read_json
 from common.backbone import backbone_dir, fingerprint
-from common.provenance import artifact, expert_name  # noqa: F401 (expert_name: the stages import it here)
 from common.errors import UserError
 from common.expert_types import EXPERT_TYPES, join_layers as _join, split_layers as _split
+from common.merge import ExpertStack
+from common.provenance import artifact, expert_name, parse_run  # noqa: F401 (expert_name: the stages import it here)
 
 
 def expert_dir(cfg, name: str) -> Path:
@@ -46,8 +50,6 @@ def attach(model, ecfg, rank_multiplier: int = 1):
     """Wrap the frozen backbone in a fresh expert of the configured type (only the expert's tensors train).
 
     rank_multiplier: a k-expert LoRA merge is one LoRA of rank k*r (the same alpha/r keeps sum_i p_i B_i A_i exact)."""
-    from peft import get_peft_model
-
     dims, m = text_dims(model), ecfg.method
     built = EXPERT_TYPES[m].build(model, ecfg, dims, target_modules(ecfg, dims), rank_multiplier)
     if isinstance(built, torch.nn.Module):  # an expert of our own (adapters): the model already holds it
@@ -82,8 +84,6 @@ def read_expert_meta(path: Path, fix: str = "train it with `make experts`") -> d
 
 def train_command(cfg, name: str) -> str:
     """The command that trains expert `name` under cfg, as typed."""
-    from common.provenance import parse_run
-
     run = parse_run(name)
     if run is None:
         return cfg.command("train_expert.py", "--task", name)
@@ -107,8 +107,6 @@ def current_expert(cfg, name: str) -> dict:
 
 def set_weights(model, weights: dict[str, torch.Tensor]) -> None:
     """Load saved expert tensors into an expert model of the same shape."""
-    from peft import set_peft_model_state_dict
-
     try:
         if isinstance(model, AdapterModel):
             return model.load_adapter_weights(weights)
@@ -123,8 +121,6 @@ def set_weights(model, weights: dict[str, torch.Tensor]) -> None:
 
 def load_expert(model, path: Path):
     """The backbone with a saved expert of any method, loaded the way its library loads it."""
-    from peft import PeftModel
-
     config = read_json(Path(path) / "adapter_config.json", "expert config", "retrain it (see `make help`)")
     if config.get("expert_type") == "houlsby_adapter":
         return AdapterModel.from_pretrained(model, path).eval()
@@ -145,9 +141,6 @@ def folded(model):
     of a mini LoRA scoring pass. The backbone's tensors are restored bit for bit on the way out (an unmerge
     alone would leave rounding in them). An expert that does not fold (adapters, prompts, prefixes), or a
     backbone held in 16 bits (the sum would round most of the update away), scores as it is."""
-    from peft import PeftModel
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)] \
         if isinstance(model, PeftModel) and not is_prompt_learning(model) else []
     saved = [(p, p.detach().clone()) for m in layers for p in m.get_base_layer().parameters()]
@@ -215,8 +208,6 @@ class MergedExpert:
 
     def __init__(self, model, ecfg, experts: list[dict[str, torch.Tensor]], groups: str, trainable: bool,
                  frozen: tuple[int, ...] = ()):
-        from common.merge import ExpertStack
-
         self.method, k, kind = ecfg.method, len(experts), EXPERT_TYPES[ecfg.method].merge
         self.model = attach(model, ecfg, rank_multiplier=k if kind == "lora" else 1)
         self.layers = text_dims(model)["decoder_layers"]
@@ -231,8 +222,6 @@ class MergedExpert:
 
     def __call__(self, logits: torch.Tensor, **inputs):
         """The model's forward with the merged expert in place (functional: nothing is copied into the model)."""
-        from torch.func import functional_call
-
         merged = {param_name(k): v for k, v in self.merged(logits).items()}
         return functional_call(self.model, merged, args=(), kwargs=inputs)
 

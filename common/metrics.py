@@ -9,6 +9,7 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
+from peft import PeftType
 from transformers.modeling_outputs import BaseModelOutput
 
 from common import dist
@@ -96,8 +97,6 @@ def generate_answers(model, enc: Encoder, exs: list[Example], batch_size: int = 
     a prefix expert (keys and values in the decoder's cache, which generate cannot take) and `sample` (each token
     drawn from the model's distribution by that generator) by a greedy loop of their own on the same start and
     forced tokens."""
-    from peft import PeftType
-
     peft_config = getattr(model, "active_peft_config", None)
     own_loop = sample is not None or (peft_config is not None and peft_config.peft_type == PeftType.PREFIX_TUNING)
     markers = {t for t in (enc.tok.pad_token, enc.tok.eos_token, enc.tok.bos_token) if t}
@@ -151,8 +150,6 @@ def _encode(model, inputs: dict):
     The decoder is called on the backbone itself (LoRA / IA3 / adapters live inside it); a prompt expert's
     soft tokens are prepended to the encoder input and a prefix expert's keys/values passed as the cache,
     which is what peft's forward does (its generate() path breaks on Florence-2)."""
-    from peft import PeftType
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     enc_in = _encoder_inputs(model, inputs)
     peft_config = getattr(model, "active_peft_config", None)

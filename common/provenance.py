@@ -35,7 +35,9 @@ from pathlib import Path
 
 import yaml
 
+from common import dist
 from common.config import NULL, Config, load_config, split_overrides
+from common.embeddings import ASKED_FOR, EMBEDDINGS, variants
 from common.errors import UserError
 
 # fields that change how an artifact is made, not what it is: in no digest
@@ -134,8 +136,6 @@ def _node(cfg, kind: str, name: str = "", variant: str = "") -> tuple[dict, list
     run = parse_run(name) or {}
     target = ("expert", name.split(".")[0])
     if kind == "similarity":  # a target run's row, or "pool": the pool's whole matrix
-        from common.embeddings import variants
-
         fisher = dataclasses.replace(cfg.fisher, **variants()[variant]) if variant else cfg.fisher
         as_set = dataclasses.replace(cfg, fisher=fisher)
         pool = [("expert", t) for t in sorted(cfg.tasks.pool) if t != run.get("task")]
@@ -163,8 +163,6 @@ def _node(cfg, kind: str, name: str = "", variant: str = "") -> tuple[dict, list
 
 def select_from(cfg) -> list[str]:
     """The embeddings whose top-k retrievals selection chooses among (interpolate.select_from; [] = every one)."""
-    from common.embeddings import EMBEDDINGS
-
     return list(cfg.interpolate.select_from or EMBEDDINGS)
 
 
@@ -207,8 +205,6 @@ def readable(path: Path) -> Path:
 def link(path: Path) -> None:
     """Point the readable name at this artifact (the one made last), atomically; a file or folder already there
     under that name (a run folder from before digests) is left as it is."""
-    from common import dist
-
     name = readable(Path(path))
     if not dist.is_main() or (name.exists() and not name.is_symlink()):
         return
@@ -369,8 +365,6 @@ def main(argv: list[str]) -> None:
     if opts[:1] == ["--get"]:
         return print(" ".join(_get(cfg, k) for k in opts[1:]))
     if opts[:1] == ["--rules"]:  # one line a rule, ended by %%NL%% (make's $(shell) joins lines with spaces)
-        from common.embeddings import ASKED_FOR, variants
-
         target, seed = opts[1], int(opts[2])
         asked = opts[opts.index("--embed-as") + 1].split() if "--embed-as" in opts else ["default"]
         embed_as = [e for a in asked for e in ([v for v in variants() if v not in ASKED_FOR] if a == "default" else

@@ -20,14 +20,17 @@ import math
 import os
 import random
 import re
+import string
 import zlib
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
+from common.artifacts import atomic_file
 from common.errors import UserError
 from common.tasks import FORMATS, DefinedTask, Example, define
 
@@ -38,8 +41,6 @@ LOC_BINS = 1000  # Florence-2's <loc_0>..<loc_999>
 @functools.cache
 def catalogue() -> dict[str, DefinedTask]:
     """The paper's task pool, as definitions (configs/paper_tasks.yaml): the same schema as tasks.define."""
-    import yaml
-
     specs = yaml.safe_load(CATALOGUE.read_text())
     return {str(name): define(str(name), spec, "configs/paper_tasks.yaml", prefix="") for name, spec in specs.items()}
 
@@ -172,8 +173,6 @@ def _example(source: "_Source", f: dict) -> Example:
 
 def _columns_used(task: DefinedTask) -> dict[str, str]:
     """column -> the definition field that names it."""
-    import string
-
     used = {c: "prompt" for _, c, _, _ in string.Formatter().parse(task.prompt) if c}
     for field_name in ("answer", "image", "refs", "candidates_column"):
         if getattr(task, field_name):
@@ -381,8 +380,6 @@ def beside(path: Path, tag: str, compute) -> np.ndarray:
     stamp = np.array([stat.st_size, stat.st_mtime_ns], dtype=np.int64)
     data = compute()
     try:
-        from common.artifacts import atomic_file
-
         with atomic_file(cache) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, stamp=stamp, data=data)
@@ -443,7 +440,7 @@ def _records(fmt: str, path: Path, which: str):
         for i, (image, label, classname) in enumerate(_coop_split(path, path.stat().st_mtime_ns).get(which, ())):
             yield f"{which}[{i}]", {"image": image, "label": label, "classname": classname}
     else:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # only the hub's (parquet) tasks need it; no stage or check loads it else
 
         row = 0
         for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
@@ -466,7 +463,7 @@ def _coop_split(path: Path, mtime: int) -> dict:
 
 def _class_label_names(path: Path, column: str) -> list[str] | None:
     """The ClassLabel names `datasets` keeps in a parquet's schema metadata for this column, if any."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # as in _records
 
     meta = (pq.read_schema(path).metadata or {}).get(b"huggingface")
     feature = json.loads(meta).get("info", {}).get("features", {}).get(column, {}) if meta else {}
@@ -639,7 +636,7 @@ def fetch_hub(task: DefinedTask, split: str, root: Path) -> list[Path]:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):  # no request at all
         raise UserError(f"cannot fetch {hub.repo} ({task.name}): HF_HUB_OFFLINE is set; {fix}")
     try:
-        from huggingface_hub import HfApi, hf_hub_download
+        from huggingface_hub import HfApi, hf_hub_download  # looked up here: test_readers replaces them
 
         prefix = f"{hub.config}/" if hub.config else ""
         files = sorted(f for f in HfApi().list_repo_files(hub.repo, repo_type="dataset")

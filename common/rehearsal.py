@@ -24,7 +24,14 @@ import random
 import sys
 from pathlib import Path
 
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (BartConfig, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration,
+                          Florence2Processor, Florence2VisionConfig, GenerationConfig, PreTrainedTokenizerFast)
+
 from common import world as W
+from common.artifacts import atomic_dir
 
 SIZES = {"train": 21, "val": 9, "test": 11}  # 21 = 5 x 4 + 1: a batch of 4 leaves one example, fewer than 2 ranks
 TASK_TOKENS = ("<od>", "</od>", "<ocr>", "</ocr>", "<cap>", "</cap>", "<dcap>", "</dcap>", "<ncap>", "</ncap>",
@@ -33,8 +40,6 @@ LABELS = {"yes": "entailment", "no": "contradiction", "maybe": "neutral"}  # SNL
 
 
 def _png(scene, rng, size: int = 64, fmt: str = "PNG") -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(W.render(scene, size, rng)).save(buf, format=fmt)
     return buf.getvalue()
@@ -129,9 +134,6 @@ def build_tokenizer(texts: list[str]):
     """Byte-level BPE trained on the rehearsal's text, laid out as Florence-2-base's: <s> = 0, <pad> = 1,
     </s> = 2, <unk> = 3, the learned merges, <mask>, the 1,000 location tokens, the task tokens and <image>; a
     text is encoded as <s> text </s> (BART's template)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -149,10 +151,6 @@ def build_tokenizer(texts: list[str]):
 
 def build_checkpoint(out: Path, texts: list[str], seed: int = 0) -> Path:
     """The rehearsal checkpoint, random weights (seeded), saved as a hub checkpoint is."""
-    import torch
-    from transformers import (BartConfig, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration,
-                              Florence2Processor, Florence2VisionConfig, GenerationConfig)
-
     tok = build_tokenizer(texts)
     vision = Florence2VisionConfig(depths=[1, 1, 1, 1], embed_dim=[8, 16, 16, 32], num_heads=[1, 1, 1, 2],
                                    num_groups=[1, 1, 1, 2], mlp_ratio=1.0, patch_size=[7, 3, 3, 3],
@@ -180,8 +178,6 @@ def build_checkpoint(out: Path, texts: list[str], seed: int = 0) -> Path:
 
 def build(root: Path) -> Path:
     """Both, under root (the data first: its text trains the tokenizer); returns the checkpoint's folder."""
-    from common.artifacts import atomic_dir
-
     root = Path(root)
     with atomic_dir(root) as tmp:
         texts = write_data(tmp / "data")

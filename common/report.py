@@ -14,12 +14,16 @@ import re
 import statistics
 from pathlib import Path
 
+import numpy as np
+
 from common.artifacts import write_json, write_text
 from common.config import load_config, split_overrides
+from common.embeddings import EMBEDDINGS, described, heading, variants
 from common.errors import UserError
 from common.provenance import artifact, config_id, differs, link, readable
-from common.embeddings import EMBEDDINGS, described, heading, variants
 
+# imported where used, kept off `python -m common.report --tables` (0.2 s; make all's last step), which draws nothing:
+# common.similarity (torch, the experts: +2.9 s) and matplotlib (+0.4 s; the Agg backend chosen before pyplot)
 
 
 @dataclass(frozen=True)
@@ -138,8 +142,6 @@ def paired_ci(runs: list[dict], a: str, b: str, split: str = "test", draws: int 
     seeds (one seed's variance is unknown), where a run lacks either method's per-example scores (results
     made before they were kept for token accuracy and CIDEr), or where the runs scored different numbers of examples. Seeded: the same results give the
     same interval."""
-    import numpy as np
-
     diffs = []
     for r in runs:
         each = r.get("per_example", {}).get(split, {})
@@ -154,8 +156,6 @@ def paired_ci(runs: list[dict], a: str, b: str, split: str = "test", draws: int 
 def hierarchical_interval(d, draws: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """A hierarchical paired bootstrap interval of the mean of d (seeds x examples of paired differences), for a
     design where every seed scores the same examples: the central `level` quantiles of hierarchical_draws."""
-    import numpy as np
-
     q = (1 + level) / 2
     lo, hi = np.quantile(hierarchical_draws(d, draws, level, seed), [1 - q, q])
     return float(lo), float(hi)
@@ -169,8 +169,6 @@ def hierarchical_draws(d, draws: int = 2000, level: float = 0.95, seed: int = 0)
     example effects are shrunk by their estimated share of it, and a few seeds' spread is itself uncertain, so
     the seed effects are scaled by sqrt(S / (S - 1)) * t(S - 1) / z. tests/test_report.py checks the coverage on
     simulated studies."""
-    import numpy as np
-
     n_seeds, n = d.shape
     mean = float(d.mean())
     seed_eff, ex_eff = d.mean(1) - mean, d.mean(0) - mean
@@ -208,8 +206,6 @@ def across_interval(ds: list, draws: int = 2000, level: float = 0.95) -> tuple[f
     resamples the targets and, within each, takes one hierarchical draw; the targets' spread widened for their
     number (small_sample). It covers new targets from the pool's distribution, new seeds and new examples. None
     with fewer than two targets."""
-    import numpy as np
-
     if len(ds) < 2:
         return None
     per = np.stack([hierarchical_draws(d, draws, level, seed=i) for i, d in enumerate(ds)])  # targets x draws
@@ -485,8 +481,6 @@ def write_study(cfg, targets: list[str]) -> Path:
 def _diffs(runs: list[dict], a: str, b: str):
     """The seeds x examples array of a's per-example scores minus b's over runs, or None where any run lacks them
     (a metric that is no mean of its examples) or they scored different examples."""
-    import numpy as np
-
     rows = []
     for r in runs:
         each = r.get("per_example", {}).get("test", {})
@@ -769,9 +763,9 @@ def _whole(cfg, sim: dict) -> dict:
     its experts compared again from the embeddings, read from their caches (or from the experts' files)."""
     if "matrix" in sim:
         return sim
-    from common.similarity import similarity_matrix
+    from common.similarity import COMPUTE, similarity_matrix
 
-    how = EMBEDDINGS[sim["fisher"]["embedding"]]
+    how = COMPUTE[sim["fisher"]["embedding"]]
     as_made = dataclasses.replace(cfg, fisher=dataclasses.replace(cfg.fisher, **sim["fisher"]))
     return {**sim, "matrix": similarity_matrix(how.embed(as_made, sim["names"])[0], how.similarity)}
 

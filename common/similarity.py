@@ -1,4 +1,5 @@
-"""What the retrieval embeddings (common/embeddings.py) compute, and the similarity between tasks.
+"""What the retrieval embeddings (common/embeddings.py) compute, and the similarity between tasks: COMPUTE, one
+entry per embedding.
 
 fisher: the diagonal Fisher of an expert's own parameters, compared with π-Tuning's normalised cosine.
 weights: what the expert changed (SPoT-style): each site's weight update (LoRA B·A, IA3 scale - 1, the
@@ -10,10 +11,13 @@ import fcntl
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -104,8 +108,6 @@ SAMPLED = "sampled"  # the cache's note of which examples the Fisher took (data.
 def cached_fisher(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
     """The stored tensors (a Fisher, an expert's prototypes) if they were computed with this key (None: compute
     them)."""
-    from safetensors import safe_open
-
     if not path.is_file():
         return None
     try:
@@ -120,8 +122,6 @@ def cached_fisher(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
 def fisher_samples(cfg, names: list[str]) -> dict[str, str]:
     """Which examples each expert's cached Fisher under cfg.fisher took (its cache's note; '-' where the cache
     predates the note), for the similarity file."""
-    from safetensors import safe_open
-
     out = {}
     for name in names:
         path = fisher_cache(cfg, name)[0]
@@ -358,3 +358,26 @@ def top_k_similar(names: list[str], row: list[float], k: int) -> list[str]:
     """The k tasks most similar to names[0] (the target; itself excluded) by its similarity row, best first."""
     order = sorted(range(1, len(names)), key=lambda j: -row[j])
     return [names[j] for j in order[:k]]
+
+
+@dataclass(frozen=True)
+class Computed:
+    """How an embedding is computed. embed(cfg, names) -> ([one embedding per expert name], what it did: "2 Fisher
+    computed, 1 cached"); similarity(a, b) -> how alike two embeddings are (1 for the same task); examples(cfg,
+    names) -> {expert: which of its examples it took}, recorded in the similarity file."""
+    embed: Callable
+    similarity: Callable
+    examples: Callable | None = None
+
+
+def _each(embedding: Callable, work: str) -> Callable:
+    """embed(): a per-expert embedding over the names, no cache to report."""
+    return lambda cfg, names: ([embedding(cfg, n) for n in names], work)
+
+
+# one entry per embedding of common/embeddings.py, under its name
+COMPUTE = {
+    "fisher": Computed(fisher_embeddings, task_similarity, fisher_samples),
+    "weights": Computed(_each(weight_embedding, "weight updates"), update_similarity),
+    "prototypes": Computed(_each(prototype_embedding, "update prototypes"), prototype_similarity),
+}

@@ -14,6 +14,8 @@ import torch
 from tqdm import tqdm
 
 from common import dist
+from common.artifacts import atomic_file
+from common.device import fresh
 from common.errors import UserError
 
 
@@ -87,8 +89,6 @@ class Checkpoint:
                    cfg.debug.fail_rank)
 
     def save(self, step: int, params, opt, sched, tail: list[float]) -> None:
-        from common.artifacts import atomic_file
-
         # every rank's own RNG states (each draws its own dropout on its own share), saved by rank 0
         rng = dist.every_rank({"torch": torch.get_rng_state(),
                                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
@@ -180,8 +180,6 @@ def train_steps(loss_fn, param_groups: list[dict], batches, steps: int, grad_cli
     checkpoint.every steps (a batch source with skip(n), as data.Loader, passes the batches of the steps
     before without reading them). A NaN or inf loss (on any rank) or weight stops the stage (a UserError
     naming the field to fix) before anything is written."""
-    from common.device import fresh
-
     acc = acc or fresh("cpu", "fp32")
     acc.gradient_accumulation_steps = grad_accum
     params = [p for g in param_groups for p in g["params"]]

@@ -165,20 +165,21 @@ def test_weight_embedding_needs_no_fisher_and_no_backbone_pass(micro_copy):
     assert top_k_similar(sim["names"], formed[0], 2) == sim["top_k"]
 
 
-def test_a_new_embedding_is_one_entry_in_the_registry(micro_copy, monkeypatch):
-    """An embedding added to common/embeddings.py alone is a config choice, retrieval's embedding and one of
-    --embedding's alternatives; its similarity file says which it was."""
+def test_a_new_embedding_is_one_entry_in_each_registry(micro_copy, monkeypatch):
+    """An embedding added to common/embeddings.py (its name) and common/similarity.py (how it is computed) is a
+    config choice, retrieval's embedding and one of --embedding's alternatives; its similarity file says which."""
     from safetensors.torch import load_file
 
     from common.embeddings import EMBEDDINGS, Embedding
     from common.experts import WEIGHTS, expert_dir
+    from common.similarity import COMPUTE, Computed
 
     def norms(cfg, names):  # each expert as the norms of its saved tensors
         weights = [load_file(str(expert_dir(cfg, n) / WEIGHTS)) for n in names]
         return [torch.stack([w[k].norm() for k in sorted(w)]) for w in weights], "tensor norms"
 
-    monkeypatch.setitem(EMBEDDINGS, "norms", Embedding("norms", "norms of the expert's tensors", norms,
-                                                       lambda a, b: torch.cosine_similarity(a, b, dim=0).item()))
+    monkeypatch.setitem(EMBEDDINGS, "norms", Embedding("norms", "norms of the expert's tensors"))
+    monkeypatch.setitem(COMPUTE, "norms", Computed(norms, lambda a, b: torch.cosine_similarity(a, b, dim=0).item()))
     runs = micro_copy[0]
     args = ("embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}")
     assert "(tensor norms)" in inproc(*args, "fisher.embedding=norms").stdout

@@ -110,6 +110,15 @@ def test_weight_embedding_of_ia3_and_prefix_experts():
     assert list(u) == ["layer0", "layer1", "layer2"] and u["layer1"].tolist() == [10.0, 11.0, 12.0, 13.0]
 
 
+def test_every_embedding_named_is_computed():
+    """common/embeddings.py names the embeddings (what config accepts), common/similarity.py computes them: one
+    entry each, in the same order."""
+    from common.embeddings import EMBEDDINGS
+    from common.similarity import COMPUTE
+
+    assert list(COMPUTE) == list(EMBEDDINGS)
+
+
 def test_make_report_computes_every_embedding_but_those_asked_for_and_make_study_every_one(capsys):
     """The rules make runs come from the registry (common.provenance --rules): make report's alternatives are its
     variants but the three asked for by name, make study's (EMBED_AS=all) every one."""
