@@ -566,22 +566,64 @@ def write_loto(cfg, targets: list[str]) -> Path:
         if chosen:
             md += [f"What `pi-select` chose ({shots_label(shots)}, every target and seed): " + ", ".join(
                 f"{what} {n}" for what, n in sorted(chosen.items(), key=lambda kv: -kv[1])) + ".", ""]
+        md += default_without_target(cfg, at)
     out = cfg.run_dir / "loto.md"
     write_text(out, "\n".join(md) + "\n")
     return out
 
 
+def _selection(cfg, run: str) -> dict | None:
+    """The selection artifact's meta.json of a run (its `retrieval` and every `candidates`' validation score)."""
+    path = artifact(cfg, "interpolated", run, "" if cfg.interpolate.retrieval == "select" else "select") / "meta.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _chosen(cfg, runs: list[dict]) -> dict[str, int]:
     """How often selection chose each kind of retrieval (k = 0, or an embedding's top-k), from its artifacts."""
     counts: dict[str, int] = {}
-    for r in runs:
-        path = artifact(cfg, "interpolated", r["run"], "select") / "meta.json"
-        if cfg.interpolate.retrieval == "select":
-            path = artifact(cfg, "interpolated", r["run"]) / "meta.json"
-        if path.is_file():
-            how = json.loads(path.read_text())["retrieval"].split(": ", 1)[-1]
-            counts[how] = counts.get(how, 0) + 1
+    for meta in filter(None, (_selection(cfg, r["run"]) for r in runs)):
+        how = meta["retrieval"].split(": ", 1)[-1]
+        counts[how] = counts.get(how, 0) + 1
     return counts
+
+
+ALONE = "k = 0: the target's expert alone"
+
+
+def default_without_target(cfg, at: dict[str, list[dict]]) -> list[str]:
+    """A global default chosen by leave-one-target-out on validation: for each target, the retrieval (an
+    embedding's top-k, or k = 0) whose validation gain over k = 0, from selection's candidates, is largest on
+    average over the other targets (each target's mean over its seeds). No test score and nothing of the target
+    itself enters its row. Returns the markdown (nothing without selection artifacts)."""
+    gains: dict[str, dict[str, list[float]]] = {}  # target -> retrieval -> per-seed validation gain over k = 0
+    for t, rs in at.items():
+        for meta in filter(None, (_selection(cfg, r["run"]) for r in rs)):
+            alone = next(c["val"] for c in meta["candidates"] if not c["experts"])
+            for c in meta["candidates"]:
+                for how in c["by"]:
+                    gains.setdefault(t, {}).setdefault(how, []).append(c["val"] - alone)
+    if len(gains) < 2:
+        return []
+    means = {t: {how: statistics.mean(g) for how, g in got.items()} for t, got in gains.items()}
+    shipped = f"{cfg.fisher.embedding} top-{cfg.interpolate.top_k}"
+    md = ["A default chosen without the target (validation only): for each target, the retrieval with the largest "
+          "mean validation gain over k = 0 on the other targets (selection's candidates, each target's mean over "
+          f"seeds), and that of the shipped `{shipped}`.", "",
+          "| target | chosen on the other targets | its mean validation gain there | "
+          f"`{shipped}`'s there |", "|---|---|---|---|"]
+    picks: dict[str, int] = {}
+    for t in means:
+        others = [m for u, m in means.items() if u != t]
+        hows = set.intersection(*(set(m) for m in others))
+        on_others = {how: statistics.mean(m[how] for m in others) for how in hows}
+        # ties: k = 0 first, then the order of the names (deterministic)
+        best = max(sorted(on_others), key=lambda how: (round(on_others[how], 6), how == ALONE))
+        picks[best] = picks.get(best, 0) + 1
+        md.append(f"| {t} | {best} | {on_others[best]:+.4f} | "
+                  + (f"{on_others[shipped]:+.4f} |" if shipped in on_others else "- |"))
+    md += ["", "Chosen: " + ", ".join(f"{how} for {n} of {len(means)} targets"
+                                      for how, n in sorted(picks.items(), key=lambda kv: -kv[1])) + ".", ""]
+    return md
 
 
 def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = None) -> Path:

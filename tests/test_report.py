@@ -277,3 +277,29 @@ def test_a_one_seed_table_shows_the_value_without_a_spread():
     assert "| 8-shot (1 seed) |" in text and "| pi-tuning | 0.625 |" in text and "±" not in text
     two = table("snli-ve", "accuracy", runs + [{"shots": 8, "scores": {"target-only": 0.62, "pi-tuning": 0.635}}])
     assert "| 8-shot (2 seeds) |" in two and "| pi-tuning | 0.630 ± 0.007 |" in two
+
+
+def test_a_default_chosen_without_the_target_never_reads_the_target(monkeypatch):
+    """Leave one target out on validation: each target's row is chosen from the other targets' validation gains
+    alone. Target c favours `fisher top-1` hugely; that decides a's and b's rows, never c's own."""
+    from types import SimpleNamespace
+
+    from common import report
+
+    def meta(val_alone, weights, fisher):
+        return {"candidates": [{"experts": [], "by": [report.ALONE], "val": val_alone},
+                               {"experts": ["x", "y"], "by": ["weights top-2"], "val": val_alone + weights},
+                               {"experts": ["z"], "by": ["fisher top-1"], "val": val_alone + fisher}]}
+
+    metas = {"a-s0": meta(0.5, 0.01, 0.0), "a-s1": meta(0.6, 0.03, -0.01),
+             "b-s0": meta(0.4, 0.02, 0.0), "c-s0": meta(0.7, -0.01, 0.2)}
+    monkeypatch.setattr(report, "_selection", lambda cfg, run: metas.get(run))
+    cfg = SimpleNamespace(fisher=SimpleNamespace(embedding="weights"), interpolate=SimpleNamespace(top_k=2))
+    at = {t: [{"run": r} for r in metas if r.startswith(t)] for t in "abc"}
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:3] for line in report.default_without_target(cfg, at)
+            if line.startswith("| ") and not line.startswith("| target")}
+    assert rows["c"] == ["weights top-2", "+0.0200"]  # (a's mean 0.02 + b's 0.02) / 2: c's own -0.01 unread
+    assert rows["a"] == ["fisher top-1", "+0.1000"] and rows["b"][0] == "fisher top-1"  # c's 0.2 decides theirs
+    metas["c-s0"] = meta(0.7, -0.05, -0.5)  # on b and c together every retrieval hurts: a's default is k = 0
+    rows = [line for line in report.default_without_target(cfg, at) if line.startswith("| a |")]
+    assert rows == [f"| a | {report.ALONE} | +0.0000 | -0.0150 |"]
