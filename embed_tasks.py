@@ -9,6 +9,7 @@ With fisher.embedding=weights no Fisher is computed: the experts' saved updates 
 --embedding fisher,weights,fisher-batch,fisher-raw,fisher-passes (embeddings.variants()) computes those into
 similarity/<name>.<embedding>.json, beside the one retrieval uses (make report compares them all against the measured transfer).
 """
+
 from __future__ import annotations
 
 import gc
@@ -21,12 +22,12 @@ import time
 
 from common import data
 from common.artifacts import write_json, write_text
-from common.stage import parse_stage, run_stage, stage_parser
-from common.errors import UserError
 from common.embeddings import recorded, variants
+from common.errors import UserError
 from common.experts import current_expert, expert_name
 from common.provenance import artifact, link, made_from
 from common.similarity import COMPUTE, similarity_matrix, similarity_row, top_k_similar
+from common.stage import parse_stage, run_stage, stage_parser
 
 
 def pool_experts(cfg, target: str | None) -> list[str]:
@@ -51,20 +52,36 @@ def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:
     t0 = time.time()
     embeddings, work = how.embed(cfg, names)
     try:
-        rows = [similarity_row(embeddings, how.similarity)] if target else similarity_matrix(embeddings, how.similarity)
+        rows = (
+            [similarity_row(embeddings, how.similarity)]
+            if target
+            else similarity_matrix(embeddings, how.similarity)
+        )
     except ValueError as e:
         raise UserError(f"{cfg.path}: {e} (expert.method / backbone must be the same for all of {names})")
     path = artifact(cfg, "similarity", names[0] if target else "pool", suffix[1:])
-    result = {"names": names, "fisher": recorded(cfg.fisher), "config": cfg.to_dict(),
-              "made_from": made_from(cfg, "similarity", names[0] if target else "pool", suffix[1:])}
+    result = {
+        "names": names,
+        "fisher": recorded(cfg.fisher),
+        "config": cfg.to_dict(),
+        "made_from": made_from(cfg, "similarity", names[0] if target else "pool", suffix[1:]),
+    }
     if how.examples:  # which of each expert's examples it was embedded by (data.subset)
         result["examples"] = how.examples(cfg, names)
     if target:
-        result |= {"target": names[0], "row": rows[0], "top_k": top_k_similar(names, rows[0], cfg.interpolate.top_k)}
+        result |= {
+            "target": names[0],
+            "row": rows[0],
+            "top_k": top_k_similar(names, rows[0], cfg.interpolate.top_k),
+        }
     else:
         result["matrix"] = rows
-    csv = "task," + ",".join(names) + "\n" + "".join(
-        f"{n}," + ",".join(f"{v:.4f}" for v in row) + "\n" for n, row in zip(names, rows))
+    csv = (
+        "task,"
+        + ",".join(names)
+        + "\n"
+        + "".join(f"{n}," + ",".join(f"{v:.4f}" for v in row) + "\n" for n, row in zip(names, rows))
+    )
     write_text(path.with_suffix(".csv"), csv)
     write_json(path, result)
     link(path), link(path.with_suffix(".csv"))
@@ -75,13 +92,18 @@ def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:
 def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
     ap.add_argument("--target", help="target task: its low-shot expert joins the comparison")
-    ap.add_argument("--embedding", help=f"{', '.join(variants())}: this embedding instead of the configured "
-                    "one, written to similarity/<name>.<embedding>.json (for comparison; retrieval reads <name>.json); "
-                    "several, comma-separated, share one process (fisher,weights)")
+    ap.add_argument(
+        "--embedding",
+        help=f"{', '.join(variants())}: this embedding instead of the configured "
+        "one, written to similarity/<name>.<embedding>.json (for comparison; retrieval reads <name>.json); "
+        "several, comma-separated, share one process (fisher,weights)",
+    )
     args, cfg = parse_stage(ap)
     embeddings, known = args.embedding.split(",") if args.embedding else [], variants()
     if set(embeddings) - set(known):
-        raise UserError(f"--embedding '{args.embedding}': use {', '.join(known)} (comma-separated for several)")
+        raise UserError(
+            f"--embedding '{args.embedding}': use {', '.join(known)} (comma-separated for several)"
+        )
     names = pool_experts(cfg, args.target)
     configured = cfg.fisher
     for embedding in embeddings:

@@ -13,6 +13,7 @@ each pair-<expert> run over target-only, on each split), rebuilds <target>.json 
 <target>.md (a table per config with results on disk, this config's first; `make all` prints it) and prints
 one line. --compare "key=value ..." puts this config's results and another's side by side.
 """
+
 from __future__ import annotations
 
 import gc
@@ -31,17 +32,41 @@ from common import data, dist
 from common.artifacts import read_json, write_json, write_text
 from common.backbone import load_backbone
 from common.config import NULL, load_config, split_overrides
-from common.stage import parse_stage, run_stage, stage_parser
-from common.errors import UserError
 from common.device import accelerator
+from common.errors import UserError
 from common.expert_types import EXPERT_TYPES
-from common.experts import (MergedExpert, current_expert, expert_dir, expert_name, folded, load_expert, load_pool,
-                            unload_expert)
+from common.experts import (
+    MergedExpert,
+    current_expert,
+    expert_dir,
+    expert_name,
+    folded,
+    load_expert,
+    load_pool,
+    unload_expert,
+)
 from common.metrics import task_scores
 from common.provenance import artifact, config_id, link, made_from, readable
-from common.report import (INTERVAL, config_label, load_results, mean_sd, on_val, ordered, pack, paired_ci, scores_of,
-                           seeds, shots_label, unpack, verdict, write_loto, write_report, write_study, write_tables)
-
+from common.report import (
+    INTERVAL,
+    config_label,
+    load_results,
+    mean_sd,
+    on_val,
+    ordered,
+    pack,
+    paired_ci,
+    scores_of,
+    seeds,
+    shots_label,
+    unpack,
+    verdict,
+    write_loto,
+    write_report,
+    write_study,
+    write_tables,
+)
+from common.stage import parse_stage, run_stage, stage_parser
 
 
 def uniform_merge(cfg, base, experts: list[str]):
@@ -71,13 +96,15 @@ def methods(cfg, run: str, experts: list[str] | None) -> dict:
         if (expert_dir(cfg, f"{run}.{v}") / "meta.json").is_file():
             out[name] = ("full" if v == "full-ft" else "expert", expert_dir(cfg, f"{run}.{v}"))
     if experts is not None:
-        if cfg.evaluate.merges and len(experts) > 1:  # (π-Tuning chosen on validation may keep the target's alone)
+        if (
+            cfg.evaluate.merges and len(experts) > 1
+        ):  # (π-Tuning chosen on validation may keep the target's alone)
             out["uniform-merge"] = ("uniform", experts)
             if EXPERT_TYPES[cfg.expert.method].peft_merges:
                 out["linear-merge"], out["ties-merge"] = ("linear", experts), ("ties", experts)
         out["pi-tuning"] = ("expert", artifact(cfg, "interpolated", run))
     for d in sorted((cfg.run_dir / "interpolated").glob(f"{glob.escape(run)}.*@*")):
-        v = readable(d).name[len(run) + 1:]
+        v = readable(d).name[len(run) + 1 :]
         if not d.is_symlink() and d == artifact(cfg, "interpolated", run, v) and (d / "meta.json").is_file():
             out[v if v.startswith("pair-") else f"pi-{v}"] = ("expert", d)
     return out
@@ -92,11 +119,21 @@ def compare(cfg, target: str, against: list[str]) -> str:
     found = {"A": load_results(cfg, target), "B": load_results(other, target)}
     for side, runs in found.items():
         if not runs:
-            raise UserError(f"no results for {target} under {labels[side]}; make them first (`make report "
-                            f"TARGET={target} OVERRIDES=\"{' '.join((cfg if side == 'A' else other).overrides)}\"`)")
-    md = [f"# {target}: B against A (test {found['A'][0]['metric']})", "", f"- A: {labels['A']}", f"- B: {labels['B']}",
-          "", "Gain: B minus A on the same seed, mean ± std over the seeds both ran. " + INTERVAL, "",
-          "| shots | method | A | B | wins | B − A | 95% interval | verdict |", "|---|---|---|---|---|---|---|---|"]
+            raise UserError(
+                f"no results for {target} under {labels[side]}; make them first (`make report "
+                f'TARGET={target} OVERRIDES="{" ".join((cfg if side == "A" else other).overrides)}"`)'
+            )
+    md = [
+        f"# {target}: B against A (test {found['A'][0]['metric']})",
+        "",
+        f"- A: {labels['A']}",
+        f"- B: {labels['B']}",
+        "",
+        "Gain: B minus A on the same seed, mean ± std over the seeds both ran. " + INTERVAL,
+        "",
+        "| shots | method | A | B | wins | B − A | 95% interval | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for shots in sorted({r["shots"] for r in found["A"]} & {r["shots"] for r in found["B"]}):
         by_seed = {side: {r["seed"]: r for r in runs if r["shots"] == shots} for side, runs in found.items()}
         both = sorted(set(by_seed["A"]) & set(by_seed["B"]))
@@ -107,12 +144,17 @@ def compare(cfg, target: str, against: list[str]) -> str:
                 continue
             gains = [b["scores"][m] - a["scores"][m] for a, b in have]
             each = [(a["per_example"]["test"], b["per_example"]["test"]) for a, b in have]
-            ci = paired_ci([{"per_example": {"test": {"A": ea[m], "B": eb[m]}}} for ea, eb in each], "B", "A") \
-                if all(m in ea and m in eb for ea, eb in each) else None
-            md.append(f"| {shots_label(shots)} | {m} | {mean_sd([a['scores'][m] for a, _ in have])} | "
-                      f"{mean_sd([b['scores'][m] for _, b in have])} | {sum(g > 0 for g in gains)}/{len(gains)} | "
-                      f"{mean_sd(gains, signed=True)} | {f'[{ci[0]:+.3f}, {ci[1]:+.3f}]' if ci else '-'} | "
-                      f"{verdict(ci)} |")
+            ci = (
+                paired_ci([{"per_example": {"test": {"A": ea[m], "B": eb[m]}}} for ea, eb in each], "B", "A")
+                if all(m in ea and m in eb for ea, eb in each)
+                else None
+            )
+            md.append(
+                f"| {shots_label(shots)} | {m} | {mean_sd([a['scores'][m] for a, _ in have])} | "
+                f"{mean_sd([b['scores'][m] for _, b in have])} | {sum(g > 0 for g in gains)}/{len(gains)} | "
+                f"{mean_sd(gains, signed=True)} | {f'[{ci[0]:+.3f}, {ci[1]:+.3f}]' if ci else '-'} | "
+                f"{verdict(ci)} |"
+            )
     text = "\n".join(md) + "\n"
     write_text(cfg.run_dir / f"compare-{target}.md", text)
     return text
@@ -121,17 +163,38 @@ def compare(cfg, target: str, against: list[str]) -> str:
 def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
     ap.add_argument("--target", help="target task")
-    ap.add_argument("--transfer", action="store_true", help="only target-only and the pair-<expert> runs: write "
-                    "results/<run>.transfer.json (the transfer matrix row the oracle baseline ranks by)")
-    ap.add_argument("--report", action="store_true", help="no evaluation: write runs/<profile>/report.md + PNG "
-                    "plots from every result of this target made under this config (make report)")
-    ap.add_argument("--study", nargs="+", metavar="TARGET", help="no evaluation: write runs/<profile>/study.md over "
-                    "these targets (make study TARGETS=...)")
-    ap.add_argument("--loto", nargs="+", metavar="TARGET", help="no evaluation: write runs/<profile>/loto.md over "
-                    "these targets, each with the rest of the pool (make loto)")
-    ap.add_argument("--compare", metavar="OVERRIDES", help="no evaluation: this config's results for --target "
-                    "against those of this config with these overrides too ('interpolate.top_k=1 ...'), seed by seed "
-                    "(make compare AGAINST=...); writes runs/<profile>/compare-<target>.md")
+    ap.add_argument(
+        "--transfer",
+        action="store_true",
+        help="only target-only and the pair-<expert> runs: write "
+        "results/<run>.transfer.json (the transfer matrix row the oracle baseline ranks by)",
+    )
+    ap.add_argument(
+        "--report",
+        action="store_true",
+        help="no evaluation: write runs/<profile>/report.md + PNG "
+        "plots from every result of this target made under this config (make report)",
+    )
+    ap.add_argument(
+        "--study",
+        nargs="+",
+        metavar="TARGET",
+        help="no evaluation: write runs/<profile>/study.md over these targets (make study TARGETS=...)",
+    )
+    ap.add_argument(
+        "--loto",
+        nargs="+",
+        metavar="TARGET",
+        help="no evaluation: write runs/<profile>/loto.md over "
+        "these targets, each with the rest of the pool (make loto)",
+    )
+    ap.add_argument(
+        "--compare",
+        metavar="OVERRIDES",
+        help="no evaluation: this config's results for --target "
+        "against those of this config with these overrides too ('interpolate.top_k=1 ...'), seed by seed "
+        "(make compare AGAINST=...); writes runs/<profile>/compare-<target>.md",
+    )
     args, cfg = parse_stage(ap, reads_test=True)
     if args.study:
         for t in args.study:
@@ -165,15 +228,25 @@ def main() -> None:
         newest = max((d.stat().st_mtime for m, (_, d) in todo.items() if m.startswith("pair-")), default=0)
         row = read_json(row_path, "transfer matrix row", "delete it (make measures it again)")
         if row_path.stat().st_mtime >= newest:
-            measured = {m: {"test": a, "val": row["val_scores"][m],
-                            "each": {s: unpack(e[m]) if m in e else None for s, e in row["per_example"].items()}}
-                        for m, a in scores_of(row).items() if m.startswith("pair-") and m in todo}
+            measured = {
+                m: {
+                    "test": a,
+                    "val": row["val_scores"][m],
+                    "each": {s: unpack(e[m]) if m in e else None for s, e in row["per_example"].items()},
+                }
+                for m, a in scores_of(row).items()
+                if m.startswith("pair-") and m in todo
+            }
     todo = {m: v for m, v in todo.items() if m not in measured}
 
     accel = accelerator(cfg)
-    base, processor = load_backbone(cfg, accel.device)  # loaded once; each method's expert goes in and comes out
+    base, processor = load_backbone(
+        cfg, accel.device
+    )  # loaded once; each method's expert goes in and comes out
     # every method scores the same batches; answers as the checkpoint emits them (its generation config)
-    enc = data.Encoder(processor, accel.device, keep_mb=cfg.feature_cache_mb, generation=base.generation_config)
+    enc = data.Encoder(
+        processor, accel.device, keep_mb=cfg.feature_cache_mb, generation=base.generation_config
+    )
     data.check_words(cfg, args.target, enc.tok.get_vocab(), *splits.values())
     scores, each, used = {s: {} for s in splits}, {s: {} for s in splits}, {}
     for m, (kind, what) in todo.items():
@@ -188,12 +261,16 @@ def main() -> None:
             model = peft_merge(cfg, base, what, kind)
         else:
             model = base
-        with folded(model):  # LoRA, DoRA, IA3: scored with the update in the weights (the same function, faster)
+        with folded(
+            model
+        ):  # LoRA, DoRA, IA3: scored with the update in the weights (the same function, faster)
             for s, exs in splits.items():
                 if s == "val" and not (on_val(m) and cfg.evaluate.validation):
                     continue
                 with accel.autocast():
-                    metric, scores[s][m], each[s][m] = task_scores(model, enc, task, exs, cfg.evaluate.batch_size)
+                    metric, scores[s][m], each[s][m] = task_scores(
+                        model, enc, task, exs, cfg.evaluate.batch_size
+                    )
         if model is not base and kind != "full":
             base = unload_expert(model)
     for m, got in measured.items():
@@ -203,30 +280,53 @@ def main() -> None:
     if not dist.is_main():  # every rank holds the whole accuracies; rank 0 writes them and rebuilds the table
         return
 
-    transfer = {s: {m[5:]: round(a - sc["target-only"], 4) for m, a in sc.items() if m.startswith("pair-")}
-                for s, sc in scores.items()}
-    control = {s: row.pop(NULL, None) for s, row in transfer.items()}  # pair-null: the row's control, not a pool expert
-    result = {"target": args.target, "run": run, "shots": shots, "seed": cfg.seed, "metric": metric,
-              "test_size": len(splits["test"]), "val_size": len(splits["val"]), "experts": experts,
-              "scores": acc, "val_scores": scores["val"], "transfer": transfer["test"], "val_transfer": transfer["val"],
-              **({"control": control["test"], "val_control": control["val"]} if control["test"] is not None else {}),
-              "per_example": {s: {m: pack(e) for m, e in got.items() if e is not None} for s, got in each.items()},
-              "experts_by_method": {m: e for m, e in used.items() if e}, "seconds": round(time.time() - t0, 1),
-              "config": cfg.to_dict(), "config_id": config_id(cfg),
-              "made_from": made_from(cfg, "transfer" if args.transfer else "result", run)}
+    transfer = {
+        s: {m[5:]: round(a - sc["target-only"], 4) for m, a in sc.items() if m.startswith("pair-")}
+        for s, sc in scores.items()
+    }
+    control = {
+        s: row.pop(NULL, None) for s, row in transfer.items()
+    }  # pair-null: the row's control, not a pool expert
+    result = {
+        "target": args.target,
+        "run": run,
+        "shots": shots,
+        "seed": cfg.seed,
+        "metric": metric,
+        "test_size": len(splits["test"]),
+        "val_size": len(splits["val"]),
+        "experts": experts,
+        "scores": acc,
+        "val_scores": scores["val"],
+        "transfer": transfer["test"],
+        "val_transfer": transfer["val"],
+        **(
+            {"control": control["test"], "val_control": control["val"]} if control["test"] is not None else {}
+        ),
+        "per_example": {s: {m: pack(e) for m, e in got.items() if e is not None} for s, got in each.items()},
+        "experts_by_method": {m: e for m, e in used.items() if e},
+        "seconds": round(time.time() - t0, 1),
+        "config": cfg.to_dict(),
+        "config_id": config_id(cfg),
+        "made_from": made_from(cfg, "transfer" if args.transfer else "result", run),
+    }
     if args.transfer:
         write_json(row_path, result)
         link(row_path)
-        return print(f"transfer over target-only ({acc['target-only']:.3f}): "
-                     + ", ".join(f"{s} {v:+.3f}" for s, v in sorted(transfer["test"].items(), key=lambda x: -x[1]))
-                     + (f" | control (pair-{NULL}) {control['test']:+.3f}" if control["test"] is not None else ""))
+        return print(
+            f"transfer over target-only ({acc['target-only']:.3f}): "
+            + ", ".join(f"{s} {v:+.3f}" for s, v in sorted(transfer["test"].items(), key=lambda x: -x[1]))
+            + (f" | control (pair-{NULL}) {control['test']:+.3f}" if control["test"] is not None else "")
+        )
     path = artifact(cfg, "result", run)
     write_json(path, result)
     link(path)
     table = write_tables(cfg, args.target)
     line = ", ".join(f"{m} {acc[m]:.3f}" for m in ordered([result]))
-    print(f"evaluated {run} ({metric}, {len(splits['test'])} test examples): {line}; {time.time() - t0:.0f}s -> "
-          f"{table} ({seeds(len(load_results(cfg, args.target)))} under this config)")
+    print(
+        f"evaluated {run} ({metric}, {len(splits['test'])} test examples): {line}; {time.time() - t0:.0f}s -> "
+        f"{table} ({seeds(len(load_results(cfg, args.target)))} under this config)"
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ train_experts=false) train on the whole split with the weights fixed. LoRA updat
 Writes runs/<profile>/interpolated/<target>-<shots>shot-s<seed>/: one ordinary expert of the
 configured method (peft dir, or adapter dir), weights.json (final weights per group) and meta.json.
 """
+
 from __future__ import annotations
 
 import gc
@@ -26,19 +27,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from common import data
 from common.artifacts import atomic_dir, read_json, write_json
 from common.backbone import backbone_dir, fingerprint, load_backbone
 from common.config import NULL
-from common.stage import parse_stage, run_stage, stage_parser
-from common.errors import UserError
 from common.device import accelerator
-from common.expert_types import EXPERT_TYPES
 from common.embeddings import EMBEDDINGS
-from common.experts import MergedExpert, expert_dir, expert_name, folded, load_expert, load_pool, unload_expert
+from common.errors import UserError
+from common.expert_types import EXPERT_TYPES
+from common.experts import (
+    MergedExpert,
+    expert_dir,
+    expert_name,
+    folded,
+    load_expert,
+    load_pool,
+    unload_expert,
+)
 from common.metrics import task_scores
 from common.provenance import artifact, link, made_from, parse_run
 from common.similarity import top_k_similar
+from common.stage import parse_stage, run_stage, stage_parser
 from common.training import Checkpoint, checkpointing, train_steps
 
 
@@ -52,31 +62,56 @@ def variant(cfg, name: str, run: str, pool: list[str], retrieved) -> tuple[list[
     if name == "frozen":
         return retrieved(), how, False
     if name == "random":  # a seeded draw: each seed its own random set
-        return random.Random(f"random-{cfg.seed}").sample(pool, min(ic.top_k, len(pool))), "random", ic.train_experts
+        return (
+            random.Random(f"random-{cfg.seed}").sample(pool, min(ic.top_k, len(pool))),
+            "random",
+            ic.train_experts,
+        )
     if name == "oracle":  # an upper bound: the experts that measurably help most on this run's test split
         path = artifact(cfg, "transfer", run)
         target = parse_run(run)["task"]
-        fix = (f"run `{cfg.command('interpolate.py', '--target', target, '--variant', 'pairs')}`, then "
-               f"`{cfg.command('evaluate.py', '--target', target, '--transfer')}` (make report does)")
+        fix = (
+            f"run `{cfg.command('interpolate.py', '--target', target, '--variant', 'pairs')}`, then "
+            f"`{cfg.command('evaluate.py', '--target', target, '--transfer')}` (make report does)"
+        )
         transfer = read_json(path, "transfer matrix row", fix).get("transfer", {})
         if len(transfer) < len(pool):
-            raise UserError(f"{path}: transfer measured for {len(transfer)} of {len(pool)} pool experts; {fix}")
-        return sorted(pool, key=lambda s: -transfer[s])[:ic.top_k], "oracle (measured transfer)", ic.train_experts
-    if name == "paper":  # the paper's retrieval: top-k by the Fisher embedding, whatever fisher.embedding says
+            raise UserError(
+                f"{path}: transfer measured for {len(transfer)} of {len(pool)} pool experts; {fix}"
+            )
+        return (
+            sorted(pool, key=lambda s: -transfer[s])[: ic.top_k],
+            "oracle (measured transfer)",
+            ic.train_experts,
+        )
+    if (
+        name == "paper"
+    ):  # the paper's retrieval: top-k by the Fisher embedding, whatever fisher.embedding says
         path = artifact(cfg, "similarity", run, "fisher")
         fix = f"run `{cfg.command('embed_tasks.py', '--target', parse_run(run)['task'], '--embedding', 'fisher')}`"
         sim = read_json(path, "similarity", f"{fix} (make does)")
-        return top_k_similar(sim["names"], sim["row"], ic.top_k), f"top-{ic.top_k} by the Fisher (the paper's)", \
-            ic.train_experts
+        return (
+            top_k_similar(sim["names"], sim["row"], ic.top_k),
+            f"top-{ic.top_k} by the Fisher (the paper's)",
+            ic.train_experts,
+        )
     if name.startswith("pair-") and name[5:] in pool:
         return [name[5:]], "one expert (transfer matrix)", ic.train_experts
     if name == f"pair-{NULL}":  # the transfer row's control: the same run with nothing to add
         if EXPERT_TYPES[cfg.expert.method].null is None:
-            raise UserError(f"--variant pair-{NULL}: expert.method={cfg.expert.method} has no expert that changes "
-                            f"nothing (lora, adapter and ia3 have); leave pair-{NULL} out")
-        return [NULL], "nothing (an expert that changes nothing: the transfer row's control)", ic.train_experts
-    raise UserError(f"--variant '{name}': use pi, random, oracle, frozen, paper, select, pairs, pair-{NULL} or "
-                    f"pair-<expert> with one of {', '.join(pool)}")
+            raise UserError(
+                f"--variant pair-{NULL}: expert.method={cfg.expert.method} has no expert that changes "
+                f"nothing (lora, adapter and ia3 have); leave pair-{NULL} out"
+            )
+        return (
+            [NULL],
+            "nothing (an expert that changes nothing: the transfer row's control)",
+            ic.train_experts,
+        )
+    raise UserError(
+        f"--variant '{name}': use pi, random, oracle, frozen, paper, select, pairs, pair-{NULL} or "
+        f"pair-<expert> with one of {', '.join(pool)}"
+    )
 
 
 def due_pairs(cfg, run: str, pool: list[str]) -> list[str]:
@@ -86,10 +121,15 @@ def due_pairs(cfg, run: str, pool: list[str]) -> list[str]:
     due = []
     for other in pool + control:
         made = artifact(cfg, "interpolated", run, f"pair-{other}") / "meta.json"
-        inputs = [expert_dir(cfg, run), *([expert_dir(cfg, f"{run}.fold")] if cfg.interpolate.holdout else []),
-                  *([] if other == NULL else [expert_dir(cfg, other)])]
-        if not made.is_file() or any((d / "meta.json").is_file() and (d / "meta.json").stat().st_mtime_ns >
-                                     made.stat().st_mtime_ns for d in inputs):
+        inputs = [
+            expert_dir(cfg, run),
+            *([expert_dir(cfg, f"{run}.fold")] if cfg.interpolate.holdout else []),
+            *([] if other == NULL else [expert_dir(cfg, other)]),
+        ]
+        if not made.is_file() or any(
+            (d / "meta.json").is_file() and (d / "meta.json").stat().st_mtime_ns > made.stat().st_mtime_ns
+            for d in inputs
+        ):
             due.append(f"pair-{other}")
     return due
 
@@ -97,6 +137,7 @@ def due_pairs(cfg, run: str, pool: list[str]) -> list[str]:
 @dataclass
 class Mixed:
     """A trained mix on the loaded backbone (merge.model holds it until unloaded) and what the artifact records."""
+
     merge: MergedExpert
     logits: torch.Tensor
     loss: float
@@ -105,7 +146,9 @@ class Mixed:
     checkpoints: list
 
 
-def mix(cfg, acc, model, enc, target: str, run: str, experts: list[str], train_experts: bool, out: Path) -> Mixed:
+def mix(
+    cfg, acc, model, enc, target: str, run: str, experts: list[str], train_experts: bool, out: Path
+) -> Mixed:
     """Train the interpolation of `experts` (the target's first) on the target's shots, seeded as if alone, its
     checkpoints beside `out`."""
     ic, shots = cfg.interpolate, cfg.tasks.target_shots
@@ -119,25 +162,41 @@ def mix(cfg, acc, model, enc, target: str, run: str, experts: list[str], train_e
             weights.append(kind.null(weights[0]))
         return MergedExpert(model, cfg.expert, weights, ic.groups, trainable=trainable, frozen=frozen)
 
-    def fit(merge: MergedExpert, train, learn_logits: bool, learn_experts: bool, ckpt: Checkpoint, desc: str) -> float:
+    def fit(
+        merge: MergedExpert, train, learn_logits: bool, learn_experts: bool, ckpt: Checkpoint, desc: str
+    ) -> float:
         merge.model.train()
         groups = [{"params": [logits], "lr": ic.logits_lr}] if learn_logits else []
         if learn_experts:
             groups.append({"params": list(merge.stack.parameters()), "lr": ic.lr})
         batches = data.train_batches(cfg, train, ic.batch_size, cfg.seed, enc, "interpolate.batch_size", desc)
-        return train_steps(lambda inputs: merge(logits, **inputs).loss, groups, batches, ic.steps, ic.grad_clip,
-                           warmup=min(20, ic.steps // 10), desc=desc, acc=acc, grad_accum=ic.grad_accum,
-                           lr_field="interpolate.lr" if learn_experts else "interpolate.logits_lr",
-                           checkpoint=ckpt, log_every=cfg.log_every)
+        return train_steps(
+            lambda inputs: merge(logits, **inputs).loss,
+            groups,
+            batches,
+            ic.steps,
+            ic.grad_clip,
+            warmup=min(20, ic.steps // 10),
+            desc=desc,
+            acc=acc,
+            grad_accum=ic.grad_accum,
+            lr_field="interpolate.lr" if learn_experts else "interpolate.logits_lr",
+            checkpoint=ckpt,
+            log_every=cfg.log_every,
+        )
 
     ckpts = [Checkpoint.beside(out, ic.checkpoint_every, cfg)]
     desc = f"interpolate {run}"
     train = data.train_split(cfg, target, shots, cfg.seed)
     mix_on = data.fold_split(cfg, train, cfg.seed)[1] if ic.holdout else train
     # stacking (holdout): the mix learns on examples that the target's expert in it (the fold expert) never saw
-    merge = stack([f"{run}.fold" if e == run and ic.holdout else e for e in experts],
-                  trainable=train_experts and not ic.holdout)
-    logits = torch.zeros(len(merge.group_names), len(experts), device=acc.device, requires_grad=True)  # uniform
+    merge = stack(
+        [f"{run}.fold" if e == run and ic.holdout else e for e in experts],
+        trainable=train_experts and not ic.holdout,
+    )
+    logits = torch.zeros(
+        len(merge.group_names), len(experts), device=acc.device, requires_grad=True
+    )  # uniform
     loss = fit(merge, mix_on, True, train_experts and not ic.holdout, ckpts[0], desc)
     if ic.holdout:  # those weights on the expert fitted to every example; trained experts then fit them all
         unload_expert(merge.model)
@@ -149,35 +208,72 @@ def mix(cfg, acc, model, enc, target: str, run: str, experts: list[str], train_e
     return Mixed(merge, logits, loss, len(train), len(mix_on), ckpts)
 
 
-def write(cfg, mixed: Mixed, out: Path, target: str, run: str, name: str, experts: list[str], how: str,
-          train_experts: bool, t0: float, extra: dict | None = None) -> str:
+def write(
+    cfg,
+    mixed: Mixed,
+    out: Path,
+    target: str,
+    run: str,
+    name: str,
+    experts: list[str],
+    how: str,
+    train_experts: bool,
+    t0: float,
+    extra: dict | None = None,
+) -> str:
     """Export a trained mix as ONE ordinary expert at `out` (+ weights.json, meta.json), unload it from the backbone
     and return the stage's summary line."""
     ic, merge = cfg.interpolate, mixed.merge
     probs = torch.softmax(mixed.logits.detach(), dim=-1)
     with atomic_dir(out) as tmp:
         merge.export(mixed.logits).save_pretrained(tmp)
-        write_json(tmp / "weights.json", {"experts": experts, "groups": {
-            g: dict(zip(experts, p.tolist())) for g, p in zip(merge.group_names, probs)}})
-        write_json(tmp / "meta.json", {
-            "target": target, "run": run, "experts": experts, "shots": cfg.tasks.target_shots, "seed": cfg.seed,
-            "retrieval": how, "variant": name, "method": cfg.expert.method,
-            "train_size": mixed.train_size, "mix_size": mixed.mix_size, "groups": ic.groups,
-            "num_groups": len(merge.group_names), "train_experts": train_experts, "steps": ic.steps,
-            "final_loss": mixed.loss, "mean_weights": dict(zip(experts, probs.mean(0).tolist())),
-            "backbone": fingerprint(backbone_dir(cfg)), "seconds": round(time.time() - t0, 1), "config": cfg.to_dict(),
-            "made_from": made_from(cfg, "interpolated", run, name), **(extra or {})})
+        write_json(
+            tmp / "weights.json",
+            {
+                "experts": experts,
+                "groups": {g: dict(zip(experts, p.tolist())) for g, p in zip(merge.group_names, probs)},
+            },
+        )
+        write_json(
+            tmp / "meta.json",
+            {
+                "target": target,
+                "run": run,
+                "experts": experts,
+                "shots": cfg.tasks.target_shots,
+                "seed": cfg.seed,
+                "retrieval": how,
+                "variant": name,
+                "method": cfg.expert.method,
+                "train_size": mixed.train_size,
+                "mix_size": mixed.mix_size,
+                "groups": ic.groups,
+                "num_groups": len(merge.group_names),
+                "train_experts": train_experts,
+                "steps": ic.steps,
+                "final_loss": mixed.loss,
+                "mean_weights": dict(zip(experts, probs.mean(0).tolist())),
+                "backbone": fingerprint(backbone_dir(cfg)),
+                "seconds": round(time.time() - t0, 1),
+                "config": cfg.to_dict(),
+                "made_from": made_from(cfg, "interpolated", run, name),
+                **(extra or {}),
+            },
+        )
     link(out)
     for ckpt in mixed.checkpoints:
         ckpt.done()
     unload_expert(merge.model)
     mean = ", ".join(f"{e} {p:.2f}" for e, p in zip(experts, probs.mean(0).tolist()))
-    return (f"interpolated {out.name} ({cfg.expert.method}, {how}): {len(merge.group_names)} groups, mean weights "
-            f"[{mean}], loss {mixed.loss:.3f}, {time.time() - t0:.0f}s -> {out}")
+    return (
+        f"interpolated {out.name} ({cfg.expert.method}, {how}): {len(merge.group_names)} groups, mean weights "
+        f"[{mean}], loss {mixed.loss:.3f}, {time.time() - t0:.0f}s -> {out}"
+    )
 
 
-def interpolate(cfg, acc, model, enc, target: str, run: str, name: str, experts: list[str], how: str,
-                train_experts: bool) -> str:
+def interpolate(
+    cfg, acc, model, enc, target: str, run: str, name: str, experts: list[str], how: str, train_experts: bool
+) -> str:
     """One π-Tuning run (or baseline run) on the loaded backbone, written to interpolated/<run>[.<name>]@<digest>/;
     the backbone comes back unchanged, so one process can do several. Returns its summary line."""
     t0, out = time.time(), artifact(cfg, "interpolated", run, name)
@@ -195,8 +291,10 @@ def candidate_sets(cfg, run: str) -> list[dict]:
         sim = read_json(path, "similarity", fix)
         for k in sorted(ic.select_k):
             sets.setdefault(tuple(top_k_similar(sim["names"], sim["row"], k)), []).append(f"{emb} top-{k}")
-    return [{"experts": list(e), "by": by or ["k = 0: the target's expert alone"]}
-            for e, by in sorted(sets.items(), key=lambda kv: len(kv[0]))]
+    return [
+        {"experts": list(e), "by": by or ["k = 0: the target's expert alone"]}
+        for e, by in sorted(sets.items(), key=lambda kv: len(kv[0]))
+    ]
 
 
 def select(cfg, acc, model, enc, target: str, run: str, name: str) -> str:
@@ -232,37 +330,64 @@ def select(cfg, acc, model, enc, target: str, run: str, name: str) -> str:
             for ckpt in mixed.checkpoints:
                 ckpt.done()
         model = unload_expert(scored)
-    print(f"select {run} on validation ({metric}, {len(val)} examples): "
-          + ", ".join(f"[{', '.join(c['experts']) or 'alone'}] {c['val']:.3f}" for c in candidates), flush=True)
+    print(
+        f"select {run} on validation ({metric}, {len(val)} examples): "
+        + ", ".join(f"[{', '.join(c['experts']) or 'alone'}] {c['val']:.3f}" for c in candidates),
+        flush=True,
+    )
     meta = read_json(work / "meta.json", "candidate", "run it again")
     how = f"selected on validation: {' / '.join(best['by'])}"
     with atomic_dir(out) as tmp:
         for f in work.iterdir():
             if f.name != "meta.json":
                 shutil.copy2(f, tmp / f.name)
-        write_json(tmp / "meta.json", {
-            **(meta if best["experts"] else {"target": target, "run": run, "shots": cfg.tasks.target_shots,
-                                              "seed": cfg.seed, "method": cfg.expert.method,
-                                              "backbone": fingerprint(backbone_dir(cfg)), "config": cfg.to_dict()}),
-            "experts": [run, *best["experts"]], "retrieval": how, "variant": name, "candidates": candidates,
-            "seconds": round(time.time() - t0, 1), "made_from": made_from(cfg, "interpolated", run, name)})
+        write_json(
+            tmp / "meta.json",
+            {
+                **(
+                    meta
+                    if best["experts"]
+                    else {
+                        "target": target,
+                        "run": run,
+                        "shots": cfg.tasks.target_shots,
+                        "seed": cfg.seed,
+                        "method": cfg.expert.method,
+                        "backbone": fingerprint(backbone_dir(cfg)),
+                        "config": cfg.to_dict(),
+                    }
+                ),
+                "experts": [run, *best["experts"]],
+                "retrieval": how,
+                "variant": name,
+                "candidates": candidates,
+                "seconds": round(time.time() - t0, 1),
+                "made_from": made_from(cfg, "interpolated", run, name),
+            },
+        )
     link(out)
     shutil.rmtree(work, ignore_errors=True)
-    return f"interpolated {out.name} ({cfg.expert.method}, {how}): val {metric} {best['val']:.3f}, " \
-           f"{len(candidates)} candidates, {time.time() - t0:.0f}s -> {out}"
+    return (
+        f"interpolated {out.name} ({cfg.expert.method}, {how}): val {metric} {best['val']:.3f}, "
+        f"{len(candidates)} candidates, {time.time() - t0:.0f}s -> {out}"
+    )
 
 
 def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
     ap.add_argument("--target", required=True, help="target task (its low-shot expert must exist)")
-    ap.add_argument("--variant", default="pi", help="pi (π-Tuning as configured, interpolated/<run>@<d>/), or a "
-                    "baseline run instead, written to interpolated/<run>.<variant>@<d>/: random (k seeded random pool "
-                    "experts), oracle (the k best by measured transfer), frozen (experts not trained), paper (top-k by "
-                    "the Fisher embedding, the paper's retrieval), select (the retrieval chosen on the target's "
-                    "validation split: interpolate.retrieval=select's), pair-<expert> (that expert alone: one cell "
-                    "of the transfer matrix), pair-null (an expert that adds nothing: the row's control), pairs (every "
-                    "pair run missing or older than its experts); several, comma-separated, share one backbone load "
-                    "(pi,random,frozen)")
+    ap.add_argument(
+        "--variant",
+        default="pi",
+        help="pi (π-Tuning as configured, interpolated/<run>@<d>/), or a "
+        "baseline run instead, written to interpolated/<run>.<variant>@<d>/: random (k seeded random pool "
+        "experts), oracle (the k best by measured transfer), frozen (experts not trained), paper (top-k by "
+        "the Fisher embedding, the paper's retrieval), select (the retrieval chosen on the target's "
+        "validation split: interpolate.retrieval=select's), pair-<expert> (that expert alone: one cell "
+        "of the transfer matrix), pair-null (an expert that adds nothing: the row's control), pairs (every "
+        "pair run missing or older than its experts); several, comma-separated, share one backbone load "
+        "(pi,random,frozen)",
+    )
     args, cfg = parse_stage(ap)
     data.task(cfg, args.target, where="--target")
     ic = cfg.interpolate
@@ -270,28 +395,42 @@ def main() -> None:
     pool = [t for t in cfg.tasks.pool if t != args.target]
     for name in ic.experts:
         if name not in pool:
-            raise UserError(f"{cfg.path}: interpolate.experts names '{name}', not a pool expert of {run} "
-                            f"(pool: {', '.join(pool)})")
+            raise UserError(
+                f"{cfg.path}: interpolate.experts names '{name}', not a pool expert of {run} "
+                f"(pool: {', '.join(pool)})"
+            )
 
     def retrieved() -> list[str]:
         if ic.experts:
             return list(ic.experts)
         path = artifact(cfg, "similarity", run)
-        sim = read_json(path, "similarity", f"run `{cfg.command('embed_tasks.py', '--target', args.target)}` (make "
-                        f"does)")
+        sim = read_json(
+            path, "similarity", f"run `{cfg.command('embed_tasks.py', '--target', args.target)}` (make does)"
+        )
         return top_k_similar(sim["names"], sim["row"] if "row" in sim else sim["matrix"][0], ic.top_k)
 
     if ic.holdout and not (expert_dir(cfg, f"{run}.fold") / "meta.json").is_file():
-        fold = cfg.command("train_expert.py", "--task", args.target, "--shots", str(cfg.tasks.target_shots), "--variant",
-                           "fold")
-        raise UserError(f"{expert_dir(cfg, f'{run}.fold')}: not found; {cfg.path}: field 'interpolate.holdout' is "
-                        f"{ic.holdout}, so the mix needs the target's expert refitted without the examples it holds "
-                        f"out: run `{fold}` (make does)")
+        fold = cfg.command(
+            "train_expert.py",
+            "--task",
+            args.target,
+            "--shots",
+            str(cfg.tasks.target_shots),
+            "--variant",
+            "fold",
+        )
+        raise UserError(
+            f"{expert_dir(cfg, f'{run}.fold')}: not found; {cfg.path}: field 'interpolate.holdout' is "
+            f"{ic.holdout}, so the mix needs the target's expert refitted without the examples it holds "
+            f"out: run `{fold}` (make does)"
+        )
     names = []
     for v in args.variant.split(","):
         names += due_pairs(cfg, run, pool) if v == "pairs" else ["" if v == "pi" else v]
     chosen = {"select"} | ({""} if ic.retrieval == "select" else set())  # runs chosen on validation
-    todo = [(v, *(variant(cfg, v, run, pool, retrieved) if v not in chosen else ([], "", False))) for v in names]
+    todo = [
+        (v, *(variant(cfg, v, run, pool, retrieved) if v not in chosen else ([], "", False))) for v in names
+    ]
     for v in (v for v in names if v in chosen):
         candidate_sets(cfg, run)  # every similarity it needs is there: checked before training
     if not todo:
@@ -300,13 +439,19 @@ def main() -> None:
     model, processor = load_backbone(cfg, acc.device)
     checkpointing(model, ic.gradient_checkpointing)
     # selection scores the same batches; answers as the checkpoint emits them (its generation config)
-    enc = data.Encoder(processor, acc.device, keep_mb=cfg.feature_cache_mb, generation=model.generation_config)
+    enc = data.Encoder(
+        processor, acc.device, keep_mb=cfg.feature_cache_mb, generation=model.generation_config
+    )
     for name, pool_experts, how, train_experts in todo:
         if name in chosen:
             print(select(cfg, acc, model, enc, args.target, run, name), flush=True)
         else:
-            print(interpolate(cfg, acc, model, enc, args.target, run, name, [run] + pool_experts, how, train_experts),
-                  flush=True)
+            print(
+                interpolate(
+                    cfg, acc, model, enc, args.target, run, name, [run] + pool_experts, how, train_experts
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 
 Writes runs/<profile>/experts/<name>/ (peft adapter dir + meta.json), or runs/<profile>/backbone/.
 """
+
 from __future__ import annotations
 
 import gc
@@ -20,17 +21,22 @@ import time
 
 import torch
 
-from common import data
-from common import world as W
+from common import data, world as W
 from common.artifacts import atomic_dir, write_json
-from common.backbone import (backbone_dir, build_model, build_processor, fingerprint,
-                             init_unseen_embeddings, load_backbone)
-from common.stage import parse_stage, run_stage, stage_parser
-from common.errors import UserError
+from common.backbone import (
+    backbone_dir,
+    build_model,
+    build_processor,
+    fingerprint,
+    init_unseen_embeddings,
+    load_backbone,
+)
 from common.device import accelerator
+from common.errors import UserError
 from common.experts import attach, expert_dir, expert_name, learning_rate
-from common.provenance import artifact, link, made_from
 from common.metrics import task_metric, token_accuracy
+from common.provenance import artifact, link, made_from
+from common.stage import parse_stage, run_stage, stage_parser
 from common.training import Checkpoint, checkpointing, train_steps
 
 
@@ -53,7 +59,11 @@ def pretrain(cfg) -> None:
     rng = random.Random(0)
 
     def batches():
-        task_cycle = ["pt-caption", "pt-caption", "pt-infill"]  # infilling is learned fast; captions need the image
+        task_cycle = [
+            "pt-caption",
+            "pt-caption",
+            "pt-infill",
+        ]  # infilling is learned fast; captions need the image
         step = 0
         while True:
             task = data.PRETRAIN_TASKS[task_cycle[step % len(task_cycle)]]
@@ -63,9 +73,21 @@ def pretrain(cfg) -> None:
     model.train()
     t0 = time.time()
     ckpt = Checkpoint.beside(out, pc.checkpoint_every, cfg)
-    loss = train_steps(lambda b: model(**enc.batch(b)).loss, [{"params": list(model.parameters()), "lr": pc.lr}],
-                       batches(), pc.steps, pc.grad_clip, pc.warmup, desc="pretrain backbone", lr_field="pretrain.lr",
-                       acc=acc, grad_accum=pc.grad_accum, checkpoint=ckpt, log_every=cfg.log_every, count=enc.targets)
+    loss = train_steps(
+        lambda b: model(**enc.batch(b)).loss,
+        [{"params": list(model.parameters()), "lr": pc.lr}],
+        batches(),
+        pc.steps,
+        pc.grad_clip,
+        pc.warmup,
+        desc="pretrain backbone",
+        lr_field="pretrain.lr",
+        acc=acc,
+        grad_accum=pc.grad_accum,
+        checkpoint=ckpt,
+        log_every=cfg.log_every,
+        count=enc.targets,
+    )
     model.eval()
     checkpointing(model, False)
 
@@ -83,17 +105,31 @@ def pretrain(cfg) -> None:
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        write_json(tmp / "meta.json", {
-            "kind": "embedded-florence2", "params": sum(p.numel() for p in model.parameters()),
-            "vocab_size": len(vocab), "image_tokens": n_image_tokens, "steps": pc.steps, "final_loss": loss,
-            "val_token_accuracy": accuracy, "val_caption_word_accuracy": attrs, "new_label_tokens": n_new,
-            "seconds": round(time.time() - t0, 1), "config": cfg.to_dict(), "made_from": made_from(cfg, "backbone")})
+        write_json(
+            tmp / "meta.json",
+            {
+                "kind": "embedded-florence2",
+                "params": sum(p.numel() for p in model.parameters()),
+                "vocab_size": len(vocab),
+                "image_tokens": n_image_tokens,
+                "steps": pc.steps,
+                "final_loss": loss,
+                "val_token_accuracy": accuracy,
+                "val_caption_word_accuracy": attrs,
+                "new_label_tokens": n_new,
+                "seconds": round(time.time() - t0, 1),
+                "config": cfg.to_dict(),
+                "made_from": made_from(cfg, "backbone"),
+            },
+        )
     link(out)
     ckpt.done()
-    print(f"backbone: {out} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | "
-          f"caption token acc {accuracy['pt-caption']:.3f} ({', '.join(f'{k} {v:.2f}' for k, v in attrs.items())}) | "
-          f"infill {accuracy['pt-infill']:.3f} | "
-          f"{time.time() - t0:.0f}s")
+    print(
+        f"backbone: {out} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | "
+        f"caption token acc {accuracy['pt-caption']:.3f} ({', '.join(f'{k} {v:.2f}' for k, v in attrs.items())}) | "
+        f"infill {accuracy['pt-infill']:.3f} | "
+        f"{time.time() - t0:.0f}s"
+    )
 
 
 def record_backbone(cfg) -> None:
@@ -103,21 +139,38 @@ def record_backbone(cfg) -> None:
     model, processor = load_backbone(cfg)
     out = artifact(cfg, "backbone")
     with atomic_dir(out) as tmp:
-        write_json(tmp / "meta.json", {
-            "kind": model.config.model_type, "source": cfg.backbone.source,
-            "fingerprint": fingerprint(backbone_dir(cfg)), "params": sum(p.numel() for p in model.parameters()),
-            "config": cfg.to_dict(), "made_from": made_from(cfg, "backbone")})
+        write_json(
+            tmp / "meta.json",
+            {
+                "kind": model.config.model_type,
+                "source": cfg.backbone.source,
+                "fingerprint": fingerprint(backbone_dir(cfg)),
+                "params": sum(p.numel() for p in model.parameters()),
+                "config": cfg.to_dict(),
+                "made_from": made_from(cfg, "backbone"),
+            },
+        )
     link(out)
-    print(f"backbone: {cfg.backbone.source} ({model.config.model_type}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params) loads | {time.time() - t0:.0f}s -> {out}")
+    print(
+        f"backbone: {cfg.backbone.source} ({model.config.model_type}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params) loads | {time.time() - t0:.0f}s -> {out}"
+    )
 
 
 @torch.no_grad()
 def attribute_probe(model, enc, exs, batch_size: int = 200) -> dict[str, float]:
     """Teacher-forced accuracy on the caption words of each attribute: does the backbone see it?"""
-    attrs = {"shape": W.SHAPES, "colour": tuple(W.COLOURS), "size": W.SIZES, "count": W.NUMBERS[1:4],
-             "position": ("top", "bottom", "left", "right", "center")}
-    ids = {a: torch.tensor(enc.tok.convert_tokens_to_ids(list(words)), device=enc.device) for a, words in attrs.items()}
+    attrs = {
+        "shape": W.SHAPES,
+        "colour": tuple(W.COLOURS),
+        "size": W.SIZES,
+        "count": W.NUMBERS[1:4],
+        "position": ("top", "bottom", "left", "right", "center"),
+    }
+    ids = {
+        a: torch.tensor(enc.tok.convert_tokens_to_ids(list(words)), device=enc.device)
+        for a, words in attrs.items()
+    }
     right, total = dict.fromkeys(attrs, 0), dict.fromkeys(attrs, 0)
     for chunk in data.batches(exs, batch_size):
         b = enc.batch(chunk)
@@ -148,7 +201,10 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
     data.check_words(cfg, task_name, enc.tok.get_vocab(), train, val)
 
     ec = cfg.expert
-    steps, lr = ec.steps * (2 if variant == "2x" else 1), ec.full_ft_lr if variant == "full-ft" else learning_rate(ec)
+    steps, lr = (
+        ec.steps * (2 if variant == "2x" else 1),
+        ec.full_ft_lr if variant == "full-ft" else learning_rate(ec),
+    )
     checkpointing(model, ec.gradient_checkpointing)
     model = model.requires_grad_(True) if variant == "full-ft" else attach(model, ec)
     model.train()
@@ -158,53 +214,99 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
     ckpt = Checkpoint.beside(out, ec.checkpoint_every, cfg)
     desc = f"expert {name}"
     batches = data.train_batches(cfg, train, ec.batch_size, seed, enc, "expert.batch_size", desc)
-    loss = train_steps(lambda inputs: model(**inputs).loss, [{"params": params, "lr": lr}], batches, steps,
-                       ec.grad_clip, warmup=min(30, steps // 10), desc=desc,
-                       lr_field="expert.full_ft_lr" if variant == "full-ft" else "expert.lr", acc=acc,
-                       grad_accum=ec.grad_accum, checkpoint=ckpt, log_every=cfg.log_every)
+    loss = train_steps(
+        lambda inputs: model(**inputs).loss,
+        [{"params": params, "lr": lr}],
+        batches,
+        steps,
+        ec.grad_clip,
+        warmup=min(30, steps // 10),
+        desc=desc,
+        lr_field="expert.full_ft_lr" if variant == "full-ft" else "expert.lr",
+        acc=acc,
+        grad_accum=ec.grad_accum,
+        checkpoint=ckpt,
+        log_every=cfg.log_every,
+    )
     model.eval()
     with acc.autocast():
         metric, value = task_metric(model, enc, task, val, cfg.evaluate.batch_size)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
-        write_json(tmp / "meta.json", {
-            "name": name, "task": task_name, "family": task.family, "method": ec.method if variant == "fold" else
-            variant or ec.method, "shots": shots, **({"holdout": cfg.interpolate.holdout} if variant == "fold" else {}),
-            "seed": seed, "train_size": len(train), "train_rows": data.train_rows(cfg, task_name), "val_size": len(val),
-            "steps": steps, "final_loss": loss,
-            "val_metric": metric, "val_value": value, "trainable_params": sum(p.numel() for p in params),
-            "backbone": fingerprint(backbone_dir(cfg)), "seconds": round(time.time() - t0, 1),
-            "config": cfg.to_dict(), "made_from": made_from(cfg, "expert", name)})
+        write_json(
+            tmp / "meta.json",
+            {
+                "name": name,
+                "task": task_name,
+                "family": task.family,
+                "method": ec.method if variant == "fold" else variant or ec.method,
+                "shots": shots,
+                **({"holdout": cfg.interpolate.holdout} if variant == "fold" else {}),
+                "seed": seed,
+                "train_size": len(train),
+                "train_rows": data.train_rows(cfg, task_name),
+                "val_size": len(val),
+                "steps": steps,
+                "final_loss": loss,
+                "val_metric": metric,
+                "val_value": value,
+                "trainable_params": sum(p.numel() for p in params),
+                "backbone": fingerprint(backbone_dir(cfg)),
+                "seconds": round(time.time() - t0, 1),
+                "config": cfg.to_dict(),
+                "made_from": made_from(cfg, "expert", name),
+            },
+        )
     link(out)
     ckpt.done()
-    print(f"expert {name}: {len(train)} train examples, {steps} steps, loss {loss:.3f}, "
-          f"val {metric} {value:.3f}, {time.time() - t0:.0f}s -> {out}")
+    print(
+        f"expert {name}: {len(train)} train examples, {steps} steps, loss {loss:.3f}, "
+        f"val {metric} {value:.3f}, {time.time() - t0:.0f}s -> {out}"
+    )
 
 
 def main() -> None:
     ap = stage_parser(__doc__.split("\n")[0])
     ap.add_argument("--task", help="task to train an expert for (see common/data.py TASKS)")
-    ap.add_argument("--shots", type=int, help="train the target's expert on a seeded k-shot sample (0 = its whole "
-                    "train split); without it, the task's pool expert")
-    ap.add_argument("--variant", default="", help="with --shots: a target-side baseline instead, in "
-                    "experts/<name>.<variant>/: 2x (twice the steps) or full-ft (full fine-tuning); or fold, the "
-                    "expert without the examples interpolate.holdout keeps for the mix; several, comma-separated, "
-                    "share one process (2x,full-ft)")
-    ap.add_argument("--pretrain", action="store_true", help="build and pre-train the embedded backbone (a real "
-                    "backbone.source: check that it loads and record it)")
+    ap.add_argument(
+        "--shots",
+        type=int,
+        help="train the target's expert on a seeded k-shot sample (0 = its whole "
+        "train split); without it, the task's pool expert",
+    )
+    ap.add_argument(
+        "--variant",
+        default="",
+        help="with --shots: a target-side baseline instead, in "
+        "experts/<name>.<variant>/: 2x (twice the steps) or full-ft (full fine-tuning); or fold, the "
+        "expert without the examples interpolate.holdout keeps for the mix; several, comma-separated, "
+        "share one process (2x,full-ft)",
+    )
+    ap.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="build and pre-train the embedded backbone (a real "
+        "backbone.source: check that it loads and record it)",
+    )
     args, cfg = parse_stage(ap)
     if args.pretrain:
         pretrain(cfg)
     elif args.task:
         if args.shots is not None and args.shots < 0:
-            raise UserError(f"--shots {args.shots}: use 0 (the whole train split) or a positive number of examples")
+            raise UserError(
+                f"--shots {args.shots}: use 0 (the whole train split) or a positive number of examples"
+            )
         variants = args.variant.split(",")
         if args.variant and (args.shots is None or set(variants) - {"2x", "full-ft", "fold"}):
-            raise UserError(f"--variant '{args.variant}': use 2x, full-ft, fold or several of them, with --shots (the "
-                            f"baselines of the target's low-shot expert; fold: its expert for stacking)")
+            raise UserError(
+                f"--variant '{args.variant}': use 2x, full-ft, fold or several of them, with --shots (the "
+                f"baselines of the target's low-shot expert; fold: its expert for stacking)"
+            )
         if "fold" in variants and not cfg.interpolate.holdout:
-            raise UserError(f"--variant fold: {cfg.path}: field 'interpolate.holdout' is 0, so no examples are held "
-                            f"out for the mix; set it (0.5 holds out half) or leave fold out")
+            raise UserError(
+                f"--variant fold: {cfg.path}: field 'interpolate.holdout' is 0, so no examples are held "
+                f"out for the mix; set it (0.5 holds out half) or leave fold out"
+            )
         for variant in variants:  # each on a freshly loaded backbone, seeded as if run alone
             train_expert(cfg, args.task, args.shots, variant)
     else:

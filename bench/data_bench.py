@@ -8,6 +8,7 @@ Each size runs the stage twice: the first run indexes the TSV (one pass over the
 cached index. Printed per run: seconds from the process start to the first step's progress line, and the
 peak RSS (sampled every 20 ms); last, the ratio of the largest size's peak RSS to the smallest's (the target:
 within 1.10, i.e. the memory does not grow with the split)."""
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,10 @@ def write_tsvs(root: Path, rows: int) -> int:
         hyp, label = W.hypothesis(scene, rng)
         buf = io.BytesIO()
         Image.fromarray(W.render(scene, 64, rng)).save(buf, format="PNG")
-        lines.append(f"\t{i}\t{base64.urlsafe_b64encode(buf.getvalue()).decode()}\t{hyp}\t{W.describe(scene)}"
-                     f"\t{labels[label]}\n")
+        lines.append(
+            f"\t{i}\t{base64.urlsafe_b64encode(buf.getvalue()).decode()}\t{hyp}\t{W.describe(scene)}"
+            f"\t{labels[label]}\n"
+        )
     d = root / "snli_ve_data"
     d.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", rows), ("dev", 200), ("test", 200)):
@@ -53,7 +56,9 @@ def write_tsvs(root: Path, rows: int) -> int:
 def measure(args: list[str]) -> tuple[float, float, float]:
     """(seconds to the first step's line, seconds in all, peak RSS in MB) of one stage process."""
     t0 = time.time()
-    p = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     proc, peak, first = psutil.Process(p.pid), 0, None
     import threading
 
@@ -77,7 +82,7 @@ def measure(args: list[str]) -> tuple[float, float, float]:
     reader.join()
     if p.returncode:
         sys.exit(f"stage failed ({p.returncode}):\n{''.join(err)[-2000:]}")
-    return first or float("nan"), time.time() - t0, peak / 2 ** 20
+    return first or float("nan"), time.time() - t0, peak / 2**20
 
 
 def main() -> None:
@@ -88,19 +93,34 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.dir or tmp)
         common = ["--config", "configs/micro.yaml", f"runs_dir={work / 'runs'}", "threads=1"]
-        subprocess.run([sys.executable, "train_expert.py", "--pretrain", *common], cwd=REPO, check=True,
-                       capture_output=True)
-        print(f"{'rows':>8} {'TSV MB':>7} {'run':>13} {'to 1st step s':>14} {'stage s':>8} {'peak RSS MB':>12}")
+        subprocess.run(
+            [sys.executable, "train_expert.py", "--pretrain", *common],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+        print(
+            f"{'rows':>8} {'TSV MB':>7} {'run':>13} {'to 1st step s':>14} {'stage s':>8} {'peak RSS MB':>12}"
+        )
         peaks = {}
         for rows in args.rows:
             data = work / f"data{rows}"
             size = write_tsvs(data, rows)
-            stage = ["train_expert.py", "--task", "snli-ve", *common, "data.source=files", f"data.root={data}",
-                     "expert.steps=1", "expert.eval_size=16", "log_every=0"]
+            stage = [
+                "train_expert.py",
+                "--task",
+                "snli-ve",
+                *common,
+                "data.source=files",
+                f"data.root={data}",
+                "expert.steps=1",
+                "expert.eval_size=16",
+                "log_every=0",
+            ]
             for run in ("first run", "cached index"):
                 first, total, peak = measure(stage)
                 peaks[rows] = max(peaks.get(rows, 0), peak)
-                print(f"{rows:>8} {size / 2 ** 20:>7.0f} {run:>13} {first:>14.1f} {total:>8.1f} {peak:>12.0f}")
+                print(f"{rows:>8} {size / 2**20:>7.0f} {run:>13} {first:>14.1f} {total:>8.1f} {peak:>12.0f}")
                 sys.stdout.flush()
         lo, hi = min(args.rows), max(args.rows)
         print(f"peak RSS at {hi} rows / at {lo} rows: {peaks[hi] / peaks[lo]:.3f} (target <= 1.10)")

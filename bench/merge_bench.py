@@ -8,6 +8,7 @@ gradient on every merged tensor into the logits and the (trainable) experts. The
 autograd as a model's backward hands them over: in each merged tensor's own layout, as tensors
 autograd owns (see Feed, own_layout); the values are the same for every method.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,12 +40,18 @@ def bart_lora(d: int, enc: int, dec: int, r: int) -> dict[str, tuple]:
 def bart_adapters(d: int, enc: int, dec: int, dim: int) -> dict[str, tuple]:
     """Houlsby bottleneck adapters, two per layer (after attention, after the FFN)."""
     shapes = {}
-    layers = [f"model.encoder.layers.{i}" for i in range(enc)] + [f"model.decoder.layers.{i}" for i in range(dec)]
+    layers = [f"model.encoder.layers.{i}" for i in range(enc)] + [
+        f"model.decoder.layers.{i}" for i in range(dec)
+    ]
     for layer in layers:
         for j in (0, 1):
             a = f"{layer}.adapter{j}"
-            shapes |= {f"{a}.down.weight": (dim, d), f"{a}.down.bias": (dim,),
-                       f"{a}.up.weight": (d, dim), f"{a}.up.bias": (d,)}
+            shapes |= {
+                f"{a}.down.weight": (dim, d),
+                f"{a}.down.bias": (dim,),
+                f"{a}.up.weight": (d, dim),
+                f"{a}.up.bias": (d,),
+            }
     return shapes
 
 
@@ -81,11 +88,15 @@ def foreach_step(experts, logits, rows, kind):
     if kind == "sum":
         acc = torch._foreach_mul([experts[0][n] for n in names], list(w[:, 0].unbind()))
         for k in range(1, len(experts)):
-            acc = torch._foreach_add(acc, torch._foreach_mul([experts[k][n] for n in names], list(w[:, k].unbind())))
+            acc = torch._foreach_add(
+                acc, torch._foreach_mul([experts[k][n] for n in names], list(w[:, k].unbind()))
+            )
         return dict(zip(names, acc))
     b_names = [n for n in names if "lora_B" in n]
     b_idx = [names.index(n) for n in b_names]
-    scaled = [torch._foreach_mul([e[n] for n in b_names], list(w[b_idx, k].unbind())) for k, e in enumerate(experts)]
+    scaled = [
+        torch._foreach_mul([e[n] for n in b_names], list(w[b_idx, k].unbind())) for k, e in enumerate(experts)
+    ]
     out = {n: torch.cat([e[n] for e in experts], dim=0) for n in names if "lora_A" in n}
     out |= {n: torch.cat([s[i] for s in scaled], dim=1) for i, n in enumerate(b_names)}
     return {n: out[n] for n in names}
@@ -145,16 +156,22 @@ class Feed(torch.autograd.Function):
 def own_layout(out: dict, values: dict) -> list:
     """values[n] laid out like out[n] (its strides): the layout in which F.linear / peft LoRA return a
     weight's gradient (checked with a peft forward/backward through functional_call)."""
-    return [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(values[n])
-            for n, t in out.items()]
+    return [
+        torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(values[n])
+        for n, t in out.items()
+    ]
 
 
 def bench_case(shapes, K, kind, groups, device, dtype, reps, blocked=False):
     gen = torch.Generator().manual_seed(0)
-    experts = [{n: torch.randn(s, generator=gen).to(device, dtype).requires_grad_() for n, s in shapes.items()}
-               for _ in range(K)]
+    experts = [
+        {n: torch.randn(s, generator=gen).to(device, dtype).requires_grad_() for n, s in shapes.items()}
+        for _ in range(K)
+    ]
     group_of = GROUPS[groups]
-    stack = ExpertStack([{n: t.detach() for n, t in e.items()} for e in experts], group_of, kind=kind).to(device)
+    stack = ExpertStack([{n: t.detach() for n, t in e.items()} for e in experts], group_of, kind=kind).to(
+        device
+    )
     row_of = {n: stack.group_names.index(group_of(n)) for n in shapes}
     rows = torch.tensor([row_of[n] for n in shapes], device=device)
     logits = torch.zeros(len(stack.group_names), K, device=device, requires_grad=True)
@@ -170,15 +187,23 @@ def bench_case(shapes, K, kind, groups, device, dtype, reps, blocked=False):
                 t.grad = None
             out = merge()
             Feed.apply(grads, *out.values()).backward()
+
         return run
 
     nbytes = ideal_bytes(shapes, K, kind, torch.empty(0, dtype=dtype).element_size())
     src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)  # copy reads + writes = nbytes
     dst = torch.empty_like(src)
-    t = median_ms({"naive": step(lambda: naive_step(experts, logits, row_of, kind)),
-                   "foreach": step(lambda: foreach_step(experts, logits, rows, kind)),
-                   "fused": step(lambda: stack(logits)),
-                   "copy": lambda: dst.copy_(src)}, reps, device, blocked)
+    t = median_ms(
+        {
+            "naive": step(lambda: naive_step(experts, logits, row_of, kind)),
+            "foreach": step(lambda: foreach_step(experts, logits, rows, kind)),
+            "fused": step(lambda: stack(logits)),
+            "copy": lambda: dst.copy_(src),
+        },
+        reps,
+        device,
+        blocked,
+    )
     t["bytes"] = nbytes
     t["groups"] = len(stack.group_names)
     return t
@@ -192,7 +217,9 @@ def main():
     ap.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=list(PROFILES))
     ap.add_argument("--experts", nargs="+", type=int, default=[2, 3, 5])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--blocked", action="store_true", help="time each method's reps back to back (warm caches)")
+    ap.add_argument(
+        "--blocked", action="store_true", help="time each method's reps back to back (warm caches)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -203,22 +230,31 @@ def main():
     if "florence-lora" in args.profiles:  # the CPU path loops over groups: show it at many / one group
         cases += [("florence-lora", "sum", 3, "tensor"), ("florence-lora", "sum", 3, "global")]
 
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
-             f"cpu ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}), {torch.get_num_threads()} threads")
-    print(f"device {where}, {args.dtype}, torch {torch.__version__}; median of {reps} fwd+bwd steps "
-          f"({'each method back to back' if args.blocked else 'methods taking turns'}); "
-          "x = speed-up over naive; GB/s = minimal bytes of the fused step / time")
-    head = (f"{'profile':<17} {'kind':<4} {'K':>1} {'groups':>10} {'MB':>5} {'naive ms':>8} {'foreach ms':>14} "
-            f"{'fused ms':>13} {'fused GB/s':>10} {'copy GB/s':>9}")
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}), {torch.get_num_threads()} threads"
+    )
+    print(
+        f"device {where}, {args.dtype}, torch {torch.__version__}; median of {reps} fwd+bwd steps "
+        f"({'each method back to back' if args.blocked else 'methods taking turns'}); "
+        "x = speed-up over naive; GB/s = minimal bytes of the fused step / time"
+    )
+    head = (
+        f"{'profile':<17} {'kind':<4} {'K':>1} {'groups':>10} {'MB':>5} {'naive ms':>8} {'foreach ms':>14} "
+        f"{'fused ms':>13} {'fused GB/s':>10} {'copy GB/s':>9}"
+    )
     print(head)
     print("-" * len(head))
     for prof, kind, K, groups in cases:
         t = bench_case(PROFILES[prof][0], K, kind, groups, device, dtype, reps, args.blocked)
         gbs = lambda ms: t["bytes"] / ms / 1e6  # noqa: E731
         ratio = lambda m: f"{t[m]:.2f} ({t['naive'] / t[m]:.1f}x)"  # noqa: E731
-        print(f"{prof:<17} {kind:<4} {K:>1} {groups + ':' + str(t['groups']):>10} {t['bytes'] / 1e6:>5.0f} "
-              f"{t['naive']:>8.2f} {ratio('foreach'):>14} {ratio('fused'):>13} {gbs(t['fused']):>10.1f} "
-              f"{gbs(t['copy']):>9.1f}")
+        print(
+            f"{prof:<17} {kind:<4} {K:>1} {groups + ':' + str(t['groups']):>10} {t['bytes'] / 1e6:>5.0f} "
+            f"{t['naive']:>8.2f} {ratio('foreach'):>14} {ratio('fused'):>13} {gbs(t['fused']):>10.1f} "
+            f"{gbs(t['copy']):>9.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ and once with them cached beside the file, as every later stage finds them.
 Printed per pass: seconds for data.split(train) with the guard (the keys of every scored split and of the
 training split, np.isin, the view without the shared rows) and the process's peak RSS so far; then the same
 split read with data.exclude_scored_images=false, for what the guard adds. The images are tiny (a 2x2 PNG: by
-image id the guard never decodes one); --bytes keys them by their decoded bytes instead (no image_id).""" 
+image id the guard never decodes one); --bytes keys them by their decoded bytes instead (no image_id)."""
+
 from __future__ import annotations
 
 import argparse
@@ -58,30 +59,45 @@ def main() -> None:
         scored = args.rows // 10
         # the pool task's training images: ids 0 .. rows-1; the other task's test shares every 50th of them
         write(root / "big/train.tsv", range(args.rows))
-        write(root / "big/val.tsv", range(10 ** 9, 10 ** 9 + 1000))
-        write(root / "big/test.tsv", range(2 * 10 ** 9, 2 * 10 ** 9 + 1000))
-        write(root / "other/train.tsv", range(3 * 10 ** 9, 3 * 10 ** 9 + 1000))
-        write(root / "other/val.tsv", range(4 * 10 ** 9, 4 * 10 ** 9 + 1000))
+        write(root / "big/val.tsv", range(10**9, 10**9 + 1000))
+        write(root / "big/test.tsv", range(2 * 10**9, 2 * 10**9 + 1000))
+        write(root / "other/train.tsv", range(3 * 10**9, 3 * 10**9 + 1000))
+        write(root / "other/val.tsv", range(4 * 10**9, 4 * 10**9 + 1000))
         write(root / "other/test.tsv", [i * 50 for i in range(scored)])
         ve = yaml.safe_load((REPO / "configs/paper_tasks.yaml").read_text())["snli-ve"]
         if args.bytes:
             ve = {k: v for k, v in ve.items() if k not in ("image_id", "image_set")}
-        spec = {name: {**ve, "files": {s: f"{name}/{s}.tsv" for s in ("train", "val", "test")}}
-                for name in ("big", "other")}
+        spec = {
+            name: {**ve, "files": {s: f"{name}/{s}.tsv" for s in ("train", "val", "test")}}
+            for name in ("big", "other")
+        }
         profile = root / "bench.yaml"
-        profile.write_text(yaml.safe_dump({"profile": "bench", "runs_dir": str(root / "runs"), "data": {
-            "source": "files", "root": str(root)}, "tasks": {"pool": ["big", "other"], "define": spec},
-            "interpolate": {"top_k": 1}}))
-        size = (root / "big/train.tsv").stat().st_size / 2 ** 20
-        print(f"training split: {args.rows:,} rows ({size:.0f} MB); scored: {scored + 4000:,} rows of 6 splits; "
-              f"images keyed by {'their bytes' if args.bytes else 'image id'}")
+        profile.write_text(
+            yaml.safe_dump(
+                {
+                    "profile": "bench",
+                    "runs_dir": str(root / "runs"),
+                    "data": {"source": "files", "root": str(root)},
+                    "tasks": {"pool": ["big", "other"], "define": spec},
+                    "interpolate": {"top_k": 1},
+                }
+            )
+        )
+        size = (root / "big/train.tsv").stat().st_size / 2**20
+        print(
+            f"training split: {args.rows:,} rows ({size:.0f} MB); scored: {scored + 4000:,} rows of 6 splits; "
+            f"images keyed by {'their bytes' if args.bytes else 'image id'}"
+        )
         cfg = load_config(str(profile))
         print(f"  peak RSS before: {peak_mb():.0f} MB (python, torch, the files written)")
         for what in ("no cache", "cached"):
             t0 = time.perf_counter()
             train = data.split(cfg, "big", "train")
-            print(f"  {what:8s}: {time.perf_counter() - t0:6.2f} s, {len(train):,} rows kept "
-                  f"({args.rows - len(train):,} left out), peak RSS {peak_mb():.0f} MB", flush=True)
+            print(
+                f"  {what:8s}: {time.perf_counter() - t0:6.2f} s, {len(train):,} rows kept "
+                f"({args.rows - len(train):,} left out), peak RSS {peak_mb():.0f} MB",
+                flush=True,
+            )
         off = load_config(str(profile), ["data.exclude_scored_images=false"])
         t0 = time.perf_counter()
         train = data.split(off, "big", "train")

@@ -11,6 +11,7 @@ and, per backbone, caption-token accuracy and the caption-word accuracy of each 
 captions meta.json records and on `--probe` of them (the first 200 are the same; at 200 one caption word is
 0.3-0.5 points of an attribute).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,18 +39,36 @@ runpy.run_path("train_expert.py", run_name="__main__")
 
 
 def build(config: str, overrides: list[str], runs: Path, threads: int, foreach: bool) -> dict:
-    cmd = [sys.executable, "-c", RUNNER, "--pretrain", "--config", config, f"runs_dir={runs}", f"threads={threads}",
-           *overrides]
+    cmd = [
+        sys.executable,
+        "-c",
+        RUNNER,
+        "--pretrain",
+        "--config",
+        config,
+        f"runs_dir={runs}",
+        f"threads={threads}",
+        *overrides,
+    ]
     t0 = time.time()
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "FOREACH": str(int(foreach))})
+    p = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "FOREACH": str(int(foreach))}
+    )
     wall = time.time() - t0
     if p.returncode:
         sys.exit(f"pretrain_bench: {shlex.join(cmd[3:])} failed ({p.returncode}):\n{p.stderr[-2000:]}")
     backbone = next(runs.glob("*/backbone"))
-    return {"wall": wall, "dir": backbone, "overrides": overrides, "meta": json.loads((backbone / "meta.json").read_text())}
+    return {
+        "wall": wall,
+        "dir": backbone,
+        "overrides": overrides,
+        "meta": json.loads((backbone / "meta.json").read_text()),
+    }
 
 
-def probe(config: str, backbone: Path, overrides: list[str], n: int, threads: int) -> tuple[int, float, dict[str, float]]:
+def probe(
+    config: str, backbone: Path, overrides: list[str], n: int, threads: int
+) -> tuple[int, float, dict[str, float]]:
     import torch
 
     sys.path.insert(0, str(REPO))
@@ -82,13 +101,21 @@ def main() -> None:
     for name, overrides, foreach in (("before", args.before, True), ("after", args.after, False)):
         runs[name] = build(args.config, shlex.split(overrides), root / name, args.threads, foreach)
         m = runs[name]["meta"]
-        print(f"{name:>6}: {overrides or '(the profile as it is)'}{' + per-tensor AdamW' if foreach else ''} | "
-              f"stage {runs[name]['wall']:.0f} s, training {m['seconds']:.0f} s, {m['steps'] / m['seconds']:.2f} steps/s",
-              flush=True)
+        print(
+            f"{name:>6}: {overrides or '(the profile as it is)'}{' + per-tensor AdamW' if foreach else ''} | "
+            f"stage {runs[name]['wall']:.0f} s, training {m['seconds']:.0f} s, {m['steps'] / m['seconds']:.2f} steps/s",
+            flush=True,
+        )
     b, a = runs["before"], runs["after"]
-    print(f"before / after: stage {b['wall'] / a['wall']:.2f}x, training {b['meta']['seconds'] / a['meta']['seconds']:.2f}x "
-          f"({args.threads} threads, {root})")
-    print("\n| backbone | validation captions | caption tokens | " + " | ".join(b["meta"]["val_caption_word_accuracy"]) + " |")
+    print(
+        f"before / after: stage {b['wall'] / a['wall']:.2f}x, training {b['meta']['seconds'] / a['meta']['seconds']:.2f}x "
+        f"({args.threads} threads, {root})"
+    )
+    print(
+        "\n| backbone | validation captions | caption tokens | "
+        + " | ".join(b["meta"]["val_caption_word_accuracy"])
+        + " |"
+    )
     print("|---|---|---|" + "---|" * len(b["meta"]["val_caption_word_accuracy"]))
     for name, r in runs.items():
         m = r["meta"]

@@ -14,6 +14,7 @@ read back from their per-expert cache files, as embed_tasks.py does after the fi
 target's row and top-k; no N x N matrix, no d x d product; the fastest of 3) and the peak RSS; then the
 retrieval time ratios from N = 100 to N = 1000.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 D, R, LAYERS, FAMILIES, K, REPEATS = 768, 16, 6, 20, 5, 3
-SITES = [f"base_model.model.model.language_model.{part}.layers.{i}.{attn}.{proj}"
-         for part, attns in (("encoder", ("self_attn",)), ("decoder", ("self_attn", "encoder_attn")))
-         for i in range(LAYERS) for attn in attns for proj in ("q_proj", "k_proj", "v_proj", "out_proj")]
+SITES = [
+    f"base_model.model.model.language_model.{part}.layers.{i}.{attn}.{proj}"
+    for part, attns in (("encoder", ("self_attn",)), ("decoder", ("self_attn", "encoder_attn")))
+    for i in range(LAYERS)
+    for attn in attns
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj")
+]
 
 
 def write_experts(folder: Path, n: int) -> float:
@@ -48,9 +53,11 @@ def write_experts(folder: Path, n: int) -> float:
         own = torch.Generator().manual_seed(i)
         tensors = {}
         for site in SITES:
-            a = torch.randn(R, D, generator=fam) / D ** 0.5
+            a = torch.randn(R, D, generator=fam) / D**0.5
             b = torch.randn(D, R, generator=fam) * 0.01
-            tensors[f"{site}.lora_A.weight"] = (a + 0.7 * torch.randn(R, D, generator=own) / D ** 0.5).contiguous()
+            tensors[f"{site}.lora_A.weight"] = (
+                a + 0.7 * torch.randn(R, D, generator=own) / D**0.5
+            ).contiguous()
             tensors[f"{site}.lora_B.weight"] = (b + 0.007 * torch.randn(D, R, generator=own)).contiguous()
         save_file(tensors, str(path))
     return time.time() - t0
@@ -60,8 +67,14 @@ def child(folder: Path, n: int) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from common.similarity import (prototype_similarity, prototypes, similarity_row, top_k_similar,
-                                   update_embedding, update_similarity)
+    from common.similarity import (
+        prototype_similarity,
+        prototypes,
+        similarity_row,
+        top_k_similar,
+        update_embedding,
+        update_similarity,
+    )
 
     torch.set_num_threads(1)
     names = [f"e{i:04d}" for i in range(n)]
@@ -81,7 +94,10 @@ def child(folder: Path, n: int) -> dict:
     t_cached = time.time() - t0
     assert all(torch.equal(c[k], p[k]) for c, p in zip(cached, protos) for k in p)
     out = {"n": n, "load_s": t_load, "prototypes_s": t_proto, "cached_prototypes_s": t_cached}
-    for label, embs, sim in (("weights", updates, update_similarity), ("prototypes", protos, prototype_similarity)):
+    for label, embs, sim in (
+        ("weights", updates, update_similarity),
+        ("prototypes", protos, prototype_similarity),
+    ):
         times = []
         for _ in range(REPEATS):  # the fastest of a few: the machine's noise only ever adds
             t0 = time.time()
@@ -102,22 +118,32 @@ def main() -> None:
     if args.child:
         return print(json.dumps(child(args.dir, args.child)))
     wrote = write_experts(args.dir, max(args.sizes))
-    print(f"{max(args.sizes)} experts x {len(SITES)} sites (r {R}, d {D}, fp32) under {args.dir}: written in {wrote:.0f}s")
+    print(
+        f"{max(args.sizes)} experts x {len(SITES)} sites (r {R}, d {D}, fp32) under {args.dir}: written in {wrote:.0f}s"
+    )
     rows = {}
     for n in args.sizes:
-        p = subprocess.run([sys.executable, __file__, "--dir", str(args.dir), "--child", str(n)], capture_output=True,
-                           text=True, check=True)
+        p = subprocess.run(
+            [sys.executable, __file__, "--dir", str(args.dir), "--child", str(n)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows[n] = json.loads(p.stdout.strip().splitlines()[-1])
         r = rows[n]
-        print(f"N={n:5d}: load {r['load_s']:7.2f}s, prototypes {r['prototypes_s']:6.2f}s (from the cache "
-              f"{r['cached_prototypes_s']:5.2f}s) | retrieval weights "
-              f"{r['weights_retrieval_s']:6.3f}s (top-{K} in family {r['weights_family_hits']:.1f}), prototypes "
-              f"{r['prototypes_retrieval_s']:6.3f}s ({r['prototypes_family_hits']:.1f}) | peak RSS {r['peak_rss_mb']:.0f} MB")
+        print(
+            f"N={n:5d}: load {r['load_s']:7.2f}s, prototypes {r['prototypes_s']:6.2f}s (from the cache "
+            f"{r['cached_prototypes_s']:5.2f}s) | retrieval weights "
+            f"{r['weights_retrieval_s']:6.3f}s (top-{K} in family {r['weights_family_hits']:.1f}), prototypes "
+            f"{r['prototypes_retrieval_s']:6.3f}s ({r['prototypes_family_hits']:.1f}) | peak RSS {r['peak_rss_mb']:.0f} MB"
+        )
     if 100 in rows and 1000 in rows:
         for label in ("weights", "prototypes"):
             ratio = rows[1000][f"{label}_retrieval_s"] / rows[100][f"{label}_retrieval_s"]
-            print(f"{label}: retrieval N=1000 / N=100 = {ratio:.1f}x (target <= 11x); "
-                  f"N=1000 in {rows[1000][f'{label}_retrieval_s']:.2f}s (target < 10 s)")
+            print(
+                f"{label}: retrieval N=1000 / N=100 = {ratio:.1f}x (target <= 11x); "
+                f"N=1000 in {rows[1000][f'{label}_retrieval_s']:.2f}s (target < 10 s)"
+            )
 
 
 if __name__ == "__main__":

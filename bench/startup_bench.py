@@ -9,6 +9,7 @@ the collector on and leaves it alone. Each process reports when its imports were
 the bench prints, per way, the median seconds to the end of the imports, of main() and of the process, and the
 ratios of the two ways measured in this run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def one(cmd: list[str], gc_mode: str) -> dict[str, float]:
     read, write = os.pipe()
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-c", RUNNER, *cmd], cwd=REPO, pass_fds=(write,), capture_output=True,
-                       text=True, env={**os.environ, "GC": gc_mode, "MARKS": str(write), "OMP_NUM_THREADS": "1"})
+    p = subprocess.run(
+        [sys.executable, "-c", RUNNER, *cmd],
+        cwd=REPO,
+        pass_fds=(write,),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GC": gc_mode, "MARKS": str(write), "OMP_NUM_THREADS": "1"},
+    )
     end = time.time()
     os.close(write)
     with os.fdopen(read) as f:
@@ -73,15 +80,19 @@ def main() -> None:
             for mode in runs:
                 runs[mode].append(one(cmd, mode))
     med = {mode: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for mode, rs in runs.items()}
-    print(f"{args.stage} on the micro profile, one thread, median of {args.rounds} processes each way (seconds)")
+    print(
+        f"{args.stage} on the micro profile, one thread, median of {args.rounds} processes each way (seconds)"
+    )
     print(f"{'':34} {'imports done':>12} {'main done':>10} {'exited':>8}")
     for mode, label in (("on", "collector as Python sets it"), ("off", "imports frozen (run_stage)")):
         m = med[mode]
         print(f"{label:34} {m['imports']:12.2f} {m['main']:10.2f} {m['process']:8.2f}")
     on, off = med["on"], med["off"]
-    print(f"ratio frozen / as set: imports {off['imports'] / on['imports']:.2f}, "
-          f"exit (process - main) {(off['process'] - off['main']) / (on['process'] - on['main']):.2f}, "
-          f"whole process {off['process'] / on['process']:.2f}")
+    print(
+        f"ratio frozen / as set: imports {off['imports'] / on['imports']:.2f}, "
+        f"exit (process - main) {(off['process'] - off['main']) / (on['process'] - on['main']):.2f}, "
+        f"whole process {off['process'] / on['process']:.2f}"
+    )
 
 
 if __name__ == "__main__":

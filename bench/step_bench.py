@@ -7,6 +7,7 @@ Both steps are forward + backward + AdamW step on the same batch of the target t
 freshly initialised (timing does not need a pre-trained one). Prints medians and their ratio,
 measured in one run; and the single-expert step again with the vision tower's features cached.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     torch.manual_seed(0)
-    texts = [t for name in data.TASKS for e in data.examples(name, "train", cfg.world, 50) for t in (e.prompt, e.answer)]
+    texts = [
+        t
+        for name in data.TASKS
+        for e in data.examples(name, "train", cfg.world, 50)
+        for t in (e.prompt, e.answer)
+    ]
     vocab = build_vocab(texts)
     model, n_img = build_model(cfg.backbone, len(vocab), cfg.world.image_size)
     model.to(args.device)
@@ -83,11 +89,15 @@ def main() -> None:
         del model.model.get_image_features  # the uncached method again, for the interpolation step
     single.unload()  # give the backbone back without LoRA layers
 
-    stack = ExpertStack(experts, group_of(cfg.interpolate.groups), kind="lora", trainable=True).to(args.device)
+    stack = ExpertStack(experts, group_of(cfg.interpolate.groups), kind="lora", trainable=True).to(
+        args.device
+    )
     logits = torch.zeros(len(stack.group_names), args.k, device=args.device, requires_grad=True)
     merged_model = attach(model, cfg.expert, rank_multiplier=args.k)
     merged_model.train()
-    opt2 = torch.optim.AdamW([{"params": [logits], "lr": 5e-2}, {"params": list(stack.parameters()), "lr": 1e-3}])
+    opt2 = torch.optim.AdamW(
+        [{"params": [logits], "lr": 5e-2}, {"params": list(stack.parameters()), "lr": 1e-3}]
+    )
 
     def interp_step():
         merged = {param_name(k): v for k, v in stack(logits).items()}
@@ -97,12 +107,18 @@ def main() -> None:
         opt2.step()
 
     t_interp = timed(interp_step, args.repeats)
-    where = torch.cuda.get_device_name() if args.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device {where}, profile {cfg.profile}, task {args.task}, "
-          f"batch {len(batch['labels'])}, K={args.k}, groups={cfg.interpolate.groups} ({len(stack.group_names)})")
+    where = (
+        torch.cuda.get_device_name() if args.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)"
+    )
+    print(
+        f"device {where}, profile {cfg.profile}, task {args.task}, "
+        f"batch {len(batch['labels'])}, K={args.k}, groups={cfg.interpolate.groups} ({len(stack.group_names)})"
+    )
     print(f"single-expert step       {t_single * 1e3:8.2f} ms (median of {args.repeats})")
     if cached:
-        print(f"single-expert step, image features cached {t_cached * 1e3:8.2f} ms ({t_single / t_cached:.2f}x faster)")
+        print(
+            f"single-expert step, image features cached {t_cached * 1e3:8.2f} ms ({t_single / t_cached:.2f}x faster)"
+        )
     print(f"interpolation step (K={args.k}) {t_interp * 1e3:8.2f} ms")
     print(f"ratio interpolation / single: {t_interp / t_single:.2f}x (target <= 1.3x)")
 

@@ -5,6 +5,7 @@ projection and each FFN's output, i.e. two per layer as in π-Tuning's original 
 layer's residual add. `AdapterModel` saves and loads like a peft model: adapter_config.json +
 adapter_model.safetensors, and `from_pretrained(backbone, dir)` gives the model back.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,10 @@ class Adapter(torch.nn.Module):
         super().__init__()
         self.down, self.up = torch.nn.Linear(d, dim), torch.nn.Linear(dim, d)
         self.dropout = torch.nn.Dropout(dropout)
-        for lin in (self.down, self.up):  # N(0, 0.02) as the original; zero bias so the start is near identity
+        for lin in (
+            self.down,
+            self.up,
+        ):  # N(0, 0.02) as the original; zero bias so the start is near identity
             torch.nn.init.normal_(lin.weight, std=0.02)
             torch.nn.init.zeros_(lin.bias)
 
@@ -41,12 +45,25 @@ class AdapterModel(torch.nn.Module):
     def __init__(self, model, target_modules: str, dim: int, dropout: float = 0.0):
         super().__init__()
         self.base_model = model
-        self.config_dict = {"expert_type": "houlsby_adapter", "target_modules": target_modules, "dim": dim,
-                            "dropout": dropout}
-        sites = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(target_modules, n)]
+        self.config_dict = {
+            "expert_type": "houlsby_adapter",
+            "target_modules": target_modules,
+            "dim": dim,
+            "dropout": dropout,
+        }
+        sites = [
+            (n, m)
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and re.fullmatch(target_modules, n)
+        ]
         if not sites:
-            raise ValueError(f"adapter target_modules {target_modules!r} matches no Linear module of the backbone")
-        for _, m in sites:  # the adapter is a child of the module it follows: `...out_proj.adapter.down.weight`
+            raise ValueError(
+                f"adapter target_modules {target_modules!r} matches no Linear module of the backbone"
+            )
+        for (
+            _,
+            m,
+        ) in sites:  # the adapter is a child of the module it follows: `...out_proj.adapter.down.weight`
             m.add_module("adapter", Adapter(m.out_features, dim, dropout).to(m.weight.device, m.weight.dtype))
             m.register_forward_hook(_apply_adapter)
 
@@ -76,7 +93,7 @@ class AdapterModel(torch.nn.Module):
         save_file({k: v.contiguous() for k, v in self.adapter_state_dict().items()}, str(path / WEIGHTS))
 
     @classmethod
-    def from_pretrained(cls, model, path) -> "AdapterModel":
+    def from_pretrained(cls, model, path) -> AdapterModel:
         c = json.loads((Path(path) / CONFIG).read_text())
         out = cls(model, c["target_modules"], c["dim"], c["dropout"])
         out.load_adapter_weights(load_file(str(Path(path) / WEIGHTS)))
@@ -86,5 +103,7 @@ class AdapterModel(torch.nn.Module):
         missing = set(self.adapter_state_dict()) - set(weights)
         unexpected = set(weights) - set(self.adapter_state_dict())
         if missing or unexpected:
-            raise KeyError(f"adapter tensors differ: missing {sorted(missing)[:2]}, unexpected {sorted(unexpected)[:2]}")
+            raise KeyError(
+                f"adapter tensors differ: missing {sorted(missing)[:2]}, unexpected {sorted(unexpected)[:2]}"
+            )
         self.load_state_dict(weights, strict=False)

@@ -1,5 +1,6 @@
 """Artifacts on disk: written to a temp name and renamed, so a crash never leaves half a file. Under torchrun
 only rank 0's lands; the other ranks write into a temp folder that is removed (every rank runs the same code)."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """The frozen backbone: a real Florence-2 from a hub id / local dir, or the embedded tiny one built here."""
+
 from __future__ import annotations
 
 import hashlib
@@ -52,7 +53,9 @@ def check_source(cfg) -> None:
     if path.is_dir() and not any(path.iterdir()):
         raise UserError(f"{where}: backbone.source '{source}' is an empty directory; {fix}")
     if not (path / "config.json").is_file():
-        raise UserError(f"{where}: backbone.source '{source}' is not a checkpoint (no config.json in it); {fix}")
+        raise UserError(
+            f"{where}: backbone.source '{source}' is not a checkpoint (no config.json in it); {fix}"
+        )
 
 
 def fingerprint(path: Path) -> str:
@@ -96,34 +99,73 @@ def build_processor(vocab: list[str], image_size: int, image_tokens: int):
 
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tk.pre_tokenizer = word_splitter()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>", mask_token="<mask>",
-                                  extra_special_tokens={"image_token": "<image>"})
-    ip = CLIPImageProcessor(do_resize=True, size={"height": image_size, "width": image_size},
-                            do_center_crop=False, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    ip = CLIPImageProcessor(
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        do_center_crop=False,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
     ip.image_seq_length = image_tokens
     return Florence2Processor(image_processor=ip, tokenizer=tok)
 
 
 def build_model(bcfg: BackboneConfig, vocab_size: int, image_size: int):
     """A tiny Florence-2: a 3-stage DaViT vision tower and a small BART, sized by the config."""
-    from transformers import BartConfig, Florence2Config, Florence2ForConditionalGeneration, Florence2VisionConfig
+    from transformers import (
+        BartConfig,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2VisionConfig,
+    )
 
     dims, heads = list(bcfg.vision_dims), list(bcfg.vision_heads)
     n = len(dims)
     if len(heads) != n:
         raise UserError("backbone.vision_heads must have as many entries as backbone.vision_dims")
-    vc = Florence2VisionConfig(depths=[1] * n, patch_size=[7] + [3] * (n - 1), patch_stride=[4] + [2] * (n - 1),
-                               patch_padding=[3] + [1] * (n - 1), patch_prenorm=[False] + [True] * (n - 1),
-                               embed_dim=dims, num_heads=heads, num_groups=heads, window_size=4,
-                               projection_dim=bcfg.d_model, drop_path_rate=0.0)
-    tc = BartConfig(vocab_size=vocab_size, d_model=bcfg.d_model, encoder_layers=bcfg.encoder_layers,
-                    decoder_layers=bcfg.decoder_layers, encoder_attention_heads=bcfg.heads,
-                    decoder_attention_heads=bcfg.heads, encoder_ffn_dim=bcfg.ffn_dim, decoder_ffn_dim=bcfg.ffn_dim,
-                    max_position_embeddings=256, dropout=bcfg.dropout, init_std=bcfg.d_model ** -0.5, pad_token_id=0, bos_token_id=1,
-                    eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)
-    model = Florence2ForConditionalGeneration(Florence2Config(vision_config=vc, text_config=tc,
-                                                              image_token_id=SPECIALS.index("<image>")))
+    vc = Florence2VisionConfig(
+        depths=[1] * n,
+        patch_size=[7] + [3] * (n - 1),
+        patch_stride=[4] + [2] * (n - 1),
+        patch_padding=[3] + [1] * (n - 1),
+        patch_prenorm=[False] + [True] * (n - 1),
+        embed_dim=dims,
+        num_heads=heads,
+        num_groups=heads,
+        window_size=4,
+        projection_dim=bcfg.d_model,
+        drop_path_rate=0.0,
+    )
+    tc = BartConfig(
+        vocab_size=vocab_size,
+        d_model=bcfg.d_model,
+        encoder_layers=bcfg.encoder_layers,
+        decoder_layers=bcfg.decoder_layers,
+        encoder_attention_heads=bcfg.heads,
+        decoder_attention_heads=bcfg.heads,
+        encoder_ffn_dim=bcfg.ffn_dim,
+        decoder_ffn_dim=bcfg.ffn_dim,
+        max_position_embeddings=256,
+        dropout=bcfg.dropout,
+        init_std=bcfg.d_model**-0.5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=2,
+    )
+    model = Florence2ForConditionalGeneration(
+        Florence2Config(vision_config=vc, text_config=tc, image_token_id=SPECIALS.index("<image>"))
+    )
     # transformers' fixed N(0, 0.02) init suits d_model 768; at this size attention starts uniform and the
     # model never learns to look at the image. Scale-aware init: BART std d_model^-0.5 (init_std above),
     # PyTorch's fan-in init for the vision tower and projector.
@@ -139,18 +181,27 @@ def load_backbone(cfg, device=None):
     or any seq2seq LM (text only: T5, BART).
 
     The embedded backbone loads exactly as a real checkpoint would. A text-only model's "processor" is its tokenizer."""
-    from transformers import (AutoConfig, AutoModelForSeq2SeqLM, AutoProcessor, AutoTokenizer,
-                              Florence2ForConditionalGeneration)
+    from transformers import (
+        AutoConfig,
+        AutoModelForSeq2SeqLM,
+        AutoProcessor,
+        AutoTokenizer,
+        Florence2ForConditionalGeneration,
+    )
 
     path, source = backbone_dir(cfg), cfg.backbone.source
     if source == "embedded" and not (path / "meta.json").is_file():
-        raise UserError(f"{path}: no backbone built under this config; run `{cfg.command('train_expert.py', '--pretrain')}`"
-                        f" or `make backbone`")
+        raise UserError(
+            f"{path}: no backbone built under this config; run `{cfg.command('train_expert.py', '--pretrain')}`"
+            f" or `make backbone`"
+        )
     check_source(cfg)
     if source != "embedded" and not path.exists() and not _cached(source) and not _hub_reachable():
-        raise UserError(f"{cfg.path}: backbone.source '{source}' is a hub id, not in the local cache, and the hub is "
-                        f"unreachable; download it where there is network (`hf download {source} --local-dir DIR`) "
-                        f"and set backbone.source=DIR")
+        raise UserError(
+            f"{cfg.path}: backbone.source '{source}' is a hub id, not in the local cache, and the hub is "
+            f"unreachable; download it where there is network (`hf download {source} --local-dir DIR`) "
+            f"and set backbone.source=DIR"
+        )
     try:
         if AutoConfig.from_pretrained(str(path)).model_type == "florence2":
             model = Florence2ForConditionalGeneration.from_pretrained(str(path))
@@ -160,9 +211,11 @@ def load_backbone(cfg, device=None):
             processor = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:  # offline, a typo in the id, a directory without a checkpoint
         where = "a local directory" if Path(source).exists() else "a hub id"
-        raise UserError(f"{cfg.path}: backbone.source '{source}' ({where}) could not be loaded "
-                        f"({str(e).splitlines()[0][:140]}); download it where there is network "
-                        f"(`hf download {source} --local-dir DIR`) and set backbone.source=DIR")
+        raise UserError(
+            f"{cfg.path}: backbone.source '{source}' ({where}) could not be loaded "
+            f"({str(e).splitlines()[0][:140]}); download it where there is network "
+            f"(`hf download {source} --local-dir DIR`) and set backbone.source=DIR"
+        )
     model.requires_grad_(False)
     model.eval()
     if device is not None:
@@ -189,8 +242,11 @@ class ImageFeatureCache:
         self.compute = self.inner.get_image_features
         self.parts = (self.inner.vision_tower, self.inner.multi_modal_projector)
         self.names = self._param_names()
-        self.stochastic = any(getattr(m, "drop_prob", 0) or (isinstance(m, torch.nn.Dropout) and m.p)
-                              for part in self.parts for m in part.modules())
+        self.stochastic = any(
+            getattr(m, "drop_prob", 0) or (isinstance(m, torch.nn.Dropout) and m.p)
+            for part in self.parts
+            for m in part.modules()
+        )
         self.room = budget_mb << 20
         self.features: dict[bytes, torch.Tensor] = {}
         self.inner.get_image_features = self
@@ -201,8 +257,10 @@ class ImageFeatureCache:
     def usable(self, pixel_values: torch.Tensor, kwargs: dict) -> bool:
         if kwargs or pixel_values.device.type != "cpu" or (self.stochastic and self.parts[0].training):
             return False
-        return not any(p.requires_grad for part in self.parts for p in part.parameters()) \
+        return (
+            not any(p.requires_grad for part in self.parts for p in part.parameters())
             and self._param_names() == self.names
+        )
 
     def __call__(self, pixel_values: torch.Tensor, **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -211,8 +269,14 @@ class ImageFeatureCache:
             return self.compute(pixel_values, **kwargs)
         rows = pixel_values.detach().contiguous()
         amp = str(torch.get_autocast_dtype("cpu")) if torch.is_autocast_enabled("cpu") else "fp32"
-        keys = [hashlib.blake2b(row.view(-1).view(torch.uint8).numpy(), digest_size=16,  # bytes: bf16 too
-                                person=f"{row.dtype}{amp}".encode()[-16:]).digest() for row in rows]
+        keys = [
+            hashlib.blake2b(
+                row.view(-1).view(torch.uint8).numpy(),
+                digest_size=16,  # bytes: bf16 too
+                person=f"{row.dtype}{amp}".encode()[-16:],
+            ).digest()
+            for row in rows
+        ]
         missing = [i for i, k in enumerate(keys) if k not in self.features]
         fresh = {}
         if missing:
@@ -222,8 +286,11 @@ class ImageFeatureCache:
                 size = f.numel() * f.element_size()
                 if size <= self.room and keys[i] not in self.features:
                     self.features[keys[i]], self.room = f.clone(), self.room - size
-        return BaseModelOutputWithPooling(pooler_output=torch.stack(
-            [fresh[i] if i in fresh else self.features[k] for i, k in enumerate(keys)]))
+        return BaseModelOutputWithPooling(
+            pooler_output=torch.stack(
+                [fresh[i] if i in fresh else self.features[k] for i, k in enumerate(keys)]
+            )
+        )
 
 
 def _cached(repo_id: str) -> bool:
@@ -246,6 +313,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 # ---- pre-training of the embedded backbone ----------------------------------------------------
+
 
 def init_unseen_embeddings(model, seen: torch.Tensor, seed: int = 0) -> int:
     """Give tokens never produced in pre-training an embedding at the typical norm of trained ones.

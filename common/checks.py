@@ -6,6 +6,7 @@ backbone and the pool experts have trained. make runs it once per command; each 
 Checked: the pool's and the targets' task names; a local backbone.source (missing, empty, not a checkpoint);
 each target's shots against its training split; every task read from files (its definition's files, columns
 and first row); on the embedded backbone, the words of those tasks against its vocabulary."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,13 @@ from common.device import resolve
 from common.errors import UserError
 
 
-def preflight(cfg, targets: list[str] = (), shots: list[int] | None = None, read: list[str] | None = None,
-              splits: tuple = ("train", "val", "test")) -> None:
+def preflight(
+    cfg,
+    targets: list[str] = (),
+    shots: list[int] | None = None,
+    read: list[str] | None = None,
+    splits: tuple = ("train", "val", "test"),
+) -> None:
     """Raise the first config error a run of these targets (at these shots; default: tasks.target_shots) would
     meet, as one line. read: the tasks whose files to open (None: every pool task's, as make's run reads them;
     a stage by hand checks those it reads), and which splits of them (a stage that chooses never opens test)."""
@@ -27,8 +33,10 @@ def preflight(cfg, targets: list[str] = (), shots: list[int] | None = None, read
         data.task(cfg, t, where=f"tasks.pool ({cfg.where('tasks.pool')})")
     for t in targets:
         if t not in cfg.tasks.pool:
-            raise UserError(f"{cfg.where('tasks.pool')}: target {t!r} is not in tasks.pool ({', '.join(cfg.tasks.pool)}); "
-                            f"pick one of those or add it there")
+            raise UserError(
+                f"{cfg.where('tasks.pool')}: target {t!r} is not in tasks.pool ({', '.join(cfg.tasks.pool)}); "
+                f"pick one of those or add it there"
+            )
     check_source(cfg)
     resolve(cfg)  # the device and precision this machine has
     files = [t for t in (cfg.tasks.pool if read is None else read) if not data.from_world(cfg, t)]
@@ -43,8 +51,10 @@ def preflight(cfg, targets: list[str] = (), shots: list[int] | None = None, read
         for k in shots or [cfg.tasks.target_shots]:
             if k > rows:
                 where = f"REPORT_SHOTS ({k})" if shots else cfg.where("tasks.target_shots")
-                raise UserError(f"{where}: field 'tasks.target_shots' is {k}, but {t}'s train split has {rows} examples; "
-                                f"use at most {rows} (0 = all of them)")
+                raise UserError(
+                    f"{where}: field 'tasks.target_shots' is {k}, but {t}'s train split has {rows} examples; "
+                    f"use at most {rows} (0 = all of them)"
+                )
     if files and cfg.backbone.source == "embedded":
         built = backbone_dir(cfg) / "tokenizer.json"
         vocab = _built_vocab(built) if built.is_file() else data.world_vocabulary(cfg.world)
@@ -58,14 +68,16 @@ def _built_vocab(path) -> list[str]:
 
 def main(argv: list[str]) -> None:
     if not argv or "--targets" not in argv:
-        raise UserError('usage: python -m common.checks CONFIG [key=value ...] --targets T [T ...] [--shots "32 64"]')
+        raise UserError(
+            'usage: python -m common.checks CONFIG [key=value ...] --targets T [T ...] [--shots "32 64"]'
+        )
     at = argv.index("--targets")
     cfg = load_config(argv[0], split_overrides(argv[1:at]))
-    rest = argv[at + 1:]
+    rest = argv[at + 1 :]
     shots = None
     if "--shots" in rest:
         i = rest.index("--shots")
-        shots, rest = [int(k) for k in rest[i + 1].split()], rest[:i] + rest[i + 2:]
+        shots, rest = [int(k) for k in rest[i + 1].split()], rest[:i] + rest[i + 2 :]
     preflight(cfg, rest, shots)
 
 

@@ -1,13 +1,11 @@
 """Run configuration: one YAML per profile, `key=value` overrides, validated at the door."""
+
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import re
 import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +23,7 @@ NULL = "null"  # the transfer row's control: an expert that adds nothing (interp
 @dataclass(frozen=True)
 class Range:
     """The values a numeric field accepts: lo <= x <= hi (strict where open; None = unbounded)."""
+
     lo: float | None = None
     hi: float | None = None
     lo_open: bool = False
@@ -68,7 +67,9 @@ class WorldConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "mini"  # mini: the embedded world | files: the paper's tasks (configs/paper_tasks.yaml) under root
+    source: str = (
+        "mini"  # mini: the embedded world | files: the paper's tasks (configs/paper_tasks.yaml) under root
+    )
     root: str = "data"  # OFA's *_data/ folders, CoOp folders, `hf download` copies of hub datasets
     download: bool = False  # fetch hub-hosted tasks (GLUE) into root when their files are missing
     # per task, split -> file under root instead of the catalogue's default, e.g.
@@ -103,18 +104,28 @@ class BackboneConfig:
 class PretrainConfig:
     steps: int = ranged(1500, 1)
     batch_size: int = ranged(32, 1)
-    lr: float = ranged(1e-3, 0, lo_open=True)  # with 1,500 steps, warm-up and cosine decay (docs/mini-world.md)
+    lr: float = ranged(
+        1e-3, 0, lo_open=True
+    )  # with 1,500 steps, warm-up and cosine decay (docs/mini-world.md)
     grad_clip: float = ranged(1.0, 0)  # 0 = no clipping
     warmup: int = ranged(100, 0)
-    grad_accum: int = ranged(1, 1)  # batches per optimizer step (the effective batch is batch_size x grad_accum)
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, same result, slower
-    checkpoint_every: int = ranged(0, 0)  # keep the loop's state every N steps, to resume after a crash (0 = never)
+    grad_accum: int = ranged(
+        1, 1
+    )  # batches per optimizer step (the effective batch is batch_size x grad_accum)
+    gradient_checkpointing: bool = (
+        False  # recompute activations in backward: less memory, same result, slower
+    )
+    checkpoint_every: int = ranged(
+        0, 0
+    )  # keep the loop's state every N steps, to resume after a crash (0 = never)
 
 
 @dataclass
 class TasksConfig:
     pool: list = nonempty(lambda: ["snli-ve", "nli"])
-    target_shots: int = ranged(64, 0)  # the target's training data: a seeded k-shot sample (0 = its whole train split)
+    target_shots: int = ranged(
+        64, 0
+    )  # the target's training data: a seeded k-shot sample (0 = its whole train split)
     shots_per_class: bool = False  # CoOp style: k examples of every answer class instead of k in all
     # tasks read from a researcher's own files, by name: {mine: {files: {train: .., test: ..}, prompt: ..,
     # answer: .., image: .., ...}} (common/tasks.py DEFINE_FIELDS); a defined task can be in pool or the target
@@ -127,18 +138,30 @@ class ExpertConfig:
     r: int = ranged(8, 1)  # lora rank
     alpha: float = ranged(16.0, 0, lo_open=True)  # lora scale alpha/r
     dropout: float = ranged(0.0, 0, 1, hi_open=True)  # lora / adapter dropout
-    target_modules: str = ""  # full-name regex of the modules to adapt; "" = the method's default (experts.py)
+    target_modules: str = (
+        ""  # full-name regex of the modules to adapt; "" = the method's default (experts.py)
+    )
     virtual_tokens: int = ranged(16, 1)  # prompt / prefix length
     adapter_dim: int = ranged(128, 1)  # bottleneck width of the Houlsby adapters
     steps: int = ranged(300, 1)
     batch_size: int = ranged(32, 1)
-    lr: float = ranged(0.0, 0)  # 0 = the type's own (expert_types.py: 1e-3 lora/dora/adapter, 1e-2 ia3/prefix, 3e-2 prompt)
+    lr: float = ranged(
+        0.0, 0
+    )  # 0 = the type's own (expert_types.py: 1e-3 lora/dora/adapter, 1e-2 ia3/prefix, 3e-2 prompt)
     grad_clip: float = ranged(1.0, 0)  # 0 = no clipping
     eval_size: int = ranged(200, 1)  # validation examples scored after training
-    grad_accum: int = ranged(1, 1)  # batches per optimizer step (the effective batch is batch_size x grad_accum)
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, same result, slower
-    checkpoint_every: int = ranged(0, 0)  # keep the loop's state every N steps, to resume after a crash (0 = never)
-    full_ft_lr: float = ranged(1e-4, 0, lo_open=True)  # the full fine-tuning baseline (train_expert.py --variant full-ft)
+    grad_accum: int = ranged(
+        1, 1
+    )  # batches per optimizer step (the effective batch is batch_size x grad_accum)
+    gradient_checkpointing: bool = (
+        False  # recompute activations in backward: less memory, same result, slower
+    )
+    checkpoint_every: int = ranged(
+        0, 0
+    )  # keep the loop's state every N steps, to resume after a crash (0 = never)
+    full_ft_lr: float = ranged(
+        1e-4, 0, lo_open=True
+    )  # the full fine-tuning baseline (train_expert.py --variant full-ft)
 
 
 @dataclass
@@ -150,7 +173,9 @@ class FisherConfig:
     samples: int = ranged(256, 1)
     batch_size: int = ranged(16, 1)
     normalize: str = "mean"  # mean: each tensor scaled to mean 1 before comparing | none
-    passes: int = ranged(1, 1)  # > 1: up to this many passes over an expert's examples, dropout on, until `samples` gradients
+    passes: int = ranged(
+        1, 1
+    )  # > 1: up to this many passes over an expert's examples, dropout on, until `samples` gradients
     at: str = "own"  # own: each expert's Fisher at its own weights | pool-mean: every task's at the mean pool expert
     answers: str = "truth"  # truth: the examples' answers (empirical Fisher) | model: drawn from the model's own distribution
 
@@ -158,7 +183,9 @@ class FisherConfig:
 @dataclass
 class InterpolateConfig:
     top_k: int = ranged(2, 1)
-    experts: list = field(default_factory=list)  # pick the pool experts by hand (as the original did); [] = top-k
+    experts: list = field(
+        default_factory=list
+    )  # pick the pool experts by hand (as the original did); [] = top-k
     groups: str = "site"  # global | layer | site | tensor
     train_experts: bool = True
     # short and gentle (the paper's 1e-4): longer or faster, the mix drifts back to the target's own expert
@@ -168,9 +195,15 @@ class InterpolateConfig:
     lr: float = ranged(1e-4, 0, lo_open=True)  # experts
     logits_lr: float = ranged(5e-2, 0, lo_open=True)  # interpolation logits
     grad_clip: float = ranged(1.0, 0)  # 0 = no clipping
-    grad_accum: int = ranged(1, 1)  # batches per optimizer step (the effective batch is batch_size x grad_accum)
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, same result, slower
-    checkpoint_every: int = ranged(0, 0)  # keep the loop's state every N steps, to resume after a crash (0 = never)
+    grad_accum: int = ranged(
+        1, 1
+    )  # batches per optimizer step (the effective batch is batch_size x grad_accum)
+    gradient_checkpointing: bool = (
+        False  # recompute activations in backward: less memory, same result, slower
+    )
+    checkpoint_every: int = ranged(
+        0, 0
+    )  # keep the loop's state every N steps, to resume after a crash (0 = never)
     # stacking: the fraction of the target's training examples held out of the expert the mix is learned with.
     # The mix learns on them (the experts frozen) with the target's expert refitted on the rest (experts/<run>.fold,
     # train_expert.py --variant fold); its weights then apply to the expert fitted on all of them, and with
@@ -181,21 +214,31 @@ class InterpolateConfig:
     # the target's own validation split, among the top-k of each embedding of select_from for each k of select_k
     # and k = 0, the target's expert alone: the interpolation scoring best there; test is never read to choose)
     retrieval: str = "fixed"
-    select_from: list = field(default_factory=list)  # embeddings (common/embeddings.py); [] = every registered one
+    select_from: list = field(
+        default_factory=list
+    )  # embeddings (common/embeddings.py); [] = every registered one
     select_k: list = nonempty(lambda: [1, 2])
 
 
 @dataclass
 class EvaluateConfig:
     batch_size: int = ranged(64, 1)
-    merges: bool = True  # score the untrained merges of π-Tuning's experts too (uniform, peft's linear and TIES)
-    validation: bool = True  # score on the validation split too the methods choices are made among (report.on_val)
+    merges: bool = (
+        True  # score the untrained merges of π-Tuning's experts too (uniform, peft's linear and TIES)
+    )
+    validation: bool = (
+        True  # score on the validation split too the methods choices are made among (report.on_val)
+    )
 
 
 @dataclass
 class DebugConfig:
-    kill_at_step: int = ranged(0, 0)  # end a training stage with SIGKILL after this step (tests of resume; 0 = off)
-    fail_rank: int = ranged(-1, -1)  # under torchrun: this rank raises after a training stage's last step (-1 = off)
+    kill_at_step: int = ranged(
+        0, 0
+    )  # end a training stage with SIGKILL after this step (tests of resume; 0 = off)
+    fail_rank: int = ranged(
+        -1, -1
+    )  # under torchrun: this rank raises after a training stage's last step (-1 = off)
 
 
 @dataclass
@@ -207,7 +250,9 @@ class Config:
     device: str = "auto"  # auto (CUDA when there is one) | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only): autocast through accelerate; weights stay fp32
     log_every: float = ranged(30.0, 0)  # seconds between progress lines without a terminal (0 = every step)
-    log_with: str = "none"  # none | tensorboard | wandb: loss, lr, examples/s of every step to accelerate's tracker
+    log_with: str = (
+        "none"  # none | tensorboard | wandb: loss, lr, examples/s of every step to accelerate's tracker
+    )
     # what the frozen backbone would compute again and again, memoised, each up to this much (0 = off): Florence-2's
     # vision tower per image, and evaluate.py's encoded inputs per batch (every method scores the same batches)
     feature_cache_mb: int = ranged(1024, 0)
@@ -244,8 +289,14 @@ class Config:
 
     def where(self, name: str) -> str:
         """What set a field, for an error: the override that did, else the profile file."""
-        hit = next((o for o in self.overrides if (k := o.split("=", 1)[0]) == name or name.startswith(k + ".")
-                    or k.startswith(name + ".")), None)
+        hit = next(
+            (
+                o
+                for o in self.overrides
+                if (k := o.split("=", 1)[0]) == name or name.startswith(k + ".") or k.startswith(name + ".")
+            ),
+            None,
+        )
         return f"override '{hit}'" if hit else self.path
 
     def command(self, script: str, *args: str) -> str:
@@ -287,7 +338,9 @@ def _fill(cls, data: dict, where, prefix: str = ""):
             continue
         kwargs[key] = _check_type(value, default, name, where(name))
         if name in CHOICES and kwargs[key] not in CHOICES[name]:
-            raise UserError(f"{where(name)}: field '{name}' is {value!r}; use one of {', '.join(CHOICES[name])}")
+            raise UserError(
+                f"{where(name)}: field '{name}' is {value!r}; use one of {', '.join(CHOICES[name])}"
+            )
         allowed = known[key].metadata.get("range")
         if allowed and kwargs[key] not in allowed:
             raise UserError(f"{where(name)}: field '{name}' is {value!r}; use a value {allowed}")
@@ -301,20 +354,30 @@ def _check_together(cfg: Config, where) -> None:
     pool, b = cfg.tasks.pool, cfg.backbone
     odd = [t for t in pool if not isinstance(t, str) or not t]
     if odd:  # YAML reads a bare null, yes or 12 as None, True, 12
-        raise UserError(f"{where('tasks.pool')}: field 'tasks.pool' holds {odd[0]!r}, not a task name; write task "
-                        f"names as strings (quoted where YAML would read them otherwise)")
+        raise UserError(
+            f"{where('tasks.pool')}: field 'tasks.pool' holds {odd[0]!r}, not a task name; write task "
+            f"names as strings (quoted where YAML would read them otherwise)"
+        )
     if len(set(pool)) != len(pool):
-        raise UserError(f"{where('tasks.pool')}: field 'tasks.pool' names a task twice ({pool}); list each once")
+        raise UserError(
+            f"{where('tasks.pool')}: field 'tasks.pool' names a task twice ({pool}); list each once"
+        )
     if NULL in pool:
-        raise UserError(f"{where('tasks.pool')}: field 'tasks.pool' names a task '{NULL}', the name of the transfer "
-                        f"row's control (interpolate.py --variant pair-{NULL}); rename the task")
+        raise UserError(
+            f"{where('tasks.pool')}: field 'tasks.pool' names a task '{NULL}', the name of the transfer "
+            f"row's control (interpolate.py --variant pair-{NULL}); rename the task"
+        )
     if not cfg.interpolate.experts and cfg.interpolate.top_k > len(pool) - 1:
-        raise UserError(f"{where('interpolate.top_k')}: field 'interpolate.top_k' is {cfg.interpolate.top_k}, but "
-                        f"tasks.pool has {len(pool) - 1} tasks beside the target; use at most {len(pool) - 1} or add "
-                        f"tasks")
+        raise UserError(
+            f"{where('interpolate.top_k')}: field 'interpolate.top_k' is {cfg.interpolate.top_k}, but "
+            f"tasks.pool has {len(pool) - 1} tasks beside the target; use at most {len(pool) - 1} or add "
+            f"tasks"
+        )
     if b.d_model % b.heads:
-        raise UserError(f"{where('backbone.heads')}: field 'backbone.heads' is {b.heads}, which does not divide "
-                        f"backbone.d_model {b.d_model}; pick a divisor")
+        raise UserError(
+            f"{where('backbone.heads')}: field 'backbone.heads' is {b.heads}, which does not divide "
+            f"backbone.d_model {b.d_model}; pick a divisor"
+        )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise UserError(f"{where('device')}: field 'device' is {cfg.device!r}; use auto, cpu, cuda or cuda:N")
     for name, spec in cfg.tasks.define.items():  # each definition checked here; its files by common.checks
@@ -322,15 +385,21 @@ def _check_together(cfg: Config, where) -> None:
     unknown = [e for e in cfg.interpolate.select_from if e not in EMBEDDINGS]
     bad_k = [k for k in cfg.interpolate.select_k if not isinstance(k, int) or isinstance(k, bool) or k < 1]
     if unknown:
-        raise UserError(f"{where('interpolate.select_from')}: field 'interpolate.select_from' names {unknown[0]!r}; "
-                        f"use embeddings of {', '.join(EMBEDDINGS)} ([] = all of them)")
+        raise UserError(
+            f"{where('interpolate.select_from')}: field 'interpolate.select_from' names {unknown[0]!r}; "
+            f"use embeddings of {', '.join(EMBEDDINGS)} ([] = all of them)"
+        )
     if bad_k:
-        raise UserError(f"{where('interpolate.select_k')}: field 'interpolate.select_k' holds {bad_k[0]!r}; use ks of "
-                        f"1 or more (k = 0, the target's expert alone, is always a candidate; a k beyond the pool takes "
-                        f"all of it)")
+        raise UserError(
+            f"{where('interpolate.select_k')}: field 'interpolate.select_k' holds {bad_k[0]!r}; use ks of "
+            f"1 or more (k = 0, the target's expert alone, is always a candidate; a k beyond the pool takes "
+            f"all of it)"
+        )
     if len(b.vision_dims) != len(b.vision_heads):
-        raise UserError(f"{where('backbone.vision_heads')}: field 'backbone.vision_heads' has {len(b.vision_heads)} "
-                        f"entries, vision_dims {len(b.vision_dims)}; give one head count per vision stage")
+        raise UserError(
+            f"{where('backbone.vision_heads')}: field 'backbone.vision_heads' has {len(b.vision_heads)} "
+            f"entries, vision_dims {len(b.vision_dims)}; give one head count per vision stage"
+        )
 
 
 def _check_type(value, default, name, path):
@@ -353,7 +422,9 @@ def _check_type(value, default, name, path):
     else:
         ok = isinstance(value, str)
     if not ok:
-        raise UserError(f"{path}: field '{name}' is {value!r}; expected {type(default).__name__} like {default!r}")
+        raise UserError(
+            f"{path}: field '{name}' is {value!r}; expected {type(default).__name__} like {default!r}"
+        )
     return value
 
 
@@ -375,8 +446,14 @@ def _read_profile(p: Path, seen: tuple = ()) -> dict:
     base = _read_profile(p.parent / str(data.pop("base")), seen + (p.resolve(),))
 
     def merged(under: dict, over: dict) -> dict:
-        return {**under, **{k: merged(under[k], v) if isinstance(v, dict) and isinstance(under.get(k), dict)
-                            else v for k, v in over.items()}}
+        return {
+            **under,
+            **{
+                k: merged(under[k], v) if isinstance(v, dict) and isinstance(under.get(k), dict) else v
+                for k, v in over.items()
+            },
+        }
+
     return merged(base, data)
 
 
@@ -410,13 +487,21 @@ def load_config(path: str, overrides: list[str] = ()) -> Config:
         try:
             node[parts[-1]] = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise UserError(f"override '{item}': the value is not valid YAML ({getattr(e, 'problem', e)}); write "
-                            f"a list as {key}=[a,b]") from None
+            raise UserError(
+                f"override '{item}': the value is not valid YAML ({getattr(e, 'problem', e)}); write "
+                f"a list as {key}=[a,b]"
+            ) from None
         given[key] = item
 
     def where(name: str) -> str:
-        hit = next((item for key, item in given.items() if name == key or name.startswith(key + ".")
-                    or key.startswith(name + ".")), None)
+        hit = next(
+            (
+                item
+                for key, item in given.items()
+                if name == key or name.startswith(key + ".") or key.startswith(name + ".")
+            ),
+            None,
+        )
         return f"override '{hit}'" if hit else str(path)
 
     cfg = _fill(Config, data, where)

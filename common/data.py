@@ -1,4 +1,5 @@
 """Tasks as (optional image, prompt) -> answer text, their splits, and batches for the backbone."""
+
 from __future__ import annotations
 
 import contextvars
@@ -13,22 +14,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import dist
-from common import world as W
+from common import dist, world as W
+from common.backbone import backbone_dir, build_vocab, word_splitter
 from common.config import WorldConfig
 from common.errors import UserError
-from common.backbone import backbone_dir, build_vocab, word_splitter
 from common.readers import cached_image_keys, catalogue, fetch_hub, image_key, read_defined
 from common.tasks import Example, Task, define, holdout_split, k_shot
 from common.training import Batch
 
-
-_UNDRAWN = contextvars.ContextVar("undrawn", default=False)  # examples drawn with their images' keys, not drawn
+_UNDRAWN = contextvars.ContextVar(
+    "undrawn", default=False
+)  # examples drawn with their images' keys, not drawn
 
 
 def _img(scene, rng, size):
     if _UNDRAWN.get():  # what the image is made from: its scene and the seed render draws (its one draw)
-        return ("image", repr(scene), rng.randrange(2 ** 31), size)
+        return ("image", repr(scene), rng.randrange(2**31), size)
     return W.render(scene, size, rng)
 
 
@@ -53,12 +54,14 @@ def _statements(prompt: str, answer=lambda label: label):
     """A task on a scene's statements (W.hypothesis): the prompt with {hyp} (and {text}, the scene's description:
     a text-only task, else the image is drawn), the answer the statement's yes / no / maybe label under `answer`.
     Every such task draws its scene, statement and image alike: the same seed, the same example."""
+
     def make(rng, size):
         scene = W.random_scene(rng)
         hyp, label = W.hypothesis(scene, rng)
         if "{text}" in prompt:
             return Example(prompt.format(text=W.describe(scene), hyp=hyp), answer(label))
         return Example(prompt.format(hyp=hyp), answer(label), _img(scene, rng, size))
+
     return make
 
 
@@ -98,15 +101,19 @@ def _colour(rng, size):
 
 def _count(rng, size):
     scene = W.random_scene(rng)
-    return Example(" how many objects are in the image?", W.NUMBERS[len(scene.objects)], _img(scene, rng, size))
+    return Example(
+        " how many objects are in the image?", W.NUMBERS[len(scene.objects)], _img(scene, rng, size)
+    )
 
 
 def _paraphrase(rng, size):
     scene = W.random_scene(rng)
     same = rng.random() < 0.5
     other = scene if same else W.perturb(scene, rng)
-    return Example(f' is text1 " {W.describe(scene, rng)} " a paraphrase of text2 " {W.describe(other, rng)} "?',
-                   "yes" if same else "no")
+    return Example(
+        f' is text1 " {W.describe(scene, rng)} " a paraphrase of text2 " {W.describe(other, rng)} "?',
+        "yes" if same else "no",
+    )
 
 
 def _qa_entail(rng, size):
@@ -151,7 +158,9 @@ _nli_decide = _statements(' can text1 " {text} " answer text2 " {hyp} "?', _deci
 
 def _colour_text(rng, size):
     scene = W.random_scene(rng, 1)
-    return Example(f' what is the colour of the object in text " {W.describe(scene, rng)} "?', scene.objects[0].colour)
+    return Example(
+        f' what is the colour of the object in text " {W.describe(scene, rng)} "?', scene.objects[0].colour
+    )
 
 
 def _not_refuted(label: str) -> str:
@@ -177,7 +186,9 @@ def _shape_at(rng, size):
     """shape's decision on scenes of 2-3 objects: the shape of the object a grid cell names."""
     scene = W.random_scene(rng, rng.randint(2, 3))
     o = rng.choice(scene.objects)
-    return Example(f" what is the shape of the object at the {W.POSITIONS[o.pos]}?", o.shape, _img(scene, rng, size))
+    return Example(
+        f" what is the shape of the object at the {W.POSITIONS[o.pos]}?", o.shape, _img(scene, rng, size)
+    )
 
 
 def _shape_large(rng, size):
@@ -208,33 +219,38 @@ def _pt_infill(rng, size):
 
 YNM = ("yes", "no", "maybe")
 YN = ("yes", "no")
-TASKS: dict[str, Task] = {t.name: t for t in [
-    Task("snli-ve", "vision-language", _snli_ve, YNM),
-    Task("vqa", "vision-language", _vqa, tuple(W.COLOURS) + W.SHAPES + W.NUMBERS[1:4] + YN),
-    Task("caption", "vision-language", _caption, None),
-    Task("refexp", "vision-language", _refexp, W.POSITIONS),
-    Task("shape", "vision", _shape, W.SHAPES),
-    Task("colour", "vision", _colour, tuple(W.COLOURS)),
-    Task("count", "vision", _count, W.NUMBERS[1:4]),
-    Task("nli", "language", _nli, YNM),
-    Task("paraphrase", "language", _paraphrase, YN),
-    Task("qa-entail", "language", _qa_entail, YN),
-    Task("arith", "language", _arith, W.NUMBERS),
-    Task("ve-2way", "vision-language", _ve_2way, YN),
-    Task("nli-2way", "language", _nli_2way, YN),
-    Task("colour-text", "language", _colour_text, tuple(W.COLOURS)),
-    Task("ve-decide", "vision-language", _ve_decide, YN),
-    Task("nli-decide", "language", _nli_decide, YN),
-    Task("ve-strict", "vision-language", _ve_strict, YN),
-    Task("ve-lenient", "vision-language", _ve_lenient, YN),
-    Task("nli-strict", "language", _nli_strict, YN),
-    Task("shape-at", "vision", _shape_at, W.SHAPES),
-    Task("nli-shuffled", "language", _nli_shuffled, YNM),
-    Task("shape-plus", "vision", _shape_plus, ("circle", "square", "triangle", "plus")),
-    Task("shape-large", "vision", _shape_large, W.SHAPES),
-]}
-PRETRAIN_TASKS = {"pt-caption": Task("pt-caption", "pretraining", _pt_caption, None),
-                  "pt-infill": Task("pt-infill", "pretraining", _pt_infill, None)}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("snli-ve", "vision-language", _snli_ve, YNM),
+        Task("vqa", "vision-language", _vqa, tuple(W.COLOURS) + W.SHAPES + W.NUMBERS[1:4] + YN),
+        Task("caption", "vision-language", _caption, None),
+        Task("refexp", "vision-language", _refexp, W.POSITIONS),
+        Task("shape", "vision", _shape, W.SHAPES),
+        Task("colour", "vision", _colour, tuple(W.COLOURS)),
+        Task("count", "vision", _count, W.NUMBERS[1:4]),
+        Task("nli", "language", _nli, YNM),
+        Task("paraphrase", "language", _paraphrase, YN),
+        Task("qa-entail", "language", _qa_entail, YN),
+        Task("arith", "language", _arith, W.NUMBERS),
+        Task("ve-2way", "vision-language", _ve_2way, YN),
+        Task("nli-2way", "language", _nli_2way, YN),
+        Task("colour-text", "language", _colour_text, tuple(W.COLOURS)),
+        Task("ve-decide", "vision-language", _ve_decide, YN),
+        Task("nli-decide", "language", _nli_decide, YN),
+        Task("ve-strict", "vision-language", _ve_strict, YN),
+        Task("ve-lenient", "vision-language", _ve_lenient, YN),
+        Task("nli-strict", "language", _nli_strict, YN),
+        Task("shape-at", "vision", _shape_at, W.SHAPES),
+        Task("nli-shuffled", "language", _nli_shuffled, YNM),
+        Task("shape-plus", "vision", _shape_plus, ("circle", "square", "triangle", "plus")),
+        Task("shape-large", "vision", _shape_large, W.SHAPES),
+    ]
+}
+PRETRAIN_TASKS = {
+    "pt-caption": Task("pt-caption", "pretraining", _pt_caption, None),
+    "pt-infill": Task("pt-infill", "pretraining", _pt_infill, None),
+}
 
 
 def get_task(name: str, where: str = "tasks.pool") -> Task:
@@ -258,6 +274,7 @@ def examples(task: str, split: str, world: WorldConfig, n: int | None = None) ->
 
 
 # ---- what the stages call: the mini world or real files, by data.source ----
+
 
 def task(cfg, name: str, where: str = "tasks.pool"):
     """A task by name: one the profile defines (tasks.define, read from files), else one of the configured
@@ -300,11 +317,14 @@ def _read(cfg, name: str, which: str):
     except UserError:
         if not (cfg.data.download and t.hub) or (root / t.files.get(which, "")).is_file():
             raise
-        fetch_hub(t, which, root)  # then read the downloaded shards (a failed fetch says how to get them by hand)
+        fetch_hub(
+            t, which, root
+        )  # then read the downloaded shards (a failed fetch says how to get them by hand)
         return read_defined(t, which, root, cfg.data.num_workers)
 
 
 # ---- the overlap guard: no image of a scored split in any task's training data ----
+
 
 def image_keys(cfg, name: str, which: str, exs) -> np.ndarray | None:
     """The image keys of a task's split exs (all of it, as read; readers.image_key: a file's image ids, files or
@@ -320,8 +340,11 @@ def scored_images(cfg) -> np.ndarray:
     keys = []
     for name in cfg.tasks.pool:
         for which in ("val", "test"):
-            found = None if from_world(cfg, name) or not task(cfg, name).image else \
-                cached_image_keys(task(cfg, name), which, Path(cfg.data.root))  # keyed once: the file not opened
+            found = (
+                None
+                if from_world(cfg, name) or not task(cfg, name).image
+                else cached_image_keys(task(cfg, name), which, Path(cfg.data.root))
+            )  # keyed once: the file not opened
             if found is None:
                 exs = None if from_world(cfg, name) else _read(cfg, name, which)
                 found = image_keys(cfg, name, which, exs)
@@ -341,9 +364,11 @@ def without_scored(cfg, name: str, exs):
     if not shared.any():
         return exs, 0
     if shared.all():
-        raise UserError(f"{cfg.path}: every training example of {name} ({len(exs)}) shows an image of a scored "
-                        f"split of a task in tasks.pool; leave {name} or the task it shares images with out of "
-                        f"tasks.pool, or set data.exclude_scored_images=false")
+        raise UserError(
+            f"{cfg.path}: every training example of {name} ({len(exs)}) shows an image of a scored "
+            f"split of a task in tasks.pool; leave {name} or the task it shares images with out of "
+            f"tasks.pool, or set data.exclude_scored_images=false"
+        )
     kept = exs.take(~shared) if hasattr(exs, "take") else [e for e, s in zip(exs, shared) if not s]
     return kept, int(shared.sum())
 
@@ -356,8 +381,12 @@ def train_rows(cfg, name: str) -> dict:
     kept, dropped = without_scored(cfg, name, exs)
     cap = 0 if from_world(cfg, name) else cfg.data.train_size
     used = min(cap or len(kept), len(kept))
-    return {"rows": len(exs), "dropped_scored_images": dropped, "used": used,
-            **({"sample": f"seeded random ('{name}/train', data.train_size)"} if used < len(kept) else {})}
+    return {
+        "rows": len(exs),
+        "dropped_scored_images": dropped,
+        "used": used,
+        **({"sample": f"seeded random ('{name}/train', data.train_size)"} if used < len(kept) else {}),
+    }
 
 
 def from_world(cfg, name: str) -> bool:
@@ -385,8 +414,10 @@ def train_split(cfg, name: str, shots: int, seed: int, where: str = "tasks.targe
     exs = split(cfg, name, "train")
     if shots > len(exs):
         setting = where if where.startswith("--") else f"{cfg.path}: field '{where}'"
-        raise UserError(f"{setting} is {shots}, but {name}'s train split has {len(exs)} examples; use at "
-                        f"most {len(exs)} (0 = all of them)")
+        raise UserError(
+            f"{setting} is {shots}, but {name}'s train split has {len(exs)} examples; use at "
+            f"most {len(exs)} (0 = all of them)"
+        )
     return k_shot(exs, shots, seed, cfg.tasks.shots_per_class)
 
 
@@ -394,16 +425,22 @@ def fold_split(cfg, train: list[Example], seed: int) -> tuple[list[Example], lis
     """The target's training examples (train_split's) as stacking splits them (interpolate.holdout): (what the
     fold expert fits, what the mix learns on)."""
     if len(train) < 2:
-        raise UserError(f"{cfg.path}: field 'interpolate.holdout' holds out part of {len(train)} training example; "
-                        f"use at least 2 (tasks.target_shots) or set interpolate.holdout to 0")
+        raise UserError(
+            f"{cfg.path}: field 'interpolate.holdout' holds out part of {len(train)} training example; "
+            f"use at least 2 (tasks.target_shots) or set interpolate.holdout to 0"
+        )
     return holdout_split(train, cfg.interpolate.holdout, seed)
 
 
 def world_vocabulary(world: WorldConfig) -> list[str]:
     """The embedded backbone's vocabulary: every word any task of the mini world can use (what pretraining
     builds it from)."""
-    texts = [t for name in list(TASKS) + list(PRETRAIN_TASKS) for e in examples(name, "train", world, 400)
-             for t in (e.prompt, e.answer, *(get_task(name).candidates or ()))]
+    texts = [
+        t
+        for name in list(TASKS) + list(PRETRAIN_TASKS)
+        for e in examples(name, "train", world, 400)
+        for t in (e.prompt, e.answer, *(get_task(name).candidates or ()))
+    ]
     return build_vocab(texts)
 
 
@@ -414,7 +451,9 @@ def check_words(cfg, name: str, vocab, *splits: list[Example]) -> None:
     if cfg.backbone.source != "embedded" or from_world(cfg, name):
         return
     split = word_splitter().pre_tokenize_str
-    rows = [e for exs in splits for e in (exs.texts() if hasattr(exs, "texts") else exs)]  # Rows: no image read
+    rows = [
+        e for exs in splits for e in (exs.texts() if hasattr(exs, "texts") else exs)
+    ]  # Rows: no image read
     texts = {t for e in rows for t in (e.prompt, e.answer, *(e.candidates or ()), *(e.refs or ()))}
     defined = task(cfg, name)
     texts |= set(defined.candidates or ())
@@ -423,9 +462,11 @@ def check_words(cfg, name: str, vocab, *splits: list[Example]) -> None:
     if unknown:
         more = f" and {len(unknown) - 12} more" if len(unknown) > 12 else ""
         sample = ", ".join(sorted(w for w in words if w.isalpha())[:8])
-        raise UserError(f"{defined.where} uses words the embedded backbone's vocabulary lacks: "
-                        f"{', '.join(unknown[:12])}{more}; it has the mini world's {len(words)} words ({sample}, ...: "
-                        f"{backbone_dir(cfg) / 'tokenizer.json'}), so use those, or a real backbone (backbone.source)")
+        raise UserError(
+            f"{defined.where} uses words the embedded backbone's vocabulary lacks: "
+            f"{', '.join(unknown[:12])}{more}; it has the mini world's {len(words)} words ({sample}, ...: "
+            f"{backbone_dir(cfg) / 'tokenizer.json'}), so use those, or a real backbone (backbone.source)"
+        )
 
 
 def candidates_for(task: Task, ex: Example) -> tuple[str, ...]:
@@ -445,10 +486,14 @@ class Encoder:
         self.tok = getattr(processor, "tokenizer", processor)
         self.device = torch.device(device or "cpu")  # where the tensors it returns live (the model's device)
         self.max_len = max_len
-        self.kept: dict[tuple, tuple] = {}  # the examples' ids -> (the examples, kept alive so no id is reused; inputs)
+        self.kept: dict[
+            tuple, tuple
+        ] = {}  # the examples' ids -> (the examples, kept alive so no id is reused; inputs)
         self.room = keep_mb << 20
         self.answer_ids: dict[str, list[int]] = {}  # answer -> its label ids: candidates come again and again
-        self.generation = generation  # the checkpoint's GenerationConfig (None: the tokenizer's eos, nothing forced)
+        self.generation = (
+            generation  # the checkpoint's GenerationConfig (None: the tokenizer's eos, nothing forced)
+        )
         forced = getattr(generation, "forced_bos_token_id", None)
         self.forced = [forced] if forced is not None else []  # tokens every answer starts with, not chosen
         eos = getattr(generation, "eos_token_id", None)
@@ -470,17 +515,33 @@ class Encoder:
             raise ValueError("a batch mixes image and text-only examples")
         if all(with_image):
             if self.tok is self.processor:
-                raise UserError("this task has images but backbone.source is a text-only model; use a Florence-2 "
-                                "backbone or text tasks in tasks.pool")
-            out = self.processor(text=[e.prompt for e in exs], images=[e.image for e in exs],
-                                 return_tensors="pt", padding=True)
-        elif self.tok.bos_token is not None:  # the same <s> prompt </s> layout Florence-2 builds after the image
+                raise UserError(
+                    "this task has images but backbone.source is a text-only model; use a Florence-2 "
+                    "backbone or text tasks in tasks.pool"
+                )
+            out = self.processor(
+                text=[e.prompt for e in exs], images=[e.image for e in exs], return_tensors="pt", padding=True
+            )
+        elif (
+            self.tok.bos_token is not None
+        ):  # the same <s> prompt </s> layout Florence-2 builds after the image
             texts = [f"{self.tok.bos_token}{e.prompt}{self.tok.eos_token}" for e in exs]
-            out = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False, truncation=True,
-                           max_length=self.max_len)
+            out = self.tok(
+                texts,
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+                truncation=True,
+                max_length=self.max_len,
+            )
         else:  # T5: prompt </s>
-            out = self.tok([e.prompt.strip() for e in exs], return_tensors="pt", padding=True, truncation=True,
-                           max_length=self.max_len)
+            out = self.tok(
+                [e.prompt.strip() for e in exs],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_len,
+            )
         return {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
 
     def labels(self, answers: list[str]) -> torch.Tensor:
@@ -508,8 +569,13 @@ class Encoder:
         return out
 
 
-def batches(exs: list[Example], batch_size: int, rng: random.Random | None = None, shard: bool = False,
-            order: list[int] | None = None):
+def batches(
+    exs: list[Example],
+    batch_size: int,
+    rng: random.Random | None = None,
+    shard: bool = False,
+    order: list[int] | None = None,
+):
     """Mini-batches in order (or in `order`, a permutation of the indices), or shuffled (one epoch) when an rng
     is given; shard: only this rank's share of them under torchrun (batches rank, rank + world, ...). A lazily
     read split with workers (readers.Rows, data.num_workers) is decoded in that many DataLoader worker
@@ -517,7 +583,7 @@ def batches(exs: list[Example], batch_size: int, rng: random.Random | None = Non
     order = list(range(len(exs))) if order is None else list(order)
     if rng is not None:
         rng.shuffle(order)
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if shard:
         chunks = dist.shard(chunks)
     if not getattr(exs, "workers", 0) or not chunks:
@@ -539,8 +605,14 @@ def _in_workers(dataset, batch_sampler, workers: int, pin: bool = False):
     if workers:  # the tokenizer's own threads and forked workers do not mix (its warning)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # its own generator: the workers' seeds are not drawn from torch's global one (dropout, init)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=_as_is,
-                                         num_workers=workers, pin_memory=pin, generator=torch.Generator())
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=_as_is,
+        num_workers=workers,
+        pin_memory=pin,
+        generator=torch.Generator(),
+    )
     for batch in loader:
         if isinstance(batch, UserError):
             raise batch
@@ -576,7 +648,14 @@ class _Order:
     batch as (its size, this rank's share of its indices)."""
 
     def __init__(self, n: int, batch_size: int, seed: int, field: str, desc: str):
-        self.n, self.batch_size, self.seed, self.field, self.desc, self.start = n, batch_size, seed, field, desc, 0
+        self.n, self.batch_size, self.seed, self.field, self.desc, self.start = (
+            n,
+            batch_size,
+            seed,
+            field,
+            desc,
+            0,
+        )
 
     def __iter__(self):
         for i, idx in enumerate(infinite_batches(range(self.n), self.batch_size, self.seed)):
@@ -590,7 +669,10 @@ class _Encoded(torch.utils.data.Dataset):
     a lazily read split (readers.Rows) decodes its rows here, in the worker."""
 
     def __init__(self, exs, processor, generation=None):
-        self.exs, self.enc = exs, Encoder(processor, generation=generation)  # CPU tensors: the loop moves them
+        self.exs, self.enc = (
+            exs,
+            Encoder(processor, generation=generation),
+        )  # CPU tensors: the loop moves them
 
     def __len__(self) -> int:
         return len(self.exs)
@@ -616,10 +698,25 @@ class Loader:
     workers. skip(n) before the first batch passes n batches without reading them (a resumed loop).
     field: the batch size's config field, for the error when a batch is too small to share."""
 
-    def __init__(self, exs, batch_size: int, seed: int, processor, workers: int = 0, pin: bool = False,
-                 field: str = "expert.batch_size", desc: str = "train", generation=None):
+    def __init__(
+        self,
+        exs,
+        batch_size: int,
+        seed: int,
+        processor,
+        workers: int = 0,
+        pin: bool = False,
+        field: str = "expert.batch_size",
+        desc: str = "train",
+        generation=None,
+    ):
         self.order = _Order(len(exs), batch_size, seed, field, desc)
-        self.dataset, self.workers, self.pin, self._it = _Encoded(exs, processor, generation), workers, pin, None
+        self.dataset, self.workers, self.pin, self._it = (
+            _Encoded(exs, processor, generation),
+            workers,
+            pin,
+            None,
+        )
 
     def skip(self, n: int) -> None:
         assert self._it is None, "skip() before the first batch"
@@ -636,5 +733,14 @@ class Loader:
 
 def train_batches(cfg, exs, batch_size: int, seed: int, enc: Encoder, field: str, desc: str) -> Loader:
     """A stage's training batches: read in data.num_workers workers, pinned when the model is on a GPU."""
-    return Loader(exs, batch_size, seed, enc.processor, cfg.data.num_workers, enc.device.type == "cuda", field, desc,
-                  enc.generation)
+    return Loader(
+        exs,
+        batch_size,
+        seed,
+        enc.processor,
+        cfg.data.num_workers,
+        enc.device.type == "cuda",
+        field,
+        desc,
+        enc.generation,
+    )

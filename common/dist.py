@@ -10,6 +10,7 @@ and gathers the per-example results in their original order. Alone (no process g
 is the identity. Only rank 0 lands an artifact (common.artifacts) and prints to stdout (common.config.run_stage).
 torch is not imported here: a process that has not imported it (the Makefile's config reads) has no group, and
 `python -m common.provenance` (0.15 s) would take 1 s more."""
+
 from __future__ import annotations
 
 import os
@@ -47,7 +48,7 @@ def is_main() -> bool:
 
 def shard(items: list) -> list:
     """This rank's share of a list every rank holds alike: items rank, rank + world, ..."""
-    return items[rank()::world()] if active() else items
+    return items[rank() :: world()] if active() else items
 
 
 def gather(mine: list, n: int) -> list:
@@ -78,7 +79,7 @@ def all_sum(tensors: list) -> list:
     _group().all_reduce(flat)
     out, i = [], 0
     for t in tensors:
-        out.append(flat[i:i + t.numel()].view_as(t).to(t.dtype))
+        out.append(flat[i : i + t.numel()].view_as(t).to(t.dtype))
         i += t.numel()
     return out
 

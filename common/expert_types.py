@@ -3,23 +3,28 @@ backbone, the modules and learning rate it takes by default, how K of its expert
 for the `weights` embedding. Config validation, the stages and the tests read EXPERT_TYPES; a new type is one
 entry here. Light to import, as config imports it: torch, peft and common.adapters are imported where an expert
 is built (at the top, peft would add 3 s to the 0.15 s of `python -m common.provenance`, run by make per pipeline)."""
+
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 # the language model only (a bare `q_proj|fc2` would also match Florence-2's vision tower); T5 names its
 # modules q/k/v/o, wi/wo
 _BART = r".*(language_model|model)\.(encoder|decoder)\..*\."
-ATTENTION = {"bart": _BART + r"(q_proj|k_proj|v_proj|out_proj)$", "t5": r".*\.(SelfAttention|EncDecAttention)\.(q|k|v|o)$"}
+ATTENTION = {
+    "bart": _BART + r"(q_proj|k_proj|v_proj|out_proj)$",
+    "t5": r".*\.(SelfAttention|EncDecAttention)\.(q|k|v|o)$",
+}
 
 
 @dataclass(frozen=True)
 class ExpertType:
     """One kind of expert. build(model, ecfg, dims, targets, rank_multiplier) returns a peft config, or the model
     with the expert (adapters); update(weights, layers) gives {site: what the expert adds there}."""
+
     name: str
     lr: float  # expert.lr 0 takes this (measured: IA3, prompts and prefixes need far larger steps)
     targets: dict  # backbone family (bart | t5) -> target_modules regex; {} = acts through extra inputs
@@ -32,7 +37,9 @@ class ExpertType:
     layered: bool = False  # one table for all decoder layers, interpolated per layer (prefix)
     doc: str = ""
     saved_as: tuple = field(default=("peft_type", ""))  # adapter_config.json's key and value for this type
-    null: Callable | None = None  # weights -> the expert of this shape that changes nothing (the transfer row's
+    null: Callable | None = (
+        None  # weights -> the expert of this shape that changes nothing (the transfer row's
+    )
     #                               control); None: the type has none (a soft token, a magnitude, is never nothing)
 
 
@@ -55,7 +62,10 @@ def _lora_factors(weights):
 
 
 def _adapter_factors(weights):
-    return {site: (p["adapter.up"], p["adapter.down"]) for site, p in _parts(weights, r"adapter\.down|adapter\.up").items()}
+    return {
+        site: (p["adapter.up"], p["adapter.down"])
+        for site, p in _parts(weights, r"adapter\.down|adapter\.up").items()
+    }
 
 
 def _zeros(weights):  # LoRA (B = A = 0), an adapter (x + up(relu(down x)) = x)
@@ -71,7 +81,10 @@ def _ia3_update(weights, layers=1):  # the scales start at 1
 
 
 def _adapter_update(weights, layers=1):  # no neutral start: the bottleneck's map stands for it
-    return {site: p["adapter.up"] @ p["adapter.down"] for site, p in _parts(weights, r"adapter\.down|adapter\.up").items()}
+    return {
+        site: p["adapter.up"] @ p["adapter.down"]
+        for site, p in _parts(weights, r"adapter\.down|adapter\.up").items()
+    }
 
 
 def _prompt_update(weights, layers=1):  # the mean soft token
@@ -85,22 +98,34 @@ def _prefix_update(weights, layers=1):  # the mean prefix token of each decoder 
 def split_layers(weights: dict, layers: int) -> dict:
     """A prefix's [tokens, layers*2*d] table as one [tokens, 2*d] tensor per decoder layer (its own group)."""
     t = weights["prompt_embeddings"]
-    return {f"prompt_embeddings.layer{i}": p.contiguous() for i, p in enumerate(t.view(t.shape[0], layers, -1).unbind(1))}
+    return {
+        f"prompt_embeddings.layer{i}": p.contiguous()
+        for i, p in enumerate(t.view(t.shape[0], layers, -1).unbind(1))
+    }
 
 
 def join_layers(weights: dict) -> dict:
     """Inverse of split_layers."""
     import torch
 
-    return {"prompt_embeddings": torch.stack([weights[f"prompt_embeddings.layer{i}"] for i in range(len(weights))],
-                                             1).flatten(1)}
+    return {
+        "prompt_embeddings": torch.stack(
+            [weights[f"prompt_embeddings.layer{i}"] for i in range(len(weights))], 1
+        ).flatten(1)
+    }
 
 
 def _lora(model, ecfg, dims, targets, k, dora=False):
     from peft import LoraConfig
 
-    return LoraConfig(r=ecfg.r * k, lora_alpha=ecfg.alpha * k, lora_dropout=ecfg.dropout, target_modules=targets,
-                      bias="none", use_dora=dora)
+    return LoraConfig(
+        r=ecfg.r * k,
+        lora_alpha=ecfg.alpha * k,
+        lora_dropout=ecfg.dropout,
+        target_modules=targets,
+        bias="none",
+        use_dora=dora,
+    )
 
 
 def _dora(model, ecfg, dims, targets, k):  # merged per tensor, so always rank r
@@ -110,25 +135,41 @@ def _dora(model, ecfg, dims, targets, k):  # merged per tensor, so always rank r
 def _ia3(model, ecfg, dims, targets, k):
     from peft import IA3Config
 
-    feedforward = {"bart": r".*\.fc2$", "t5": r".*\.DenseReluDense\.wo$"}[dims["family"]]  # scales their inputs
+    feedforward = {"bart": r".*\.fc2$", "t5": r".*\.DenseReluDense\.wo$"}[
+        dims["family"]
+    ]  # scales their inputs
     return IA3Config(target_modules=targets, feedforward_modules=feedforward)
 
 
-def _prompt(model, ecfg, dims, targets, k):  # soft tokens before the encoder input; Florence-2 needs the dims spelled out
+def _prompt(
+    model, ecfg, dims, targets, k
+):  # soft tokens before the encoder input; Florence-2 needs the dims spelled out
     from peft import PromptTuningConfig, TaskType
 
-    return PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=ecfg.virtual_tokens,
-                              token_dim=dims["d_model"], num_attention_heads=dims["heads"],
-                              num_layers=dims["encoder_layers"], num_transformer_submodules=1,
-                              prompt_tuning_init="SAMPLE_VOCAB")
+    return PromptTuningConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM,
+        num_virtual_tokens=ecfg.virtual_tokens,
+        token_dim=dims["d_model"],
+        num_attention_heads=dims["heads"],
+        num_layers=dims["encoder_layers"],
+        num_transformer_submodules=1,
+        prompt_tuning_init="SAMPLE_VOCAB",
+    )
 
 
-def _prefix(model, ecfg, dims, targets, k):  # keys/values prepended in every decoder self-attention (peft's seq2seq prefix)
+def _prefix(
+    model, ecfg, dims, targets, k
+):  # keys/values prepended in every decoder self-attention (peft's seq2seq prefix)
     from peft import PrefixTuningConfig, TaskType
 
-    return PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=ecfg.virtual_tokens,
-                              token_dim=dims["d_model"], num_attention_heads=dims["heads"],
-                              num_layers=dims["decoder_layers"], num_transformer_submodules=2)
+    return PrefixTuningConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM,
+        num_virtual_tokens=ecfg.virtual_tokens,
+        token_dim=dims["d_model"],
+        num_attention_heads=dims["heads"],
+        num_layers=dims["decoder_layers"],
+        num_transformer_submodules=2,
+    )
 
 
 def _adapter(model, ecfg, dims, targets, k):
@@ -137,26 +178,82 @@ def _adapter(model, ecfg, dims, targets, k):
     return AdapterModel(model, targets, ecfg.adapter_dim, ecfg.dropout)
 
 
-EXPERT_TYPES: dict[str, ExpertType] = {t.name: t for t in [
-    ExpertType("lora", 1e-3, ATTENTION, _lora, _lora_update, _lora_factors, merge="lora",
-               peft_merges=True, scaled=True, saved_as=("peft_type", "LORA"), null=_zeros,
-               doc="LoRA on q, k, v, out of every attention (the original's), merged exactly"),
-    # DoRA's update m * (W0 + BA) / ||W0 + BA|| is not linear in B.A, so there is no exact delta merge: its
-    # experts interpolate in parameter space (A, B and the magnitude each a weighted sum), as adapters do
-    ExpertType("dora", 1e-3, ATTENTION, _dora, _lora_update, _lora_factors,
-               scaled=True, saved_as=("use_dora", True),
-               doc="DoRA (peft use_dora): LoRA with a learned magnitude per output; interpolated per tensor"),
-    ExpertType("ia3", 1e-2, {"bart": _BART + r"(k_proj|v_proj|fc2)$",
-                             "t5": r".*\.((SelfAttention|EncDecAttention)\.(k|v)|DenseReluDense\.wo)$"},
-               _ia3, _ia3_update, saved_as=("peft_type", "IA3"), null=_ones,
-               doc="IA3: learned scales of keys, values and the FFN's inner activations"),
-    ExpertType("prompt", 3e-2, {}, _prompt, _prompt_update,
-               saved_as=("peft_type", "PROMPT_TUNING"), doc="soft prompt tokens before the encoder's input"),
-    ExpertType("prefix", 1e-2, {}, _prefix, _prefix_update, layered=True,
-               saved_as=("peft_type", "PREFIX_TUNING"), doc="prefix keys / values in every decoder self-attention"),
-    ExpertType("adapter", 1e-3, {"bart": _BART + r"(self_attn\.out_proj|fc2)$", "t5": r".*\.(SelfAttention\.o|"
-                                 r"DenseReluDense\.wo)$"},
-               _adapter, _adapter_update, _adapter_factors,
-               saved_as=("expert_type", "houlsby_adapter"), null=_zeros,
-               doc="Houlsby bottleneck adapters after each self-attention and FFN (the paper's headline)"),
-]}
+EXPERT_TYPES: dict[str, ExpertType] = {
+    t.name: t
+    for t in [
+        ExpertType(
+            "lora",
+            1e-3,
+            ATTENTION,
+            _lora,
+            _lora_update,
+            _lora_factors,
+            merge="lora",
+            peft_merges=True,
+            scaled=True,
+            saved_as=("peft_type", "LORA"),
+            null=_zeros,
+            doc="LoRA on q, k, v, out of every attention (the original's), merged exactly",
+        ),
+        # DoRA's update m * (W0 + BA) / ||W0 + BA|| is not linear in B.A, so there is no exact delta merge: its
+        # experts interpolate in parameter space (A, B and the magnitude each a weighted sum), as adapters do
+        ExpertType(
+            "dora",
+            1e-3,
+            ATTENTION,
+            _dora,
+            _lora_update,
+            _lora_factors,
+            scaled=True,
+            saved_as=("use_dora", True),
+            doc="DoRA (peft use_dora): LoRA with a learned magnitude per output; interpolated per tensor",
+        ),
+        ExpertType(
+            "ia3",
+            1e-2,
+            {
+                "bart": _BART + r"(k_proj|v_proj|fc2)$",
+                "t5": r".*\.((SelfAttention|EncDecAttention)\.(k|v)|DenseReluDense\.wo)$",
+            },
+            _ia3,
+            _ia3_update,
+            saved_as=("peft_type", "IA3"),
+            null=_ones,
+            doc="IA3: learned scales of keys, values and the FFN's inner activations",
+        ),
+        ExpertType(
+            "prompt",
+            3e-2,
+            {},
+            _prompt,
+            _prompt_update,
+            saved_as=("peft_type", "PROMPT_TUNING"),
+            doc="soft prompt tokens before the encoder's input",
+        ),
+        ExpertType(
+            "prefix",
+            1e-2,
+            {},
+            _prefix,
+            _prefix_update,
+            layered=True,
+            saved_as=("peft_type", "PREFIX_TUNING"),
+            doc="prefix keys / values in every decoder self-attention",
+        ),
+        ExpertType(
+            "adapter",
+            1e-3,
+            {
+                "bart": _BART + r"(self_attn\.out_proj|fc2)$",
+                "t5": r".*\.(SelfAttention\.o|"
+                r"DenseReluDense\.wo)$",
+            },
+            _adapter,
+            _adapter_update,
+            _adapter_factors,
+            saved_as=("expert_type", "houlsby_adapter"),
+            null=_zeros,
+            doc="Houlsby bottleneck adapters after each self-attention and FFN (the paper's headline)",
+        ),
+    ]
+}

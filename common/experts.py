@@ -1,6 +1,7 @@
 """Parameter-efficient experts (each type one object in common/expert_types.py: LoRA, DoRA, IA3, prompt,
 prefix via peft; adapters from common.adapters): create, name, save, load, group their tensors, and run K
 of them merged as one."""
+
 from __future__ import annotations
 
 import re
@@ -27,15 +28,24 @@ def expert_dir(cfg, name: str) -> Path:
     return artifact(cfg, "expert", name)
 
 
-
 def text_dims(model) -> dict:
     """The language model's family, width, heads and layers (Florence-2 keeps them in text_config)."""
     c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if c.model_type == "t5" or hasattr(c, "num_decoder_layers"):
-        return {"family": "t5", "d_model": c.d_model, "heads": c.num_heads, "encoder_layers": c.num_layers,
-                "decoder_layers": c.num_decoder_layers}
-    return {"family": "bart", "d_model": c.d_model, "heads": c.encoder_attention_heads,
-            "encoder_layers": c.encoder_layers, "decoder_layers": c.decoder_layers}
+        return {
+            "family": "t5",
+            "d_model": c.d_model,
+            "heads": c.num_heads,
+            "encoder_layers": c.num_layers,
+            "decoder_layers": c.num_decoder_layers,
+        }
+    return {
+        "family": "bart",
+        "d_model": c.d_model,
+        "heads": c.encoder_attention_heads,
+        "encoder_layers": c.encoder_layers,
+        "decoder_layers": c.decoder_layers,
+    }
 
 
 def learning_rate(ecfg) -> float:
@@ -57,8 +67,10 @@ def attach(model, ecfg, rank_multiplier: int = 1):
     try:
         return get_peft_model(model, built)
     except ValueError as e:  # peft: "Target modules ... not found in the base model"
-        raise UserError(f"expert.target_modules: {str(e).splitlines()[0][:160]}; fix the regex or leave it \"\" "
-                        f"for the {m} default")
+        raise UserError(
+            f'expert.target_modules: {str(e).splitlines()[0][:160]}; fix the regex or leave it "" '
+            f"for the {m} default"
+        )
 
 
 def is_prompt_learning(model) -> bool:
@@ -70,8 +82,10 @@ def load_expert_weights(path: Path) -> dict[str, torch.Tensor]:
     """An expert's tensors as saved by peft (keys without the adapter name)."""
     f = Path(path) / WEIGHTS
     if not f.is_file():
-        raise UserError(f"{path}: missing expert weights {WEIGHTS}; train it with `python train_expert.py "
-                        f"--task TASK [--shots N]` or `make experts`")
+        raise UserError(
+            f"{path}: missing expert weights {WEIGHTS}; train it with `python train_expert.py "
+            f"--task TASK [--shots N]` or `make experts`"
+        )
     try:
         return load_file(str(f))
     except Exception as e:  # safetensors raises several types for a corrupt file
@@ -88,8 +102,14 @@ def train_command(cfg, name: str) -> str:
     if run is None:
         return cfg.command("train_expert.py", "--task", name)
     shots = run["shots"] or "0"
-    return cfg.command("train_expert.py", "--task", run["task"], "--shots", shots,
-                       *(("--variant", run["variant"]) if run["variant"] else ()))
+    return cfg.command(
+        "train_expert.py",
+        "--task",
+        run["task"],
+        "--shots",
+        shots,
+        *(("--variant", run["variant"]) if run["variant"] else ()),
+    )
 
 
 def current_expert(cfg, name: str) -> dict:
@@ -100,8 +120,9 @@ def current_expert(cfg, name: str) -> dict:
     meta = read_expert_meta(path, fix)
     fp = fingerprint(backbone_dir(cfg))
     if meta["backbone"] != fp:
-        raise UserError(f"{path}: trained on another backbone's weights ({meta['backbone']} != {fp}); delete it and "
-                        f"{fix}")
+        raise UserError(
+            f"{path}: trained on another backbone's weights ({meta['backbone']} != {fp}); delete it and {fix}"
+        )
     return meta
 
 
@@ -141,8 +162,11 @@ def folded(model):
     of a mini LoRA scoring pass. The backbone's tensors are restored bit for bit on the way out (an unmerge
     alone would leave rounding in them). An expert that does not fold (adapters, prompts, prefixes), or a
     backbone held in 16 bits (the sum would round most of the update away), scores as it is."""
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)] \
-        if isinstance(model, PeftModel) and not is_prompt_learning(model) else []
+    layers = (
+        [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        if isinstance(model, PeftModel) and not is_prompt_learning(model)
+        else []
+    )
     saved = [(p, p.detach().clone()) for m in layers for p in m.get_base_layer().parameters()]
     if not saved or any(p.dtype != torch.float32 for p, _ in saved):
         yield model
@@ -172,6 +196,7 @@ def group_of(mode: str):
     site: one LoRA / IA3 / adapter module (a LoRA's A and B, an adapter's four tensors share it), one
     prefix layer, or the prompt; layer: every site of one transformer layer; tensor: as site for LoRA
     (the exact merge weights whole sites), else each tensor; global: one softmax for everything."""
+
     def site(key):
         m = re.match(r"(.*)\.(lora_[AB]\.|lora_magnitude_vector$|adapter\.)", key)
         return m.group(1) if m else key
@@ -206,13 +231,25 @@ class MergedExpert:
     the weighted sum of each tensor (IA3 vectors, prompt / prefix tables, adapter weights and biases, DoRA's
     A, B and magnitudes)."""
 
-    def __init__(self, model, ecfg, experts: list[dict[str, torch.Tensor]], groups: str, trainable: bool,
-                 frozen: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        model,
+        ecfg,
+        experts: list[dict[str, torch.Tensor]],
+        groups: str,
+        trainable: bool,
+        frozen: tuple[int, ...] = (),
+    ):
         self.method, k, kind = ecfg.method, len(experts), EXPERT_TYPES[ecfg.method].merge
         self.model = attach(model, ecfg, rank_multiplier=k if kind == "lora" else 1)
         self.layers = text_dims(model)["decoder_layers"]
-        self.stack = ExpertStack([split_layers(e, self.method, self.layers) for e in experts], group_of(groups),
-                                 kind=kind, trainable=trainable, frozen=frozen)
+        self.stack = ExpertStack(
+            [split_layers(e, self.method, self.layers) for e in experts],
+            group_of(groups),
+            kind=kind,
+            trainable=trainable,
+            frozen=frozen,
+        )
         self.stack.to(next(model.parameters()).device)  # the merge runs where the model is (Triton on CUDA)
         self.group_names = self.stack.group_names
 
@@ -251,7 +288,9 @@ def load_pool(cfg, names: list[str]) -> list[dict[str, torch.Tensor]]:
         if EXPERT_TYPES[cfg.expert.method].scaled:
             w = at_config_scale(w, expert_dir(cfg, name), cfg.expert)
         if weights and {k: v.shape for k, v in w.items()} != {k: v.shape for k, v in weights[0].items()}:
-            raise UserError(f"{expert_dir(cfg, name)}: its tensors differ from {names[0]}'s; all experts must share "
-                            f"expert.method, r and target_modules")
+            raise UserError(
+                f"{expert_dir(cfg, name)}: its tensors differ from {names[0]}'s; all experts must share "
+                f"expert.method, r and target_modules"
+            )
         weights.append(w)
     return weights

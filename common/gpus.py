@@ -2,6 +2,7 @@
 to a GPU of the list that no other job holds, waiting while all are taken. The hold is an flock on
 DIR/gpu-<id>.lock, passed to CMD (exec) and released by the kernel when CMD ends, killed or not: two jobs of a
 `make -j4 experts GPUS="0 1 2 3"` never share a GPU, and a crashed job leaves nothing to clean up."""
+
 from __future__ import annotations
 
 import fcntl
@@ -30,7 +31,9 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["--locks"]:
         locks, argv = Path(argv[1]), argv[2:]
     if len(argv) < 2 or not argv[0].split():
-        sys.exit('usage: python -m common.gpus [--locks DIR] "0 1 2 3" CMD ...  (GPUS must list at least one id)')
+        sys.exit(
+            'usage: python -m common.gpus [--locks DIR] "0 1 2 3" CMD ...  (GPUS must list at least one id)'
+        )
     gpu, fd = acquire(argv[0].split(), locks)
     os.set_inheritable(fd, True)  # CMD holds the lock from here on
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu

@@ -18,10 +18,11 @@ that layout. Only the B scaling is a fused op (_ScaleBlocks).
 
 Public API: `weighted_merge` (flat op) and `ExpertStack` (packs state dicts, returns views).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -49,6 +50,7 @@ def _use_triton(t: Tensor) -> bool:
 
 
 if triton is not None:
+
     @triton.jit
     def _group_of(offs, seg_ptr, G, LOG_G: tl.constexpr):
         # Binary search: the g with seg[g] <= n < seg[g+1] (empty groups are skipped naturally).
@@ -62,8 +64,9 @@ if triton is not None:
         return lo
 
     @triton.jit
-    def _mix_fwd_kernel(stack_ptr, w_ptr, seg_ptr, out_ptr, N, G,
-                        K: tl.constexpr, LOG_G: tl.constexpr, BLOCK: tl.constexpr):
+    def _mix_fwd_kernel(
+        stack_ptr, w_ptr, seg_ptr, out_ptr, N, G, K: tl.constexpr, LOG_G: tl.constexpr, BLOCK: tl.constexpr
+    ):
         acc_t = w_ptr.dtype.element_ty
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
@@ -77,9 +80,21 @@ if triton is not None:
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _mix_bwd_kernel(stack_ptr, w_ptr, seg_ptr, gout_ptr, gstack_ptr, gw_ptr, N, G,
-                        K: tl.constexpr, LOG_G: tl.constexpr, BLOCK: tl.constexpr,
-                        NEED_STACK: tl.constexpr, NEED_W: tl.constexpr):
+    def _mix_bwd_kernel(
+        stack_ptr,
+        w_ptr,
+        seg_ptr,
+        gout_ptr,
+        gstack_ptr,
+        gw_ptr,
+        N,
+        G,
+        K: tl.constexpr,
+        LOG_G: tl.constexpr,
+        BLOCK: tl.constexpr,
+        NEED_STACK: tl.constexpr,
+        NEED_W: tl.constexpr,
+    ):
         acc_t = w_ptr.dtype.element_ty
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
@@ -107,8 +122,9 @@ def _triton_fwd(stack, weights, segments):
     G = weights.shape[0]
     out = torch.empty(N, dtype=stack.dtype, device=stack.device)
     if N:
-        _mix_fwd_kernel[(triton.cdiv(N, BLOCK),)](stack, weights, segments, out, N, G,
-                                                  K=K, LOG_G=(G - 1).bit_length(), BLOCK=BLOCK)
+        _mix_fwd_kernel[(triton.cdiv(N, BLOCK),)](
+            stack, weights, segments, out, N, G, K=K, LOG_G=(G - 1).bit_length(), BLOCK=BLOCK
+        )
     return out
 
 
@@ -119,9 +135,20 @@ def _triton_bwd(stack, weights, segments, gout, need_stack, need_w):
     gw = torch.zeros_like(weights) if need_w else None
     if N:
         _mix_bwd_kernel[(triton.cdiv(N, BLOCK),)](
-            stack, weights, segments, gout, stack if gstack is None else gstack,
-            weights if gw is None else gw, N, G, K=K, LOG_G=(G - 1).bit_length(), BLOCK=BLOCK,
-            NEED_STACK=need_stack, NEED_W=need_w)
+            stack,
+            weights,
+            segments,
+            gout,
+            stack if gstack is None else gstack,
+            weights if gw is None else gw,
+            N,
+            G,
+            K=K,
+            LOG_G=(G - 1).bit_length(),
+            BLOCK=BLOCK,
+            NEED_STACK=need_stack,
+            NEED_W=need_w,
+        )
     return gstack, gw
 
 
@@ -154,12 +181,12 @@ def _torch_fwd(stack, weights, segments):
     out = torch.empty(N, dtype=stack.dtype, device=stack.device)
     for g0, g1, s, L in _runs(segments, weights.shape[0], N):
         n = g1 - g0
-        x = stack[:, s:s + n * L].view(K, n, L).transpose(0, 1).to(acc)  # [n, K, L], no copy for fp32
+        x = stack[:, s : s + n * L].view(K, n, L).transpose(0, 1).to(acc)  # [n, K, L], no copy for fp32
         w = weights[g0:g1].unsqueeze(1)  # [n, 1, K]
         if out.dtype == acc:
-            torch.bmm(w, x, out=out[s:s + n * L].view(n, 1, L))
+            torch.bmm(w, x, out=out[s : s + n * L].view(n, 1, L))
         else:
-            out[s:s + n * L] = torch.bmm(w, x).view(-1)  # fp32 sum, rounded once to the stack dtype
+            out[s : s + n * L] = torch.bmm(w, x).view(-1)  # fp32 sum, rounded once to the stack dtype
     return out
 
 
@@ -174,10 +201,10 @@ def _torch_bwd(stack, weights, segments, gout, need_stack, need_w):
         if need_w:  # gw[g, k] = <stack[k, group g], gout[group g]>
             x = stack[:, s:e].view(K, n, L).transpose(0, 1).to(acc)  # [n, K, L]
             if K == 1:  # row dots (bmm is slow for 1x1 outputs), a few rows at a time so that
-                rows = max(1, 2 ** 18 // L)  # the product stays in cache instead of a DRAM temporary
+                rows = max(1, 2**18 // L)  # the product stays in cache instead of a DRAM temporary
                 for i in range(0, n, rows):
                     j = min(i + rows, n)
-                    torch.sum(x[i:j, 0] * go[i:j], dim=-1, out=gw[g0 + i:g0 + j, 0])
+                    torch.sum(x[i:j, 0] * go[i:j], dim=-1, out=gw[g0 + i : g0 + j, 0])
             elif L >= MV_MIN:  # one mv per group: MKL's bmm runs [K, L] x [L, 1] at half the bandwidth
                 for x_g, go_g, gw_g in zip(x.unbind(0), go.unbind(0), gw[g0:g1].unbind(0)):
                     torch.mv(x_g, go_g, out=gw_g)
@@ -208,8 +235,9 @@ class _SegmentMix(torch.autograd.Function):
 
 def _segment_mix(stack: Tensor, weights: Tensor, segments: Tensor) -> Tensor:
     if stack.dim() != 2 or weights.dim() != 2 or weights.shape[1] != stack.shape[0]:
-        raise ValueError(f"stack [K, N] and weights [G, K] expected, got {tuple(stack.shape)}, "
-                         f"{tuple(weights.shape)}")
+        raise ValueError(
+            f"stack [K, N] and weights [G, K] expected, got {tuple(stack.shape)}, {tuple(weights.shape)}"
+        )
     if segments.numel() != weights.shape[0] + 1:
         raise ValueError(f"segments needs G+1={weights.shape[0] + 1} entries, got {segments.numel()}")
     segments = segments.to(device=stack.device, dtype=torch.int64).contiguous()
@@ -250,7 +278,7 @@ def _views(flat: Tensor, runs) -> list[Tensor]:
     """The views described by _view_runs (transposed: the .t() of a contiguous [shape[0], shape[1]])."""
     out = []
     for offset, count, shape, transposed in runs:
-        v = flat[offset:offset + count * math.prod(shape)].view(count, *shape)
+        v = flat[offset : offset + count * math.prod(shape)].view(count, *shape)
         out += (v.transpose(1, 2) if transposed else v).unbind(0)
     return out
 
@@ -315,7 +343,7 @@ class _ScaleBlocks(torch.autograd.Function):
             ds = gflat[offset:e].view(count, K, L).unbind(0) if need_stack else [None] * count
             ws = w[c0:c1].view(count, K, 1).unbind(0)
             gws = gw[c0:c1].view(count, K).unbind(0) if need_w else [None] * count
-            for g, x, d, w_s, gw_s in zip(grads[site:site + count], xs, ds, ws, gws):
+            for g, x, d, w_s, gw_s in zip(grads[site : site + count], xs, ds, ws, gws):
                 g = (g.t() if transposed else g).reshape(K, L)  # a view in the output's own layout
                 if need_w:  # dL/dw[c] = <stack[chunk c], grad[chunk c]>, accumulated in fp32 / fp64
                     if x.dtype == acc:
@@ -355,8 +383,14 @@ class ExpertStack(torch.nn.Module):
     stay as given while the others train (their gradient is zeroed).
     """
 
-    def __init__(self, experts: list[dict[str, Tensor]], group_of: Callable[[str], str],
-                 kind: str = "sum", trainable: bool = True, frozen: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        experts: list[dict[str, Tensor]],
+        group_of: Callable[[str], str],
+        kind: str = "sum",
+        trainable: bool = True,
+        frozen: tuple[int, ...] = (),
+    ):
         super().__init__()
         if not experts:
             raise ValueError("need at least one expert")
@@ -366,8 +400,10 @@ class ExpertStack(torch.nn.Module):
                 raise ValueError(f"expert {i} has different tensor names")
             for n in names:
                 if e[n].shape != experts[0][n].shape or e[n].dtype != experts[0][n].dtype:
-                    raise ValueError(f"expert {i}: {n} is {e[n].dtype}{tuple(e[n].shape)}, expected "
-                                     f"{experts[0][n].dtype}{tuple(experts[0][n].shape)}")
+                    raise ValueError(
+                        f"expert {i}: {n} is {e[n].dtype}{tuple(e[n].shape)}, expected "
+                        f"{experts[0][n].dtype}{tuple(experts[0][n].shape)}"
+                    )
         if len({experts[0][n].dtype for n in names}) > 1:
             raise ValueError("all tensors must share one dtype")
         self.num_experts = len(experts)
@@ -407,8 +443,9 @@ class ExpertStack(torch.nn.Module):
                 offset += experts[0][n].numel()
             bounds.append(offset)
         self._views = _view_runs([(offsets[n], tuple(experts[0][n].shape), False) for n in self._names])
-        self._register("stack", torch.stack([torch.cat([e[n].detach().reshape(-1) for n in order])
-                                             for e in experts]))
+        self._register(
+            "stack", torch.stack([torch.cat([e[n].detach().reshape(-1) for n in order]) for e in experts])
+        )
         self.register_buffer("segments", torch.tensor(bounds, dtype=torch.int64), persistent=False)
 
     def _build_lora(self, experts, by_group, group_of):
@@ -423,8 +460,10 @@ class ExpertStack(torch.nn.Module):
                     if group_of(b) != group_of(n):
                         raise ValueError(f"{n} and {b} must be in the same group")
                     if e0[n].dim() != 2 or e0[b].dim() != 2 or e0[n].shape[0] != e0[b].shape[1]:
-                        raise ValueError(f"{n} {tuple(e0[n].shape)} / {b} {tuple(e0[b].shape)} "
-                                         "are not a linear LoRA pair [r, d_in] / [d_out, r]")
+                        raise ValueError(
+                            f"{n} {tuple(e0[n].shape)} / {b} {tuple(e0[b].shape)} "
+                            "are not a linear LoRA pair [r, d_in] / [d_out, r]"
+                        )
                     sites.append((n, b, gi))
                 elif "lora_B" in n:
                     if n.replace("lora_B", "lora_A") not in e0:
@@ -451,30 +490,37 @@ class ExpertStack(torch.nn.Module):
             raise ValueError("kind='lora' found no lora_A/lora_B pairs")
         a_flat = torch.cat(a_parts)
         if self.trainable:  # one leaf per site, all views of one flat buffer (see _link_lora_A)
-            self.lora_A = torch.nn.ParameterList([torch.nn.Parameter(v) for v in _views(a_flat, self._views_A)])
+            self.lora_A = torch.nn.ParameterList(
+                [torch.nn.Parameter(v) for v in _views(a_flat, self._views_A)]
+            )
             self.lora_A_stack = a_flat
         else:
             self.register_buffer("lora_A_stack", a_flat)
         self._register("lora_B_stack", torch.cat(b_parts))
-        self.register_buffer("site_group", torch.tensor([g for _, _, g in sites], dtype=torch.int64),
-                             persistent=False)
-        self.register_buffer("chunk_segments", torch.tensor(chunk_bounds, dtype=torch.int64),
-                             persistent=False)
+        self.register_buffer(
+            "site_group", torch.tensor([g for _, _, g in sites], dtype=torch.int64), persistent=False
+        )
+        self.register_buffer(
+            "chunk_segments", torch.tensor(chunk_bounds, dtype=torch.int64), persistent=False
+        )
 
     def _link_lora_A(self):
         """Module._apply (.to(), .cuda(), .double(), ...) converts each per-site A parameter on its
         own; put them back into one flat buffer (in place on the Parameter objects, via .data)."""
         params, base, offset, linked = list(self.lora_A), self.lora_A_stack, 0, True
         for p in params:
-            linked &= (p.device == base.device and p.dtype == base.dtype
-                       and p.data_ptr() == base.data_ptr() + offset * p.element_size())
+            linked &= (
+                p.device == base.device
+                and p.dtype == base.dtype
+                and p.data_ptr() == base.data_ptr() + offset * p.element_size()
+            )
             offset += p.numel()
         if linked and offset == base.numel():
             return
         offset = 0
         flat = torch.cat([p.data.reshape(-1) for p in params])
         for p in params:
-            p.data = flat[offset:offset + p.numel()].view(p.shape)
+            p.data = flat[offset : offset + p.numel()].view(p.shape)
             offset += p.numel()
         self.lora_A_stack = flat
 
@@ -487,8 +533,9 @@ class ExpertStack(torch.nn.Module):
     def forward(self, logits: Tensor) -> dict[str, Tensor]:
         """logits [G, K] (rows in `group_names` order) -> {name: merged tensor}."""
         if tuple(logits.shape) != (len(self.group_names), self.num_experts):
-            raise ValueError(f"logits must be [G={len(self.group_names)}, K={self.num_experts}], "
-                             f"got {tuple(logits.shape)}")
+            raise ValueError(
+                f"logits must be [G={len(self.group_names)}, K={self.num_experts}], got {tuple(logits.shape)}"
+            )
         if self.kind == "sum":
             flat = weighted_merge(self.stack, logits, self.segments)
             return dict(zip(self._names, _Unflatten.apply(flat, self._views)))
@@ -497,11 +544,14 @@ class ExpertStack(torch.nn.Module):
         # row and S*K segments, whose backward takes the per-view grads (see _ScaleBlocks).
         probs = torch.softmax(logits.to(_acc_dtype(self.lora_B_stack.dtype)), dim=-1)
         chunk_w = probs[self.site_group].reshape(-1, 1)  # [S*K, 1], site-major like the layout
-        b_cat = _ScaleBlocks.apply(self.lora_B_stack, chunk_w, self.chunk_segments, self._views_B,
-                                   self._chunk_runs, self.num_experts)
+        b_cat = _ScaleBlocks.apply(
+            self.lora_B_stack, chunk_w, self.chunk_segments, self._views_B, self._chunk_runs, self.num_experts
+        )
         # (_parameters directly: iterating a ParameterList costs ~1 us per item; functional_call
         # substitutes tensors there too)
-        a_cat = self.lora_A._parameters.values() if self.trainable else _views(self.lora_A_stack, self._views_A)
+        a_cat = (
+            self.lora_A._parameters.values() if self.trainable else _views(self.lora_A_stack, self._views_A)
+        )
         merged = dict(zip((a for a, _ in self._site_names), a_cat))
         merged.update(zip((b for _, b in self._site_names), b_cat))
         return {n: merged[n] for n in self._names}

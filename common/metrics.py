@@ -1,5 +1,6 @@
 """Scoring: accuracy by candidate answers (sum of answer-token log-probs, argmax), token accuracy, and the
 real-data metrics (VQA accuracy, Acc@IoU with location tokens, BLEU-4, CIDEr-D) as pure functions on strings."""
+
 from __future__ import annotations
 
 import copy
@@ -47,9 +48,12 @@ def candidate_hits(model, enc: Encoder, task: Task, exs: list[Example], batch_si
     hits, order = [], by_length(exs)
     for chunk in batches(exs, max(1, batch_size // len(candidates_for(task, exs[0]))), order=order):
         pairs = [(e, c) for e in chunk for c in candidates_for(task, e)]
-        index = torch.tensor([i for i, e in enumerate(chunk) for _ in candidates_for(task, e)], device=enc.device)
-        scores = candidate_logprobs(model, enc.inputs(chunk), index, enc.labels([c for _, c in pairs]),
-                                    len(enc.forced)).tolist()
+        index = torch.tensor(
+            [i for i, e in enumerate(chunk) for _ in candidates_for(task, e)], device=enc.device
+        )
+        scores = candidate_logprobs(
+            model, enc.inputs(chunk), index, enc.labels([c for _, c in pairs]), len(enc.forced)
+        ).tolist()
         k = 0
         for e in chunk:
             cands = candidates_for(task, e)
@@ -63,15 +67,20 @@ def candidate_hits(model, enc: Encoder, task: Task, exs: list[Example], batch_si
 
 
 @torch.no_grad()
-def sampled_answers(model, enc: Encoder, task: Task, exs: list[Example], generator: torch.Generator) -> list[str]:
+def sampled_answers(
+    model, enc: Encoder, task: Task, exs: list[Example], generator: torch.Generator
+) -> list[str]:
     """An answer per example drawn from the model's own distribution: over the candidates for a closed task
     (their sequence probabilities, renormalised), token by token for an open one."""
     if candidates_for(task, exs[0]) is None:
         return generate_answers(model, enc, exs, len(exs), sample=generator)
     pairs = [(i, c) for i, e in enumerate(exs) for c in candidates_for(task, e)]
     index = torch.tensor([i for i, _ in pairs], device=enc.device)
-    scores = candidate_logprobs(model, enc.inputs(exs), index, enc.labels([c for _, c in pairs]),
-                                len(enc.forced)).float().cpu()
+    scores = (
+        candidate_logprobs(model, enc.inputs(exs), index, enc.labels([c for _, c in pairs]), len(enc.forced))
+        .float()
+        .cpu()
+    )
     out = []
     for i, e in enumerate(exs):
         cands = candidates_for(task, e)
@@ -80,25 +89,39 @@ def sampled_answers(model, enc: Encoder, task: Task, exs: list[Example], generat
     return out
 
 
-def candidate_logprobs(model, inputs: dict, index: torch.Tensor, labels: torch.Tensor, forced: int = 0) -> torch.Tensor:
+def candidate_logprobs(
+    model, inputs: dict, index: torch.Tensor, labels: torch.Tensor, forced: int = 0
+) -> torch.Tensor:
     """log p(labels[j] | example index[j]) with the encoder run once per example, not once per candidate (the
     first `forced` label tokens not counted: sequence_logprob)."""
     base, states, mask, decoder_kwargs = _encode(model, inputs)
-    logits = base(encoder_outputs=BaseModelOutput(last_hidden_state=states[index]), attention_mask=mask[index],
-                  labels=labels, **decoder_kwargs(len(index))).logits
+    logits = base(
+        encoder_outputs=BaseModelOutput(last_hidden_state=states[index]),
+        attention_mask=mask[index],
+        labels=labels,
+        **decoder_kwargs(len(index)),
+    ).logits
     return sequence_logprob(logits, labels, forced)
 
 
 @torch.no_grad()
-def generate_answers(model, enc: Encoder, exs: list[Example], batch_size: int = 64,
-                     max_new_tokens: int = 32, sample: torch.Generator | None = None) -> list[str]:
+def generate_answers(
+    model,
+    enc: Encoder,
+    exs: list[Example],
+    batch_size: int = 64,
+    max_new_tokens: int = 32,
+    sample: torch.Generator | None = None,
+) -> list[str]:
     """The model's answers (open-ended tasks: VQA, captions, boxes), the encoder run once per example: through
     `generate` with the checkpoint's generation config (its decoder start, forced tokens, beams, no-repeat n-grams);
     a prefix expert (keys and values in the decoder's cache, which generate cannot take) and `sample` (each token
     drawn from the model's distribution by that generator) by a greedy loop of their own on the same start and
     forced tokens."""
     peft_config = getattr(model, "active_peft_config", None)
-    own_loop = sample is not None or (peft_config is not None and peft_config.peft_type == PeftType.PREFIX_TUNING)
+    own_loop = sample is not None or (
+        peft_config is not None and peft_config.peft_type == PeftType.PREFIX_TUNING
+    )
     markers = {t for t in (enc.tok.pad_token, enc.tok.eos_token, enc.tok.bos_token) if t}
     out = []
     for chunk in batches(exs, batch_size):
@@ -111,14 +134,24 @@ def generate_answers(model, enc: Encoder, exs: list[Example], batch_size: int = 
             # an answer's cap, not the checkpoint's max_length (the decoder starts from one token)
             settings.max_length, settings.max_new_tokens = max_new_tokens + 1, None
             ids = base.generate(encoder_outputs=encoded, attention_mask=mask, generation_config=settings)
-        for row in ids[:, 1:].tolist():  # keep added special tokens such as <loc_123>; drop the sequence markers
+        for row in ids[
+            :, 1:
+        ].tolist():  # keep added special tokens such as <loc_123>; drop the sequence markers
             toks = [t for t in enc.tok.convert_ids_to_tokens(row) if t not in markers]
             out.append(enc.tok.convert_tokens_to_string(toks).strip())
     return out
 
 
-def _greedy(base, enc: Encoder, encoded, mask, decoder_kwargs, n: int, max_new_tokens: int,
-            sample: torch.Generator | None) -> torch.Tensor:
+def _greedy(
+    base,
+    enc: Encoder,
+    encoded,
+    mask,
+    decoder_kwargs,
+    n: int,
+    max_new_tokens: int,
+    sample: torch.Generator | None,
+) -> torch.Tensor:
     """Greedy (or, with `sample`, sampled) decoding without a KV cache, from the checkpoint's decoder start and
     forced tokens (what generate does first)."""
     c = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
@@ -128,12 +161,20 @@ def _greedy(base, enc: Encoder, encoded, mask, decoder_kwargs, n: int, max_new_t
     ids = torch.tensor([[start, *enc.forced]] * n, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     steps = max_new_tokens - len(enc.forced)  # the forced tokens are new tokens too, as generate counts them
-    forced_eos = getattr(enc.generation, "forced_eos_token_id", None)  # the last one, where the cap is reached
+    forced_eos = getattr(
+        enc.generation, "forced_eos_token_id", None
+    )  # the last one, where the cap is reached
     for step in range(steps):
-        logits = base(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=ids,
-                      **decoder_kwargs(n)).logits[:, -1]
-        nxt = logits.argmax(-1) if sample is None else \
-            torch.multinomial(logits.float().softmax(-1).cpu(), 1, generator=sample)[:, 0].to(logits.device)
+        logits = base(
+            encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=ids, **decoder_kwargs(n)
+        ).logits[:, -1]
+        nxt = (
+            logits.argmax(-1)
+            if sample is None
+            else torch.multinomial(logits.float().softmax(-1).cpu(), 1, generator=sample)[:, 0].to(
+                logits.device
+            )
+        )
         if step == steps - 1 and forced_eos is not None:
             nxt = torch.full_like(nxt, forced_eos if isinstance(forced_eos, int) else forced_eos[0])
         nxt = nxt.masked_fill(done, enc.tok.pad_token_id)
@@ -158,8 +199,10 @@ def _encode(model, inputs: dict):
         n, v = enc_in["inputs_embeds"].shape[0], peft_config.num_virtual_tokens
         prompts = model.get_prompt(batch_size=n)[:, :v].to(enc_in["inputs_embeds"].dtype)
         mask = enc_in["attention_mask"]
-        enc_in = {"inputs_embeds": torch.cat([prompts, enc_in["inputs_embeds"]], 1),
-                  "attention_mask": torch.cat([mask.new_ones(n, v), mask], 1)}
+        enc_in = {
+            "inputs_embeds": torch.cat([prompts, enc_in["inputs_embeds"]], 1),
+            "attention_mask": torch.cat([mask.new_ones(n, v), mask], 1),
+        }
     states = base.get_encoder()(**enc_in)[0]
 
     def decoder_kwargs(n: int) -> dict:  # a fresh cache per call: the decoder appends to it
@@ -193,7 +236,9 @@ def token_hits(model, enc: Encoder, exs: list[Example], batch_size: int = 64) ->
 
 
 @torch.no_grad()
-def token_hits_each(model, enc: Encoder, exs: list[Example], batch_size: int = 64) -> tuple[list[int], list[int]]:
+def token_hits_each(
+    model, enc: Encoder, exs: list[Example], batch_size: int = 64
+) -> tuple[list[int], list[int]]:
     """Per example: (answer tokens predicted right, answer tokens), teacher-forced."""
     right, total = [], []
     for chunk in batches(exs, batch_size):
@@ -211,7 +256,9 @@ def task_metric(model, enc: Encoder, task, exs: list[Example], batch_size: int =
     return task_scores(model, enc, task, exs, batch_size)[:2]
 
 
-def task_scores(model, enc: Encoder, task, exs: list[Example], batch_size: int = 64) -> tuple[str, float, list | None]:
+def task_scores(
+    model, enc: Encoder, task, exs: list[Example], batch_size: int = 64
+) -> tuple[str, float, list | None]:
     """task_metric, and each example's score, whose mean is the metric (what a paired bootstrap over the examples
     resamples): a hit or a miss for accuracy and Acc@IoU, VQA accuracy, exact match, each image's CIDEr-D (the
     document frequencies from every reference of the split, as coco-caption averages its per-image scores), and
@@ -246,8 +293,10 @@ def task_scores(model, enc: Encoder, task, exs: list[Example], batch_size: int =
 
 def exact_match(pred: str, refs) -> float:
     """1 when the answer equals one of the references, up to case, spacing and a space before punctuation."""
+
     def norm(text):
         return re.sub(r"\s+([?.!,;:])", r"\1", " ".join(text.lower().split()))
+
     return float(norm(pred) in {norm(r) for r in refs})
 
 
@@ -256,14 +305,50 @@ def exact_match(pred: str, refs) -> float:
 # vqaEval.py): the answer goes through processPunctuation and processDigitArticle; the ten human answers through
 # processPunctuation alone, and only where they are not all the same; then the mean over the ten leave-one-out
 # subsets of min(1, matches / 3)
-_VQA_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+_VQA_PUNCT = (
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+)
 _VQA_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: '(?!<=' is the official pattern (a lookahead)
 _VQA_COMMA = re.compile(r"(\d)(,)(\d)")
-_VQA_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_VQA_NUMBERS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _VQA_ARTICLES = ("a", "an", "the")
 # the official map of contractions written without their apostrophe (its quirks kept: somebody'd -> somebodyd)
-_VQA_CONTRACTIONS = dict(pair.split("=") for pair in """
+_VQA_CONTRACTIONS = dict(
+    pair.split("=")
+    for pair in """
 aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't couldn'tve=couldn't've couldnt've=couldn't've
 didnt=didn't doesnt=doesn't dont=don't hadnt=hadn't hadnt've=hadn't've hadn'tve=hadn't've hasnt=hasn't
 havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's howd=how'd howll=how'll hows=how's Id've=I'd've
@@ -282,7 +367,8 @@ whered=where'd wheres=where's whereve=where've whod=who'd whod've=who'd've who'd
 whove=who've whyll=why'll whyre=why're whys=why's wont=won't wouldve=would've wouldnt=wouldn't
 wouldnt've=wouldn't've wouldn'tve=wouldn't've yall=y'all yall'll=y'all'll y'allll=y'all'll yall'd've=y'all'd've
 y'alld've=y'all'd've y'all'dve=y'all'd've youd=you'd youd've=you'd've you'dve=you'd've youll=you'll youre=you're
-youve=you've""".split())
+youve=you've""".split()
+)
 
 
 def vqa_punctuation(text: str) -> str:
@@ -349,7 +435,7 @@ def caption_tokens(text: str) -> list[str]:
 
 
 def _ngrams(words: list[str], n: int) -> Counter:
-    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
 
 
 def bleu4(preds, refs_lists) -> float:
@@ -400,7 +486,7 @@ def cider_each(preds, refs_lists, sigma: float = 6.0) -> list[float]:
         hv, total = vectors(h), 0.0
         for r in rs:
             # coco-caption's length is the bigram count: the same difference whenever both have a word
-            penalty = math.exp(-((len(h) - len(r)) ** 2) / (2 * sigma ** 2))
+            penalty = math.exp(-((len(h) - len(r)) ** 2) / (2 * sigma**2))
             for (vh, nh), (vr, nr) in zip(hv, vectors(r)):
                 dot = sum(min(x, vr.get(g, 0.0)) * vr.get(g, 0.0) for g, x in vh.items())  # clipped tf-idf
                 total += (dot / (nh * nr) if nh and nr else dot) * penalty

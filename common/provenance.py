@@ -21,6 +21,7 @@ The graph (each kind's own fields, and what it is made from):
     result        the interpolation, the target's expert; evaluate and the scored splits' sizes
     transfer      the target's expert and its pair runs; evaluate, the scored sizes
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,16 +42,31 @@ from common.embeddings import ASKED_FOR, EMBEDDINGS, variants
 from common.errors import UserError
 
 # fields that change how an artifact is made, not what it is: in no digest
-HOW_NOT_WHAT = tuple(f"{section}.{name}" for section in ("pretrain", "expert", "interpolate")
-                     for name in ("gradient_checkpointing", "checkpoint_every")) + ("data.num_workers",)
+HOW_NOT_WHAT = tuple(
+    f"{section}.{name}"
+    for section in ("pretrain", "expert", "interpolate")
+    for name in ("gradient_checkpointing", "checkpoint_every")
+) + ("data.num_workers",)
 # the sizes of the splits that scoring reads: a result is made from them; the backbone, the experts and the
 # Fishers are not (they train on train), so a larger test split rebuilds none of them
 SCORED_SIZES = ("world.val_size", "world.test_size", "data.val_size", "data.test_size")
 # fields no artifact is made from: where and how a run happens
-RUNTIME = ("profile", "runs_dir", "seed", "threads", "device", "log_every", "log_with", "feature_cache_mb", "debug",
-           "tasks.target_shots")
+RUNTIME = (
+    "profile",
+    "runs_dir",
+    "seed",
+    "threads",
+    "device",
+    "log_every",
+    "log_with",
+    "feature_cache_mb",
+    "debug",
+    "tasks.target_shots",
+)
 DIGEST = 8  # hex characters of an artifact's digest
-TARGET_RUN = re.compile(r"^(?P<task>.+)-(?:(?P<shots>\d+)shot|full)-s(?P<seed>\d+)(?:\.(?P<variant>[^.@]+))?$")
+TARGET_RUN = re.compile(
+    r"^(?P<task>.+)-(?:(?P<shots>\d+)shot|full)-s(?P<seed>\d+)(?:\.(?P<variant>[^.@]+))?$"
+)
 CATALOGUE = Path(__file__).resolve().parent.parent / "configs" / "paper_tasks.yaml"
 
 
@@ -58,7 +74,11 @@ def _flat(tree, prefix: str = "") -> dict:
     """{dotted field: value} of a config subtree."""
     if not isinstance(tree, dict):
         return {prefix: tree}
-    return {k: v for name, sub in tree.items() for k, v in _flat(sub, f"{prefix}.{name}" if prefix else name).items()}
+    return {
+        k: v
+        for name, sub in tree.items()
+        for k, v in _flat(sub, f"{prefix}.{name}" if prefix else name).items()
+    }
 
 
 def _under(field: str, keys) -> bool:
@@ -74,8 +94,11 @@ def _values(cfg, keys: tuple, drop: tuple = ()) -> dict:
     """The fields under `keys` (sections or fields) whose value differs from the code's default, but those in
     HOW_NOT_WHAT and under `drop`."""
     missing = object()
-    return {k: v for k, v in _flat(cfg.to_dict()).items()
-            if _under(k, keys) and not _under(k, HOW_NOT_WHAT + drop) and _defaults().get(k, missing) != v}
+    return {
+        k: v
+        for k, v in _flat(cfg.to_dict()).items()
+        if _under(k, keys) and not _under(k, HOW_NOT_WHAT + drop) and _defaults().get(k, missing) != v
+    }
 
 
 @functools.cache
@@ -101,7 +124,11 @@ def _guarded_by(cfg, task: str) -> list:
     mine = definition(cfg, task)
     if not cfg.data.exclude_scored_images or not mine or not (mine["definition"] or {}).get("image"):
         return []
-    return [(t, d) for t in sorted(cfg.tasks.pool) if (d := definition(cfg, t)) and (d["definition"] or {}).get("image")]
+    return [
+        (t, d)
+        for t in sorted(cfg.tasks.pool)
+        if (d := definition(cfg, t)) and (d["definition"] or {}).get("image")
+    ]
 
 
 def expert_name(task: str, shots: int | None = None, seed: int = 0) -> str:
@@ -146,8 +173,13 @@ def _node(cfg, kind: str, name: str = "", variant: str = "") -> tuple[dict, list
         if variant.startswith("pair-"):  # made from its two experts, not the pool or the retrieval
             other = variant[5:]
             return own, [target, *fold, *([] if other == NULL else [("expert", other)])]
-        if variant == "select" or (variant == "" and cfg.interpolate.retrieval == "select"):  # chosen on validation
-            return own | _values(cfg, SCORED_SIZES), [*(("similarity", name, e) for e in select_from(cfg)), *fold]
+        if variant == "select" or (
+            variant == "" and cfg.interpolate.retrieval == "select"
+        ):  # chosen on validation
+            return own | _values(cfg, SCORED_SIZES), [
+                *(("similarity", name, e) for e in select_from(cfg)),
+                *fold,
+            ]
         if variant == "paper":  # the Fisher's top-k
             return own, [("similarity", name, "fisher"), *fold]
         extra = [("transfer", name)] if variant == "oracle" else []
@@ -177,10 +209,22 @@ def made_from(cfg, kind: str, name: str = "", variant: str = "") -> dict:
     """What an artifact is made from, readably (written beside it as made_from.json): its own fields and its
     inputs' names and digests."""
     own, inputs = _node(cfg, kind, name, variant)
-    return {"kind": kind, "name": name, "variant": variant, "digest": digest(cfg, kind, name, variant),
-            "fields": own, "inputs": [{"kind": n[0], "name": n[1] if len(n) > 1 else "",
-                                       "variant": n[2] if len(n) > 2 else "", "digest": digest(cfg, *n)}
-                                      for n in inputs]}
+    return {
+        "kind": kind,
+        "name": name,
+        "variant": variant,
+        "digest": digest(cfg, kind, name, variant),
+        "fields": own,
+        "inputs": [
+            {
+                "kind": n[0],
+                "name": n[1] if len(n) > 1 else "",
+                "variant": n[2] if len(n) > 2 else "",
+                "digest": digest(cfg, *n),
+            }
+            for n in inputs
+        ],
+    }
 
 
 def artifact(cfg, kind: str, name: str = "", variant: str = "") -> Path:
@@ -231,11 +275,15 @@ def differs(config: dict, profile: str) -> list[str]:
     except UserError:
         base = {}
     missing = object()
-    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(_flat(config).items())
-            if base.get(k, missing) != v and not _under(k, RUNTIME + HOW_NOT_WHAT)]
+    return [
+        f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+        for k, v in sorted(_flat(config).items())
+        if base.get(k, missing) != v and not _under(k, RUNTIME + HOW_NOT_WHAT)
+    ]
 
 
 # ---- what make asks for ----
+
 
 def _pipeline(cfg, target: str, seed: int, study: str, transfer_row: bool, embed_as: list[str]):
     """pipeline.mk's rules for one target / shots / seed, one per line: 'targets: inputs ; recipe' (the recipe
@@ -243,7 +291,11 @@ def _pipeline(cfg, target: str, seed: int, study: str, transfer_row: bool, embed
     "report" (make report's baselines; the transfer row with transfer_row) or "loto" (make loto's: π-Tuning as
     configured, random-k, the paper's Fisher retrieval, the retrieval chosen on validation)."""
     cfg = dataclasses.replace(cfg, seed=seed)
-    ic, shots, run = cfg.interpolate, cfg.tasks.target_shots, expert_name(target, cfg.tasks.target_shots, seed)
+    ic, shots, run = (
+        cfg.interpolate,
+        cfg.tasks.target_shots,
+        expert_name(target, cfg.tasks.target_shots, seed),
+    )
     meta = lambda p: f"{p}/meta.json"  # noqa: E731
     j = " ".join
     backbone = meta(artifact(cfg, "backbone"))
@@ -252,50 +304,77 @@ def _pipeline(cfg, target: str, seed: int, study: str, transfer_row: bool, embed
     tgt = meta(artifact(cfg, "expert", run))
     fold = [meta(artifact(cfg, "expert", f"{run}.fold"))] if ic.holdout else []
     sim = str(artifact(cfg, "similarity", run))
-    interp = {v: meta(artifact(cfg, "interpolated", run, v)) for v in ("", "random", "frozen", "oracle", "paper",
-                                                                         "select")}
+    interp = {
+        v: meta(artifact(cfg, "interpolated", run, v))
+        for v in ("", "random", "frozen", "oracle", "paper", "select")
+    }
     result, row = str(artifact(cfg, "result", run)), str(artifact(cfg, "transfer", run))
     control = [NULL] if cfg.control != "-" else []
     pairs = [meta(artifact(cfg, "interpolated", run, f"pair-{t}")) for t in others + control]
     selects = ic.retrieval == "select"
     paper = study == "loto" and cfg.fisher.embedding != "fisher"  # (with the Fisher, π-Tuning is the paper's)
     chosen = study == "loto" and not selects  # the selection beside the fixed retrieval
-    embs = list(dict.fromkeys([*(select_from(cfg) if selects or chosen else []), *(["fisher"] if paper else []),
-                               *(embed_as if transfer_row else [])]))
+    embs = list(
+        dict.fromkeys(
+            [
+                *(select_from(cfg) if selects or chosen else []),
+                *(["fisher"] if paper else []),
+                *(embed_as if transfer_row else []),
+            ]
+        )
+    )
     embeds = {e: str(artifact(cfg, "similarity", run, e)) for e in embs}
     pi_from = [*([embeds[e] for e in select_from(cfg)] if selects else [sim]), *fold]
     train = f"$(STAGE_CMD) train_expert.py --task {target} --shots {shots}"
     interpolate = f"$(STAGE_CMD) interpolate.py --target {target}"
-    rules = [f"{backbone}: ; $(STAGE_CMD) train_expert.py --pretrain $(ARGS)",
-             *(f"{pool[t]}: {backbone} ; $(STAGE_CMD) train_expert.py --task {t} $(ARGS)" for t in cfg.tasks.pool),
-             f"{tgt}: {backbone} ; {train} $(ARGS)",
-             *(f"{f}: {backbone} ; {train} --variant fold $(ARGS)" for f in fold),
-             f"{sim}: {j(pool[t] for t in others)} {tgt} ; $(STAGE_CMD) embed_tasks.py --target {target} $(ARGS)",
-             f"{result}: {interp['']} {tgt} ; $(STAGE_CMD) evaluate.py --target {target} $(ARGS)"]
+    rules = [
+        f"{backbone}: ; $(STAGE_CMD) train_expert.py --pretrain $(ARGS)",
+        *(f"{pool[t]}: {backbone} ; $(STAGE_CMD) train_expert.py --task {t} $(ARGS)" for t in cfg.tasks.pool),
+        f"{tgt}: {backbone} ; {train} $(ARGS)",
+        *(f"{f}: {backbone} ; {train} --variant fold $(ARGS)" for f in fold),
+        f"{sim}: {j(pool[t] for t in others)} {tgt} ; $(STAGE_CMD) embed_tasks.py --target {target} $(ARGS)",
+        f"{result}: {interp['']} {tgt} ; $(STAGE_CMD) evaluate.py --target {target} $(ARGS)",
+    ]
     if embeds:
-        rules.append(f"{j(embeds.values())} &: {j(pool[t] for t in others)} {tgt} ; $(STAGE_CMD) embed_tasks.py "
-                     f"--target {target} --embedding {','.join(embeds)} $(ARGS)")
-    phony = {"backbone": [backbone], "experts": [pool[t] for t in others] + [tgt] + fold,
-             "pool-experts": list(pool.values()), "embed": [sim], "interpolate": [interp[""]], "evaluate": [result]}
+        rules.append(
+            f"{j(embeds.values())} &: {j(pool[t] for t in others)} {tgt} ; $(STAGE_CMD) embed_tasks.py "
+            f"--target {target} --embedding {','.join(embeds)} $(ARGS)"
+        )
+    phony = {
+        "backbone": [backbone],
+        "experts": [pool[t] for t in others] + [tgt] + fold,
+        "pool-experts": list(pool.values()),
+        "embed": [sim],
+        "interpolate": [interp[""]],
+        "evaluate": [result],
+    }
     if not study:
         rules.append(f"{interp['']}: {j(pi_from)} ; {interpolate} $(ARGS)")
         return rules, phony
     if study == "loto":
         runs = ["pi", "random", *(["paper"] if paper else []), *(["select"] if chosen else [])]
         made = [interp["" if v == "pi" else v] for v in runs]
-        rules += [f"{j(made)} &: {sim} {j(embeds.values())} {j(fold)} ; {interpolate} --variant {','.join(runs)} $(ARGS)",
-                  f"{result}: {j(made)}"]
+        rules += [
+            f"{j(made)} &: {sim} {j(embeds.values())} {j(fold)} ; {interpolate} --variant {','.join(runs)} $(ARGS)",
+            f"{result}: {j(made)}",
+        ]
         return rules, phony
     baselines = [meta(artifact(cfg, "expert", f"{run}.{v}")) for v in ("2x", "full-ft")]
-    rules += [f"{j(baselines)} &: {backbone} ; {train} --variant 2x,full-ft $(ARGS)",
-              f"{interp['']} {interp['random']} {interp['frozen']} &: {j(dict.fromkeys([sim, *pi_from]))} ; "
-              f"{interpolate} --variant pi,random,frozen $(ARGS)"]
+    rules += [
+        f"{j(baselines)} &: {backbone} ; {train} --variant 2x,full-ft $(ARGS)",
+        f"{interp['']} {interp['random']} {interp['frozen']} &: {j(dict.fromkeys([sim, *pi_from]))} ; "
+        f"{interpolate} --variant pi,random,frozen $(ARGS)",
+    ]
     needs = baselines + [interp["random"], interp["frozen"]]
-    if transfer_row:  # every pair run the row lacks, or older than its experts, in one process (--variant pairs)
-        rules += [f"{j(pairs)} &: {j(pool[t] for t in others)} {tgt} {j(fold)} | {sim} ; {interpolate} --variant pairs "
-                  f"$(ARGS)",
-                  f"{row}: {j(pairs)} {tgt} ; $(STAGE_CMD) evaluate.py --target {target} --transfer $(ARGS)",
-                  f"{interp['oracle']}: {row} {sim} {j(fold)} ; {interpolate} --variant oracle $(ARGS)"]
+    if (
+        transfer_row
+    ):  # every pair run the row lacks, or older than its experts, in one process (--variant pairs)
+        rules += [
+            f"{j(pairs)} &: {j(pool[t] for t in others)} {tgt} {j(fold)} | {sim} ; {interpolate} --variant pairs "
+            f"$(ARGS)",
+            f"{row}: {j(pairs)} {tgt} ; $(STAGE_CMD) evaluate.py --target {target} --transfer $(ARGS)",
+            f"{interp['oracle']}: {row} {sim} {j(fold)} ; {interpolate} --variant oracle $(ARGS)",
+        ]
         needs += [interp["oracle"], *embeds.values()]
     rules.append(f"{result}: {j(needs)}")
     return rules, phony
@@ -310,6 +389,7 @@ def _get(cfg, key: str) -> str:
 
 # ---- what no current config uses ----
 
+
 def _current(cfg, path: Path) -> bool:
     """Would this config make the artifact at `path` (name@digest) as it is?"""
     m = re.fullmatch(r"(?P<name>.+?)@(?P<digest>[0-9a-f]{%d})(?P<rest>.*)" % DIGEST, path.name)
@@ -322,7 +402,7 @@ def _current(cfg, path: Path) -> bool:
         if folder == "experts":
             return m["digest"] == digest(cfg, "expert", name)
         run = name.split(".")[0]
-        variant = name[len(run) + 1:]
+        variant = name[len(run) + 1 :]
         if folder == "similarity":
             return m["digest"] == digest(cfg, "similarity", run, variant)
         if folder == "interpolated":
@@ -342,8 +422,11 @@ def prune(cfg, dry_run: bool = False) -> list[Path]:
     """Remove the artifacts (and caches of experts) under the run folder that this config would not make, and the
     readable links left pointing at nothing; returns what was (or, with dry_run, would be) removed."""
     rd = cfg.run_dir
-    found = [p for p in rd.glob("backbone@*")] + [p for d in ("experts", "similarity", "interpolated", "results",
-                                                              "fisher", "embeddings") for p in (rd / d).glob("*@*")]
+    found = [p for p in rd.glob("backbone@*")] + [
+        p
+        for d in ("experts", "similarity", "interpolated", "results", "fisher", "embeddings")
+        for p in (rd / d).glob("*@*")
+    ]
     gone = sorted(p for p in found if not p.is_symlink() and not _current(cfg, p))
     if not dry_run:
         for p in gone:
@@ -356,8 +439,10 @@ def prune(cfg, dry_run: bool = False) -> list[Path]:
 
 def main(argv: list[str]) -> None:
     if not argv or argv[0].startswith("-"):
-        raise UserError("usage: python -m common.provenance CONFIG [key=value ...] (--get KEY ... | --rules TARGET "
-                        "SEED [--study report|loto] [--transfer-row] [--embed-as 'A B'] | --prune)")
+        raise UserError(
+            "usage: python -m common.provenance CONFIG [key=value ...] (--get KEY ... | --rules TARGET "
+            "SEED [--study report|loto] [--transfer-row] [--embed-as 'A B'] | --prune)"
+        )
     flags = [i for i, a in enumerate(argv) if a.startswith("--")]
     first = flags[0] if flags else len(argv)
     cfg = load_config(argv[0], split_overrides(argv[1:first]))
@@ -367,14 +452,27 @@ def main(argv: list[str]) -> None:
     if opts[:1] == ["--rules"]:  # one line a rule, ended by %%NL%% (make's $(shell) joins lines with spaces)
         target, seed = opts[1], int(opts[2])
         asked = opts[opts.index("--embed-as") + 1].split() if "--embed-as" in opts else ["default"]
-        embed_as = [e for a in asked for e in ([v for v in variants() if v not in ASKED_FOR] if a == "default" else
-                                               list(variants()) if a == "all" else [a])]
+        embed_as = [
+            e
+            for a in asked
+            for e in (
+                [v for v in variants() if v not in ASKED_FOR]
+                if a == "default"
+                else list(variants())
+                if a == "all"
+                else [a]
+            )
+        ]
         unknown = sorted(set(embed_as) - set(variants()))
         if unknown:
-            raise UserError(f"EMBED_AS names {', '.join(unknown)}; use any of {', '.join(variants())}, default or all")
+            raise UserError(
+                f"EMBED_AS names {', '.join(unknown)}; use any of {', '.join(variants())}, default or all"
+            )
         if target not in cfg.tasks.pool:
-            raise UserError(f"TARGET={target} is not in tasks.pool of {cfg.path} ({' '.join(cfg.tasks.pool)}); pick "
-                            f"one of those or add it there")
+            raise UserError(
+                f"TARGET={target} is not in tasks.pool of {cfg.path} ({' '.join(cfg.tasks.pool)}); pick "
+                f"one of those or add it there"
+            )
         study = opts[opts.index("--study") + 1] if "--study" in opts else ""
         if study not in ("", "report", "loto"):
             raise UserError(f"common.provenance --study {study!r}: use report or loto")
@@ -384,8 +482,10 @@ def main(argv: list[str]) -> None:
         return
     if opts[:1] == ["--prune"]:
         gone = prune(cfg)
-        print(f"removed {len(gone)} artifacts this config would not make: " + (", ".join(
-            str(p.relative_to(cfg.run_dir)) for p in gone) if gone else "none"))
+        print(
+            f"removed {len(gone)} artifacts this config would not make: "
+            + (", ".join(str(p.relative_to(cfg.run_dir)) for p in gone) if gone else "none")
+        )
         return
     raise UserError(f"common.provenance: unknown option {opts[0]!r}")
 

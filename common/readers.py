@@ -7,6 +7,7 @@ The catalogue's prompts, answers and column orders follow OFA-Sys/OFA (`data/mm_
 `data/nlu_data/*_dataset.py`, `data/cv_data/image_classify_dataset.py` and the `--selected-cols` of
 `run_scripts/*`); the few-shot image datasets follow CoOp's `split_zhou_*.json` files.
 """
+
 from __future__ import annotations
 
 import base64
@@ -42,10 +43,14 @@ LOC_BINS = 1000  # Florence-2's <loc_0>..<loc_999>
 def catalogue() -> dict[str, DefinedTask]:
     """The paper's task pool, as definitions (configs/paper_tasks.yaml): the same schema as tasks.define."""
     specs = yaml.safe_load(CATALOGUE.read_text())
-    return {str(name): define(str(name), spec, "configs/paper_tasks.yaml", prefix="") for name, spec in specs.items()}
+    return {
+        str(name): define(str(name), spec, "configs/paper_tasks.yaml", prefix="")
+        for name, spec in specs.items()
+    }
 
 
 # ---- location tokens (Florence-2: floor-quantised to 1000 bins per axis, decoded at the bin centre) ----
+
 
 def box_to_tokens(box, width: float, height: float, bins: int = LOC_BINS) -> str:
     """Pixel box (x0, y0, x1, y1) -> '<loc_a><loc_b><loc_c><loc_d>', relative to the image size."""
@@ -66,6 +71,7 @@ def tokens_to_box(text: str, bins: int = LOC_BINS) -> tuple[float, float, float,
 
 # ---- OFA's text normalisations (a definition's `clean`) ----
 
+
 def _ofa_text(text: str) -> str:
     """OFA's pre_caption/pre_question: lower case, no leading punctuation, '-' and '/' as spaces, single spaces."""
     text = text.lower().lstrip(",.!?*#:;~").replace("-", " ").replace("/", " ")
@@ -83,7 +89,9 @@ CLEAN = {
     "ofa": _ofa_text,
     "ofa-question": _ofa_question,  # VQA: and a '?' at the end
     "lower": lambda text: " ".join(text.lower().split()),  # OFA lower-cases GLUE's sentences
-    "caption": lambda text: " ".join(PUNCTUATION.sub("", text).lower().split()),  # caption_dataset.py, as coco scores
+    "caption": lambda text: " ".join(
+        PUNCTUATION.sub("", text).lower().split()
+    ),  # caption_dataset.py, as coco scores
     "class": lambda text: text.replace("_", " ").strip(),  # CoOp prompts with '_' as spaces
 }
 
@@ -108,6 +116,7 @@ def _ofa_vqa_refs(raw: str) -> tuple[str, ...]:
 
 
 # ---- a row's columns -> an Example ----
+
 
 class _BadRow(Exception):
     """A row that does not make an example (raised with the reason; the source adds the file and row)."""
@@ -137,7 +146,7 @@ def _answer(task: DefinedTask, labels: dict, f: dict) -> str:
     return _cleaned(task, task.answer, str(raw).strip())
 
 
-def _text(source: "_Source", f: dict) -> Example:
+def _text(source: _Source, f: dict) -> Example:
     """A row without its image: prompt, answer, candidates, references."""
     task, labels = source.task, source.layout["labels"]
     refs = None
@@ -154,7 +163,7 @@ def _text(source: "_Source", f: dict) -> Example:
     return Example(prompt, answer, None, candidates=cands, refs=refs)
 
 
-def _example(source: "_Source", f: dict) -> Example:
+def _example(source: _Source, f: dict) -> Example:
     """A row with its image read and decoded (and a box answer as location tokens of the image's size)."""
     ex = _text(source, f)
     if not source.task.image:
@@ -168,7 +177,9 @@ def _example(source: "_Source", f: dict) -> Example:
         region = f[source.task.answer]
         box = [float(v) for v in (region.split(",") if isinstance(region, str) else region)]
         answer = box_to_tokens(box, *pil.size)
-    return Example(ex.prompt, answer, np.array(pil), candidates=ex.candidates, refs=ex.refs)  # a writable copy
+    return Example(
+        ex.prompt, answer, np.array(pil), candidates=ex.candidates, refs=ex.refs
+    )  # a writable copy
 
 
 def _columns_used(task: DefinedTask) -> dict[str, str]:
@@ -182,6 +193,7 @@ def _columns_used(task: DefinedTask) -> dict[str, str]:
 
 # ---- sources: a split's rows in its file(s) ----
 
+
 class Rows(Sequence):
     """A split's examples, each decoded when asked for (rows[i]; a batch takes its own): what is held is the
     source's rows (a headerless file: one byte offset each; other files: each row's columns as read, its image a
@@ -191,7 +203,7 @@ class Rows(Sequence):
     evaluation, the Fisher); data.split sets it from data.num_workers. Picklable (each process opens its
     own file)."""
 
-    def __init__(self, source: "_Source", index: np.ndarray, workers: int = 0):
+    def __init__(self, source: _Source, index: np.ndarray, workers: int = 0):
         self.source, self.index, self.workers = source, index, workers
 
     def __len__(self) -> int:
@@ -202,7 +214,7 @@ class Rows(Sequence):
             return Rows(self.source, self.index[i], self.workers)
         return self.source.example(int(self.index[i]))
 
-    def __mul__(self, times: int) -> "Rows":
+    def __mul__(self, times: int) -> Rows:
         return Rows(self.source, np.tile(self.index, times), self.workers)
 
     def answers(self) -> list[str]:
@@ -215,11 +227,11 @@ class Rows(Sequence):
     def image_keys(self) -> np.ndarray:
         return self.source.image_keys()[self.index]
 
-    def take(self, keep: np.ndarray) -> "Rows":
+    def take(self, keep: np.ndarray) -> Rows:
         """The rows where `keep` (a mask over this view) is true."""
         return Rows(self.source, self.index[keep], self.workers)
 
-    def sample(self, n: int | None, key: str) -> "Rows":
+    def sample(self, n: int | None, key: str) -> Rows:
         """At most n of these rows: all of them, or a seeded random sample of n (seeded by `key`), in file order.
         A file's first rows are not a random sample (OFA's TSVs group their rows by image); samples of one key
         nest (the 200 rows of n=200 are among the 1,000 of n=1000)."""
@@ -245,6 +257,7 @@ class _Source:
     def image_keys(self) -> np.ndarray:
         """Every row's image key (image_key of _image_id), as uint64: the overlap guard's and the val carve's view
         of the images."""
+
         def keys() -> np.ndarray:
             out = np.empty(len(self), dtype=np.uint64)
             for j, (where, f) in enumerate(self.rows()):
@@ -253,11 +266,16 @@ class _Source:
                 except KeyError as e:
                     raise UserError(f"{self.path}:{where}: no column {e} in this row") from None
                 except OSError as e:
-                    raise UserError(f"{self.path}:{where}: unreadable image ({' '.join(str(e).split())[:100]})") \
-                        from None
+                    raise UserError(
+                        f"{self.path}:{where}: unreadable image ({' '.join(str(e).split())[:100]})"
+                    ) from None
             return out
 
-        return beside(self.path, _image_rule(self.task, self.layout, self.root), keys) if self.path.is_file() else keys()
+        return (
+            beside(self.path, _image_rule(self.task, self.layout, self.root), keys)
+            if self.path.is_file()
+            else keys()
+        )
 
     def _image_id(self, f: dict) -> str | bytes:
         """What tells a row's image: its id within the image set, the file it is in (tasks that read one folder of
@@ -289,8 +307,9 @@ class _Source:
         except FileNotFoundError as e:
             raise UserError(f"{self.path}:{self.where(j)}: missing image file {e.filename}") from None
         except OSError as e:  # PIL's UnidentifiedImageError is an OSError
-            raise UserError(f"{self.path}:{self.where(j)}: unreadable image ({' '.join(str(e).split())[:100]})") \
-                from None
+            raise UserError(
+                f"{self.path}:{self.where(j)}: unreadable image ({' '.join(str(e).split())[:100]})"
+            ) from None
         except (binascii.Error, ValueError, IndexError) as e:
             why = " ".join(f"{type(e).__name__}: {e}".split())[:100]
             raise UserError(f"{self.path}:{self.where(j)}: unreadable image or field ({why})") from None
@@ -329,7 +348,9 @@ class LineSource(_Source):
         return len(self.offsets)
 
     def row(self, j: int) -> dict:
-        if self._fh is None or self._pid != os.getpid():  # a forked DataLoader worker: not its parent's offset
+        if (
+            self._fh is None or self._pid != os.getpid()
+        ):  # a forked DataLoader worker: not its parent's offset
             self._fh, self._pid = open(self.path, "rb"), os.getpid()
         self._fh.seek(self.offsets[j])
         return _split_line(self.task, self.fmt, self.path, j + 1, self._fh.readline().decode("utf-8"))
@@ -349,8 +370,10 @@ def _split_line(task: DefinedTask, fmt: str, path: Path, lineno: int, line: str)
     cols = line.split("\t") if fmt == "tsv" else next(csv.reader([line]))
     if len(cols) < len(task.columns):
         sep = "tab" if fmt == "tsv" else "comma"
-        raise UserError(f"{path}:{lineno}: {len(cols)} {sep}-separated columns, expected {len(task.columns)} "
-                        f"({', '.join(c or '-' for c in task.columns)}); is this the file of {task.name}?")
+        raise UserError(
+            f"{path}:{lineno}: {len(cols)} {sep}-separated columns, expected {len(task.columns)} "
+            f"({', '.join(c or '-' for c in task.columns)}); is this the file of {task.name}?"
+        )
     return {name: cols[i] for i, name in enumerate(task.columns) if name}
 
 
@@ -391,6 +414,7 @@ def beside(path: Path, tag: str, compute) -> np.ndarray:
 def line_index(path: Path) -> np.ndarray:
     """The byte offset of every line of a file, found in one pass of 16 MB reads and cached beside it (`beside`).
     A 530k-row TSV of base64 images is indexed once, then opened in milliseconds."""
+
     def offsets() -> np.ndarray:
         starts, pos = [np.zeros(1, np.int64)], 0
         with open(path, "rb") as fh:
@@ -417,8 +441,9 @@ def _every_answer(task: DefinedTask, labels: dict, path: Path, rows) -> tuple[st
         try:
             answers.add(_answer(task, labels, f))
         except (_BadRow, KeyError) as e:
-            raise UserError(f"{path}:{where}: {e if isinstance(e, _BadRow) else f'no column {e} in this row'}") \
-                from None
+            raise UserError(
+                f"{path}:{where}: {e if isinstance(e, _BadRow) else f'no column {e} in this row'}"
+            ) from None
     return tuple(sorted(answers))
 
 
@@ -435,9 +460,13 @@ def _records(fmt: str, path: Path, which: str):
                     try:
                         yield str(i), json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise UserError(f"{path}:{i}: not a JSON line ({e.msg}); one JSON object per line") from None
+                        raise UserError(
+                            f"{path}:{i}: not a JSON line ({e.msg}); one JSON object per line"
+                        ) from None
     elif fmt == "coop-json":  # {split: [[image path, label, class name], ...]}
-        for i, (image, label, classname) in enumerate(_coop_split(path, path.stat().st_mtime_ns).get(which, ())):
+        for i, (image, label, classname) in enumerate(
+            _coop_split(path, path.stat().st_mtime_ns).get(which, ())
+        ):
             yield f"{which}[{i}]", {"image": image, "label": label, "classname": classname}
     else:
         import pyarrow.parquet as pq  # only the hub's (parquet) tasks need it; no stage or check loads it else
@@ -457,8 +486,10 @@ def _coop_split(path: Path, mtime: int) -> dict:
         assert isinstance(data, dict) and all(len(r) == 3 for part in data.values() for r in part)
         return data
     except (ValueError, TypeError, AssertionError) as e:
-        raise UserError(f"{path}: not a CoOp split file ({type(e).__name__}); CoOp's split_zhou_*.json holds "
-                        "{split: [[image, label, class name], ...]}") from None
+        raise UserError(
+            f"{path}: not a CoOp split file ({type(e).__name__}); CoOp's split_zhou_*.json holds "
+            "{split: [[image, label, class name], ...]}"
+        ) from None
 
 
 def _class_label_names(path: Path, column: str) -> list[str] | None:
@@ -470,8 +501,9 @@ def _class_label_names(path: Path, column: str) -> list[str] | None:
     return feature.get("names")
 
 
-def _record_source(task: DefinedTask, fmt: str, layout: dict, root: Path, paths: list[Path],
-                   which: str) -> RecordSource:
+def _record_source(
+    task: DefinedTask, fmt: str, layout: dict, root: Path, paths: list[Path], which: str
+) -> RecordSource:
     rename, several, class_names = layout["rename"], len(paths) > 1, None
     if fmt == "parquet" and not layout["labels"]:  # integer labels: their ClassLabel names
         column = next((c for c, ours in rename.items() if ours == task.answer), task.answer)
@@ -484,7 +516,9 @@ def _record_source(task: DefinedTask, fmt: str, layout: dict, root: Path, paths:
             records.append({rename.get(k, k): v for k, v in rec.items()} if rename else rec)
             wheres.append(f"{path.name}:{where}" if several else where)
     if not records:
-        raise UserError(f"{task.where}.files.{which}: {paths[0]} has no rows; a split needs at least one example")
+        raise UserError(
+            f"{task.where}.files.{which}: {paths[0]} has no rows; a split needs at least one example"
+        )
     source = RecordSource(task, layout, root, paths[0].parent if several else paths[0], records, wheres)
     source.classes = tuple(class_names or ())
     return source
@@ -502,7 +536,9 @@ def _resolve(task: DefinedTask, which: str, root: Path) -> list[Path]:
         found = [path] if path.is_file() else []
     if not found and task.hub:  # e.g. data.root is a `hf download` of the hub repo
         base = root / (task.hub.config or "")
-        found = sorted(p for p in base.rglob("*.parquet") if _is_split_file(str(p.relative_to(base)), task.hub, which))
+        found = sorted(
+            p for p in base.rglob("*.parquet") if _is_split_file(str(p.relative_to(base)), task.hub, which)
+        )
     if not found:
         fix = task.get or f"write it, or point files.{which} at the file (relative to data.root={root})"
         hint = f", or a `hf download {task.hub.repo} --repo-type dataset` copy there" if task.hub else ""
@@ -513,16 +549,33 @@ def _resolve(task: DefinedTask, which: str, root: Path) -> list[Path]:
 def _image_rule(task: DefinedTask, layout: dict, root: Path) -> str:
     """The cache tag of a file's image keys: what decides them (the id column and set, or the image column and how
     it is held)."""
-    rule = json.dumps([layout["image_id"], task.image_set, task.image, layout["image_kind"], layout["image_root"],
-                       task.columns, str(Path(root).resolve())] + ([layout["part"]] if layout["part"] else []))
+    rule = json.dumps(
+        [
+            layout["image_id"],
+            task.image_set,
+            task.image,
+            layout["image_kind"],
+            layout["image_root"],
+            task.columns,
+            str(Path(root).resolve()),
+        ]
+        + ([layout["part"]] if layout["part"] else [])
+    )
     return f"images-{_digest(rule.encode())[:12]}"
 
 
 def _layout(task: DefinedTask, fmt: str, which: str) -> dict:
     """How a split's file is read; `part`: the split's key in a file that holds several (CoOp's split JSON), so
     what is cached beside the file is cached per split."""
-    return {"rename": {}, "labels": task.labels, "image_kind": task.image_kind, "image_root": task.image_root,
-            "image_id": task.image_id, "part": which if fmt == "coop-json" else "", **task.per_format.get(fmt, {})}
+    return {
+        "rename": {},
+        "labels": task.labels,
+        "image_kind": task.image_kind,
+        "image_root": task.image_root,
+        "image_id": task.image_id,
+        "part": which if fmt == "coop-json" else "",
+        **task.per_format.get(fmt, {}),
+    }
 
 
 def cached_image_keys(task: DefinedTask, which: str, root: Path) -> np.ndarray | None:
@@ -538,7 +591,7 @@ def cached_image_keys(task: DefinedTask, which: str, root: Path) -> np.ndarray |
     return cached_beside(paths[0], _image_rule(task, _layout(task, fmt, which), root))
 
 
-def _open(task: DefinedTask, which: str, root: Path) -> "_Source":
+def _open(task: DefinedTask, which: str, root: Path) -> _Source:
     """The rows of a split's file(s), checked: a missing file, an unknown column, an empty split, a first row
     that does not read stop here, in one line naming the field or the row."""
     if which not in task.files:
@@ -553,8 +606,10 @@ def _open(task: DefinedTask, which: str, root: Path) -> "_Source":
     first = source.row(0)
     for col, field_name in _columns_used(task).items():
         if col not in first:
-            raise UserError(f"{task.where}.{field_name}: column '{col}' is not in {source.path} "
-                            f"(its columns: {', '.join(sorted(first))})")
+            raise UserError(
+                f"{task.where}.{field_name}: column '{col}' is not in {source.path} "
+                f"(its columns: {', '.join(sorted(first))})"
+            )
     source.example(0)  # a file of the wrong kind stops the stage now, not in its first batch
     return source
 
@@ -582,7 +637,11 @@ def read_defined(task: DefinedTask, split: str, root: Path, workers: int = 0) ->
         keys = source.image_keys() if task.image else index
         groups, group_of = np.unique(keys, return_inverse=True)
         m = len(groups)
-        val = random.Random(f"{task.name}/val").sample(range(m), max(1, round(task.val_fraction * m))) if m > 1 else []
+        val = (
+            random.Random(f"{task.name}/val").sample(range(m), max(1, round(task.val_fraction * m)))
+            if m > 1
+            else []
+        )
         in_val = np.zeros(m, dtype=bool)
         in_val[val] = True
         index = np.flatnonzero(in_val[group_of] == (split == "val"))
@@ -595,8 +654,12 @@ def answer_set(task: DefinedTask, root: Path) -> tuple[str, ...]:
     hand its gold answers to the scoring). A headerless file's set is cached beside it."""
     source = _open(task, "train", Path(root))
     if getattr(source, "classes", ()):  # every class, not only those in the rows
-        return _every_answer(task, source.layout["labels"], source.path,
-                             [(f"class {i}", {task.answer: str(i)}) for i in range(len(source.classes))])
+        return _every_answer(
+            task,
+            source.layout["labels"],
+            source.path,
+            [(f"class {i}", {task.answer: str(i)}) for i in range(len(source.classes))],
+        )
 
     def every() -> np.ndarray:
         return np.array(_every_answer(task, source.layout["labels"], source.path, source.rows()), dtype=str)
@@ -619,9 +682,12 @@ def image_key(text_or_bytes: str | bytes) -> int:
 
 # ---- the hub ----
 
+
 def _is_split_file(rel: str, hub, split: str) -> bool:
     """Is rel (under the config's folder) a shard of this split, e.g. 'validation_matched-00000-of-00001.parquet'?"""
-    return rel.endswith(".parquet") and re.search(rf"(^|/){re.escape(hub.splits[split])}[-/.]", rel) is not None
+    return (
+        rel.endswith(".parquet") and re.search(rf"(^|/){re.escape(hub.splits[split])}[-/.]", rel) is not None
+    )
 
 
 def fetch_hub(task: DefinedTask, split: str, root: Path) -> list[Path]:
@@ -630,17 +696,24 @@ def fetch_hub(task: DefinedTask, split: str, root: Path) -> list[Path]:
         raise UserError(f"{task.name} has no hub dataset; {task.get}")
     hub = task.hub
     if split not in hub.splits:
-        raise UserError(f"{task.name} has no '{split}' split on {hub.repo}; its splits: {', '.join(hub.splits)}")
-    fix = (f"download it where there is network (`hf download {hub.repo} --repo-type dataset --local-dir DIR`) "
-           f"and set data.root=DIR")
+        raise UserError(
+            f"{task.name} has no '{split}' split on {hub.repo}; its splits: {', '.join(hub.splits)}"
+        )
+    fix = (
+        f"download it where there is network (`hf download {hub.repo} --repo-type dataset --local-dir DIR`) "
+        f"and set data.root=DIR"
+    )
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):  # no request at all
         raise UserError(f"cannot fetch {hub.repo} ({task.name}): HF_HUB_OFFLINE is set; {fix}")
     try:
         from huggingface_hub import HfApi, hf_hub_download  # looked up here: test_readers replaces them
 
         prefix = f"{hub.config}/" if hub.config else ""
-        files = sorted(f for f in HfApi().list_repo_files(hub.repo, repo_type="dataset")
-                       if f.startswith(prefix) and _is_split_file(f[len(prefix):], hub, split))
+        files = sorted(
+            f
+            for f in HfApi().list_repo_files(hub.repo, repo_type="dataset")
+            if f.startswith(prefix) and _is_split_file(f[len(prefix) :], hub, split)
+        )
         if not files:
             raise UserError(f"{hub.repo}: no parquet files for split '{hub.splits[split]}' under '{prefix}'")
         return [Path(hf_hub_download(hub.repo, f, repo_type="dataset", local_dir=str(root))) for f in files]

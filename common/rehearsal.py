@@ -15,6 +15,7 @@ Kept from Florence-2-base: the DaViT vision tower's four stages (patch 7/3/3/3, 
 forced first, 3 beams, no repeated 3-grams. Cut: depths, widths, layers and the vocabulary (trained here on the
 generated text); dropout is off (Florence-2-base's is 0.1): each process of a torchrun draws its own dropout masks,
 and the rehearsal holds a two-process run to the single-process one."""
+
 from __future__ import annotations
 
 import base64
@@ -27,16 +28,49 @@ from pathlib import Path
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (BartConfig, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration,
-                          Florence2Processor, Florence2VisionConfig, GenerationConfig, PreTrainedTokenizerFast)
+from transformers import (
+    BartConfig,
+    CLIPImageProcessor,
+    Florence2Config,
+    Florence2ForConditionalGeneration,
+    Florence2Processor,
+    Florence2VisionConfig,
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+)
 
 from common import world as W
 from common.artifacts import atomic_dir
 
-SIZES = {"train": 21, "val": 9, "test": 11}  # 21 = 5 x 4 + 1: a batch of 4 leaves one example, fewer than 2 ranks
-TASK_TOKENS = ("<od>", "</od>", "<ocr>", "</ocr>", "<cap>", "</cap>", "<dcap>", "</dcap>", "<ncap>", "</ncap>",
-               "<poly>", "</poly>", "<sep>", "<seg>", "</seg>", "<region_cap>", "</region_cap>")
-LABELS = {"yes": "entailment", "no": "contradiction", "maybe": "neutral"}  # SNLI-VE's, by the mini world's answers
+SIZES = {
+    "train": 21,
+    "val": 9,
+    "test": 11,
+}  # 21 = 5 x 4 + 1: a batch of 4 leaves one example, fewer than 2 ranks
+TASK_TOKENS = (
+    "<od>",
+    "</od>",
+    "<ocr>",
+    "</ocr>",
+    "<cap>",
+    "</cap>",
+    "<dcap>",
+    "</dcap>",
+    "<ncap>",
+    "</ncap>",
+    "<poly>",
+    "</poly>",
+    "<sep>",
+    "<seg>",
+    "</seg>",
+    "<region_cap>",
+    "</region_cap>",
+)
+LABELS = {
+    "yes": "entailment",
+    "no": "contradiction",
+    "maybe": "neutral",
+}  # SNLI-VE's, by the mini world's answers
 
 
 def _png(scene, rng, size: int = 64, fmt: str = "PNG") -> bytes:
@@ -54,7 +88,9 @@ def _box(obj, jitter, size: int = 64) -> str:
     cell = size / 3
     cx, cy = (obj.pos % 3 + 0.5) * cell + jitter[0], (obj.pos // 3 + 0.5) * cell + jitter[1]
     r = cell * (0.46 if obj.size == "large" else 0.3)
-    return ",".join(f"{v:.1f}" for v in (max(cx - r, 0), max(cy - r, 0), min(cx + r, size), min(cy + r, size)))
+    return ",".join(
+        f"{v:.1f}" for v in (max(cx - r, 0), max(cy - r, 0), min(cx + r, size), min(cy + r, size))
+    )
 
 
 def write_data(root: Path, seed: int = 0) -> list[str]:
@@ -74,12 +110,23 @@ def write_data(root: Path, seed: int = 0) -> list[str]:
         for i in range(n):
             scene = W.random_scene(rng)
             hyp, label = W.hypothesis(scene, rng)
-            rows.append((f"{split}{i}", f"{1000 * (1 + len(files)) + 100 * list(SIZES).index(split) + i}",
-                         _b64(_png(scene, rng)), hyp, W.describe(scene), LABELS[label]))
+            rows.append(
+                (
+                    f"{split}{i}",
+                    f"{1000 * (1 + len(files)) + 100 * list(SIZES).index(split) + i}",
+                    _b64(_png(scene, rng)),
+                    hyp,
+                    W.describe(scene),
+                    LABELS[label],
+                )
+            )
         tsv(root / f"snli_ve_data/snli_ve_{files[split]}.tsv", rows)
     vqa_test_ids = []
-    for split, n in (("train", SIZES["train"]), ("val", SIZES["test"])):  # VQA: question-id, image-id, question,
-        rows = []                                                          # conf|!+answer&&..., objects, image
+    for split, n in (
+        ("train", SIZES["train"]),
+        ("val", SIZES["test"]),
+    ):  # VQA: question-id, image-id, question,
+        rows = []  # conf|!+answer&&..., objects, image
         for i in range(n):
             scene = W.random_scene(rng)
             q, a = W.question(scene, rng)
@@ -88,13 +135,21 @@ def write_data(root: Path, seed: int = 0) -> list[str]:
             vqa_test_ids += [image_id] if split == "val" else []
             rows.append((i, image_id, q, f"1.0|!+{a}&&0.3|!+{other}", "objects", _b64(_png(scene, rng))))
         tsv(root / f"vqa_data/vqa_{split}.tsv", rows)
-    for split, n in SIZES.items():  # captions: uniq-id, image-id, caption (val/test: every one, &&), objects, image
+    for (
+        split,
+        n,
+    ) in SIZES.items():  # captions: uniq-id, image-id, caption (val/test: every one, &&), objects, image
         rows = []
         for i in range(n):
             scene = W.random_scene(rng)
-            caption = W.short_caption(scene) if split == "train" else \
-                f"{W.short_caption(scene)}&&{W.describe(scene, rng)}"
-            rows.append((i, 600000 + 100 * list(SIZES).index(split) + i, caption, "objects", _b64(_png(scene, rng))))
+            caption = (
+                W.short_caption(scene)
+                if split == "train"
+                else f"{W.short_caption(scene)}&&{W.describe(scene, rng)}"
+            )
+            rows.append(
+                (i, 600000 + 100 * list(SIZES).index(split) + i, caption, "objects", _b64(_png(scene, rng)))
+            )
         name = {"train": "caption_stage1_train", "val": "caption_val", "test": "caption_test"}[split]
         tsv(root / f"caption_data/{name}.tsv", rows)
     for split, n in SIZES.items():  # RefCOCO: uniq-id, image-id, text, region 'x0,y0,x1,y1', image
@@ -102,13 +157,24 @@ def write_data(root: Path, seed: int = 0) -> list[str]:
         for i in range(n):
             scene = W.random_scene(rng)
             expr, _ = W.referring_expression(scene, rng)
-            o = next(x for x in scene.objects if all(w in x.phrase().split() for w in expr.split()[1:])) \
-                if expr.split()[1:] else scene.objects[0]
+            o = (
+                next(x for x in scene.objects if all(w in x.phrase().split() for w in expr.split()[1:]))
+                if expr.split()[1:]
+                else scene.objects[0]
+            )
             jitter = scene.jitter[scene.objects.index(o)]
-            image_id = vqa_test_ids[i] if split == "train" and i < 2 else 700000 + 100 * list(SIZES).index(split) + i
+            image_id = (
+                vqa_test_ids[i] if split == "train" and i < 2 else 700000 + 100 * list(SIZES).index(split) + i
+            )
             rows.append((f"{i}_1", image_id, expr, _box(o, jitter), _b64(_png(scene, rng))))
-        tsv(root / f"refcoco_data/refcoco_{ {'train': 'train', 'val': 'val', 'test': 'testA'}[split]}.tsv", rows)
-    for split, n in (("train", SIZES["train"] + SIZES["val"]), ("dev", SIZES["test"])):  # RTE: idx, s1, s2, label
+        tsv(
+            root / f"refcoco_data/refcoco_{ {'train': 'train', 'val': 'val', 'test': 'testA'}[split] }.tsv",
+            rows,
+        )
+    for split, n in (
+        ("train", SIZES["train"] + SIZES["val"]),
+        ("dev", SIZES["test"]),
+    ):  # RTE: idx, s1, s2, label
         rows = []
         for i in range(n):
             scene = W.random_scene(rng)
@@ -137,14 +203,32 @@ def build_tokenizer(texts: list[str]):
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    prompts = [' does the image describe " " ?', " what does the image describe?", ' which region does the text '
-               '" " describe?', ' can text1 " " imply text2 " "?']
-    tk.train_from_iterator(texts + prompts, trainers.BpeTrainer(
-        vocab_size=700, min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    prompts = [
+        ' does the image describe " " ?',
+        " what does the image describe?",
+        ' which region does the text " " describe?',
+        ' can text1 " " imply text2 " "?',
+    ]
+    tk.train_from_iterator(
+        texts + prompts,
+        trainers.BpeTrainer(
+            vocab_size=700,
+            min_frequency=1,
+            special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     tk.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>", mask_token="<mask>", extra_special_tokens={"image_token": "<image>"})
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
     tok.add_tokens([f"<loc_{i}>" for i in range(1000)] + list(TASK_TOKENS), special_tokens=True)
     return tok
 
@@ -152,23 +236,63 @@ def build_tokenizer(texts: list[str]):
 def build_checkpoint(out: Path, texts: list[str], seed: int = 0) -> Path:
     """The rehearsal checkpoint, random weights (seeded), saved as a hub checkpoint is."""
     tok = build_tokenizer(texts)
-    vision = Florence2VisionConfig(depths=[1, 1, 1, 1], embed_dim=[8, 16, 16, 32], num_heads=[1, 1, 1, 2],
-                                   num_groups=[1, 1, 1, 2], mlp_ratio=1.0, patch_size=[7, 3, 3, 3],
-                                   patch_stride=[4, 2, 2, 2], patch_padding=[3, 1, 1, 1],
-                                   patch_prenorm=[False, True, True, True], window_size=12, projection_dim=32,
-                                   drop_path_rate=0.0)
-    text = BartConfig(vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                      decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=1024,
-                      dropout=0.0, bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2,
-                      forced_bos_token_id=0, forced_eos_token_id=2)
+    vision = Florence2VisionConfig(
+        depths=[1, 1, 1, 1],
+        embed_dim=[8, 16, 16, 32],
+        num_heads=[1, 1, 1, 2],
+        num_groups=[1, 1, 1, 2],
+        mlp_ratio=1.0,
+        patch_size=[7, 3, 3, 3],
+        patch_stride=[4, 2, 2, 2],
+        patch_padding=[3, 1, 1, 1],
+        patch_prenorm=[False, True, True, True],
+        window_size=12,
+        projection_dim=32,
+        drop_path_rate=0.0,
+    )
+    text = BartConfig(
+        vocab_size=len(tok),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=1024,
+        dropout=0.0,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_bos_token_id=0,
+        forced_eos_token_id=2,
+    )
     torch.manual_seed(seed)
-    model = Florence2ForConditionalGeneration(Florence2Config(
-        vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>")))
-    model.generation_config = GenerationConfig(bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2,
-                                               forced_bos_token_id=0, forced_eos_token_id=2, num_beams=3,
-                                               no_repeat_ngram_size=3, early_stopping=True, max_length=1025)
-    images = CLIPImageProcessor(do_resize=True, size={"height": 768, "width": 768}, do_center_crop=False,
-                                image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    model = Florence2ForConditionalGeneration(
+        Florence2Config(
+            vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>")
+        )
+    )
+    model.generation_config = GenerationConfig(
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_bos_token_id=0,
+        forced_eos_token_id=2,
+        num_beams=3,
+        no_repeat_ngram_size=3,
+        early_stopping=True,
+        max_length=1025,
+    )
+    images = CLIPImageProcessor(
+        do_resize=True,
+        size={"height": 768, "width": 768},
+        do_center_crop=False,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
     images.image_seq_length = (768 // 32) ** 2 + 1  # 24 x 24 patches after four stages, and one token more
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -1,17 +1,18 @@
 """The study report of one target: accuracy per method over shots and seeds, win counts, retrieval quality
 (Spearman between predicted similarity and measured transfer) and plots, from the results on disk."""
+
 from __future__ import annotations
 
 import dataclasses
 import fcntl
 import functools
 import glob
-import sys
-from dataclasses import dataclass
 import json
 import math
 import re
 import statistics
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ class Method:
     `on_val`: scored on the validation split too, as a method choices are made among (a recipe, a default:
     π-Tuning's runs, target-only they are measured against, and every pair run); the other baselines are
     reported on test only."""
+
     name: str
     what: str
     made_by: str
@@ -48,17 +50,38 @@ METHODS = (
     Method("uniform-merge", "the target's and the top-k experts averaged, no training", "evaluate.py"),
     Method("linear-merge", "peft add_weighted_adapter 'linear' (A and B averaged apart)", "evaluate.py"),
     Method("ties-merge", "peft add_weighted_adapter 'ties' (density 0.5)", "evaluate.py"),
-    Method("pi-random", "π-Tuning with k random pool experts", "interpolate.py --variant random", on_val=True),
-    Method("pi-frozen", "π-Tuning with the experts frozen (only the weights learn)", "interpolate.py --variant frozen",
-           on_val=True),
-    Method("pi-paper", "π-Tuning with the paper's retrieval: the top-k by the Fisher embedding",
-           "interpolate.py --variant paper", on_val=True),
-    Method("pi-select", "π-Tuning with its retrieval chosen on the target's validation split (k = 0 among them)",
-           "interpolate.py --variant select", on_val=True),
-    Method("pi-tuning", "π-Tuning: the target's and its top-k similar experts interpolated", "interpolate.py",
-           on_val=True),
-    Method("pi-oracle", "π-Tuning with the k experts that help most on test (an upper bound)",
-           "interpolate.py --variant oracle"),
+    Method(
+        "pi-random", "π-Tuning with k random pool experts", "interpolate.py --variant random", on_val=True
+    ),
+    Method(
+        "pi-frozen",
+        "π-Tuning with the experts frozen (only the weights learn)",
+        "interpolate.py --variant frozen",
+        on_val=True,
+    ),
+    Method(
+        "pi-paper",
+        "π-Tuning with the paper's retrieval: the top-k by the Fisher embedding",
+        "interpolate.py --variant paper",
+        on_val=True,
+    ),
+    Method(
+        "pi-select",
+        "π-Tuning with its retrieval chosen on the target's validation split (k = 0 among them)",
+        "interpolate.py --variant select",
+        on_val=True,
+    ),
+    Method(
+        "pi-tuning",
+        "π-Tuning: the target's and its top-k similar experts interpolated",
+        "interpolate.py",
+        on_val=True,
+    ),
+    Method(
+        "pi-oracle",
+        "π-Tuning with the k experts that help most on test (an upper bound)",
+        "interpolate.py --variant oracle",
+    ),
 )
 ORDER = tuple(m.name for m in METHODS)
 
@@ -73,11 +96,14 @@ def ordered(runs: list[dict]) -> list[str]:
     """The methods scored in any of these results, in the tables' order, any not in METHODS after them."""
     scored = {m for r in runs for m in r["scores"] if not m.startswith("pair-")}
     return [m for m in ORDER if m in scored] + sorted(scored - set(ORDER))
+
+
 FAMILY_COLOURS = {"vision-language": "tab:purple", "vision": "tab:blue", "language": "tab:green"}
 
 
 def spearman(x: list[float], y: list[float]) -> float:
     """Rank correlation (average ranks for ties); nan when either side is constant."""
+
     def ranks(v):
         order = sorted(range(len(v)), key=lambda i: v[i])
         r = [0.0] * len(v)
@@ -135,8 +161,9 @@ def unpack(stored: str | list) -> list[float]:
     return [float(c) for c in stored] if isinstance(stored, str) else [float(s) for s in stored]
 
 
-def paired_ci(runs: list[dict], a: str, b: str, split: str = "test", draws: int = 2000,
-              level: float = 0.95) -> tuple[float, float] | None:
+def paired_ci(
+    runs: list[dict], a: str, b: str, split: str = "test", draws: int = 2000, level: float = 0.95
+) -> tuple[float, float] | None:
     """The confidence interval of the mean paired gain a - b over runs (seeds): hierarchical_interval on each
     example's difference, seeds x examples (every seed scores the same test examples). None with fewer than two
     seeds (one seed's variance is unknown), where a run lacks either method's per-example scores (results
@@ -173,7 +200,7 @@ def hierarchical_draws(d, draws: int = 2000, level: float = 0.95, seed: int = 0)
     mean = float(d.mean())
     seed_eff, ex_eff = d.mean(1) - mean, d.mean(0) - mean
     inter = d - mean - seed_eff[:, None] - ex_eff[None, :]
-    v_inter = float((inter ** 2).sum()) / max((n_seeds - 1) * (n - 1), 1)
+    v_inter = float((inter**2).sum()) / max((n_seeds - 1) * (n - 1), 1)
     v_seed, v_ex = float(seed_eff @ seed_eff) / (n_seeds - 1), float(ex_eff @ ex_eff) / max(n - 1, 1)
 
     def shrink(v, per):  # the effect's variance without the interaction's share of it
@@ -189,8 +216,12 @@ def hierarchical_draws(d, draws: int = 2000, level: float = 0.95, seed: int = 0)
         picks = rng.integers(0, n, (m, n)) + np.arange(m)[:, None] * n
         w = np.bincount(picks.ravel(), minlength=m * n).reshape(m, n) / n  # each draw's examples, as weights
         seeds = rng.integers(0, n_seeds, (m, n_seeds))
-        stat[start:start + m] = (mean + k_seed * seed_eff[seeds].mean(1) + k_ex * (w @ ex_eff)
-                                 + np.take_along_axis(w @ inter.T, seeds, 1).mean(1))
+        stat[start : start + m] = (
+            mean
+            + k_seed * seed_eff[seeds].mean(1)
+            + k_ex * (w @ ex_eff)
+            + np.take_along_axis(w @ inter.T, seeds, 1).mean(1)
+        )
     return stat
 
 
@@ -241,10 +272,12 @@ def t_quantile(p: float, df: float = math.inf) -> float:
     return (lo + hi) / 2
 
 
-INTERVAL = ("The 95% interval is a hierarchical paired bootstrap (common/report.py paired_ci): each draw resamples "
-            "one set of test examples shared by every seed and both methods, and the seeds; it covers new seeds and "
-            "new test examples. Verdict: win or loss where the interval excludes 0, tie where it holds it; one seed "
-            "gives no interval.")
+INTERVAL = (
+    "The 95% interval is a hierarchical paired bootstrap (common/report.py paired_ci): each draw resamples "
+    "one set of test examples shared by every seed and both methods, and the seeds; it covers new seeds and "
+    "new test examples. Verdict: win or loss where the interval excludes 0, tie where it holds it; one seed "
+    "gives no interval."
+)
 
 
 def verdict(ci: tuple[float, float] | None) -> str:
@@ -292,11 +325,16 @@ def table(target: str, metric: str, runs: list[dict]) -> str:
     by_shots: dict[int, list[dict]] = {}
     for r in runs:
         by_shots.setdefault(r["shots"], []).append(r)
-    lines = [f"| {target} (test {metric}) | " + " | ".join(f"{shots_label(s)} ({seeds(len(rs))})" for s, rs in
-                                                     sorted(by_shots.items())) + " |",
-             "|---" * (1 + len(by_shots)) + "|"]
+    lines = [
+        f"| {target} (test {metric}) | "
+        + " | ".join(f"{shots_label(s)} ({seeds(len(rs))})" for s, rs in sorted(by_shots.items()))
+        + " |",
+        "|---" * (1 + len(by_shots)) + "|",
+    ]
     for m in ordered(runs):
-        cells = [mean_sd([r["scores"][m] for r in rs if m in r["scores"]]) for _, rs in sorted(by_shots.items())]
+        cells = [
+            mean_sd([r["scores"][m] for r in rs if m in r["scores"]]) for _, rs in sorted(by_shots.items())
+        ]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -307,7 +345,11 @@ def tables(cfg, target: str) -> str:
     out = []
     for cid, runs in results_by_config(cfg, target).items():
         mine = " (this config)" if cid == config_id(cfg) else ""
-        out += [f"## {config_label(cfg.path, runs[0]['config'])}{mine}", "", table(target, runs[0]["metric"], runs)]
+        out += [
+            f"## {config_label(cfg.path, runs[0]['config'])}{mine}",
+            "",
+            table(target, runs[0]["metric"], runs),
+        ]
     return "\n".join(out)
 
 
@@ -318,7 +360,9 @@ def write_tables(cfg, target: str) -> Path:
     res_dir.mkdir(parents=True, exist_ok=True)
     with open(res_dir / f".{target}.lock", "w") as lock:  # make report evaluates two runs at once
         fcntl.flock(lock, fcntl.LOCK_EX)
-        write_json(res_dir / f"{target}@{cid}.json", {"runs": {r["run"]: r for r in load_results(cfg, target)}})
+        write_json(
+            res_dir / f"{target}@{cid}.json", {"runs": {r["run"]: r for r in load_results(cfg, target)}}
+        )
         write_text(res_dir / f"{target}@{cid}.md", tables(cfg, target))
         link(res_dir / f"{target}@{cid}.json"), link(res_dir / f"{target}@{cid}.md")
     return res_dir / f"{target}@{cid}.md"
@@ -366,7 +410,9 @@ def transfer_row(runs: list[dict]) -> str:
     measured = [r for r in runs if r.get("transfer")]
     if len(measured) < 2:  # a std needs two seeds
         return ""
-    per_expert = {n: [r["transfer"][n] for r in measured if n in r["transfer"]] for n in measured[0]["transfer"]}
+    per_expert = {
+        n: [r["transfer"][n] for r in measured if n in r["transfer"]] for n in measured[0]["transfer"]
+    }
     stats = {n: (statistics.mean(v), statistics.stdev(v)) for n, v in per_expert.items() if len(v) > 1}
     if not stats:
         return ""
@@ -380,9 +426,11 @@ def transfer_row(runs: list[dict]) -> str:
     def cell(n):
         return f"{n} {mean_sd(per_expert[n], signed=True)}"
 
-    return (f"| {shots_label(measured[0]['shots'])} | {len(measured)} | {base_sd:.3f} | "
-            f"{mean_sd(control, signed=True)} | {cell(best)} | {cell(worst)} | {spread:.3f} ({ratio}) | "
-            f"{', '.join(cell(n) for n in hurt) or 'none'} |")
+    return (
+        f"| {shots_label(measured[0]['shots'])} | {len(measured)} | {base_sd:.3f} | "
+        f"{mean_sd(control, signed=True)} | {cell(best)} | {cell(worst)} | {spread:.3f} ({ratio}) | "
+        f"{', '.join(cell(n) for n in hurt) or 'none'} |"
+    )
 
 
 def write_study(cfg, targets: list[str]) -> Path:
@@ -399,24 +447,37 @@ def write_study(cfg, targets: list[str]) -> Path:
     for t in targets:
         write_report(cfg, t, figs / f"{t}.md", figs / t)
         by_target[t] = load_results(cfg, t)
-    md = [f"# π-Tuning study: {', '.join(targets)} ({cfg.profile})", "",
-          f"One config for every target ({cfg.path}): expert `{cfg.expert.method}`, top-{k} retrieval by "
-          f"`{heading(cfg.fisher)}`. Each target's full "
-          "report: " + ", ".join(f"[{t}](study/{t}.md)" for t in targets) + ".", "",
-          "## π-Tuning against target-only and random-k (test)", "",
-          "Gain is π-Tuning minus the baseline, mean ± std over seeds. " + INTERVAL, "",
-          "| target | shots | vs | wins | mean gain | 95% interval | verdict |", "|---|---|---|---|---|---|---|"]
+    md = [
+        f"# π-Tuning study: {', '.join(targets)} ({cfg.profile})",
+        "",
+        f"One config for every target ({cfg.path}): expert `{cfg.expert.method}`, top-{k} retrieval by "
+        f"`{heading(cfg.fisher)}`. Each target's full "
+        "report: " + ", ".join(f"[{t}](study/{t}.md)" for t in targets) + ".",
+        "",
+        "## π-Tuning against target-only and random-k (test)",
+        "",
+        "Gain is π-Tuning minus the baseline, mean ± std over seeds. " + INTERVAL,
+        "",
+        "| target | shots | vs | wins | mean gain | 95% interval | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for t, runs in by_target.items():
         for s in sorted({r["shots"] for r in runs}):
             for base in ("target-only", "pi-random"):
                 cells = _against([r for r in runs if r["shots"] == s], base)
                 if cells:
                     md.append(f"| {t} | {shots_label(s)} | {base} | {cells} |")
-    md += ["", "## Retrieval: which embedding ranks the measured transfer", "",
-           f"Spearman(similarity, transfer) per seed over the pool, mean ± std over seeds, on validation and on "
-           f"test; precision@{k}: the share of the embedding's top-{k} among the {k} experts of largest test "
-           "transfer (the oracle's), mean over seeds.", "",
-           "| target | shots | embedding | Spearman (val) | Spearman (test) | precision@k |", "|---|---|---|---|---|---|"]
+    md += [
+        "",
+        "## Retrieval: which embedding ranks the measured transfer",
+        "",
+        f"Spearman(similarity, transfer) per seed over the pool, mean ± std over seeds, on validation and on "
+        f"test; precision@{k}: the share of the embedding's top-{k} among the {k} experts of largest test "
+        "transfer (the oracle's), mean over seeds.",
+        "",
+        "| target | shots | embedding | Spearman (val) | Spearman (test) | precision@k |",
+        "|---|---|---|---|---|---|",
+    ]
     overall: dict[str, list] = {}
     matrix: dict[str, dict[str, list]] = {}
     undefined: set[str] = set()
@@ -434,46 +495,75 @@ def write_study(cfg, targets: list[str]) -> Path:
                 if not test:
                     continue
                 val, test = ([x for x in v if not math.isnan(x)] for v in (val, test))
-                if not test:  # every seed's transfers all the same (a target at its ceiling), or one: nothing to rank
+                if (
+                    not test
+                ):  # every seed's transfers all the same (a target at its ceiling), or one: nothing to rank
                     md.append(f"| {t} | {shots_label(s)} | {emb} | undefined | undefined | - |")
                     undefined.add(t)
                     continue
                 prec = _precision(per_run, at, k)
-                md.append(f"| {t} | {shots_label(s)} | {emb} | {mean_sd(val, signed=True)} | "
-                          f"{mean_sd(test, signed=True)} | {statistics.mean(prec):.2f} |")
+                md.append(
+                    f"| {t} | {shots_label(s)} | {emb} | {mean_sd(val, signed=True)} | "
+                    f"{mean_sd(test, signed=True)} | {statistics.mean(prec):.2f} |"
+                )
                 name = "retrieval" if emb.startswith("retrieval") else emb
-                overall.setdefault(name, []).append((statistics.mean(val) if val else math.nan,
-                                                     statistics.mean(test), statistics.mean(prec)))
+                overall.setdefault(name, []).append(
+                    (statistics.mean(val) if val else math.nan, statistics.mean(test), statistics.mean(prec))
+                )
             for r in at if s == measured[-1] else []:  # the matrix at the most shots measured
                 for n, v in r.get("transfer", {}).items():
                     matrix.setdefault(t, {}).setdefault(n, []).append(v)
     if undefined:
-        md += ["", f"Undefined: every pool expert's transfer to {', '.join(sorted(undefined))} was the same in every "
-               "seed (a target at its ceiling), or one expert's alone was measured, so there is no ranking to "
-               "correlate with or to take the top of; "
-               "the line below leaves it out."]
+        md += [
+            "",
+            f"Undefined: every pool expert's transfer to {', '.join(sorted(undefined))} was the same in every "
+            "seed (a target at its ceiling), or one expert's alone was measured, so there is no ranking to "
+            "correlate with or to take the top of; "
+            "the line below leaves it out.",
+        ]
     if overall:
-        md += ["", "Across targets (each target's mean over seeds, then their mean; ranked by validation):", "",
-               "| embedding | target × shots | Spearman (val) | Spearman (test) | precision@k |", "|---|---|---|---|---|"]
-        rows = [(emb, len(vals), *(statistics.mean(col) for col in zip(*vals))) for emb, vals in overall.items()]
+        md += [
+            "",
+            "Across targets (each target's mean over seeds, then their mean; ranked by validation):",
+            "",
+            "| embedding | target × shots | Spearman (val) | Spearman (test) | precision@k |",
+            "|---|---|---|---|---|",
+        ]
+        rows = [
+            (emb, len(vals), *(statistics.mean(col) for col in zip(*vals))) for emb, vals in overall.items()
+        ]
         rows.sort(key=lambda row: math.inf if math.isnan(row[2]) else -row[2])  # no validation transfer: last
         md += [f"| {e} | {n} | {v:+.3f} | {t:+.3f} | {p:.2f} |" for e, n, v, t, p in rows]
         best = next((row for row in rows if row[0] != "retrieval" and not math.isnan(row[2])), None)
         if best:
-            md += ["", f"Best on validation: **{best[0]}** (Spearman {best[2]:+.3f} over {best[1]} target × shots)."]
+            md += [
+                "",
+                f"Best on validation: **{best[0]}** (Spearman {best[2]:+.3f} over {best[1]} target × shots).",
+            ]
     if transfer_rows:
-        md += ["", "## The transfer row: does the pool hold experts that help and experts that hurt? (test)", "",
-               "Transfer of an expert: π-Tuning with the target's expert and that one alone, minus target-only; mean "
-               "± std over seeds. The control is the same run with an expert that changes nothing. Spread: best "
-               "minus worst expert, and how many times target-only's seed-to-seed std that is. Hurts: mean "
-               "transfer below 0 by more than its std.", "",
-               "| target | shots | seeds | target-only std | control | best | worst | spread | hurts |",
-               "|---|---|---|---|---|---|---|---|---|", *transfer_rows]
+        md += [
+            "",
+            "## The transfer row: does the pool hold experts that help and experts that hurt? (test)",
+            "",
+            "Transfer of an expert: π-Tuning with the target's expert and that one alone, minus target-only; mean "
+            "± std over seeds. The control is the same run with an expert that changes nothing. Spread: best "
+            "minus worst expert, and how many times target-only's seed-to-seed std that is. Hurts: mean "
+            "transfer below 0 by more than its std.",
+            "",
+            "| target | shots | seeds | target-only std | control | best | worst | spread | hurts |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *transfer_rows,
+        ]
     if matrix:
         _plot_matrix(figs / "transfer_matrix.png", matrix)
-        md += ["", "## Transfer matrix", "", "![targets x pool transfer](study/transfer_matrix.png) (test "
-               f"{by_target[targets[0]][0]['metric']} of π-Tuning with the target's expert and one pool expert, minus "
-               "target-only; mean over seeds, at each target's most shots with transfer measured)"]
+        md += [
+            "",
+            "## Transfer matrix",
+            "",
+            "![targets x pool transfer](study/transfer_matrix.png) (test "
+            f"{by_target[targets[0]][0]['metric']} of π-Tuning with the target's expert and one pool expert, minus "
+            "target-only; mean over seeds, at each target's most shots with transfer measured)",
+        ]
     write_text(out, "\n".join(md) + "\n")
     return out
 
@@ -503,31 +593,48 @@ def write_loto(cfg, targets: list[str]) -> Path:
     by_target = {t: load_results(cfg, t) for t in targets}
     missing = [t for t, runs in by_target.items() if not runs]
     if missing:
-        raise UserError(f"{cfg.run_dir / 'results'}: no results under this config for {', '.join(missing)}; run `make "
-                        f"loto` first")
+        raise UserError(
+            f"{cfg.run_dir / 'results'}: no results under this config for {', '.join(missing)}; run `make "
+            f"loto` first"
+        )
     methods = [m for m in LOTO_METHODS if any(m in r["scores"] for runs in by_target.values() for r in runs)]
-    md = [f"# π-Tuning on every target of the pool ({cfg.profile}): each task the target, the rest its pool", "",
-          f"Config: {config_label(cfg.path, cfg.to_dict())}. Methods: `pi-tuning` as configured (retrieval "
-          f"`{cfg.interpolate.retrieval}`, `{heading(cfg.fisher)}`, top-{cfg.interpolate.top_k}); `pi-paper`: the "
-          f"top-{cfg.interpolate.top_k} by the Fisher, the paper's; `pi-select`: the retrieval chosen on the target's "
-          f"validation split (the top-k of each embedding for k in {cfg.interpolate.select_k}, and k = 0: the "
-          f"target's expert alone); `pi-random`: k random pool experts. Test accuracy (each target's metric), mean "
-          f"over seeds. " + INTERVAL, ""]
+    md = [
+        f"# π-Tuning on every target of the pool ({cfg.profile}): each task the target, the rest its pool",
+        "",
+        f"Config: {config_label(cfg.path, cfg.to_dict())}. Methods: `pi-tuning` as configured (retrieval "
+        f"`{cfg.interpolate.retrieval}`, `{heading(cfg.fisher)}`, top-{cfg.interpolate.top_k}); `pi-paper`: the "
+        f"top-{cfg.interpolate.top_k} by the Fisher, the paper's; `pi-select`: the retrieval chosen on the target's "
+        f"validation split (the top-k of each embedding for k in {cfg.interpolate.select_k}, and k = 0: the "
+        f"target's expert alone); `pi-random`: k random pool experts. Test accuracy (each target's metric), mean "
+        f"over seeds. " + INTERVAL,
+        "",
+    ]
     for shots in sorted({r["shots"] for runs in by_target.values() for r in runs}):
         at = {t: [r for r in runs if r["shots"] == shots] for t, runs in by_target.items()}
         at = {t: rs for t, rs in at.items() if rs}
-        md += [f"## {shots_label(shots)}", "",
-               "| target | seeds | target-only | " + " | ".join(methods) + " | pi-random | "
-               + " | ".join(f"{m} − {b}" for m in methods for b in LOTO_BASES) + " |",
-               "|---" * (4 + 2 * len(methods) + len(methods)) + "|"]
-        tally = {(m, b): {"win": 0, "tie": 0, "loss": 0, "gains": [], "d": []} for m in methods for b in LOTO_BASES}
+        md += [
+            f"## {shots_label(shots)}",
+            "",
+            "| target | seeds | target-only | "
+            + " | ".join(methods)
+            + " | pi-random | "
+            + " | ".join(f"{m} − {b}" for m in methods for b in LOTO_BASES)
+            + " |",
+            "|---" * (4 + 2 * len(methods) + len(methods)) + "|",
+        ]
+        tally = {
+            (m, b): {"win": 0, "tie": 0, "loss": 0, "gains": [], "d": []} for m in methods for b in LOTO_BASES
+        }
         ceiling = []
         for t, rs in at.items():
+
             def score(m):
                 vals = [r["scores"][m] for r in rs if m in r["scores"]]
                 return mean_sd(vals) if vals else "-"
-            flat = all(v >= 0.9995 for r in rs for v in r["scores"].values() if not isinstance(v, str)) and \
-                all(r["scores"].get("target-only", 0) >= 0.9995 for r in rs)
+
+            flat = all(
+                v >= 0.9995 for r in rs for v in r["scores"].values() if not isinstance(v, str)
+            ) and all(r["scores"].get("target-only", 0) >= 0.9995 for r in rs)
             cells = []
             for m in methods:
                 for b in LOTO_BASES:
@@ -538,34 +645,52 @@ def write_loto(cfg, targets: list[str]) -> Path:
                     gains = [r["scores"][m] - r["scores"][b] for r in both]
                     d = _diffs(both, m, b)
                     ci = hierarchical_interval(d) if d is not None else None
-                    cells.append(f"{statistics.mean(gains):+.3f} " + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}] {verdict(ci)}"
-                                                                       if ci else "(no interval)"))
+                    cells.append(
+                        f"{statistics.mean(gains):+.3f} "
+                        + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}] {verdict(ci)}" if ci else "(no interval)")
+                    )
                     if ci and not flat:
                         tally[m, b][verdict(ci)] += 1
                         tally[m, b]["gains"].append(statistics.mean(gains))
                         tally[m, b]["d"].append(d)
             if flat:
                 ceiling.append(t)
-            md.append(f"| {t} | {len(rs)} | {score('target-only')} | " + " | ".join(score(m) for m in methods)
-                      + f" | {score('pi-random')} | " + " | ".join(cells) + " |")
-        md += ["", f"Across targets ({shots_label(shots)}): wins, ties and losses by each target's interval; the mean of "
-               "the targets' mean gains, and its 95% interval over new targets, seeds and examples"
-               + (f"; left out, at their ceiling: {', '.join(ceiling)}" if ceiling else "") + ".", "",
-               "| method | vs | targets | wins | ties | losses | mean gain | 95% interval | verdict |",
-               "|---|---|---|---|---|---|---|---|---|"]
+            md.append(
+                f"| {t} | {len(rs)} | {score('target-only')} | "
+                + " | ".join(score(m) for m in methods)
+                + f" | {score('pi-random')} | "
+                + " | ".join(cells)
+                + " |"
+            )
+        md += [
+            "",
+            f"Across targets ({shots_label(shots)}): wins, ties and losses by each target's interval; the mean of "
+            "the targets' mean gains, and its 95% interval over new targets, seeds and examples"
+            + (f"; left out, at their ceiling: {', '.join(ceiling)}" if ceiling else "")
+            + ".",
+            "",
+            "| method | vs | targets | wins | ties | losses | mean gain | 95% interval | verdict |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for (m, b), got in tally.items():
             n = got["win"] + got["tie"] + got["loss"]
             if not n:
                 continue
             ci = across_interval(got["d"])
-            md.append(f"| {m} | {b} | {n} | {got['win']} | {got['tie']} | {got['loss']} | "
-                      f"{statistics.mean(got['gains']):+.3f} | "
-                      + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}] | {verdict(ci)} |" if ci else "- | - |"))
+            md.append(
+                f"| {m} | {b} | {n} | {got['win']} | {got['tie']} | {got['loss']} | "
+                f"{statistics.mean(got['gains']):+.3f} | "
+                + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}] | {verdict(ci)} |" if ci else "- | - |")
+            )
         md.append("")
         chosen = _chosen(cfg, [r for rs in at.values() for r in rs])
         if chosen:
-            md += [f"What `pi-select` chose ({shots_label(shots)}, every target and seed): " + ", ".join(
-                f"{what} {n}" for what, n in sorted(chosen.items(), key=lambda kv: -kv[1])) + ".", ""]
+            md += [
+                f"What `pi-select` chose ({shots_label(shots)}, every target and seed): "
+                + ", ".join(f"{what} {n}" for what, n in sorted(chosen.items(), key=lambda kv: -kv[1]))
+                + ".",
+                "",
+            ]
         md += default_without_target(cfg, at)
     out = cfg.run_dir / "loto.md"
     write_text(out, "\n".join(md) + "\n")
@@ -574,7 +699,10 @@ def write_loto(cfg, targets: list[str]) -> Path:
 
 def _selection(cfg, run: str) -> dict | None:
     """The selection artifact's meta.json of a run (its `retrieval` and every `candidates`' validation score)."""
-    path = artifact(cfg, "interpolated", run, "" if cfg.interpolate.retrieval == "select" else "select") / "meta.json"
+    path = (
+        artifact(cfg, "interpolated", run, "" if cfg.interpolate.retrieval == "select" else "select")
+        / "meta.json"
+    )
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -595,7 +723,9 @@ def default_without_target(cfg, at: dict[str, list[dict]]) -> list[str]:
     embedding's top-k, or k = 0) whose validation gain over k = 0, from selection's candidates, is largest on
     average over the other targets (each target's mean over its seeds). No test score and nothing of the target
     itself enters its row. Returns the markdown (nothing without selection artifacts)."""
-    gains: dict[str, dict[str, list[float]]] = {}  # target -> retrieval -> per-seed validation gain over k = 0
+    gains: dict[
+        str, dict[str, list[float]]
+    ] = {}  # target -> retrieval -> per-seed validation gain over k = 0
     for t, rs in at.items():
         for meta in filter(None, (_selection(cfg, r["run"]) for r in rs)):
             alone = next(c["val"] for c in meta["candidates"] if not c["experts"])
@@ -606,11 +736,14 @@ def default_without_target(cfg, at: dict[str, list[dict]]) -> list[str]:
         return []
     means = {t: {how: statistics.mean(g) for how, g in got.items()} for t, got in gains.items()}
     shipped = f"{cfg.fisher.embedding} top-{cfg.interpolate.top_k}"
-    md = ["A default chosen without the target (validation only): for each target, the retrieval with the largest "
-          "mean validation gain over k = 0 on the other targets (selection's candidates, each target's mean over "
-          f"seeds), and that of the shipped `{shipped}`.", "",
-          "| target | chosen on the other targets | its mean validation gain there | "
-          f"`{shipped}`'s there |", "|---|---|---|---|"]
+    md = [
+        "A default chosen without the target (validation only): for each target, the retrieval with the largest "
+        "mean validation gain over k = 0 on the other targets (selection's candidates, each target's mean over "
+        f"seeds), and that of the shipped `{shipped}`.",
+        "",
+        f"| target | chosen on the other targets | its mean validation gain there | `{shipped}`'s there |",
+        "|---|---|---|---|",
+    ]
     picks: dict[str, int] = {}
     for t in means:
         others = [m for u, m in means.items() if u != t]
@@ -619,10 +752,20 @@ def default_without_target(cfg, at: dict[str, list[dict]]) -> list[str]:
         # ties: k = 0 first, then the order of the names (deterministic)
         best = max(sorted(on_others), key=lambda how: (round(on_others[how], 6), how == ALONE))
         picks[best] = picks.get(best, 0) + 1
-        md.append(f"| {t} | {best} | {on_others[best]:+.4f} | "
-                  + (f"{on_others[shipped]:+.4f} |" if shipped in on_others else "- |"))
-    md += ["", "Chosen: " + ", ".join(f"{how} for {n} of {len(means)} targets"
-                                      for how, n in sorted(picks.items(), key=lambda kv: -kv[1])) + ".", ""]
+        md.append(
+            f"| {t} | {best} | {on_others[best]:+.4f} | "
+            + (f"{on_others[shipped]:+.4f} |" if shipped in on_others else "- |")
+        )
+    md += [
+        "",
+        "Chosen: "
+        + ", ".join(
+            f"{how} for {n} of {len(means)} targets"
+            for how, n in sorted(picks.items(), key=lambda kv: -kv[1])
+        )
+        + ".",
+        "",
+    ]
     return md
 
 
@@ -633,12 +776,17 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
     matplotlib.use("Agg")  # files only, no display
 
     runs = load_results(cfg, target)
-    others = [config_label(cfg.path, rs[0]["config"]) + f" ({seeds(len(rs))})"
-              for cid, rs in results_by_config(cfg, target).items() if cid != config_id(cfg)]
+    others = [
+        config_label(cfg.path, rs[0]["config"]) + f" ({seeds(len(rs))})"
+        for cid, rs in results_by_config(cfg, target).items()
+        if cid != config_id(cfg)
+    ]
     if not runs:
         elsewhere = f" under this config (under others: {'; '.join(others)})" if others else ""
-        raise UserError(f"{cfg.run_dir / 'results'}: no results for {target}{elsewhere}; run `make report "
-                        f"TARGET={target}` with this config first")
+        raise UserError(
+            f"{cfg.run_dir / 'results'}: no results for {target}{elsewhere}; run `make report "
+            f"TARGET={target}` with this config first"
+        )
     out, figs = out or cfg.run_dir / "report.md", figs or cfg.run_dir / "report"
     figs.mkdir(parents=True, exist_ok=True)
     rel = figs.relative_to(out.parent)  # the plots' links, from the markdown's folder
@@ -650,44 +798,75 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
     metric = runs[0]["metric"]
 
     how = heading(cfg.fisher)
-    md = [f"# π-Tuning study: {target} ({cfg.profile})", "",
-          f"Expert `{cfg.expert.method}`, top-{cfg.interpolate.top_k} retrieval by `{how}`, interpolation groups `{cfg.interpolate.groups}`, "
-          f"{runs[0]['test_size']} test examples, test {metric}. Seeds vary the target's k-shot sample, its expert "
-          f"and the interpolation; pool experts are shared.", "",
-          f"Every figure is from results made under this config: {config_label(cfg.path, cfg.to_dict())}."
-          + (f" Results of other configs for this target (`make compare`): {'; '.join(others)}." if others else ""),
-          "",
-          overlap_note(cfg), "",
-          "## Accuracy (mean ± std over seeds)", "",
-          "| method | " + " | ".join(f"{shots_label(s)} ({seeds(len(by_shots[s]))})" for s in shots) + " |",
-          "|---" * (len(shots) + 1) + "|"]
+    md = [
+        f"# π-Tuning study: {target} ({cfg.profile})",
+        "",
+        f"Expert `{cfg.expert.method}`, top-{cfg.interpolate.top_k} retrieval by `{how}`, interpolation groups `{cfg.interpolate.groups}`, "
+        f"{runs[0]['test_size']} test examples, test {metric}. Seeds vary the target's k-shot sample, its expert "
+        f"and the interpolation; pool experts are shared.",
+        "",
+        f"Every figure is from results made under this config: {config_label(cfg.path, cfg.to_dict())}."
+        + (
+            f" Results of other configs for this target (`make compare`): {'; '.join(others)}."
+            if others
+            else ""
+        ),
+        "",
+        overlap_note(cfg),
+        "",
+        "## Accuracy (mean ± std over seeds)",
+        "",
+        "| method | " + " | ".join(f"{shots_label(s)} ({seeds(len(by_shots[s]))})" for s in shots) + " |",
+        "|---" * (len(shots) + 1) + "|",
+    ]
     for m in methods:
-        md.append(f"| {m} | " + " | ".join(mean_sd([r["scores"][m] for r in by_shots[s] if m in r["scores"]])
-                                          for s in shots) + " |")
+        md.append(
+            f"| {m} | "
+            + " | ".join(mean_sd([r["scores"][m] for r in by_shots[s] if m in r["scores"]]) for s in shots)
+            + " |"
+        )
 
-    md += ["", "## π-Tuning against the baselines, seed by seed", "",
-           "Wins count seeds where π-Tuning is strictly better; gain is π-Tuning minus the baseline, mean ± std "
-           "over seeds. " + INTERVAL, "",
-           "| shots | vs | wins | mean gain | 95% interval | verdict |", "|---|---|---|---|---|---|"]
+    md += [
+        "",
+        "## π-Tuning against the baselines, seed by seed",
+        "",
+        "Wins count seeds where π-Tuning is strictly better; gain is π-Tuning minus the baseline, mean ± std "
+        "over seeds. " + INTERVAL,
+        "",
+        "| shots | vs | wins | mean gain | 95% interval | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in shots:
         for base in ("target-only", "target-only-2x", "pi-random", "uniform-merge"):
             cells = _against(by_shots[s], base)
             if cells:
                 md.append(f"| {s} | {base} | {cells} |")
-    md += ["", "| shots | seed | retrieved | target-only | π-Tuning | π random-k |", "|---|---|---|---|---|---|"]
+    md += [
+        "",
+        "| shots | seed | retrieved | target-only | π-Tuning | π random-k |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in shots:
         for r in sorted(by_shots[s], key=lambda r: r["seed"]):
             a = r["scores"]
             rnd = f"{a['pi-random']:.3f}" if "pi-random" in a else "-"
-            md.append(f"| {s} | {r['seed']} | {', '.join(r['experts'][1:])} | {a['target-only']:.3f} | "
-                      f"{a['pi-tuning']:.3f} | {rnd} |")
+            md.append(
+                f"| {s} | {r['seed']} | {', '.join(r['experts'][1:])} | {a['target-only']:.3f} | "
+                f"{a['pi-tuning']:.3f} | {rnd} |"
+            )
 
-    md += ["", "## Retrieval: predicted similarity against measured transfer", "",
-           "Transfer of expert s = accuracy of π-Tuning with the target's expert and s alone, minus target-only. "
-           "Spearman is taken per seed over the pool, then averaged. `retrieval` is the embedding π-Tuning used; "
-           "the others were computed beside it for comparison (embed_tasks.py --embedding; the `only` rows restrict "
-           "the cached per-sample Fisher to those tensors):", "",
-           *[f"- `{n}`: {what}" for n, what in described().items()], ""]
+    md += [
+        "",
+        "## Retrieval: predicted similarity against measured transfer",
+        "",
+        "Transfer of expert s = accuracy of π-Tuning with the target's expert and s alone, minus target-only. "
+        "Spearman is taken per seed over the pool, then averaged. `retrieval` is the embedding π-Tuning used; "
+        "the others were computed beside it for comparison (embed_tasks.py --embedding; the `only` rows restrict "
+        "the cached per-sample Fisher to those tensors):",
+        "",
+        *[f"- `{n}`: {what}" for n, what in described().items()],
+        "",
+    ]
     rho_rows, scatter = [], []
     for emb, sims in _similarities(cfg, runs).items():
         for s in shots:
@@ -700,42 +879,72 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
                     names = sorted(r[key])
                     rhos.append(spearman([sim[n] for n in names], [r[key][n] for n in names]))
                     for n in names:
-                        per_expert.setdefault(n, []).append((sim[n], r[key][n], r.get("val_transfer", {}).get(n)))
+                        per_expert.setdefault(n, []).append(
+                            (sim[n], r[key][n], r.get("val_transfer", {}).get(n))
+                        )
                 if rhos:
                     ok = [x for x in rhos if not math.isnan(x)]
-                    counted = f"{len(ok)} of {len(rhos)}" if len(ok) < len(rhos) else f"{len(rhos)}"  # defined ones
-                    rho_rows.append(f"| {s} | {emb} | {split} | {counted} | {mean_sd(ok, signed=True)} | "
-                                    f"{', '.join('undefined' if math.isnan(x) else f'{x:+.2f}' for x in rhos)} |")
+                    counted = (
+                        f"{len(ok)} of {len(rhos)}" if len(ok) < len(rhos) else f"{len(rhos)}"
+                    )  # defined ones
+                    rho_rows.append(
+                        f"| {s} | {emb} | {split} | {counted} | {mean_sd(ok, signed=True)} | "
+                        f"{', '.join('undefined' if math.isnan(x) else f'{x:+.2f}' for x in rhos)} |"
+                    )
                     if emb.startswith("retrieval") and split == "test":
                         scatter.append((s, per_expert, mean_sd(ok, signed=True)))
     if rho_rows:
-        md += ["Each transfer is measured on the validation split (what an embedding or a default is chosen by) "
-               "and on the test split (what is reported).", "",
-               "| shots | embedding | split | seeds | Spearman (mean ± std) | per seed |", "|---|---|---|---|---|---|",
-               *rho_rows, ""]
+        md += [
+            "Each transfer is measured on the validation split (what an embedding or a default is chosen by) "
+            "and on the test split (what is reported).",
+            "",
+            "| shots | embedding | split | seeds | Spearman (mean ± std) | per seed |",
+            "|---|---|---|---|---|---|",
+            *rho_rows,
+            "",
+        ]
         if any("undefined" in row for row in rho_rows):
-            md += ["Undefined: every transfer of that seed is the same (all 0 where the target is at its ceiling), "
-                   "or one expert's alone was measured, so there is no ranking to correlate with.", ""]
+            md += [
+                "Undefined: every transfer of that seed is the same (all 0 where the target is at its ceiling), "
+                "or one expert's alone was measured, so there is no ranking to correlate with.",
+                "",
+            ]
     if scatter:
         s, per_expert, rho = scatter[-1]
-        md += [f"At {shots_label(s)} (retrieval's embedding):", "",
-               "| expert | similarity | transfer (val) | transfer (test) |", "|---|---|---|---|"]
+        md += [
+            f"At {shots_label(s)} (retrieval's embedding):",
+            "",
+            "| expert | similarity | transfer (val) | transfer (test) |",
+            "|---|---|---|---|",
+        ]
         for n, v in sorted(per_expert.items(), key=lambda kv: -statistics.mean(t for _, t, _ in kv[1])):
             val = [x for _, _, x in v if x is not None]
-            md.append(f"| {n} | {mean_sd([a for a, _, _ in v], signed=True)} | "
-                      f"{mean_sd(val, signed=True)} | {mean_sd([b for _, b, _ in v], signed=True)} |")
+            md.append(
+                f"| {n} | {mean_sd([a for a, _, _ in v], signed=True)} | "
+                f"{mean_sd(val, signed=True)} | {mean_sd([b for _, b, _ in v], signed=True)} |"
+            )
         control = [r for r in by_shots[s] if r.get("control") is not None]
         if control:  # pair-null: the same interpolation with an expert that adds nothing
             val, test = ([r[k] for r in control] for k in ("val_control", "control"))
-            md += [f"| control: `pair-null`, nothing added | - | {mean_sd(val, signed=True)} | "
-                   f"{mean_sd(test, signed=True)} |", "",
-                   "The control is the target's expert interpolated, as every pair run is, with an expert that "
-                   "changes nothing: what the interpolation alone does to the target's expert (its mix settles near "
-                   "the other runs'). An expert adds something of its own only by the amount its transfer exceeds "
-                   "the control's."]
-        _plot_transfer(figs / "transfer_vs_similarity.png", s, {n: [(a, b) for a, b, _ in v] for n, v in per_expert.items()}, rho)
+            md += [
+                f"| control: `pair-null`, nothing added | - | {mean_sd(val, signed=True)} | "
+                f"{mean_sd(test, signed=True)} |",
+                "",
+                "The control is the target's expert interpolated, as every pair run is, with an expert that "
+                "changes nothing: what the interpolation alone does to the target's expert (its mix settles near "
+                "the other runs'). An expert adds something of its own only by the amount its transfer exceeds "
+                "the control's.",
+            ]
+        _plot_transfer(
+            figs / "transfer_vs_similarity.png",
+            s,
+            {n: [(a, b) for a, b, _ in v] for n, v in per_expert.items()},
+            rho,
+        )
     elif not rho_rows:
-        md.append("_No transfer measured yet (interpolate.py --variant pair-<expert>, evaluate.py --transfer)._")
+        md.append(
+            "_No transfer measured yet (interpolate.py --variant pair-<expert>, evaluate.py --transfer)._"
+        )
 
     md += ["", "## Plots", ""]
     _plot_accuracy(figs / "accuracy_vs_shots.png", target, by_shots, methods, metric)
@@ -745,11 +954,17 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
     last = min(by_shots[shots[-1]], key=lambda r: r["seed"])  # the plots show one run: most shots, first seed
     sim_file = artifact(cfg, "similarity", last["run"])
     if sim_file.is_file():
-        _plot_similarity(figs / "similarity.png", figs / "task_graph.png", _whole(cfg, json.loads(sim_file.read_text())),
-                         _families(cfg))
-        md += [f"![similarity heatmap]({rel}/similarity.png) ![task graph]({rel}/task_graph.png)",
-               f"(similarity of {last['run']}; graph edges: each task's two most similar, the target's top-"
-               f"{cfg.interpolate.top_k} in red)"]
+        _plot_similarity(
+            figs / "similarity.png",
+            figs / "task_graph.png",
+            _whole(cfg, json.loads(sim_file.read_text())),
+            _families(cfg),
+        )
+        md += [
+            f"![similarity heatmap]({rel}/similarity.png) ![task graph]({rel}/task_graph.png)",
+            f"(similarity of {last['run']}; graph edges: each task's two most similar, the target's top-"
+            f"{cfg.interpolate.top_k} in red)",
+        ]
     weights = artifact(cfg, "interpolated", last["run"]) / "weights.json"
     if weights.is_file():
         _plot_weights(figs / "weights.png", json.loads(weights.read_text()), last["run"])
@@ -759,8 +974,12 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
 
 
 # which tensors count: the cached per-sample Fisher restricted to a subset, a pure post-processing
-FISHER_SUBSETS = {"fisher: lora_A only": r"\.lora_A", "fisher: lora_B only": r"\.lora_B",
-                  "fisher: encoder only": r"\.encoder\.", "fisher: decoder only": r"\.decoder\."}
+FISHER_SUBSETS = {
+    "fisher: lora_A only": r"\.lora_A",
+    "fisher: lora_B only": r"\.lora_B",
+    "fisher: encoder only": r"\.encoder\.",
+    "fisher: decoder only": r"\.decoder\.",
+}
 
 
 def _similarities(cfg, runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
@@ -769,8 +988,10 @@ def _similarities(cfg, runs: list[dict]) -> dict[str, dict[str, dict[str, float]
     FISHER_SUBSETS of the cached per-sample Fishers (fisher/<expert>.safetensors) where they exist."""
     from common.similarity import cached_fisher, fisher_cache, normalized, task_similarity
 
-    plain = dataclasses.replace(cfg, fisher=dataclasses.replace(cfg.fisher, estimator="per_sample", passes=1, at="own",
-                                                                answers="truth"))
+    plain = dataclasses.replace(
+        cfg,
+        fisher=dataclasses.replace(cfg.fisher, estimator="per_sample", passes=1, at="own", answers="truth"),
+    )
     out: dict[str, dict] = {}
     fishers: dict[str, dict | None] = {}
     for r in runs:
@@ -796,7 +1017,9 @@ def _similarities(cfg, runs: list[dict]) -> dict[str, dict[str, dict[str, float]
             sub = [{k: v for k, v in fishers[n].items() if re.search(pattern, k)} for n in names]
             if sub[0]:
                 emb = [normalized(x, cfg.fisher.normalize) for x in sub]
-                out.setdefault(label, {})[r["run"]] = {n: task_similarity(emb[0], e) for n, e in zip(names[1:], emb[1:])}
+                out.setdefault(label, {})[r["run"]] = {
+                    n: task_similarity(emb[0], e) for n, e in zip(names[1:], emb[1:])
+                }
     return dict(sorted(out.items(), key=lambda kv: not kv[0].startswith("retrieval")))
 
 
@@ -819,15 +1042,26 @@ def overlap_note(cfg) -> str:
         return "Training examples that show an image of a scored split were kept (data.exclude_scored_images: false)."
     dropped = {}
     for t in cfg.tasks.pool:  # the pool expert's, or (the target's) any of its k-shot experts'
-        metas = [artifact(cfg, "expert", t) / "meta.json",
-                 *sorted((cfg.run_dir / "experts").glob(f"{glob.escape(t)}-*@*/meta.json"))]
-        rows = next((m.get("train_rows") for m in (json.loads(p.read_text()) for p in metas if p.is_file())
-                     if m.get("task") == t), None)
+        metas = [
+            artifact(cfg, "expert", t) / "meta.json",
+            *sorted((cfg.run_dir / "experts").glob(f"{glob.escape(t)}-*@*/meta.json")),
+        ]
+        rows = next(
+            (
+                m.get("train_rows")
+                for m in (json.loads(p.read_text()) for p in metas if p.is_file())
+                if m.get("task") == t
+            ),
+            None,
+        )
         dropped[t] = f"{rows['dropped_scored_images']:,} of {rows['rows']:,}" if rows else "not recorded"
     hit = {t: d for t, d in dropped.items() if not d.startswith("0 of")}
-    return ("Training examples left out for showing an image of a scored split (validation or test) of a pool task "
-            "(data.exclude_scored_images): " + (", ".join(f"{t} {d}" for t, d in hit.items()) if hit else "none")
-            + ".")
+    return (
+        "Training examples left out for showing an image of a scored split (validation or test) of a pool task "
+        "(data.exclude_scored_images): "
+        + (", ".join(f"{t} {d}" for t, d in hit.items()) if hit else "none")
+        + "."
+    )
 
 
 def _families(cfg) -> dict[str, str]:
@@ -850,11 +1084,19 @@ def _plot_accuracy(path: Path, target: str, by_shots: dict, methods: list[str], 
         style = dict(lw=2.5, color="black") if m == "pi-tuning" else dict(lw=1.2)
         pts = [(i, [r["scores"][m] for r in by_shots[s] if m in r["scores"]]) for i, s in zip(x, shots)]
         pts = [(i, v) for i, v in pts if v]
-        line = ax.errorbar([i for i, _ in pts], [statistics.mean(v) for _, v in pts],
-                           yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in pts], marker="o", capsize=3,
-                           label=m, **style)
-        gains = [(i, [r["scores"][m] - r["scores"]["target-only"] for r in by_shots[s] if m in r["scores"]])
-                 for i, s in zip(x, shots)]
+        line = ax.errorbar(
+            [i for i, _ in pts],
+            [statistics.mean(v) for _, v in pts],
+            yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in pts],
+            marker="o",
+            capsize=3,
+            label=m,
+            **style,
+        )
+        gains = [
+            (i, [r["scores"][m] - r["scores"]["target-only"] for r in by_shots[s] if m in r["scores"]])
+            for i, s in zip(x, shots)
+        ]
         gains = [(i, g) for i, g in gains if g]
         if m in ("zero-shot", "target-only") or not gains:
             continue
@@ -862,12 +1104,20 @@ def _plot_accuracy(path: Path, target: str, by_shots: dict, methods: list[str], 
             off_panel.append(f"{m} {min(statistics.mean(g) for _, g in gains):+.2f}")
             continue
         off = 0.012 * (methods.index(m) - len(methods) / 2)  # side by side, not on top of each other
-        gx.errorbar([i + off for i, _ in gains], [statistics.mean(g) for _, g in gains],
-                    yerr=[statistics.stdev(g) if len(g) > 1 else 0 for _, g in gains], marker="o", capsize=3,
-                    color=line[0].get_color(), **{k: v for k, v in style.items() if k != "color"})
+        gx.errorbar(
+            [i + off for i, _ in gains],
+            [statistics.mean(g) for _, g in gains],
+            yerr=[statistics.stdev(g) if len(g) > 1 else 0 for _, g in gains],
+            marker="o",
+            capsize=3,
+            color=line[0].get_color(),
+            **{k: v for k, v in style.items() if k != "color"},
+        )
     below = f"\nbelow the panel (mean gain): {', '.join(off_panel)}" if off_panel else ""
-    for a, title in ((ax, f"{target}: mean ± std over seeds"),
-                     (gx, f"gain over target-only, seed by seed{below}")):
+    for a, title in (
+        (ax, f"{target}: mean ± std over seeds"),
+        (gx, f"gain over target-only, seed by seed{below}"),
+    ):
         a.set_xticks(x, [shots_label(s) for s in shots])
         a.set_xlabel("target training data")
         a.set_title(title)
@@ -910,8 +1160,13 @@ def _plot_transfer(path: Path, shots: int, per_expert: dict, rho: str) -> None:
     for n, v in per_expert.items():
         xs, ys = [a for a, _ in v], [b for _, b in v]
         dots = ax.scatter(xs, ys, s=18, alpha=0.6)
-        ax.annotate(n, (statistics.mean(xs), statistics.mean(ys)), fontsize=8, weight="bold",
-                    color=dots.get_facecolor()[0][:3])
+        ax.annotate(
+            n,
+            (statistics.mean(xs), statistics.mean(ys)),
+            fontsize=8,
+            weight="bold",
+            color=dots.get_facecolor()[0][:3],
+        )
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("predicted similarity to the target")
     ax.set_ylabel("measured transfer (accuracy gain)")
@@ -945,18 +1200,32 @@ def _plot_similarity(heat_path: Path, graph_path: Path, sim: dict, families: dic
     n = len(names)
     pos = [(math.cos(2 * math.pi * i / n), math.sin(2 * math.pi * i / n)) for i in range(n)]
     fig, ax = plt.subplots(figsize=(6.5, 6.5))
-    edges = {tuple(sorted((i, j))) for i in range(n)
-             for j in sorted((j for j in range(n) if j != i), key=lambda j: -m[i][j])[:2]}
+    edges = {
+        tuple(sorted((i, j)))
+        for i in range(n)
+        for j in sorted((j for j in range(n) if j != i), key=lambda j: -m[i][j])[:2]
+    }
     for i, j in edges:
-        ax.plot([pos[i][0], pos[j][0]], [pos[i][1], pos[j][1]], color="grey", lw=0.5 + 6 * (m[i][j] - min(off)) /
-                max(max(off) - min(off), 1e-9), alpha=0.6, zorder=1)
+        ax.plot(
+            [pos[i][0], pos[j][0]],
+            [pos[i][1], pos[j][1]],
+            color="grey",
+            lw=0.5 + 6 * (m[i][j] - min(off)) / max(max(off) - min(off), 1e-9),
+            alpha=0.6,
+            zorder=1,
+        )
     for name in sim.get("top_k", []):
         j = names.index(name)
         ax.plot([pos[0][0], pos[j][0]], [pos[0][1], pos[j][1]], color="red", lw=2.5, zorder=2)
     for i, name in enumerate(names):
         fam = families.get(name) or families.get(name.split("-")[0] if "shot" in name else name, "")
-        ax.scatter(*pos[i], s=500 if i == 0 else 250, color=FAMILY_COLOURS.get(fam, "tab:gray"),
-                   edgecolor="red" if i == 0 else "black", zorder=3)
+        ax.scatter(
+            *pos[i],
+            s=500 if i == 0 else 250,
+            color=FAMILY_COLOURS.get(fam, "tab:gray"),
+            edgecolor="red" if i == 0 else "black",
+            zorder=3,
+        )
         r = 1.25 if i == 0 else 1.14
         ax.annotate(name, (pos[i][0] * r, pos[i][1] * r), ha="center", va="center", fontsize=8)
     for fam, colour in FAMILY_COLOURS.items():
@@ -981,8 +1250,13 @@ def _plot_weights(path: Path, weights: dict, run: str) -> None:
         vals = [weights["groups"][g][e] for g in groups]
         ax.bar(range(len(groups)), vals, bottom=bottom, label=e)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    short = [re.sub(r"^.*?(encoder|decoder|vision_tower)", r"\1", g).replace("layers.", "").replace("self_attn", "sa")
-             .replace("encoder_attn", "ca") for g in groups]
+    short = [
+        re.sub(r"^.*?(encoder|decoder|vision_tower)", r"\1", g)
+        .replace("layers.", "")
+        .replace("self_attn", "sa")
+        .replace("encoder_attn", "ca")
+        for g in groups
+    ]
     ax.set_xticks(range(len(groups)), short, rotation=80, fontsize=6)
     ax.set_ylabel("softmax weight")
     ax.set_title(f"learned interpolation weights per group: {run}")
@@ -992,7 +1266,9 @@ def _plot_weights(path: Path, weights: dict, run: str) -> None:
     plt.close(fig)
 
 
-if __name__ == "__main__":  # python -m common.report CONFIG [key=value ...] --tables TARGET: make all's table, fresh
+if (
+    __name__ == "__main__"
+):  # python -m common.report CONFIG [key=value ...] --tables TARGET: make all's table, fresh
     try:
         argv = sys.argv[1:]
         at = argv.index("--tables")

@@ -4,6 +4,7 @@ entry per embedding.
 fisher: the diagonal Fisher of an expert's own parameters, compared with π-Tuning's normalised cosine.
 weights: what the expert changed (SPoT-style): each site's weight update (LoRA B·A, IA3 scale - 1, the
 adapter's up·down, the prompt's / prefix layer's mean token), compared by plain cosine per site."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,9 +12,9 @@ import fcntl
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,19 +25,27 @@ from tqdm import tqdm
 from common import data, dist
 from common.artifacts import atomic_file, read_json
 from common.backbone import backbone_dir, fingerprint, load_backbone
-from common.provenance import SCORED_SIZES
-from common.errors import UserError
 from common.data import Encoder, Example, batches
 from common.device import accelerator
+from common.errors import UserError
 from common.expert_types import EXPERT_TYPES
 from common.experts import WEIGHTS, attach, expert_dir, load_expert_weights, read_expert_meta, set_weights
 from common.metrics import answer_logprobs, sampled_answers
+from common.provenance import SCORED_SIZES
 
 EPS = 1e-6
 
-def fisher_diagonal(model, enc: Encoder, exs: list[Example], estimator: str = "per_sample",
-                    batch_size: int = 16, desc: str = "fisher", autocast=contextlib.nullcontext,
-                    answers=None) -> dict[str, torch.Tensor]:
+
+def fisher_diagonal(
+    model,
+    enc: Encoder,
+    exs: list[Example],
+    estimator: str = "per_sample",
+    batch_size: int = 16,
+    desc: str = "fisher",
+    autocast=contextlib.nullcontext,
+    answers=None,
+) -> dict[str, torch.Tensor]:
     """E[(d log p(y|x) / d phi)^2] over exs for every trainable tensor phi, at the current weights.
 
     per_sample: the squared gradient of each example's log-likelihood (the diagonal empirical Fisher).
@@ -50,8 +59,14 @@ def fisher_diagonal(model, enc: Encoder, exs: list[Example], estimator: str = "p
     step = 1 if estimator == "per_sample" else batch_size
     mine = batches(exs, step, shard=True)  # decoded as taken (data.num_workers workers), not all held at once
     total = len(range(dist.rank(), -(-len(exs) // step), dist.world()))
-    for i, chunk in tqdm(zip(range(dist.rank(), total * dist.world(), dist.world()), mine), total=total, desc=desc,
-                         leave=False, dynamic_ncols=True, disable=None if dist.is_main() else True):
+    for i, chunk in tqdm(
+        zip(range(dist.rank(), total * dist.world(), dist.world()), mine),
+        total=total,
+        desc=desc,
+        leave=False,
+        dynamic_ncols=True,
+        disable=None if dist.is_main() else True,
+    ):
         with autocast():
             targets = [e.answer for e in chunk] if answers is None else answers(chunk, i)
             logp = answer_logprobs(model, enc, chunk, targets).sum()
@@ -74,15 +89,21 @@ def fisher_cache(cfg, name: str, reference: str = "") -> tuple[Path, dict[str, s
     fc, path = cfg.fisher, expert_dir(cfg, name)
     meta = json.loads((path / "meta.json").read_text())
     sampled = meta["shots"] is not None  # a target's k-shot sample
-    fed_by = [{k: v for k, v in cfg.to_dict()[s].items() if f"{s}.{k}" not in SCORED_SIZES} for s in ("world", "data")] \
-        + ([cfg.tasks.shots_per_class] if sampled else [])  # the train split: not the scored splits' sizes
+    fed_by = [
+        {k: v for k, v in cfg.to_dict()[s].items() if f"{s}.{k}" not in SCORED_SIZES}
+        for s in ("world", "data")
+    ] + ([cfg.tasks.shots_per_class] if sampled else [])  # the train split: not the scored splits' sizes
     expert_config = json.loads((path / "adapter_config.json").read_text())
     expert_config.pop("base_model_name_or_path", None)  # where the backbone was: moving runs/ changes nothing
     own = fc.at == "own"  # at the common point the expert's own tensors change nothing: not read
-    key = {"expert": _hash((path / WEIGHTS).read_bytes()) if own else reference, "backbone": fingerprint(backbone_dir(cfg)),
-           "expert_config": _hash(json.dumps(expert_config, sort_keys=True).encode()),
-           "data": _hash(json.dumps(fed_by, sort_keys=True).encode()), "estimator": fc.estimator,
-           "samples": str(fc.samples)}
+    key = {
+        "expert": _hash((path / WEIGHTS).read_bytes()) if own else reference,
+        "backbone": fingerprint(backbone_dir(cfg)),
+        "expert_config": _hash(json.dumps(expert_config, sort_keys=True).encode()),
+        "data": _hash(json.dumps(fed_by, sort_keys=True).encode()),
+        "estimator": fc.estimator,
+        "samples": str(fc.samples),
+    }
     if cfg.precision != "fp32":  # the forward's precision (fp32 keys stay as they were before the field)
         key["precision"] = cfg.precision
     variant = "" if fc.estimator == "per_sample" else f".{fc.estimator}"
@@ -97,7 +118,9 @@ def fisher_cache(cfg, name: str, reference: str = "") -> tuple[Path, dict[str, s
     if fc.answers != "truth":
         key["answers"] = fc.answers
         variant += f".{fc.answers}-answers"
-    if not data.from_world(cfg, meta["task"]):  # a file's examples: a seeded sample of them, not its first rows
+    if not data.from_world(
+        cfg, meta["task"]
+    ):  # a file's examples: a seeded sample of them, not its first rows
         key["sample"] = "seeded"
     return cfg.run_dir / "fisher" / f"{path.name}{variant}.safetensors", key  # the expert's name@digest
 
@@ -176,7 +199,7 @@ class LowRank:
         self.b, self.a = b.float(), a.float()
         self.norm2 = self.dot(self)
 
-    def dot(self, other: "LowRank") -> float:
+    def dot(self, other: LowRank) -> float:
         return float(((self.b.T @ other.b).double() * (self.a @ other.a.T).double()).sum())
 
 
@@ -207,7 +230,9 @@ def weight_embedding(cfg, name: str) -> dict:
     try:
         return update_embedding(load_expert_weights(path), cfg.expert.method, layers)
     except ValueError as e:
-        raise UserError(f"{path}: {e}; fisher.embedding=weights needs experts of expert.method={cfg.expert.method}")
+        raise UserError(
+            f"{path}: {e}; fisher.embedding=weights needs experts of expert.method={cfg.expert.method}"
+        )
 
 
 def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tensor]], str]:
@@ -219,7 +244,11 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
     loaded: list = []  # (peft model, encoder, accelerator), once something needs computing
     fishers, computed = {}, []
     reference = common_reference(cfg, names) if fc.at == "pool-mean" else None
-    ref_hash = _hash(b"".join(v.float().numpy().tobytes() for _, v in sorted(reference.items()))) if reference else ""
+    ref_hash = (
+        _hash(b"".join(v.float().numpy().tobytes() for _, v in sorted(reference.items())))
+        if reference
+        else ""
+    )
     where = {n: fisher_cache(cfg, n, ref_hash) for n in names}  # every variant kept: the study compares them
 
     def compute(name: str) -> dict[str, torch.Tensor]:
@@ -242,9 +271,13 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
                 with _turn(out, wait) as mine:
                     if not mine:  # another process is computing it: back to it once the free ones are done
                         continue
-                    fisher = cached_fisher(out, key) or compute(name)  # another process may have just written it
+                    fisher = cached_fisher(out, key) or compute(
+                        name
+                    )  # another process may have just written it
             fishers[name] = normalized(fisher, fc.normalize)
-    return [fishers[n] for n in names], f"{len(computed)} Fisher computed, {len(names) - len(computed)} cached"
+    return [
+        fishers[n] for n in names
+    ], f"{len(computed)} Fisher computed, {len(names) - len(computed)} cached"
 
 
 @contextlib.contextmanager
@@ -265,7 +298,9 @@ def _turn(out: Path, wait: bool = True):
         yield True
 
 
-def _fisher_of(cfg, name: str, reference: dict | None, peft_model, enc, acc) -> tuple[dict[str, torch.Tensor], str]:
+def _fisher_of(
+    cfg, name: str, reference: dict | None, peft_model, enc, acc
+) -> tuple[dict[str, torch.Tensor], str]:
     """Expert `name`'s Fisher under cfg.fisher, and which examples it took: at its own weights (or the common
     reference), on fisher.samples of its own training data as it saw it (the low-shot sample for the target;
     data.subset); with fisher.passes, a low-shot sample is passed again (dropout on, so each pass differs) up
@@ -279,13 +314,26 @@ def _fisher_of(cfg, name: str, reference: dict | None, peft_model, enc, acc) -> 
     peft_model.train(fc.passes > 1)
     torch.manual_seed(0)  # the same dropout whichever process computes (and caches) this Fisher
     task = data.task(cfg, meta["task"])
-    drawn = None if fc.answers == "truth" else \
-        lambda chunk, i: sampled_answers(peft_model, enc, task, chunk, torch.Generator().manual_seed(i))
-    fisher = fisher_diagonal(peft_model, enc, exs, fc.estimator, fc.batch_size, desc=f"fisher {name}",
-                             autocast=acc.autocast, answers=drawn)
+    drawn = (
+        None
+        if fc.answers == "truth"
+        else lambda chunk, i: sampled_answers(peft_model, enc, task, chunk, torch.Generator().manual_seed(i))
+    )
+    fisher = fisher_diagonal(
+        peft_model,
+        enc,
+        exs,
+        fc.estimator,
+        fc.batch_size,
+        desc=f"fisher {name}",
+        autocast=acc.autocast,
+        answers=drawn,
+    )
     fisher = {k.replace(".default", ""): v.contiguous().cpu() for k, v in fisher.items()}
     if not all(torch.isfinite(v).all() for v in fisher.values()):
-        raise UserError(f"{path}: its Fisher is not finite, nothing written; retrain the expert with a lower expert.lr")
+        raise UserError(
+            f"{path}: its Fisher is not finite, nothing written; retrain the expert with a lower expert.lr"
+        )
     return fisher, sampled
 
 
@@ -302,8 +350,10 @@ def prototypes(embedding: dict) -> dict[str, torch.Tensor]:
     """{site: the input direction the expert's update acts on most} (peft's Arrow routing prototypes) from its
     update_embedding: the top right-singular vector of a LowRank; the direction of a vector-valued update
     (IA3's scales - 1, a prompt's mean token)."""
-    return {site: top_direction(u.b, u.a) if isinstance(u, LowRank) else F.normalize(u.double().flatten(), dim=0)
-            for site, u in embedding.items()}
+    return {
+        site: top_direction(u.b, u.a) if isinstance(u, LowRank) else F.normalize(u.double().flatten(), dim=0)
+        for site, u in embedding.items()
+    }
 
 
 def prototype_embedding(cfg, name: str) -> dict[str, torch.Tensor]:
@@ -311,7 +361,9 @@ def prototype_embedding(cfg, name: str) -> dict[str, torch.Tensor]:
     hash of its weights (a QR and an SVD per site: 38 s for 1,000 Florence-2-base LoRAs, each time a target
     was embedded; bench/README)."""
     weights = expert_dir(cfg, name) / WEIGHTS
-    out = cfg.run_dir / "embeddings" / f"{weights.parent.name}.prototypes.safetensors"  # the expert's name@digest
+    out = (
+        cfg.run_dir / "embeddings" / f"{weights.parent.name}.prototypes.safetensors"
+    )  # the expert's name@digest
     key = {"expert": _hash(weights.read_bytes()) if weights.is_file() else "", "method": cfg.expert.method}
     if (cached := cached_fisher(out, key)) is not None:
         return cached
@@ -336,7 +388,9 @@ def common_reference(cfg, names: list[str]) -> dict[str, torch.Tensor]:
     if not pool:
         raise UserError(f"{cfg.path}: fisher.at: pool-mean needs pool experts to average; use fisher.at: own")
     weights = [load_expert_weights(expert_dir(cfg, n)) for n in pool]
-    return {k: torch.stack([w[k].float() for w in weights]).mean(0).to(weights[0][k].dtype) for k in weights[0]}
+    return {
+        k: torch.stack([w[k].float() for w in weights]).mean(0).to(weights[0][k].dtype) for k in weights[0]
+    }
 
 
 def similarity_matrix(embeddings: list[dict[str, torch.Tensor]], sim=task_similarity) -> list[list[float]]:
@@ -365,6 +419,7 @@ class Computed:
     """How an embedding is computed. embed(cfg, names) -> ([one embedding per expert name], what it did: "2 Fisher
     computed, 1 cached"); similarity(a, b) -> how alike two embeddings are (1 for the same task); examples(cfg,
     names) -> {expert: which of its examples it took}, recorded in the similarity file."""
+
     embed: Callable
     similarity: Callable
     examples: Callable | None = None

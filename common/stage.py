@@ -1,6 +1,7 @@
 """What every stage script shares: its command line (--config, key=value overrides), the checks before it reads
 anything (common.checks), and the way it ends: a UserError as one line and exit code 2, no traceback; under
 torchrun only rank 0 prints."""
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,12 @@ def parse_stage(ap: argparse.ArgumentParser, reads_test: bool = False):
         gc.freeze()
         gc.enable()
     targets = [t for t in [getattr(args, "target", None), *(getattr(args, "study", None) or [])] if t]
-    preflight(cfg, targets, read=[t for t in [getattr(args, "task", None), *targets] if t],  # what this stage reads
-              splits=("train", "val", "test") if reads_test else ("train", "val"))
+    preflight(
+        cfg,
+        targets,
+        read=[t for t in [getattr(args, "task", None), *targets] if t],  # what this stage reads
+        splits=("train", "val", "test") if reads_test else ("train", "val"),
+    )
     return args, cfg
 
 

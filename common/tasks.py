@@ -2,12 +2,13 @@
 YAML over files (a profile's own, and the paper's catalogue, configs/paper_tasks.yaml; both read by
 common/readers.py). An example is (optional image, prompt) -> answer text; a task names its family, answer set
 and metric. Also the seeded k-shot samples."""
+
 from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -66,7 +67,7 @@ CLEANERS = ("ofa", "ofa-question", "lower", "caption", "class")
 ALL_ANSWERS = "all-answers"
 DEFINE_FIELDS = {  # field: what it is, for the one-line errors
     "files": "split -> file under data.root, a glob or a folder of parquet shards (train and test; val optional: "
-             "carved from train)",
+    "carved from train)",
     "format": "csv | jsonl | tsv | parquet | coop-json, for files whose extension does not say",
     "columns": "the column names of a headerless csv/tsv, in order ('' = unused), as OFA's TSVs are",
     "prompt": "the prompt, with {column} for a row's value",
@@ -76,23 +77,23 @@ DEFINE_FIELDS = {  # field: what it is, for the one-line errors
     "image_kind": "path (under image_root) | base64 | bytes",
     "image_root": "the folder under data.root that image paths are relative to",
     "image_id": "the column naming a row's image (rows may share one); rows of tasks with one image_set and the "
-                "same id show the same image (the overlap guard, data.exclude_scored_images); none: the image's "
-                "file tells (image_kind path), else its bytes",
+    "same id show the same image (the overlap guard, data.exclude_scored_images); none: the image's "
+    "file tells (image_kind path), else its bytes",
     "image_set": "the images image_id counts in, shared by tasks over one image collection (coco2014: VQA, COCO "
-                 "captions and RefCOCO all use COCO's ids); default: the task's name",
+    "captions and RefCOCO all use COCO's ids); default: the task's name",
     "clean": "column -> " + " | ".join(CLEANERS) + ": OFA's normalisation of that column's text",
     "labels": "raw answer value -> answer text",
     "refs": "a column of several reference answers (VQA's ten, every caption)",
     "refs_format": "list (a list, or text split at refs_sep) | ofa-vqa (OFA's 'conf|!+answer&&...')",
     "refs_sep": "the separator of references held as one text (default '|')",
     "candidates": f"the closed answer set: a list, a column of per-example candidates, or {ALL_ANSWERS} (every "
-                  "answer in the task's training file, never a scored split's own); none: open answers",
+    "answer in the task's training file, never a scored split's own); none: open answers",
     "metric": " | ".join(METRICS),
     "family": " | ".join(FAMILIES) + " (default: by the image column)",
     "val_fraction": "the share of train carved (seeded) into val when files has no val (or val is the test file)",
     "hub": "{repo, config, splits: {our split: the hub's}}: the task's parquet copy on the hub (data.download)",
     "per_format": "format -> {rename: {file column: ours}, labels, image_kind, image_root, image_id}: files in "
-                  "another layout",
+    "another layout",
     "get": "where the files come from, said when one is missing",
 }
 PER_FORMAT_FIELDS = ("rename", "labels", "image_kind", "image_root", "image_id")
@@ -101,6 +102,7 @@ PER_FORMAT_FIELDS = ("rename", "labels", "image_kind", "image_root", "image_id")
 @dataclass(frozen=True)
 class Hub:
     """A task's parquet copy on the Hugging Face hub: the repo, its config and its split names."""
+
     repo: str
     config: str | None
     splits: dict  # our split -> the hub's split name
@@ -110,6 +112,7 @@ class Hub:
 class DefinedTask:
     """A task defined in YAML: where its rows are and how a row becomes an Example. `where` names it in errors
     ("configs/mine.yaml: tasks.define.mine")."""
+
     name: str
     where: str
     files: dict
@@ -163,17 +166,25 @@ def define(name: str, spec, path: str, prefix: str = "tasks.define.") -> Defined
         raise UserError(f"{where} is {spec!r}, not a mapping of " + ", ".join(DEFINE_FIELDS))
     unknown = sorted(set(spec) - set(DEFINE_FIELDS))
     if unknown:
-        raise UserError(f"{where}.{unknown[0]} is not a field of a task definition; use {', '.join(DEFINE_FIELDS)}")
+        raise UserError(
+            f"{where}.{unknown[0]} is not a field of a task definition; use {', '.join(DEFINE_FIELDS)}"
+        )
     for key in ("files", "prompt", "answer"):
         if key not in spec:
             raise bad(key, "is missing")
     files = spec["files"]
-    if not isinstance(files, dict) or set(files) - {"train", "val", "test"} or not {"train", "test"} <= set(files):
+    if (
+        not isinstance(files, dict)
+        or set(files) - {"train", "val", "test"}
+        or not {"train", "test"} <= set(files)
+    ):
         raise bad("files", f"is {files!r}")
     fmt = spec.get("format") or FORMATS.get("." + str(files["train"]).rsplit(".", 1)[-1])
     if fmt not in FORMATS.values():
-        raise bad("format", f"is {spec.get('format')!r}" if spec.get("format") else "cannot be told from "
-                  f"{files['train']!r}")
+        raise bad(
+            "format",
+            f"is {spec.get('format')!r}" if spec.get("format") else f"cannot be told from {files['train']!r}",
+        )
     columns = spec.get("columns")
     if columns is not None and not (isinstance(columns, list) and columns and fmt in ("csv", "tsv")):
         raise bad("columns", f"is {columns!r}" + ("" if fmt in ("csv", "tsv") else f" for a {fmt} file"))
@@ -195,7 +206,13 @@ def define(name: str, spec, path: str, prefix: str = "tasks.define.") -> Defined
         column = cands
     elif cands is not None and not every:
         raise bad("candidates", f"is {cands!r}")
-    if fixed is None and column is None and not every and labels and spec.get("metric", "accuracy") == "accuracy":
+    if (
+        fixed is None
+        and column is None
+        and not every
+        and labels
+        and spec.get("metric", "accuracy") == "accuracy"
+    ):
         fixed = tuple(dict.fromkeys(labels.values()))  # a label map is a closed set
     metric = spec.get("metric") or ("accuracy" if fixed or column or every else "exact_match")
     if metric not in METRICS:
@@ -217,14 +234,41 @@ def define(name: str, spec, path: str, prefix: str = "tasks.define.") -> Defined
     per_format = {}  # a new mapping: the profile's own (recorded in every artifact's config) stays as written
     for other, layout in given.items():
         if not isinstance(layout, dict) or set(layout) - set(PER_FORMAT_FIELDS):
-            raise bad(f"per_format.{other}", f"is {layout!r}, not a mapping of {', '.join(PER_FORMAT_FIELDS)}")
-        per_format[other] = {**layout, "rename": _str_map(layout.get("rename") or {}, bad, f"per_format.{other}"),
-                             "labels": _str_map(layout.get("labels") or labels, bad, f"per_format.{other}")}
+            raise bad(
+                f"per_format.{other}", f"is {layout!r}, not a mapping of {', '.join(PER_FORMAT_FIELDS)}"
+            )
+        per_format[other] = {
+            **layout,
+            "rename": _str_map(layout.get("rename") or {}, bad, f"per_format.{other}"),
+            "labels": _str_map(layout.get("labels") or labels, bad, f"per_format.{other}"),
+        }
         _choice(layout, "image_kind", IMAGE_KINDS, kind, bad)
     return DefinedTask(
-        name, where, dict(files), fmt, tuple(str(c or "") for c in columns) if columns else None,
-        str(spec["prompt"]), str(spec["answer"]), _choice(spec, "answer_format", ("text", "box"), "text", bad),
-        image, kind, str(spec.get("image_root", "")), image_id, str(spec.get("image_set") or name), clean, labels,
+        name,
+        where,
+        dict(files),
+        fmt,
+        tuple(str(c or "") for c in columns) if columns else None,
+        str(spec["prompt"]),
+        str(spec["answer"]),
+        _choice(spec, "answer_format", ("text", "box"), "text", bad),
+        image,
+        kind,
+        str(spec.get("image_root", "")),
+        image_id,
+        str(spec.get("image_set") or name),
+        clean,
+        labels,
         spec.get("refs"),
-        _choice(spec, "refs_format", ("list", "ofa-vqa"), "list", bad), str(spec.get("refs_sep", "|")),
-        fixed, column, every, metric, family, float(frac), hub, per_format, str(spec.get("get", "")))
+        _choice(spec, "refs_format", ("list", "ofa-vqa"), "list", bad),
+        str(spec.get("refs_sep", "|")),
+        fixed,
+        column,
+        every,
+        metric,
+        family,
+        float(frac),
+        hub,
+        per_format,
+        str(spec.get("get", "")),
+    )

@@ -1,5 +1,6 @@
 """The training loop every stage shares: AdamW, warm-up + cosine decay, grad clipping, accumulation, autocast,
 a tqdm bar or progress lines, checkpoints to resume from."""
+
 from __future__ import annotations
 
 import math
@@ -45,12 +46,13 @@ class Batch:
     this share averages over (answer tokens: data.Encoder.targets), by which the ranks' losses are weighted.
     data.Loader makes them in DataLoader workers; a plain batch (a list every rank holds alike) becomes one
     in train_steps (`share`)."""
+
     inputs: object
     size: int
     targets: int = 1
 
     @classmethod
-    def share(cls, batch, count) -> "Batch":
+    def share(cls, batch, count) -> Batch:
         """This rank's share of a batch every rank drew alike (all of it, alone). A batch smaller than the number of
         processes (an epoch's last, ragged one) leaves some ranks none: each of those takes the batch's first
         example as a masked row (its loss weighted 0, so it adds no gradient), and the step is the one a single
@@ -61,11 +63,13 @@ class Batch:
             return cls(batch[:1], size, 0)
         return cls(mine, size, count(mine) if dist.active() else 1)
 
-    def pin_memory(self) -> "Batch":  # DataLoader(pin_memory=True) calls this, in its pinning thread
+    def pin_memory(self) -> Batch:  # DataLoader(pin_memory=True) calls this, in its pinning thread
         return Batch(_tensors(self.inputs, torch.Tensor.pin_memory), self.size, self.targets)
 
-    def to(self, device) -> "Batch":
-        return Batch(_tensors(self.inputs, lambda t: t.to(device, non_blocking=True)), self.size, self.targets)
+    def to(self, device) -> Batch:
+        return Batch(
+            _tensors(self.inputs, lambda t: t.to(device, non_blocking=True)), self.size, self.targets
+        )
 
 
 @dataclass
@@ -76,6 +80,7 @@ class Checkpoint:
     resumes from the one of its own config. `done()` removes it once the artifact has landed. kill_at
     (debug.kill_at_step) ends the process with SIGKILL after that step; fail_rank (debug.fail_rank) makes that
     rank raise after the last step, for the tests of a failing rank."""
+
     path: Path
     every: int
     cfg: object
@@ -83,17 +88,33 @@ class Checkpoint:
     fail_rank: int = -1
 
     @classmethod
-    def beside(cls, artifact: Path, every: int, cfg) -> "Checkpoint":
+    def beside(cls, artifact: Path, every: int, cfg) -> Checkpoint:
         artifact = Path(artifact)
-        return cls(artifact.parent / f".{artifact.name}.ckpt", every, cfg, cfg.debug.kill_at_step,
-                   cfg.debug.fail_rank)
+        return cls(
+            artifact.parent / f".{artifact.name}.ckpt",
+            every,
+            cfg,
+            cfg.debug.kill_at_step,
+            cfg.debug.fail_rank,
+        )
 
     def save(self, step: int, params, opt, sched, tail: list[float]) -> None:
         # every rank's own RNG states (each draws its own dropout on its own share), saved by rank 0
-        rng = dist.every_rank({"torch": torch.get_rng_state(),
-                               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
-        state = {"step": step, "tail": tail, "config": self.cfg.to_dict(), "params": [p.detach().cpu() for p in params],
-                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng}
+        rng = dist.every_rank(
+            {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            }
+        )
+        state = {
+            "step": step,
+            "tail": tail,
+            "config": self.cfg.to_dict(),
+            "params": [p.detach().cpu() for p in params],
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": rng,
+        }
         with atomic_file(self.path) as tmp:
             torch.save(state, tmp)
 
@@ -106,7 +127,8 @@ class Checkpoint:
         except Exception as e:  # a checkpoint cut short by the crash it was for, or one holding objects
             return self._fresh(desc, f"unreadable ({' '.join(str(e).split())[:60]})")
         if len(state["params"]) != len(params) or any(
-                saved.shape != p.shape for saved, p in zip(state["params"], params)):
+            saved.shape != p.shape for saved, p in zip(state["params"], params)
+        ):
             return self._fresh(desc, "of other tensors")
         if len(state.get("rng", [])) != dist.world():
             return self._fresh(desc, f"made by {len(state.get('rng', []))} processes, not {dist.world()}")
@@ -125,8 +147,11 @@ class Checkpoint:
 
     def _fresh(self, desc: str, why: str) -> tuple[int, list[float]]:
         if dist.is_main():
-            print(f"{desc}: checkpoint {self.path} {why}: not resumed, starting at step 0", file=sys.stderr,
-                  flush=True)
+            print(
+                f"{desc}: checkpoint {self.path} {why}: not resumed, starting at step 0",
+                file=sys.stderr,
+                flush=True,
+            )
         return 0, []
 
     def done(self) -> None:
@@ -139,8 +164,15 @@ class Progress:
 
     def __init__(self, desc: str, start: int, steps: int, every: float, quiet: bool = False):
         self.desc, self.steps, self.every, self.quiet = desc, steps, every, quiet
-        self.bar = tqdm(range(start, steps), desc=desc, leave=False, dynamic_ncols=True, initial=start, total=steps,
-                        disable=True if quiet else None)  # None: off without a terminal
+        self.bar = tqdm(
+            range(start, steps),
+            desc=desc,
+            leave=False,
+            dynamic_ncols=True,
+            initial=start,
+            total=steps,
+            disable=True if quiet else None,
+        )  # None: off without a terminal
         self.piped = self.bar.disable and not quiet
         self.t0 = self.last = time.time()
         self.first, self.examples = start, 0
@@ -161,15 +193,29 @@ class Progress:
             return
         self.last, spent, done = now, now - self.t0, step + 1 - self.first
         left = spent / done * (self.steps - step - 1)
-        print(f"{self.desc}: step {step + 1}/{self.steps} | loss {loss:.4f} | lr {lr:.2e} | "
-              f"{self.examples / max(spent, 1e-9):.1f} examples/s | {spent:.0f}s, ~{left:.0f}s left",
-              file=sys.stderr, flush=True)
+        print(
+            f"{self.desc}: step {step + 1}/{self.steps} | loss {loss:.4f} | lr {lr:.2e} | "
+            f"{self.examples / max(spent, 1e-9):.1f} examples/s | {spent:.0f}s, ~{left:.0f}s left",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
-def train_steps(loss_fn, param_groups: list[dict], batches, steps: int, grad_clip: float = 1.0,
-                warmup: int = 0, desc: str = "train", lr_field: str = "expert.lr", acc=None,
-                grad_accum: int = 1, checkpoint: Checkpoint | None = None, log_every: float = 30.0,
-                count=len) -> float:
+def train_steps(
+    loss_fn,
+    param_groups: list[dict],
+    batches,
+    steps: int,
+    grad_clip: float = 1.0,
+    warmup: int = 0,
+    desc: str = "train",
+    lr_field: str = "expert.lr",
+    acc=None,
+    grad_accum: int = 1,
+    checkpoint: Checkpoint | None = None,
+    log_every: float = 30.0,
+    count=len,
+) -> float:
     """Run `steps` optimizer steps of loss_fn(inputs), each over grad_accum batches; returns the mean loss of the
     last 10% of steps. Through accelerate (`acc`, from common.device.accelerator; None: the CPU in fp32): the
     forward under autocast, fp16 loss scaling, accumulation. batches: an iterator of Batch (data.Loader: each
@@ -187,7 +233,9 @@ def train_steps(loss_fn, param_groups: list[dict], batches, steps: int, grad_cli
     # 98 ms against 107 on the 2-core CPU); on another device (MPS, XLA) torch picks its own
     fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
     opt = torch.optim.AdamW(param_groups, weight_decay=0.0, fused=fused)
-    opt, sched = acc.prepare(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup)))
+    opt, sched = acc.prepare(
+        opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
+    )
     start, tail = checkpoint.resume(params, opt, sched, desc) if checkpoint else (0, [])
     if hasattr(batches, "skip"):  # the data position: the batches the steps before `start` took
         batches.skip(start * grad_accum)
@@ -228,8 +276,14 @@ def train_steps(loss_fn, param_groups: list[dict], batches, steps: int, grad_cli
             tail.append(mean)
         progress.update(step, mean, sched.get_last_lr()[0], examples)
         if tracking:  # accelerate logs on the main process only
-            acc.log({"loss": mean, "lr": sched.get_last_lr()[0],
-                     "examples_per_s": progress.examples / max(time.time() - t0, 1e-9)}, step=step + 1)
+            acc.log(
+                {
+                    "loss": mean,
+                    "lr": sched.get_last_lr()[0],
+                    "examples_per_s": progress.examples / max(time.time() - t0, 1e-9),
+                },
+                step=step + 1,
+            )
         if checkpoint and checkpoint.every and (step + 1) % checkpoint.every == 0 and step + 1 < steps:
             checkpoint.save(step + 1, params, opt, sched, tail)
         if checkpoint and checkpoint.kill_at == step + 1:  # debug.kill_at_step: a crash, for the tests
@@ -241,20 +295,26 @@ def train_steps(loss_fn, param_groups: list[dict], batches, steps: int, grad_cli
     if not all(torch.isfinite(p).all() for p in params):
         _diverged(desc, f"weights not finite after step {steps}", lr_field)
     if checkpoint and checkpoint.fail_rank == dist.rank():
-        raise RuntimeError(f"{desc}: debug.fail_rank={checkpoint.fail_rank}: this rank fails after its last step")
+        raise RuntimeError(
+            f"{desc}: debug.fail_rank={checkpoint.fail_rank}: this rank fails after its last step"
+        )
     dist.barrier()  # every rank trained to the end before any goes on to write
     return sum(tail) / len(tail) if tail else math.nan
 
 
 def _diverged(desc: str, what: str, lr_field: str):
     section = lr_field.split(".")[0]
-    raise UserError(f"{desc}: {what}, nothing written; lower {lr_field} or set {section}.grad_clip (e.g. 1.0)")
+    raise UserError(
+        f"{desc}: {what}, nothing written; lower {lr_field} or set {section}.grad_clip (e.g. 1.0)"
+    )
 
 
 def checkpointing(model, on: bool) -> None:
     """Activation checkpointing in the backbone's layers (transformers' own; non-reentrant, so a frozen
     backbone's inputs need no gradient): backward recomputes each layer's activations instead of keeping them."""
-    new = hasattr(model, "activation_checkpointing_enable")  # transformers >= 5.2x; before: gradient_checkpointing_*
+    new = hasattr(
+        model, "activation_checkpointing_enable"
+    )  # transformers >= 5.2x; before: gradient_checkpointing_*
     if on and new:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     elif on:

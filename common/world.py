@@ -3,6 +3,7 @@
 Everything here is pure numpy and deterministic in (seed, task, split, index), so every stage
 regenerates exactly the same examples without storing a dataset.
 """
+
 from __future__ import annotations
 
 import random
@@ -21,9 +22,38 @@ COLOURS = {
 }
 SIZES = ("small", "large")
 # a 3x3 grid; cell names read as "at the <name>"
-POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
-NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-           "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen")
+POSITIONS = (
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
+)
+NUMBERS = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+)
 # properties a picture cannot show: statements about them are "maybe"
 UNDRAWN = ("made of wood", "made of glass", "made of metal", "heavy", "warm", "moving", "new", "old")
 
@@ -79,6 +109,7 @@ def render(scene: Scene, size: int = 64, rng: random.Random | None = None) -> np
 
 # ---- text ---------------------------------------------------------------------------------
 
+
 def describe(scene: Scene, rng: random.Random | None = None) -> str:
     """The detailed description (pre-training caption): count, then each object in reading order.
 
@@ -98,8 +129,12 @@ def short_caption(scene: Scene) -> str:
 
 
 def _has(scene: Scene, colour=None, shape=None, pos=None) -> bool:
-    return any((colour is None or o.colour == colour) and (shape is None or o.shape == shape)
-               and (pos is None or o.pos == pos) for o in scene.objects)
+    return any(
+        (colour is None or o.colour == colour)
+        and (shape is None or o.shape == shape)
+        and (pos is None or o.pos == pos)
+        for o in scene.objects
+    )
 
 
 def hypothesis(scene: Scene, rng: random.Random) -> tuple[str, str]:
@@ -114,7 +149,10 @@ def hypothesis(scene: Scene, rng: random.Random) -> tuple[str, str]:
             return f"there is a {o.shape} at the {POSITIONS[o.pos]}", "yes"
         if kind == "count":
             n = len(scene.objects)
-            return f"there {'is' if n == 1 else 'are'} {NUMBERS[n]} {'object' if n == 1 else 'objects'}", "yes"
+            return (
+                f"there {'is' if n == 1 else 'are'} {NUMBERS[n]} {'object' if n == 1 else 'objects'}",
+                "yes",
+            )
         return f"there is a {o.colour} {o.shape}", "yes"
     # "no": change one attribute until the statement is false
     if kind == "count":
@@ -144,7 +182,9 @@ def question(scene: Scene, rng: random.Random) -> tuple[str, str]:
     if kind == "shape":
         return f"what shape is at the {POSITIONS[o.pos]} ?", o.shape
     if kind == "exists":
-        colour, shape = (o.colour, o.shape) if rng.random() < 0.5 else (rng.choice(list(COLOURS)), rng.choice(SHAPES))
+        colour, shape = (
+            (o.colour, o.shape) if rng.random() < 0.5 else (rng.choice(list(COLOURS)), rng.choice(SHAPES))
+        )
         return f"is there a {colour} {shape} ?", "yes" if _has(scene, colour, shape) else "no"
     return "how many objects are there ?", NUMBERS[len(scene.objects)]
 
@@ -152,10 +192,14 @@ def question(scene: Scene, rng: random.Random) -> tuple[str, str]:
 def referring_expression(scene: Scene, rng: random.Random) -> tuple[str, str]:
     """The shortest phrase that picks out one object, and that object's grid cell."""
     o = rng.choice(scene.objects)
-    for expr, match in ((f"the {o.shape}", lambda x: x.shape == o.shape),
-                        (f"the {o.colour} {o.shape}", lambda x: (x.colour, x.shape) == (o.colour, o.shape)),
-                        (f"the {o.size} {o.colour} {o.shape}", lambda x: x == o or (x.colour, x.shape, x.size) ==
-                         (o.colour, o.shape, o.size))):
+    for expr, match in (
+        (f"the {o.shape}", lambda x: x.shape == o.shape),
+        (f"the {o.colour} {o.shape}", lambda x: (x.colour, x.shape) == (o.colour, o.shape)),
+        (
+            f"the {o.size} {o.colour} {o.shape}",
+            lambda x: x == o or (x.colour, x.shape, x.size) == (o.colour, o.shape, o.size),
+        ),
+    ):
         if sum(map(match, scene.objects)) == 1:
             return expr, POSITIONS[o.pos]
     return f"the {o.size} {o.colour} {o.shape}", POSITIONS[o.pos]  # identical twins: either cell is right

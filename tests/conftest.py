@@ -3,6 +3,7 @@
 Under pytest-xdist (`make test` runs two workers) each worker uses one torch thread, and so do the stages
 it starts (OMP_NUM_THREADS is inherited); the micro run is built once for all workers, behind a file lock
 (`built_once`), and is read-only: a test that changes it works on its own copy (`micro_copy`)."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,9 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable if a == "python" else a for a in args]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+        )
     return p
 
 
@@ -68,8 +71,13 @@ def inproc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess([script, *rest], code, out, err)
 
 
-def stages(runs_dir: Path, *overrides: str, target: str = "snli-ve", backbone: bool = False,
-           config: str = "configs/micro.yaml") -> str:
+def stages(
+    runs_dir: Path,
+    *overrides: str,
+    target: str = "snli-ve",
+    backbone: bool = False,
+    config: str = "configs/micro.yaml",
+) -> str:
     """The pipeline `make all` runs, stage by stage in this process (no interpreter start-ups): the pool
     experts, the target's, embed, interpolate, evaluate (and first the backbone stage, with backbone=True).
     Returns their output; a stage that fails fails the test with its message."""
@@ -79,9 +87,12 @@ def stages(runs_dir: Path, *overrides: str, target: str = "snli-ve", backbone: b
     cfg = load_config(config, list(args[3:]))
     calls = [("train_expert.py", "--pretrain")] if backbone else []
     calls += [("train_expert.py", "--task", t) for t in cfg.tasks.pool if t != target]
-    calls += [("train_expert.py", "--task", target, "--shots", str(cfg.tasks.target_shots)),
-              ("embed_tasks.py", "--target", target), ("interpolate.py", "--target", target),
-              ("evaluate.py", "--target", target)]
+    calls += [
+        ("train_expert.py", "--task", target, "--shots", str(cfg.tasks.target_shots)),
+        ("embed_tasks.py", "--target", target),
+        ("interpolate.py", "--target", target),
+        ("evaluate.py", "--target", target),
+    ]
     out = []
     for call in calls:
         code, stdout, stderr = stage(*call, *args)
@@ -91,11 +102,20 @@ def stages(runs_dir: Path, *overrides: str, target: str = "snli-ve", backbone: b
     return "".join(out)
 
 
-def make(*targets: str, runs_dir: Path, extra: str = "", check: bool = True,
-         launch: str = "") -> subprocess.CompletedProcess:
+def make(
+    *targets: str, runs_dir: Path, extra: str = "", check: bool = True, launch: str = ""
+) -> subprocess.CompletedProcess:
     """`make <targets> PROFILE=micro` writing under runs_dir, with this interpreter (no venv step); launch: LAUNCH."""
-    return run("make", *targets, "PROFILE=micro", f"PY={sys.executable}", "STAMP=", f"LAUNCH={launch}",
-               f"OVERRIDES=runs_dir={runs_dir} {extra}".strip(), check=check)
+    return run(
+        "make",
+        *targets,
+        "PROFILE=micro",
+        f"PY={sys.executable}",
+        "STAMP=",
+        f"LAUNCH={launch}",
+        f"OVERRIDES=runs_dir={runs_dir} {extra}".strip(),
+        check=check,
+    )
 
 
 def shared_dir(tmp_path_factory) -> Path:
@@ -117,8 +137,11 @@ def built_once(shared: Path, name: str, build) -> tuple[Path, str]:
 def cached(folder: Path, expert: str, variant: str = "") -> Path:
     """The cache file of an expert in fisher/ or embeddings/ (named by the expert's name@digest, then the
     variant): the one there is."""
-    (found,) = [p for p in folder.glob(f"{expert}@*{variant}.safetensors") if p.name.split("@")[1][8:] == variant +
-                ".safetensors"]
+    (found,) = [
+        p
+        for p in folder.glob(f"{expert}@*{variant}.safetensors")
+        if p.name.split("@")[1][8:] == variant + ".safetensors"
+    ]
     return found
 
 
@@ -128,7 +151,9 @@ def make_output(p: subprocess.CompletedProcess) -> str:
 
 def build_micro(shared: Path) -> tuple[Path, str]:
     # log_every=0: a progress line per step in the piped output (changes nothing the artifacts are made from)
-    return built_once(shared, "micro", lambda runs: make_output(make("all", runs_dir=runs, extra="log_every=0")))
+    return built_once(
+        shared, "micro", lambda runs: make_output(make("all", runs_dir=runs, extra="log_every=0"))
+    )
 
 
 @pytest.fixture(scope="session")
@@ -174,16 +199,33 @@ def t5_dir(tmp_path_factory):
     from common.backbone import build_vocab
     from common.config import WorldConfig
 
-    texts = [t for name in ("nli", "paraphrase", "arith") for e in data.examples(name, "train", WorldConfig(), 200)
-             for t in (e.prompt, e.answer, *data.TASKS[name].candidates)]
+    texts = [
+        t
+        for name in ("nli", "paraphrase", "arith")
+        for e in data.examples(name, "train", WorldConfig(), 200)
+        for t in (e.prompt, e.answer, *data.TASKS[name].candidates)
+    ]
     vocab = build_vocab(texts)
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")]
+    )
     tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    model = T5ForConditionalGeneration(T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                                num_decoder_layers=1, num_heads=4, pad_token_id=0, eos_token_id=2,
-                                                decoder_start_token_id=0))
+    model = T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=len(vocab),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_decoder_layers=1,
+            num_heads=4,
+            pad_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=0,
+        )
+    )
     out = tmp_path_factory.mktemp("t5")
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -208,13 +250,17 @@ def rehearsal_config(assets: Path, *overrides: str):
     """configs/rehearsal.yaml on the assets at `assets`."""
     from common.config import load_config
 
-    return load_config(str(REPO / "configs/rehearsal.yaml"), [f"backbone.source={assets / 'florence-2-rehearsal'}",
-                                                              f"data.root={assets / 'data'}", *overrides])
+    return load_config(
+        str(REPO / "configs/rehearsal.yaml"),
+        [f"backbone.source={assets / 'florence-2-rehearsal'}", f"data.root={assets / 'data'}", *overrides],
+    )
 
 
 HEAVY = {"micro_copy", "runs", "t5_dir"}  # fixtures of tests that run a pipeline or several stages
-LONGEST = ("test_make_report_runs_every_baseline_and_writes_the_report",  # about 2 min each, started first
-           "test_make_all_under_torchrun_equals_the_single_process_run")
+LONGEST = (
+    "test_make_report_runs_every_baseline_and_writes_the_report",  # about 2 min each, started first
+    "test_make_all_under_torchrun_equals_the_single_process_run",
+)
 _background: list[threading.Thread] = []
 
 
@@ -225,6 +271,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     """The tests that need no micro run first (longest first), while one worker builds it in the background;
     then those that need it, longest first, the short ones filling the gaps at the end."""
+
     def order(item):
         names = set(getattr(item, "fixturenames", ()))
         longest = item.name in LONGEST
@@ -237,7 +284,8 @@ def pytest_collection_finish(session):
     """Under xdist, worker gw0 starts the micro run in the background as soon as it knows a test needs it: both
     workers run tests that need none of it meanwhile, instead of one waiting on the lock."""
     if os.environ.get("PYTEST_XDIST_WORKER") == "gw0" and any(
-            "micro" in getattr(item, "fixturenames", ()) for item in session.items):
+        "micro" in getattr(item, "fixturenames", ()) for item in session.items
+    ):
         thread = threading.Thread(target=build_micro, args=(Path(session.config.option.basetemp).parent,))
         thread.start()
         _background.append(thread)

@@ -5,6 +5,7 @@ rank 0 would write (debug.fail_rank): the run must end non-zero with no artifact
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py OUT
 """
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from common import dist  # noqa: E402
-from common.errors import UserError  # noqa: E402
-from common.device import fresh  # noqa: E402
 from common.artifacts import atomic_dir  # noqa: E402
+from common.device import fresh  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from common.training import Checkpoint, train_steps  # noqa: E402
 
 
@@ -27,8 +28,10 @@ def ragged_batches(seed: int, sizes=(3,)):
     loss terms they hold; a batch of 1 leaves the second of two ranks none (an epoch's ragged last batch)."""
     g = torch.Generator().manual_seed(seed)
     for i in range(1000):
-        yield [torch.randn(int(torch.randint(1, 7, (1,), generator=g)), 4, generator=g)
-               for _ in range(sizes[i % len(sizes)])]
+        yield [
+            torch.randn(int(torch.randint(1, 7, (1,), generator=g)), 4, generator=g)
+            for _ in range(sizes[i % len(sizes)])
+        ]
 
 
 def train(nan_on_rank: int = -1, checkpoint=None, sizes=(3,)) -> list[float]:
@@ -40,8 +43,16 @@ def train(nan_on_rank: int = -1, checkpoint=None, sizes=(3,)) -> list[float]:
         loss = (lin(x).squeeze(-1) - x.sum(-1)).pow(2).mean()
         return loss * float("nan") if dist.rank() == nan_on_rank else loss
 
-    train_steps(loss_fn, [{"params": list(lin.parameters()), "lr": 0.05}], ragged_batches(0, sizes), 6, grad_clip=0,
-                acc=fresh("cpu", "fp32"), count=lambda b: sum(len(s) for s in b), checkpoint=checkpoint)
+    train_steps(
+        loss_fn,
+        [{"params": list(lin.parameters()), "lr": 0.05}],
+        ragged_batches(0, sizes),
+        6,
+        grad_clip=0,
+        acc=fresh("cpu", "fp32"),
+        count=lambda b: sum(len(s) for s in b),
+        checkpoint=checkpoint,
+    )
     return [v for p in lin.parameters() for v in p.detach().flatten().tolist()]
 
 

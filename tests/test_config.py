@@ -1,30 +1,48 @@
 """Configs are validated at the door: one line naming the file, the field and the fix."""
+
 import pytest
 
 from common.config import load_config
-
 from common.errors import UserError
 
 
 def test_profiles_load():
-    for p in ("configs/mini.yaml", "configs/micro.yaml", "configs/mini-wide.yaml", "configs/mini-conflict.yaml",
-              "configs/mini-conflict-frozen.yaml"):
+    for p in (
+        "configs/mini.yaml",
+        "configs/micro.yaml",
+        "configs/mini-wide.yaml",
+        "configs/mini-conflict.yaml",
+        "configs/mini-conflict-frozen.yaml",
+    ):
         cfg = load_config(p)
         assert cfg.tasks.pool and cfg.expert.method == "lora"
 
 
 def test_overrides_are_typed():
-    cfg = load_config("configs/micro.yaml", ["expert.steps=7", "interpolate.train_experts=false", "tasks.pool=[nli,shape,vqa]"])
-    assert cfg.expert.steps == 7 and cfg.interpolate.train_experts is False and cfg.tasks.pool == ["nli", "shape", "vqa"]
+    cfg = load_config(
+        "configs/micro.yaml",
+        ["expert.steps=7", "interpolate.train_experts=false", "tasks.pool=[nli,shape,vqa]"],
+    )
+    assert (
+        cfg.expert.steps == 7
+        and cfg.interpolate.train_experts is False
+        and cfg.tasks.pool == ["nli", "shape", "vqa"]
+    )
 
 
-@pytest.mark.parametrize("override, message", [
-    ("expert.rank=4", "override 'expert.rank=4': unknown field 'expert.rank'"),
-    ("expert.steps=many", "override 'expert.steps=many': field 'expert.steps' is 'many'; expected int"),
-    ("interpolate.groups=row", "field 'interpolate.groups' is 'row'; use one of global, layer, site, tensor"),
-    ("steps", "expected key=value"),
-    ("tasks.pool=[snli-ve,", "override 'tasks.pool=[snli-ve,': the value is not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("expert.rank=4", "override 'expert.rank=4': unknown field 'expert.rank'"),
+        ("expert.steps=many", "override 'expert.steps=many': field 'expert.steps' is 'many'; expected int"),
+        (
+            "interpolate.groups=row",
+            "field 'interpolate.groups' is 'row'; use one of global, layer, site, tensor",
+        ),
+        ("steps", "expected key=value"),
+        ("tasks.pool=[snli-ve,", "override 'tasks.pool=[snli-ve,': the value is not valid YAML"),
+    ],
+)
 def test_bad_fields_are_named_with_what_set_them(override, message):
     """An override's error names the override; a bad field in the profile file names the file."""
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
@@ -58,7 +76,9 @@ def test_missing_and_corrupt_files(tmp_path):
 
 
 def test_a_profile_takes_its_base_profiles_fields_under_its_own(tmp_path):
-    (tmp_path / "base.yaml").write_text("profile: b\nseed: 3\nexpert: {r: 2, steps: 7}\ninterpolate: {top_k: 1}\n")
+    (tmp_path / "base.yaml").write_text(
+        "profile: b\nseed: 3\nexpert: {r: 2, steps: 7}\ninterpolate: {top_k: 1}\n"
+    )
     (tmp_path / "mine.yaml").write_text("base: base.yaml\nprofile: mine\nexpert: {r: 5}\n")
     cfg = load_config(str(tmp_path / "mine.yaml"), ["expert.lr=0.5"])
     assert (cfg.profile, cfg.seed, cfg.expert.r, cfg.expert.steps, cfg.expert.lr) == ("mine", 3, 5, 7, 0.5)

@@ -1,5 +1,6 @@
 """Device and precision: bf16 end to end on the CPU, accelerate's accumulation, activation checkpointing, the
 refusals (a CUDA device that is not there, fp16 on the CPU), and the same pipeline on CUDA when there is one."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,14 @@ def tiny_florence(seed: int = 0):
 
     cfg = micro_config()
     torch.manual_seed(seed)
-    vocab = build_vocab([t for n in data.TASKS for e in data.examples(n, "train", cfg.world, 20) for t in (e.prompt, e.answer)])
+    vocab = build_vocab(
+        [
+            t
+            for n in data.TASKS
+            for e in data.examples(n, "train", cfg.world, 20)
+            for t in (e.prompt, e.answer)
+        ]
+    )
     model, n = build_model(cfg.backbone, len(vocab), cfg.world.image_size)
     enc = data.Encoder(build_processor(vocab, cfg.world.image_size, n))
     return cfg, model.requires_grad_(False), enc, enc.batch(data.examples("snli-ve", "train", cfg.world, 4))
@@ -47,7 +55,9 @@ def test_a_backbone_built_by_hand_then_make_all_in_bf16_runs_through(tmp_path):
     assert result["config"]["precision"] == "bf16" and "pi-tuning" in result["scores"]
     for d in ("experts/nli", "experts/snli-ve-8shot-s0", "interpolated/snli-ve-8shot-s0"):
         weights = load_file(str(tmp_path / "micro" / d / "adapter_model.safetensors"))
-        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values()), d  # fp32 masters
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values()), (
+            d
+        )  # fp32 masters
 
 
 def test_bf16_runs_the_forward_in_bf16_and_the_fisher_in_fp32():
@@ -61,7 +71,8 @@ def test_bf16_runs_the_forward_in_bf16_and_the_fisher_in_fp32():
     lora = attach(model, cfg.expert)
     seen = []
     hook = model.model.language_model.encoder.layers[0].fc2.register_forward_hook(
-        lambda m, i, o: seen.append(o.dtype))
+        lambda m, i, o: seen.append(o.dtype)
+    )
     exs = data.examples("snli-ve", "train", cfg.world, 6)
     in_bf16 = fisher_diagonal(lora, enc, exs, autocast=acc.autocast)
     assert seen and set(seen) == {torch.bfloat16}
@@ -80,9 +91,21 @@ def test_grad_accum_of_two_halves_is_one_step_on_the_whole_batch():
     def fit(batch_size: int, grad_accum: int):
         torch.manual_seed(0)
         lin = torch.nn.Linear(3, 1)
-        halves = iter([(x[i:i + batch_size], y[i:i + batch_size]) for _ in range(3) for i in range(0, 8, batch_size)])
-        loss = train_steps(lambda b: torch.nn.functional.mse_loss(lin(b[0]), b[1]), [{"params": list(lin.parameters()),
-                           "lr": 0.1}], halves, steps=3, grad_clip=0.5, grad_accum=grad_accum)
+        halves = iter(
+            [
+                (x[i : i + batch_size], y[i : i + batch_size])
+                for _ in range(3)
+                for i in range(0, 8, batch_size)
+            ]
+        )
+        loss = train_steps(
+            lambda b: torch.nn.functional.mse_loss(lin(b[0]), b[1]),
+            [{"params": list(lin.parameters()), "lr": 0.1}],
+            halves,
+            steps=3,
+            grad_clip=0.5,
+            grad_accum=grad_accum,
+        )
         return lin.weight.detach().clone(), loss
 
     (whole, loss_whole), (accumulated, loss_acc) = fit(8, 1), fit(4, 2)
@@ -112,11 +135,15 @@ def test_activation_checkpointing_recomputes_each_layer_and_keeps_the_gradients(
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checked))
 
 
-@pytest.mark.parametrize("override,says", [
-    ("precision=fp16", "field 'precision' is 'fp16', which needs a CUDA device"),
-    ("device=gpu", "field 'device' is 'gpu'; use auto, cpu, cuda or cuda:N"),
-    ("device=cuda:99", "field 'device' is 'cuda:99'"),
-] + ([] if CUDA else [("device=cuda", "sees no CUDA device here; use device=auto")]))
+@pytest.mark.parametrize(
+    "override,says",
+    [
+        ("precision=fp16", "field 'precision' is 'fp16', which needs a CUDA device"),
+        ("device=gpu", "field 'device' is 'gpu'; use auto, cpu, cuda or cuda:N"),
+        ("device=cuda:99", "field 'device' is 'cuda:99'"),
+    ]
+    + ([] if CUDA else [("device=cuda", "sees no CUDA device here; use device=auto")]),
+)
 def test_a_device_or_precision_this_machine_lacks_is_one_line(micro, tmp_path, override, says):
     args = ("--config", "configs/micro.yaml", f"runs_dir={tmp_path}", "device=cpu", override)
     backbone_only(micro, tmp_path)  # a refusal is then the device's, not a missing backbone's

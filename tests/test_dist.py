@@ -1,4 +1,5 @@
 """Data parallel inside a stage: torchrun with two CPU processes (gloo) against the single-process run."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,9 @@ def test_two_ranks_share_each_batch_and_stop_together_on_a_nan_or_a_failing_rank
     alone = dist_worker.train()
     p = run(*TORCHRUN, "tests/dist_worker.py", str(tmp_path), check=False)
     assert p.returncode != 0 and "debug.fail_rank=1: this rank fails after its last step" in p.stderr
-    assert not (tmp_path / "artifact").exists() and not [f for f in tmp_path.iterdir() if f.name.startswith(".")]
+    assert not (tmp_path / "artifact").exists() and not [
+        f for f in tmp_path.iterdir() if f.name.startswith(".")
+    ]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and [r["shard"] for r in ranks] == [[0, 2, 4, 6], [1, 3, 5]]
     assert all(r["gathered"] == [0, 10, 20, 30, 40, 50, 60] and r["summed"] == [3.0, 4.0] for r in ranks)
@@ -54,7 +57,9 @@ def test_make_all_under_torchrun_equals_the_single_process_run(request, tmp_path
     runs, run_dir, _ = request.getfixturevalue("micro")  # asked for after: this test starts while it is built
     out = make_output(p)
     assert "torch.distributed.run --standalone --nproc_per_node 2 train_expert.py --pretrain" in out
-    assert out.count("expert nli:") == 11 and out.count("step 10/10") == 3  # 10 progress lines and a summary, once
+    assert (
+        out.count("expert nli:") == 11 and out.count("step 10/10") == 3
+    )  # 10 progress lines and a summary, once
     mine = tmp_path / "micro"
     single, two = tensors(run_dir / "backbone"), tensors(mine / "backbone")
     for k, v in single.items():
@@ -72,4 +77,3 @@ def test_make_all_under_torchrun_equals_the_single_process_run(request, tmp_path
     res = [json.loads((d / "results/snli-ve-8shot-s0.json").read_text()) for d in (run_dir, mine)]
     assert res[0]["scores"] == res[1]["scores"] and res[0]["test_size"] == res[1]["test_size"]
     assert not list(mine.rglob(".*.ckpt")) and not [f for f in mine.rglob(".*") if f.name.startswith(".nli")]
-

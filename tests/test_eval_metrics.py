@@ -1,4 +1,5 @@
 """Real-data metrics on hand-computable cases: VQA accuracy, IoU / Acc@IoU, BLEU-4 and CIDEr-D as coco-caption."""
+
 import math
 
 import pytest
@@ -8,20 +9,34 @@ from common.metrics import acc_at_iou, bleu4, box_iou, cider, vqa_accuracy, vqa_
 
 def leave_one_out(pred, refs):
     """The official loop, written out: for each human answer left out, min(#others equal to pred / 3, 1); the mean."""
-    return sum(min(sum(r == pred for j, r in enumerate(refs) if j != i) / 3, 1) for i in range(len(refs))) / len(refs)
+    return sum(
+        min(sum(r == pred for j, r in enumerate(refs) if j != i) / 3, 1) for i in range(len(refs))
+    ) / len(refs)
 
 
-@pytest.mark.parametrize("answer, compared_as", [
-    ("Two Dogs", "2 dogs"),  # lower case; number words as digits
-    ("none", "0"),
-    ("the red car", "red car"), ("an apple", "apple"), ("a dog", "dog"),  # articles go
-    ("dog.", "dog"), ("3.5", "3.5"), ("e.g.", "eg"),  # a period goes unless a digit follows it
-    ("t-shirt", "t shirt"), ("black/white", "black white"),  # a mark glued to a word becomes a space
-    ("yes, it is", "yes it is"), ("red - white", "red white"),  # one next to a space goes
-    ("t-shirt 1,000", "tshirt 1000"),  # any comma between digits: every mark goes
-    ("dont", "don't"), ("isnt", "isn't"), ("im", "im"), ("somebody'd", "somebodyd"),  # the contractions map, as is
-    ("  yes\n", "yes"),
-])
+@pytest.mark.parametrize(
+    "answer, compared_as",
+    [
+        ("Two Dogs", "2 dogs"),  # lower case; number words as digits
+        ("none", "0"),
+        ("the red car", "red car"),
+        ("an apple", "apple"),
+        ("a dog", "dog"),  # articles go
+        ("dog.", "dog"),
+        ("3.5", "3.5"),
+        ("e.g.", "eg"),  # a period goes unless a digit follows it
+        ("t-shirt", "t shirt"),
+        ("black/white", "black white"),  # a mark glued to a word becomes a space
+        ("yes, it is", "yes it is"),
+        ("red - white", "red white"),  # one next to a space goes
+        ("t-shirt 1,000", "tshirt 1000"),  # any comma between digits: every mark goes
+        ("dont", "don't"),
+        ("isnt", "isn't"),
+        ("im", "im"),
+        ("somebody'd", "somebodyd"),  # the contractions map, as is
+        ("  yes\n", "yes"),
+    ],
+)
 def test_vqa_answers_are_processed_as_the_official_evaluation_processes_them(answer, compared_as):
     assert vqa_normalize(answer) == compared_as
 
@@ -36,7 +51,9 @@ def test_vqa_human_answers_lose_their_punctuation_only_where_they_differ_and_not
     # the answer is processed, the humans' are not lower-cased or stripped of articles (the annotations are)
     assert vqa_accuracy("dont", ["don't"] * 10) == 1.0  # a missing apostrophe, matched through the map
     assert vqa_accuracy("dog", ["dog."] * 10) == 0.0  # ten alike: taken as they are
-    assert vqa_accuracy("dog", ["dog."] * 2 + ["cat"] * 8) == pytest.approx(0.6)  # they differ: "dog." is "dog"
+    assert vqa_accuracy("dog", ["dog."] * 2 + ["cat"] * 8) == pytest.approx(
+        0.6
+    )  # they differ: "dog." is "dog"
     assert vqa_accuracy("dog", ["Dog"] * 9 + ["cat"]) == 0.0  # no lower-casing of theirs
     # "a dog" keeps its article, and "dog," becomes "dog " (a mark glued to a word is a space; nothing strips it)
     refs = ["a dog", "dog", "dog,", "cat", "cat", "cat", "cat", "bird", "fish", "dogs"]
@@ -53,7 +70,12 @@ def test_box_iou():
 
 def test_acc_at_iou_parses_location_tokens():
     gold = "<loc_100><loc_100><loc_500><loc_500>"
-    preds = [gold, "<loc_300><loc_300><loc_700><loc_700>", "a dog <loc_1>", "<loc_120><loc_100><loc_520><loc_500>"]
+    preds = [
+        gold,
+        "<loc_300><loc_300><loc_700><loc_700>",
+        "a dog <loc_1>",
+        "<loc_120><loc_100><loc_520><loc_500>",
+    ]
     # exact; IoU 0.04/(0.32-0.04) = 1/7; unparseable; IoU 0.152/(0.32-0.152) = 0.905
     assert acc_at_iou(preds, [gold] * 4) == 0.5
     assert acc_at_iou(preds, [gold] * 4, threshold=0.1) == 0.75
@@ -63,7 +85,9 @@ def test_acc_at_iou_parses_location_tokens():
 
 def test_bleu4_identical_is_one():
     refs = [["a man rides a horse on the beach", "someone riding"], ["two cats sleep on a red sofa"]]
-    assert bleu4(["A man rides a horse on the beach.", "two cats sleep on a red sofa"], refs) == pytest.approx(1.0)
+    assert bleu4(
+        ["A man rides a horse on the beach.", "two cats sleep on a red sofa"], refs
+    ) == pytest.approx(1.0)
 
 
 def test_bleu4_hand_computed_precisions():
@@ -81,7 +105,9 @@ def test_bleu4_clips_repeated_ngrams():
 
 def test_bleu4_brevity_penalty_closest_reference_and_corpus_level():
     assert bleu4(["the cat sat on"], [["the cat sat on the mat"]]) == pytest.approx(math.exp(1 - 6 / 4))
-    assert bleu4(["the cat sat on"], [["the cat sat on", "the cat sat on the mat and more"]]) == pytest.approx(1)
+    assert bleu4(
+        ["the cat sat on"], [["the cat sat on", "the cat sat on the mat and more"]]
+    ) == pytest.approx(1)
     # the closest reference length (6), not the shortest (3) nor the mean: BP = exp(1 - 6/5)
     got = bleu4(["the cat sat on the"], [["the cat sat", "the cat sat on the mat"]])
     assert got == pytest.approx(math.exp(1 - 6 / 5))
@@ -111,15 +137,22 @@ def test_cider_clips_term_frequencies():
 
 def test_cider_gaussian_length_penalty():
     # hyp 'p q r s z' vs ref 'p q r s': cosines 4/(2 sqrt5), 3/(2 sqrt3), 2/(sqrt3 sqrt2), 1/sqrt2; delta 1, sigma 6
-    cos = [4 / (2 * math.sqrt(5)), 3 / (2 * math.sqrt(3)), 2 / (math.sqrt(3) * math.sqrt(2)), 1 / math.sqrt(2)]
+    cos = [
+        4 / (2 * math.sqrt(5)),
+        3 / (2 * math.sqrt(3)),
+        2 / (math.sqrt(3) * math.sqrt(2)),
+        1 / math.sqrt(2),
+    ]
     got = cider(["p q r s z", "w x y v"], [["p q r s"], ["w x y v"]])
     assert got == pytest.approx((10 * math.exp(-1 / 72) * sum(cos) / 4 + 10) / 2)
 
 
 def test_cider_averages_over_references():
     # one reference matches exactly (10), the other shares nothing (0): the image scores 5
-    got = cider(["red car parked here", "blue boat floats away"],
-                [["red car parked here", "green tree"], ["blue boat floats away"]])
+    got = cider(
+        ["red car parked here", "blue boat floats away"],
+        [["red car parked here", "green tree"], ["blue boat floats away"]],
+    )
     assert got == pytest.approx((5 + 10) / 2)
 
 
@@ -147,7 +180,11 @@ def test_cider_per_image_scores_average_to_the_corpus_score():
     from common.metrics import cider_each
 
     preds = ["a red car parked outside", "green tree grows", "blue boat floats"]
-    refs = [["a red car parked outside", "red car outside"], ["a blue boat on water"], ["blue boat floats away"]]
+    refs = [
+        ["a red car parked outside", "red car outside"],
+        ["a blue boat on water"],
+        ["blue boat floats away"],
+    ]
     each = cider_each(preds, refs)
     assert len(each) == 3 and sum(each) / 3 == pytest.approx(cider(preds, refs), abs=1e-12)
     assert each[0] > each[2] > each[1] == 0.0
@@ -178,7 +215,9 @@ def test_token_hits_per_example_do_not_depend_on_the_batch(micro_cfg):
     model, processor = load_backbone(micro_cfg)
     model = load_expert(model, expert_dir(micro_cfg, "shape"))
     enc = data.Encoder(processor)
-    exs = data.examples("caption", "test", micro_cfg.world, 6) + data.examples("snli-ve", "test", micro_cfg.world, 6)
+    exs = data.examples("caption", "test", micro_cfg.world, 6) + data.examples(
+        "snli-ve", "test", micro_cfg.world, 6
+    )
     right, total = token_hits_each(model, enc, exs, batch_size=12)
     alone = [token_hits_each(model, enc, [e]) for e in exs]
     assert right == [r[0] for r, _ in alone] and total == [t[0] for _, t in alone]

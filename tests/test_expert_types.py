@@ -1,9 +1,9 @@
 """Every expert type of common/expert_types.py (LoRA, DoRA, IA3, prompt, prefix, Houlsby adapter) through all four
 stages on a tiny Florence-2: a type added there is tested here with nothing else to write."""
+
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -140,8 +140,16 @@ def test_a_pool_expert_of_another_method_is_refused_in_one_line(runs):
     from conftest import inproc
 
     root = runs["ia3"][0]
-    p = inproc("interpolate.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={root}",
-               "expert.method=adapter", check=False)
+    p = inproc(
+        "interpolate.py",
+        "--target",
+        "snli-ve",
+        "--config",
+        "configs/micro.yaml",
+        f"runs_dir={root}",
+        "expert.method=adapter",
+        check=False,
+    )
     # the adapter run's artifacts are not the ia3 run's (another digest): none is there, and none is taken for it
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert "missing similarity; run `.venv/bin/python embed_tasks.py --target snli-ve" in p.stderr

@@ -1,5 +1,6 @@
 """The project's modules import one another without a circle: an import inside a function counts too, since it
 ties the two modules together as much as one at the top of the file does."""
+
 from __future__ import annotations
 
 import ast
@@ -39,7 +40,7 @@ def find_cycle(graph: dict[str, dict[str, int]]) -> list[str]:
 
     def visit(module: str) -> list[str]:
         if module in path:
-            return path[path.index(module):] + [module]
+            return path[path.index(module) :] + [module]
         if module in done:
             return []
         path.append(module)

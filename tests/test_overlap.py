@@ -1,19 +1,17 @@
 """The overlap guard (data.exclude_scored_images): no image of a scored split (validation or test) of a pool task
 in any task's training data. Tasks over OFA-format TSVs written here share image ids, as RefCOCOg's train shares
 COCO images with RefCOCO's testA; the mini world's images are all distinct."""
+
 from __future__ import annotations
 
 import base64
 import io
 import json
 
-import pytest
 import yaml
 from PIL import Image
 
 from common.config import load_config
-
-from common.errors import UserError
 from conftest import REPO, backbone_only, stage
 
 VE = yaml.safe_load((REPO / "configs/paper_tasks.yaml").read_text())["snli-ve"]  # OFA's SNLI-VE TSV layout
@@ -27,8 +25,10 @@ def tsv(path, ids):
         buf = io.BytesIO()
         Image.new("RGB", (32, 32), (image_id * 7 % 256, 40, 40)).save(buf, format="PNG")
         label = ("entailment", "contradiction", "neutral")[i % 3]
-        rows.append(f"{i}\t{image_id}\t{base64.urlsafe_b64encode(buf.getvalue()).decode()}\tthere is a red circle\t"
-                    f"premise\t{label}\n")
+        rows.append(
+            f"{i}\t{image_id}\t{base64.urlsafe_b64encode(buf.getvalue()).decode()}\tthere is a red circle\t"
+            f"premise\t{label}\n"
+        )
     path.write_text("".join(rows))
 
 
@@ -37,8 +37,10 @@ def profile(tmp_path, runs, **data) -> str:
     files = {name: {s: f"{name}/{s}.tsv" for s in ("train", "val", "test")} for name in ("ve-a", "ve-b")}
     cfg = yaml.safe_load((REPO / "configs/micro.yaml").read_text())
     cfg["runs_dir"] = str(runs)
-    cfg["tasks"] |= {"pool": ["ve-a", "ve-b", "nli"],
-                     "define": {name: {**VE, "files": f, "get": ""} for name, f in files.items()}}
+    cfg["tasks"] |= {
+        "pool": ["ve-a", "ve-b", "nli"],
+        "define": {name: {**VE, "files": f, "get": ""} for name, f in files.items()},
+    }
     cfg["data"] = {"root": str(tmp_path / "data"), **data}
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -46,7 +48,9 @@ def profile(tmp_path, runs, **data) -> str:
 
 
 def write_data(root):
-    tsv(root / "ve-a/train.tsv", [1, 1, 2, 10, 11, 12, 13, 14, 15, 16, 17, 18])  # 1, 2: ve-b's test; 10: its own
+    tsv(
+        root / "ve-a/train.tsv", [1, 1, 2, 10, 11, 12, 13, 14, 15, 16, 17, 18]
+    )  # 1, 2: ve-b's test; 10: its own
     tsv(root / "ve-a/val.tsv", [20, 21])
     tsv(root / "ve-a/test.tsv", [30, 31, 10])
     tsv(root / "ve-b/train.tsv", [40, 41, 42, 43, 44, 45, 46, 47, 30])  # 30: ve-a's test
@@ -54,7 +58,9 @@ def write_data(root):
     tsv(root / "ve-b/test.tsv", [1, 2, 3])
 
 
-def test_training_examples_that_show_a_scored_image_of_any_pool_task_are_left_out_counted_and_reported(micro, tmp_path):
+def test_training_examples_that_show_a_scored_image_of_any_pool_task_are_left_out_counted_and_reported(
+    micro, tmp_path
+):
     from common import data
     from common.report import overlap_note
 
@@ -94,17 +100,30 @@ def test_the_mini_world_shares_no_image_so_the_guard_changes_no_artifact(micro, 
     from common import data
 
     cfg = load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={micro[0]}"])
-    assert len(data.scored_images(cfg)) == 2 * (16 + 24)  # snli-ve's and shape's val and test: nli has no images
+    assert len(data.scored_images(cfg)) == 2 * (
+        16 + 24
+    )  # snli-ve's and shape's val and test: nli has no images
     for task in cfg.tasks.pool:
         assert data.train_rows(cfg, task)["dropped_scored_images"] == 0
     runs = backbone_only(micro, tmp_path / "runs")
-    code, out, err = stage("train_expert.py", "--task", "shape", "--config", "configs/micro.yaml", "seed=0",
-                           f"runs_dir={runs}", "data.exclude_scored_images=false")
+    code, out, err = stage(
+        "train_expert.py",
+        "--task",
+        "shape",
+        "--config",
+        "configs/micro.yaml",
+        "seed=0",
+        f"runs_dir={runs}",
+        "data.exclude_scored_images=false",
+    )
     assert code == 0, err
     weights = "experts/shape/adapter_model.safetensors"
     assert (runs / "micro" / weights).read_bytes() == (micro[1] / weights).read_bytes()
-    assert json.loads((micro[1] / "experts/shape/meta.json").read_text())["train_rows"] == \
-        {"rows": 64, "dropped_scored_images": 0, "used": 64}
+    assert json.loads((micro[1] / "experts/shape/meta.json").read_text())["train_rows"] == {
+        "rows": 64,
+        "dropped_scored_images": 0,
+        "used": 64,
+    }
 
 
 def test_the_mini_worlds_image_keys_are_drawn_without_the_images_from_the_same_stream():

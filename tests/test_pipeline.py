@@ -1,4 +1,5 @@
 """The four stages on the micro profile, end to end through `make all`, and what a user checks after."""
+
 import json
 import re
 import shutil
@@ -19,7 +20,9 @@ def test_make_all_writes_every_artifact(micro):
         e = rd / "experts" / name
         assert (e / "adapter_config.json").is_file() and (e / "adapter_model.safetensors").is_file()
         m = json.loads((e / "meta.json").read_text())
-        assert m["backbone"] and m["method"] == "lora" and "val_value" in m and m["config"]["profile"] == "micro"
+        assert (
+            m["backbone"] and m["method"] == "lora" and "val_value" in m and m["config"]["profile"] == "micro"
+        )
     assert json.loads((rd / f"experts/{NAME}/meta.json").read_text())["train_size"] == 8
     assert not (rd / "experts/snli-ve").exists()  # the target's full-data expert would leak its labels
     sim = json.loads((rd / f"similarity/{NAME}.json").read_text())
@@ -28,7 +31,14 @@ def test_make_all_writes_every_artifact(micro):
     for probs in w["groups"].values():
         assert abs(sum(probs.values()) - 1) < 1e-5
     res = json.loads((rd / f"results/{NAME}.json").read_text())
-    assert set(res["scores"]) == {"zero-shot", "target-only", "uniform-merge", "linear-merge", "ties-merge", "pi-tuning"}
+    assert set(res["scores"]) == {
+        "zero-shot",
+        "target-only",
+        "uniform-merge",
+        "linear-merge",
+        "ties-merge",
+        "pi-tuning",
+    }
     assert all(0 <= v <= 1 for v in res["scores"].values())
     assert out.count("| pi-tuning |") == 1  # make all prints the table, once
 
@@ -77,15 +87,15 @@ def test_second_make_does_no_work_and_a_deleted_expert_reruns_only_what_depends_
     assert "(0 Fisher computed, 3 cached)" in redo, redo
 
 
-
 def test_fisher_is_recomputed_only_for_a_changed_expert(micro_copy):
     from safetensors.torch import load_file, save_file
 
     runs = micro_copy[0]
     f = runs / "micro/experts/nli/adapter_model.safetensors"
     save_file({k: v * 1.5 for k, v in load_file(str(f)).items()}, str(f))
-    out = inproc("embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml",
-                 f"runs_dir={runs}").stdout
+    out = inproc(
+        "embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}"
+    ).stdout
     assert "(1 Fisher computed, 2 cached)" in out
 
 
@@ -98,8 +108,17 @@ def test_fisher_passes_repeat_the_few_shots_with_dropout_and_are_reproducible(mi
     c = json.loads(conf.read_text())
     c["text_config"]["dropout"] = 0.1
     conf.write_text(json.dumps(c))
-    cmd = ("python", "embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}",
-           "fisher.samples=16", "fisher.passes=4")  # the 8-shot target: 2 passes; the pool: one pass over 16
+    cmd = (
+        "python",
+        "embed_tasks.py",
+        "--target",
+        "snli-ve",
+        "--config",
+        "configs/micro.yaml",
+        f"runs_dir={runs}",
+        "fisher.samples=16",
+        "fisher.passes=4",
+    )  # the 8-shot target: 2 passes; the pool: one pass over 16
     assert "(3 Fisher computed, 0 cached)" in inproc(*cmd).stdout
     sim = json.loads((runs / f"micro/similarity/{NAME}.json").read_text())
     assert sim["fisher"]["passes"] == 4
@@ -137,17 +156,29 @@ def test_fisher_at_a_common_point_and_with_the_models_answers(micro_copy):
     f = runs / "micro/experts/shape/adapter_model.safetensors"
     save_file({k: v * 1.5 for k, v in load_file(str(f)).items()}, str(f))
     assert "(3 Fisher computed, 0 cached)" in inproc(*cmd, "fisher.at=pool-mean").stdout
-    assert not all(torch.equal(v, load_file(str(cached(fd, "nli", ".at-pool-mean")))[k]) for k, v in common["nli"].items())
+    assert not all(
+        torch.equal(v, load_file(str(cached(fd, "nli", ".at-pool-mean")))[k])
+        for k, v in common["nli"].items()
+    )
     inproc(*cmd, "fisher.answers=model")
-    assert all(torch.equal(v, load_file(str(cached(fd, "nli", ".model-answers")))[k]) for k, v in drawn.items())
+    assert all(
+        torch.equal(v, load_file(str(cached(fd, "nli", ".model-answers")))[k]) for k, v in drawn.items()
+    )
 
 
 def test_weight_embedding_needs_no_fisher_and_no_backbone_pass(micro_copy):
     runs = micro_copy[0]
     shutil.rmtree(runs / "micro/fisher")
     (runs / "micro/backbone/config.json").write_text("not a model config")  # a backbone pass would fail on it
-    out = inproc("embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml",
-                 f"runs_dir={runs}", "fisher.embedding=weights").stdout
+    out = inproc(
+        "embed_tasks.py",
+        "--target",
+        "snli-ve",
+        "--config",
+        "configs/micro.yaml",
+        f"runs_dir={runs}",
+        "fisher.embedding=weights",
+    ).stdout
     assert "(weight updates)" in out and not (runs / "micro/fisher").exists()
     sim = json.loads((runs / f"micro/similarity/{NAME}.json").read_text())
     assert sim["fisher"] == {"embedding": "weights"} and len(sim["top_k"]) == 2
@@ -179,7 +210,9 @@ def test_a_new_embedding_is_one_entry_in_each_registry(micro_copy, monkeypatch):
         return [torch.stack([w[k].norm() for k in sorted(w)]) for w in weights], "tensor norms"
 
     monkeypatch.setitem(EMBEDDINGS, "norms", Embedding("norms", "norms of the expert's tensors"))
-    monkeypatch.setitem(COMPUTE, "norms", Computed(norms, lambda a, b: torch.cosine_similarity(a, b, dim=0).item()))
+    monkeypatch.setitem(
+        COMPUTE, "norms", Computed(norms, lambda a, b: torch.cosine_similarity(a, b, dim=0).item())
+    )
     runs = micro_copy[0]
     args = ("embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}")
     assert "(tensor norms)" in inproc(*args, "fisher.embedding=norms").stdout
@@ -243,11 +276,15 @@ def test_the_transfer_rows_control_adds_nothing_and_stays_out_of_the_row(micro_c
     for k, v in a.items():
         b = weights[k.replace("lora_A", "lora_B")]
         assert v[:r].abs().sum() > 0 and b[:, :r].abs().sum() > 0  # the target's half trained
-        assert not v[r:].any() and not b[:, r:].any(), k  # the null half: still zero after training, in every site
+        assert not v[r:].any() and not b[:, r:].any(), (
+            k
+        )  # the null half: still zero after training, in every site
     p = inproc("evaluate.py", "--target", "snli-ve", "--transfer", *args)
     row = json.loads((rd / f"results/{NAME}.transfer.json").read_text())
     assert "null" not in row["transfer"] and "null" not in row["val_transfer"]
-    assert row["control"] == pytest.approx(row["scores"]["pair-null"] - row["scores"]["target-only"], abs=1e-4)
+    assert row["control"] == pytest.approx(
+        row["scores"]["pair-null"] - row["scores"]["target-only"], abs=1e-4
+    )
     assert "control (pair-null)" in p.stdout
     prompt = load_config("configs/micro.yaml", ["expert.method=prompt"])  # a soft token is never nothing
     with pytest.raises(UserError, match="expert.method=prompt has no expert that changes nothing"):
@@ -266,17 +303,28 @@ def test_stacking_learns_the_mix_on_held_out_examples_and_exports_the_full_exper
     runs, rd = micro_copy
     extra = "interpolate.holdout=0.5 interpolate.train_experts=false"
     out = make("all", runs_dir=runs, extra=extra).stdout
-    assert "--variant fold" in out and "--task nli" not in out and "--shots 8 --config" not in out  # the rest kept
+    assert (
+        "--variant fold" in out and "--task nli" not in out and "--shots 8 --config" not in out
+    )  # the rest kept
     cfg = load_config("configs/micro.yaml", [f"runs_dir={runs}", *extra.split()])
     train = data.train_split(cfg, "snli-ve", 8, 0)
     rest, held = data.fold_split(cfg, train, 0)
+
     def key(e):
         return e.prompt, e.answer, e.image.tobytes()
+
     assert len(rest) == len(held) == 4 and sorted(map(key, rest + held)) == sorted(map(key, train))
     fold = json.loads((rd / f"experts/{NAME}.fold/meta.json").read_text())
     meta = json.loads((rd / f"interpolated/{NAME}/meta.json").read_text())
-    assert fold["train_size"] == 4 and fold["holdout"] == 0.5 and (meta["mix_size"], meta["train_size"]) == (4, 8)
-    full, refit = load_expert_weights(rd / f"experts/{NAME}"), load_expert_weights(rd / f"experts/{NAME}.fold")
+    assert (
+        fold["train_size"] == 4
+        and fold["holdout"] == 0.5
+        and (meta["mix_size"], meta["train_size"]) == (4, 8)
+    )
+    full, refit = (
+        load_expert_weights(rd / f"experts/{NAME}"),
+        load_expert_weights(rd / f"experts/{NAME}.fold"),
+    )
     merged, r = load_expert_weights(rd / f"interpolated/{NAME}"), cfg.expert.r
     a_keys = [k for k in merged if "lora_A" in k]
     assert a_keys and all(not torch.equal(full[k], refit[k]) for k in a_keys)
@@ -288,11 +336,28 @@ def test_stacking_learns_the_mix_on_held_out_examples_and_exports_the_full_exper
     assert "--variant fold" in again and fold["holdout"] == 0.25 and fold["train_size"] == 6
     for made in (rd / "experts").glob(f"{NAME}.fold@*"):  # both holdouts' fold experts, kept side by side
         shutil.rmtree(made)
-    code, _, err = stage("interpolate.py", "--target", "snli-ve", "--config", "configs/micro.yaml",
-                         f"runs_dir={runs}", *extra.split())
+    code, _, err = stage(
+        "interpolate.py",
+        "--target",
+        "snli-ve",
+        "--config",
+        "configs/micro.yaml",
+        f"runs_dir={runs}",
+        *extra.split(),
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--variant fold" in err and "holdout" in err
-    code, _, err = stage("train_expert.py", "--task", "snli-ve", "--shots", "8", "--variant", "fold",
-                         "--config", "configs/micro.yaml", f"runs_dir={runs}")
+    code, _, err = stage(
+        "train_expert.py",
+        "--task",
+        "snli-ve",
+        "--shots",
+        "8",
+        "--variant",
+        "fold",
+        "--config",
+        "configs/micro.yaml",
+        f"runs_dir={runs}",
+    )
     assert code == 2 and "field 'interpolate.holdout' is 0" in err
 
 
@@ -303,19 +368,43 @@ def test_pi_tuning_artifact_loads_with_plain_peft(micro, micro_cfg):
     assert cfg.r == 3 * micro_cfg.expert.r  # one ordinary LoRA of rank k*r
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train_expert.py", "--task", "snli"], "unknown task 'snli' in --task"),
-    (["train_expert.py", "--config", "configs/nope.yaml", "--task", "nli"], "configs/nope.yaml: config file not found"),
-    (["train_expert.py", "--task", "nli", "expert.rank=3"], "unknown field 'expert.rank'"),
-    (["interpolate.py", "--target", "nli"], "missing similarity; run `.venv/bin/python embed_tasks.py --target nli"),
-    (["evaluate.py", "--target", "shape"], "missing interpolated expert"),
-    (["interpolate.py", "--target", "snli-ve", "interpolate.experts=[vqa]"], "interpolate.experts names 'vqa'"),
-    (["interpolate.py", "--target", "snli-ve", "--variant", "pi,randmo"], "--variant 'randmo': use pi, random"),
-    (["train_expert.py", "--task", "snli-ve", "--shots", "8", "--variant", "2x,ft"], "--variant '2x,ft': use 2x"),
-    (["train_expert.py", "--task", "nli", "--variant", "2x"], "with --shots"),
-    (["embed_tasks.py", "--target", "snli-ve", "--embedding", "fisher,weight"], "--embedding 'fisher,weight'"),
-    (["embed_tasks.py", "--target", "snli-ve", "fisher.passes=0"], "field 'fisher.passes' is 0; use a value 1 or more"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train_expert.py", "--task", "snli"], "unknown task 'snli' in --task"),
+        (
+            ["train_expert.py", "--config", "configs/nope.yaml", "--task", "nli"],
+            "configs/nope.yaml: config file not found",
+        ),
+        (["train_expert.py", "--task", "nli", "expert.rank=3"], "unknown field 'expert.rank'"),
+        (
+            ["interpolate.py", "--target", "nli"],
+            "missing similarity; run `.venv/bin/python embed_tasks.py --target nli",
+        ),
+        (["evaluate.py", "--target", "shape"], "missing interpolated expert"),
+        (
+            ["interpolate.py", "--target", "snli-ve", "interpolate.experts=[vqa]"],
+            "interpolate.experts names 'vqa'",
+        ),
+        (
+            ["interpolate.py", "--target", "snli-ve", "--variant", "pi,randmo"],
+            "--variant 'randmo': use pi, random",
+        ),
+        (
+            ["train_expert.py", "--task", "snli-ve", "--shots", "8", "--variant", "2x,ft"],
+            "--variant '2x,ft': use 2x",
+        ),
+        (["train_expert.py", "--task", "nli", "--variant", "2x"], "with --shots"),
+        (
+            ["embed_tasks.py", "--target", "snli-ve", "--embedding", "fisher,weight"],
+            "--embedding 'fisher,weight'",
+        ),
+        (
+            ["embed_tasks.py", "--target", "snli-ve", "fisher.passes=0"],
+            "field 'fisher.passes' is 0; use a value 1 or more",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(micro, args, message):
     config = [] if "--config" in args else ["--config", "configs/micro.yaml"]
     code, _, err = stage(*args, *config, f"runs_dir={micro[0]}")
@@ -326,13 +415,31 @@ def test_bad_input_is_one_line_and_exit_2(micro, args, message):
 def test_missing_and_corrupt_experts_are_named(micro, micro_copy):
     runs, rd = micro_copy
     (rd / "experts/nli/adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    p = inproc("interpolate.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}",
-               check=False)
-    assert p.returncode == 2 and re.search(r"experts/nli@\w+/adapter_model.safetensors: corrupt expert weights", p.stderr)
-    shutil.copy(micro[1] / "experts/nli/adapter_model.safetensors", rd / "experts/nli/adapter_model.safetensors")
+    p = inproc(
+        "interpolate.py",
+        "--target",
+        "snli-ve",
+        "--config",
+        "configs/micro.yaml",
+        f"runs_dir={runs}",
+        check=False,
+    )
+    assert p.returncode == 2 and re.search(
+        r"experts/nli@\w+/adapter_model.safetensors: corrupt expert weights", p.stderr
+    )
+    shutil.copy(
+        micro[1] / "experts/nli/adapter_model.safetensors", rd / "experts/nli/adapter_model.safetensors"
+    )
     shutil.rmtree((rd / "experts/shape").resolve())
-    p = inproc("embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}",
-               check=False)
+    p = inproc(
+        "embed_tasks.py",
+        "--target",
+        "snli-ve",
+        "--config",
+        "configs/micro.yaml",
+        f"runs_dir={runs}",
+        check=False,
+    )
     assert p.returncode == 2 and re.search(r"experts/shape@\w+/meta.json: missing expert", p.stderr)
     assert len(p.stderr.strip().splitlines()) == 1
 

@@ -1,10 +1,10 @@
 """Results you can trust: every figure comes from artifacts made under the config in force (stale ones are
 rebuilt by make, refused by a stage, left out of tables and the report), and bad values stop at the door."""
+
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import pytest
 import torch
@@ -35,7 +35,9 @@ NONEMPTY = [name for name, f, _ in schema_fields() if f.metadata.get("nonempty")
 
 
 def test_every_numeric_field_declares_its_range():
-    numeric = [name for name, _, d in schema_fields() if isinstance(d, (int, float)) and not isinstance(d, bool)]
+    numeric = [
+        name for name, _, d in schema_fields() if isinstance(d, (int, float)) and not isinstance(d, bool)
+    ]
     assert numeric and sorted(numeric) == sorted(name for name, _, _ in RANGED)
 
 
@@ -59,15 +61,24 @@ def test_every_list_that_must_hold_something_refuses_an_empty_one(name):
         load_config("configs/micro.yaml", [f"{name}=[]"])
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["interpolate.top_k=3"], "field 'interpolate.top_k' is 3, but tasks.pool has 2 tasks beside the target"),
-    (["tasks.pool=[snli-ve,nli,nli]"], "field 'tasks.pool' names a task twice"),
-    (["tasks.pool=[snli-ve,nli,null]"], "field 'tasks.pool' holds None, not a task name"),
-    (["tasks.pool=[snli-ve,nli,'null']"], "field 'tasks.pool' names a task 'null', the name of the transfer row's"),
-    (["backbone.heads=3"], "field 'backbone.heads' is 3, which does not divide backbone.d_model 32"),
-    (["backbone.vision_heads=[1,1]"], "field 'backbone.vision_heads' has 2 entries, vision_dims 3"),
-    (["expert.lr=.nan"], "field 'expert.lr' is nan; use a value 0 or more"),  # a range holds no NaN
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["interpolate.top_k=3"],
+            "field 'interpolate.top_k' is 3, but tasks.pool has 2 tasks beside the target",
+        ),
+        (["tasks.pool=[snli-ve,nli,nli]"], "field 'tasks.pool' names a task twice"),
+        (["tasks.pool=[snli-ve,nli,null]"], "field 'tasks.pool' holds None, not a task name"),
+        (
+            ["tasks.pool=[snli-ve,nli,'null']"],
+            "field 'tasks.pool' names a task 'null', the name of the transfer row's",
+        ),
+        (["backbone.heads=3"], "field 'backbone.heads' is 3, which does not divide backbone.d_model 32"),
+        (["backbone.vision_heads=[1,1]"], "field 'backbone.vision_heads' has 2 entries, vision_dims 3"),
+        (["expert.lr=.nan"], "field 'expert.lr' is nan; use a value 0 or more"),  # a range holds no NaN
+    ],
+)
 def test_fields_that_must_agree_are_checked_together(overrides, message):
     from common.config import load_config
     from common.errors import UserError
@@ -80,21 +91,36 @@ def files(root):
     return {p: p.stat().st_mtime_ns for p in root.rglob("*")}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train_expert.py", "--task", "snli-ve", "--shots", "-5"], "--shots -5: use 0"),
-    (["train_expert.py", "--task", "snli-ve", "--shots", "65"], "--shots is 65, but snli-ve's train split has 64"),
-    (["embed_tasks.py", "--target", "snli-ve", "tasks.pool=[]"], "field 'tasks.pool' is empty"),
-    # what a stage reads is this config's (its path carries the config's digest): another config's is not there,
-    # and the refusal names the command that makes it, as typed
-    (["embed_tasks.py", "--target", "snli-ve", "expert.r=2"], "missing expert; run `.venv/bin/python train_expert.py "
-                                                             "--task snli-ve --shots 8 --config configs/micro.yaml "),
-    (["interpolate.py", "--target", "snli-ve", "fisher.normalize=none"],
-     "missing similarity; run `.venv/bin/python embed_tasks.py --target snli-ve --config configs/micro.yaml "),
-    (["evaluate.py", "--target", "snli-ve", "interpolate.steps=3"],
-     "missing interpolated expert; run `.venv/bin/python interpolate.py --target snli-ve --config configs/micro.yaml "),
-    (["train_expert.py", "--task", "nli", "pretrain.steps=21"], "no backbone built under this config; run "
-                                                                "`.venv/bin/python train_expert.py --pretrain "),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train_expert.py", "--task", "snli-ve", "--shots", "-5"], "--shots -5: use 0"),
+        (
+            ["train_expert.py", "--task", "snli-ve", "--shots", "65"],
+            "--shots is 65, but snli-ve's train split has 64",
+        ),
+        (["embed_tasks.py", "--target", "snli-ve", "tasks.pool=[]"], "field 'tasks.pool' is empty"),
+        # what a stage reads is this config's (its path carries the config's digest): another config's is not there,
+        # and the refusal names the command that makes it, as typed
+        (
+            ["embed_tasks.py", "--target", "snli-ve", "expert.r=2"],
+            "missing expert; run `.venv/bin/python train_expert.py "
+            "--task snli-ve --shots 8 --config configs/micro.yaml ",
+        ),
+        (
+            ["interpolate.py", "--target", "snli-ve", "fisher.normalize=none"],
+            "missing similarity; run `.venv/bin/python embed_tasks.py --target snli-ve --config configs/micro.yaml ",
+        ),
+        (
+            ["evaluate.py", "--target", "snli-ve", "interpolate.steps=3"],
+            "missing interpolated expert; run `.venv/bin/python interpolate.py --target snli-ve --config configs/micro.yaml ",
+        ),
+        (
+            ["train_expert.py", "--task", "nli", "pretrain.steps=21"],
+            "no backbone built under this config; run `.venv/bin/python train_expert.py --pretrain ",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(micro, args, message):
     before = files(micro[0])
     code, _, err = stage(*args, *CONFIG, f"runs_dir={micro[0]}")
@@ -110,21 +136,40 @@ def test_the_command_a_refusal_names_works_as_typed(micro_copy):
     import sys
 
     runs = micro_copy[0]
-    code, _, err = stage("embed_tasks.py", "--target", "snli-ve", *CONFIG, f"runs_dir={runs}", "expert.steps=3")
+    code, _, err = stage(
+        "embed_tasks.py", "--target", "snli-ve", *CONFIG, f"runs_dir={runs}", "expert.steps=3"
+    )
     command = err.split("run `", 1)[1].split("`", 1)[0]
-    assert code == 2 and command.startswith(".venv/bin/python train_expert.py --task snli-ve --shots 8 --config "
-                                            "configs/micro.yaml ") and "expert.steps=3" in command
+    assert (
+        code == 2
+        and command.startswith(
+            ".venv/bin/python train_expert.py --task snli-ve --shots 8 --config configs/micro.yaml "
+        )
+        and "expert.steps=3" in command
+    )
     words = shlex.split(command)
     subprocess.run([sys.executable, *words[1:]], cwd=REPO, check=True, capture_output=True)
-    code, _, err = stage("embed_tasks.py", "--target", "snli-ve", *CONFIG, f"runs_dir={runs}", "expert.steps=3")
+    code, _, err = stage(
+        "embed_tasks.py", "--target", "snli-ve", *CONFIG, f"runs_dir={runs}", "expert.steps=3"
+    )
     assert code == 2 and "--task nli" in err  # the next one missing: the pool's experts of that config
 
 
 def test_a_nan_loss_stops_the_stage_and_writes_no_expert(micro_copy):
     runs, rd = micro_copy
     before = files(rd)
-    p = inproc("train_expert.py", "--task", "snli-ve", "--shots", "4", *CONFIG, f"runs_dir={runs}",
-               "expert.lr=1e9", "expert.grad_clip=0", check=False)
+    p = inproc(
+        "train_expert.py",
+        "--task",
+        "snli-ve",
+        "--shots",
+        "4",
+        *CONFIG,
+        f"runs_dir={runs}",
+        "expert.lr=1e9",
+        "expert.grad_clip=0",
+        check=False,
+    )
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert "expert snli-ve-4shot-s0: loss nan at step" in p.stderr and "lower expert.lr" in p.stderr
     assert files(rd) == before  # no expert directory, no temp directory beside it
@@ -140,11 +185,18 @@ def test_after_a_rebuilt_backbone_no_stage_uses_the_old_experts_or_fishers(micro
     old = [fisher_cache(before, n) for n in ("nli", NAME)]
     inproc("train_expert.py", "--pretrain", *CONFIG, f"runs_dir={runs}", "pretrain.steps=21")
     assert len(list(rd.glob("backbone@*"))) == 2  # the other backbone kept beside it
-    code, out, err = stage("embed_tasks.py", "--target", "snli-ve", *CONFIG, f"runs_dir={runs}", "pretrain.steps=21")
+    code, out, err = stage(
+        "embed_tasks.py", "--target", "snli-ve", *CONFIG, f"runs_dir={runs}", "pretrain.steps=21"
+    )
     assert code == 2 and "missing expert" in err and "cached" not in out
     after = load_config("configs/micro.yaml", [f"runs_dir={runs}", "pretrain.steps=21"])
-    for n, (path, _) in zip(("nli", NAME), old):  # an old Fisher is never found: it sits beside its expert's name@digest
-        assert path.name.startswith(expert_dir(before, n).name) and expert_dir(after, n).name != expert_dir(before, n).name
+    for n, (path, _) in zip(
+        ("nli", NAME), old
+    ):  # an old Fisher is never found: it sits beside its expert's name@digest
+        assert (
+            path.name.startswith(expert_dir(before, n).name)
+            and expert_dir(after, n).name != expert_dir(before, n).name
+        )
 
 
 def test_the_fisher_cache_key_holds_every_setting_that_changes_the_fisher(micro):
@@ -163,7 +215,10 @@ def test_the_fisher_cache_key_holds_every_setting_that_changes_the_fisher(micro)
     assert key("nli", "fisher.estimator=batch") != key("nli", "fisher.estimator=batch", "fisher.batch_size=2")
     for setting in ("fisher.samples=4", "fisher.passes=2"):
         assert key("nli") != key("nli", setting), setting
-    for setting in ("world.train_size=60", "data.train_size=9"):  # another expert (its own name@digest, its own Fisher)
+    for setting in (
+        "world.train_size=60",
+        "data.train_size=9",
+    ):  # another expert (its own name@digest, its own Fisher)
         assert expert("nli") != expert("nli", setting), setting
     for setting in ("world.val_size=9", "world.test_size=9", "data.val_size=9", "data.test_size=9"):
         assert key("nli") == key("nli", setting), setting  # the Fisher reads the train split alone
@@ -205,8 +260,11 @@ def test_runs_that_want_the_same_fishers_share_the_work(micro_copy, monkeypatch)
 
 
 def times(root):
-    return {p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in root.rglob("*")
-            if not p.is_symlink()}
+    return {
+        p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+        for p in root.rglob("*")
+        if not p.is_symlink()
+    }
 
 
 def test_an_override_then_the_default_again_rebuilds_nothing_and_keeps_both_results(micro_copy):
@@ -219,12 +277,20 @@ def test_an_override_then_the_default_again_rebuilds_nothing_and_keeps_both_resu
     assert "## configs/micro.yaml with interpolate.top_k=1 (this config)" in first
     again = make("all", runs_dir=runs).stdout
     assert ".py --" not in again.replace("evaluate.py --tables", "")  # nothing rebuilt
-    assert "## configs/micro.yaml as written (this config)" in again and "## configs/micro.yaml with interpolate.top_k=1" in again
+    assert (
+        "## configs/micro.yaml as written (this config)" in again
+        and "## configs/micro.yaml with interpolate.top_k=1" in again
+    )
     assert len(list((rd / "results").glob(f"{NAME}@*.json"))) == 2
-    assert ".py --" not in make("all", runs_dir=runs, extra="interpolate.top_k=1").stdout.replace("--tables", "")
+    assert ".py --" not in make("all", runs_dir=runs, extra="interpolate.top_k=1").stdout.replace(
+        "--tables", ""
+    )
     # (6) the two configs side by side, seed by seed: make compare
     table = make("compare", "AGAINST=interpolate.top_k=1", runs_dir=runs).stdout
-    assert "- A: configs/micro.yaml as written" in table and "- B: configs/micro.yaml with interpolate.top_k=1" in table
+    assert (
+        "- A: configs/micro.yaml as written" in table
+        and "- B: configs/micro.yaml with interpolate.top_k=1" in table
+    )
     assert "| 8-shot | pi-tuning |" in table and (rd / "compare-snli-ve.md").is_file()
 
 
@@ -238,7 +304,10 @@ def test_prune_drops_what_this_config_would_not_make_and_clean_drops_the_profile
     out = make("prune", runs_dir=runs).stdout
     gone = kept - {p for p in rd.rglob("*@*") if not p.is_symlink()}
     assert "removed" in out and gone and all(p.parent.name in ("interpolated", "results") for p in gone), gone
-    assert {p.name.split("@")[0] for p in gone} == {NAME, "snli-ve"}  # the interpolation, its result, its tables
+    assert {p.name.split("@")[0] for p in gone} == {
+        NAME,
+        "snli-ve",
+    }  # the interpolation, its result, its tables
     assert len(list((rd / "results").glob("snli-ve@*.md"))) == 1  # the config in force keeps its own tables
     assert ".py --" not in make("all", runs_dir=runs).stdout.replace("common.report", "")
     out = make("clean", runs_dir=runs).stdout
@@ -251,7 +320,9 @@ def test_make_n_writes_nothing(micro_copy):
     before = times(runs)
     plan = make("-n", "all", runs_dir=runs, extra="expert.steps=3").stdout
     assert "train_expert.py --task nli" in plan
-    plan = make("-n", "report", "REPORT_SHOTS=8", "TRANSFER_SHOTS=8", "REPORT_SEEDS=0 1", runs_dir=runs).stdout
+    plan = make(
+        "-n", "report", "REPORT_SHOTS=8", "TRANSFER_SHOTS=8", "REPORT_SEEDS=0 1", runs_dir=runs
+    ).stdout
     assert "--variant pairs" in plan and "seed=1" in plan
     assert times(runs) == before
 
@@ -269,10 +340,18 @@ def test_a_stage_run_by_hand_is_what_make_would_make(micro_copy):
 
 def test_the_pool_list_and_the_sampling_are_made_from_apart(micro_copy):
     runs = micro_copy[0]
-    plan = make("-n", "all", runs_dir=runs, extra="tasks.pool=[snli-ve,nli] interpolate.top_k=1").stdout  # dry run
-    assert "embed_tasks.py" in plan and "interpolate.py" in plan and "train_expert.py" not in plan  # no expert retrains
+    plan = make(
+        "-n", "all", runs_dir=runs, extra="tasks.pool=[snli-ve,nli] interpolate.top_k=1"
+    ).stdout  # dry run
+    assert (
+        "embed_tasks.py" in plan and "interpolate.py" in plan and "train_expert.py" not in plan
+    )  # no expert retrains
     plan = make("-n", "all", runs_dir=runs, extra="tasks.shots_per_class=true").stdout
-    assert "train_expert.py --task snli-ve --shots 8" in plan and "--task nli" not in plan and "--task shape" not in plan
+    assert (
+        "train_expert.py --task snli-ve --shots 8" in plan
+        and "--task nli" not in plan
+        and "--task shape" not in plan
+    )
 
 
 def test_larger_scored_splits_rescore_and_rebuild_nothing(micro_copy):
@@ -290,15 +369,33 @@ def test_a_new_task_defined_beside_a_built_pool_rebuilds_no_other_expert(micro_c
     import yaml
 
     runs = micro_copy[0]
-    rows = [{"premise": f"a {c} circle is at the top", "hypothesis": f"a {d} circle is at the top", "label": int(c != d)}
-            for c in ("red", "blue", "green") for d in ("red", "blue", "green")]
+    rows = [
+        {
+            "premise": f"a {c} circle is at the top",
+            "hypothesis": f"a {d} circle is at the top",
+            "label": int(c != d),
+        }
+        for c in ("red", "blue", "green")
+        for d in ("red", "blue", "green")
+    ]
     (tmp_path / "entail.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
-    define = {"my-entail": {"files": {"train": str(tmp_path / "entail.jsonl"), "test": str(tmp_path / "entail.jsonl")},
-                            "prompt": ' can text1 " {premise} " imply text2 " {hypothesis} "?', "answer": "label",
-                            "labels": {0: "yes", 1: "no"}}}
+    define = {
+        "my-entail": {
+            "files": {"train": str(tmp_path / "entail.jsonl"), "test": str(tmp_path / "entail.jsonl")},
+            "prompt": ' can text1 " {premise} " imply text2 " {hypothesis} "?',
+            "answer": "label",
+            "labels": {0: "yes", 1: "no"},
+        }
+    }
     config = tmp_path / "mine.yaml"  # micro, and one task of its own in the pool
-    config.write_text(yaml.safe_dump({"base": str(REPO / "configs/micro.yaml"),
-                                      "tasks": {"define": define, "pool": ["snli-ve", "nli", "shape", "my-entail"]}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(REPO / "configs/micro.yaml"),
+                "tasks": {"define": define, "pool": ["snli-ve", "nli", "shape", "my-entail"]},
+            }
+        )
+    )
     out = make("all", f"CONFIG={config}", runs_dir=runs).stdout
     assert "train_expert.py --task my-entail" in out and "--task nli" not in out and "--task shape" not in out
     assert "train_expert.py --task snli-ve --shots 8" not in out and "| pi-tuning |" in out
@@ -311,33 +408,70 @@ def test_digests_ignore_fields_at_their_default_and_how_an_artifact_is_made(tmp_
     from common.provenance import digest
 
     cfg = load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={tmp_path}"])
-    same = load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={tmp_path}", "expert.grad_accum=1",
-                                                            "expert.gradient_checkpointing=true",
-                                                            "interpolate.checkpoint_every=2", "threads=1"])
-    for kind, name in (("backbone", ""), ("expert", "nli"), ("expert", NAME), ("similarity", NAME),
-                       ("interpolated", NAME), ("result", NAME)):
+    same = load_config(
+        str(REPO / "configs/micro.yaml"),
+        [
+            f"runs_dir={tmp_path}",
+            "expert.grad_accum=1",
+            "expert.gradient_checkpointing=true",
+            "interpolate.checkpoint_every=2",
+            "threads=1",
+        ],
+    )
+    for kind, name in (
+        ("backbone", ""),
+        ("expert", "nli"),
+        ("expert", NAME),
+        ("similarity", NAME),
+        ("interpolated", NAME),
+        ("result", NAME),
+    ):
         assert digest(cfg, kind, name) == digest(same, kind, name), kind
     later = load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={tmp_path}", "expert.grad_accum=2"])
     assert digest(later, "expert", "nli") != digest(cfg, "expert", "nli")
     assert digest(later, "backbone") == digest(cfg, "backbone")
 
 
-ENTAIL = {"files": {"train": "e.jsonl", "test": "e.jsonl"}, "answer": "label", "labels": {0: "yes", 1: "no"},
-          "prompt": ' can text1 " {premise} " imply text2 " {hypothesis} "?'}
+ENTAIL = {
+    "files": {"train": "e.jsonl", "test": "e.jsonl"},
+    "answer": "label",
+    "labels": {0: "yes", 1: "no"},
+    "prompt": ' can text1 " {premise} " imply text2 " {hypothesis} "?',
+}
 
 
-@pytest.mark.parametrize("change, says", [
-    ("tasks.target_shots=1000", "field 'tasks.target_shots' is 1000, but snli-ve's train split has 64 examples"),
-    ("tasks.pool=[snli-ve,nli,shpe]", "unknown task 'shpe' in tasks.pool (override 'tasks.pool=[snli-ve,nli,shpe]')"),
-    ("interpolate.topk=3", "override 'interpolate.topk=3': unknown field 'interpolate.topk'"),
-    ("backbone.source=/nowhere/at/all", "backbone.source '/nowhere/at/all' is a path that does not exist"),
-    ("backbone.source=EMPTY", "is an empty directory"),
-    ("backbone.source=NOT_A_CHECKPOINT", "is not a checkpoint (no config.json in it)"),
-    ({"my-entail": ENTAIL | {"answer": "anwser"}}, "tasks.define.my-entail.answer: column 'anwser' is not in"),
-    ({"my-entail": ENTAIL | {"colum": "x"}}, "tasks.define.my-entail.colum is not a field of a task definition"),
-    ({"my-entail": ENTAIL | {"prompt": ' does " {premise} " entail " {hypothesis} "?'}},
-     "uses words the embedded backbone's vocabulary lacks: entail; it has the mini world's"),
-])
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        (
+            "tasks.target_shots=1000",
+            "field 'tasks.target_shots' is 1000, but snli-ve's train split has 64 examples",
+        ),
+        (
+            "tasks.pool=[snli-ve,nli,shpe]",
+            "unknown task 'shpe' in tasks.pool (override 'tasks.pool=[snli-ve,nli,shpe]')",
+        ),
+        ("interpolate.topk=3", "override 'interpolate.topk=3': unknown field 'interpolate.topk'"),
+        (
+            "backbone.source=/nowhere/at/all",
+            "backbone.source '/nowhere/at/all' is a path that does not exist",
+        ),
+        ("backbone.source=EMPTY", "is an empty directory"),
+        ("backbone.source=NOT_A_CHECKPOINT", "is not a checkpoint (no config.json in it)"),
+        (
+            {"my-entail": ENTAIL | {"answer": "anwser"}},
+            "tasks.define.my-entail.answer: column 'anwser' is not in",
+        ),
+        (
+            {"my-entail": ENTAIL | {"colum": "x"}},
+            "tasks.define.my-entail.colum is not a field of a task definition",
+        ),
+        (
+            {"my-entail": ENTAIL | {"prompt": ' does " {premise} " entail " {hypothesis} "?'}},
+            "uses words the embedded backbone's vocabulary lacks: entail; it has the mini world's",
+        ),
+    ],
+)
 def test_every_config_error_stops_make_before_the_first_stage_in_one_line(tmp_path, change, says):
     """(5) What a stage would find only after the backbone and the pool experts trained, make refuses before
     running any: one line, exit 2, nothing written."""
@@ -346,14 +480,18 @@ def test_every_config_error_stops_make_before_the_first_stage_in_one_line(tmp_pa
     (tmp_path / "EMPTY").mkdir()
     (tmp_path / "NOT_A_CHECKPOINT").mkdir()
     (tmp_path / "NOT_A_CHECKPOINT/model.safetensors").write_bytes(b"")
-    (tmp_path / "e.jsonl").write_text(json.dumps({"premise": "a red circle", "hypothesis": "a circle", "label": 0}) + "\n")
+    (tmp_path / "e.jsonl").write_text(
+        json.dumps({"premise": "a red circle", "hypothesis": "a circle", "label": 0}) + "\n"
+    )
     config = tmp_path / "mine.yaml"
     base = {"base": str(REPO / "configs/micro.yaml"), "data": {"root": str(tmp_path)}}
     extra = ""
     if isinstance(change, dict):
         base["tasks"] = {"define": change, "pool": ["snli-ve", "nli", "my-entail"]}
     else:
-        extra = change.replace("EMPTY", str(tmp_path / "EMPTY")).replace("NOT_A_CHECKPOINT", str(tmp_path / "NOT_A_CHECKPOINT"))
+        extra = change.replace("EMPTY", str(tmp_path / "EMPTY")).replace(
+            "NOT_A_CHECKPOINT", str(tmp_path / "NOT_A_CHECKPOINT")
+        )
     config.write_text(yaml.safe_dump(base))
     p = make("all", f"CONFIG={config}", runs_dir=tmp_path / "runs", extra=extra, check=False)
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
@@ -380,4 +518,6 @@ def test_each_pool_expert_is_merged_at_its_own_saved_scale(micro_copy):
     after = load_pool(cfg, [NAME, "nli"])
     assert any(not torch.equal(v, load_file(str(weights))[k]) for k, v in after[1].items())  # B was rescaled
     for old, new in zip(before, after):
-        assert old.keys() == new.keys() and all(torch.allclose(old[k], new[k], atol=0, rtol=1e-6) for k in old)
+        assert old.keys() == new.keys() and all(
+            torch.allclose(old[k], new[k], atol=0, rtol=1e-6) for k in old
+        )

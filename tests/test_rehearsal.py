@@ -2,6 +2,7 @@
 Florence-2-base's conventions and data files in the catalogue's layouts. What a user of a real checkpoint checks:
 that the harness scores and generates what the checkpoint itself does, and that the files read as the catalogue
 says. The rehearsal end to end under make, single- and two-process, is in the `slow` group (make test-slow)."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,9 @@ def florence(assets):
     from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
     path = assets / "florence-2-rehearsal"
-    return Florence2ForConditionalGeneration.from_pretrained(str(path)).eval(), AutoProcessor.from_pretrained(str(path))
+    return Florence2ForConditionalGeneration.from_pretrained(str(path)).eval(), AutoProcessor.from_pretrained(
+        str(path)
+    )
 
 
 def test_the_rehearsal_checkpoint_has_florence_2_bases_conventions(rehearsal):
@@ -29,7 +32,12 @@ def test_the_rehearsal_checkpoint_has_florence_2_bases_conventions(rehearsal):
     tok, gen = processor.tokenizer, model.generation_config
     assert [tok.convert_ids_to_tokens(i) for i in range(4)] == ["<s>", "<pad>", "</s>", "<unk>"]
     assert tok.convert_tokens_to_ids("<loc_999>") - tok.convert_tokens_to_ids("<loc_0>") == 999
-    assert (gen.decoder_start_token_id, gen.forced_bos_token_id, gen.eos_token_id, gen.num_beams) == (2, 0, 2, 3)
+    assert (gen.decoder_start_token_id, gen.forced_bos_token_id, gen.eos_token_id, gen.num_beams) == (
+        2,
+        0,
+        2,
+        3,
+    )
     ex = data.split(rehearsal_config(rehearsal), "snli-ve", "test")[0]
     inputs = processor(text=[ex.prompt], images=[ex.image], return_tensors="pt")
     assert inputs["pixel_values"].shape[-2:] == (768, 768)
@@ -48,8 +56,12 @@ def test_the_rehearsal_files_read_as_the_catalogue_describes_them(rehearsal):
     cfg = rehearsal_config(rehearsal)
     size = {(t, s): len(data.split(cfg, t, s)) for t in cfg.tasks.pool for s in ("train", "val", "test")}
     assert size["snli-ve", "train"] % 4 == 1 and size["oxford-pets", "train"] % 4 == 1
-    assert size["refcoco", "train"] == 19 and size["caption", "train"] == 21  # 21 written: 2 shared with VQA's test
-    assert size["rte", "train"] + size["rte", "val"] == 30 and size["vqa", "test"] == 11  # val carved from train
+    assert (
+        size["refcoco", "train"] == 19 and size["caption", "train"] == 21
+    )  # 21 written: 2 shared with VQA's test
+    assert (
+        size["rte", "train"] + size["rte", "val"] == 30 and size["vqa", "test"] == 11
+    )  # val carved from train
     vqa = data.split(cfg, "vqa", "test")[0]
     assert vqa.refs.count(vqa.answer) >= 3 and len(set(vqa.refs) - {vqa.answer, ""}) == 1  # conf 1.0 and 0.3
     box = data.split(cfg, "refcoco", "test")[0].answer
@@ -76,7 +88,9 @@ def harness_logprobs(model, processor, exs, answers) -> torch.Tensor:
     enc = Encoder(processor, generation=model.generation_config)
     index = torch.tensor([i for i in range(len(exs)) for _ in answers])
     with torch.no_grad():
-        return candidate_logprobs(model, enc.inputs(exs), index, enc.labels(answers * len(exs)), len(enc.forced))
+        return candidate_logprobs(
+            model, enc.inputs(exs), index, enc.labels(answers * len(exs)), len(enc.forced)
+        )
 
 
 @pytest.mark.parametrize("task", ["snli-ve", "rte"])
@@ -95,8 +109,11 @@ def test_candidate_scores_are_the_florence_checkpoints_own_logprobs(rehearsal, t
     tok = ref_processor.tokenizer
     k = 0
     for ex in exs:
-        inputs = ref_processor(text=[ex.prompt], images=[ex.image], return_tensors="pt") if ex.image is not None \
-            else tok([ex.prompt], return_tensors="pt")  # <s> prompt </s>
+        inputs = (
+            ref_processor(text=[ex.prompt], images=[ex.image], return_tensors="pt")
+            if ex.image is not None
+            else tok([ex.prompt], return_tensors="pt")
+        )  # <s> prompt </s>
         for a in answers:
             theirs = logprob_by_forward(ref, inputs, [2, 0], tok(a, add_special_tokens=False)["input_ids"], 2)
             assert ours[k].item() == pytest.approx(theirs, abs=1e-5), (ex.prompt, a)
@@ -112,7 +129,10 @@ def test_candidate_scores_are_a_t5_checkpoints_own_logprobs(t5_dir):
 
     exs = data.examples("nli", "test", WorldConfig(), 3)
     answers = list(data.TASKS["nli"].candidates)
-    model, tok = AutoModelForSeq2SeqLM.from_pretrained(str(t5_dir)).eval(), AutoTokenizer.from_pretrained(str(t5_dir))
+    model, tok = (
+        AutoModelForSeq2SeqLM.from_pretrained(str(t5_dir)).eval(),
+        AutoTokenizer.from_pretrained(str(t5_dir)),
+    )
     ours = harness_logprobs(model, tok, exs, answers)
     k = 0
     for ex in exs:
@@ -129,11 +149,12 @@ def test_answers_are_what_the_checkpoint_generates(rehearsal):
     experts and sampling starts as generate does, and decodes as generate does greedily."""
     import copy
 
+    from transformers.modeling_outputs import BaseModelOutput
+
     from common import data
     from common.backbone import load_backbone
     from common.data import Encoder
     from common.metrics import _encode, _greedy, generate_answers
-    from transformers.modeling_outputs import BaseModelOutput
 
     cfg = rehearsal_config(rehearsal)
     exs = list(data.split(cfg, "vqa", "test")[:4])
@@ -142,12 +163,17 @@ def test_answers_are_what_the_checkpoint_generates(rehearsal):
     ours = generate_answers(model, enc, exs, batch_size=4, max_new_tokens=12)
     ref, ref_processor = florence(rehearsal)
     tok = ref_processor.tokenizer
-    inputs = ref_processor(text=[e.prompt for e in exs], images=[e.image for e in exs], return_tensors="pt",
-                           padding=True)
+    inputs = ref_processor(
+        text=[e.prompt for e in exs], images=[e.image for e in exs], return_tensors="pt", padding=True
+    )
 
     def text(ids):
-        return [tok.convert_tokens_to_string([t for t in tok.convert_ids_to_tokens(row)
-                                              if t not in ("<s>", "</s>", "<pad>")]).strip() for row in ids.tolist()]
+        return [
+            tok.convert_tokens_to_string(
+                [t for t in tok.convert_ids_to_tokens(row) if t not in ("<s>", "</s>", "<pad>")]
+            ).strip()
+            for row in ids.tolist()
+        ]
 
     with torch.no_grad():
         assert ours == text(ref.generate(**inputs, max_new_tokens=12))
@@ -172,14 +198,23 @@ def test_make_all_rehearsal_single_and_two_processes(rehearsal, tmp_path):
     for name, launch in (("one", ""), ("two", "torchrun --nproc_per_node 2")):
         runs[name] = tmp_path / name
         for target in ("snli-ve", "rte"):
-            p = run("make", "all", "PROFILE=rehearsal", f"TARGET={target}", "STAMP=", f"PY={sys.executable}",
-                    f"REHEARSAL_ASSETS={rehearsal}", f"LAUNCH={launch}",
-                    f"OVERRIDES=runs_dir={runs[name]} backbone.source={rehearsal / 'florence-2-rehearsal'} "
-                    f"data.root={rehearsal / 'data'}")
+            p = run(
+                "make",
+                "all",
+                "PROFILE=rehearsal",
+                f"TARGET={target}",
+                "STAMP=",
+                f"PY={sys.executable}",
+                f"REHEARSAL_ASSETS={rehearsal}",
+                f"LAUNCH={launch}",
+                f"OVERRIDES=runs_dir={runs[name]} backbone.source={rehearsal / 'florence-2-rehearsal'} "
+                f"data.root={rehearsal / 'data'}",
+            )
             assert f"| {target} (test accuracy) | full data (1 seed) |" in make_output(p)
     one, two = runs["one"] / "rehearsal", runs["two"] / "rehearsal"
-    folders = sorted(p.relative_to(one) for p in (one / "experts").glob("*@*")) + \
-        sorted(p.relative_to(one) for p in (one / "interpolated").glob("*@*"))
+    folders = sorted(p.relative_to(one) for p in (one / "experts").glob("*@*")) + sorted(
+        p.relative_to(one) for p in (one / "interpolated").glob("*@*")
+    )
     assert len(folders) == 6 + 2 + 2  # the pool's, the two targets', the two interpolated
     for d in folders:
         a, b = tensors(one / d), tensors(two / d)
@@ -193,4 +228,8 @@ def test_make_all_rehearsal_single_and_two_processes(rehearsal, tmp_path):
     assert [f.name for f in results] == ["rte-full-s0.json", "snli-ve-full-s0.json"]
     for f in results:
         a, b = json.loads(f.read_text()), json.loads((two / "results" / f.name).read_text())
-        assert a["scores"] == b["scores"] and a["experts"] == b["experts"] and a["test_size"] == b["test_size"] == 11
+        assert (
+            a["scores"] == b["scores"]
+            and a["experts"] == b["experts"]
+            and a["test_size"] == b["test_size"] == 11
+        )

@@ -1,4 +1,5 @@
 """make report: every baseline, the transfer matrix row, and a report with its plots (micro profile)."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,9 @@ from common.report import pack, paired_ci, unpack
 from conftest import cached, inproc, run
 
 # the default leaves out the three that compute the pool's Fishers anew
-EVERY_EMBEDDING = "EMBED_AS=fisher weights prototypes fisher-batch fisher-raw fisher-passes fisher-common fisher-model"
+EVERY_EMBEDDING = (
+    "EMBED_AS=fisher weights prototypes fisher-batch fisher-raw fisher-passes fisher-common fisher-model"
+)
 
 
 def test_spearman_matches_hand_computed_ranks():
@@ -45,12 +48,23 @@ def test_paired_bootstrap_interval_holds_the_gain_and_says_tie_for_noise():
     assert 0 < lo < 0.02 < hi < 0.04 and verdict((lo, hi)) == "win"
     assert paired_ci(clear, "a", "b") == (lo, hi)
     assert paired_ci(clear, "b", "c") == (0.0, 0.0)
-    noise = [{"per_example": {"test": {"a": pack([float(rng.random() < 0.6) for _ in range(400)]),
-                                       "b": pack([float(rng.random() < 0.6) for _ in range(400)])}}} for _ in range(5)]
+    noise = [
+        {
+            "per_example": {
+                "test": {
+                    "a": pack([float(rng.random() < 0.6) for _ in range(400)]),
+                    "b": pack([float(rng.random() < 0.6) for _ in range(400)]),
+                }
+            }
+        }
+        for _ in range(5)
+    ]
     lo, hi = paired_ci(noise, "a", "b")
     assert lo < 0 < hi and verdict((lo, hi)) == "tie" and verdict((-0.02, -0.01)) == "loss"
     assert paired_ci(clear + [{"per_example": {}}], "a", "b") is None  # a run without them: no interval
-    assert paired_ci(clear[:1], "a", "b") is None and verdict(None) == "-"  # one seed: its variance is unknown
+    assert (
+        paired_ci(clear[:1], "a", "b") is None and verdict(None) == "-"
+    )  # one seed: its variance is unknown
     assert unpack(pack([1.0, 0.0, 1.0])) == [1.0, 0.0, 1.0] and pack([0.5, 1.0]) == [0.5, 1.0]
 
 
@@ -73,8 +87,12 @@ def test_the_interval_covers_the_true_gain_95_percent_of_the_time_where_seeds_sh
     rng = np.random.default_rng(0)
     new = old = 0
     for study in range(300):
-        d = (gain + rng.normal(0, 0.1, examples)[None] + rng.normal(0, 0.003, seeds)[:, None]
-             + rng.normal(0, 0.05, (seeds, examples)))
+        d = (
+            gain
+            + rng.normal(0, 0.1, examples)[None]
+            + rng.normal(0, 0.003, seeds)[:, None]
+            + rng.normal(0, 0.05, (seeds, examples))
+        )
         lo, hi = hierarchical_interval(d, seed=study)
         new += lo <= gain <= hi
         lo, hi = old_interval(d, rng)
@@ -94,11 +112,30 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
     import sys
 
     runs = micro_copy[0]  # the session's micro run, so only the study's extra runs train here
-    p = run("make", "report", "PROFILE=micro", f"PY={sys.executable}", "STAMP=", "REPORT_SHOTS=8", "REPORT_SEEDS=0",
-            "TRANSFER_SHOTS=8", EVERY_EMBEDDING, f"OVERRIDES=runs_dir={runs}")
+    p = run(
+        "make",
+        "report",
+        "PROFILE=micro",
+        f"PY={sys.executable}",
+        "STAMP=",
+        "REPORT_SHOTS=8",
+        "REPORT_SEEDS=0",
+        "TRANSFER_SHOTS=8",
+        EVERY_EMBEDDING,
+        f"OVERRIDES=runs_dir={runs}",
+    )
     result = json.loads((runs / "micro/results/snli-ve-8shot-s0.json").read_text())
-    assert {"target-only-2x", "full-ft", "linear-merge", "ties-merge", "pi-random", "pi-frozen", "pi-oracle",
-            "pair-nli", "pair-shape"} <= set(result["scores"]), p.stdout[-2000:]
+    assert {
+        "target-only-2x",
+        "full-ft",
+        "linear-merge",
+        "ties-merge",
+        "pi-random",
+        "pi-frozen",
+        "pi-oracle",
+        "pair-nli",
+        "pair-shape",
+    } <= set(result["scores"]), p.stdout[-2000:]
     assert set(result["transfer"]) == {"nli", "shape"}
     best = max(result["transfer"], key=result["transfer"].get)
     assert result["experts_by_method"]["pi-oracle"][1] == best  # the oracle ranks by measured transfer
@@ -109,18 +146,43 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
     # and the retrieval study's Fisher variants: the original's batch estimator (its own cache beside the
     # per-sample one), raw values, and subsets of the tensors
     fisher = runs / "micro/fisher"
-    for expert, variant in (("snli-ve-8shot-s0", ".batch"), ("snli-ve-8shot-s0", ""), ("snli-ve-8shot-s0", ".passes4"),
-                            ("snli-ve-8shot-s0", ".at-pool-mean"), ("nli", ".model-answers")):
+    for expert, variant in (
+        ("snli-ve-8shot-s0", ".batch"),
+        ("snli-ve-8shot-s0", ""),
+        ("snli-ve-8shot-s0", ".passes4"),
+        ("snli-ve-8shot-s0", ".at-pool-mean"),
+        ("nli", ".model-answers"),
+    ):
         assert cached(fisher, expert, variant).is_file()
-    for emb in ("retrieval (fisher)", "fisher", "weights", "prototypes", "fisher-batch", "fisher-raw", "fisher-passes",
-                "fisher-common", "fisher-model", "fisher: lora_A only", "fisher: decoder only"):
+    for emb in (
+        "retrieval (fisher)",
+        "fisher",
+        "weights",
+        "prototypes",
+        "fisher-batch",
+        "fisher-raw",
+        "fisher-passes",
+        "fisher-common",
+        "fisher-model",
+        "fisher: lora_A only",
+        "fisher: decoder only",
+    ):
         assert f"| 8 | {emb} | val | 1 |" in report and f"| 8 | {emb} | test | 1 |" in report
     # the methods choices are made among scored on validation too, each example's score kept (their mean is
     # the score), and the paired gains given an interval
-    assert set(result["val_scores"]) == {"target-only", "pi-tuning", "pi-random", "pi-frozen", "pair-nli", "pair-shape",
-                                         "pair-null"}
+    assert set(result["val_scores"]) == {
+        "target-only",
+        "pi-tuning",
+        "pi-random",
+        "pi-frozen",
+        "pair-nli",
+        "pair-shape",
+        "pair-null",
+    }
     # the row's control (an expert that adds nothing) is measured beside it and shown, not ranked as an expert
-    assert result["control"] == pytest.approx(result["scores"]["pair-null"] - result["scores"]["target-only"], abs=1e-4)
+    assert result["control"] == pytest.approx(
+        result["scores"]["pair-null"] - result["scores"]["target-only"], abs=1e-4
+    )
     assert "| control: `pair-null`, nothing added |" in report
     assert set(result["val_transfer"]) == {"nli", "shape"}
     for split, key in (("test", "scores"), ("val", "val_scores")):
@@ -136,24 +198,67 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
     solo = tmp_path / "solo"
     shutil.copytree(runs, solo, symlinks=True)
     args = ("--config", "configs/micro.yaml", "tasks.target_shots=8", "threads=1", f"runs_dir={solo}")  # one
-    alone = {"interpolated/snli-ve-8shot-s0.pair-shape": ("interpolate.py", "--target", "snli-ve", "--variant",
-                                                          "pair-shape"),  # thread per stage, as make report
-             "interpolated/snli-ve-8shot-s0.frozen": ("interpolate.py", "--target", "snli-ve", "--variant", "frozen"),
-             "experts/snli-ve-8shot-s0.full-ft": ("train_expert.py", "--task", "snli-ve", "--shots", "8", "--variant",
-                                                  "full-ft")}
+    alone = {
+        "interpolated/snli-ve-8shot-s0.pair-shape": (
+            "interpolate.py",
+            "--target",
+            "snli-ve",
+            "--variant",
+            "pair-shape",
+        ),  # thread per stage, as make report
+        "interpolated/snli-ve-8shot-s0.frozen": (
+            "interpolate.py",
+            "--target",
+            "snli-ve",
+            "--variant",
+            "frozen",
+        ),
+        "experts/snli-ve-8shot-s0.full-ft": (
+            "train_expert.py",
+            "--task",
+            "snli-ve",
+            "--shots",
+            "8",
+            "--variant",
+            "full-ft",
+        ),
+    }
     for d, cmd in alone.items():
         shutil.rmtree((solo / "micro" / d).resolve())  # the artifact its readable name links to
         inproc(*cmd, *args)
         weights = [next((r / "micro" / d).glob("*.safetensors")) for r in (runs, solo)]
         together, made_alone = (load_file(str(f)) for f in weights)
-        assert together.keys() == made_alone.keys() and all(torch.equal(together[k], made_alone[k]) for k in together), d
-    again = run("make", "-n", "report", "PROFILE=micro", f"PY={sys.executable}", "STAMP=", "REPORT_SHOTS=8",
-                "REPORT_SEEDS=0", "TRANSFER_SHOTS=8", EVERY_EMBEDDING, f"OVERRIDES=runs_dir={runs}")
+        assert together.keys() == made_alone.keys() and all(
+            torch.equal(together[k], made_alone[k]) for k in together
+        ), d
+    again = run(
+        "make",
+        "-n",
+        "report",
+        "PROFILE=micro",
+        f"PY={sys.executable}",
+        "STAMP=",
+        "REPORT_SHOTS=8",
+        "REPORT_SEEDS=0",
+        "TRANSFER_SHOTS=8",
+        EVERY_EMBEDDING,
+        f"OVERRIDES=runs_dir={runs}",
+    )
     assert "interpolate.py" not in again.stdout and "train_expert.py" not in again.stdout  # nothing to redo
 
     # the study over two targets, one config: snli-ve's runs are those above (nothing redone), nli's are made
-    p = run("make", "study", "PROFILE=micro", f"PY={sys.executable}", "STAMP=", "TARGETS=snli-ve nli", "REPORT_SHOTS=8",
-            "REPORT_SEEDS=0", "TRANSFER_SHOTS=8", f"OVERRIDES=runs_dir={runs}")
+    p = run(
+        "make",
+        "study",
+        "PROFILE=micro",
+        f"PY={sys.executable}",
+        "STAMP=",
+        "TARGETS=snli-ve nli",
+        "REPORT_SHOTS=8",
+        "REPORT_SEEDS=0",
+        "TRANSFER_SHOTS=8",
+        f"OVERRIDES=runs_dir={runs}",
+    )
     assert "--task snli-ve --shots 8" not in p.stdout and "--target nli" in p.stdout, p.stdout[-3000:]
     nli = json.loads((runs / "micro/results/nli-8shot-s0.json").read_text())
     assert set(nli["transfer"]) == {"snli-ve", "shape"} and "pi-random" in nli["scores"]
@@ -161,8 +266,9 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
     for t in ("snli-ve", "nli"):
         assert f"| {t} | 8-shot | target-only | " in study and f"| {t} | 8-shot | pi-random | " in study
         assert f"| {t} | 8-shot | prototypes | " in study and (runs / f"micro/study/{t}.md").is_file()
-        assert (runs / f"micro/study/{t}/accuracy_vs_shots.png").is_file() and f"({t}/accuracy_vs_shots.png)" in \
-            (runs / f"micro/study/{t}.md").read_text()
+        assert (
+            runs / f"micro/study/{t}/accuracy_vs_shots.png"
+        ).is_file() and f"({t}/accuracy_vs_shots.png)" in (runs / f"micro/study/{t}.md").read_text()
     assert re.search(r"\| fisher-common \| 2 \| [-+.\d]+ \| [-+.\d]+ \| [.\d]+ \|", study)
     assert "Best on validation: **" in study
     assert (runs / "micro/study/transfer_matrix.png").read_bytes()[:4] == b"\x89PNG"
@@ -177,20 +283,34 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
     path.write_text(json.dumps(flat))
     write_report(load_config("configs/micro.yaml", [f"runs_dir={runs}"]), "snli-ve")
     report = (runs / "micro/report.md").read_text()
-    assert "| 8 | weights | val | 0 of 1 | - | undefined |" in report and "Undefined: every transfer" in report
+    assert (
+        "| 8 | weights | val | 0 of 1 | - | undefined |" in report and "Undefined: every transfer" in report
+    )
     assert "nan" not in report
     # and in the study beside a target with a ranking: that one alone is averaged across targets
     write_study(load_config("configs/micro.yaml", [f"runs_dir={runs}"]), ["snli-ve", "nli"])
     study = (runs / "micro/study.md").read_text()
-    assert "| snli-ve | 8-shot | weights | undefined | undefined | - |" in study and "to snli-ve was the same" in study
+    assert (
+        "| snli-ve | 8-shot | weights | undefined | undefined | - |" in study
+        and "to snli-ve was the same" in study
+    )
     assert re.search(r"\| weights \| 1 \| [-+.\d]+ \| [-+.\d]+ \| [.\d]+ \|", study) and "nan" not in study
 
     # the pool grows by a task: its expert, the retrieval and π-Tuning's runs are made again, and of the transfer
     # row only the new pair run; the others, made from the same two experts as before, stay and count in the row
     pair = "micro/interpolated/snli-ve-8shot-s0.pair-{}/meta.json"
     before = {t: (runs / pair.format(t)).stat().st_mtime_ns for t in ("nli", "shape", "null")}
-    p = run("make", "report", "PROFILE=micro", f"PY={sys.executable}", "STAMP=", "REPORT_SHOTS=8", "REPORT_SEEDS=0",
-            "TRANSFER_SHOTS=8", f"OVERRIDES=runs_dir={runs} tasks.pool=[snli-ve,nli,shape,colour]")
+    p = run(
+        "make",
+        "report",
+        "PROFILE=micro",
+        f"PY={sys.executable}",
+        "STAMP=",
+        "REPORT_SHOTS=8",
+        "REPORT_SEEDS=0",
+        "TRANSFER_SHOTS=8",
+        f"OVERRIDES=runs_dir={runs} tasks.pool=[snli-ve,nli,shape,colour]",
+    )
     assert "train_expert.py --task colour" in p.stdout and "--variant pairs " in p.stdout, p.stdout[-3000:]
     assert "interpolated snli-ve-8shot-s0.pair-colour@" in p.stdout and "pair-nli@" not in p.stdout
     assert {t: (runs / pair.format(t)).stat().st_mtime_ns for t in before} == before
@@ -202,16 +322,26 @@ def test_the_transfer_row_names_the_experts_that_hurt_and_the_spread_against_tar
     from common.report import transfer_row
 
     def run(seed, base, transfer):
-        return {"shots": 64, "seed": seed, "scores": {"target-only": base}, "transfer": transfer, "control": 0.001}
+        return {
+            "shots": 64,
+            "seed": seed,
+            "scores": {"target-only": base},
+            "transfer": transfer,
+            "control": 0.001,
+        }
 
-    runs = [run(0, 0.60, {"helps": 0.020, "hurts": -0.010, "noisy": -0.020, "flat": 0.0}),
-            run(1, 0.62, {"helps": 0.030, "hurts": -0.014, "noisy": 0.030, "flat": 0.0}),
-            run(2, 0.64, {"helps": 0.025, "hurts": -0.012, "noisy": -0.060, "flat": 0.0})]
+    runs = [
+        run(0, 0.60, {"helps": 0.020, "hurts": -0.010, "noisy": -0.020, "flat": 0.0}),
+        run(1, 0.62, {"helps": 0.030, "hurts": -0.014, "noisy": 0.030, "flat": 0.0}),
+        run(2, 0.64, {"helps": 0.025, "hurts": -0.012, "noisy": -0.060, "flat": 0.0}),
+    ]
     row = transfer_row(runs)
     # target-only's seed std 0.020; best helps +0.025, worst noisy -0.017 (its std 0.045): spread 0.042 = 2.1x;
     # only 'hurts' is below 0 by more than its std ('noisy' is lower on average, but inside its noise)
-    assert row == ("| 64-shot | 3 | 0.020 | +0.001 ± 0.000 | helps +0.025 ± 0.005 | noisy -0.017 ± 0.045 | "
-                   "0.042 (2.1x) | hurts -0.012 ± 0.002 |")
+    assert row == (
+        "| 64-shot | 3 | 0.020 | +0.001 ± 0.000 | helps +0.025 ± 0.005 | noisy -0.017 ± 0.045 | "
+        "0.042 (2.1x) | hurts -0.012 ± 0.002 |"
+    )
     assert transfer_row(runs[:1]) == "" and transfer_row([{**r, "transfer": {}} for r in runs]) == ""
     nothing = [{**r, "transfer": {"flat": 0.0}} for r in runs]
     assert transfer_row(nothing).endswith("| 0.000 (0.0x) | none |")
@@ -228,8 +358,7 @@ def test_a_gain_is_printed_with_its_sign_either_way():
 
 
 def test_a_scored_method_the_list_lacks_is_shown_after_the_listed_ones_not_hidden():
-    from common.report import METHODS, ordered
-    from common.report import table
+    from common.report import METHODS, ordered, table
 
     runs = [{"shots": 8, "scores": {"pi-tuning": 0.6, "pi-mine": 0.7, "zero-shot": 0.3, "pair-nli": 0.5}}]
     assert ordered(runs) == ["zero-shot", "pi-tuning", "pi-mine"]  # pair- runs feed the transfer matrix
@@ -242,7 +371,9 @@ def test_results_name_their_scores_by_the_metric_and_older_files_still_read():
     from common.report import scores_of
 
     assert scores_of({"metric": "cider", "scores": {"pi-tuning": 0.9}}) == {"pi-tuning": 0.9}
-    assert scores_of({"metric": "vqa_accuracy", "accuracy": {"pi-tuning": 0.4}}) == {"pi-tuning": 0.4}  # before 2026-12
+    assert scores_of({"metric": "vqa_accuracy", "accuracy": {"pi-tuning": 0.4}}) == {
+        "pi-tuning": 0.4
+    }  # before 2026-12
 
 
 def test_the_report_matches_run_names_exactly_so_seed_1_is_not_seed_10(tmp_path):
@@ -250,23 +381,37 @@ def test_the_report_matches_run_names_exactly_so_seed_1_is_not_seed_10(tmp_path)
     seed 1's named ''."""
     from common.config import load_config
     from common.embeddings import recorded
-    from common.report import _similarities
-
     from common.provenance import artifact
+    from common.report import _similarities
 
     cfg = load_config("configs/micro.yaml", [f"runs_dir={tmp_path}"])
     (cfg.run_dir / "similarity").mkdir(parents=True)
     runs = []
     for seed in range(11):
         run = f"snli-ve-8shot-s{seed}"
-        artifact(cfg, "similarity", run).write_text(json.dumps({
-            "names": [run, "nli", "shape"], "row": [1.0, seed / 10, -seed / 10], "fisher": recorded(cfg.fisher),
-            "config": cfg.to_dict()}))
+        artifact(cfg, "similarity", run).write_text(
+            json.dumps(
+                {
+                    "names": [run, "nli", "shape"],
+                    "row": [1.0, seed / 10, -seed / 10],
+                    "fisher": recorded(cfg.fisher),
+                    "config": cfg.to_dict(),
+                }
+            )
+        )
         runs.append({"run": run, "seed": seed})
     sims = _similarities(cfg, runs)
     assert list(sims) == ["retrieval (fisher)"]
-    assert sims["retrieval (fisher)"]["snli-ve-8shot-s1"] == {"snli-ve-8shot-s1": 1.0, "nli": 0.1, "shape": -0.1}
-    assert sims["retrieval (fisher)"]["snli-ve-8shot-s10"] == {"snli-ve-8shot-s10": 1.0, "nli": 1.0, "shape": -1.0}
+    assert sims["retrieval (fisher)"]["snli-ve-8shot-s1"] == {
+        "snli-ve-8shot-s1": 1.0,
+        "nli": 0.1,
+        "shape": -0.1,
+    }
+    assert sims["retrieval (fisher)"]["snli-ve-8shot-s10"] == {
+        "snli-ve-8shot-s10": 1.0,
+        "nli": 1.0,
+        "shape": -1.0,
+    }
 
 
 def test_a_one_seed_table_shows_the_value_without_a_spread():
@@ -275,7 +420,9 @@ def test_a_one_seed_table_shows_the_value_without_a_spread():
     runs = [{"shots": 8, "scores": {"target-only": 0.6, "pi-tuning": 0.625}}]
     text = table("snli-ve", "accuracy", runs)
     assert "| 8-shot (1 seed) |" in text and "| pi-tuning | 0.625 |" in text and "±" not in text
-    two = table("snli-ve", "accuracy", runs + [{"shots": 8, "scores": {"target-only": 0.62, "pi-tuning": 0.635}}])
+    two = table(
+        "snli-ve", "accuracy", runs + [{"shots": 8, "scores": {"target-only": 0.62, "pi-tuning": 0.635}}]
+    )
     assert "| 8-shot (2 seeds) |" in two and "| pi-tuning | 0.630 ± 0.007 |" in two
 
 
@@ -287,19 +434,32 @@ def test_a_default_chosen_without_the_target_never_reads_the_target(monkeypatch)
     from common import report
 
     def meta(val_alone, weights, fisher):
-        return {"candidates": [{"experts": [], "by": [report.ALONE], "val": val_alone},
-                               {"experts": ["x", "y"], "by": ["weights top-2"], "val": val_alone + weights},
-                               {"experts": ["z"], "by": ["fisher top-1"], "val": val_alone + fisher}]}
+        return {
+            "candidates": [
+                {"experts": [], "by": [report.ALONE], "val": val_alone},
+                {"experts": ["x", "y"], "by": ["weights top-2"], "val": val_alone + weights},
+                {"experts": ["z"], "by": ["fisher top-1"], "val": val_alone + fisher},
+            ]
+        }
 
-    metas = {"a-s0": meta(0.5, 0.01, 0.0), "a-s1": meta(0.6, 0.03, -0.01),
-             "b-s0": meta(0.4, 0.02, 0.0), "c-s0": meta(0.7, -0.01, 0.2)}
+    metas = {
+        "a-s0": meta(0.5, 0.01, 0.0),
+        "a-s1": meta(0.6, 0.03, -0.01),
+        "b-s0": meta(0.4, 0.02, 0.0),
+        "c-s0": meta(0.7, -0.01, 0.2),
+    }
     monkeypatch.setattr(report, "_selection", lambda cfg, run: metas.get(run))
     cfg = SimpleNamespace(fisher=SimpleNamespace(embedding="weights"), interpolate=SimpleNamespace(top_k=2))
     at = {t: [{"run": r} for r in metas if r.startswith(t)] for t in "abc"}
-    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:3] for line in report.default_without_target(cfg, at)
-            if line.startswith("| ") and not line.startswith("| target")}
+    rows = {
+        line.split(" | ")[0][2:]: line.split(" | ")[1:3]
+        for line in report.default_without_target(cfg, at)
+        if line.startswith("| ") and not line.startswith("| target")
+    }
     assert rows["c"] == ["weights top-2", "+0.0200"]  # (a's mean 0.02 + b's 0.02) / 2: c's own -0.01 unread
-    assert rows["a"] == ["fisher top-1", "+0.1000"] and rows["b"][0] == "fisher top-1"  # c's 0.2 decides theirs
+    assert (
+        rows["a"] == ["fisher top-1", "+0.1000"] and rows["b"][0] == "fisher top-1"
+    )  # c's 0.2 decides theirs
     metas["c-s0"] = meta(0.7, -0.05, -0.5)  # on b and c together every retrieval hurts: a's default is k = 0
     rows = [line for line in report.default_without_target(cfg, at) if line.startswith("| a |")]
     assert rows == [f"| a | {report.ALONE} | +0.0000 | -0.0150 |"]

@@ -1,5 +1,6 @@
 """π-Tuning chosen on the target's validation split (interpolate.py --variant select, interpolate.retrieval=select):
 every candidate retrieval scored on validation, the best kept, k = 0 among them; test is never read to choose."""
+
 from __future__ import annotations
 
 import builtins
@@ -30,9 +31,15 @@ def test_a_candidate_that_hurts_on_validation_is_never_chosen(micro_copy):
     scores = {tuple(c["experts"]): c["val"] for c in meta["candidates"]}
     alone = scores.pop(())
     assert scores and all(v < alone for v in scores.values()), scores  # every candidate with an expert hurts
-    assert meta["experts"] == [NAME] and "k = 0" in meta["retrieval"] and "select snli-ve-8shot-s0 on validation" in out
-    kept, target = (load_file(str(rd / d / "adapter_model.safetensors")) for d in
-                    (f"interpolated/{NAME}.select", f"experts/{NAME}"))
+    assert (
+        meta["experts"] == [NAME]
+        and "k = 0" in meta["retrieval"]
+        and "select snli-ve-8shot-s0 on validation" in out
+    )
+    kept, target = (
+        load_file(str(rd / d / "adapter_model.safetensors"))
+        for d in (f"interpolated/{NAME}.select", f"experts/{NAME}")
+    )
     assert kept.keys() == target.keys() and all(torch.equal(kept[k], target[k]) for k in kept)
     inproc("evaluate.py", "--target", "snli-ve", *args)
     result = json.loads((rd / f"results/{NAME}.json").read_text())
@@ -48,9 +55,12 @@ def test_the_choice_opens_no_test_file(micro, tmp_path, monkeypatch):
     runs = backbone_only(micro, tmp_path / "runs")
     config = profile(tmp_path, SHAPES, ["my-shapes", "nli", "my-entail"])
     args = ("--config", config, f"runs_dir={runs}", "tasks.target_shots=8")
-    for cmd in (("train_expert.py", "--task", "nli"), ("train_expert.py", "--task", "my-entail"),
-                ("train_expert.py", "--task", "my-shapes", "--shots", "8"),
-                ("embed_tasks.py", "--target", "my-shapes", "--embedding", "fisher,weights,prototypes")):
+    for cmd in (
+        ("train_expert.py", "--task", "nli"),
+        ("train_expert.py", "--task", "my-entail"),
+        ("train_expert.py", "--task", "my-shapes", "--shots", "8"),
+        ("embed_tasks.py", "--target", "my-shapes", "--embedding", "fisher,weights,prototypes"),
+    ):
         inproc(*cmd, *args)
     test_files = ("shapes/test.csv", "shapes/images/test")
 
@@ -59,6 +69,7 @@ def test_the_choice_opens_no_test_file(micro, tmp_path, monkeypatch):
             if any(t in str(file) for t in test_files):
                 raise PermissionError(13, "the test split is not to be read here", str(file))
             return real(file, *a, **k)
+
         return opened
 
     monkeypatch.setattr(builtins, "open", guarded(builtins.open))
@@ -70,11 +81,14 @@ def test_the_choice_opens_no_test_file(micro, tmp_path, monkeypatch):
         stage("evaluate.py", "--target", "my-shapes", *args)
 
 
-@pytest.mark.parametrize("override, says", [
-    ("interpolate.select_from=[weights,nope]", "field 'interpolate.select_from' names 'nope'"),
-    ("interpolate.select_k=[0,1]", "field 'interpolate.select_k' holds 0"),
-    ("interpolate.retrieval=best", "field 'interpolate.retrieval' is 'best'; use one of fixed, select"),
-])
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("interpolate.select_from=[weights,nope]", "field 'interpolate.select_from' names 'nope'"),
+        ("interpolate.select_k=[0,1]", "field 'interpolate.select_k' holds 0"),
+        ("interpolate.retrieval=best", "field 'interpolate.retrieval' is 'best'; use one of fixed, select"),
+    ],
+)
 def test_a_bad_selection_setting_is_one_line(override, says):
     from common.config import load_config
     from common.errors import UserError
@@ -106,7 +120,9 @@ def test_a_candidate_is_the_interpolation_pi_tuning_makes_of_those_experts(micro
     meta = json.loads((rd / f"interpolated/{NAME}.select/meta.json").read_text())
     pi = json.loads((rd / f"interpolated/{NAME}/meta.json").read_text())
     cand = {tuple(c["experts"]): c["val"] for c in meta["candidates"]}
-    assert len(cand) == 3 and tuple(pi["experts"][1:]) in cand, cand  # alone, the top-1, then π-Tuning's top-2
+    assert len(cand) == 3 and tuple(pi["experts"][1:]) in cand, (
+        cand
+    )  # alone, the top-1, then π-Tuning's top-2
     assert modes == [False] * 3  # k = 0, the top-1, the top-2: each scored in eval mode
     inproc("evaluate.py", "--target", "snli-ve", "evaluate.validation=true", *args)
     result = json.loads((rd / f"results/{NAME}.json").read_text())

@@ -1,12 +1,19 @@
 """Task similarity: the formula of PI_TUNING.md, symmetric, 1 on the diagonal; top-k retrieval."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from common.similarity import (expert_update, normalized, similarity_matrix, task_similarity, top_k_similar,
-                               update_similarity)
+from common.similarity import (
+    expert_update,
+    normalized,
+    similarity_matrix,
+    task_similarity,
+    top_k_similar,
+    update_similarity,
+)
 
 
 def direct(fa, fb, eps=1e-6):
@@ -23,8 +30,10 @@ def direct(fa, fb, eps=1e-6):
 
 def fishers(n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [{"a.lora_A": torch.rand(4, 6, generator=g) ** 3, "a.lora_B": torch.rand(6, 4, generator=g) ** 3}
-            for _ in range(n)]
+    return [
+        {"a.lora_A": torch.rand(4, 6, generator=g) ** 3, "a.lora_B": torch.rand(6, 4, generator=g) ** 3}
+        for _ in range(n)
+    ]
 
 
 def test_similarity_matches_the_formula_and_is_symmetric():
@@ -54,12 +63,20 @@ def test_normalisation_makes_similarity_independent_of_fisher_scale():
     fs = fishers(2)
     tiny = [{k: v * 1e-10 for k, v in f.items()} for f in fs]
     # raw values this small fall under the epsilon: the formula degrades to the plain cosine of Fa, Fb
-    plain = sum(torch.nn.functional.cosine_similarity(fs[0][k].flatten(), fs[1][k].flatten(), dim=0).item()
-                for k in fs[0]) / len(fs[0])
+    plain = sum(
+        torch.nn.functional.cosine_similarity(fs[0][k].flatten(), fs[1][k].flatten(), dim=0).item()
+        for k in fs[0]
+    ) / len(fs[0])
     assert abs(task_similarity(*tiny) - plain) < 1e-3
     assert abs(task_similarity(*tiny) - direct(*fs)) > 0.05
     # normalised per tensor, the scale no longer matters and the formula means what it says
-    assert abs(task_similarity(*[normalized(f, "mean") for f in tiny]) - direct(*[normalized(f, "mean") for f in fs])) < 1e-6
+    assert (
+        abs(
+            task_similarity(*[normalized(f, "mean") for f in tiny])
+            - direct(*[normalized(f, "mean") for f in fs])
+        )
+        < 1e-6
+    )
 
 
 def test_top_k_excludes_the_target_and_orders_by_similarity():
@@ -71,7 +88,9 @@ def test_top_k_excludes_the_target_and_orders_by_similarity():
 def test_weight_embedding_compares_what_lora_experts_changed_not_their_factors():
     g = torch.Generator().manual_seed(0)
     A, B = torch.randn(4, 16, generator=g), torch.randn(16, 4, generator=g)
-    R = torch.diag(torch.tensor([2.0, 0.5, 3.0, 1.0]))[[1, 2, 3, 0]]  # the same update BA, factored differently
+    R = torch.diag(torch.tensor([2.0, 0.5, 3.0, 1.0]))[
+        [1, 2, 3, 0]
+    ]  # the same update BA, factored differently
     e1 = {"q.lora_A.weight": A, "q.lora_B.weight": B}
     e2 = {"q.lora_A.weight": torch.linalg.solve(R, A), "q.lora_B.weight": B @ R}
     e3 = {"q.lora_A.weight": A, "q.lora_B.weight": -B}
@@ -87,14 +106,17 @@ def test_lora_update_cosine_from_the_factors_equals_the_dense_one():
     from common.similarity import LowRank
 
     g = torch.Generator().manual_seed(0)
-    experts = [{s: (torch.randn(64, 4, generator=g), torch.randn(4, 48, generator=g)) for s in ("q", "v")}
-               for _ in range(3)]
+    experts = [
+        {s: (torch.randn(64, 4, generator=g), torch.randn(4, 48, generator=g)) for s in ("q", "v")}
+        for _ in range(3)
+    ]
     factored = [{s: LowRank(b, a) for s, (b, a) in e.items()} for e in experts]
     dense = [{s: b @ a for s, (b, a) in e.items()} for e in experts]
     for i in range(3):
         for j in range(3):
-            assert update_similarity(factored[i], factored[j]) == pytest.approx(update_similarity(dense[i], dense[j]),
-                                                                                abs=1e-6)
+            assert update_similarity(factored[i], factored[j]) == pytest.approx(
+                update_similarity(dense[i], dense[j]), abs=1e-6
+            )
     zero = {s: LowRank(torch.zeros(64, 4), a) for s, (_, a) in experts[0].items()}  # an expert still at B = 0
     assert update_similarity(zero, factored[1]) == 0.0
 
@@ -172,7 +194,11 @@ def test_prototypes_are_computed_once_per_expert_file(micro, tmp_path, monkeypat
     monkeypatch.setattr(similarity, "prototypes", counted)
     first = similarity.prototype_embedding(cfg, "nli")
     again = similarity.prototype_embedding(cfg, "nli")
-    assert len(calls) == 1 and again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+    assert (
+        len(calls) == 1
+        and again.keys() == first.keys()
+        and all(torch.equal(again[k], first[k]) for k in first)
+    )
     weights = nli / similarity.WEIGHTS
     tensors = load_file(str(weights))
     name = next(k for k in tensors if "lora_A" in k)
@@ -184,5 +210,3 @@ def test_prototypes_are_computed_once_per_expert_file(micro, tmp_path, monkeypat
     cache.write_bytes(cache.read_bytes()[:100])  # cut short: computed again, no error
     similarity.prototype_embedding(cfg, "nli")
     assert len(calls) == 3
-
-

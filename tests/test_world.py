@@ -1,4 +1,5 @@
 """The embedded mini world is deterministic and its tasks are well-formed."""
+
 import numpy as np
 import pytest
 
@@ -13,8 +14,10 @@ W = WorldConfig(train_size=40, val_size=10, test_size=10)
 def test_examples_are_deterministic_and_answers_are_candidates(task):
     a, b = data.examples(task, "train", W), data.examples(task, "train", W)
     assert [(e.prompt, e.answer) for e in a] == [(e.prompt, e.answer) for e in b]
-    assert all((x.image is None) == (y.image is None) and (x.image is None or np.array_equal(x.image, y.image))
-               for x, y in zip(a, b))
+    assert all(
+        (x.image is None) == (y.image is None) and (x.image is None or np.array_equal(x.image, y.image))
+        for x, y in zip(a, b)
+    )
     t = data.TASKS[task]
     if t.candidates is not None:
         assert all(e.answer in t.candidates for e in a)
@@ -24,7 +27,9 @@ def test_examples_are_deterministic_and_answers_are_candidates(task):
 def test_splits_and_world_seeds_differ():
     train = [e.prompt + e.answer for e in data.examples("snli-ve", "train", W)]
     test = [e.prompt + e.answer for e in data.examples("snli-ve", "test", W)]
-    other = [e.prompt + e.answer for e in data.examples("snli-ve", "train", WorldConfig(seed=7, train_size=40))]
+    other = [
+        e.prompt + e.answer for e in data.examples("snli-ve", "train", WorldConfig(seed=7, train_size=40))
+    ]
     assert train != test and train != other
 
 
@@ -50,10 +55,20 @@ def test_unknown_task_names_the_known_ones():
         data.get_task("snli")
 
 
-WIDER = ("ve-2way", "nli-2way", "colour-text", "ve-decide", "nli-decide",  # configs/mini-wide.yaml's beyond mini's
-         "ve-strict", "ve-lenient", "nli-strict",  # and the conventions under the target's own prompt
-         "shape-at", "nli-shuffled",  # and the targets' decisions from other inputs
-         "shape-plus", "shape-large")
+WIDER = (
+    "ve-2way",
+    "nli-2way",
+    "colour-text",
+    "ve-decide",
+    "nli-decide",  # configs/mini-wide.yaml's beyond mini's
+    "ve-strict",
+    "ve-lenient",
+    "nli-strict",  # and the conventions under the target's own prompt
+    "shape-at",
+    "nli-shuffled",  # and the targets' decisions from other inputs
+    "shape-plus",
+    "shape-large",
+)
 
 
 def test_the_wider_pools_tasks_use_no_word_the_backbone_lacks():
@@ -61,9 +76,14 @@ def test_the_wider_pools_tasks_use_no_word_the_backbone_lacks():
     must add none, or every profile of the world would rebuild its backbone."""
     from common.backbone import build_vocab
 
-    texts = {n: [t for e in data.examples(n, "train", W, 400)
-                 for t in (e.prompt, e.answer, *(data.get_task(n).candidates or ()))]
-             for n in [*data.TASKS, *data.PRETRAIN_TASKS]}
+    texts = {
+        n: [
+            t
+            for e in data.examples(n, "train", W, 400)
+            for t in (e.prompt, e.answer, *(data.get_task(n).candidates or ()))
+        ]
+        for n in [*data.TASKS, *data.PRETRAIN_TASKS]
+    }
     before = [t for n, ts in texts.items() if n not in WIDER for t in ts]
     assert build_vocab(before) == build_vocab(before + [t for n in WIDER for t in texts[n]])
 
@@ -72,8 +92,10 @@ def _drawn_alike(three: str, other: str) -> list:
     """300 (target, other task) example pairs, each pair drawn from the same seed."""
     import random
 
-    return [(data.TASKS[three].make(random.Random(i), 64), data.TASKS[other].make(random.Random(i), 64))
-            for i in range(300)]
+    return [
+        (data.TASKS[three].make(random.Random(i), 64), data.TASKS[other].make(random.Random(i), 64))
+        for i in range(300)
+    ]
 
 
 def test_two_way_tasks_are_the_three_way_statements_with_undecidable_counted_as_not_entailed():
@@ -82,9 +104,15 @@ def test_two_way_tasks_are_the_three_way_statements_with_undecidable_counted_as_
 
     for three, two in (("snli-ve", "ve-2way"), ("nli", "nli-2way")):
         pairs = _drawn_alike(three, two)
-        assert all(hyp(a) == hyp(b) for a, b in pairs) and {a.answer for a, _ in pairs} == {"yes", "no", "maybe"}
+        assert all(hyp(a) == hyp(b) for a, b in pairs) and {a.answer for a, _ in pairs} == {
+            "yes",
+            "no",
+            "maybe",
+        }
         assert all(b.answer == ("yes" if a.answer == "yes" else "no") for a, b in pairs)
-        assert all(a.prompt != b.prompt for a, b in pairs)  # its own prompt: another task, not a relabelled copy
+        assert all(
+            a.prompt != b.prompt for a, b in pairs
+        )  # its own prompt: another task, not a relabelled copy
 
 
 def test_decide_tasks_ask_whether_the_three_way_statement_is_decidable():
@@ -102,18 +130,27 @@ def test_strict_and_lenient_tasks_are_the_targets_very_examples_under_another_co
     """ve-strict / ve-lenient / nli-strict: the target's prompt, image and statement drawn alike, the answer
     its label under a two-way convention (undecidable: no when strict, yes when lenient), never maybe; shape-plus:
     shape's prompt and image, the cross named plus."""
-    for three, other, maybe in (("snli-ve", "ve-strict", "no"), ("snli-ve", "ve-lenient", "yes"),
-                                ("nli", "nli-strict", "no"), ("shape", "shape-plus", None)):
+    for three, other, maybe in (
+        ("snli-ve", "ve-strict", "no"),
+        ("snli-ve", "ve-lenient", "yes"),
+        ("nli", "nli-strict", "no"),
+        ("shape", "shape-plus", None),
+    ):
         pairs = _drawn_alike(three, other)
         assert all(a.prompt == b.prompt for a, b in pairs)
-        assert all((a.image is None) == (b.image is None) and (a.image is None or (a.image == b.image).all())
-                   for a, b in pairs)
+        assert all(
+            (a.image is None) == (b.image is None) and (a.image is None or (a.image == b.image).all())
+            for a, b in pairs
+        )
         if maybe is None:  # shape-plus: the cross named plus, every other shape as shape names it
             assert all(b.answer == ("plus" if a.answer == "cross" else a.answer) for a, b in pairs)
             assert {b.answer for _, b in pairs} == {"circle", "square", "triangle", "plus"}
             continue
         assert all(b.answer == (maybe if a.answer == "maybe" else a.answer) for a, b in pairs)
-        assert {a.answer for a, _ in pairs} == {"yes", "no", "maybe"} and {b.answer for _, b in pairs} == {"yes", "no"}
+        assert {a.answer for a, _ in pairs} == {"yes", "no", "maybe"} and {b.answer for _, b in pairs} == {
+            "yes",
+            "no",
+        }
 
 
 def test_shape_large_is_shapes_question_on_the_same_object_drawn_large():
@@ -121,8 +158,10 @@ def test_shape_large_is_shapes_question_on_the_same_object_drawn_large():
     shape-large's image covers it and more; where shape drew it large, the images are the same."""
     pairs = _drawn_alike("shape", "shape-large")
     assert all(a.prompt == b.prompt and a.answer == b.answer for a, b in pairs)
-    drawn = [((a.image > 40).any(-1).sum(), (b.image > 40).any(-1).sum(), (a.image == b.image).all())
-             for a, b in pairs]  # the object's pixels (the background is grey below 40), and whether alike
+    drawn = [
+        ((a.image > 40).any(-1).sum(), (b.image > 40).any(-1).sum(), (a.image == b.image).all())
+        for a, b in pairs
+    ]  # the object's pixels (the background is grey below 40), and whether alike
     assert all(nb >= na and (nb > na) != same for na, nb, same in drawn)
     assert 0.3 < sum(same for *_, same in drawn) / len(drawn) < 0.7  # shape's sizes: small or large, evenly
 
@@ -138,12 +177,15 @@ def test_shape_at_names_the_shape_of_the_object_in_the_cell_it_asks_about():
         rng = random.Random(i)
         scene = world.random_scene(rng, rng.randint(2, 3))  # the draw shape-at makes first
         cell = world.POSITIONS.index(e.prompt.split(" at the ")[1].rstrip("?"))
-        assert len(scene.objects) in (2, 3) and [o.shape for o in scene.objects if o.pos == cell] == [e.answer]
+        assert len(scene.objects) in (2, 3) and [o.shape for o in scene.objects if o.pos == cell] == [
+            e.answer
+        ]
 
 
 def test_nli_shuffled_is_nlis_decision_on_its_statements_against_a_reordered_description():
     """nli-shuffled: drawn alike, the same statement and three-way label as nli, the same objects described in
     any order, under its own prompt."""
+
     def parts(e):
         text, hyp = e.prompt.split('"')[1].strip(), e.prompt.split('"')[-2]
         return hyp, sorted(text.split(" : ")[1].replace(" , ", " and ").split(" and "))
