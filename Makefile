@@ -130,6 +130,7 @@ compare: $(STAMP) $(ASSETS)
 # make test-slow runs; CI runs both
 TEST_JOBS ?= 2
 test: $(STAMP)
+	$(PY) -m ruff format --check . && $(PY) -m ruff check .
 	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal -m "not slow" tests
 
 test-slow: $(STAMP)

@@ -7,7 +7,8 @@ Writes runs/<profile>/fisher/<expert>.safetensors (cached: recomputed only when 
 Fisher settings change) and runs/<profile>/similarity/<name>.csv + .json with the matrix and top-k.
 With fisher.embedding=weights no Fisher is computed: the experts' saved updates are compared directly.
 --embedding fisher,weights,fisher-batch,fisher-raw,fisher-passes (embeddings.variants()) computes those into
-similarity/<name>.<embedding>.json, beside the one retrieval uses (make report compares them all against the measured transfer).
+similarity/<name>.<embedding>.json, beside the one retrieval uses
+(make report compares them all against the measured transfer).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from common.stage import parse_stage, run_stage, stage_parser
 
 
 def pool_experts(cfg, target: str | None) -> list[str]:
-    """Expert names to compare: the pool's full-data experts, and the target's low-shot one in place of its own;
-    each checked to be made on this backbone under this config."""
+    """Expert names to compare: the pool's full-data experts, and the target's low-shot one in place of its
+    own; each checked to be made on this backbone under this config."""
     for t in cfg.tasks.pool:
         data.task(cfg, t)
     names = list(cfg.tasks.pool)
@@ -47,7 +48,8 @@ def pool_experts(cfg, target: str | None) -> list[str]:
 def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:
     """Embed the experts by fisher.embedding and write to similarity/<target run | pool><suffix>.csv/.json the
     target's similarity row and top-k (retrieval compares the target alone with each expert; the report draws
-    the whole matrix from the cached embeddings), or without a target the pool's matrix; returns the summary line."""
+    the whole matrix from the cached embeddings), or without a target the pool's matrix;
+    returns the summary line."""
     how = COMPUTE[cfg.fisher.embedding]
     t0 = time.time()
     embeddings, work = how.embed(cfg, names)
@@ -58,7 +60,9 @@ def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:
             else similarity_matrix(embeddings, how.similarity)
         )
     except ValueError as e:
-        raise UserError(f"{cfg.path}: {e} (expert.method / backbone must be the same for all of {names})")
+        raise UserError(
+            f"{cfg.path}: {e} (expert.method / backbone must be the same for all of {names})"
+        ) from None
     path = artifact(cfg, "similarity", names[0] if target else "pool", suffix[1:])
     result = {
         "names": names,
@@ -86,7 +90,10 @@ def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:
     write_json(path, result)
     link(path), link(path.with_suffix(".csv"))
     extra = f" | top-{cfg.interpolate.top_k} for {names[0]}: {', '.join(result['top_k'])}" if target else ""
-    return f"similarity: {len(names)} experts ({work}){extra} | {time.time() - t0:.0f}s -> {path.with_suffix('.csv')}"
+    return (
+        f"similarity: {len(names)} experts ({work}){extra} | {time.time() - t0:.0f}s -> "
+        f"{path.with_suffix('.csv')}"
+    )
 
 
 def main() -> None:

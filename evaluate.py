@@ -1,4 +1,5 @@
-"""Stage 4: compare π-Tuning with the baselines on the target's test split (and its validation split, to choose on).
+"""Stage 4: compare π-Tuning with the baselines on the target's test split
+(and its validation split, to choose on).
 
     .venv/bin/python evaluate.py --target snli-ve
 
@@ -8,8 +9,8 @@ exists for this target/shots/seed (train_expert.py --variant 2x | full-ft, inter
 oracle | frozen | pair-<expert>). Methods are scored on test (`scores`, what the report reports) and those
 choices are made among (π-Tuning's runs, target-only, the pair runs: report.METHODS on_val) on validation too
 (`val_scores`), with each example's score where the metric is their mean (`per_example`, for the report's
-paired bootstrap). Writes runs/<profile>/results/<target>-<shots>shot-s<seed>@<digest>.json (with the transfer of
-each pair-<expert> run over target-only, on each split), rebuilds <target>.json (this config's results) and
+paired bootstrap). Writes runs/<profile>/results/<target>-<shots>shot-s<seed>@<digest>.json (with the transfer
+of each pair-<expert> run over target-only, on each split), rebuilds <target>.json (this config's results) and
 <target>.md (a table per config with results on disk, this config's first; `make all` prints it) and prints
 one line. --compare "key=value ..." puts this config's results and another's side by side.
 """
@@ -76,7 +77,8 @@ def uniform_merge(cfg, base, experts: list[str]):
 
 
 def peft_merge(cfg, base, experts: list[str], how: str):
-    """peft's own add_weighted_adapter over the same experts, equal weights (linear: A and B averaged apart)."""
+    """peft's own add_weighted_adapter over the same experts, equal weights (linear:
+    A and B averaged apart)."""
     model = PeftModel.from_pretrained(base, str(expert_dir(cfg, experts[0])), adapter_name="e0")
     for i, name in enumerate(experts[1:], 1):
         model.load_adapter(str(expert_dir(cfg, name)), adapter_name=f"e{i}")
@@ -88,9 +90,9 @@ def peft_merge(cfg, base, experts: list[str], how: str):
 
 
 def methods(cfg, run: str, experts: list[str] | None) -> dict:
-    """name -> what to load, for every method whose artifacts exist for this run under this config (their paths
-    carry its digests; another config's are other paths). experts: π-Tuning's, for the merges of the same ones
-    (None: π-Tuning is not needed, as in the transfer row)."""
+    """name -> what to load, for every method whose artifacts exist for this run under this config (their
+    paths carry its digests; another config's are other paths). experts: π-Tuning's, for the merges of the
+    same ones (None: π-Tuning is not needed, as in the transfer row)."""
     out = {"zero-shot": ("base", None), "target-only": ("expert", expert_dir(cfg, run))}
     for v, name in (("2x", "target-only-2x"), ("full-ft", "full-ft")):
         if (expert_dir(cfg, f"{run}.{v}") / "meta.json").is_file():
@@ -112,8 +114,9 @@ def methods(cfg, run: str, experts: list[str] | None) -> dict:
 
 def compare(cfg, target: str, against: list[str]) -> str:
     """This config's results for the target against another's (its overrides on top of this one's), shots by
-    shots on the seeds both ran: each method's paired gain (the other minus this) with the hierarchical interval
-    (report.paired_ci: both scored the same test examples). Writes runs/<profile>/compare-<target>.md."""
+    shots on the seeds both ran: each method's paired gain (the other minus this) with the hierarchical
+    interval (report.paired_ci: both scored the same test examples). Writes
+    runs/<profile>/compare-<target>.md."""
     other = load_config(cfg.path, [*cfg.overrides, *split_overrides(against)])
     labels = {"A": config_label(cfg.path, cfg.to_dict()), "B": config_label(cfg.path, other.to_dict())}
     found = {"A": load_results(cfg, target), "B": load_results(other, target)}
@@ -161,7 +164,7 @@ def compare(cfg, target: str, against: list[str]) -> str:
 
 
 def main() -> None:
-    ap = stage_parser(__doc__.split("\n")[0])
+    ap = stage_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--target", help="target task")
     ap.add_argument(
         "--transfer",
@@ -324,8 +327,8 @@ def main() -> None:
     table = write_tables(cfg, args.target)
     line = ", ".join(f"{m} {acc[m]:.3f}" for m in ordered([result]))
     print(
-        f"evaluated {run} ({metric}, {len(splits['test'])} test examples): {line}; {time.time() - t0:.0f}s -> "
-        f"{table} ({seeds(len(load_results(cfg, args.target)))} under this config)"
+        f"evaluated {run} ({metric}, {len(splits['test'])} test examples): {line}; {time.time() - t0:.0f}s "
+        f"-> {table} ({seeds(len(load_results(cfg, args.target)))} under this config)"
     )
 
 

@@ -88,7 +88,10 @@ def variant(cfg, name: str, run: str, pool: list[str], retrieved) -> tuple[list[
         name == "paper"
     ):  # the paper's retrieval: top-k by the Fisher embedding, whatever fisher.embedding says
         path = artifact(cfg, "similarity", run, "fisher")
-        fix = f"run `{cfg.command('embed_tasks.py', '--target', parse_run(run)['task'], '--embedding', 'fisher')}`"
+        fix = (
+            "run "
+            f"`{cfg.command('embed_tasks.py', '--target', parse_run(run)['task'], '--embedding', 'fisher')}`"
+        )
         sim = read_json(path, "similarity", f"{fix} (make does)")
         return (
             top_k_similar(sim["names"], sim["row"], ic.top_k),
@@ -136,7 +139,8 @@ def due_pairs(cfg, run: str, pool: list[str]) -> list[str]:
 
 @dataclass
 class Mixed:
-    """A trained mix on the loaded backbone (merge.model holds it until unloaded) and what the artifact records."""
+    """A trained mix on the loaded backbone
+    (merge.model holds it until unloaded) and what the artifact records."""
 
     merge: MergedExpert
     logits: torch.Tensor
@@ -149,8 +153,8 @@ class Mixed:
 def mix(
     cfg, acc, model, enc, target: str, run: str, experts: list[str], train_experts: bool, out: Path
 ) -> Mixed:
-    """Train the interpolation of `experts` (the target's first) on the target's shots, seeded as if alone, its
-    checkpoints beside `out`."""
+    """Train the interpolation of `experts` (the target's first) on the target's shots, seeded as if alone,
+    its checkpoints beside `out`."""
     ic, shots = cfg.interpolate, cfg.tasks.target_shots
     torch.manual_seed(cfg.seed)
     kind = EXPERT_TYPES[cfg.expert.method]
@@ -189,7 +193,8 @@ def mix(
     desc = f"interpolate {run}"
     train = data.train_split(cfg, target, shots, cfg.seed)
     mix_on = data.fold_split(cfg, train, cfg.seed)[1] if ic.holdout else train
-    # stacking (holdout): the mix learns on examples that the target's expert in it (the fold expert) never saw
+    # stacking (holdout): the mix learns on examples that the target's expert in it
+    # (the fold expert) never saw
     merge = stack(
         [f"{run}.fold" if e == run and ic.holdout else e for e in experts],
         trainable=train_experts and not ic.holdout,
@@ -221,8 +226,8 @@ def write(
     t0: float,
     extra: dict | None = None,
 ) -> str:
-    """Export a trained mix as ONE ordinary expert at `out` (+ weights.json, meta.json), unload it from the backbone
-    and return the stage's summary line."""
+    """Export a trained mix as ONE ordinary expert at `out` (+ weights.json, meta.json), unload it from the
+    backbone and return the stage's summary line."""
     ic, merge = cfg.interpolate, mixed.merge
     probs = torch.softmax(mixed.logits.detach(), dim=-1)
     with atomic_dir(out) as tmp:
@@ -266,28 +271,33 @@ def write(
     unload_expert(merge.model)
     mean = ", ".join(f"{e} {p:.2f}" for e, p in zip(experts, probs.mean(0).tolist()))
     return (
-        f"interpolated {out.name} ({cfg.expert.method}, {how}): {len(merge.group_names)} groups, mean weights "
-        f"[{mean}], loss {mixed.loss:.3f}, {time.time() - t0:.0f}s -> {out}"
+        f"interpolated {out.name} ({cfg.expert.method}, {how}): {len(merge.group_names)} groups, mean "
+        f"weights [{mean}], loss {mixed.loss:.3f}, {time.time() - t0:.0f}s -> {out}"
     )
 
 
 def interpolate(
     cfg, acc, model, enc, target: str, run: str, name: str, experts: list[str], how: str, train_experts: bool
 ) -> str:
-    """One π-Tuning run (or baseline run) on the loaded backbone, written to interpolated/<run>[.<name>]@<digest>/;
-    the backbone comes back unchanged, so one process can do several. Returns its summary line."""
+    """One π-Tuning run (or baseline run) on the loaded backbone, written to
+    interpolated/<run>[.<name>]@<digest>/; the backbone comes back unchanged, so one process can do several.
+    Returns its summary line."""
     t0, out = time.time(), artifact(cfg, "interpolated", run, name)
     mixed = mix(cfg, acc, model, enc, target, run, experts, train_experts, out)
     return write(cfg, mixed, out, target, run, name, experts, how, train_experts, t0)
 
 
 def candidate_sets(cfg, run: str) -> list[dict]:
-    """The retrievals selection chooses among: k = 0 (the target's expert alone), then the top-k of each embedding
-    of interpolate.select_from for each k of select_k, each expert set once (the embeddings and ks that give it)."""
+    """The retrievals selection chooses among: k = 0 (the target's expert alone), then the top-k of each
+    embedding of interpolate.select_from for each k of select_k, each expert set once
+    (the embeddings and ks that give it)."""
     ic, sets = cfg.interpolate, {(): []}
     for emb in ic.select_from or list(EMBEDDINGS):
         path = artifact(cfg, "similarity", run, emb)
-        fix = f"run `{cfg.command('embed_tasks.py', '--target', parse_run(run)['task'], '--embedding', emb)}` (make does)"
+        fix = (
+            f"run `{cfg.command('embed_tasks.py', '--target', parse_run(run)['task'], '--embedding', emb)}` "
+            "(make does)"
+        )
         sim = read_json(path, "similarity", fix)
         for k in sorted(ic.select_k):
             sets.setdefault(tuple(top_k_similar(sim["names"], sim["row"], k)), []).append(f"{emb} top-{k}")
@@ -298,18 +308,18 @@ def candidate_sets(cfg, run: str) -> list[dict]:
 
 
 def select(cfg, acc, model, enc, target: str, run: str, name: str) -> str:
-    """π-Tuning chosen on the target's validation split: every candidate retrieval (candidate_sets) interpolated as
-    π-Tuning would be, scored on validation (test is never read), the best kept (ties: the earlier, fewer
-    experts); k = 0 keeps the target's expert as it is. Every candidate's score goes in the artifact's meta.json
-    (`candidates`). One backbone load; the encoded validation batches and image features are kept across
-    candidates (data.Encoder keep_mb, the feature cache)."""
+    """π-Tuning chosen on the target's validation split: every candidate retrieval (candidate_sets)
+    interpolated as π-Tuning would be, scored on validation (test is never read), the best kept (ties: the
+    earlier, fewer experts); k = 0 keeps the target's expert as it is. Every candidate's score goes in the
+    artifact's meta.json (`candidates`). One backbone load; the encoded validation batches and image features
+    are kept across candidates (data.Encoder keep_mb, the feature cache)."""
     t0, out, ic = time.time(), artifact(cfg, "interpolated", run, name), cfg.interpolate
     task, val = data.task(cfg, target), data.split(cfg, target, "val")
     candidates = candidate_sets(cfg, run)
     work = out.with_name(f".{out.name}.candidates")  # the best candidate's export so far, until the end
     shutil.rmtree(work, ignore_errors=True)
     best = None
-    for i, c in enumerate(candidates):
+    for c in candidates:
         experts = [run, *c["experts"]]
         if c["experts"]:
             mixed = mix(cfg, acc, model, enc, target, run, experts, ic.train_experts, out)
@@ -431,7 +441,7 @@ def main() -> None:
     todo = [
         (v, *(variant(cfg, v, run, pool, retrieved) if v not in chosen else ([], "", False))) for v in names
     ]
-    for v in (v for v in names if v in chosen):
+    for _ in (v for v in names if v in chosen):
         candidate_sets(cfg, run)  # every similarity it needs is there: checked before training
     if not todo:
         return print(f"interpolate {run}: every pair run is made and current")

@@ -41,7 +41,8 @@ from common.training import Checkpoint, checkpointing, train_steps
 
 
 def pretrain(cfg) -> None:
-    """Build the tiny Florence-2 and pre-train it on captioning + description infilling (not the downstream tasks)."""
+    """Build the tiny Florence-2 and pre-train it on captioning + description infilling
+    (not the downstream tasks)."""
     out = backbone_dir(cfg)
     if cfg.backbone.source != "embedded":
         return record_backbone(cfg)
@@ -125,10 +126,9 @@ def pretrain(cfg) -> None:
     link(out)
     ckpt.done()
     print(
-        f"backbone: {out} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | "
-        f"caption token acc {accuracy['pt-caption']:.3f} ({', '.join(f'{k} {v:.2f}' for k, v in attrs.items())}) | "
-        f"infill {accuracy['pt-infill']:.3f} | "
-        f"{time.time() - t0:.0f}s"
+        f"backbone: {out} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | caption token "
+        f"acc {accuracy['pt-caption']:.3f} ({', '.join(f'{k} {v:.2f}' for k, v in attrs.items())}) | infill "
+        f"{accuracy['pt-infill']:.3f} | {time.time() - t0:.0f}s"
     )
 
 
@@ -153,7 +153,8 @@ def record_backbone(cfg) -> None:
     link(out)
     print(
         f"backbone: {cfg.backbone.source} ({model.config.model_type}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params) loads | {time.time() - t0:.0f}s -> {out}"
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params) loads | "
+        f"{time.time() - t0:.0f}s -> {out}"
     )
 
 

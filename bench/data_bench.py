@@ -1,5 +1,6 @@
 """Real-size data: time to an expert's first training step, and the stage's peak RSS, on generated OFA SNLI-VE
-TSVs (base64 PNG images, the mini world's scenes and words) of 20,000 and 200,000 training rows, micro backbone.
+TSVs (base64 PNG images, the mini world's scenes and words) of 20,000 and 200,000 training
+rows, micro backbone.
 
     python bench/data_bench.py                    # rows 20000 200000; about 2 min here
     python bench/data_bench.py --rows 2000 20000  # smaller
@@ -28,7 +29,8 @@ sys.path.insert(0, str(REPO))
 
 
 def write_tsvs(root: Path, rows: int) -> int:
-    """OFA's snli_ve_data/snli_ve_{train,dev,test}.tsv: id, image id, base64 image, hypothesis, caption, label."""
+    """OFA's snli_ve_data/snli_ve_{train,dev,test}.tsv: id, image id, base64 image,
+    hypothesis, caption, label."""
     from PIL import Image
 
     from common import world as W

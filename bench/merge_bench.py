@@ -1,7 +1,8 @@
 """Forward+backward time of one π-Tuning merge step: naive per-tensor loop vs torch._foreach vs the
 fused op (common.merge.ExpertStack), with achieved GB/s next to a plain copy of the same bytes.
 
-    .venv/bin/python bench/merge_bench.py [--device cpu|cuda] [--reps 10] [--profiles ...] [--threads N] [--blocked]
+    .venv/bin/python bench/merge_bench.py [--device cpu|cuda] [--reps 10] [--profiles ...] [--threads N]
+        [--blocked]
 
 Every step merges K experts with per-group softmax weights and backpropagates a fixed random
 gradient on every merged tensor into the logits and the (trainable) experts. The gradients reach
@@ -233,7 +234,10 @@ def main():
     where = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"cpu ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}), {torch.get_num_threads()} threads"
+        else (
+            f"cpu ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}), "
+            f"{torch.get_num_threads()} threads"
+        )
     )
     print(
         f"device {where}, {args.dtype}, torch {torch.__version__}; median of {reps} fwd+bwd steps "
@@ -248,8 +252,9 @@ def main():
     print("-" * len(head))
     for prof, kind, K, groups in cases:
         t = bench_case(PROFILES[prof][0], K, kind, groups, device, dtype, reps, args.blocked)
-        gbs = lambda ms: t["bytes"] / ms / 1e6  # noqa: E731
-        ratio = lambda m: f"{t[m]:.2f} ({t['naive'] / t[m]:.1f}x)"  # noqa: E731
+        # B023: both are called in this iteration only, with its t
+        gbs = lambda ms: t["bytes"] / ms / 1e6  # noqa: E731, B023
+        ratio = lambda m: f"{t[m]:.2f} ({t['naive'] / t[m]:.1f}x)"  # noqa: E731, B023
         print(
             f"{prof:<17} {kind:<4} {K:>1} {groups + ':' + str(t['groups']):>10} {t['bytes'] / 1e6:>5.0f} "
             f"{t['naive']:>8.2f} {ratio('foreach'):>14} {ratio('fused'):>13} {gbs(t['fused']):>10.1f} "

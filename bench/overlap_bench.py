@@ -1,6 +1,6 @@
-"""The overlap guard's cost at real size: a pool task's 500,000-row OFA TSV (image ids, base64 images) against the
-scored splits of the pool, once with no cache (the line index and the image keys are one pass over the file each)
-and once with them cached beside the file, as every later stage finds them.
+"""The overlap guard's cost at real size: a pool task's 500,000-row OFA TSV (image ids, base64 images) against
+the scored splits of the pool, once with no cache (the line index and the image keys are one pass over the
+file each) and once with them cached beside the file, as every later stage finds them.
 
     python bench/overlap_bench.py                   # 500,000 training rows, 50,000 scored; about 2 min here
     python bench/overlap_bench.py --rows 50000      # smaller
@@ -47,7 +47,7 @@ def peak_mb() -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=500_000)
     ap.add_argument("--bytes", action="store_true", help="key images by their bytes (no image_id)")
     args = ap.parse_args()
@@ -85,8 +85,8 @@ def main() -> None:
         )
         size = (root / "big/train.tsv").stat().st_size / 2**20
         print(
-            f"training split: {args.rows:,} rows ({size:.0f} MB); scored: {scored + 4000:,} rows of 6 splits; "
-            f"images keyed by {'their bytes' if args.bytes else 'image id'}"
+            f"training split: {args.rows:,} rows ({size:.0f} MB); scored: {scored + 4000:,} rows of 6 "
+            f"splits; images keyed by {'their bytes' if args.bytes else 'image id'}"
         )
         cfg = load_config(str(profile))
         print(f"  peak RSS before: {peak_mb():.0f} MB (python, torch, the files written)")

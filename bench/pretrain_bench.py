@@ -1,15 +1,15 @@
-"""The embedded backbone's pre-training: today's recipe against the one before it, built one after the other in one
-run on this machine, with what each backbone sees.
+"""The embedded backbone's pre-training: today's recipe against the one before it, built one after the other
+in one run on this machine, with what each backbone sees.
 
     python bench/pretrain_bench.py [--config configs/mini.yaml] [--threads 2] [--probe 1000] [--keep DIR]
 
 Each recipe is `train_expert.py --pretrain` as make runs it, into its own temp runs_dir: the profile's own
 (`--after`, overrides on top of the config) and the recipe of 118e166 (`--before`: 3,000 steps at lr 3e-4, and
-AdamW's per-tensor loop as torch picks it on the CPU, not the fused kernel). Prints per recipe the stage's wall
-time, the training loop's seconds (the backbone's meta.json) and the steps per second; the ratios before / after;
-and, per backbone, caption-token accuracy and the caption-word accuracy of each attribute on the 200 validation
-captions meta.json records and on `--probe` of them (the first 200 are the same; at 200 one caption word is
-0.3-0.5 points of an attribute).
+AdamW's per-tensor loop as torch picks it on the CPU, not the fused kernel). Prints per recipe the stage's
+wall time, the training loop's seconds (the backbone's meta.json) and the steps per second; the ratios
+before / after; and, per backbone, caption-token accuracy and the caption-word accuracy of each attribute on
+the 200 validation captions meta.json records and on `--probe` of them (the first 200 are the same; at 200 one
+caption word is 0.3-0.5 points of an attribute).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def probe(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/mini.yaml")
     ap.add_argument("--after", default="", help="overrides on the config for today's recipe (default: none)")
     ap.add_argument("--before", default=BEFORE, help=f"overrides for the recipe before (default: {BEFORE!r})")
@@ -102,14 +102,15 @@ def main() -> None:
         runs[name] = build(args.config, shlex.split(overrides), root / name, args.threads, foreach)
         m = runs[name]["meta"]
         print(
-            f"{name:>6}: {overrides or '(the profile as it is)'}{' + per-tensor AdamW' if foreach else ''} | "
-            f"stage {runs[name]['wall']:.0f} s, training {m['seconds']:.0f} s, {m['steps'] / m['seconds']:.2f} steps/s",
+            f"{name:>6}: {overrides or '(the profile as it is)'}{' + per-tensor AdamW' if foreach else ''} "
+            f"| stage {runs[name]['wall']:.0f} s, training {m['seconds']:.0f} s, "
+            f"{m['steps'] / m['seconds']:.2f} steps/s",
             flush=True,
         )
     b, a = runs["before"], runs["after"]
     print(
-        f"before / after: stage {b['wall'] / a['wall']:.2f}x, training {b['meta']['seconds'] / a['meta']['seconds']:.2f}x "
-        f"({args.threads} threads, {root})"
+        f"before / after: stage {b['wall'] / a['wall']:.2f}x, training "
+        f"{b['meta']['seconds'] / a['meta']['seconds']:.2f}x ({args.threads} threads, {root})"
     )
     print(
         "\n| backbone | validation captions | caption tokens | "

@@ -119,7 +119,8 @@ def main() -> None:
         return print(json.dumps(child(args.dir, args.child)))
     wrote = write_experts(args.dir, max(args.sizes))
     print(
-        f"{max(args.sizes)} experts x {len(SITES)} sites (r {R}, d {D}, fp32) under {args.dir}: written in {wrote:.0f}s"
+        f"{max(args.sizes)} experts x {len(SITES)} sites (r {R}, d {D}, fp32) under {args.dir}: "
+        f"written in {wrote:.0f}s"
     )
     rows = {}
     for n in args.sizes:
@@ -133,9 +134,10 @@ def main() -> None:
         r = rows[n]
         print(
             f"N={n:5d}: load {r['load_s']:7.2f}s, prototypes {r['prototypes_s']:6.2f}s (from the cache "
-            f"{r['cached_prototypes_s']:5.2f}s) | retrieval weights "
-            f"{r['weights_retrieval_s']:6.3f}s (top-{K} in family {r['weights_family_hits']:.1f}), prototypes "
-            f"{r['prototypes_retrieval_s']:6.3f}s ({r['prototypes_family_hits']:.1f}) | peak RSS {r['peak_rss_mb']:.0f} MB"
+            f"{r['cached_prototypes_s']:5.2f}s) | retrieval weights {r['weights_retrieval_s']:6.3f}s "
+            f"(top-{K} in family {r['weights_family_hits']:.1f}), prototypes "
+            f"{r['prototypes_retrieval_s']:6.3f}s ({r['prototypes_family_hits']:.1f}) | peak RSS "
+            f"{r['peak_rss_mb']:.0f} MB"
         )
     if 100 in rows and 1000 in rows:
         for label in ("weights", "prototypes"):

@@ -1,15 +1,15 @@
 """One expert training step at real size: this harness's loop against a plain HF Trainer + peft, same model,
 batch and precision, as a ratio measured in one run.
 
-    python bench/scale_bench.py                                   # CPU: 1 thread, batch 1, fp32, adapter and lora
-    python bench/scale_bench.py --device cuda --batch 32          # CUDA: bf16 by default
+    python bench/scale_bench.py                           # CPU: 1 thread, batch 1, fp32, adapter and lora
+    python bench/scale_bench.py --device cuda --batch 32  # CUDA: bf16 by default
     python bench/scale_bench.py --methods lora --steps 4 --rounds 5
 
 The model has the architecture and dimensions of florence-community/Florence-2-base (DaViT [128, 256, 512,
 1024] x [1, 1, 9, 1], BART 768 wide, 6 + 6 layers, vocab 51289), built from its config with random weights:
-nothing is downloaded. Images are 768x768 and fresh every step (random pixels), and the vision-feature cache is
-off: every step encodes its images. Experts: adapters (dim 128, two per layer) and LoRA (r 16 on q, k, v, out of
-every language-model attention), the florence2-base profile's settings.
+nothing is downloaded. Images are 768x768 and fresh every step (random pixels), and the vision-feature cache
+is off: every step encodes its images. Experts: adapters (dim 128, two per layer) and LoRA (r 16 on q, k, v,
+out of every language-model attention), the florence2-base profile's settings.
 
 Both arms train the same model in one process, in turns: --rounds blocks each, the order alternating, so that
 the machine's drift falls on both alike. Each block times its steps after --warmup, from one step's start to
@@ -119,8 +119,9 @@ def examples(n: int):
 
 
 class Peak:
-    """Peak memory of a block of steps: CUDA's max_memory_allocated, or on the CPU the peak resident set above the
-    block's start, sampled every 5 ms (the activations, gradients and optimizer state the arm adds to the model)."""
+    """Peak memory of a block of steps: CUDA's max_memory_allocated, or on the CPU the peak resident set above
+    the block's start, sampled every 5 ms (the activations,
+    gradients and optimizer state the arm adds to the model)."""
 
     def __init__(self, cuda: bool):
         self.cuda, self.mb = cuda, 0.0
@@ -340,12 +341,13 @@ def main() -> None:
     device = next(iter(runs.values()))["device"]
     memory = "CUDA max allocated" if gpu else "peak RSS above the block's start"
     print(
-        f"Florence-2-base shape, random weights, {IMAGE}x{IMAGE} fresh images, feature cache off | {device} | "
-        f"{args.precision} | batch {args.batch} | {args.rounds} blocks per arm in turns, each {args.warmup} warm-up + "
-        f"{args.steps} timed steps | memory: {memory}"
+        f"Florence-2-base shape, random weights, {IMAGE}x{IMAGE} fresh images, feature cache off | {device} "
+        f"| {args.precision} | batch {args.batch} | {args.rounds} blocks per arm in turns, each "
+        f"{args.warmup} warm-up + {args.steps} timed steps | memory: {memory}"
     )
     print(
-        f"{'expert':8} {'arm':8} {'step s':>8} {'ex/s':>8} {'peak MB':>9}   each block: median step s; peak MB"
+        f"{'expert':8} {'arm':8} {'step s':>8} {'ex/s':>8} {'peak MB':>9}   each "
+        "block: median step s; peak MB"
     )
 
     def peak(
@@ -366,7 +368,8 @@ def main() -> None:
         h, t = (statistics.median(r["times"][a]) for a in ("harness", "trainer"))
         mh, mt = (peak(r, a) for a in ("harness", "trainer"))
         print(
-            f"{method}: harness / Trainer examples/s = {t / h:.3f} (target >= 0.95), peak memory {mh / mt:.3f}x"
+            f"{method}: harness / Trainer examples/s = {t / h:.3f} (target >= 0.95), "
+            f"peak memory {mh / mt:.3f}x"
         )
     if args.estimate:
         estimate(args, runs)
@@ -383,10 +386,10 @@ def estimate(args, runs) -> None:
     experts = pool * cfg.expert.steps * step
     interp = cfg.interpolate.steps * step * cfg.interpolate.batch_size / cfg.expert.batch_size
     print(
-        f"estimate for {args.estimate} ({method}, batch {cfg.expert.batch_size}, from the measured step scaled "
-        f"linearly in batch): {pool} experts x {cfg.expert.steps} steps = {experts / 3600:.1f} h, interpolation "
-        f"{cfg.interpolate.steps} steps = {interp / 3600:.2f} h (as single-expert steps); the Fisher, evaluation "
-        f"and data loading from disk not included"
+        f"estimate for {args.estimate} ({method}, batch {cfg.expert.batch_size}, from the measured step "
+        f"scaled linearly in batch): {pool} experts x {cfg.expert.steps} steps = {experts / 3600:.1f} h, "
+        f"interpolation {cfg.interpolate.steps} steps = {interp / 3600:.2f} h (as single-expert steps); the "
+        "Fisher, evaluation and data loading from disk not included"
     )
 
 

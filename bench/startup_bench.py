@@ -1,13 +1,13 @@
-"""A stage process's start-up and exit, with the cyclic garbage collector kept out of the imports' objects (what
-every stage script does: common.stage.run_stage) and with it left as Python sets it.
+"""A stage process's start-up and exit, with the cyclic garbage collector kept out of the imports' objects
+(what every stage script does: common.stage.run_stage) and with it left as Python sets it.
 
     python bench/startup_bench.py [--rounds 3] [--stage "train_expert.py --task nli"]
 
 Builds the micro profile's backbone in a temp folder, then runs the same stage process both ways, taking turns
 (`--rounds` each): as is, and with gc.disable() made a no-op before the script starts, so that run_stage sees
-the collector on and leaves it alone. Each process reports when its imports were done and when main() returned;
-the bench prints, per way, the median seconds to the end of the imports, of main() and of the process, and the
-ratios of the two ways measured in this run.
+the collector on and leaves it alone. Each process reports when its imports were done and when main()
+returned; the bench prints, per way, the median seconds to the end of the imports, of main() and of the
+process, and the ratios of the two ways measured in this run.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def one(cmd: list[str], gc_mode: str) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--stage", default="train_expert.py --task nli", help="the stage and its arguments")
     args = ap.parse_args()

@@ -1,7 +1,8 @@
 """One interpolation training step (K experts merged by the fused op, experts + weights trained)
 versus one single-expert training step, on the mini profile's backbone shapes.
 
-    python bench/step_bench.py [--config configs/mini.yaml] [--k 3] [--repeats 30] [--threads N] [--device cuda]
+    python bench/step_bench.py [--config configs/mini.yaml] [--k 3] [--repeats 30] [--threads N]
+        [--device cuda]
 
 Both steps are forward + backward + AdamW step on the same batch of the target task; the backbone is
 freshly initialised (timing does not need a pre-trained one). Prints medians and their ratio,
@@ -111,13 +112,14 @@ def main() -> None:
         torch.cuda.get_device_name() if args.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)"
     )
     print(
-        f"device {where}, profile {cfg.profile}, task {args.task}, "
-        f"batch {len(batch['labels'])}, K={args.k}, groups={cfg.interpolate.groups} ({len(stack.group_names)})"
+        f"device {where}, profile {cfg.profile}, task {args.task}, batch {len(batch['labels'])}, K={args.k}, "
+        f"groups={cfg.interpolate.groups} ({len(stack.group_names)})"
     )
     print(f"single-expert step       {t_single * 1e3:8.2f} ms (median of {args.repeats})")
     if cached:
         print(
-            f"single-expert step, image features cached {t_cached * 1e3:8.2f} ms ({t_single / t_cached:.2f}x faster)"
+            f"single-expert step, image features cached {t_cached * 1e3:8.2f} ms "
+            f"({t_single / t_cached:.2f}x faster)"
         )
     print(f"interpolation step (K={args.k}) {t_interp * 1e3:8.2f} ms")
     print(f"ratio interpolation / single: {t_interp / t_single:.2f}x (target <= 1.3x)")

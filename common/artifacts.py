@@ -1,5 +1,6 @@
 """Artifacts on disk: written to a temp name and renamed, so a crash never leaves half a file. Under torchrun
-only rank 0's lands; the other ranks write into a temp folder that is removed (every rank runs the same code)."""
+only rank 0's lands; the other ranks write into a temp folder that is removed
+(every rank runs the same code)."""
 
 from __future__ import annotations
 
@@ -75,4 +76,4 @@ def read_json(path: Path, what: str, fix: str) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}: corrupt {what} ({e.msg} at line {e.lineno}); delete it and {fix}")
+        raise UserError(f"{path}: corrupt {what} ({e.msg} at line {e.lineno}); delete it and {fix}") from None

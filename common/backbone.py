@@ -17,8 +17,8 @@ from common.config import BackboneConfig
 from common.errors import UserError
 from common.provenance import artifact
 
-# transformers' model, processor and output classes are imported where used: at the top they would add 1.5 s to
-# the 1.8 s of `python -m common.checks`, which every make target runs first
+# transformers' model, processor and output classes are imported where used: at the top they would add 1.5 s
+# to the 1.8 s of `python -m common.checks`, which every make target runs first
 
 # one concise line per stage: no per-tensor loading bars, no deprecation chatter from peft <-> transformers
 transformers.utils.logging.disable_progress_bar()
@@ -41,7 +41,8 @@ def looks_like_path(source: str) -> bool:
 
 
 def check_source(cfg) -> None:
-    """A local backbone.source that is missing, empty or not a checkpoint stops in one line, before any stage."""
+    """A local backbone.source that is missing, empty or not a checkpoint stops in one line,
+    before any stage."""
     source = cfg.backbone.source
     if source == "embedded" or not looks_like_path(source):
         return
@@ -177,10 +178,11 @@ def build_model(bcfg: BackboneConfig, vocab_size: int, image_size: int):
 
 
 def load_backbone(cfg, device=None):
-    """(model, processor) frozen, in eval mode and on `device` (None: where it loads): a Florence-2 (image+text)
-    or any seq2seq LM (text only: T5, BART).
+    """(model, processor) frozen, in eval mode and on `device` (None: where it loads): a Florence-2
+    (image+text) or any seq2seq LM (text only: T5, BART).
 
-    The embedded backbone loads exactly as a real checkpoint would. A text-only model's "processor" is its tokenizer."""
+    The embedded backbone loads exactly as a real checkpoint would. A text-only model's "processor"
+    is its tokenizer."""
     from transformers import (
         AutoConfig,
         AutoModelForSeq2SeqLM,
@@ -192,8 +194,8 @@ def load_backbone(cfg, device=None):
     path, source = backbone_dir(cfg), cfg.backbone.source
     if source == "embedded" and not (path / "meta.json").is_file():
         raise UserError(
-            f"{path}: no backbone built under this config; run `{cfg.command('train_expert.py', '--pretrain')}`"
-            f" or `make backbone`"
+            f"{path}: no backbone built under this config; run "
+            f"`{cfg.command('train_expert.py', '--pretrain')}` or `make backbone`"
         )
     check_source(cfg)
     if source != "embedded" and not path.exists() and not _cached(source) and not _hub_reachable():
@@ -215,7 +217,7 @@ def load_backbone(cfg, device=None):
             f"{cfg.path}: backbone.source '{source}' ({where}) could not be loaded "
             f"({str(e).splitlines()[0][:140]}); download it where there is network "
             f"(`hf download {source} --local-dir DIR`) and set backbone.source=DIR"
-        )
+        ) from None
     model.requires_grad_(False)
     model.eval()
     if device is not None:
@@ -301,7 +303,8 @@ def _cached(repo_id: str) -> bool:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick connection to the hub, so an offline machine fails at once instead of after minutes of retries."""
+    """One quick connection to the hub,
+    so an offline machine fails at once instead of after minutes of retries."""
     if constants.HF_HUB_OFFLINE:
         return False
     url = urlparse(constants.ENDPOINT)

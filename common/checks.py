@@ -1,5 +1,6 @@
 """Every config error before the first stage, in one line: what a stage would otherwise find only after the
-backbone and the pool experts have trained. make runs it once per command; each stage runs it on what it reads.
+backbone and the pool experts have trained. make runs it once per command;
+each stage runs it on what it reads.
 
     python -m common.checks CONFIG [key=value ...] --targets snli-ve [nli ...] [--shots "32 64"]
 
@@ -28,14 +29,15 @@ def preflight(
 ) -> None:
     """Raise the first config error a run of these targets (at these shots; default: tasks.target_shots) would
     meet, as one line. read: the tasks whose files to open (None: every pool task's, as make's run reads them;
-    a stage by hand checks those it reads), and which splits of them (a stage that chooses never opens test)."""
+    a stage by hand checks those it reads), and which splits of them
+    (a stage that chooses never opens test)."""
     for t in cfg.tasks.pool:
         data.task(cfg, t, where=f"tasks.pool ({cfg.where('tasks.pool')})")
     for t in targets:
         if t not in cfg.tasks.pool:
             raise UserError(
-                f"{cfg.where('tasks.pool')}: target {t!r} is not in tasks.pool ({', '.join(cfg.tasks.pool)}); "
-                f"pick one of those or add it there"
+                f"{cfg.where('tasks.pool')}: target {t!r} is not in tasks.pool "
+                f"({', '.join(cfg.tasks.pool)}); pick one of those or add it there"
             )
     check_source(cfg)
     resolve(cfg)  # the device and precision this machine has

@@ -79,8 +79,9 @@ class DataConfig:
     train_size: int = ranged(0, 0)
     val_size: int = ranged(1000, 1)
     test_size: int = ranged(0, 0)
-    # leave out of every task's training data the examples whose image is in a scored split (val or test) of any
-    # task in the pool (by image id where the task names one, else by the image's bytes): data.without_scored
+    # leave out of every task's training data the examples whose image is in a scored split (val or test) of
+    # any task in the pool (by image id where the task names one,
+    # else by the image's bytes): data.without_scored
     exclude_scored_images: bool = True
     # DataLoader worker processes that read and encode the training batches (0: the stage's own process);
     # how a batch is made, not what it is: the same batches either way
@@ -128,7 +129,8 @@ class TasksConfig:
     )  # the target's training data: a seeded k-shot sample (0 = its whole train split)
     shots_per_class: bool = False  # CoOp style: k examples of every answer class instead of k in all
     # tasks read from a researcher's own files, by name: {mine: {files: {train: .., test: ..}, prompt: ..,
-    # answer: .., image: .., ...}} (common/tasks.py DEFINE_FIELDS); a defined task can be in pool or the target
+    # answer: .., image: .., ...}} (common/tasks.py DEFINE_FIELDS);
+    # a defined task can be in pool or the target
     define: dict = field(default_factory=dict)
 
 
@@ -167,7 +169,8 @@ class ExpertConfig:
 @dataclass
 class FisherConfig:
     # common/embeddings.py: fisher (π-Tuning's: the diagonal Fisher of each expert) | weights (the cosine of
-    # what each expert changed, SPoT-style, no backbone pass); the mini profile ships weights (docs/retrieval.md)
+    # what each expert changed, SPoT-style, no backbone pass);
+    # the mini profile ships weights (docs/retrieval.md)
     embedding: str = "fisher"
     estimator: str = "per_sample"  # per_sample | batch (the original code's squared batch gradient)
     samples: int = ranged(256, 1)
@@ -176,8 +179,10 @@ class FisherConfig:
     passes: int = ranged(
         1, 1
     )  # > 1: up to this many passes over an expert's examples, dropout on, until `samples` gradients
-    at: str = "own"  # own: each expert's Fisher at its own weights | pool-mean: every task's at the mean pool expert
-    answers: str = "truth"  # truth: the examples' answers (empirical Fisher) | model: drawn from the model's own distribution
+    # own: each expert's Fisher at its own weights | pool-mean: every task's at the mean pool expert
+    at: str = "own"
+    # truth: the examples' answers (empirical Fisher) | model: drawn from the model's own distribution
+    answers: str = "truth"
 
 
 @dataclass
@@ -205,14 +210,16 @@ class InterpolateConfig:
         0, 0
     )  # keep the loop's state every N steps, to resume after a crash (0 = never)
     # stacking: the fraction of the target's training examples held out of the expert the mix is learned with.
-    # The mix learns on them (the experts frozen) with the target's expert refitted on the rest (experts/<run>.fold,
-    # train_expert.py --variant fold); its weights then apply to the expert fitted on all of them, and with
-    # train_experts the experts train on all of them under those weights. 0 = the paper's: the mix learns on the
-    # very examples the target's expert fitted, where that expert can win the mix by memory (docs/mini-world.md)
+    # The mix learns on them (the experts frozen) with the target's expert refitted on the rest
+    # (experts/<run>.fold, train_expert.py --variant fold); its weights then apply to the expert fitted on all
+    # of them, and with train_experts the experts train on all of them under those weights. 0 = the paper's:
+    # the mix learns on the very examples the target's expert fitted, where that expert can win the mix by
+    # memory (docs/mini-world.md)
     holdout: float = ranged(0.0, 0, 1, hi_open=True)
-    # how π-Tuning picks its experts: fixed (the top_k most similar by fisher.embedding, the paper's) | select (on
-    # the target's own validation split, among the top-k of each embedding of select_from for each k of select_k
-    # and k = 0, the target's expert alone: the interpolation scoring best there; test is never read to choose)
+    # how π-Tuning picks its experts: fixed (the top_k most similar by fisher.embedding, the paper's) | select
+    # (on the target's own validation split, among the top-k of each embedding of select_from for each k of
+    # select_k and k = 0, the target's expert alone: the interpolation scoring best there;
+    # test is never read to choose)
     retrieval: str = "fixed"
     select_from: list = field(
         default_factory=list
@@ -253,8 +260,9 @@ class Config:
     log_with: str = (
         "none"  # none | tensorboard | wandb: loss, lr, examples/s of every step to accelerate's tracker
     )
-    # what the frozen backbone would compute again and again, memoised, each up to this much (0 = off): Florence-2's
-    # vision tower per image, and evaluate.py's encoded inputs per batch (every method scores the same batches)
+    # what the frozen backbone would compute again and again, memoised, each up to this much (0 = off):
+    # Florence-2's vision tower per image, and evaluate.py's encoded inputs per batch
+    # (every method scores the same batches)
     feature_cache_mb: int = ranged(1024, 0)
     world: WorldConfig = field(default_factory=WorldConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -300,7 +308,8 @@ class Config:
         return f"override '{hit}'" if hit else self.path
 
     def command(self, script: str, *args: str) -> str:
-        """The command that runs a stage under this config, as typed (the venv's python, --config, overrides)."""
+        """The command that runs a stage under this config, as typed (the venv's python,
+        --config, overrides)."""
         words = [script, *args, "--config", self.path, *(shlex.quote(o) for o in self.overrides)]
         return f"{VENV_PYTHON} {' '.join(words)}"
 
@@ -438,7 +447,7 @@ def _read_profile(p: Path, seen: tuple = ()) -> dict:
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
-        raise UserError(f"{p}:{where} is not valid YAML ({getattr(e, 'problem', e)}); fix the file")
+        raise UserError(f"{p}:{where} is not valid YAML ({getattr(e, 'problem', e)}); fix the file") from None
     if not isinstance(data, dict) or "base" not in data:
         return data
     if p.resolve() in seen:
@@ -458,8 +467,8 @@ def _read_profile(p: Path, seen: tuple = ()) -> dict:
 
 
 def split_overrides(words: list[str]) -> list[str]:
-    """key=value overrides from command-line words: a value that the shell split at its spaces (make's OVERRIDES
-    do: tasks.pool=[snli-ve, nli]) is joined again while its brackets are open."""
+    """key=value overrides from command-line words: a value that the shell split at its spaces (make's
+    OVERRIDES do: tasks.pool=[snli-ve, nli]) is joined again while its brackets are open."""
     out: list[str] = []
     for word in words:
         if out and out[-1].count("[") + out[-1].count("{") > out[-1].count("]") + out[-1].count("}"):
@@ -470,8 +479,8 @@ def split_overrides(words: list[str]) -> list[str]:
 
 
 def load_config(path: str, overrides: list[str] = ()) -> Config:
-    """Read a profile YAML and apply `section.key=value` overrides (values parsed as YAML). A bad value names what
-    set it: the profile file, or the override."""
+    """Read a profile YAML and apply `section.key=value` overrides (values parsed as YAML). A bad value names
+    what set it: the profile file, or the override."""
     data = _read_profile(Path(path))
     given = {}  # field -> the override that set it
     for item in split_overrides(list(overrides)):

@@ -44,16 +44,17 @@ def _world_keys(task: str, which: str, world: str) -> np.ndarray:
 
 
 def world_keys(task: str, which: str, world: WorldConfig) -> np.ndarray:
-    """The keys of a mini-world split's images, in order, without drawing one: an image is its scene and the noise
-    seed render draws, so two examples show the same image only where both agree (never, in practice: each draws
-    its own seed)."""
+    """The keys of a mini-world split's images, in order, without drawing one: an image is its scene and the
+    noise seed render draws, so two examples show the same image only where both agree (never, in practice:
+    each draws its own seed)."""
     return _world_keys(task, which, json.dumps(dataclasses.asdict(world), sort_keys=True))
 
 
 def _statements(prompt: str, answer=lambda label: label):
-    """A task on a scene's statements (W.hypothesis): the prompt with {hyp} (and {text}, the scene's description:
-    a text-only task, else the image is drawn), the answer the statement's yes / no / maybe label under `answer`.
-    Every such task draws its scene, statement and image alike: the same seed, the same example."""
+    """A task on a scene's statements (W.hypothesis): the prompt with {hyp} (and {text}, the scene's
+    description: a text-only task, else the image is drawn), the answer the statement's yes / no / maybe label
+    under `answer`. Every such task draws its scene, statement and image alike: the same seed,
+    the same example."""
 
     def make(rng, size):
         scene = W.random_scene(rng)
@@ -138,7 +139,8 @@ def _arith(rng, size):
 # target under another answer convention, or the same decision from other inputs; only the vocabulary's
 # words, so the backbone is the one every profile of this world builds
 def _two_way(label: str) -> str:
-    """RTE's two-way entailment: entailed or not; what snli-ve and nli call maybe (undecidable) is not entailed."""
+    """RTE's two-way entailment: entailed or not; what snli-ve and nli call maybe
+    (undecidable) is not entailed."""
     return "yes" if label == "yes" else "no"
 
 
@@ -147,8 +149,9 @@ _nli_2way = _statements(' does text1 " {text} " imply text2 " {hyp} "?', _two_wa
 
 
 def _decidable(label: str) -> str:
-    """Can the statement be decided (entailed or contradicted: yes) or not (undecidable: no)? The same statements
-    as the target, a different decision: snli-ve's no becomes yes and its maybe no (two of three disagree)."""
+    """Can the statement be decided (entailed or contradicted: yes) or not (undecidable: no)? The same
+    statements as the target, a different decision: snli-ve's no becomes yes and its maybe no
+    (two of three disagree)."""
     return "no" if label == "maybe" else "yes"
 
 
@@ -175,8 +178,8 @@ _nli_strict = _statements(NLI_PROMPT, _two_way)
 
 
 def _shape_plus(rng, size):
-    """shape's very examples, named as a dataset that calls the upright cross a plus (the sign it is) names them:
-    one shape word in four conflicts, under shape's prompt."""
+    """shape's very examples, named as a dataset that calls the upright cross a plus (the sign it is) names
+    them: one shape word in four conflicts, under shape's prompt."""
     return _shape(rng, size, lambda shape: "plus" if shape == "cross" else shape)
 
 
@@ -192,14 +195,15 @@ def _shape_at(rng, size):
 
 
 def _shape_large(rng, size):
-    """shape's question on close-ups: one object, always drawn large (a dataset of close-up photos, its subject
-    filling the frame). shape's decision and its four names, from other inputs than shape's small and large mix."""
+    """shape's question on close-ups: one object, always drawn large (a dataset of close-up photos, its
+    subject filling the frame). shape's decision and its four names,
+    from other inputs than shape's small and large mix."""
     return _shape(rng, size, large=True)
 
 
 def _nli_shuffled(rng, size):
-    """nli's three-way decision on the same kind of statements, read against a description that lists the objects
-    in any order with either connective (paraphrase's texts), under a prompt of its own."""
+    """nli's three-way decision on the same kind of statements, read against a description that lists the
+    objects in any order with either connective (paraphrase's texts), under a prompt of its own."""
     scene = W.random_scene(rng)
     hyp, label = W.hypothesis(scene, rng)
     return Example(f' does text " {W.describe(scene, rng)} " imply " {hyp} "?', label)
@@ -293,10 +297,11 @@ def task(cfg, name: str, where: str = "tasks.pool"):
 
 
 def split(cfg, name: str, which: str, n: int | None = None) -> list[Example]:
-    """At most n examples of a task's split (train | val | test): the mini world's first n (its stream draws every
-    example at random, so they are a random sample), or a seeded random sample of a file's rows (Rows.sample:
-    a file's first rows are not one), within the data section's cap (data.train_size, val_size, test_size; 0 =
-    none). Training examples that show an image of a scored split are left out first (without_scored)."""
+    """At most n examples of a task's split (train | val | test): the mini world's first n (its stream draws
+    every example at random, so they are a random sample), or a seeded random sample of a file's rows
+    (Rows.sample: a file's first rows are not one), within the data section's cap (data.train_size, val_size,
+    test_size; 0 = none). Training examples that show an image of a scored split are left out first
+    (without_scored)."""
     if from_world(cfg, name):
         exs = examples(name, which, cfg.world, None if which == "train" else n)
         return without_scored(cfg, name, exs)[0][:n] if which == "train" else exs
@@ -309,8 +314,8 @@ def split(cfg, name: str, which: str, n: int | None = None) -> list[Example]:
 
 
 def _read(cfg, name: str, which: str):
-    """Every row of a defined task's split (readers.read_defined), fetched from the hub first where data.download
-    says so and its files are missing."""
+    """Every row of a defined task's split (readers.read_defined), fetched from the hub first where
+    data.download says so and its files are missing."""
     t, root = task(cfg, name), Path(cfg.data.root)
     try:
         return read_defined(t, which, root, cfg.data.num_workers)
@@ -327,16 +332,17 @@ def _read(cfg, name: str, which: str):
 
 
 def image_keys(cfg, name: str, which: str, exs) -> np.ndarray | None:
-    """The image keys of a task's split exs (all of it, as read; readers.image_key: a file's image ids, files or
-    bytes, the mini world's scenes and seeds); None for a text task."""
+    """The image keys of a task's split exs (all of it, as read; readers.image_key: a file's image ids, files
+    or bytes, the mini world's scenes and seeds); None for a text task."""
     if from_world(cfg, name):
         return None if get_task(name).family == "language" else world_keys(name, which, cfg.world)
     return exs.image_keys() if exs.source.task.image else None
 
 
 def scored_images(cfg) -> np.ndarray:
-    """The sorted keys of every image in a scored split (val, test: whole, before any cap) of any task in the pool.
-    A file's keys are cached beside it (readers.beside); the mini world's are drawn without their images."""
+    """The sorted keys of every image in a scored split (val, test: whole, before any cap) of any task in the
+    pool. A file's keys are cached beside it (readers.beside);
+    the mini world's are drawn without their images."""
     keys = []
     for name in cfg.tasks.pool:
         for which in ("val", "test"):
@@ -395,9 +401,9 @@ def from_world(cfg, name: str) -> bool:
 
 
 def subset(cfg, name: str, exs, n: int, key: str) -> tuple[list[Example], str]:
-    """(at most n of a task's examples exs, how they were taken): the first n of the mini world's (drawn at random
-    already), else a seeded random sample (seeded by `key`) in their order: a file's first rows are not a random
-    sample, nor is the start of a k-per-class sample (its classes in file order)."""
+    """(at most n of a task's examples exs, how they were taken): the first n of the mini world's (drawn at
+    random already), else a seeded random sample (seeded by `key`) in their order: a file's first rows are not
+    a random sample, nor is the start of a k-per-class sample (its classes in file order)."""
     if len(exs) <= n:
         return exs, f"all {len(exs)}"
     if from_world(cfg, name):
@@ -446,8 +452,8 @@ def world_vocabulary(world: WorldConfig) -> list[str]:
 
 def check_words(cfg, name: str, vocab, *splits: list[Example]) -> None:
     """The embedded backbone knows the mini world's words only: a task read from files that uses others stops
-    here, in one line naming them and, briefly, what it has (a real backbone's subword tokenizer has no unknown
-    words)."""
+    here, in one line naming them and, briefly, what it has (a real backbone's subword tokenizer has no
+    unknown words)."""
     if cfg.backbone.source != "embedded" or from_world(cfg, name):
         return
     split = word_splitter().pre_tokenize_str
@@ -474,12 +480,13 @@ def candidates_for(task: Task, ex: Example) -> tuple[str, ...]:
 
 
 class Encoder:
-    """Turns examples into model inputs through the backbone's processor (the real path), and answers into labels
-    as the checkpoint was trained to emit them (its generation config): a BART / Florence-2 checkpoint forces
-    `<s>` first (forced_bos_token_id), so its labels are `<s> answer </s>` after the decoder start `</s>`; T5's
-    are `answer </s>` after `<pad>`; the decoder start is the model's own (it shifts the labels right). keep_mb: the
-    inputs of each batch of examples kept, up to this much, for when the same batches come again (evaluate.py
-    scores every method on the same splits: the processor's work once, not once per method)."""
+    """Turns examples into model inputs through the backbone's processor (the real path), and answers into
+    labels as the checkpoint was trained to emit them (its generation config): a BART / Florence-2 checkpoint
+    forces `<s>` first (forced_bos_token_id), so its labels are `<s> answer </s>` after the decoder start
+    `</s>`; T5's are `answer </s>` after `<pad>`; the decoder start is the model's own (it shifts the labels
+    right). keep_mb: the inputs of each batch of examples kept, up to this much, for when the same batches
+    come again (evaluate.py scores every method on the same splits: the processor's work once,
+    not once per method)."""
 
     def __init__(self, processor, device=None, max_len: int = 512, keep_mb: int = 0, generation=None):
         self.processor = processor  # a Florence-2 processor, or a text-only model's tokenizer
@@ -545,8 +552,8 @@ class Encoder:
         return {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
 
     def labels(self, answers: list[str]) -> torch.Tensor:
-        """The forced tokens (a BART checkpoint's <s>), the answer's tokens and the end of sequence, padded with
-        -100 (ignored by the loss)."""
+        """The forced tokens (a BART checkpoint's <s>), the answer's tokens and the end of sequence, padded
+        with -100 (ignored by the loss)."""
         ids = [self._answer(a) for a in answers]
         width = max(map(len, ids))
         return torch.tensor([x + [-100] * (width - len(x)) for x in ids], device=self.device)
@@ -560,7 +567,8 @@ class Encoder:
         return ids
 
     def targets(self, exs: list[Example]) -> int:
-        """How many answer tokens the loss of enc.batch(exs) averages over (each answer's tokens and its </s>)."""
+        """How many answer tokens the loss of enc.batch(exs) averages over
+        (each answer's tokens and its </s>)."""
         return sum(len(self._answer(e.answer)) for e in exs)
 
     def batch(self, exs: list[Example]) -> dict[str, torch.Tensor]:
@@ -576,9 +584,9 @@ def batches(
     shard: bool = False,
     order: list[int] | None = None,
 ):
-    """Mini-batches in order (or in `order`, a permutation of the indices), or shuffled (one epoch) when an rng
-    is given; shard: only this rank's share of them under torchrun (batches rank, rank + world, ...). A lazily
-    read split with workers (readers.Rows, data.num_workers) is decoded in that many DataLoader worker
+    """Mini-batches in order (or in `order`, a permutation of the indices), or shuffled (one epoch) when an
+    rng is given; shard: only this rank's share of them under torchrun (batches rank, rank + world, ...). A
+    lazily read split with workers (readers.Rows, data.num_workers) is decoded in that many DataLoader worker
     processes, a few batches ahead."""
     order = list(range(len(exs))) if order is None else list(order)
     if rng is not None:
@@ -594,14 +602,15 @@ def batches(
 
 def by_length(exs) -> list[int]:
     """The examples' indices, shortest prompt first (its characters; no image read): batches of alike lengths
-    pad less, as transformers' group_by_length does. nli's validation batches were 23% padding in prompt order."""
+    pad less, as transformers' group_by_length does. nli's validation batches were 23%
+    padding in prompt order."""
     texts = exs.texts() if hasattr(exs, "texts") else exs
     return sorted(range(len(texts)), key=lambda i: len(texts[i].prompt))
 
 
 def _in_workers(dataset, batch_sampler, workers: int, pin: bool = False):
-    """The batches of a dataset whose __getitems__ makes them (or returns a UserError), read in `workers` DataLoader
-    processes (0: this one): a returned UserError is raised here, in the stage, as its one line."""
+    """The batches of a dataset whose __getitems__ makes them (or returns a UserError), read in `workers`
+    DataLoader processes (0: this one): a returned UserError is raised here, in the stage, as its one line."""
     if workers:  # the tokenizer's own threads and forked workers do not mix (its warning)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # its own generator: the workers' seeds are not drawn from torch's global one (dropout, init)

@@ -45,7 +45,8 @@ def resolve(cfg) -> str:
     return device
 
 
-# log_with -> the package its tracker needs (accelerate itself skips a tracker whose package is missing, silently)
+# log_with -> the package its tracker needs
+# (accelerate itself skips a tracker whose package is missing, silently)
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
@@ -66,7 +67,7 @@ def accelerator(cfg):
         raise UserError(
             f"{cfg.path}: field 'precision' is {cfg.precision!r}: {str(e).splitlines()[0][:160]}; "
             f"use precision=fp32"
-        )
+        ) from None
 
 
 def fresh(device: str = "cpu", precision: str = "fp32", log_with: str | None = None, logging_dir=None):

@@ -7,9 +7,9 @@ Every rank builds the same global batch (same seed, same data position) and take
 loss weighted by its share of the batch's loss terms, so the step is the single-process step up to the
 order of float sums. The Fisher sums its samples per rank, then over ranks; evaluation shards the examples
 and gathers the per-example results in their original order. Alone (no process group) every function here
-is the identity. Only rank 0 lands an artifact (common.artifacts) and prints to stdout (common.config.run_stage).
-torch is not imported here: a process that has not imported it (the Makefile's config reads) has no group, and
-`python -m common.provenance` (0.15 s) would take 1 s more."""
+is the identity. Only rank 0 lands an artifact (common.artifacts) and prints to stdout
+(common.config.run_stage). torch is not imported here: a process that has not imported it (the Makefile's
+config reads) has no group, and `python -m common.provenance` (0.15 s) would take 1 s more."""
 
 from __future__ import annotations
 
@@ -98,6 +98,7 @@ def sync(params: list, loss):
 
 
 def barrier() -> None:
-    """Every rank got here: a rank that raised or died before never arrives, and the launcher ends the rest."""
+    """Every rank got here: a rank that raised or died before never arrives,
+    and the launcher ends the rest."""
     if active():
         _group().barrier()

@@ -1,8 +1,8 @@
 """Every retrieval embedding by name: what it is and the `fisher` fields that change it. Config validation
 (`fisher.embedding`, `interpolate.select_from`), provenance, embed_tasks.py and the reports read EMBEDDINGS;
-it imports nothing, so config can. How each is computed (torch, the experts) is its entry in common/similarity.py's
-COMPUTE: a new embedding is one entry here and one there. FISHER_VARIANTS are the study's alternatives: the
-Fisher with some `fisher` fields changed."""
+it imports nothing, so config can. How each is computed (torch, the experts) is its entry in
+common/similarity.py's COMPUTE: a new embedding is one entry here and one there. FISHER_VARIANTS are the
+study's alternatives: the Fisher with some `fisher` fields changed."""
 
 from __future__ import annotations
 
@@ -11,17 +11,20 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Embedding:
-    """An embedding as the config and the reports name it (common.similarity.COMPUTE[name]: how it is computed)."""
+    """An embedding as the config and the reports name it (common.similarity.COMPUTE[name]:
+    how it is computed)."""
 
     name: str
     what: str  # the report's words for it (its heading, the similarity plot's title)
-    settings: tuple = ()  # the `fisher` fields that change it, recorded in the similarity file beside its name
+    # the `fisher` fields that change it, recorded in the similarity file beside its name
+    settings: tuple = ()
 
 
 EMBEDDINGS = {
     e.name: e
     for e in (
-        # π-Tuning's: the diagonal Fisher of each expert on its own data, compared by the paper's normalised cosine
+        # π-Tuning's: the diagonal Fisher of each expert on its own data,
+        # compared by the paper's normalised cosine
         Embedding(
             "fisher",
             "diagonal Fisher of each expert",
@@ -29,8 +32,8 @@ EMBEDDINGS = {
         ),
         # SPoT-style: what each expert changed at each site, by plain cosine (no backbone pass)
         Embedding("weights", "cosine of the experts' updates"),
-        # Arrow-style (peft's Arrow routing): per site the input direction each expert's update acts on most (its top
-        # right-singular vector, from the LoRA factors without the d x d product), compared by |cos|
+        # Arrow-style (peft's Arrow routing): per site the input direction each expert's update acts on most
+        # (its top right-singular vector, from the LoRA factors without the d x d product), compared by |cos|
         Embedding("prototypes", "top singular direction of each expert's update per site"),
     )
 }
@@ -74,7 +77,8 @@ def described() -> dict[str, str]:
 
 
 def recorded(fc) -> dict:
-    """What a similarity file records of how it was embedded: the embedding and the settings that change it."""
+    """What a similarity file records of how it was embedded:
+    the embedding and the settings that change it."""
     return {"embedding": fc.embedding, **{f: getattr(fc, f) for f in EMBEDDINGS[fc.embedding].settings}}
 
 

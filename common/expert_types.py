@@ -1,8 +1,9 @@
 """Every expert type, one object each (as peft keeps one config class per method): how it attaches to a frozen
 backbone, the modules and learning rate it takes by default, how K of its experts interpolate, what it adds
 for the `weights` embedding. Config validation, the stages and the tests read EXPERT_TYPES; a new type is one
-entry here. Light to import, as config imports it: torch, peft and common.adapters are imported where an expert
-is built (at the top, peft would add 3 s to the 0.15 s of `python -m common.provenance`, run by make per pipeline)."""
+entry here. Light to import, as config imports it: torch, peft and common.adapters are imported where an
+expert is built (at the top, peft would add 3 s to the 0.15 s of `python -m common.provenance`,
+run by make per pipeline)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ ATTENTION = {
 
 @dataclass(frozen=True)
 class ExpertType:
-    """One kind of expert. build(model, ecfg, dims, targets, rank_multiplier) returns a peft config, or the model
-    with the expert (adapters); update(weights, layers) gives {site: what the expert adds there}."""
+    """One kind of expert. build(model, ecfg, dims, targets, rank_multiplier) returns a peft config, or the
+    model with the expert (adapters); update(weights, layers) gives {site: what the expert adds there}."""
 
     name: str
     lr: float  # expert.lr 0 takes this (measured: IA3, prompts and prefixes need far larger steps)
@@ -40,7 +41,8 @@ class ExpertType:
     null: Callable | None = (
         None  # weights -> the expert of this shape that changes nothing (the transfer row's
     )
-    #                               control); None: the type has none (a soft token, a magnitude, is never nothing)
+    #                               control); None: the type has none (a soft token,
+    # a magnitude, is never nothing)
 
 
 def _parts(weights: dict, names: str) -> dict[str, dict]:
@@ -195,8 +197,9 @@ EXPERT_TYPES: dict[str, ExpertType] = {
             null=_zeros,
             doc="LoRA on q, k, v, out of every attention (the original's), merged exactly",
         ),
-        # DoRA's update m * (W0 + BA) / ||W0 + BA|| is not linear in B.A, so there is no exact delta merge: its
-        # experts interpolate in parameter space (A, B and the magnitude each a weighted sum), as adapters do
+        # DoRA's update m * (W0 + BA) / ||W0 + BA|| is not linear in B.A, so there is no exact delta merge:
+        # its experts interpolate in parameter space (A,
+        # B and the magnitude each a weighted sum), as adapters do
         ExpertType(
             "dora",
             1e-3,

@@ -20,7 +20,9 @@ from common.backbone import backbone_dir, fingerprint
 from common.errors import UserError
 from common.expert_types import EXPERT_TYPES, join_layers as _join, split_layers as _split
 from common.merge import ExpertStack
-from common.provenance import artifact, expert_name, parse_run  # noqa: F401 (expert_name: the stages import it here)
+
+# expert_name: the stages import it here
+from common.provenance import artifact, expert_name, parse_run  # noqa: F401
 
 
 def expert_dir(cfg, name: str) -> Path:
@@ -59,7 +61,8 @@ def target_modules(ecfg, dims: dict) -> str:
 def attach(model, ecfg, rank_multiplier: int = 1):
     """Wrap the frozen backbone in a fresh expert of the configured type (only the expert's tensors train).
 
-    rank_multiplier: a k-expert LoRA merge is one LoRA of rank k*r (the same alpha/r keeps sum_i p_i B_i A_i exact)."""
+    rank_multiplier: a k-expert LoRA merge is one LoRA of rank k*r
+    (the same alpha/r keeps sum_i p_i B_i A_i exact)."""
     dims, m = text_dims(model), ecfg.method
     built = EXPERT_TYPES[m].build(model, ecfg, dims, target_modules(ecfg, dims), rank_multiplier)
     if isinstance(built, torch.nn.Module):  # an expert of our own (adapters): the model already holds it
@@ -70,7 +73,7 @@ def attach(model, ecfg, rank_multiplier: int = 1):
         raise UserError(
             f'expert.target_modules: {str(e).splitlines()[0][:160]}; fix the regex or leave it "" '
             f"for the {m} default"
-        )
+        ) from None
 
 
 def is_prompt_learning(model) -> bool:
@@ -89,7 +92,9 @@ def load_expert_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(f))
     except Exception as e:  # safetensors raises several types for a corrupt file
-        raise UserError(f"{f}: corrupt expert weights ({str(e)[:80]}); delete {path} and retrain it")
+        raise UserError(
+            f"{f}: corrupt expert weights ({str(e)[:80]}); delete {path} and retrain it"
+        ) from None
 
 
 def read_expert_meta(path: Path, fix: str = "train it with `make experts`") -> dict:
@@ -133,7 +138,9 @@ def set_weights(model, weights: dict[str, torch.Tensor]) -> None:
             return model.load_adapter_weights(weights)
         result = set_peft_model_state_dict(model, weights)
     except (KeyError, RuntimeError) as e:
-        raise UserError(f"expert tensors do not fit this backbone/config ({str(e).splitlines()[0][:120]})")
+        raise UserError(
+            f"expert tensors do not fit this backbone/config ({str(e).splitlines()[0][:120]})"
+        ) from None
     # peft loads a prompt table itself and still lists it as unexpected
     unexpected = [k for k in getattr(result, "unexpected_keys", None) or [] if k != "prompt_embeddings"]
     if unexpected:
@@ -157,11 +164,12 @@ def unload_expert(model):
 
 @contextmanager
 def folded(model):
-    """The model with its expert's update added into the backbone's weights while inside (peft's merge_adapter:
-    LoRA, DoRA, IA3), for scoring: the same function without the expert's extra products, which are a quarter
-    of a mini LoRA scoring pass. The backbone's tensors are restored bit for bit on the way out (an unmerge
-    alone would leave rounding in them). An expert that does not fold (adapters, prompts, prefixes), or a
-    backbone held in 16 bits (the sum would round most of the update away), scores as it is."""
+    """The model with its expert's update added into the backbone's weights while inside (peft's
+    merge_adapter: LoRA, DoRA, IA3), for scoring: the same function without the expert's extra products, which
+    are a quarter of a mini LoRA scoring pass. The backbone's tensors are restored bit for bit on the way out
+    (an unmerge alone would leave rounding in them). An expert that does not fold (adapters, prompts,
+    prefixes), or a backbone held in 16 bits
+    (the sum would round most of the update away), scores as it is."""
     layers = (
         [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
         if isinstance(model, PeftModel) and not is_prompt_learning(model)
@@ -215,7 +223,8 @@ def group_of(mode: str):
 
 
 def split_layers(weights: dict[str, torch.Tensor], method: str, layers: int) -> dict[str, torch.Tensor]:
-    """A layered type's (prefix's) one table as one tensor per decoder layer (its own group); others as they are."""
+    """A layered type's (prefix's) one table as one tensor per decoder layer (its own group);
+    others as they are."""
     return _split(weights, layers) if EXPERT_TYPES[method].layered else weights
 
 
@@ -258,7 +267,8 @@ class MergedExpert:
         return join_layers(self.stack(logits), self.method)
 
     def __call__(self, logits: torch.Tensor, **inputs):
-        """The model's forward with the merged expert in place (functional: nothing is copied into the model)."""
+        """The model's forward with the merged expert in place (functional:
+        nothing is copied into the model)."""
         merged = {param_name(k): v for k, v in self.merged(logits).items()}
         return functional_call(self.model, merged, args=(), kwargs=inputs)
 

@@ -1,5 +1,5 @@
-"""One GPU per job: `python -m common.gpus [--locks DIR] "0 1 2 3" CMD ...` runs CMD with CUDA_VISIBLE_DEVICES set
-to a GPU of the list that no other job holds, waiting while all are taken. The hold is an flock on
+"""One GPU per job: `python -m common.gpus [--locks DIR] "0 1 2 3" CMD ...` runs CMD with CUDA_VISIBLE_DEVICES
+set to a GPU of the list that no other job holds, waiting while all are taken. The hold is an flock on
 DIR/gpu-<id>.lock, passed to CMD (exec) and released by the kernel when CMD ends, killed or not: two jobs of a
 `make -j4 experts GPUS="0 1 2 3"` never share a GPU, and a crashed job leaves nothing to clean up."""
 

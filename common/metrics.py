@@ -1,5 +1,6 @@
 """Scoring: accuracy by candidate answers (sum of answer-token log-probs, argmax), token accuracy, and the
-real-data metrics (VQA accuracy, Acc@IoU with location tokens, BLEU-4, CIDEr-D) as pure functions on strings."""
+real-data metrics (VQA accuracy, Acc@IoU with location tokens, BLEU-4,
+CIDEr-D) as pure functions on strings."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from common.readers import PUNCTUATION, tokens_to_box
 
 
 def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor, forced: int = 0) -> torch.Tensor:
-    """Sum over the answer's tokens of log p(token); label -100 marks padding, and the first `forced` tokens (a
-    BART checkpoint's <s>, which generation forces) are no choice of the model's: not counted."""
+    """Sum over the answer's tokens of log p(token); label -100 marks padding, and the first `forced` tokens
+    (a BART checkpoint's <s>, which generation forces) are no choice of the model's: not counted."""
     logp = F.log_softmax(logits.float(), dim=-1)
     tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     keep = labels != -100
@@ -29,8 +30,8 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor, forced: int = 0
 
 
 def answer_logprobs(model, enc: Encoder, exs: list[Example], answers: list[str]) -> torch.Tensor:
-    """Sum of log p(answer tokens + </s> | image, prompt) for each (example, answer) pair, the decoder fed as the
-    checkpoint was trained (its decoder start, then the forced tokens)."""
+    """Sum of log p(answer tokens + </s> | image, prompt) for each (example, answer) pair, the decoder fed as
+    the checkpoint was trained (its decoder start, then the forced tokens)."""
     labels = enc.labels(answers)
     return sequence_logprob(model(**enc.inputs(exs), labels=labels).logits, labels, len(enc.forced))
 
@@ -114,10 +115,10 @@ def generate_answers(
     sample: torch.Generator | None = None,
 ) -> list[str]:
     """The model's answers (open-ended tasks: VQA, captions, boxes), the encoder run once per example: through
-    `generate` with the checkpoint's generation config (its decoder start, forced tokens, beams, no-repeat n-grams);
-    a prefix expert (keys and values in the decoder's cache, which generate cannot take) and `sample` (each token
-    drawn from the model's distribution by that generator) by a greedy loop of their own on the same start and
-    forced tokens."""
+    `generate` with the checkpoint's generation config (its decoder start, forced tokens, beams, no-repeat
+    n-grams); a prefix expert (keys and values in the decoder's cache, which generate cannot take) and
+    `sample` (each token drawn from the model's distribution by that generator) by a greedy loop of their own
+    on the same start and forced tokens."""
     peft_config = getattr(model, "active_peft_config", None)
     own_loop = sample is not None or (
         peft_config is not None and peft_config.peft_type == PeftType.PREFIX_TUNING
@@ -152,8 +153,8 @@ def _greedy(
     max_new_tokens: int,
     sample: torch.Generator | None,
 ) -> torch.Tensor:
-    """Greedy (or, with `sample`, sampled) decoding without a KV cache, from the checkpoint's decoder start and
-    forced tokens (what generate does first)."""
+    """Greedy (or, with `sample`, sampled) decoding without a KV cache, from the checkpoint's decoder start
+    and forced tokens (what generate does first)."""
     c = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
     start = getattr(enc.generation, "decoder_start_token_id", None)
     start = c.decoder_start_token_id if start is None else start
@@ -252,20 +253,21 @@ def token_hits_each(
 
 def task_metric(model, enc: Encoder, task, exs: list[Example], batch_size: int = 64) -> tuple[str, float]:
     """The task's headline metric: candidate accuracy where answers are closed, token accuracy for the mini
-    world's open answers, or the real task's own metric (VQA accuracy, Acc@IoU>=0.5, CIDEr-D) on greedy answers."""
+    world's open answers, or the real task's own metric (VQA accuracy, Acc@IoU>=0.5,
+    CIDEr-D) on greedy answers."""
     return task_scores(model, enc, task, exs, batch_size)[:2]
 
 
 def task_scores(
     model, enc: Encoder, task, exs: list[Example], batch_size: int = 64
 ) -> tuple[str, float, list | None]:
-    """task_metric, and each example's score, whose mean is the metric (what a paired bootstrap over the examples
-    resamples): a hit or a miss for accuracy and Acc@IoU, VQA accuracy, exact match, each image's CIDEr-D (the
-    document frequencies from every reference of the split, as coco-caption averages its per-image scores), and
-    for token accuracy, which weighs an example by its answer's length, the example's right tokens over the mean
-    answer length (a bootstrap then holds the denominator fixed: the ratio's first-order term). Under torchrun
-    each rank scores its share of the examples; the per-example results are gathered, so every rank returns the
-    whole set's."""
+    """task_metric, and each example's score, whose mean is the metric (what a paired bootstrap over the
+    examples resamples): a hit or a miss for accuracy and Acc@IoU, VQA accuracy, exact match, each image's
+    CIDEr-D (the document frequencies from every reference of the split, as coco-caption averages its
+    per-image scores), and for token accuracy, which weighs an example by its answer's length, the example's
+    right tokens over the mean answer length (a bootstrap then holds the denominator fixed: the ratio's
+    first-order term). Under torchrun each rank scores its share of the examples; the per-example results are
+    gathered, so every rank returns the whole set's."""
     closed = task.candidates is not None or exs[0].candidates is not None
     metric = getattr(task, "metric", None) or ("accuracy" if closed else "token_accuracy")
     mine = dist.shard(exs)
@@ -302,9 +304,9 @@ def exact_match(pred: str, refs) -> float:
 
 # ---- Real-data metrics: pure functions on strings, no model (VQA accuracy, Acc@IoU, BLEU-4, CIDEr-D) ----
 # VQA accuracy as the official evaluation computes it (GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/
-# vqaEval.py): the answer goes through processPunctuation and processDigitArticle; the ten human answers through
-# processPunctuation alone, and only where they are not all the same; then the mean over the ten leave-one-out
-# subsets of min(1, matches / 3)
+# vqaEval.py): the answer goes through processPunctuation and processDigitArticle; the ten human answers
+# through processPunctuation alone, and only where they are not all the same; then the mean over the ten
+# leave-one-out subsets of min(1, matches / 3)
 _VQA_PUNCT = (
     ";",
     "/",
@@ -349,31 +351,32 @@ _VQA_ARTICLES = ("a", "an", "the")
 _VQA_CONTRACTIONS = dict(
     pair.split("=")
     for pair in """
-aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't couldn'tve=couldn't've couldnt've=couldn't've
-didnt=didn't doesnt=doesn't dont=don't hadnt=hadn't hadnt've=hadn't've hadn'tve=hadn't've hasnt=hasn't
-havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's howd=how'd howll=how'll hows=how's Id've=I'd've
-I'dve=I'd've Im=I'm Ive=I've isnt=isn't itd=it'd itd've=it'd've it'dve=it'd've itll=it'll let's=let's maam=ma'am
-mightnt=mightn't mightnt've=mightn't've mightn'tve=mightn't've mightve=might've mustnt=mustn't mustve=must've
-neednt=needn't notve=not've oclock=o'clock oughtnt=oughtn't ow's'at='ow's'at 'ows'at='ow's'at 'ow'sat='ow's'at
-shant=shan't shed've=she'd've she'dve=she'd've she's=she's shouldve=should've shouldnt=shouldn't
-shouldnt've=shouldn't've shouldn'tve=shouldn't've somebody'd=somebodyd somebodyd've=somebody'd've
-somebody'dve=somebody'd've somebodyll=somebody'll somebodys=somebody's someoned=someone'd someoned've=someone'd've
+aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't couldn'tve=couldn't've
+couldnt've=couldn't've didnt=didn't doesnt=doesn't dont=don't hadnt=hadn't hadnt've=hadn't've
+hadn'tve=hadn't've hasnt=hasn't havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's howd=how'd
+howll=how'll hows=how's Id've=I'd've I'dve=I'd've Im=I'm Ive=I've isnt=isn't itd=it'd itd've=it'd've
+it'dve=it'd've itll=it'll let's=let's maam=ma'am mightnt=mightn't mightnt've=mightn't've
+mightn'tve=mightn't've mightve=might've mustnt=mustn't mustve=must've neednt=needn't notve=not've
+oclock=o'clock oughtnt=oughtn't ow's'at='ow's'at 'ows'at='ow's'at 'ow'sat='ow's'at shant=shan't
+shed've=she'd've she'dve=she'd've she's=she's shouldve=should've shouldnt=shouldn't shouldnt've=shouldn't've
+shouldn'tve=shouldn't've somebody'd=somebodyd somebodyd've=somebody'd've somebody'dve=somebody'd've
+somebodyll=somebody'll somebodys=somebody's someoned=someone'd someoned've=someone'd've
 someone'dve=someone'd've someonell=someone'll someones=someone's somethingd=something'd
 somethingd've=something'd've something'dve=something'd've somethingll=something'll thats=that's thered=there'd
 thered've=there'd've there'dve=there'd've therere=there're theres=there's theyd=they'd theyd've=they'd've
 they'dve=they'd've theyll=they'll theyre=they're theyve=they've twas='twas wasnt=wasn't wed've=we'd've
-we'dve=we'd've weve=we've werent=weren't whatll=what'll whatre=what're whats=what's whatve=what've whens=when's
-whered=where'd wheres=where's whereve=where've whod=who'd whod've=who'd've who'dve=who'd've wholl=who'll whos=who's
-whove=who've whyll=why'll whyre=why're whys=why's wont=won't wouldve=would've wouldnt=wouldn't
-wouldnt've=wouldn't've wouldn'tve=wouldn't've yall=y'all yall'll=y'all'll y'allll=y'all'll yall'd've=y'all'd've
-y'alld've=y'all'd've y'all'dve=y'all'd've youd=you'd youd've=you'd've you'dve=you'd've youll=you'll youre=you're
-youve=you've""".split()
+we'dve=we'd've weve=we've werent=weren't whatll=what'll whatre=what're whats=what's whatve=what've
+whens=when's whered=where'd wheres=where's whereve=where've whod=who'd whod've=who'd've who'dve=who'd've
+wholl=who'll whos=who's whove=who've whyll=why'll whyre=why're whys=why's wont=won't wouldve=would've
+wouldnt=wouldn't wouldnt've=wouldn't've wouldn'tve=wouldn't've yall=y'all yall'll=y'all'll y'allll=y'all'll
+yall'd've=y'all'd've y'alld've=y'all'd've y'all'dve=y'all'd've youd=you'd youd've=you'd've you'dve=you'd've
+youll=you'll youre=you're youve=you've""".split()
 )
 
 
 def vqa_punctuation(text: str) -> str:
-    """processPunctuation: a mark glued to a word goes, one standing free becomes a space (every mark goes where
-    the text has a comma between digits); then periods not beside a digit go."""
+    """processPunctuation: a mark glued to a word goes, one standing free becomes a space (every mark goes
+    where the text has a comma between digits); then periods not beside a digit go."""
     out = text
     for p in _VQA_PUNCT:  # the test is on the original text, for every mark
         glued = p + " " in text or " " + p in text or _VQA_COMMA.search(text) is not None
@@ -382,7 +385,8 @@ def vqa_punctuation(text: str) -> str:
 
 
 def vqa_digits_articles(text: str) -> str:
-    """processDigitArticle: lower case, number words as digits, no articles, contractions given their apostrophe."""
+    """processDigitArticle: lower case, number words as digits, no articles,
+    contractions given their apostrophe."""
     words = [_VQA_NUMBERS.get(w, w) for w in text.lower().split()]
     return " ".join(_VQA_CONTRACTIONS.get(w, w) for w in words if w not in _VQA_ARTICLES)
 
@@ -393,10 +397,11 @@ def vqa_normalize(answer: str) -> str:
 
 
 def vqa_accuracy(pred: str, refs) -> float:
-    """The official VQA accuracy of one answer against the human answers: the answer normalised (vqa_normalize),
-    the human answers stripped of punctuation where they differ, and the mean over the leave-one-out subsets of
-    the answers of min(1, matches / 3). One reference: min(1, matches / 3) (the official subsets of one are
-    empty). An empty answer scores 0 (OFA's rebuilt references pad the ten with "")."""
+    """The official VQA accuracy of one answer against the human answers: the answer normalised
+    (vqa_normalize), the human answers stripped of punctuation where they differ, and the mean over the
+    leave-one-out subsets of the answers of min(1, matches / 3). One reference: min(1, matches / 3) (the
+    official subsets of one are empty). An empty answer scores 0
+    (OFA's rebuilt references pad the ten with "")."""
     p, refs = vqa_normalize(pred), list(refs)
     if not p or not refs:
         return 0.0
@@ -419,12 +424,14 @@ def box_iou(a, b) -> float:
 
 
 def acc_at_iou(pred_texts, gold_texts, threshold: float = 0.5) -> float:
-    """Fraction of predictions whose location-token box has IoU >= threshold with the gold one (unparseable = miss)."""
+    """Fraction of predictions whose location-token box has IoU >= threshold with the gold one
+    (unparseable = miss)."""
     return sum(iou_hits(pred_texts, gold_texts, threshold)) / max(len(gold_texts), 1)
 
 
 def iou_hits(pred_texts, gold_texts, threshold: float = 0.5) -> list[bool]:
-    """Per prediction: does its location-token box have IoU >= threshold with the gold one (unparseable: no)?"""
+    """Per prediction: does its location-token box have IoU >= threshold with the gold one
+    (unparseable: no)?"""
     boxes = [(tokens_to_box(p), tokens_to_box(g)) for p, g in zip(pred_texts, gold_texts, strict=True)]
     return [p is not None and g is not None and box_iou(p, g) >= threshold for p, g in boxes]
 
@@ -439,7 +446,8 @@ def _ngrams(words: list[str], n: int) -> Counter:
 
 
 def bleu4(preds, refs_lists) -> float:
-    """Corpus BLEU-4 as coco-caption computes it: clipped n-gram precisions, closest-reference brevity penalty."""
+    """Corpus BLEU-4 as coco-caption computes it: clipped n-gram precisions,
+    closest-reference brevity penalty."""
     correct, guess, hyp_len, ref_len = [0] * 4, [0] * 4, 0, 0
     for pred, refs in zip(preds, refs_lists, strict=True):
         h, rs = caption_tokens(pred), [caption_tokens(r) for r in refs]
@@ -458,7 +466,8 @@ def bleu4(preds, refs_lists) -> float:
 
 
 def cider(preds, refs_lists, sigma: float = 6.0) -> float:
-    """CIDEr-D as coco-caption: tf-idf n-grams (n=1..4, df from the references), clipping, length penalty, x10."""
+    """CIDEr-D as coco-caption: tf-idf n-grams (n=1..4, df from the references), clipping,
+    length penalty, x10."""
     scores = cider_each(preds, refs_lists, sigma)
     return sum(scores) / len(scores) if scores else 0.0
 

@@ -7,9 +7,10 @@ makes new paths and keeps the old artifacts; switching back finds them; a stage 
 path make asks for; and make needs nothing but files (no stamps: `make -n` writes nothing). Beside each
 artifact, a readable name (experts/nli) links to the one made last (`link`).
 
-    python -m common.provenance CONFIG [key=value ...] --get run_dir tasks.pool     # values, for the Makefile
-    python -m common.provenance CONFIG [key=value ...] --rules TARGET SEED [--study report|loto]  # pipeline.mk's
-    python -m common.provenance CONFIG [key=value ...] --prune                     # drop what it would not make
+    python -m common.provenance CONFIG [key=value ...] --get run_dir tasks.pool  # values, for the Makefile
+    python -m common.provenance CONFIG [key=value ...] --rules TARGET SEED [--study report|loto]
+                                                                                 # pipeline.mk's
+    python -m common.provenance CONFIG [key=value ...] --prune                   # drop what it would not make
 
 The graph (each kind's own fields, and what it is made from):
     backbone      world (but the scored sizes), backbone, pretrain, precision
@@ -64,6 +65,7 @@ RUNTIME = (
     "tasks.target_shots",
 )
 DIGEST = 8  # hex characters of an artifact's digest
+HEX_DIGEST = f"[0-9a-f]{{{DIGEST}}}"  # its pattern
 TARGET_RUN = re.compile(
     r"^(?P<task>.+)-(?:(?P<shots>\d+)shot|full)-s(?P<seed>\d+)(?:\.(?P<variant>[^.@]+))?$"
 )
@@ -107,8 +109,8 @@ def _catalogue() -> dict:
 
 
 def definition(cfg, task: str) -> dict | None:
-    """A task's definition as written (tasks.define's, or the paper catalogue's under data.source files), with its
-    data.files; None for the mini world's (its tasks are code)."""
+    """A task's definition as written (tasks.define's, or the paper catalogue's under data.source files), with
+    its data.files; None for the mini world's (its tasks are code)."""
     if task in cfg.tasks.define:
         spec = cfg.tasks.define[task]
     elif cfg.data.source == "files":
@@ -119,8 +121,9 @@ def definition(cfg, task: str) -> dict | None:
 
 
 def _guarded_by(cfg, task: str) -> list:
-    """What the overlap guard reads for a task's training data (data.exclude_scored_images): the definitions of the
-    pool's image tasks read from files, where the task is one of them (the mini world's images all differ)."""
+    """What the overlap guard reads for a task's training data (data.exclude_scored_images): the definitions
+    of the pool's image tasks read from files, where the task is one of them
+    (the mini world's images all differ)."""
     mine = definition(cfg, task)
     if not cfg.data.exclude_scored_images or not mine or not (mine["definition"] or {}).get("image"):
         return []
@@ -194,7 +197,8 @@ def _node(cfg, kind: str, name: str = "", variant: str = "") -> tuple[dict, list
 
 
 def select_from(cfg) -> list[str]:
-    """The embeddings whose top-k retrievals selection chooses among (interpolate.select_from; [] = every one)."""
+    """The embeddings whose top-k retrievals selection chooses among
+    (interpolate.select_from; [] = every one)."""
     return list(cfg.interpolate.select_from or EMBEDDINGS)
 
 
@@ -243,12 +247,12 @@ def artifact(cfg, kind: str, name: str = "", variant: str = "") -> Path:
 
 def readable(path: Path) -> Path:
     """The readable name beside an artifact: experts/nli@1f3a9c0e -> experts/nli."""
-    return path.with_name(re.sub(r"@[0-9a-f]{%d}" % DIGEST, "", path.name))
+    return path.with_name(re.sub(f"@{HEX_DIGEST}", "", path.name))
 
 
 def link(path: Path) -> None:
-    """Point the readable name at this artifact (the one made last), atomically; a file or folder already there
-    under that name (a run folder from before digests) is left as it is."""
+    """Point the readable name at this artifact (the one made last), atomically; a file or folder already
+    there under that name (a run folder from before digests) is left as it is."""
     name = readable(Path(path))
     if not dist.is_main() or (name.exists() and not name.is_symlink()):
         return
@@ -268,8 +272,8 @@ def config_id(cfg) -> str:
 
 
 def differs(config: dict, profile: str) -> list[str]:
-    """The fields of a recorded config that differ from the profile file's own, as 'field=value': the overrides
-    that make this config from the profile (what names a config beside another)."""
+    """The fields of a recorded config that differ from the profile file's own, as 'field=value': the
+    overrides that make this config from the profile (what names a config beside another)."""
     try:
         base = _flat(load_config(profile).to_dict())
     except UserError:
@@ -355,7 +359,8 @@ def _pipeline(cfg, target: str, seed: int, study: str, transfer_row: bool, embed
         runs = ["pi", "random", *(["paper"] if paper else []), *(["select"] if chosen else [])]
         made = [interp["" if v == "pi" else v] for v in runs]
         rules += [
-            f"{j(made)} &: {sim} {j(embeds.values())} {j(fold)} ; {interpolate} --variant {','.join(runs)} $(ARGS)",
+            f"{j(made)} &: {sim} {j(embeds.values())} {j(fold)} ; {interpolate} --variant "
+            f"{','.join(runs)} $(ARGS)",
             f"{result}: {j(made)}",
         ]
         return rules, phony
@@ -370,8 +375,8 @@ def _pipeline(cfg, target: str, seed: int, study: str, transfer_row: bool, embed
         transfer_row
     ):  # every pair run the row lacks, or older than its experts, in one process (--variant pairs)
         rules += [
-            f"{j(pairs)} &: {j(pool[t] for t in others)} {tgt} {j(fold)} | {sim} ; {interpolate} --variant pairs "
-            f"$(ARGS)",
+            f"{j(pairs)} &: {j(pool[t] for t in others)} {tgt} {j(fold)} | {sim} ; {interpolate} "
+            "--variant pairs $(ARGS)",
             f"{row}: {j(pairs)} {tgt} ; $(STAGE_CMD) evaluate.py --target {target} --transfer $(ARGS)",
             f"{interp['oracle']}: {row} {sim} {j(fold)} ; {interpolate} --variant oracle $(ARGS)",
         ]
@@ -392,7 +397,7 @@ def _get(cfg, key: str) -> str:
 
 def _current(cfg, path: Path) -> bool:
     """Would this config make the artifact at `path` (name@digest) as it is?"""
-    m = re.fullmatch(r"(?P<name>.+?)@(?P<digest>[0-9a-f]{%d})(?P<rest>.*)" % DIGEST, path.name)
+    m = re.fullmatch(f"(?P<name>.+?)@(?P<digest>{HEX_DIGEST})(?P<rest>.*)", path.name)
     if not m:
         return True  # not an artifact (a readable link, a lock, a cache): left alone
     name, folder = m["name"], path.parent.name
@@ -419,8 +424,8 @@ def _current(cfg, path: Path) -> bool:
 
 
 def prune(cfg, dry_run: bool = False) -> list[Path]:
-    """Remove the artifacts (and caches of experts) under the run folder that this config would not make, and the
-    readable links left pointing at nothing; returns what was (or, with dry_run, would be) removed."""
+    """Remove the artifacts (and caches of experts) under the run folder that this config would not make, and
+    the readable links left pointing at nothing; returns what was (or, with dry_run, would be) removed."""
     rd = cfg.run_dir
     found = [p for p in rd.glob("backbone@*")] + [
         p

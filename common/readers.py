@@ -73,7 +73,8 @@ def tokens_to_box(text: str, bins: int = LOC_BINS) -> tuple[float, float, float,
 
 
 def _ofa_text(text: str) -> str:
-    """OFA's pre_caption/pre_question: lower case, no leading punctuation, '-' and '/' as spaces, single spaces."""
+    """OFA's pre_caption/pre_question: lower case, no leading punctuation,
+    '-' and '/' as spaces, single spaces."""
     text = text.lower().lstrip(",.!?*#:;~").replace("-", " ").replace("/", " ")
     return " ".join(text.split())
 
@@ -196,8 +197,8 @@ def _columns_used(task: DefinedTask) -> dict[str, str]:
 
 class Rows(Sequence):
     """A split's examples, each decoded when asked for (rows[i]; a batch takes its own): what is held is the
-    source's rows (a headerless file: one byte offset each; other files: each row's columns as read, its image a
-    path or still encoded) and which of them this view takes. Slices are views (rows[r::world], rows[:n]);
+    source's rows (a headerless file: one byte offset each; other files: each row's columns as read, its image
+    a path or still encoded) and which of them this view takes. Slices are views (rows[r::world], rows[:n]);
     answers() reads the answer alone (the k-per-class sample of tasks.shots_per_class), no image decoded.
     `workers`: the DataLoader workers that decode it when it is read in batches (common.data.batches: the
     evaluation, the Fisher); data.split sets it from data.num_workers. Picklable (each process opens its
@@ -232,9 +233,9 @@ class Rows(Sequence):
         return Rows(self.source, self.index[keep], self.workers)
 
     def sample(self, n: int | None, key: str) -> Rows:
-        """At most n of these rows: all of them, or a seeded random sample of n (seeded by `key`), in file order.
-        A file's first rows are not a random sample (OFA's TSVs group their rows by image); samples of one key
-        nest (the 200 rows of n=200 are among the 1,000 of n=1000)."""
+        """At most n of these rows: all of them, or a seeded random sample of n (seeded by `key`), in file
+        order. A file's first rows are not a random sample (OFA's TSVs group their rows by image); samples of
+        one key nest (the 200 rows of n=200 are among the 1,000 of n=1000)."""
         if n is None or n >= len(self):
             return self
         pick = np.random.default_rng(zlib.crc32(key.encode())).permutation(len(self))[:n]
@@ -242,9 +243,10 @@ class Rows(Sequence):
 
 
 class _Source:
-    """A defined task's rows in one split's file(s), for Rows: row(j) is row j's columns as read (renamed by the
-    file format's `per_format`; an image still a path or encoded), where(j) names the row in errors; `layout`
-    is the labels and image settings for this file's format, `names` the closed set of `all-answers`."""
+    """A defined task's rows in one split's file(s), for Rows: row(j) is row j's columns as read (renamed by
+    the file format's `per_format`; an image still a path or encoded), where(j) names the row in errors;
+    `layout` is the labels and image settings for this file's format,
+    `names` the closed set of `all-answers`."""
 
     def __init__(self, task: DefinedTask, layout: dict, root: Path, path: Path):
         self.task, self.layout, self.root, self.path, self.names = task, layout, root, path, None
@@ -255,8 +257,8 @@ class _Source:
         return ((self.where(j), self.row(j)) for j in range(len(self)))
 
     def image_keys(self) -> np.ndarray:
-        """Every row's image key (image_key of _image_id), as uint64: the overlap guard's and the val carve's view
-        of the images."""
+        """Every row's image key (image_key of _image_id), as uint64: the overlap guard's and the val carve's
+        view of the images."""
 
         def keys() -> np.ndarray:
             out = np.empty(len(self), dtype=np.uint64)
@@ -278,8 +280,8 @@ class _Source:
         )
 
     def _image_id(self, f: dict) -> str | bytes:
-        """What tells a row's image: its id within the image set, the file it is in (tasks that read one folder of
-        images share them, and no image is read), or its bytes."""
+        """What tells a row's image: its id within the image set, the file it is in (tasks that read one
+        folder of images share them, and no image is read), or its bytes."""
         t, column = self.task, self.layout["image_id"]
         if column:
             return f"{t.image_set}:{f[column]}"
@@ -316,8 +318,8 @@ class _Source:
 
 
 class RecordSource(_Source):
-    """Rows read into memory as their columns (text, labels; an image as the path of its file, or still encoded):
-    a row's image file is read, and any image decoded, when a batch takes the row."""
+    """Rows read into memory as their columns (text, labels; an image as the path of its file, or still
+    encoded): a row's image file is read, and any image decoded, when a batch takes the row."""
 
     def __init__(self, task, layout, root, path, records: list[dict], wheres: list[str]):
         super().__init__(task, layout, root, path)
@@ -334,8 +336,8 @@ class RecordSource(_Source):
 
 
 class LineSource(_Source):
-    """A headerless csv / tsv (OFA's TSVs of base64 images) read by line offset: row j is line j + 1, and nothing
-    but the offsets is held."""
+    """A headerless csv / tsv (OFA's TSVs of base64 images) read by line offset: row j is line j + 1, and
+    nothing but the offsets is held."""
 
     def __init__(self, task, layout, root, path, offsets: np.ndarray, fmt: str):
         super().__init__(task, layout, root, path)
@@ -365,7 +367,8 @@ class LineSource(_Source):
 
 
 def _split_line(task: DefinedTask, fmt: str, path: Path, lineno: int, line: str) -> dict:
-    """A headerless line's columns by the definition's `columns` (OFA's base64 holds no tab; csv is parsed)."""
+    """A headerless line's columns by the definition's `columns`
+    (OFA's base64 holds no tab; csv is parsed)."""
     line = line.rstrip("\r\n")
     cols = line.split("\t") if fmt == "tsv" else next(csv.reader([line]))
     if len(cols) < len(task.columns):
@@ -378,7 +381,8 @@ def _split_line(task: DefinedTask, fmt: str, path: Path, lineno: int, line: str)
 
 
 def cached_beside(path: Path, tag: str) -> np.ndarray | None:
-    """What `beside` cached for data file `path` under `tag`, if it is current; the file itself is not opened."""
+    """What `beside` cached for data file `path` under `tag`, if it is current;
+    the file itself is not opened."""
     stat = path.stat()
     cache = path.with_name(f".{path.name}.{tag}.npz")
     if cache.is_file():
@@ -392,9 +396,9 @@ def cached_beside(path: Path, tag: str) -> np.ndarray | None:
 
 
 def beside(path: Path, tag: str, compute) -> np.ndarray:
-    """compute()'s array for data file `path`, cached beside it as .<name>.<tag>.npz and rebuilt when the file's
-    size or mtime changes (or the cache does not read); not cached where the folder is read-only. `tag` names
-    what was computed and how, so two ways of computing keep two caches."""
+    """compute()'s array for data file `path`, cached beside it as .<name>.<tag>.npz and rebuilt when the
+    file's size or mtime changes (or the cache does not read); not cached where the folder is read-only. `tag`
+    names what was computed and how, so two ways of computing keep two caches."""
     found = cached_beside(path, tag)
     if found is not None:
         return found
@@ -412,8 +416,8 @@ def beside(path: Path, tag: str, compute) -> np.ndarray:
 
 
 def line_index(path: Path) -> np.ndarray:
-    """The byte offset of every line of a file, found in one pass of 16 MB reads and cached beside it (`beside`).
-    A 530k-row TSV of base64 images is indexed once, then opened in milliseconds."""
+    """The byte offset of every line of a file, found in one pass of 16 MB reads and cached beside it
+    (`beside`). A 530k-row TSV of base64 images is indexed once, then opened in milliseconds."""
 
     def offsets() -> np.ndarray:
         starts, pos = [np.zeros(1, np.int64)], 0
@@ -469,7 +473,8 @@ def _records(fmt: str, path: Path, which: str):
         ):
             yield f"{which}[{i}]", {"image": image, "label": label, "classname": classname}
     else:
-        import pyarrow.parquet as pq  # only the hub's (parquet) tasks need it; no stage or check loads it else
+        # only the hub's (parquet) tasks need it; no stage or check loads it else
+        import pyarrow.parquet as pq
 
         row = 0
         for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
@@ -547,8 +552,8 @@ def _resolve(task: DefinedTask, which: str, root: Path) -> list[Path]:
 
 
 def _image_rule(task: DefinedTask, layout: dict, root: Path) -> str:
-    """The cache tag of a file's image keys: what decides them (the id column and set, or the image column and how
-    it is held)."""
+    """The cache tag of a file's image keys: what decides them (the id column and set, or the image column and
+    how it is held)."""
     rule = json.dumps(
         [
             layout["image_id"],
@@ -565,8 +570,8 @@ def _image_rule(task: DefinedTask, layout: dict, root: Path) -> str:
 
 
 def _layout(task: DefinedTask, fmt: str, which: str) -> dict:
-    """How a split's file is read; `part`: the split's key in a file that holds several (CoOp's split JSON), so
-    what is cached beside the file is cached per split."""
+    """How a split's file is read; `part`: the split's key in a file that holds several (CoOp's split JSON),
+    so what is cached beside the file is cached per split."""
     return {
         "rename": {},
         "labels": task.labels,
@@ -579,9 +584,9 @@ def _layout(task: DefinedTask, fmt: str, which: str) -> dict:
 
 
 def cached_image_keys(task: DefinedTask, which: str, root: Path) -> np.ndarray | None:
-    """A split's image keys from the cache beside its one file, without opening the file (None: not cached, or the
-    split is carved from train or held in shards): what the overlap guard reads of a scored split once a stage has
-    keyed it, so that later stages (the choice made on validation) never open the test file."""
+    """A split's image keys from the cache beside its one file, without opening the file (None: not cached, or
+    the split is carved from train or held in shards): what the overlap guard reads of a scored split once a
+    stage has keyed it, so that later stages (the choice made on validation) never open the test file."""
     if which not in task.files or (carves_val(task) and which == "val"):
         return None
     paths = _resolve(task, which, Path(root))
@@ -615,9 +620,9 @@ def _open(task: DefinedTask, which: str, root: Path) -> _Source:
 
 
 def carves_val(task: DefinedTask) -> bool:
-    """Is the task's val split carved from its train file? Where it has no val file, or one that is also the test
-    file (GLUE's and VQA's labelled test is hidden, so their val serves as test); a CoOp split file holds each
-    split under its own key."""
+    """Is the task's val split carved from its train file? Where it has no val file, or one that is also the
+    test file (GLUE's and VQA's labelled test is hidden, so their val serves as test); a CoOp split file holds
+    each split under its own key."""
     test = task.files["test"]
     return task.files.get("val", test) == test and FORMATS.get(Path(test).suffix, task.format) != "coop-json"
 
@@ -649,9 +654,9 @@ def read_defined(task: DefinedTask, split: str, root: Path, workers: int = 0) ->
 
 
 def answer_set(task: DefinedTask, root: Path) -> tuple[str, ...]:
-    """The closed set of `candidates: all-answers`: every answer in the task's training file (train, and val where
-    carved from it), or every class its parquet schema names; never a scored split's own answers (test's would
-    hand its gold answers to the scoring). A headerless file's set is cached beside it."""
+    """The closed set of `candidates: all-answers`: every answer in the task's training file (train, and val
+    where carved from it), or every class its parquet schema names; never a scored split's own answers (test's
+    would hand its gold answers to the scoring). A headerless file's set is cached beside it."""
     source = _open(task, "train", Path(root))
     if getattr(source, "classes", ()):  # every class, not only those in the rows
         return _every_answer(
@@ -675,7 +680,8 @@ def _digest(data: bytes) -> str:
 
 
 def image_key(text_or_bytes: str | bytes) -> int:
-    """An image's key in the overlap guard: 64 bits of a hash of its id ('<image_set>:<id>') or of its bytes."""
+    """An image's key in the overlap guard: 64 bits of a hash of its id
+    ('<image_set>:<id>') or of its bytes."""
     data = text_or_bytes.encode() if isinstance(text_or_bytes, str) else text_or_bytes
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
@@ -684,14 +690,16 @@ def image_key(text_or_bytes: str | bytes) -> int:
 
 
 def _is_split_file(rel: str, hub, split: str) -> bool:
-    """Is rel (under the config's folder) a shard of this split, e.g. 'validation_matched-00000-of-00001.parquet'?"""
+    """Is rel (under the config's folder) a shard of this split, e.g.
+    'validation_matched-00000-of-00001.parquet'?"""
     return (
         rel.endswith(".parquet") and re.search(rf"(^|/){re.escape(hub.splits[split])}[-/.]", rel) is not None
     )
 
 
 def fetch_hub(task: DefinedTask, split: str, root: Path) -> list[Path]:
-    """Download a split's parquet shards from the task's hub dataset into root (where read_defined finds them)."""
+    """Download a split's parquet shards from the task's hub dataset into root
+    (where read_defined finds them)."""
     if task.hub is None:
         raise UserError(f"{task.name} has no hub dataset; {task.get}")
     hub = task.hub

@@ -1,20 +1,21 @@
-"""The dress rehearsal of the paper's profile, offline: a Florence-2 checkpoint shaped like Florence-2-base but small,
-with a tokenizer and a generation config that follow Florence-2-base's published conventions, and data files in
-the paper catalogue's own layouts (configs/paper_tasks.yaml), at sizes that leave ragged last batches.
+"""The dress rehearsal of the paper's profile, offline: a Florence-2 checkpoint shaped like Florence-2-base
+but small, with a tokenizer and a generation config that follow Florence-2-base's published conventions, and
+data files in the paper catalogue's own layouts (configs/paper_tasks.yaml),
+at sizes that leave ragged last batches.
 
     python -m common.rehearsal runs/rehearsal-assets     # (make does, for PROFILE=rehearsal)
 
 Writes OUT/florence-2-rehearsal/ (a local checkpoint: config.json, model.safetensors, generation_config.json,
-the processor and its tokenizer), loaded by exactly the code that loads florence-community/Florence-2-base, and
-OUT/data/: OFA's TSVs (base64 images) for SNLI-VE, VQA (its `conf|!+answer` references), captioning and RefCOCO
-(boxes in pixels), GLUE RTE (OFA's TSV) and CoOp's Oxford Pets (split JSON + image folder).
+the processor and its tokenizer), loaded by exactly the code that loads florence-community/Florence-2-base,
+and OUT/data/: OFA's TSVs (base64 images) for SNLI-VE, VQA (its `conf|!+answer` references), captioning and
+RefCOCO (boxes in pixels), GLUE RTE (OFA's TSV) and CoOp's Oxford Pets (split JSON + image folder).
 
-Kept from Florence-2-base: the DaViT vision tower's four stages (patch 7/3/3/3, stride 4/2/2/2, windows of 12) at
-768 x 768 pixels, so 577 image tokens before the text; a BART language model; byte-level BPE with <s> = 0,
+Kept from Florence-2-base: the DaViT vision tower's four stages (patch 7/3/3/3, stride 4/2/2/2, windows of 12)
+at 768 x 768 pixels, so 577 image tokens before the text; a BART language model; byte-level BPE with <s> = 0,
 <pad> = 1, </s> = 2, <unk> = 3, the 1,000 <loc_*> tokens and the task tokens; decoding from </s> with <s>
-forced first, 3 beams, no repeated 3-grams. Cut: depths, widths, layers and the vocabulary (trained here on the
-generated text); dropout is off (Florence-2-base's is 0.1): each process of a torchrun draws its own dropout masks,
-and the rehearsal holds a two-process run to the single-process one."""
+forced first, 3 beams, no repeated 3-grams. Cut: depths, widths, layers and the vocabulary (trained here on
+the generated text); dropout is off (Florence-2-base's is 0.1): each process of a torchrun draws its own
+dropout masks, and the rehearsal holds a two-process run to the single-process one."""
 
 from __future__ import annotations
 
@@ -95,8 +96,8 @@ def _box(obj, jitter, size: int = 64) -> str:
 
 def write_data(root: Path, seed: int = 0) -> list[str]:
     """The rehearsal's data files under root, in the catalogue's layouts; returns every text written (the
-    tokenizer's corpus). Image ids differ across splits but for two of RefCOCO's training images, which are VQA's
-    test images (COCO's ids, shared): the overlap guard leaves those two training rows out."""
+    tokenizer's corpus). Image ids differ across splits but for two of RefCOCO's training images, which are
+    VQA's test images (COCO's ids, shared): the overlap guard leaves those two training rows out."""
     rng, texts = random.Random(seed), []
 
     def tsv(path: Path, rows: list[tuple]) -> None:

@@ -23,8 +23,9 @@ from common.embeddings import EMBEDDINGS, described, heading, variants
 from common.errors import UserError
 from common.provenance import artifact, config_id, differs, link, readable
 
-# imported where used, kept off `python -m common.report --tables` (0.2 s; make all's last step), which draws nothing:
-# common.similarity (torch, the experts: +2.9 s) and matplotlib (+0.4 s; the Agg backend chosen before pyplot)
+# imported where used, kept off `python -m common.report --tables` (0.2 s; make all's last step), which draws
+# nothing: common.similarity (torch, the experts: +2.9 s) and matplotlib (+0.4 s;
+# the Agg backend chosen before pyplot)
 
 
 @dataclass(frozen=True)
@@ -165,10 +166,10 @@ def paired_ci(
     runs: list[dict], a: str, b: str, split: str = "test", draws: int = 2000, level: float = 0.95
 ) -> tuple[float, float] | None:
     """The confidence interval of the mean paired gain a - b over runs (seeds): hierarchical_interval on each
-    example's difference, seeds x examples (every seed scores the same test examples). None with fewer than two
-    seeds (one seed's variance is unknown), where a run lacks either method's per-example scores (results
-    made before they were kept for token accuracy and CIDEr), or where the runs scored different numbers of examples. Seeded: the same results give the
-    same interval."""
+    example's difference, seeds x examples (every seed scores the same test examples). None with fewer than
+    two seeds (one seed's variance is unknown), where a run lacks either method's per-example scores (results
+    made before they were kept for token accuracy and CIDEr), or where the runs scored different numbers of
+    examples. Seeded: the same results give the same interval."""
     diffs = []
     for r in runs:
         each = r.get("per_example", {}).get(split, {})
@@ -181,21 +182,22 @@ def paired_ci(
 
 
 def hierarchical_interval(d, draws: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """A hierarchical paired bootstrap interval of the mean of d (seeds x examples of paired differences), for a
-    design where every seed scores the same examples: the central `level` quantiles of hierarchical_draws."""
+    """A hierarchical paired bootstrap interval of the mean of d (seeds x examples of paired differences), for
+    a design where every seed scores the same examples:
+    the central `level` quantiles of hierarchical_draws."""
     q = (1 + level) / 2
     lo, hi = np.quantile(hierarchical_draws(d, draws, level, seed), [1 - q, q])
     return float(lo), float(hi)
 
 
 def hierarchical_draws(d, draws: int = 2000, level: float = 0.95, seed: int = 0):
-    """The bootstrap draws of the mean of d (seeds x examples): each draw resamples ONE set of example indices,
-    shared by every seed (and both methods: d is their difference), and resamples the seeds. It covers new seeds
-    and new examples from the same distributions. d = mean + seed effect + example effect + interaction;
-    resampling both ways counts the interaction three times (Owen 2007, the pigeonhole bootstrap), so the seed and
-    example effects are shrunk by their estimated share of it, and a few seeds' spread is itself uncertain, so
-    the seed effects are scaled by sqrt(S / (S - 1)) * t(S - 1) / z. tests/test_report.py checks the coverage on
-    simulated studies."""
+    """The bootstrap draws of the mean of d (seeds x examples): each draw resamples ONE set of example
+    indices, shared by every seed (and both methods: d is their difference), and resamples the seeds. It
+    covers new seeds and new examples from the same distributions. d = mean + seed effect + example
+    effect + interaction; resampling both ways counts the interaction three times (Owen 2007, the pigeonhole
+    bootstrap), so the seed and example effects are shrunk by their estimated share of it, and a few seeds'
+    spread is itself uncertain, so the seed effects are scaled by sqrt(S / (S - 1)) * t(S - 1) / z.
+    tests/test_report.py checks the coverage on simulated studies."""
     n_seeds, n = d.shape
     mean = float(d.mean())
     seed_eff, ex_eff = d.mean(1) - mean, d.mean(0) - mean
@@ -226,17 +228,17 @@ def hierarchical_draws(d, draws: int = 2000, level: float = 0.95, seed: int = 0)
 
 
 def small_sample(count: int, level: float = 0.95) -> float:
-    """How much to widen the resampled spread of `count` units (seeds, targets) so that the bootstrap's quantiles
-    are Student's: sqrt(n / (n - 1)) * t(n - 1) / z."""
+    """How much to widen the resampled spread of `count` units (seeds, targets) so that the bootstrap's
+    quantiles are Student's: sqrt(n / (n - 1)) * t(n - 1) / z."""
     q = (1 + level) / 2
     return math.sqrt(count / (count - 1)) * t_quantile(q, count - 1) / t_quantile(q)
 
 
 def across_interval(ds: list, draws: int = 2000, level: float = 0.95) -> tuple[float, float] | None:
-    """The interval of the mean gain across targets (each a seeds x examples array of paired differences): each draw
-    resamples the targets and, within each, takes one hierarchical draw; the targets' spread widened for their
-    number (small_sample). It covers new targets from the pool's distribution, new seeds and new examples. None
-    with fewer than two targets."""
+    """The interval of the mean gain across targets (each a seeds x examples array of paired differences):
+    each draw resamples the targets and, within each, takes one hierarchical draw; the targets' spread widened
+    for their number (small_sample). It covers new targets from the pool's distribution, new seeds and new
+    examples. None with fewer than two targets."""
     if len(ds) < 2:
         return None
     per = np.stack([hierarchical_draws(d, draws, level, seed=i) for i, d in enumerate(ds)])  # targets x draws
@@ -250,8 +252,8 @@ def across_interval(ds: list, draws: int = 2000, level: float = 0.95) -> tuple[f
 
 @functools.lru_cache
 def t_quantile(p: float, df: float = math.inf) -> float:
-    """The p-quantile (p > 0.5) of Student's t with df degrees of freedom (inf: the normal), by bisection on its
-    CDF, integrated by Simpson's rule (no scipy in the environment)."""
+    """The p-quantile (p > 0.5) of Student's t with df degrees of freedom (inf: the normal), by bisection on
+    its CDF, integrated by Simpson's rule (no scipy in the environment)."""
     if math.isinf(df):
         pdf = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
     else:
@@ -314,7 +316,8 @@ def results_by_config(cfg, target: str) -> dict[str, list[dict]]:
 
 
 def config_label(profile: str, config: dict) -> str:
-    """A config named by the profile and the fields of it that differ from the profile's file (its overrides)."""
+    """A config named by the profile and the fields of it that differ from the profile's
+    file (its overrides)."""
     changed = differs(config, profile)
     return f"{profile} with {' '.join(changed)}" if changed else f"{profile} as written"
 
@@ -354,8 +357,8 @@ def tables(cfg, target: str) -> str:
 
 
 def write_tables(cfg, target: str) -> Path:
-    """results/<target>@<config_id>.md (tables, this config's first) and .json (this config's results), from the
-    results on disk; results/<target>.md links to the last written."""
+    """results/<target>@<config_id>.md (tables, this config's first) and .json (this config's results), from
+    the results on disk; results/<target>.md links to the last written."""
     res_dir, cid = cfg.run_dir / "results", config_id(cfg)
     res_dir.mkdir(parents=True, exist_ok=True)
     with open(res_dir / f".{target}.lock", "w") as lock:  # make report evaluates two runs at once
@@ -369,15 +372,18 @@ def write_tables(cfg, target: str) -> Path:
 
 
 def _against(runs: list[dict], base: str, method: str = "pi-tuning") -> str:
-    """'wins | mean gain ± std | 95% interval | verdict' of `method` over `base` on test, over the runs holding
-    both; the verdict (win / tie / loss) is the interval's (paired_ci)."""
+    """'wins | mean gain ± std | 95% interval | verdict' of `method` over `base` on test, over the runs
+    holding both; the verdict (win / tie / loss) is the interval's (paired_ci)."""
     both = [r for r in runs if base in r["scores"] and method in r["scores"]]
     if not both:
         return ""
     gains = [r["scores"][method] - r["scores"][base] for r in both]
     ci = paired_ci(both, method, base)
     interval = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-"
-    return f"{sum(g > 0 for g in gains)}/{len(gains)} | {mean_sd(gains, signed=True)} | {interval} | {verdict(ci)}"
+    return (
+        f"{sum(g > 0 for g in gains)}/{len(gains)} | {mean_sd(gains, signed=True)} | "
+        f"{interval} | {verdict(ci)}"
+    )
 
 
 def _rhos(sims: dict, runs: list[dict], key: str) -> list[float]:
@@ -434,10 +440,10 @@ def transfer_row(runs: list[dict]) -> str:
 
 
 def write_study(cfg, targets: list[str]) -> Path:
-    """runs/<profile>/study.md over several targets (one config): each target's own report as study/<target>.md,
-    and across them π-Tuning against target-only and random-k, Spearman and precision@k of every embedding
-    per target, which embedding ranks transfer best (on validation), and the targets x pool transfer matrix
-    (study/transfer_matrix.png). Returns the markdown's path."""
+    """runs/<profile>/study.md over several targets (one config): each target's own report as
+    study/<target>.md, and across them π-Tuning against target-only and random-k, Spearman and precision@k of
+    every embedding per target, which embedding ranks transfer best (on validation), and the targets x pool
+    transfer matrix (study/transfer_matrix.png). Returns the markdown's path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -516,10 +522,9 @@ def write_study(cfg, targets: list[str]) -> Path:
     if undefined:
         md += [
             "",
-            f"Undefined: every pool expert's transfer to {', '.join(sorted(undefined))} was the same in every "
-            "seed (a target at its ceiling), or one expert's alone was measured, so there is no ranking to "
-            "correlate with or to take the top of; "
-            "the line below leaves it out.",
+            f"Undefined: every pool expert's transfer to {', '.join(sorted(undefined))} was the same in "
+            "every seed (a target at its ceiling), or one expert's alone was measured, so there is no "
+            "ranking to correlate with or to take the top of; the line below leaves it out.",
         ]
     if overall:
         md += [
@@ -545,10 +550,10 @@ def write_study(cfg, targets: list[str]) -> Path:
             "",
             "## The transfer row: does the pool hold experts that help and experts that hurt? (test)",
             "",
-            "Transfer of an expert: π-Tuning with the target's expert and that one alone, minus target-only; mean "
-            "± std over seeds. The control is the same run with an expert that changes nothing. Spread: best "
-            "minus worst expert, and how many times target-only's seed-to-seed std that is. Hurts: mean "
-            "transfer below 0 by more than its std.",
+            "Transfer of an expert: π-Tuning with the target's expert and that one alone, minus "
+            "target-only; mean ± std over seeds. The control is the same run with an expert that changes "
+            "nothing. Spread: best minus worst expert, and how many times target-only's seed-to-seed std "
+            "that is. Hurts: mean transfer below 0 by more than its std.",
             "",
             "| target | shots | seeds | target-only std | control | best | worst | spread | hurts |",
             "|---|---|---|---|---|---|---|---|---|",
@@ -561,16 +566,17 @@ def write_study(cfg, targets: list[str]) -> Path:
             "## Transfer matrix",
             "",
             "![targets x pool transfer](study/transfer_matrix.png) (test "
-            f"{by_target[targets[0]][0]['metric']} of π-Tuning with the target's expert and one pool expert, minus "
-            "target-only; mean over seeds, at each target's most shots with transfer measured)",
+            f"{by_target[targets[0]][0]['metric']} of π-Tuning with the target's expert and "
+            "one pool expert, minus target-only; mean over seeds, at each target's most shots "
+            "with transfer measured)",
         ]
     write_text(out, "\n".join(md) + "\n")
     return out
 
 
 def _diffs(runs: list[dict], a: str, b: str):
-    """The seeds x examples array of a's per-example scores minus b's over runs, or None where any run lacks them
-    (a metric that is no mean of its examples) or they scored different examples."""
+    """The seeds x examples array of a's per-example scores minus b's over runs, or None where any run lacks
+    them (a metric that is no mean of its examples) or they scored different examples."""
     rows = []
     for r in runs:
         each = r.get("per_example", {}).get("test", {})
@@ -585,11 +591,11 @@ LOTO_BASES = ("target-only", "pi-random")
 
 
 def write_loto(cfg, targets: list[str]) -> Path:
-    """runs/<profile>/loto.md: every target of the pool with the rest as its pool (make loto). Per target and shots:
-    each method's test score and its gain over target-only and random-k with the hierarchical interval and verdict;
-    across targets: how many each method wins, ties and loses, and its mean gain with an interval that resamples
-    the targets too (across_interval). A target at its ceiling (every method 1.000 in every seed) is shown and
-    left out of the counts; so is a metric without per-example scores (no interval)."""
+    """runs/<profile>/loto.md: every target of the pool with the rest as its pool (make loto). Per target and
+    shots: each method's test score and its gain over target-only and random-k with the hierarchical interval
+    and verdict; across targets: how many each method wins, ties and loses, and its mean gain with an interval
+    that resamples the targets too (across_interval). A target at its ceiling (every method 1.000 in every
+    seed) is shown and left out of the counts; so is a metric without per-example scores (no interval)."""
     by_target = {t: load_results(cfg, t) for t in targets}
     missing = [t for t, runs in by_target.items() if not runs]
     if missing:
@@ -602,11 +608,11 @@ def write_loto(cfg, targets: list[str]) -> Path:
         f"# π-Tuning on every target of the pool ({cfg.profile}): each task the target, the rest its pool",
         "",
         f"Config: {config_label(cfg.path, cfg.to_dict())}. Methods: `pi-tuning` as configured (retrieval "
-        f"`{cfg.interpolate.retrieval}`, `{heading(cfg.fisher)}`, top-{cfg.interpolate.top_k}); `pi-paper`: the "
-        f"top-{cfg.interpolate.top_k} by the Fisher, the paper's; `pi-select`: the retrieval chosen on the target's "
-        f"validation split (the top-k of each embedding for k in {cfg.interpolate.select_k}, and k = 0: the "
-        f"target's expert alone); `pi-random`: k random pool experts. Test accuracy (each target's metric), mean "
-        f"over seeds. " + INTERVAL,
+        f"`{cfg.interpolate.retrieval}`, `{heading(cfg.fisher)}`, top-{cfg.interpolate.top_k}); `pi-paper`: "
+        f"the top-{cfg.interpolate.top_k} by the Fisher, the paper's; `pi-select`: the retrieval chosen on "
+        f"the target's validation split (the top-k of each embedding for k in {cfg.interpolate.select_k}, "
+        "and k = 0: the target's expert alone); `pi-random`: k random pool experts. Test accuracy (each "
+        "target's metric), mean over seeds. " + INTERVAL,
         "",
     ]
     for shots in sorted({r["shots"] for runs in by_target.values() for r in runs}):
@@ -628,8 +634,8 @@ def write_loto(cfg, targets: list[str]) -> Path:
         ceiling = []
         for t, rs in at.items():
 
-            def score(m):
-                vals = [r["scores"][m] for r in rs if m in r["scores"]]
+            def score(m):  # B023: called in this iteration only, with its rs
+                vals = [r["scores"][m] for r in rs if m in r["scores"]]  # noqa: B023
                 return mean_sd(vals) if vals else "-"
 
             flat = all(
@@ -664,8 +670,8 @@ def write_loto(cfg, targets: list[str]) -> Path:
             )
         md += [
             "",
-            f"Across targets ({shots_label(shots)}): wins, ties and losses by each target's interval; the mean of "
-            "the targets' mean gains, and its 95% interval over new targets, seeds and examples"
+            f"Across targets ({shots_label(shots)}): wins, ties and losses by each target's interval; the "
+            "mean of the targets' mean gains, and its 95% interval over new targets, seeds and examples"
             + (f"; left out, at their ceiling: {', '.join(ceiling)}" if ceiling else "")
             + ".",
             "",
@@ -698,7 +704,8 @@ def write_loto(cfg, targets: list[str]) -> Path:
 
 
 def _selection(cfg, run: str) -> dict | None:
-    """The selection artifact's meta.json of a run (its `retrieval` and every `candidates`' validation score)."""
+    """The selection artifact's meta.json of a run
+    (its `retrieval` and every `candidates`' validation score)."""
     path = (
         artifact(cfg, "interpolated", run, "" if cfg.interpolate.retrieval == "select" else "select")
         / "meta.json"
@@ -707,7 +714,8 @@ def _selection(cfg, run: str) -> dict | None:
 
 
 def _chosen(cfg, runs: list[dict]) -> dict[str, int]:
-    """How often selection chose each kind of retrieval (k = 0, or an embedding's top-k), from its artifacts."""
+    """How often selection chose each kind of retrieval (k = 0, or an embedding's top-k),
+    from its artifacts."""
     counts: dict[str, int] = {}
     for meta in filter(None, (_selection(cfg, r["run"]) for r in runs)):
         how = meta["retrieval"].split(": ", 1)[-1]
@@ -721,8 +729,8 @@ ALONE = "k = 0: the target's expert alone"
 def default_without_target(cfg, at: dict[str, list[dict]]) -> list[str]:
     """A global default chosen by leave-one-target-out on validation: for each target, the retrieval (an
     embedding's top-k, or k = 0) whose validation gain over k = 0, from selection's candidates, is largest on
-    average over the other targets (each target's mean over its seeds). No test score and nothing of the target
-    itself enters its row. Returns the markdown (nothing without selection artifacts)."""
+    average over the other targets (each target's mean over its seeds). No test score and nothing of the
+    target itself enters its row. Returns the markdown (nothing without selection artifacts)."""
     gains: dict[
         str, dict[str, list[float]]
     ] = {}  # target -> retrieval -> per-seed validation gain over k = 0
@@ -737,9 +745,9 @@ def default_without_target(cfg, at: dict[str, list[dict]]) -> list[str]:
     means = {t: {how: statistics.mean(g) for how, g in got.items()} for t, got in gains.items()}
     shipped = f"{cfg.fisher.embedding} top-{cfg.interpolate.top_k}"
     md = [
-        "A default chosen without the target (validation only): for each target, the retrieval with the largest "
-        "mean validation gain over k = 0 on the other targets (selection's candidates, each target's mean over "
-        f"seeds), and that of the shipped `{shipped}`.",
+        "A default chosen without the target (validation only): for each target, the retrieval with the "
+        "largest mean validation gain over k = 0 on the other targets (selection's candidates, each "
+        f"target's mean over seeds), and that of the shipped `{shipped}`.",
         "",
         f"| target | chosen on the other targets | its mean validation gain there | `{shipped}`'s there |",
         "|---|---|---|---|",
@@ -801,9 +809,9 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
     md = [
         f"# π-Tuning study: {target} ({cfg.profile})",
         "",
-        f"Expert `{cfg.expert.method}`, top-{cfg.interpolate.top_k} retrieval by `{how}`, interpolation groups `{cfg.interpolate.groups}`, "
-        f"{runs[0]['test_size']} test examples, test {metric}. Seeds vary the target's k-shot sample, its expert "
-        f"and the interpolation; pool experts are shared.",
+        f"Expert `{cfg.expert.method}`, top-{cfg.interpolate.top_k} retrieval by `{how}`, interpolation "
+        f"groups `{cfg.interpolate.groups}`, {runs[0]['test_size']} test examples, test {metric}. Seeds "
+        "vary the target's k-shot sample, its expert and the interpolation; pool experts are shared.",
         "",
         f"Every figure is from results made under this config: {config_label(cfg.path, cfg.to_dict())}."
         + (
@@ -859,10 +867,10 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
         "",
         "## Retrieval: predicted similarity against measured transfer",
         "",
-        "Transfer of expert s = accuracy of π-Tuning with the target's expert and s alone, minus target-only. "
-        "Spearman is taken per seed over the pool, then averaged. `retrieval` is the embedding π-Tuning used; "
-        "the others were computed beside it for comparison (embed_tasks.py --embedding; the `only` rows restrict "
-        "the cached per-sample Fisher to those tensors):",
+        "Transfer of expert s = accuracy of π-Tuning with the target's expert and s alone, minus "
+        "target-only. Spearman is taken per seed over the pool, then averaged. `retrieval` is the "
+        "embedding π-Tuning used; the others were computed beside it for comparison (embed_tasks.py "
+        "--embedding; the `only` rows restrict the cached per-sample Fisher to those tensors):",
         "",
         *[f"- `{n}`: {what}" for n, what in described().items()],
         "",
@@ -905,8 +913,8 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
         ]
         if any("undefined" in row for row in rho_rows):
             md += [
-                "Undefined: every transfer of that seed is the same (all 0 where the target is at its ceiling), "
-                "or one expert's alone was measured, so there is no ranking to correlate with.",
+                "Undefined: every transfer of that seed is the same (all 0 where the target is at its "
+                "ceiling), or one expert's alone was measured, so there is no ranking to correlate with.",
                 "",
             ]
     if scatter:
@@ -930,10 +938,10 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
                 f"| control: `pair-null`, nothing added | - | {mean_sd(val, signed=True)} | "
                 f"{mean_sd(test, signed=True)} |",
                 "",
-                "The control is the target's expert interpolated, as every pair run is, with an expert that "
-                "changes nothing: what the interpolation alone does to the target's expert (its mix settles near "
-                "the other runs'). An expert adds something of its own only by the amount its transfer exceeds "
-                "the control's.",
+                "The control is the target's expert interpolated, as every pair run is, with an expert "
+                "that changes nothing: what the interpolation alone does to the target's expert (its mix "
+                "settles near the other runs'). An expert adds something of its own only by the amount its "
+                "transfer exceeds the control's.",
             ]
         _plot_transfer(
             figs / "transfer_vs_similarity.png",
@@ -1036,10 +1044,13 @@ def _whole(cfg, sim: dict) -> dict:
 
 
 def overlap_note(cfg) -> str:
-    """The overlap guard's line: how many training examples each pool task lost for showing an image of a scored
-    split of the pool (data.exclude_scored_images), from the pool experts' meta.json."""
+    """The overlap guard's line: how many training examples each pool task lost for showing an image of a
+    scored split of the pool (data.exclude_scored_images), from the pool experts' meta.json."""
     if not cfg.data.exclude_scored_images:
-        return "Training examples that show an image of a scored split were kept (data.exclude_scored_images: false)."
+        return (
+            "Training examples that show an image of a scored split were kept "
+            "(data.exclude_scored_images: false)."
+        )
     dropped = {}
     for t in cfg.tasks.pool:  # the pool expert's, or (the target's) any of its k-shot experts'
         metas = [
@@ -1057,8 +1068,8 @@ def overlap_note(cfg) -> str:
         dropped[t] = f"{rows['dropped_scored_images']:,} of {rows['rows']:,}" if rows else "not recorded"
     hit = {t: d for t, d in dropped.items() if not d.startswith("0 of")}
     return (
-        "Training examples left out for showing an image of a scored split (validation or test) of a pool task "
-        "(data.exclude_scored_images): "
+        "Training examples left out for showing an image of a scored split (validation or test) of a pool "
+        "task (data.exclude_scored_images): "
         + (", ".join(f"{t} {d}" for t, d in hit.items()) if hit else "none")
         + "."
     )

@@ -1,5 +1,5 @@
-"""What the retrieval embeddings (common/embeddings.py) compute, and the similarity between tasks: COMPUTE, one
-entry per embedding.
+"""What the retrieval embeddings (common/embeddings.py) compute, and the similarity between tasks: COMPUTE,
+one entry per embedding.
 
 fisher: the diagonal Fisher of an expert's own parameters, compared with π-Tuning's normalised cosine.
 weights: what the expert changed (SPoT-style): each site's weight update (LoRA B·A, IA3 scale - 1, the
@@ -51,9 +51,10 @@ def fisher_diagonal(
     per_sample: the squared gradient of each example's log-likelihood (the diagonal empirical Fisher).
     batch: the squared gradient of each mini-batch's summed log-likelihood, divided by the number of
     examples (what the original code computed). `answers(chunk, i)` gives the answers to differentiate for the
-    i-th mini-batch (None: the examples' own, the empirical Fisher). No optimizer step is ever taken. The forward runs under
-    `autocast` (the stage's precision); the squared gradients accumulate in fp32 whatever it is. Under torchrun
-    each rank takes its share of the examples (or mini-batches) and the sums are added over ranks."""
+    i-th mini-batch (None: the examples' own, the empirical Fisher). No optimizer step is ever taken. The
+    forward runs under `autocast` (the stage's precision); the squared gradients accumulate in fp32 whatever
+    it is. Under torchrun each rank takes its share of the examples
+    (or mini-batches) and the sums are added over ranks."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     step = 1 if estimator == "per_sample" else batch_size
@@ -85,7 +86,8 @@ def fisher_cache(cfg, name: str, reference: str = "") -> tuple[Path, dict[str, s
     """Where expert `name`'s Fisher under cfg.fisher is cached, and the key the cached file must carry: every
     setting that changes the Fisher (the expert's tensors and config, or the hash of the common `reference`
     weights it is taken at; the backbone, the data that feeds it, the estimator, the answers). One pass with
-    per-sample gradients at the expert's own weights is the plain file, every other estimate sits beside it."""
+    per-sample gradients at the expert's own weights is the plain file,
+    every other estimate sits beside it."""
     fc, path = cfg.fisher, expert_dir(cfg, name)
     meta = json.loads((path / "meta.json").read_text())
     sampled = meta["shots"] is not None  # a target's k-shot sample
@@ -129,8 +131,8 @@ SAMPLED = "sampled"  # the cache's note of which examples the Fisher took (data.
 
 
 def cached_fisher(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
-    """The stored tensors (a Fisher, an expert's prototypes) if they were computed with this key (None: compute
-    them)."""
+    """The stored tensors (a Fisher, an expert's prototypes) if they were computed with this key (None:
+    compute them)."""
     if not path.is_file():
         return None
     try:
@@ -165,14 +167,16 @@ def normalized(fisher: dict[str, torch.Tensor], mode: str) -> dict[str, torch.Te
 
 def _sites(a: dict, b: dict) -> list[str]:
     """The sites two embeddings share, in one order whatever order they were listed in (a Fisher just computed
-    lists its tensors in module order, one read back from its cache sorted; float sums depend on the order)."""
+    lists its tensors in module order, one read back from its cache sorted;
+    float sums depend on the order)."""
     if a.keys() != b.keys():
         raise ValueError("experts have different tensors; embed experts of one type and one backbone")
     return sorted(a)
 
 
 def task_similarity(fa: dict[str, torch.Tensor], fb: dict[str, torch.Tensor]) -> float:
-    """Symmetric normalised cosine per tensor: a'=Fa/(Fa+Fb+eps), b'=Fb/(Fa+Fb+eps), s=cos(a',b'); mean over tensors."""
+    """Symmetric normalised cosine per tensor: a'=Fa/(Fa+Fb+eps), b'=Fb/(Fa+Fb+eps), s=cos(a',b');
+    mean over tensors."""
     sims = []
     for n in _sites(fa, fb):
         a, b = fa[n].flatten().double(), fb[n].flatten().double()
@@ -232,7 +236,7 @@ def weight_embedding(cfg, name: str) -> dict:
     except ValueError as e:
         raise UserError(
             f"{path}: {e}; fisher.embedding=weights needs experts of expert.method={cfg.expert.method}"
-        )
+        ) from None
 
 
 def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tensor]], str]:
@@ -382,8 +386,8 @@ def common_reference(cfg, names: list[str]) -> dict[str, torch.Tensor]:
     """fisher.at: pool-mean: one set of expert weights for every task's Fisher, the mean of the pool's
     full-data experts among `names` (every tensor averaged; the target's own expert left out, so the pool's
     Fishers do not depend on the target). A LoRA at its init (B = 0) would pass no gradient to A; the mean of
-    trained experts has both factors non-zero, and a task's Fisher there says what its data asks, not where its
-    own expert ended up."""
+    trained experts has both factors non-zero, and a task's Fisher there says what its data asks, not where
+    its own expert ended up."""
     pool = [n for n in names if n in cfg.tasks.pool]
     if not pool:
         raise UserError(f"{cfg.path}: fisher.at: pool-mean needs pool experts to average; use fisher.at: own")
@@ -409,16 +413,17 @@ def similarity_row(embeddings: list, sim=task_similarity) -> list[float]:
 
 
 def top_k_similar(names: list[str], row: list[float], k: int) -> list[str]:
-    """The k tasks most similar to names[0] (the target; itself excluded) by its similarity row, best first."""
+    """The k tasks most similar to names[0] (the target;
+    itself excluded) by its similarity row, best first."""
     order = sorted(range(1, len(names)), key=lambda j: -row[j])
     return [names[j] for j in order[:k]]
 
 
 @dataclass(frozen=True)
 class Computed:
-    """How an embedding is computed. embed(cfg, names) -> ([one embedding per expert name], what it did: "2 Fisher
-    computed, 1 cached"); similarity(a, b) -> how alike two embeddings are (1 for the same task); examples(cfg,
-    names) -> {expert: which of its examples it took}, recorded in the similarity file."""
+    """How an embedding is computed. embed(cfg, names) -> ([one embedding per expert name], what it did: "2
+    Fisher computed, 1 cached"); similarity(a, b) -> how alike two embeddings are (1 for the same task);
+    examples(cfg, names) -> {expert: which of its examples it took}, recorded in the similarity file."""
 
     embed: Callable
     similarity: Callable

@@ -1,6 +1,6 @@
-"""What every stage script shares: its command line (--config, key=value overrides), the checks before it reads
-anything (common.checks), and the way it ends: a UserError as one line and exit code 2, no traceback; under
-torchrun only rank 0 prints."""
+"""What every stage script shares: its command line (--config, key=value overrides), the checks before it
+reads anything (common.checks), and the way it ends: a UserError as one line and exit code 2, no traceback;
+under torchrun only rank 0 prints."""
 
 from __future__ import annotations
 
@@ -53,8 +53,9 @@ def parse_stage(ap: argparse.ArgumentParser, reads_test: bool = False):
 
 
 def run_stage(main) -> None:
-    """Run a stage's main(); a UserError becomes one line on stderr and exit code 2. Under torchrun only rank 0
-    prints (every rank runs the same code on the same inputs, so a UserError is everyone's); each exits alike."""
+    """Run a stage's main(); a UserError becomes one line on stderr and exit code 2. Under torchrun only rank
+    0 prints (every rank runs the same code on the same inputs, so a UserError is everyone's);
+    each exits alike."""
     # A stage script run as a process turns the cyclic garbage collector off before its imports (torch,
     # transformers, peft, accelerate: about a million objects that live as long as the process); collections
     # that scan them cost seconds of each stage's start and of its exit (bench/startup_bench.py). parse_stage

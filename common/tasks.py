@@ -33,8 +33,9 @@ class Task:
 
 
 def k_shot(exs: list[Example], k: int, seed: int, per_class: bool) -> list[Example]:
-    """The one seeded k-shot sample (a target's low-shot training split): k examples in all, in the order drawn
-    (the mini profile's draws), or, CoOp style, k of each answer class (per_class), in the input's order."""
+    """The one seeded k-shot sample (a target's low-shot training split): k examples in all, in the order
+    drawn (the mini profile's draws), or, CoOp style, k of each answer class (per_class),
+    in the input's order."""
     if k <= 0 or (k >= len(exs) and not per_class):
         return exs[:]  # a list's copy; lazily read rows (readers.Rows) stay a view
     rng = random.Random(seed)
@@ -66,8 +67,8 @@ FAMILIES = ("vision-language", "vision", "language")
 CLEANERS = ("ofa", "ofa-question", "lower", "caption", "class")
 ALL_ANSWERS = "all-answers"
 DEFINE_FIELDS = {  # field: what it is, for the one-line errors
-    "files": "split -> file under data.root, a glob or a folder of parquet shards (train and test; val optional: "
-    "carved from train)",
+    "files": "split -> file under data.root, a glob or a folder of parquet shards (train and test; val "
+    "optional: carved from train)",
     "format": "csv | jsonl | tsv | parquet | coop-json, for files whose extension does not say",
     "columns": "the column names of a headerless csv/tsv, in order ('' = unused), as OFA's TSVs are",
     "prompt": "the prompt, with {column} for a row's value",
@@ -76,24 +77,27 @@ DEFINE_FIELDS = {  # field: what it is, for the one-line errors
     "image": "the column holding the image (none: a text-only task)",
     "image_kind": "path (under image_root) | base64 | bytes",
     "image_root": "the folder under data.root that image paths are relative to",
-    "image_id": "the column naming a row's image (rows may share one); rows of tasks with one image_set and the "
-    "same id show the same image (the overlap guard, data.exclude_scored_images); none: the image's "
-    "file tells (image_kind path), else its bytes",
-    "image_set": "the images image_id counts in, shared by tasks over one image collection (coco2014: VQA, COCO "
-    "captions and RefCOCO all use COCO's ids); default: the task's name",
+    "image_id": "the column naming a row's image (rows may share one); rows of tasks with one image_set "
+    "and the same id show the same image (the overlap guard, data.exclude_scored_images); "
+    "none: the image's file tells (image_kind path), else its bytes",
+    "image_set": "the images image_id counts in, shared by tasks over one image collection (coco2014: VQA, "
+    "COCO captions and RefCOCO all use COCO's ids); default: the task's name",
     "clean": "column -> " + " | ".join(CLEANERS) + ": OFA's normalisation of that column's text",
     "labels": "raw answer value -> answer text",
     "refs": "a column of several reference answers (VQA's ten, every caption)",
     "refs_format": "list (a list, or text split at refs_sep) | ofa-vqa (OFA's 'conf|!+answer&&...')",
     "refs_sep": "the separator of references held as one text (default '|')",
-    "candidates": f"the closed answer set: a list, a column of per-example candidates, or {ALL_ANSWERS} (every "
-    "answer in the task's training file, never a scored split's own); none: open answers",
+    "candidates": "the closed answer set: a list, a column of per-example candidates, or "
+    f"{ALL_ANSWERS} (every answer in the task's training file, never a scored split's "
+    "own); none: open answers",
     "metric": " | ".join(METRICS),
     "family": " | ".join(FAMILIES) + " (default: by the image column)",
-    "val_fraction": "the share of train carved (seeded) into val when files has no val (or val is the test file)",
-    "hub": "{repo, config, splits: {our split: the hub's}}: the task's parquet copy on the hub (data.download)",
-    "per_format": "format -> {rename: {file column: ours}, labels, image_kind, image_root, image_id}: files in "
-    "another layout",
+    "val_fraction": "the share of train carved (seeded) into val when files has no val "
+    "(or val is the test file)",
+    "hub": "{repo, config, splits: {our split: the hub's}}: the task's parquet copy on "
+    "the hub (data.download)",
+    "per_format": "format -> {rename: {file column: ours}, labels, image_kind, image_root, image_id}: "
+    "files in another layout",
     "get": "where the files come from, said when one is missing",
 }
 PER_FORMAT_FIELDS = ("rename", "labels", "image_kind", "image_root", "image_id")

@@ -29,7 +29,8 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 
 
 def _tensors(obj, fn):
-    """obj with fn applied to every tensor in it (a dict, list or tuple of them, nested); anything else as is."""
+    """obj with fn applied to every tensor in it (a dict, list or tuple of them, nested);
+    anything else as is."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, dict):
@@ -41,11 +42,11 @@ def _tensors(obj, fn):
 
 @dataclass
 class Batch:
-    """One batch of a training loop as this rank trains on it: the inputs loss_fn takes for this rank's share of
-    the examples, how many examples the whole batch holds (every rank's share), and how many terms the loss of
-    this share averages over (answer tokens: data.Encoder.targets), by which the ranks' losses are weighted.
-    data.Loader makes them in DataLoader workers; a plain batch (a list every rank holds alike) becomes one
-    in train_steps (`share`)."""
+    """One batch of a training loop as this rank trains on it: the inputs loss_fn takes for this rank's share
+    of the examples, how many examples the whole batch holds (every rank's share), and how many terms the loss
+    of this share averages over (answer tokens: data.Encoder.targets), by which the ranks' losses are
+    weighted. data.Loader makes them in DataLoader workers; a plain batch (a list every rank holds alike)
+    becomes one in train_steps (`share`)."""
 
     inputs: object
     size: int
@@ -53,10 +54,10 @@ class Batch:
 
     @classmethod
     def share(cls, batch, count) -> Batch:
-        """This rank's share of a batch every rank drew alike (all of it, alone). A batch smaller than the number of
-        processes (an epoch's last, ragged one) leaves some ranks none: each of those takes the batch's first
-        example as a masked row (its loss weighted 0, so it adds no gradient), and the step is the one a single
-        process takes on the whole batch."""
+        """This rank's share of a batch every rank drew alike (all of it, alone). A batch smaller than the
+        number of processes (an epoch's last, ragged one) leaves some ranks none: each of those takes the
+        batch's first example as a masked row (its loss weighted 0, so it adds no gradient), and the step is
+        the one a single process takes on the whole batch."""
         mine = dist.shard(batch)
         size = len(batch) if isinstance(batch, list) else 0
         if not len(mine):
@@ -75,11 +76,11 @@ class Batch:
 @dataclass
 class Checkpoint:
     """Where a training loop keeps its state every `every` steps (0: never), beside the artifact it makes:
-    trainable weights, optimizer, schedule, RNG states, the data position and the recent losses. The artifact's
-    path carries the digest of what it is made from (common.provenance), and so does its checkpoint's: a rerun
-    resumes from the one of its own config. `done()` removes it once the artifact has landed. kill_at
-    (debug.kill_at_step) ends the process with SIGKILL after that step; fail_rank (debug.fail_rank) makes that
-    rank raise after the last step, for the tests of a failing rank."""
+    trainable weights, optimizer, schedule, RNG states, the data position and the recent losses. The
+    artifact's path carries the digest of what it is made from (common.provenance), and so does its
+    checkpoint's: a rerun resumes from the one of its own config. `done()` removes it once the artifact has
+    landed. kill_at (debug.kill_at_step) ends the process with SIGKILL after that step; fail_rank
+    (debug.fail_rank) makes that rank raise after the last step, for the tests of a failing rank."""
 
     path: Path
     every: int
@@ -216,21 +217,21 @@ def train_steps(
     log_every: float = 30.0,
     count=len,
 ) -> float:
-    """Run `steps` optimizer steps of loss_fn(inputs), each over grad_accum batches; returns the mean loss of the
-    last 10% of steps. Through accelerate (`acc`, from common.device.accelerator; None: the CPU in fp32): the
-    forward under autocast, fp16 loss scaling, accumulation. batches: an iterator of Batch (data.Loader: each
-    rank's share, read and encoded in DataLoader workers; moved to the device here), or of plain batches that
-    every rank draws alike, of which each rank takes its share (common.dist; count(share): the terms loss_fn
-    averages over). Under torchrun each rank's loss is weighted by its share of the batch's terms and the
-    gradients are summed over ranks. With a checkpoint: resumed from it when current, saved every
+    """Run `steps` optimizer steps of loss_fn(inputs), each over grad_accum batches; returns the mean loss of
+    the last 10% of steps. Through accelerate (`acc`, from common.device.accelerator; None: the CPU in fp32):
+    the forward under autocast, fp16 loss scaling, accumulation. batches: an iterator of Batch (data.Loader:
+    each rank's share, read and encoded in DataLoader workers; moved to the device here), or of plain batches
+    that every rank draws alike, of which each rank takes its share (common.dist; count(share): the terms
+    loss_fn averages over). Under torchrun each rank's loss is weighted by its share of the batch's terms and
+    the gradients are summed over ranks. With a checkpoint: resumed from it when current, saved every
     checkpoint.every steps (a batch source with skip(n), as data.Loader, passes the batches of the steps
     before without reading them). A NaN or inf loss (on any rank) or weight stops the stage (a UserError
     naming the field to fix) before anything is written."""
     acc = acc or fresh("cpu", "fp32")
     acc.gradient_accumulation_steps = grad_accum
     params = [p for g in param_groups for p in g["params"]]
-    # fused: one kernel over every tensor instead of a loop of small ones (CPU and CUDA; a mini caption step took
-    # 98 ms against 107 on the 2-core CPU); on another device (MPS, XLA) torch picks its own
+    # fused: one kernel over every tensor instead of a loop of small ones (CPU and CUDA; a mini caption step
+    # took 98 ms against 107 on the 2-core CPU); on another device (MPS, XLA) torch picks its own
     fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
     opt = torch.optim.AdamW(param_groups, weight_decay=0.0, fused=fused)
     opt, sched = acc.prepare(
@@ -311,7 +312,8 @@ def _diverged(desc: str, what: str, lr_field: str):
 
 def checkpointing(model, on: bool) -> None:
     """Activation checkpointing in the backbone's layers (transformers' own; non-reentrant, so a frozen
-    backbone's inputs need no gradient): backward recomputes each layer's activations instead of keeping them."""
+    backbone's inputs need no gradient):
+    backward recomputes each layer's activations instead of keeping them."""
     new = hasattr(
         model, "activation_checkpointing_enable"
     )  # transformers >= 5.2x; before: gradient_checkpointing_*

@@ -105,7 +105,8 @@ def stages(
 def make(
     *targets: str, runs_dir: Path, extra: str = "", check: bool = True, launch: str = ""
 ) -> subprocess.CompletedProcess:
-    """`make <targets> PROFILE=micro` writing under runs_dir, with this interpreter (no venv step); launch: LAUNCH."""
+    """`make <targets> PROFILE=micro` writing under runs_dir, with this interpreter
+    (no venv step); launch: LAUNCH."""
     return run(
         "make",
         *targets,
@@ -173,8 +174,8 @@ def micro_copy(micro, tmp_path):
 
 
 def backbone_only(micro, root: Path) -> Path:
-    """root as a runs dir holding only the micro run's backbone (for stages after the backbone): its folder and
-    the readable link to it."""
+    """root as a runs dir holding only the micro run's backbone (for stages after the backbone): its folder
+    and the readable link to it."""
     (root / "micro").mkdir(parents=True, exist_ok=True)
     for built in micro[1].glob("backbone@*"):
         shutil.copytree(built, root / "micro" / built.name)
@@ -191,7 +192,8 @@ def micro_cfg(micro):
 
 @pytest.fixture(scope="session")
 def t5_dir(tmp_path_factory):
-    """A tiny random T5 with a word-level tokenizer over the mini world's words, saved like a hub checkpoint."""
+    """A tiny random T5 with a word-level tokenizer over the mini world's words,
+    saved like a hub checkpoint."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
@@ -234,8 +236,8 @@ def t5_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def rehearsal(tmp_path_factory) -> Path:
-    """The rehearsal's checkpoint and data files (common/rehearsal.py: what `make ... PROFILE=rehearsal` builds),
-    built once for all workers: their folder (florence-2-rehearsal/, data/)."""
+    """The rehearsal's checkpoint and data files (common/rehearsal.py: what `make ... PROFILE=rehearsal`
+    builds), built once for all workers: their folder (florence-2-rehearsal/, data/)."""
     from common.rehearsal import build
 
     shared = shared_dir(tmp_path_factory)
@@ -281,8 +283,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_collection_finish(session):
-    """Under xdist, worker gw0 starts the micro run in the background as soon as it knows a test needs it: both
-    workers run tests that need none of it meanwhile, instead of one waiting on the lock."""
+    """Under xdist, worker gw0 starts the micro run in the background as soon as it knows a test needs it:
+    both workers run tests that need none of it meanwhile, instead of one waiting on the lock."""
     if os.environ.get("PYTEST_XDIST_WORKER") == "gw0" and any(
         "micro" in getattr(item, "fixturenames", ()) for item in session.items
     ):

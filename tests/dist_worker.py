@@ -24,8 +24,9 @@ from common.training import Checkpoint, train_steps  # noqa: E402
 
 
 def ragged_batches(seed: int, sizes=(3,)):
-    """Batches of 3 (or, in turn, `sizes`) 'sequences' of 1 to 6 elements each: ranks' shares differ in how many
-    loss terms they hold; a batch of 1 leaves the second of two ranks none (an epoch's ragged last batch)."""
+    """Batches of 3 (or, in turn, `sizes`) 'sequences' of 1 to 6 elements each: ranks' shares differ in how
+    many loss terms they hold; a batch of 1 leaves the second of two ranks none
+    (an epoch's ragged last batch)."""
     g = torch.Generator().manual_seed(seed)
     for i in range(1000):
         yield [

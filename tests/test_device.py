@@ -1,5 +1,6 @@
 """Device and precision: bf16 end to end on the CPU, accelerate's accumulation, activation checkpointing, the
-refusals (a CUDA device that is not there, fp16 on the CPU), and the same pipeline on CUDA when there is one."""
+refusals (a CUDA device that is not there, fp16 on the CPU),
+and the same pipeline on CUDA when there is one."""
 
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ def tiny_florence(seed: int = 0):
 
 def test_a_backbone_built_by_hand_then_make_all_in_bf16_runs_through(tmp_path):
     """(4) The backbone stage by hand, then make all OVERRIDES=precision=bf16: a bf16 run is made from its own
-    backbone (precision is part of what a backbone is made from), so make builds it and runs every stage, and the
-    experts keep fp32 master weights."""
+    backbone (precision is part of what a backbone is made from), so make builds it and runs every stage, and
+    the experts keep fp32 master weights."""
     from safetensors.torch import load_file
 
     from conftest import inproc, make

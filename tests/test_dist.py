@@ -22,9 +22,9 @@ def test_two_ranks_share_each_batch_and_stop_together_on_a_nan_or_a_failing_rank
     """Batches whose examples hold 1 to 6 loss terms each: the ranks' shares differ in size, so only the
     weighting by loss terms gives the single-process step (an unweighted mean of the ranks' means is off by
     about 1e-3 here); the rest is the order of float sums. A NaN on rank 1 alone stops both ranks. A batch
-    too small to give each rank an example (an epoch's ragged last one) gives the rank without one a masked row,
-    weighted 0: the steps are the single process's. A rank that raises after its last step takes the run down
-    before rank 0 writes the artifact."""
+    too small to give each rank an example (an epoch's ragged last one) gives the rank without one a masked
+    row, weighted 0: the steps are the single process's. A rank that raises after its last step takes the run
+    down before rank 0 writes the artifact."""
     sys.path.insert(0, str(REPO / "tests"))
     import dist_worker
 
@@ -49,10 +49,11 @@ def test_make_all_under_torchrun_equals_the_single_process_run(request, tmp_path
     """`make all LAUNCH="torchrun --nproc_per_node 2"`, every stage on two processes, against the session's
     single-process micro run. Tolerances: the experts and the interpolated expert within 1e-5 (measured:
     6e-7), each Fisher tensor within 1e-5 of its largest value (6e-7), the similarities within 1e-6 (2e-8):
-    float sums in another order, batches padded to their shares' lengths. The backbone likewise, except the attention key biases: their gradient is zero in
-    exact arithmetic (a softmax does not change when every key moves alike), so what reaches them is rounding
-    noise, which Adam turns into steps of up to the learning rate; they may differ by pretrain.lr (measured
-    4.6e-4 at lr 1e-3) and change no output. Every accuracy is equal."""
+    float sums in another order, batches padded to their shares' lengths. The backbone likewise, except the
+    attention key biases: their gradient is zero in exact arithmetic (a softmax does not change when every key
+    moves alike), so what reaches them is rounding noise, which Adam turns into steps of up to the learning
+    rate; they may differ by pretrain.lr
+    (measured 4.6e-4 at lr 1e-3) and change no output. Every accuracy is equal."""
     p = make("all", runs_dir=tmp_path, extra="log_every=0", launch="torchrun --nproc_per_node 2")
     runs, run_dir, _ = request.getfixturevalue("micro")  # asked for after: this test starts while it is built
     out = make_output(p)

@@ -1,4 +1,5 @@
-"""Real-data metrics on hand-computable cases: VQA accuracy, IoU / Acc@IoU, BLEU-4 and CIDEr-D as coco-caption."""
+"""Real-data metrics on hand-computable cases: VQA accuracy, IoU / Acc@IoU,
+BLEU-4 and CIDEr-D as coco-caption."""
 
 import math
 
@@ -8,7 +9,8 @@ from common.metrics import acc_at_iou, bleu4, box_iou, cider, vqa_accuracy, vqa_
 
 
 def leave_one_out(pred, refs):
-    """The official loop, written out: for each human answer left out, min(#others equal to pred / 3, 1); the mean."""
+    """The official loop, written out: for each human answer left out,
+    min(#others equal to pred / 3, 1); the mean."""
     return sum(
         min(sum(r == pred for j, r in enumerate(refs) if j != i) / 3, 1) for i in range(len(refs))
     ) / len(refs)
@@ -55,7 +57,8 @@ def test_vqa_human_answers_lose_their_punctuation_only_where_they_differ_and_not
         0.6
     )  # they differ: "dog." is "dog"
     assert vqa_accuracy("dog", ["Dog"] * 9 + ["cat"]) == 0.0  # no lower-casing of theirs
-    # "a dog" keeps its article, and "dog," becomes "dog " (a mark glued to a word is a space; nothing strips it)
+    # "a dog" keeps its article, and "dog," becomes "dog "
+    # (a mark glued to a word is a space; nothing strips it)
     refs = ["a dog", "dog", "dog,", "cat", "cat", "cat", "cat", "bird", "fish", "dogs"]
     assert vqa_accuracy("a dog", refs) == pytest.approx(leave_one_out("dog", refs)) == pytest.approx(0.3)
     assert vqa_accuracy("", ["", "yes"]) == 0.0 and vqa_accuracy("yes", []) == 0.0
@@ -129,14 +132,15 @@ def test_cider_one_image_has_no_idf():
 
 
 def test_cider_clips_term_frequencies():
-    # 'p p' vs 'p q': unigram cos with clipping = min(2L, L)*L / (2L * sqrt(2) L) = 1/(2 sqrt 2) (1/sqrt 2 unclipped);
-    # no shared bigram; the other image scores 10
+    # 'p p' vs 'p q': unigram cos with clipping = min(2L, L)*L / (2L * sqrt(2) L) = 1/(2 sqrt 2) (1/sqrt 2
+    # unclipped); no shared bigram; the other image scores 10
     got = cider(["p p", "r s t u"], [["p q"], ["r s t u"]])
     assert got == pytest.approx((10 * (1 / (2 * math.sqrt(2))) / 4 + 10) / 2)
 
 
 def test_cider_gaussian_length_penalty():
-    # hyp 'p q r s z' vs ref 'p q r s': cosines 4/(2 sqrt5), 3/(2 sqrt3), 2/(sqrt3 sqrt2), 1/sqrt2; delta 1, sigma 6
+    # hyp 'p q r s z' vs ref 'p q r s': cosines 4/(2 sqrt5), 3/(2 sqrt3), 2/(sqrt3 sqrt2),
+    # 1/sqrt2; delta 1, sigma 6
     cos = [
         4 / (2 * math.sqrt(5)),
         3 / (2 * math.sqrt(3)),
@@ -176,7 +180,8 @@ def test_candidate_scoring_in_batches_of_alike_lengths_gives_each_example_its_ow
 
 def test_cider_per_image_scores_average_to_the_corpus_score():
     """Each image's CIDEr-D (document frequencies from every image's references) is what a paired bootstrap
-    resamples: their mean is the corpus figure, and the image captioned right scores above the one captioned wrong."""
+    resamples: their mean is the corpus figure,
+    and the image captioned right scores above the one captioned wrong."""
     from common.metrics import cider_each
 
     preds = ["a red car parked outside", "green tree grows", "blue boat floats"]

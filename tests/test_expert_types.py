@@ -1,5 +1,5 @@
-"""Every expert type of common/expert_types.py (LoRA, DoRA, IA3, prompt, prefix, Houlsby adapter) through all four
-stages on a tiny Florence-2: a type added there is tested here with nothing else to write."""
+"""Every expert type of common/expert_types.py (LoRA, DoRA, IA3, prompt, prefix, Houlsby adapter) through all
+four stages on a tiny Florence-2: a type added there is tested here with nothing else to write."""
 
 from __future__ import annotations
 
@@ -115,7 +115,8 @@ def test_exported_merge_reloads_and_reproduces_the_interpolated_model(runs, meth
 
 @pytest.mark.parametrize("method", METHODS)
 def test_candidate_scoring_runs_the_encoder_once_and_agrees_with_the_full_forward(runs, method):
-    """Scoring shares one encoder pass between an example's candidates; the scores must equal a plain forward."""
+    """Scoring shares one encoder pass between an example's candidates;
+    the scores must equal a plain forward."""
     from common import data
     from common.backbone import load_backbone
     from common.experts import expert_dir, load_expert
@@ -150,7 +151,8 @@ def test_a_pool_expert_of_another_method_is_refused_in_one_line(runs):
         "expert.method=adapter",
         check=False,
     )
-    # the adapter run's artifacts are not the ia3 run's (another digest): none is there, and none is taken for it
+    # the adapter run's artifacts are not the ia3 run's (another digest): none is there,
+    # and none is taken for it
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert "missing similarity; run `.venv/bin/python embed_tasks.py --target snli-ve" in p.stderr
     assert "expert.method=adapter" in p.stderr

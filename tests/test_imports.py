@@ -11,8 +11,8 @@ STAGES = ("train_expert.py", "embed_tasks.py", "interpolate.py", "evaluate.py")
 
 
 def project_imports() -> dict[str, dict[str, int]]:
-    """module -> {project module it imports: the line of the first such import}, read from the source with ast:
-    `import common.x`, `from common.x import y` and `from common import x`, at any depth of the file."""
+    """module -> {project module it imports: the line of the first such import}, read from the source with
+    ast: `import common.x`, `from common.x import y` and `from common import x`, at any depth of the file."""
     files = {f"common.{p.stem}": p for p in sorted((REPO / "common").glob("*.py"))}
     files |= {name.removesuffix(".py"): REPO / name for name in STAGES}
     graph: dict[str, dict[str, int]] = {}
@@ -58,7 +58,8 @@ def find_cycle(graph: dict[str, dict[str, int]]) -> list[str]:
 
 
 def test_the_reader_sees_every_kind_of_import():
-    """The graph holds top-level and in-function imports in each of their spellings (else a circle could hide)."""
+    """The graph holds top-level and in-function imports in each of their spellings
+    (else a circle could hide)."""
     graph = project_imports()
     assert "common.errors" in graph["common.config"]  # from common.errors import UserError, at the top
     assert "common.dist" in graph["common.artifacts"]  # from common import dist

@@ -227,7 +227,7 @@ def test_gradcheck_float64():
     seg = torch.tensor([0] + sizes).cumsum(0)
     stack = torch.randn(3, sum(sizes), dtype=torch.float64, requires_grad=True)
     logits = torch.randn(len(sizes), 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda s, l: weighted_merge(s, l, seg), (stack, logits))
+    assert torch.autograd.gradcheck(lambda s, w: weighted_merge(s, w, seg), (stack, logits))
 
     # the whole module (packing, softmax, views) for both kinds
     small = {"a.w": (2, 3), "a.b": (2,), "b.w": (3, 1)}
@@ -241,8 +241,8 @@ def test_gradcheck_float64():
         params = tuple(p.detach().clone().requires_grad_() for _, p in es.named_parameters())
         lg = torch.randn(len(es.group_names), 3, dtype=torch.float64, requires_grad=True)
 
-        def f(lg, *ps):
-            return tuple(functional_call(es, dict(zip(names, ps)), (lg,)).values())
+        def f(lg, *ps):  # B023: called in this iteration only, with its es and names
+            return tuple(functional_call(es, dict(zip(names, ps)), (lg,)).values())  # noqa: B023
 
         assert torch.autograd.gradcheck(f, (lg, *params))
 
@@ -511,8 +511,9 @@ TRITON_CHECK = textwrap.dedent("""
 
     sizes = [1, 0, 5, 3000, 2, 0, 700, 1, 1, 1, 2048]  # block-straddling, empty, multi-block groups
     seg = torch.tensor([0] + sizes).cumsum(0)
-    for K, dtype, stack_grad in [(3, torch.float32, True), (1, torch.float32, True), (5, torch.float32, False),
-                                 (2, torch.bfloat16, True), (3, torch.float64, True)]:
+    for K, dtype, stack_grad in [(3, torch.float32, True), (1, torch.float32, True),
+                                 (5, torch.float32, False), (2, torch.bfloat16, True),
+                                 (3, torch.float64, True)]:
         stack = torch.randn(K, sum(sizes), dtype=dtype)
         logits = torch.randn(len(sizes), K)
         go = torch.randn(sum(sizes), dtype=dtype)

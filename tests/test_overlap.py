@@ -1,6 +1,6 @@
-"""The overlap guard (data.exclude_scored_images): no image of a scored split (validation or test) of a pool task
-in any task's training data. Tasks over OFA-format TSVs written here share image ids, as RefCOCOg's train shares
-COCO images with RefCOCO's testA; the mini world's images are all distinct."""
+"""The overlap guard (data.exclude_scored_images): no image of a scored split (validation or test) of a pool
+task in any task's training data. Tasks over OFA-format TSVs written here share image ids, as RefCOCOg's train
+shares COCO images with RefCOCO's testA; the mini world's images are all distinct."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ VE = yaml.safe_load((REPO / "configs/paper_tasks.yaml").read_text())["snli-ve"] 
 
 
 def tsv(path, ids):
-    """An OFA SNLI-VE TSV: uniq-id, image-id, base64 image, hypothesis, premise, label; one row per image id."""
+    """An OFA SNLI-VE TSV: uniq-id, image-id, base64 image, hypothesis, premise, label;
+    one row per image id."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, image_id in enumerate(ids):
@@ -33,7 +34,8 @@ def tsv(path, ids):
 
 
 def profile(tmp_path, runs, **data) -> str:
-    """micro with two SNLI-VE-format tasks over Flickr30k ids (ve-a, ve-b) in the pool beside the world's nli."""
+    """micro with two SNLI-VE-format tasks over Flickr30k ids (ve-a,
+    ve-b) in the pool beside the world's nli."""
     files = {name: {s: f"{name}/{s}.tsv" for s in ("train", "val", "test")} for name in ("ve-a", "ve-b")}
     cfg = yaml.safe_load((REPO / "configs/micro.yaml").read_text())
     cfg["runs_dir"] = str(runs)

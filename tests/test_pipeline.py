@@ -136,7 +136,8 @@ def test_fisher_passes_repeat_the_few_shots_with_dropout_and_are_reproducible(mi
 def test_fisher_at_a_common_point_and_with_the_models_answers(micro_copy):
     """fisher.at: pool-mean takes every task's Fisher at the mean pool expert: none depends on the target's
     expert (changing it recomputes nothing), a changed pool expert moves the point (all recomputed), and they
-    differ from those at each expert's own weights. fisher.answers: model draws the answers from the model, the same ones whichever process does."""
+    differ from those at each expert's own weights. fisher.answers: model draws the answers from the model,
+    the same ones whichever process does."""
     from safetensors.torch import load_file, save_file
 
     runs = micro_copy[0]
@@ -197,8 +198,9 @@ def test_weight_embedding_needs_no_fisher_and_no_backbone_pass(micro_copy):
 
 
 def test_a_new_embedding_is_one_entry_in_each_registry(micro_copy, monkeypatch):
-    """An embedding added to common/embeddings.py (its name) and common/similarity.py (how it is computed) is a
-    config choice, retrieval's embedding and one of --embedding's alternatives; its similarity file says which."""
+    """An embedding added to common/embeddings.py (its name) and common/similarity.py (how it is computed) is
+    a config choice, retrieval's embedding and one of --embedding's alternatives;
+    its similarity file says which."""
     from safetensors.torch import load_file
 
     from common.embeddings import EMBEDDINGS, Embedding
@@ -293,9 +295,9 @@ def test_the_transfer_rows_control_adds_nothing_and_stays_out_of_the_row(micro_c
 
 def test_stacking_learns_the_mix_on_held_out_examples_and_exports_the_full_expert_under_it(micro_copy):
     """interpolate.holdout=0.5: make refits the target's expert without a seeded half of its 8 examples (the
-    fold expert), the mix learns on that half, and the artifact holds the target's expert fitted on all 8 under
-    the learned weights (experts frozen here, so exactly): the fold expert is in no artifact. Without the fold
-    expert, interpolate.py stops in one line saying how to make it."""
+    fold expert), the mix learns on that half, and the artifact holds the target's expert fitted on all 8
+    under the learned weights (experts frozen here, so exactly): the fold expert is in no artifact. Without
+    the fold expert, interpolate.py stops in one line saying how to make it."""
     from common import data
     from common.config import load_config
     from common.experts import load_expert_weights

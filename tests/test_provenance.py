@@ -100,8 +100,8 @@ def files(root):
             "--shots is 65, but snli-ve's train split has 64",
         ),
         (["embed_tasks.py", "--target", "snli-ve", "tasks.pool=[]"], "field 'tasks.pool' is empty"),
-        # what a stage reads is this config's (its path carries the config's digest): another config's is not there,
-        # and the refusal names the command that makes it, as typed
+        # what a stage reads is this config's (its path carries the config's digest): another config's is not
+        # there, and the refusal names the command that makes it, as typed
         (
             ["embed_tasks.py", "--target", "snli-ve", "expert.r=2"],
             "missing expert; run `.venv/bin/python train_expert.py "
@@ -109,11 +109,13 @@ def files(root):
         ),
         (
             ["interpolate.py", "--target", "snli-ve", "fisher.normalize=none"],
-            "missing similarity; run `.venv/bin/python embed_tasks.py --target snli-ve --config configs/micro.yaml ",
+            "missing similarity; run `.venv/bin/python embed_tasks.py --target snli-ve "
+            "--config configs/micro.yaml ",
         ),
         (
             ["evaluate.py", "--target", "snli-ve", "interpolate.steps=3"],
-            "missing interpolated expert; run `.venv/bin/python interpolate.py --target snli-ve --config configs/micro.yaml ",
+            "missing interpolated expert; run `.venv/bin/python interpolate.py --target snli-ve "
+            "--config configs/micro.yaml ",
         ),
         (
             ["train_expert.py", "--task", "nli", "pretrain.steps=21"],
@@ -269,8 +271,8 @@ def times(root):
 
 def test_an_override_then_the_default_again_rebuilds_nothing_and_keeps_both_results(micro_copy):
     """(1) make with an override, then with the profile as written: the second make finds everything it needs
-    (the artifacts of each config live at their own paths), and both configs' results stay, each table headed by
-    the fields that make its config."""
+    (the artifacts of each config live at their own paths), and both configs' results stay, each table headed
+    by the fields that make its config."""
     runs, rd = micro_copy
     first = make("all", runs_dir=runs, extra="interpolate.top_k=1").stdout
     assert "interpolate.py" in first and "evaluate.py" in first and "train_expert.py" not in first
@@ -295,9 +297,9 @@ def test_an_override_then_the_default_again_rebuilds_nothing_and_keeps_both_resu
 
 
 def test_prune_drops_what_this_config_would_not_make_and_clean_drops_the_profile(micro_copy):
-    """Disk in check: make prune keeps exactly what the config in force is made of (another config's interpolation
-    and result go, with the links left dangling), so make all after it does nothing; make clean removes the
-    whole run folder, the backbone too, and says so."""
+    """Disk in check: make prune keeps exactly what the config in force is made of (another config's
+    interpolation and result go, with the links left dangling), so make all after it does nothing; make clean
+    removes the whole run folder, the backbone too, and says so."""
     runs, rd = micro_copy
     make("all", runs_dir=runs, extra="interpolate.steps=3")
     kept = {p for p in rd.rglob("*@*") if not p.is_symlink()}
@@ -328,8 +330,9 @@ def test_make_n_writes_nothing(micro_copy):
 
 
 def test_a_stage_run_by_hand_is_what_make_would_make(micro_copy):
-    """(3) interpolate.py by hand with an override, then make with the same override: make finds it and rebuilds
-    nothing before evaluate; then make with the profile as written: nothing refused, its own artifacts found."""
+    """(3) interpolate.py by hand with an override, then make with the same override: make finds it and
+    rebuilds nothing before evaluate; then make with the profile as written: nothing refused,
+    its own artifacts found."""
     runs, rd = micro_copy
     inproc("interpolate.py", "--target", "snli-ve", *CONFIG, f"runs_dir={runs}", "interpolate.groups=global")
     out = make("all", runs_dir=runs, extra="interpolate.groups=global").stdout
@@ -364,8 +367,9 @@ def test_larger_scored_splits_rescore_and_rebuild_nothing(micro_copy):
 
 
 def test_a_new_task_defined_beside_a_built_pool_rebuilds_no_other_expert(micro_copy, tmp_path):
-    """(7) A profile that defines one task of its own beside the built pool: only that task's expert is made; no
-    other expert is rebuilt or refused (an expert is made from its own task's definition, not every task's)."""
+    """(7) A profile that defines one task of its own beside the built pool: only that task's expert is made;
+    no other expert is rebuilt or refused (an expert is made from its own task's definition,
+    not every task's)."""
     import yaml
 
     runs = micro_copy[0]
@@ -402,8 +406,8 @@ def test_a_new_task_defined_beside_a_built_pool_rebuilds_no_other_expert(micro_c
 
 
 def test_digests_ignore_fields_at_their_default_and_how_an_artifact_is_made(tmp_path):
-    """A field the code gains later sits at its default: no digest moves. Activation checkpointing and the loop's
-    checkpoints change how an artifact is made, not what it is."""
+    """A field the code gains later sits at its default: no digest moves. Activation checkpointing and the
+    loop's checkpoints change how an artifact is made, not what it is."""
     from common.config import load_config
     from common.provenance import digest
 
@@ -500,7 +504,8 @@ def test_every_config_error_stops_make_before_the_first_stage_in_one_line(tmp_pa
 
 
 def test_each_pool_expert_is_merged_at_its_own_saved_scale(micro_copy):
-    """An expert saved with twice the alpha and half the B adds the same update: the merge sees the same tensors."""
+    """An expert saved with twice the alpha and half the B adds the same update:
+    the merge sees the same tensors."""
     from safetensors.torch import load_file, save_file
 
     from common.config import load_config

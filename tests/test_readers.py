@@ -1,4 +1,5 @@
-"""Real-data readers on small files written here in the real formats (OFA TSV, CoOp JSON, hub parquet); offline."""
+"""Real-data readers on small files written here in the real formats (OFA TSV, CoOp JSON,
+hub parquet); offline."""
 
 import base64
 import dataclasses

@@ -66,7 +66,8 @@ COLOURS = ("red", "blue", "green")  # the embedded backbone's words: it refuses 
 
 
 def write_real_data(root):
-    """SNLI-VE as OFA's TSVs (base64 images) and RTE as the hub's parquet shards (`hf download nyu-mll/glue`)."""
+    """SNLI-VE as OFA's TSVs (base64 images) and RTE as the hub's parquet shards
+    (`hf download nyu-mll/glue`)."""
     labels = ["entailment", "contradiction", "neutral"]
     for split, n in (("train", 12), ("dev", 6), ("test", 9)):
         rows = [
@@ -184,7 +185,8 @@ def test_an_image_task_on_a_text_only_backbone_is_one_line(t5_dir, tmp_path):
 
 
 def test_snli_ve_from_its_own_annotations_and_a_flickr30k_dir(tmp_path):
-    """data.files points a task at other files: SNLI-VE's jsonl annotations + flickr30k-images/ under data.root."""
+    """data.files points a task at other files:
+    SNLI-VE's jsonl annotations + flickr30k-images/ under data.root."""
     from common import data
     from common.config import load_config
     from common.errors import UserError

@@ -1,7 +1,8 @@
 """The dress rehearsal of the paper's profile (configs/rehearsal.yaml, common/rehearsal.py): a checkpoint with
-Florence-2-base's conventions and data files in the catalogue's layouts. What a user of a real checkpoint checks:
-that the harness scores and generates what the checkpoint itself does, and that the files read as the catalogue
-says. The rehearsal end to end under make, single- and two-process, is in the `slow` group (make test-slow)."""
+Florence-2-base's conventions and data files in the catalogue's layouts. What a user of a real checkpoint
+checks: that the harness scores and generates what the checkpoint itself does, and that the files read as the
+catalogue says. The rehearsal end to end under make, single- and two-process, is in the `slow` group
+(make test-slow)."""
 
 from __future__ import annotations
 
@@ -48,9 +49,9 @@ def test_the_rehearsal_checkpoint_has_florence_2_bases_conventions(rehearsal):
 
 
 def test_the_rehearsal_files_read_as_the_catalogue_describes_them(rehearsal):
-    """Every pool task's splits, in OFA's TSVs, GLUE's TSV and CoOp's split JSON: their sizes leave a last batch
-    of one (expert.batch_size 4), RefCOCO's two training images that are VQA's test images are left out, VQA's
-    references are OFA's `conf|!+answer`, a region is location tokens."""
+    """Every pool task's splits, in OFA's TSVs, GLUE's TSV and CoOp's split JSON: their sizes leave a last
+    batch of one (expert.batch_size 4), RefCOCO's two training images that are VQA's test images are left out,
+    VQA's references are OFA's `conf|!+answer`, a region is location tokens."""
     from common import data
 
     cfg = rehearsal_config(rehearsal)
@@ -70,8 +71,8 @@ def test_the_rehearsal_files_read_as_the_catalogue_describes_them(rehearsal):
 
 
 def logprob_by_forward(model, inputs: dict, prefix: list[int], answer_ids: list[int], eos: int) -> float:
-    """log p(answer </s>) from the checkpoint's own forward pass: the decoder fed `prefix` (its start token and
-    what generation forces) and the answer, the forced tokens not counted."""
+    """log p(answer </s>) from the checkpoint's own forward pass: the decoder fed `prefix` (its start token
+    and what generation forces) and the answer, the forced tokens not counted."""
     decoder = torch.tensor([prefix + answer_ids])
     with torch.no_grad():
         logits = model(**inputs, decoder_input_ids=decoder).logits[0].float()
@@ -145,8 +146,8 @@ def test_candidate_scores_are_a_t5_checkpoints_own_logprobs(t5_dir):
 
 def test_answers_are_what_the_checkpoint_generates(rehearsal):
     """Open answers (VQA, captions, boxes) are the checkpoint's generate() under its own generation config
-    (3 beams, no repeated 3-grams, <s> forced), the encoder run once per example; the greedy loop kept for prefix
-    experts and sampling starts as generate does, and decodes as generate does greedily."""
+    (3 beams, no repeated 3-grams, <s> forced), the encoder run once per example; the greedy loop kept for
+    prefix experts and sampling starts as generate does, and decodes as generate does greedily."""
     import copy
 
     from transformers.modeling_outputs import BaseModelOutput
@@ -188,12 +189,12 @@ def test_answers_are_what_the_checkpoint_generates(rehearsal):
 
 @pytest.mark.slow
 def test_make_all_rehearsal_single_and_two_processes(rehearsal, tmp_path):
-    """`make all PROFILE=rehearsal` for a vision-language target (SNLI-VE) and a text target (RTE), on one process
-    and under torchrun on two (gloo), on the generated files: every last training batch is ragged (21 = 5 x 4 + 1:
-    on two processes one row and one masked row), the Fisher's 9 samples end in a batch of one, the test splits'
-    11 in one of 3. Tolerances as the micro run's (test_dist): the experts and the interpolated experts within 1e-5,
-    each Fisher tensor within 1e-5 of its largest value (float sums in another order), the same retrieval, every
-    score equal."""
+    """`make all PROFILE=rehearsal` for a vision-language target (SNLI-VE) and a text target (RTE), on one
+    process and under torchrun on two (gloo), on the generated files: every last training batch is ragged
+    (21 = 5 x 4 + 1: on two processes one row and one masked row), the Fisher's 9 samples end in a batch of
+    one, the test splits' 11 in one of 3. Tolerances as the micro run's (test_dist): the experts and the
+    interpolated experts within 1e-5, each Fisher tensor within 1e-5 of its largest value (float sums in
+    another order), the same retrieval, every score equal."""
     runs = {}
     for name, launch in (("one", ""), ("two", "torchrun --nproc_per_node 2")):
         runs[name] = tmp_path / name

@@ -71,9 +71,9 @@ def test_paired_bootstrap_interval_holds_the_gain_and_says_tie_for_noise():
 def test_the_interval_covers_the_true_gain_95_percent_of_the_time_where_seeds_share_the_test_examples():
     """Simulated studies of this design: every seed scores the same test examples, so an example that favours
     one method does so in every seed (example effects shared across seeds), seeds differ by an effect of their
-    own, and each seed and example by their interaction. The hierarchical interval covers the known true gain in
-    92-98% of 300 studies; the interval that resampled each seed's examples on their own (before 2026-12-05)
-    divided the shared example variance by the number of seeds and covers it far less often."""
+    own, and each seed and example by their interaction. The hierarchical interval covers the known true gain
+    in 92-98% of 300 studies; the interval that resampled each seed's examples on their own (before
+    2026-12-05) divided the shared example variance by the number of seeds and covers it far less often."""
     import numpy as np
 
     from common.report import hierarchical_interval
@@ -141,7 +141,8 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
     assert result["experts_by_method"]["pi-oracle"][1] == best  # the oracle ranks by measured transfer
     report = (runs / "micro/report.md").read_text()
     assert "| pi-tuning |" in report and "Spearman" in report
-    # retrieval's own embedding (micro: the Fisher) and both embeddings computed beside it, each against transfer
+    # retrieval's own embedding (micro: the Fisher) and both embeddings computed beside it,
+    # each against transfer
     assert (runs / "micro/similarity/snli-ve-8shot-s0.weights.json").is_file()
     # and the retrieval study's Fisher variants: the original's batch estimator (its own cache beside the
     # per-sample one), raw values, and subsets of the tensors
@@ -296,8 +297,9 @@ def test_make_report_runs_every_baseline_and_writes_the_report(micro_copy, tmp_p
     )
     assert re.search(r"\| weights \| 1 \| [-+.\d]+ \| [-+.\d]+ \| [.\d]+ \|", study) and "nan" not in study
 
-    # the pool grows by a task: its expert, the retrieval and π-Tuning's runs are made again, and of the transfer
-    # row only the new pair run; the others, made from the same two experts as before, stay and count in the row
+    # the pool grows by a task: its expert, the retrieval and π-Tuning's runs are made again, and of the
+    # transfer row only the new pair run; the others, made from the same two experts as before,
+    # stay and count in the row
     pair = "micro/interpolated/snli-ve-8shot-s0.pair-{}/meta.json"
     before = {t: (runs / pair.format(t)).stat().st_mtime_ns for t in ("nli", "shape", "null")}
     p = run(
@@ -336,8 +338,9 @@ def test_the_transfer_row_names_the_experts_that_hurt_and_the_spread_against_tar
         run(2, 0.64, {"helps": 0.025, "hurts": -0.012, "noisy": -0.060, "flat": 0.0}),
     ]
     row = transfer_row(runs)
-    # target-only's seed std 0.020; best helps +0.025, worst noisy -0.017 (its std 0.045): spread 0.042 = 2.1x;
-    # only 'hurts' is below 0 by more than its std ('noisy' is lower on average, but inside its noise)
+    # target-only's seed std 0.020; best helps +0.025, worst noisy -0.017 (its std 0.045): spread
+    # 0.042 = 2.1x; only 'hurts' is below 0 by more than its std ('noisy' is lower on average,
+    # but inside its noise)
     assert row == (
         "| 64-shot | 3 | 0.020 | +0.001 ± 0.000 | helps +0.025 ± 0.005 | noisy -0.017 ± 0.045 | "
         "0.042 (2.1x) | hurts -0.012 ± 0.002 |"
@@ -377,8 +380,8 @@ def test_results_name_their_scores_by_the_metric_and_older_files_still_read():
 
 
 def test_the_report_matches_run_names_exactly_so_seed_1_is_not_seed_10(tmp_path):
-    """With 11 seeds, run ...-s1's similarity files are its own: ...-s10.json is seed 10's, not an embedding of
-    seed 1's named ''."""
+    """With 11 seeds, run ...-s1's similarity files are its own: ...-s10.json is seed 10's, not an embedding
+    of seed 1's named ''."""
     from common.config import load_config
     from common.embeddings import recorded
     from common.provenance import artifact
@@ -427,8 +430,8 @@ def test_a_one_seed_table_shows_the_value_without_a_spread():
 
 
 def test_a_default_chosen_without_the_target_never_reads_the_target(monkeypatch):
-    """Leave one target out on validation: each target's row is chosen from the other targets' validation gains
-    alone. Target c favours `fisher top-1` hugely; that decides a's and b's rows, never c's own."""
+    """Leave one target out on validation: each target's row is chosen from the other targets' validation
+    gains alone. Target c favours `fisher top-1` hugely; that decides a's and b's rows, never c's own."""
     from types import SimpleNamespace
 
     from common import report

@@ -1,6 +1,6 @@
 """Long runs: a training stage killed after a checkpoint resumes from it and ends where an uninterrupted run
-ends (CPU, one thread: bit-exact); another config's checkpoint is another file, never resumed; without a terminal
-a stage prints a progress line per interval."""
+ends (CPU, one thread: bit-exact); another config's checkpoint is another file, never resumed; without a
+terminal a stage prints a progress line per interval."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def test_a_killed_expert_resumes_from_its_checkpoint_and_ends_bit_exact(micro, t
         p.returncode == -9 and not expert.exists() and ckpt.is_file()
     )  # killed: nothing half-written, the state kept
 
-    # another config is another artifact (its own name@digest, its own checkpoint): nothing resumed, this one kept
+    # another config is another artifact (its own name@digest, its own checkpoint):
+    # nothing resumed, this one kept
     code, _, err = stage("train_expert.py", *common, f"runs_dir={broken}", "expert.lr=2e-3")
     assert code == 0 and "resumed" not in err and ckpt.is_file()
     code, _, err = stage("train_expert.py", *common, f"runs_dir={broken}")
@@ -50,9 +51,10 @@ def test_a_killed_expert_resumes_from_its_checkpoint_and_ends_bit_exact(micro, t
 
 
 def test_a_killed_two_process_expert_resumes_each_ranks_own_state(micro, tmp_path):
-    """Under torchrun on two processes, with dropout on (each rank draws its own masks, from its own generator):
-    killed after a checkpoint and resumed, each rank restores its own generator's state, and the expert ends where
-    the uninterrupted two-process run ends, bit for bit (gloo's sum of two ranks is exact in any order)."""
+    """Under torchrun on two processes, with dropout on (each rank draws its own masks, from its own
+    generator): killed after a checkpoint and resumed, each rank restores its own generator's state, and the
+    expert ends where the uninterrupted two-process run ends, bit for bit
+    (gloo's sum of two ranks is exact in any order)."""
     common = (
         "--task",
         "nli",

@@ -1,5 +1,6 @@
-"""π-Tuning chosen on the target's validation split (interpolate.py --variant select, interpolate.retrieval=select):
-every candidate retrieval scored on validation, the best kept, k = 0 among them; test is never read to choose."""
+"""π-Tuning chosen on the target's validation split (interpolate.py --variant select,
+interpolate.retrieval=select): every candidate retrieval scored on validation, the best kept, k = 0 among
+them; test is never read to choose."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ CONFIG = ("--config", "configs/micro.yaml")
 
 def test_a_candidate_that_hurts_on_validation_is_never_chosen(micro_copy):
     """With every pool expert spoilt (its update twenty times over), each interpolation with one hurts on
-    validation: selection keeps the target's expert alone, bit for bit, and scores it as target-only scores."""
+    validation: selection keeps the target's expert alone, bit for bit,
+    and scores it as target-only scores."""
     runs, rd = micro_copy
     for t in ("nli", "shape"):
         f = (rd / "experts" / t / "adapter_model.safetensors").resolve()
@@ -47,8 +49,9 @@ def test_a_candidate_that_hurts_on_validation_is_never_chosen(micro_copy):
 
 
 def test_the_choice_opens_no_test_file(micro, tmp_path, monkeypatch):
-    """A target defined from files (a CSV of image paths): while the choice is made, opening its test file or a test
-    image raises; the choice is made all the same. Evaluating, which scores test, is refused by the same guard."""
+    """A target defined from files (a CSV of image paths): while the choice is made, opening its test file or
+    a test image raises; the choice is made all the same. Evaluating, which scores test,
+    is refused by the same guard."""
     from test_tasks import SHAPES, profile, write_user_files
 
     write_user_files(tmp_path / "data")
@@ -99,11 +102,11 @@ def test_a_bad_selection_setting_is_one_line(override, says):
 
 def test_a_candidate_is_the_interpolation_pi_tuning_makes_of_those_experts(micro_copy, monkeypatch):
     """Selection compares the target's expert alone with π-Tuning of each candidate set: a candidate must be
-    trained and scored exactly as `interpolate.py` makes π-Tuning of the same experts, or the comparison with k = 0
-    is biased, however many candidates were trained before it in the same process. With the top-1 and top-2 by
-    `weights` the candidates, the top-2's validation score is evaluate.py's for pi-tuning; every candidate is
-    scored with dropout off (micro has none to show it in the scores; the mini backbone's 0.1 cost each
-    interpolated candidate about 0.02 of validation accuracy against the target's expert alone)."""
+    trained and scored exactly as `interpolate.py` makes π-Tuning of the same experts, or the comparison with
+    k = 0 is biased, however many candidates were trained before it in the same process. With the top-1 and
+    top-2 by `weights` the candidates, the top-2's validation score is evaluate.py's for pi-tuning; every
+    candidate is scored with dropout off (micro has none to show it in the scores; the mini backbone's 0.1
+    cost each interpolated candidate about 0.02 of validation accuracy against the target's expert alone)."""
     import interpolate
 
     runs, rd = micro_copy

@@ -133,8 +133,8 @@ def test_weight_embedding_of_ia3_and_prefix_experts():
 
 
 def test_every_embedding_named_is_computed():
-    """common/embeddings.py names the embeddings (what config accepts), common/similarity.py computes them: one
-    entry each, in the same order."""
+    """common/embeddings.py names the embeddings (what config accepts), common/similarity.py computes them:
+    one entry each, in the same order."""
     from common.embeddings import EMBEDDINGS
     from common.similarity import COMPUTE
 
@@ -142,8 +142,8 @@ def test_every_embedding_named_is_computed():
 
 
 def test_make_report_computes_every_embedding_but_those_asked_for_and_make_study_every_one(capsys):
-    """The rules make runs come from the registry (common.provenance --rules): make report's alternatives are its
-    variants but the three asked for by name, make study's (EMBED_AS=all) every one."""
+    """The rules make runs come from the registry (common.provenance --rules): make report's alternatives are
+    its variants but the three asked for by name, make study's (EMBED_AS=all) every one."""
     from common.embeddings import ASKED_FOR, variants
     from common.provenance import main
 

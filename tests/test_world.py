@@ -116,8 +116,8 @@ def test_two_way_tasks_are_the_three_way_statements_with_undecidable_counted_as_
 
 
 def test_decide_tasks_ask_whether_the_three_way_statement_is_decidable():
-    """ve-decide / nli-decide: the target's statements, yes when entailed or contradicted, no when undecidable,
-    under a prompt one word from the target's."""
+    """ve-decide / nli-decide: the target's statements, yes when entailed or contradicted, no when
+    undecidable, under a prompt one word from the target's."""
     for three, decide in (("snli-ve", "ve-decide"), ("nli", "nli-decide")):
         pairs = _drawn_alike(three, decide)
         assert all(a.prompt.split('"')[-2] == b.prompt.split('"')[-2] for a, b in pairs)
@@ -128,8 +128,8 @@ def test_decide_tasks_ask_whether_the_three_way_statement_is_decidable():
 
 def test_strict_and_lenient_tasks_are_the_targets_very_examples_under_another_convention():
     """ve-strict / ve-lenient / nli-strict: the target's prompt, image and statement drawn alike, the answer
-    its label under a two-way convention (undecidable: no when strict, yes when lenient), never maybe; shape-plus:
-    shape's prompt and image, the cross named plus."""
+    its label under a two-way convention (undecidable: no when strict, yes when lenient), never maybe;
+    shape-plus: shape's prompt and image, the cross named plus."""
     for three, other, maybe in (
         ("snli-ve", "ve-strict", "no"),
         ("snli-ve", "ve-lenient", "yes"),
@@ -154,8 +154,8 @@ def test_strict_and_lenient_tasks_are_the_targets_very_examples_under_another_co
 
 
 def test_shape_large_is_shapes_question_on_the_same_object_drawn_large():
-    """shape-large: shape's prompt and answer, drawn alike, the object always large: where shape drew it small,
-    shape-large's image covers it and more; where shape drew it large, the images are the same."""
+    """shape-large: shape's prompt and answer, drawn alike, the object always large: where shape drew it
+    small, shape-large's image covers it and more; where shape drew it large, the images are the same."""
     pairs = _drawn_alike("shape", "shape-large")
     assert all(a.prompt == b.prompt and a.answer == b.answer for a, b in pairs)
     drawn = [
@@ -167,7 +167,8 @@ def test_shape_large_is_shapes_question_on_the_same_object_drawn_large():
 
 
 def test_shape_at_names_the_shape_of_the_object_in_the_cell_it_asks_about():
-    """shape-at draws a scene of 2-3 objects and asks for the shape in one cell: the answer is that object's."""
+    """shape-at draws a scene of 2-3 objects and asks for the shape in one cell:
+    the answer is that object's."""
     import random
 
     from common import world
