@@ -98,9 +98,8 @@ def methods(cfg, run: str, experts: list[str] | None) -> dict:
         if (expert_dir(cfg, f"{run}.{v}") / "meta.json").is_file():
             out[name] = ("full" if v == "full-ft" else "expert", expert_dir(cfg, f"{run}.{v}"))
     if experts is not None:
-        if (
-            cfg.evaluate.merges and len(experts) > 1
-        ):  # (π-Tuning chosen on validation may keep the target's alone)
+        # (π-Tuning chosen on validation may keep the target's alone)
+        if cfg.evaluate.merges and len(experts) > 1:
             out["uniform-merge"] = ("uniform", experts)
             if EXPERT_TYPES[cfg.expert.method].peft_merges:
                 out["linear-merge"], out["ties-merge"] = ("linear", experts), ("ties", experts)
@@ -243,9 +242,8 @@ def main() -> None:
     todo = {m: v for m, v in todo.items() if m not in measured}
 
     accel = accelerator(cfg)
-    base, processor = load_backbone(
-        cfg, accel.device
-    )  # loaded once; each method's expert goes in and comes out
+    # loaded once; each method's expert goes in and comes out
+    base, processor = load_backbone(cfg, accel.device)
     # every method scores the same batches; answers as the checkpoint emits them (its generation config)
     enc = data.Encoder(
         processor, accel.device, keep_mb=cfg.feature_cache_mb, generation=base.generation_config
@@ -264,9 +262,8 @@ def main() -> None:
             model = peft_merge(cfg, base, what, kind)
         else:
             model = base
-        with folded(
-            model
-        ):  # LoRA, DoRA, IA3: scored with the update in the weights (the same function, faster)
+        # LoRA, DoRA, IA3: scored with the update in the weights (the same function, faster)
+        with folded(model):
             for s, exs in splits.items():
                 if s == "val" and not (on_val(m) and cfg.evaluate.validation):
                     continue
@@ -287,9 +284,8 @@ def main() -> None:
         s: {m[5:]: round(a - sc["target-only"], 4) for m, a in sc.items() if m.startswith("pair-")}
         for s, sc in scores.items()
     }
-    control = {
-        s: row.pop(NULL, None) for s, row in transfer.items()
-    }  # pair-null: the row's control, not a pool expert
+    # pair-null: the row's control, not a pool expert
+    control = {s: row.pop(NULL, None) for s, row in transfer.items()}
     result = {
         "target": args.target,
         "run": run,

@@ -84,9 +84,8 @@ def variant(cfg, name: str, run: str, pool: list[str], retrieved) -> tuple[list[
             "oracle (measured transfer)",
             ic.train_experts,
         )
-    if (
-        name == "paper"
-    ):  # the paper's retrieval: top-k by the Fisher embedding, whatever fisher.embedding says
+    # the paper's retrieval: top-k by the Fisher embedding, whatever fisher.embedding says
+    if name == "paper":
         path = artifact(cfg, "similarity", run, "fisher")
         fix = (
             "run "
@@ -199,9 +198,8 @@ def mix(
         [f"{run}.fold" if e == run and ic.holdout else e for e in experts],
         trainable=train_experts and not ic.holdout,
     )
-    logits = torch.zeros(
-        len(merge.group_names), len(experts), device=acc.device, requires_grad=True
-    )  # uniform
+    # uniform
+    logits = torch.zeros(len(merge.group_names), len(experts), device=acc.device, requires_grad=True)
     loss = fit(merge, mix_on, True, train_experts and not ic.holdout, ckpts[0], desc)
     if ic.holdout:  # those weights on the expert fitted to every example; trained experts then fit them all
         unload_expert(merge.model)

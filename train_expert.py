@@ -60,11 +60,8 @@ def pretrain(cfg) -> None:
     rng = random.Random(0)
 
     def batches():
-        task_cycle = [
-            "pt-caption",
-            "pt-caption",
-            "pt-infill",
-        ]  # infilling is learned fast; captions need the image
+        # infilling is learned fast; captions need the image
+        task_cycle = ["pt-caption", "pt-caption", "pt-infill"]
         step = 0
         while True:
             task = data.PRETRAIN_TASKS[task_cycle[step % len(task_cycle)]]

@@ -224,9 +224,8 @@ def child(method: str, args) -> dict:
                     acc=acc,
                 )
             else:
-                trainer(
-                    expert, exs, data.Encoder(processor), total, mark, cuda, args
-                )  # it moves batches itself
+                # it moves batches itself
+                trainer(expert, exs, data.Encoder(processor), total, mark, cuda, args)
         times[arm] += [b - a for a, b in zip(starts, starts[1:])][args.warmup :]
         peaks[arm].append(peak.mb)
 
@@ -350,9 +349,8 @@ def main() -> None:
         "block: median step s; peak MB"
     )
 
-    def peak(
-        r, arm
-    ):  # CPU: the first block of an arm also pays the allocator's first touch; steady state after it
+    # CPU: the first block of an arm also pays the allocator's first touch; steady state after it
+    def peak(r, arm):
         blocks = r["peaks"][arm] if gpu or args.rounds == 1 else r["peaks"][arm][1:]
         return max(blocks)
 

@@ -24,10 +24,8 @@ class Adapter(torch.nn.Module):
         super().__init__()
         self.down, self.up = torch.nn.Linear(d, dim), torch.nn.Linear(dim, d)
         self.dropout = torch.nn.Dropout(dropout)
-        for lin in (
-            self.down,
-            self.up,
-        ):  # N(0, 0.02) as the original; zero bias so the start is near identity
+        # N(0, 0.02) as the original; zero bias so the start is near identity
+        for lin in (self.down, self.up):
             torch.nn.init.normal_(lin.weight, std=0.02)
             torch.nn.init.zeros_(lin.bias)
 
@@ -60,10 +58,8 @@ class AdapterModel(torch.nn.Module):
             raise ValueError(
                 f"adapter target_modules {target_modules!r} matches no Linear module of the backbone"
             )
-        for (
-            _,
-            m,
-        ) in sites:  # the adapter is a child of the module it follows: `...out_proj.adapter.down.weight`
+        # the adapter is a child of the module it follows: `...out_proj.adapter.down.weight`
+        for _, m in sites:
             m.add_module("adapter", Adapter(m.out_features, dim, dropout).to(m.weight.device, m.weight.dtype))
             m.register_forward_hook(_apply_adapter)
 

@@ -105,28 +105,24 @@ class BackboneConfig:
 class PretrainConfig:
     steps: int = ranged(1500, 1)
     batch_size: int = ranged(32, 1)
-    lr: float = ranged(
-        1e-3, 0, lo_open=True
-    )  # with 1,500 steps, warm-up and cosine decay (docs/mini-world.md)
+    # with 1,500 steps, warm-up and cosine decay (docs/mini-world.md)
+    lr: float = ranged(1e-3, 0, lo_open=True)
     grad_clip: float = ranged(1.0, 0)  # 0 = no clipping
     warmup: int = ranged(100, 0)
-    grad_accum: int = ranged(
-        1, 1
-    )  # batches per optimizer step (the effective batch is batch_size x grad_accum)
+    # batches per optimizer step (the effective batch is batch_size x grad_accum)
+    grad_accum: int = ranged(1, 1)
     gradient_checkpointing: bool = (
         False  # recompute activations in backward: less memory, same result, slower
     )
-    checkpoint_every: int = ranged(
-        0, 0
-    )  # keep the loop's state every N steps, to resume after a crash (0 = never)
+    # keep the loop's state every N steps, to resume after a crash (0 = never)
+    checkpoint_every: int = ranged(0, 0)
 
 
 @dataclass
 class TasksConfig:
     pool: list = nonempty(lambda: ["snli-ve", "nli"])
-    target_shots: int = ranged(
-        64, 0
-    )  # the target's training data: a seeded k-shot sample (0 = its whole train split)
+    # the target's training data: a seeded k-shot sample (0 = its whole train split)
+    target_shots: int = ranged(64, 0)
     shots_per_class: bool = False  # CoOp style: k examples of every answer class instead of k in all
     # tasks read from a researcher's own files, by name: {mine: {files: {train: .., test: ..}, prompt: ..,
     # answer: .., image: .., ...}} (common/tasks.py DEFINE_FIELDS);
@@ -147,23 +143,19 @@ class ExpertConfig:
     adapter_dim: int = ranged(128, 1)  # bottleneck width of the Houlsby adapters
     steps: int = ranged(300, 1)
     batch_size: int = ranged(32, 1)
-    lr: float = ranged(
-        0.0, 0
-    )  # 0 = the type's own (expert_types.py: 1e-3 lora/dora/adapter, 1e-2 ia3/prefix, 3e-2 prompt)
+    # 0 = the type's own (expert_types.py: 1e-3 lora/dora/adapter, 1e-2 ia3/prefix, 3e-2 prompt)
+    lr: float = ranged(0.0, 0)
     grad_clip: float = ranged(1.0, 0)  # 0 = no clipping
     eval_size: int = ranged(200, 1)  # validation examples scored after training
-    grad_accum: int = ranged(
-        1, 1
-    )  # batches per optimizer step (the effective batch is batch_size x grad_accum)
+    # batches per optimizer step (the effective batch is batch_size x grad_accum)
+    grad_accum: int = ranged(1, 1)
     gradient_checkpointing: bool = (
         False  # recompute activations in backward: less memory, same result, slower
     )
-    checkpoint_every: int = ranged(
-        0, 0
-    )  # keep the loop's state every N steps, to resume after a crash (0 = never)
-    full_ft_lr: float = ranged(
-        1e-4, 0, lo_open=True
-    )  # the full fine-tuning baseline (train_expert.py --variant full-ft)
+    # keep the loop's state every N steps, to resume after a crash (0 = never)
+    checkpoint_every: int = ranged(0, 0)
+    # the full fine-tuning baseline (train_expert.py --variant full-ft)
+    full_ft_lr: float = ranged(1e-4, 0, lo_open=True)
 
 
 @dataclass
@@ -176,9 +168,8 @@ class FisherConfig:
     samples: int = ranged(256, 1)
     batch_size: int = ranged(16, 1)
     normalize: str = "mean"  # mean: each tensor scaled to mean 1 before comparing | none
-    passes: int = ranged(
-        1, 1
-    )  # > 1: up to this many passes over an expert's examples, dropout on, until `samples` gradients
+    # > 1: up to this many passes over an expert's examples, dropout on, until `samples` gradients
+    passes: int = ranged(1, 1)
     # own: each expert's Fisher at its own weights | pool-mean: every task's at the mean pool expert
     at: str = "own"
     # truth: the examples' answers (empirical Fisher) | model: drawn from the model's own distribution
@@ -188,9 +179,8 @@ class FisherConfig:
 @dataclass
 class InterpolateConfig:
     top_k: int = ranged(2, 1)
-    experts: list = field(
-        default_factory=list
-    )  # pick the pool experts by hand (as the original did); [] = top-k
+    # pick the pool experts by hand (as the original did); [] = top-k
+    experts: list = field(default_factory=list)
     groups: str = "site"  # global | layer | site | tensor
     train_experts: bool = True
     # short and gentle (the paper's 1e-4): longer or faster, the mix drifts back to the target's own expert
@@ -200,15 +190,13 @@ class InterpolateConfig:
     lr: float = ranged(1e-4, 0, lo_open=True)  # experts
     logits_lr: float = ranged(5e-2, 0, lo_open=True)  # interpolation logits
     grad_clip: float = ranged(1.0, 0)  # 0 = no clipping
-    grad_accum: int = ranged(
-        1, 1
-    )  # batches per optimizer step (the effective batch is batch_size x grad_accum)
+    # batches per optimizer step (the effective batch is batch_size x grad_accum)
+    grad_accum: int = ranged(1, 1)
     gradient_checkpointing: bool = (
         False  # recompute activations in backward: less memory, same result, slower
     )
-    checkpoint_every: int = ranged(
-        0, 0
-    )  # keep the loop's state every N steps, to resume after a crash (0 = never)
+    # keep the loop's state every N steps, to resume after a crash (0 = never)
+    checkpoint_every: int = ranged(0, 0)
     # stacking: the fraction of the target's training examples held out of the expert the mix is learned with.
     # The mix learns on them (the experts frozen) with the target's expert refitted on the rest
     # (experts/<run>.fold, train_expert.py --variant fold); its weights then apply to the expert fitted on all
@@ -221,9 +209,8 @@ class InterpolateConfig:
     # select_k and k = 0, the target's expert alone: the interpolation scoring best there;
     # test is never read to choose)
     retrieval: str = "fixed"
-    select_from: list = field(
-        default_factory=list
-    )  # embeddings (common/embeddings.py); [] = every registered one
+    # embeddings (common/embeddings.py); [] = every registered one
+    select_from: list = field(default_factory=list)
     select_k: list = nonempty(lambda: [1, 2])
 
 
@@ -240,12 +227,10 @@ class EvaluateConfig:
 
 @dataclass
 class DebugConfig:
-    kill_at_step: int = ranged(
-        0, 0
-    )  # end a training stage with SIGKILL after this step (tests of resume; 0 = off)
-    fail_rank: int = ranged(
-        -1, -1
-    )  # under torchrun: this rank raises after a training stage's last step (-1 = off)
+    # end a training stage with SIGKILL after this step (tests of resume; 0 = off)
+    kill_at_step: int = ranged(0, 0)
+    # under torchrun: this rank raises after a training stage's last step (-1 = off)
+    fail_rank: int = ranged(-1, -1)
 
 
 @dataclass

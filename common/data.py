@@ -22,9 +22,8 @@ from common.readers import cached_image_keys, catalogue, fetch_hub, image_key, r
 from common.tasks import Example, Task, define, holdout_split, k_shot
 from common.training import Batch
 
-_UNDRAWN = contextvars.ContextVar(
-    "undrawn", default=False
-)  # examples drawn with their images' keys, not drawn
+# examples drawn with their images' keys, not drawn
+_UNDRAWN = contextvars.ContextVar("undrawn", default=False)
 
 
 def _img(scene, rng, size):
@@ -322,9 +321,8 @@ def _read(cfg, name: str, which: str):
     except UserError:
         if not (cfg.data.download and t.hub) or (root / t.files.get(which, "")).is_file():
             raise
-        fetch_hub(
-            t, which, root
-        )  # then read the downloaded shards (a failed fetch says how to get them by hand)
+        # then read the downloaded shards (a failed fetch says how to get them by hand)
+        fetch_hub(t, which, root)
         return read_defined(t, which, root, cfg.data.num_workers)
 
 
@@ -457,9 +455,8 @@ def check_words(cfg, name: str, vocab, *splits: list[Example]) -> None:
     if cfg.backbone.source != "embedded" or from_world(cfg, name):
         return
     split = word_splitter().pre_tokenize_str
-    rows = [
-        e for exs in splits for e in (exs.texts() if hasattr(exs, "texts") else exs)
-    ]  # Rows: no image read
+    # Rows: no image read
+    rows = [e for exs in splits for e in (exs.texts() if hasattr(exs, "texts") else exs)]
     texts = {t for e in rows for t in (e.prompt, e.answer, *(e.candidates or ()), *(e.refs or ()))}
     defined = task(cfg, name)
     texts |= set(defined.candidates or ())
@@ -493,9 +490,8 @@ class Encoder:
         self.tok = getattr(processor, "tokenizer", processor)
         self.device = torch.device(device or "cpu")  # where the tensors it returns live (the model's device)
         self.max_len = max_len
-        self.kept: dict[
-            tuple, tuple
-        ] = {}  # the examples' ids -> (the examples, kept alive so no id is reused; inputs)
+        # the examples' ids -> (the examples, kept alive so no id is reused; inputs)
+        self.kept: dict[tuple, tuple] = {}
         self.room = keep_mb << 20
         self.answer_ids: dict[str, list[int]] = {}  # answer -> its label ids: candidates come again and again
         self.generation = (
@@ -529,9 +525,8 @@ class Encoder:
             out = self.processor(
                 text=[e.prompt for e in exs], images=[e.image for e in exs], return_tensors="pt", padding=True
             )
-        elif (
-            self.tok.bos_token is not None
-        ):  # the same <s> prompt </s> layout Florence-2 builds after the image
+        # the same <s> prompt </s> layout Florence-2 builds after the image
+        elif self.tok.bos_token is not None:
             texts = [f"{self.tok.bos_token}{e.prompt}{self.tok.eos_token}" for e in exs]
             out = self.tok(
                 texts,
@@ -678,10 +673,8 @@ class _Encoded(torch.utils.data.Dataset):
     a lazily read split (readers.Rows) decodes its rows here, in the worker."""
 
     def __init__(self, exs, processor, generation=None):
-        self.exs, self.enc = (
-            exs,
-            Encoder(processor, generation=generation),
-        )  # CPU tensors: the loop moves them
+        # CPU tensors: the loop moves them
+        self.exs, self.enc = exs, Encoder(processor, generation=generation)
 
     def __len__(self) -> int:
         return len(self.exs)

@@ -137,15 +137,13 @@ def _dora(model, ecfg, dims, targets, k):  # merged per tensor, so always rank r
 def _ia3(model, ecfg, dims, targets, k):
     from peft import IA3Config
 
-    feedforward = {"bart": r".*\.fc2$", "t5": r".*\.DenseReluDense\.wo$"}[
-        dims["family"]
-    ]  # scales their inputs
+    # scales their inputs
+    feedforward = {"bart": r".*\.fc2$", "t5": r".*\.DenseReluDense\.wo$"}[dims["family"]]
     return IA3Config(target_modules=targets, feedforward_modules=feedforward)
 
 
-def _prompt(
-    model, ecfg, dims, targets, k
-):  # soft tokens before the encoder input; Florence-2 needs the dims spelled out
+# soft tokens before the encoder input; Florence-2 needs the dims spelled out
+def _prompt(model, ecfg, dims, targets, k):
     from peft import PromptTuningConfig, TaskType
 
     return PromptTuningConfig(
@@ -159,9 +157,8 @@ def _prompt(
     )
 
 
-def _prefix(
-    model, ecfg, dims, targets, k
-):  # keys/values prepended in every decoder self-attention (peft's seq2seq prefix)
+# keys/values prepended in every decoder self-attention (peft's seq2seq prefix)
+def _prefix(model, ecfg, dims, targets, k):
     from peft import PrefixTuningConfig, TaskType
 
     return PrefixTuningConfig(

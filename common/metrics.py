@@ -135,9 +135,8 @@ def generate_answers(
             # an answer's cap, not the checkpoint's max_length (the decoder starts from one token)
             settings.max_length, settings.max_new_tokens = max_new_tokens + 1, None
             ids = base.generate(encoder_outputs=encoded, attention_mask=mask, generation_config=settings)
-        for row in ids[
-            :, 1:
-        ].tolist():  # keep added special tokens such as <loc_123>; drop the sequence markers
+        # keep added special tokens such as <loc_123>; drop the sequence markers
+        for row in ids[:, 1:].tolist():
             toks = [t for t in enc.tok.convert_ids_to_tokens(row) if t not in markers]
             out.append(enc.tok.convert_tokens_to_string(toks).strip())
     return out
@@ -162,9 +161,8 @@ def _greedy(
     ids = torch.tensor([[start, *enc.forced]] * n, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     steps = max_new_tokens - len(enc.forced)  # the forced tokens are new tokens too, as generate counts them
-    forced_eos = getattr(
-        enc.generation, "forced_eos_token_id", None
-    )  # the last one, where the cap is reached
+    # the last one, where the cap is reached
+    forced_eos = getattr(enc.generation, "forced_eos_token_id", None)
     for step in range(steps):
         logits = base(
             encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=ids, **decoder_kwargs(n)

@@ -176,9 +176,8 @@ def _node(cfg, kind: str, name: str = "", variant: str = "") -> tuple[dict, list
         if variant.startswith("pair-"):  # made from its two experts, not the pool or the retrieval
             other = variant[5:]
             return own, [target, *fold, *([] if other == NULL else [("expert", other)])]
-        if variant == "select" or (
-            variant == "" and cfg.interpolate.retrieval == "select"
-        ):  # chosen on validation
+        # chosen on validation
+        if variant == "select" or (variant == "" and cfg.interpolate.retrieval == "select"):
             return own | _values(cfg, SCORED_SIZES), [
                 *(("similarity", name, e) for e in select_from(cfg)),
                 *fold,
@@ -371,9 +370,8 @@ def _pipeline(cfg, target: str, seed: int, study: str, transfer_row: bool, embed
         f"{interpolate} --variant pi,random,frozen $(ARGS)",
     ]
     needs = baselines + [interp["random"], interp["frozen"]]
-    if (
-        transfer_row
-    ):  # every pair run the row lacks, or older than its experts, in one process (--variant pairs)
+    # every pair run the row lacks, or older than its experts, in one process (--variant pairs)
+    if transfer_row:
         rules += [
             f"{j(pairs)} &: {j(pool[t] for t in others)} {tgt} {j(fold)} | {sim} ; {interpolate} "
             "--variant pairs $(ARGS)",

@@ -178,9 +178,8 @@ def _example(source: _Source, f: dict) -> Example:
         region = f[source.task.answer]
         box = [float(v) for v in (region.split(",") if isinstance(region, str) else region)]
         answer = box_to_tokens(box, *pil.size)
-    return Example(
-        ex.prompt, answer, np.array(pil), candidates=ex.candidates, refs=ex.refs
-    )  # a writable copy
+    # a writable copy
+    return Example(ex.prompt, answer, np.array(pil), candidates=ex.candidates, refs=ex.refs)
 
 
 def _columns_used(task: DefinedTask) -> dict[str, str]:
@@ -350,9 +349,8 @@ class LineSource(_Source):
         return len(self.offsets)
 
     def row(self, j: int) -> dict:
-        if (
-            self._fh is None or self._pid != os.getpid()
-        ):  # a forked DataLoader worker: not its parent's offset
+        # a forked DataLoader worker: not its parent's offset
+        if self._fh is None or self._pid != os.getpid():
             self._fh, self._pid = open(self.path, "rb"), os.getpid()
         self._fh.seek(self.offsets[j])
         return _split_line(self.task, self.fmt, self.path, j + 1, self._fh.readline().decode("utf-8"))

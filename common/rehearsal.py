@@ -43,11 +43,8 @@ from transformers import (
 from common import world as W
 from common.artifacts import atomic_dir
 
-SIZES = {
-    "train": 21,
-    "val": 9,
-    "test": 11,
-}  # 21 = 5 x 4 + 1: a batch of 4 leaves one example, fewer than 2 ranks
+# 21 = 5 x 4 + 1: a batch of 4 leaves one example, fewer than 2 ranks
+SIZES = {"train": 21, "val": 9, "test": 11}
 TASK_TOKENS = (
     "<od>",
     "</od>",
@@ -67,11 +64,8 @@ TASK_TOKENS = (
     "<region_cap>",
     "</region_cap>",
 )
-LABELS = {
-    "yes": "entailment",
-    "no": "contradiction",
-    "maybe": "neutral",
-}  # SNLI-VE's, by the mini world's answers
+# SNLI-VE's, by the mini world's answers
+LABELS = {"yes": "entailment", "no": "contradiction", "maybe": "neutral"}
 
 
 def _png(scene, rng, size: int = 64, fmt: str = "PNG") -> bytes:
@@ -123,10 +117,8 @@ def write_data(root: Path, seed: int = 0) -> list[str]:
             )
         tsv(root / f"snli_ve_data/snli_ve_{files[split]}.tsv", rows)
     vqa_test_ids = []
-    for split, n in (
-        ("train", SIZES["train"]),
-        ("val", SIZES["test"]),
-    ):  # VQA: question-id, image-id, question,
+    # VQA: question-id, image-id, question,
+    for split, n in (("train", SIZES["train"]), ("val", SIZES["test"])):
         rows = []  # conf|!+answer&&..., objects, image
         for i in range(n):
             scene = W.random_scene(rng)
@@ -136,10 +128,8 @@ def write_data(root: Path, seed: int = 0) -> list[str]:
             vqa_test_ids += [image_id] if split == "val" else []
             rows.append((i, image_id, q, f"1.0|!+{a}&&0.3|!+{other}", "objects", _b64(_png(scene, rng))))
         tsv(root / f"vqa_data/vqa_{split}.tsv", rows)
-    for (
-        split,
-        n,
-    ) in SIZES.items():  # captions: uniq-id, image-id, caption (val/test: every one, &&), objects, image
+    # captions: uniq-id, image-id, caption (val/test: every one, &&), objects, image
+    for split, n in SIZES.items():
         rows = []
         for i in range(n):
             scene = W.random_scene(rng)
@@ -172,10 +162,8 @@ def write_data(root: Path, seed: int = 0) -> list[str]:
             root / f"refcoco_data/refcoco_{ {'train': 'train', 'val': 'val', 'test': 'testA'}[split] }.tsv",
             rows,
         )
-    for split, n in (
-        ("train", SIZES["train"] + SIZES["val"]),
-        ("dev", SIZES["test"]),
-    ):  # RTE: idx, s1, s2, label
+    # RTE: idx, s1, s2, label
+    for split, n in (("train", SIZES["train"] + SIZES["val"]), ("dev", SIZES["test"])):
         rows = []
         for i in range(n):
             scene = W.random_scene(rng)

@@ -501,9 +501,8 @@ def write_study(cfg, targets: list[str]) -> Path:
                 if not test:
                     continue
                 val, test = ([x for x in v if not math.isnan(x)] for v in (val, test))
-                if (
-                    not test
-                ):  # every seed's transfers all the same (a target at its ceiling), or one: nothing to rank
+                # every seed's transfers all the same (a target at its ceiling), or one: nothing to rank
+                if not test:
                     md.append(f"| {t} | {shots_label(s)} | {emb} | undefined | undefined | - |")
                     undefined.add(t)
                     continue
@@ -731,9 +730,8 @@ def default_without_target(cfg, at: dict[str, list[dict]]) -> list[str]:
     embedding's top-k, or k = 0) whose validation gain over k = 0, from selection's candidates, is largest on
     average over the other targets (each target's mean over its seeds). No test score and nothing of the
     target itself enters its row. Returns the markdown (nothing without selection artifacts)."""
-    gains: dict[
-        str, dict[str, list[float]]
-    ] = {}  # target -> retrieval -> per-seed validation gain over k = 0
+    # target -> retrieval -> per-seed validation gain over k = 0
+    gains: dict[str, dict[str, list[float]]] = {}
     for t, rs in at.items():
         for meta in filter(None, (_selection(cfg, r["run"]) for r in rs)):
             alone = next(c["val"] for c in meta["candidates"] if not c["experts"])
@@ -892,9 +890,8 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
                         )
                 if rhos:
                     ok = [x for x in rhos if not math.isnan(x)]
-                    counted = (
-                        f"{len(ok)} of {len(rhos)}" if len(ok) < len(rhos) else f"{len(rhos)}"
-                    )  # defined ones
+                    # defined ones
+                    counted = f"{len(ok)} of {len(rhos)}" if len(ok) < len(rhos) else f"{len(rhos)}"
                     rho_rows.append(
                         f"| {s} | {emb} | {split} | {counted} | {mean_sd(ok, signed=True)} | "
                         f"{', '.join('undefined' if math.isnan(x) else f'{x:+.2f}' for x in rhos)} |"
@@ -1277,9 +1274,8 @@ def _plot_weights(path: Path, weights: dict, run: str) -> None:
     plt.close(fig)
 
 
-if (
-    __name__ == "__main__"
-):  # python -m common.report CONFIG [key=value ...] --tables TARGET: make all's table, fresh
+# python -m common.report CONFIG [key=value ...] --tables TARGET: make all's table, fresh
+if __name__ == "__main__":
     try:
         argv = sys.argv[1:]
         at = argv.index("--tables")

@@ -120,9 +120,8 @@ def fisher_cache(cfg, name: str, reference: str = "") -> tuple[Path, dict[str, s
     if fc.answers != "truth":
         key["answers"] = fc.answers
         variant += f".{fc.answers}-answers"
-    if not data.from_world(
-        cfg, meta["task"]
-    ):  # a file's examples: a seeded sample of them, not its first rows
+    # a file's examples: a seeded sample of them, not its first rows
+    if not data.from_world(cfg, meta["task"]):
         key["sample"] = "seeded"
     return cfg.run_dir / "fisher" / f"{path.name}{variant}.safetensors", key  # the expert's name@digest
 
@@ -275,9 +274,8 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
                 with _turn(out, wait) as mine:
                     if not mine:  # another process is computing it: back to it once the free ones are done
                         continue
-                    fisher = cached_fisher(out, key) or compute(
-                        name
-                    )  # another process may have just written it
+                    # another process may have just written it
+                    fisher = cached_fisher(out, key) or compute(name)
             fishers[name] = normalized(fisher, fc.normalize)
     return [
         fishers[n] for n in names
@@ -365,9 +363,8 @@ def prototype_embedding(cfg, name: str) -> dict[str, torch.Tensor]:
     hash of its weights (a QR and an SVD per site: 38 s for 1,000 Florence-2-base LoRAs, each time a target
     was embedded; bench/README)."""
     weights = expert_dir(cfg, name) / WEIGHTS
-    out = (
-        cfg.run_dir / "embeddings" / f"{weights.parent.name}.prototypes.safetensors"
-    )  # the expert's name@digest
+    # the expert's name@digest
+    out = cfg.run_dir / "embeddings" / f"{weights.parent.name}.prototypes.safetensors"
     key = {"expert": _hash(weights.read_bytes()) if weights.is_file() else "", "method": cfg.expert.method}
     if (cached := cached_fisher(out, key)) is not None:
         return cached

@@ -314,9 +314,8 @@ def checkpointing(model, on: bool) -> None:
     """Activation checkpointing in the backbone's layers (transformers' own; non-reentrant, so a frozen
     backbone's inputs need no gradient):
     backward recomputes each layer's activations instead of keeping them."""
-    new = hasattr(
-        model, "activation_checkpointing_enable"
-    )  # transformers >= 5.2x; before: gradient_checkpointing_*
+    # transformers >= 5.2x; before: gradient_checkpointing_*
+    new = hasattr(model, "activation_checkpointing_enable")
     if on and new:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     elif on:

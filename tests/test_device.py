@@ -56,9 +56,8 @@ def test_a_backbone_built_by_hand_then_make_all_in_bf16_runs_through(tmp_path):
     assert result["config"]["precision"] == "bf16" and "pi-tuning" in result["scores"]
     for d in ("experts/nli", "experts/snli-ve-8shot-s0", "interpolated/snli-ve-8shot-s0"):
         weights = load_file(str(tmp_path / "micro" / d / "adapter_model.safetensors"))
-        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values()), (
-            d
-        )  # fp32 masters
+        # fp32 masters
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values()), d
 
 
 def test_bf16_runs_the_forward_in_bf16_and_the_fisher_in_fp32():

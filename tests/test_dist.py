@@ -58,9 +58,8 @@ def test_make_all_under_torchrun_equals_the_single_process_run(request, tmp_path
     runs, run_dir, _ = request.getfixturevalue("micro")  # asked for after: this test starts while it is built
     out = make_output(p)
     assert "torch.distributed.run --standalone --nproc_per_node 2 train_expert.py --pretrain" in out
-    assert (
-        out.count("expert nli:") == 11 and out.count("step 10/10") == 3
-    )  # 10 progress lines and a summary, once
+    # 10 progress lines and a summary, once
+    assert out.count("expert nli:") == 11 and out.count("step 10/10") == 3
     mine = tmp_path / "micro"
     single, two = tensors(run_dir / "backbone"), tensors(mine / "backbone")
     for k, v in single.items():

@@ -358,9 +358,8 @@ def test_lora_A_leaves_share_one_buffer():
     params = list(stack.parameters())
     assert len(params) == len(a_names) + 1 and any(p is stack.lora_B_stack for p in params)
     assert "lora_A_stack" not in dict(stack.named_parameters()) | dict(stack.named_buffers())
-    zeros = {
-        n: torch.zeros_like(p) for n, p in stack.named_parameters()
-    }  # functional_call reaches every leaf
+    # functional_call reaches every leaf
+    zeros = {n: torch.zeros_like(p) for n, p in stack.named_parameters()}
     assert all(
         not t.any() for t in functional_call(stack, zeros, (torch.zeros(len(stack.group_names), 3),)).values()
     )

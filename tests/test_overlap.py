@@ -50,9 +50,8 @@ def profile(tmp_path, runs, **data) -> str:
 
 
 def write_data(root):
-    tsv(
-        root / "ve-a/train.tsv", [1, 1, 2, 10, 11, 12, 13, 14, 15, 16, 17, 18]
-    )  # 1, 2: ve-b's test; 10: its own
+    # 1, 2: ve-b's test; 10: its own
+    tsv(root / "ve-a/train.tsv", [1, 1, 2, 10, 11, 12, 13, 14, 15, 16, 17, 18])
     tsv(root / "ve-a/val.tsv", [20, 21])
     tsv(root / "ve-a/test.tsv", [30, 31, 10])
     tsv(root / "ve-b/train.tsv", [40, 41, 42, 43, 44, 45, 46, 47, 30])  # 30: ve-a's test
@@ -102,9 +101,8 @@ def test_the_mini_world_shares_no_image_so_the_guard_changes_no_artifact(micro, 
     from common import data
 
     cfg = load_config(str(REPO / "configs/micro.yaml"), [f"runs_dir={micro[0]}"])
-    assert len(data.scored_images(cfg)) == 2 * (
-        16 + 24
-    )  # snli-ve's and shape's val and test: nli has no images
+    # snli-ve's and shape's val and test: nli has no images
+    assert len(data.scored_images(cfg)) == 2 * (16 + 24)
     for task in cfg.tasks.pool:
         assert data.train_rows(cfg, task)["dropped_scored_images"] == 0
     runs = backbone_only(micro, tmp_path / "runs")

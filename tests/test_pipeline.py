@@ -278,9 +278,8 @@ def test_the_transfer_rows_control_adds_nothing_and_stays_out_of_the_row(micro_c
     for k, v in a.items():
         b = weights[k.replace("lora_A", "lora_B")]
         assert v[:r].abs().sum() > 0 and b[:, :r].abs().sum() > 0  # the target's half trained
-        assert not v[r:].any() and not b[:, r:].any(), (
-            k
-        )  # the null half: still zero after training, in every site
+        # the null half: still zero after training, in every site
+        assert not v[r:].any() and not b[:, r:].any(), k
     p = inproc("evaluate.py", "--target", "snli-ve", "--transfer", *args)
     row = json.loads((rd / f"results/{NAME}.transfer.json").read_text())
     assert "null" not in row["transfer"] and "null" not in row["val_transfer"]
@@ -305,9 +304,8 @@ def test_stacking_learns_the_mix_on_held_out_examples_and_exports_the_full_exper
     runs, rd = micro_copy
     extra = "interpolate.holdout=0.5 interpolate.train_experts=false"
     out = make("all", runs_dir=runs, extra=extra).stdout
-    assert (
-        "--variant fold" in out and "--task nli" not in out and "--shots 8 --config" not in out
-    )  # the rest kept
+    # the rest kept
+    assert "--variant fold" in out and "--task nli" not in out and "--shots 8 --config" not in out
     cfg = load_config("configs/micro.yaml", [f"runs_dir={runs}", *extra.split()])
     train = data.train_split(cfg, "snli-ve", 8, 0)
     rest, held = data.fold_split(cfg, train, 0)

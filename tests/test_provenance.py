@@ -192,9 +192,8 @@ def test_after_a_rebuilt_backbone_no_stage_uses_the_old_experts_or_fishers(micro
     )
     assert code == 2 and "missing expert" in err and "cached" not in out
     after = load_config("configs/micro.yaml", [f"runs_dir={runs}", "pretrain.steps=21"])
-    for n, (path, _) in zip(
-        ("nli", NAME), old
-    ):  # an old Fisher is never found: it sits beside its expert's name@digest
+    # an old Fisher is never found: it sits beside its expert's name@digest
+    for n, (path, _) in zip(("nli", NAME), old):
         assert (
             path.name.startswith(expert_dir(before, n).name)
             and expert_dir(after, n).name != expert_dir(before, n).name
@@ -217,10 +216,8 @@ def test_the_fisher_cache_key_holds_every_setting_that_changes_the_fisher(micro)
     assert key("nli", "fisher.estimator=batch") != key("nli", "fisher.estimator=batch", "fisher.batch_size=2")
     for setting in ("fisher.samples=4", "fisher.passes=2"):
         assert key("nli") != key("nli", setting), setting
-    for setting in (
-        "world.train_size=60",
-        "data.train_size=9",
-    ):  # another expert (its own name@digest, its own Fisher)
+    # another expert (its own name@digest, its own Fisher)
+    for setting in ("world.train_size=60", "data.train_size=9"):
         assert expert("nli") != expert("nli", setting), setting
     for setting in ("world.val_size=9", "world.test_size=9", "data.val_size=9", "data.test_size=9"):
         assert key("nli") == key("nli", setting), setting  # the Fisher reads the train split alone
@@ -306,10 +303,8 @@ def test_prune_drops_what_this_config_would_not_make_and_clean_drops_the_profile
     out = make("prune", runs_dir=runs).stdout
     gone = kept - {p for p in rd.rglob("*@*") if not p.is_symlink()}
     assert "removed" in out and gone and all(p.parent.name in ("interpolated", "results") for p in gone), gone
-    assert {p.name.split("@")[0] for p in gone} == {
-        NAME,
-        "snli-ve",
-    }  # the interpolation, its result, its tables
+    # the interpolation, its result, its tables
+    assert {p.name.split("@")[0] for p in gone} == {NAME, "snli-ve"}
     assert len(list((rd / "results").glob("snli-ve@*.md"))) == 1  # the config in force keeps its own tables
     assert ".py --" not in make("all", runs_dir=runs).stdout.replace("common.report", "")
     out = make("clean", runs_dir=runs).stdout
@@ -343,12 +338,10 @@ def test_a_stage_run_by_hand_is_what_make_would_make(micro_copy):
 
 def test_the_pool_list_and_the_sampling_are_made_from_apart(micro_copy):
     runs = micro_copy[0]
-    plan = make(
-        "-n", "all", runs_dir=runs, extra="tasks.pool=[snli-ve,nli] interpolate.top_k=1"
-    ).stdout  # dry run
-    assert (
-        "embed_tasks.py" in plan and "interpolate.py" in plan and "train_expert.py" not in plan
-    )  # no expert retrains
+    # dry run
+    plan = make("-n", "all", runs_dir=runs, extra="tasks.pool=[snli-ve,nli] interpolate.top_k=1").stdout
+    # no expert retrains
+    assert "embed_tasks.py" in plan and "interpolate.py" in plan and "train_expert.py" not in plan
     plan = make("-n", "all", runs_dir=runs, extra="tasks.shots_per_class=true").stdout
     assert (
         "train_expert.py --task snli-ve --shots 8" in plan

@@ -230,10 +230,8 @@ def test_glue_parquet_in_the_hub_layout(tmp_path):
         tmp_path / "mnli/validation_mismatched-00000-of-00001.parquet",
     )
     exs = read_defined(CATALOGUE["mnli"], "test", tmp_path)
-    assert [e.answer for e in exs] == [
-        "yes",
-        "no",
-    ]  # the hub's coding: 0 entailment, 1 neutral, 2 contradiction
+    # the hub's coding: 0 entailment, 1 neutral, 2 contradiction
+    assert [e.answer for e in exs] == ["yes", "no"]
     assert exs[0].prompt == ' can text1 " a man sleeps. " imply text2 " someone rests. "?'
     pq.write_table(table, tmp_path / "mnli/train-00000-of-00001.parquet")
     assert len(read_defined(CATALOGUE["mnli"], "val", tmp_path)) == 1  # carved from train: val is the test
@@ -376,9 +374,8 @@ def test_a_catalogue_entry_copied_under_another_name_reads_the_same_examples(tmp
     spec = yaml.safe_load((REPO / "configs/paper_tasks.yaml").read_text())["snli-ve"]
     written = json.dumps(spec, sort_keys=True)
     mine = define("my-snli", spec, "configs/mine.yaml")
-    assert (
-        json.dumps(spec, sort_keys=True) == written
-    )  # the profile's mapping (recorded in artifacts) is left as is
+    # the profile's mapping (recorded in artifacts) is left as is
+    assert json.dumps(spec, sort_keys=True) == written
     assert mine.where == "configs/mine.yaml: tasks.define.my-snli"
     ours, theirs = (
         read_defined(mine, "train", tmp_path),

@@ -113,9 +113,8 @@ def test_the_four_stages_run_on_real_file_formats(micro, tmp_path):
     result = json.loads((runs / "micro/results/snli-ve-4shot-s0.json").read_text())
     assert result["test_size"] == 9 and result["experts"] == ["snli-ve-4shot-s0", "rte"]
     meta = json.loads((runs / "micro/experts/rte/meta.json").read_text())
-    assert (
-        meta["train_size"] == 11 and meta["val_size"] == 1
-    )  # GLUE's validation is its test: val carved from train
+    # GLUE's validation is its test: val carved from train
+    assert meta["train_size"] == 11 and meta["val_size"] == 1
 
 
 def test_the_embedded_backbone_refuses_a_catalogue_task_with_words_it_lacks(micro, tmp_path):
@@ -268,9 +267,8 @@ def test_data_workers_read_and_encode_the_same_batches_as_the_stage_alone(micro,
         pids[workers] = {tuple(line.split()) for line in readers_pids.read_text().splitlines()}
         readers_pids.unlink()
     me = str(os.getpid())
-    assert {pid for _, pid in pids[2]}.isdisjoint({me}) and pids[0] == {
-        ("train", me)
-    }  # 0: no DataLoader read
+    # 0: no DataLoader read
+    assert {pid for _, pid in pids[2]}.isdisjoint({me}) and pids[0] == {("train", me)}
     assert len({pid for what, pid in pids[2] if what == "train"}) == 2 and any(w == "val" for w, _ in pids[2])
     assert scores[0] == scores[2]
     assert weights[0].keys() == weights[2].keys()

@@ -57,12 +57,10 @@ def test_the_rehearsal_files_read_as_the_catalogue_describes_them(rehearsal):
     cfg = rehearsal_config(rehearsal)
     size = {(t, s): len(data.split(cfg, t, s)) for t in cfg.tasks.pool for s in ("train", "val", "test")}
     assert size["snli-ve", "train"] % 4 == 1 and size["oxford-pets", "train"] % 4 == 1
-    assert (
-        size["refcoco", "train"] == 19 and size["caption", "train"] == 21
-    )  # 21 written: 2 shared with VQA's test
-    assert (
-        size["rte", "train"] + size["rte", "val"] == 30 and size["vqa", "test"] == 11
-    )  # val carved from train
+    # 21 written: 2 shared with VQA's test
+    assert size["refcoco", "train"] == 19 and size["caption", "train"] == 21
+    # val carved from train
+    assert size["rte", "train"] + size["rte", "val"] == 30 and size["vqa", "test"] == 11
     vqa = data.split(cfg, "vqa", "test")[0]
     assert vqa.refs.count(vqa.answer) >= 3 and len(set(vqa.refs) - {vqa.answer, ""}) == 1  # conf 1.0 and 0.3
     box = data.split(cfg, "refcoco", "test")[0].answer

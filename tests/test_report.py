@@ -62,9 +62,8 @@ def test_paired_bootstrap_interval_holds_the_gain_and_says_tie_for_noise():
     lo, hi = paired_ci(noise, "a", "b")
     assert lo < 0 < hi and verdict((lo, hi)) == "tie" and verdict((-0.02, -0.01)) == "loss"
     assert paired_ci(clear + [{"per_example": {}}], "a", "b") is None  # a run without them: no interval
-    assert (
-        paired_ci(clear[:1], "a", "b") is None and verdict(None) == "-"
-    )  # one seed: its variance is unknown
+    # one seed: its variance is unknown
+    assert paired_ci(clear[:1], "a", "b") is None and verdict(None) == "-"
     assert unpack(pack([1.0, 0.0, 1.0])) == [1.0, 0.0, 1.0] and pack([0.5, 1.0]) == [0.5, 1.0]
 
 
@@ -374,9 +373,8 @@ def test_results_name_their_scores_by_the_metric_and_older_files_still_read():
     from common.report import scores_of
 
     assert scores_of({"metric": "cider", "scores": {"pi-tuning": 0.9}}) == {"pi-tuning": 0.9}
-    assert scores_of({"metric": "vqa_accuracy", "accuracy": {"pi-tuning": 0.4}}) == {
-        "pi-tuning": 0.4
-    }  # before 2026-12
+    # before 2026-12
+    assert scores_of({"metric": "vqa_accuracy", "accuracy": {"pi-tuning": 0.4}}) == {"pi-tuning": 0.4}
 
 
 def test_the_report_matches_run_names_exactly_so_seed_1_is_not_seed_10(tmp_path):
@@ -460,9 +458,8 @@ def test_a_default_chosen_without_the_target_never_reads_the_target(monkeypatch)
         if line.startswith("| ") and not line.startswith("| target")
     }
     assert rows["c"] == ["weights top-2", "+0.0200"]  # (a's mean 0.02 + b's 0.02) / 2: c's own -0.01 unread
-    assert (
-        rows["a"] == ["fisher top-1", "+0.1000"] and rows["b"][0] == "fisher top-1"
-    )  # c's 0.2 decides theirs
+    # c's 0.2 decides theirs
+    assert rows["a"] == ["fisher top-1", "+0.1000"] and rows["b"][0] == "fisher top-1"
     metas["c-s0"] = meta(0.7, -0.05, -0.5)  # on b and c together every retrieval hurts: a's default is k = 0
     rows = [line for line in report.default_without_target(cfg, at) if line.startswith("| a |")]
     assert rows == [f"| a | {report.ALONE} | +0.0000 | -0.0150 |"]

@@ -31,9 +31,8 @@ def test_a_killed_expert_resumes_from_its_checkpoint_and_ends_bit_exact(micro, t
     p = run("python", "train_expert.py", *common, f"runs_dir={broken}", "debug.kill_at_step=7", check=False)
     expert = expert_dir(load_config("configs/micro.yaml", [f"runs_dir={broken}", *common[4:]]), "nli")
     ckpt = expert.with_name(f".{expert.name}.ckpt")
-    assert (
-        p.returncode == -9 and not expert.exists() and ckpt.is_file()
-    )  # killed: nothing half-written, the state kept
+    # killed: nothing half-written, the state kept
+    assert p.returncode == -9 and not expert.exists() and ckpt.is_file()
 
     # another config is another artifact (its own name@digest, its own checkpoint):
     # nothing resumed, this one kept

@@ -123,9 +123,8 @@ def test_a_candidate_is_the_interpolation_pi_tuning_makes_of_those_experts(micro
     meta = json.loads((rd / f"interpolated/{NAME}.select/meta.json").read_text())
     pi = json.loads((rd / f"interpolated/{NAME}/meta.json").read_text())
     cand = {tuple(c["experts"]): c["val"] for c in meta["candidates"]}
-    assert len(cand) == 3 and tuple(pi["experts"][1:]) in cand, (
-        cand
-    )  # alone, the top-1, then π-Tuning's top-2
+    # alone, the top-1, then π-Tuning's top-2
+    assert len(cand) == 3 and tuple(pi["experts"][1:]) in cand, cand
     assert modes == [False] * 3  # k = 0, the top-1, the top-2: each scored in eval mode
     inproc("evaluate.py", "--target", "snli-ve", "evaluate.validation=true", *args)
     result = json.loads((rd / f"results/{NAME}.json").read_text())

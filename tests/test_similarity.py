@@ -88,9 +88,8 @@ def test_top_k_excludes_the_target_and_orders_by_similarity():
 def test_weight_embedding_compares_what_lora_experts_changed_not_their_factors():
     g = torch.Generator().manual_seed(0)
     A, B = torch.randn(4, 16, generator=g), torch.randn(16, 4, generator=g)
-    R = torch.diag(torch.tensor([2.0, 0.5, 3.0, 1.0]))[
-        [1, 2, 3, 0]
-    ]  # the same update BA, factored differently
+    # the same update BA, factored differently
+    R = torch.diag(torch.tensor([2.0, 0.5, 3.0, 1.0]))[[1, 2, 3, 0]]
     e1 = {"q.lora_A.weight": A, "q.lora_B.weight": B}
     e2 = {"q.lora_A.weight": torch.linalg.solve(R, A), "q.lora_B.weight": B @ R}
     e3 = {"q.lora_A.weight": A, "q.lora_B.weight": -B}

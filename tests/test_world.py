@@ -110,9 +110,8 @@ def test_two_way_tasks_are_the_three_way_statements_with_undecidable_counted_as_
             "maybe",
         }
         assert all(b.answer == ("yes" if a.answer == "yes" else "no") for a, b in pairs)
-        assert all(
-            a.prompt != b.prompt for a, b in pairs
-        )  # its own prompt: another task, not a relabelled copy
+        # its own prompt: another task, not a relabelled copy
+        assert all(a.prompt != b.prompt for a, b in pairs)
 
 
 def test_decide_tasks_ask_whether_the_three_way_statement_is_decidable():
