@@ -8,7 +8,7 @@ used, peft's linear and TIES merges of them (LoRA), and π-Tuning; plus every ba
 exists for this target/shots/seed (train_expert.py --variant 2x | full-ft, interpolate.py --variant random |
 oracle | frozen | pair-<expert>). Methods are scored on test (`scores`, what the report reports) and those
 choices are made among (π-Tuning's runs, target-only, the pair runs: report.METHODS on_val) on validation too
-(`val_scores`), with each example's score where the metric is their mean (`per_example`, for the report's
+(`val_scores`), with each example's score, whose mean is the metric (`per_example`, for the report's
 paired bootstrap). Writes runs/<profile>/results/<target>-<shots>shot-s<seed>@<digest>.json (with the transfer
 of each pair-<expert> run over target-only, on each split), rebuilds <target>.json (this config's results) and
 <target>.md (a table per config with results on disk, this config's first; `make all` prints it) and prints

@@ -33,7 +33,7 @@ from common.artifacts import atomic_dir, read_json, write_json
 from common.backbone import backbone_dir, fingerprint, load_backbone
 from common.config import NULL
 from common.device import accelerator
-from common.embeddings import EMBEDDINGS
+from common.embeddings import ALONE, EMBEDDINGS
 from common.errors import UserError
 from common.expert_types import EXPERT_TYPES
 from common.experts import (
@@ -46,7 +46,7 @@ from common.experts import (
     unload_expert,
 )
 from common.metrics import task_scores
-from common.provenance import artifact, link, made_from, parse_run
+from common.provenance import artifact, link, made_from, parse_run, readable
 from common.similarity import top_k_similar
 from common.stage import parse_stage, run_stage, stage_parser
 from common.training import Checkpoint, checkpointing, train_steps
@@ -300,8 +300,7 @@ def candidate_sets(cfg, run: str) -> list[dict]:
         for k in sorted(ic.select_k):
             sets.setdefault(tuple(top_k_similar(sim["names"], sim["row"], k)), []).append(f"{emb} top-{k}")
     return [
-        {"experts": list(e), "by": by or ["k = 0: the target's expert alone"]}
-        for e, by in sorted(sets.items(), key=lambda kv: len(kv[0]))
+        {"experts": list(e), "by": by or [ALONE]} for e, by in sorted(sets.items(), key=lambda kv: len(kv[0]))
     ]
 
 
@@ -375,6 +374,7 @@ def select(cfg, acc, model, enc, target: str, run: str, name: str) -> str:
         )
     link(out)
     shutil.rmtree(work, ignore_errors=True)
+    readable(work).unlink(missing_ok=True)  # write() pointed a readable name at the candidates' folder
     return (
         f"interpolated {out.name} ({cfg.expert.method}, {how}): val {metric} {best['val']:.3f}, "
         f"{len(candidates)} candidates, {time.time() - t0:.0f}s -> {out}"

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+ALONE = (
+    "k = 0: the target's expert alone"  # selection's candidate without retrieval (interpolate.py, report.py)
+)
+
 
 @dataclass(frozen=True)
 class Embedding:

@@ -575,7 +575,8 @@ def write_study(cfg, targets: list[str]) -> Path:
 
 def _diffs(runs: list[dict], a: str, b: str):
     """The seeds x examples array of a's per-example scores minus b's over runs, or None where any run lacks
-    them (a metric that is no mean of its examples) or they scored different examples."""
+    them (results made before per-example scores were kept for every metric) or they scored different
+    examples."""
     rows = []
     for r in runs:
         each = r.get("per_example", {}).get("test", {})
@@ -594,7 +595,8 @@ def write_loto(cfg, targets: list[str]) -> Path:
     shots: each method's test score and its gain over target-only and random-k with the hierarchical interval
     and verdict; across targets: how many each method wins, ties and loses, and its mean gain with an interval
     that resamples the targets too (across_interval). A target at its ceiling (every method 1.000 in every
-    seed) is shown and left out of the counts; so is a metric without per-example scores (no interval)."""
+    seed) is shown and left out of the counts; so is a result without per-example scores (made before they
+    were kept for every metric: no interval)."""
     by_target = {t: load_results(cfg, t) for t in targets}
     missing = [t for t, runs in by_target.items() if not runs]
     if missing:
@@ -722,14 +724,13 @@ def _chosen(cfg, runs: list[dict]) -> dict[str, int]:
     return counts
 
 
-ALONE = "k = 0: the target's expert alone"
-
-
 def default_without_target(cfg, at: dict[str, list[dict]]) -> list[str]:
     """A global default chosen by leave-one-target-out on validation: for each target, the retrieval (an
     embedding's top-k, or k = 0) whose validation gain over k = 0, from selection's candidates, is largest on
     average over the other targets (each target's mean over its seeds). No test score and nothing of the
-    target itself enters its row. Returns the markdown (nothing without selection artifacts)."""
+    target itself enters its row; ties go to fewer experts (k = 0 first), as selection's do. A target
+    without selection artifacts is named and left out; a retrieval some other target lacks is not a choice
+    for its row. Returns the markdown (nothing with fewer than two targets to compare)."""
     # target -> retrieval -> per-seed validation gain over k = 0
     gains: dict[str, dict[str, list[float]]] = {}
     for t, rs in at.items():
@@ -741,22 +742,30 @@ def default_without_target(cfg, at: dict[str, list[dict]]) -> list[str]:
     if len(gains) < 2:
         return []
     means = {t: {how: statistics.mean(g) for how, g in got.items()} for t, got in gains.items()}
-    shipped = f"{cfg.fisher.embedding} top-{cfg.interpolate.top_k}"
+    ic = cfg.interpolate
+    fixed = ic.retrieval == "fixed" and not ic.experts  # else no one retrieval is shipped to compare
+    shipped = f"{cfg.fisher.embedding} top-{ic.top_k}" if fixed else "the configured retrieval"
+    missing = [t for t in at if t not in gains]
     md = [
         "A default chosen without the target (validation only): for each target, the retrieval with the "
         "largest mean validation gain over k = 0 on the other targets (selection's candidates, each "
-        f"target's mean over seeds), and that of the shipped `{shipped}`.",
+        f"target's mean over seeds), and that of the shipped `{shipped}`"
+        + (f"; without selection artifacts, left out: {', '.join(missing)}" if missing else "")
+        + ".",
         "",
         f"| target | chosen on the other targets | its mean validation gain there | `{shipped}`'s there |",
         "|---|---|---|---|",
     ]
+
+    def experts(how: str) -> int:  # "fisher top-2" -> 2, k = 0 -> 0
+        return int(how.rsplit("top-", 1)[1]) if "top-" in how else 0
+
     picks: dict[str, int] = {}
     for t in means:
         others = [m for u, m in means.items() if u != t]
         hows = set.intersection(*(set(m) for m in others))
         on_others = {how: statistics.mean(m[how] for m in others) for how in hows}
-        # ties: k = 0 first, then the order of the names (deterministic)
-        best = max(sorted(on_others), key=lambda how: (round(on_others[how], 6), how == ALONE))
+        best = min(on_others, key=lambda how: (-round(on_others[how], 6), experts(how), how))
         picks[best] = picks.get(best, 0) + 1
         md.append(
             f"| {t} | {best} | {on_others[best]:+.4f} | "

@@ -433,11 +433,12 @@ def test_a_default_chosen_without_the_target_never_reads_the_target(monkeypatch)
     from types import SimpleNamespace
 
     from common import report
+    from common.embeddings import ALONE
 
     def meta(val_alone, weights, fisher):
         return {
             "candidates": [
-                {"experts": [], "by": [report.ALONE], "val": val_alone},
+                {"experts": [], "by": [ALONE], "val": val_alone},
                 {"experts": ["x", "y"], "by": ["weights top-2"], "val": val_alone + weights},
                 {"experts": ["z"], "by": ["fisher top-1"], "val": val_alone + fisher},
             ]
@@ -450,7 +451,10 @@ def test_a_default_chosen_without_the_target_never_reads_the_target(monkeypatch)
         "c-s0": meta(0.7, -0.01, 0.2),
     }
     monkeypatch.setattr(report, "_selection", lambda cfg, run: metas.get(run))
-    cfg = SimpleNamespace(fisher=SimpleNamespace(embedding="weights"), interpolate=SimpleNamespace(top_k=2))
+    cfg = SimpleNamespace(
+        fisher=SimpleNamespace(embedding="weights"),
+        interpolate=SimpleNamespace(top_k=2, retrieval="fixed", experts=[]),
+    )
     at = {t: [{"run": r} for r in metas if r.startswith(t)] for t in "abc"}
     rows = {
         line.split(" | ")[0][2:]: line.split(" | ")[1:3]
@@ -462,4 +466,4 @@ def test_a_default_chosen_without_the_target_never_reads_the_target(monkeypatch)
     assert rows["a"] == ["fisher top-1", "+0.1000"] and rows["b"][0] == "fisher top-1"
     metas["c-s0"] = meta(0.7, -0.05, -0.5)  # on b and c together every retrieval hurts: a's default is k = 0
     rows = [line for line in report.default_without_target(cfg, at) if line.startswith("| a |")]
-    assert rows == [f"| a | {report.ALONE} | +0.0000 | -0.0150 |"]
+    assert rows == [f"| a | {ALONE} | +0.0000 | -0.0150 |"]

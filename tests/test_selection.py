@@ -126,6 +126,8 @@ def test_a_candidate_is_the_interpolation_pi_tuning_makes_of_those_experts(micro
     # alone, the top-1, then π-Tuning's top-2
     assert len(cand) == 3 and tuple(pi["experts"][1:]) in cand, cand
     assert modes == [False] * 3  # k = 0, the top-1, the top-2: each scored in eval mode
+    # nothing of the candidates left over, not even a readable name pointing at them
+    assert not [p.name for p in (rd / "interpolated").iterdir() if "candidates" in p.name]
     inproc("evaluate.py", "--target", "snli-ve", "evaluate.validation=true", *args)
     result = json.loads((rd / f"results/{NAME}.json").read_text())
     assert cand[()] == result["val_scores"]["target-only"]
