@@ -94,13 +94,12 @@ def word_splitter():
     return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
 
 
-def build_processor(vocab: list[str], image_size: int, image_tokens: int):
-    """An offline Florence2Processor: word-level fast tokenizer + CLIP-style image processor."""
-    from transformers import CLIPImageProcessor, Florence2Processor, PreTrainedTokenizerFast
+def florence_tokenizer(tk: Tokenizer):
+    """A `tokenizers` tokenizer as a transformers fast one with Florence-2's special tokens (the embedded
+    backbone's and the rehearsal checkpoint's)."""
+    from transformers import PreTrainedTokenizerFast
 
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
-    tk.pre_tokenizer = word_splitter()
-    tok = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tk,
         bos_token="<s>",
         eos_token="</s>",
@@ -109,6 +108,15 @@ def build_processor(vocab: list[str], image_size: int, image_tokens: int):
         mask_token="<mask>",
         extra_special_tokens={"image_token": "<image>"},
     )
+
+
+def build_processor(vocab: list[str], image_size: int, image_tokens: int):
+    """An offline Florence2Processor: word-level fast tokenizer + CLIP-style image processor."""
+    from transformers import CLIPImageProcessor, Florence2Processor
+
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tk.pre_tokenizer = word_splitter()
+    tok = florence_tokenizer(tk)
     ip = CLIPImageProcessor(
         do_resize=True,
         size={"height": image_size, "width": image_size},

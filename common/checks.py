@@ -17,7 +17,7 @@ from common import data
 from common.backbone import backbone_dir, check_source
 from common.config import load_config, split_overrides
 from common.device import resolve
-from common.errors import UserError
+from common.errors import UserError, cli
 
 
 def preflight(
@@ -84,8 +84,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main, sys.argv[1:])

@@ -40,7 +40,7 @@ import yaml
 from common import dist
 from common.config import NULL, Config, load_config, split_overrides
 from common.embeddings import ASKED_FOR, EMBEDDINGS, variants
-from common.errors import UserError
+from common.errors import UserError, cli
 
 # fields that change how an artifact is made, not what it is: in no digest
 HOW_NOT_WHAT = tuple(
@@ -494,8 +494,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main, sys.argv[1:])

@@ -37,11 +37,11 @@ from transformers import (
     Florence2Processor,
     Florence2VisionConfig,
     GenerationConfig,
-    PreTrainedTokenizerFast,
 )
 
 from common import world as W
 from common.artifacts import atomic_dir
+from common.backbone import florence_tokenizer
 
 # 21 = 5 x 4 + 1: a batch of 4 leaves one example, fewer than 2 ranks
 SIZES = {"train": 21, "val": 9, "test": 11}
@@ -209,15 +209,7 @@ def build_tokenizer(texts: list[str]):
         ),
     )
     tk.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        mask_token="<mask>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    tok = florence_tokenizer(tk)
     tok.add_tokens([f"<loc_{i}>" for i in range(1000)] + list(TASK_TOKENS), special_tokens=True)
     return tok
 
