@@ -362,8 +362,10 @@ def _check_together(cfg: Config, where) -> None:
             f"row's control (interpolate.py --variant pair-{NULL}); rename the task"
         )
     if not cfg.interpolate.experts and cfg.interpolate.top_k > len(pool) - 1:
+        set_by = where("interpolate.top_k")  # or the override of the pool that left too few tasks
+        set_by = where("tasks.pool") if where("tasks.pool").startswith("override") else set_by
         raise UserError(
-            f"{where('interpolate.top_k')}: field 'interpolate.top_k' is {cfg.interpolate.top_k}, but "
+            f"{set_by}: field 'interpolate.top_k' is {cfg.interpolate.top_k}, but "
             f"tasks.pool has {len(pool) - 1} tasks beside the target; use at most {len(pool) - 1} or add "
             f"tasks"
         )

@@ -68,6 +68,10 @@ def test_every_list_that_must_hold_something_refuses_an_empty_one(name):
             ["interpolate.top_k=3"],
             "field 'interpolate.top_k' is 3, but tasks.pool has 2 tasks beside the target",
         ),
+        (  # the override that left too few tasks is named, not the file that set top_k
+            ["tasks.pool=[snli-ve,nli]"],
+            r"^override 'tasks.pool=\[snli-ve,nli\]': field 'interpolate.top_k' is 2, but tasks.pool has 1",
+        ),
         (["tasks.pool=[snli-ve,nli,nli]"], "field 'tasks.pool' names a task twice"),
         (["tasks.pool=[snli-ve,nli,null]"], "field 'tasks.pool' holds None, not a task name"),
         (
