@@ -26,8 +26,9 @@ from common.artifacts import write_json, write_text
 from common.embeddings import recorded, variants
 from common.errors import UserError
 from common.experts import current_expert, expert_name
+from common.methods import top_k_similar
 from common.provenance import artifact, link, made_from
-from common.similarity import COMPUTE, similarity_matrix, similarity_row, top_k_similar
+from common.similarity import COMPUTE, similarity_matrix, similarity_row
 from common.stage import parse_stage, run_stage, stage_parser
 
 

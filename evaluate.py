@@ -7,7 +7,7 @@ Methods: the zero-shot backbone, the target-only expert, the uniform merge of th
 used, peft's linear and TIES merges of them (LoRA), and π-Tuning; plus every baseline run of this config that
 exists for this target/shots/seed (train_expert.py --variant 2x | full-ft, interpolate.py --variant random |
 oracle | frozen | pair-<expert>). Methods are scored on test (`scores`, what the report reports) and those
-choices are made among (π-Tuning's runs, target-only, the pair runs: report.METHODS on_val) on validation too
+choices are made among (π-Tuning's runs, target-only, the pair runs: methods.METHODS on_val) on validation too
 (`val_scores`), with each example's score, whose mean is the metric (`per_example`, for the report's
 paired bootstrap). Writes runs/<profile>/results/<target>-<shots>shot-s<seed>@<digest>.json (with the transfer
 of each pair-<expert> run over target-only, on each split), rebuilds <target>.json (this config's results) and
@@ -32,7 +32,7 @@ from peft import PeftModel
 from common import data, dist
 from common.artifacts import read_json, write_json, write_text
 from common.backbone import load_backbone
-from common.config import NULL, load_config, split_overrides
+from common.config import load_config, split_overrides
 from common.device import accelerator
 from common.errors import UserError
 from common.expert_types import EXPERT_TYPES
@@ -46,6 +46,17 @@ from common.experts import (
     load_pool,
     unload_expert,
 )
+from common.methods import (
+    METHODS,
+    NULL,
+    PAIR_PREFIX,
+    PI,
+    TARGET_ONLY,
+    interpolations,
+    on_val,
+    ordered,
+    row_name,
+)
 from common.metrics import task_scores
 from common.provenance import artifact, config_id, link, made_from, readable
 from common.report import (
@@ -53,8 +64,6 @@ from common.report import (
     config_label,
     load_results,
     mean_sd,
-    on_val,
-    ordered,
     pack,
     paired_ci,
     scores_of,
@@ -93,21 +102,26 @@ def methods(cfg, run: str, experts: list[str] | None) -> dict:
     """name -> what to load, for every method whose artifacts exist for this run under this config (their
     paths carry its digests; another config's are other paths). experts: π-Tuning's, for the merges of the
     same ones (None: π-Tuning is not needed, as in the transfer row)."""
-    out = {"zero-shot": ("base", None), "target-only": ("expert", expert_dir(cfg, run))}
-    for v, name in (("2x", "target-only-2x"), ("full-ft", "full-ft")):
-        if (expert_dir(cfg, f"{run}.{v}") / "meta.json").is_file():
-            out[name] = ("full" if v == "full-ft" else "expert", expert_dir(cfg, f"{run}.{v}"))
+    out = {}
+    for m in METHODS.values():
+        if m.loads == "base":
+            out[m.name] = ("base", None)
+        elif m.trained is not None:  # the target's expert, or a baseline train_expert.py --variant made
+            d = expert_dir(cfg, f"{run}.{m.trained}" if m.trained else run)
+            if not m.trained or (d / "meta.json").is_file():
+                out[m.name] = (m.loads, d)
+        # the merges of π-Tuning's experts (π-Tuning chosen on validation may keep the target's alone)
+        elif m.variant is None and experts is not None and cfg.evaluate.merges and len(experts) > 1:
+            if not m.loads.startswith("peft-") or EXPERT_TYPES[cfg.expert.method].peft_merges:
+                out[m.name] = (m.loads, experts)
     if experts is not None:
-        # (π-Tuning chosen on validation may keep the target's alone)
-        if cfg.evaluate.merges and len(experts) > 1:
-            out["uniform-merge"] = ("uniform", experts)
-            if EXPERT_TYPES[cfg.expert.method].peft_merges:
-                out["linear-merge"], out["ties-merge"] = ("linear", experts), ("ties", experts)
-        out["pi-tuning"] = ("expert", artifact(cfg, "interpolated", run))
+        out[PI.name] = ("expert", artifact(cfg, "interpolated", run))
     for d in sorted((cfg.run_dir / "interpolated").glob(f"{glob.escape(run)}.*@*")):
         v = readable(d).name[len(run) + 1 :]
+        if v not in interpolations() and not v.startswith(PAIR_PREFIX):
+            continue  # a variant this code does not make
         if not d.is_symlink() and d == artifact(cfg, "interpolated", run, v) and (d / "meta.json").is_file():
-            out[v if v.startswith("pair-") else f"pi-{v}"] = ("expert", d)
+            out[row_name(v)] = ("expert", d)
     return out
 
 
@@ -225,9 +239,11 @@ def main() -> None:
     row_path = artifact(cfg, "transfer", run)
     measured = {}  # the pair runs' scores, when evaluate.py --transfer has measured them (not older)
     if args.transfer:
-        todo = {m: v for m, v in todo.items() if m == "target-only" or m.startswith("pair-")}
+        todo = {m: v for m, v in todo.items() if m == TARGET_ONLY.name or m.startswith(PAIR_PREFIX)}
     elif row_path.is_file():
-        newest = max((d.stat().st_mtime for m, (_, d) in todo.items() if m.startswith("pair-")), default=0)
+        newest = max(
+            (d.stat().st_mtime for m, (_, d) in todo.items() if m.startswith(PAIR_PREFIX)), default=0
+        )
         row = read_json(row_path, "transfer matrix row", "delete it (make measures it again)")
         if row_path.stat().st_mtime >= newest:
             measured = {
@@ -237,7 +253,7 @@ def main() -> None:
                     "each": {s: unpack(e[m]) if m in e else None for s, e in row["per_example"].items()},
                 }
                 for m, a in scores_of(row).items()
-                if m.startswith("pair-") and m in todo
+                if m.startswith(PAIR_PREFIX) and m in todo
             }
     todo = {m: v for m, v in todo.items() if m not in measured}
 
@@ -258,8 +274,8 @@ def main() -> None:
             used[m] = read_json(what / "meta.json", "expert", "retrain it").get("experts")
         elif kind == "uniform":
             model = uniform_merge(cfg, base, what)
-        elif kind in ("linear", "ties"):
-            model = peft_merge(cfg, base, what, kind)
+        elif kind.startswith("peft-"):  # peft's add_weighted_adapter: peft-linear, peft-ties
+            model = peft_merge(cfg, base, what, kind[len("peft-") :])
         else:
             model = base
         # LoRA, DoRA, IA3: scored with the update in the weights (the same function, faster)
@@ -281,7 +297,11 @@ def main() -> None:
         return
 
     transfer = {
-        s: {m[5:]: round(a - sc["target-only"], 4) for m, a in sc.items() if m.startswith("pair-")}
+        s: {
+            m[len(PAIR_PREFIX) :]: round(a - sc[TARGET_ONLY.name], 4)
+            for m, a in sc.items()
+            if m.startswith(PAIR_PREFIX)
+        }
         for s, sc in scores.items()
     }
     # pair-null: the row's control, not a pool expert
@@ -313,7 +333,7 @@ def main() -> None:
         write_json(row_path, result)
         link(row_path)
         return print(
-            f"transfer over target-only ({acc['target-only']:.3f}): "
+            f"transfer over target-only ({acc[TARGET_ONLY.name]:.3f}): "
             + ", ".join(f"{s} {v:+.3f}" for s, v in sorted(transfer["test"].items(), key=lambda x: -x[1]))
             + (f" | control (pair-{NULL}) {control['test']:+.3f}" if control["test"] is not None else "")
         )

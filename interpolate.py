@@ -20,7 +20,6 @@ import gc
 if __name__ == "__main__":  # a stage's own process: no garbage collections while the imports load (run_stage)
     gc.disable()
 
-import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ import torch
 from common import data
 from common.artifacts import atomic_dir, read_json, write_json
 from common.backbone import backbone_dir, fingerprint, load_backbone
-from common.config import NULL
 from common.device import accelerator
 from common.embeddings import ALONE, EMBEDDINGS
 from common.errors import UserError
@@ -45,75 +43,35 @@ from common.experts import (
     load_pool,
     unload_expert,
 )
+from common.methods import NULL, PAIR_PREFIX, by_variant, top_k_similar
 from common.metrics import task_scores
 from common.provenance import artifact, link, made_from, parse_run, readable
-from common.similarity import top_k_similar
 from common.stage import parse_stage, run_stage, stage_parser
 from common.training import Checkpoint, checkpointing, train_steps
 
 
-def variant(cfg, name: str, run: str, pool: list[str], retrieved) -> tuple[list[str], str, bool]:
-    """The pool experts, how they were picked, and whether they train: π-Tuning as configured, or a baseline.
-    retrieved() reads the retrieval's choice (the similarity file), for the runs that use it."""
-    ic = cfg.interpolate
-    how = "by hand (interpolate.experts)" if ic.experts else f"top-{ic.top_k} similar"
-    if not name:
-        return retrieved(), how, ic.train_experts
-    if name == "frozen":
-        return retrieved(), how, False
-    if name == "random":  # a seeded draw: each seed its own random set
-        return (
-            random.Random(f"random-{cfg.seed}").sample(pool, min(ic.top_k, len(pool))),
-            "random",
-            ic.train_experts,
-        )
-    if name == "oracle":  # an upper bound: the experts that measurably help most on this run's test split
-        path = artifact(cfg, "transfer", run)
-        target = parse_run(run)["task"]
-        fix = (
-            f"run `{cfg.command('interpolate.py', '--target', target, '--variant', 'pairs')}`, then "
-            f"`{cfg.command('evaluate.py', '--target', target, '--transfer')}` (make report does)"
-        )
-        transfer = read_json(path, "transfer matrix row", fix).get("transfer", {})
-        if len(transfer) < len(pool):
-            raise UserError(
-                f"{path}: transfer measured for {len(transfer)} of {len(pool)} pool experts; {fix}"
+def reader(cfg, target: str):
+    """read(input) for a method's pick: the JSON of one of its inputs (a similarity file, the transfer row),
+    refused in one line with the command that makes it; and refuse(why), naming that file."""
+
+    def read(key: tuple) -> tuple[dict, object]:
+        kind, run, *variant = key
+        path = artifact(cfg, kind, run, *variant)
+        if kind == "similarity":
+            embedding = ["--embedding", variant[0]] if variant else []
+            fix = f"run `{cfg.command('embed_tasks.py', '--target', target, *embedding)}` (make does)"
+        else:  # the transfer row
+            fix = (
+                f"run `{cfg.command('interpolate.py', '--target', target, '--variant', 'pairs')}`, then "
+                f"`{cfg.command('evaluate.py', '--target', target, '--transfer')}` (make report does)"
             )
-        return (
-            sorted(pool, key=lambda s: -transfer[s])[: ic.top_k],
-            "oracle (measured transfer)",
-            ic.train_experts,
-        )
-    # the paper's retrieval: top-k by the Fisher embedding, whatever fisher.embedding says
-    if name == "paper":
-        path = artifact(cfg, "similarity", run, "fisher")
-        fix = (
-            "run "
-            f"`{cfg.command('embed_tasks.py', '--target', parse_run(run)['task'], '--embedding', 'fisher')}`"
-        )
-        sim = read_json(path, "similarity", f"{fix} (make does)")
-        return (
-            top_k_similar(sim["names"], sim["row"], ic.top_k),
-            f"top-{ic.top_k} by the Fisher (the paper's)",
-            ic.train_experts,
-        )
-    if name.startswith("pair-") and name[5:] in pool:
-        return [name[5:]], "one expert (transfer matrix)", ic.train_experts
-    if name == f"pair-{NULL}":  # the transfer row's control: the same run with nothing to add
-        if EXPERT_TYPES[cfg.expert.method].null is None:
-            raise UserError(
-                f"--variant pair-{NULL}: expert.method={cfg.expert.method} has no expert that changes "
-                f"nothing (lora, adapter and ia3 have); leave pair-{NULL} out"
-            )
-        return (
-            [NULL],
-            "nothing (an expert that changes nothing: the transfer row's control)",
-            ic.train_experts,
-        )
-    raise UserError(
-        f"--variant '{name}': use pi, random, oracle, frozen, paper, select, pairs, pair-{NULL} or "
-        f"pair-<expert> with one of {', '.join(pool)}"
-    )
+
+        def refuse(why: str):
+            raise UserError(f"{path}: {why}; {fix}")
+
+        return read_json(path, "similarity" if kind == "similarity" else "transfer matrix row", fix), refuse
+
+    return read
 
 
 def due_pairs(cfg, run: str, pool: list[str]) -> list[str]:
@@ -122,7 +80,7 @@ def due_pairs(cfg, run: str, pool: list[str]) -> list[str]:
     control = [NULL] if cfg.control != "-" else []
     due = []
     for other in pool + control:
-        made = artifact(cfg, "interpolated", run, f"pair-{other}") / "meta.json"
+        made = artifact(cfg, "interpolated", run, f"{PAIR_PREFIX}{other}") / "meta.json"
         inputs = [
             expert_dir(cfg, run),
             *([expert_dir(cfg, f"{run}.fold")] if cfg.interpolate.holdout else []),
@@ -132,7 +90,7 @@ def due_pairs(cfg, run: str, pool: list[str]) -> list[str]:
             (d / "meta.json").is_file() and (d / "meta.json").stat().st_mtime_ns > made.stat().st_mtime_ns
             for d in inputs
         ):
-            due.append(f"pair-{other}")
+            due.append(f"{PAIR_PREFIX}{other}")
     return due
 
 
@@ -408,15 +366,6 @@ def main() -> None:
                 f"(pool: {', '.join(pool)})"
             )
 
-    def retrieved() -> list[str]:
-        if ic.experts:
-            return list(ic.experts)
-        path = artifact(cfg, "similarity", run)
-        sim = read_json(
-            path, "similarity", f"run `{cfg.command('embed_tasks.py', '--target', args.target)}` (make does)"
-        )
-        return top_k_similar(sim["names"], sim["row"] if "row" in sim else sim["matrix"][0], ic.top_k)
-
     if ic.holdout and not (expert_dir(cfg, f"{run}.fold") / "meta.json").is_file():
         fold = cfg.command(
             "train_expert.py",
@@ -435,12 +384,14 @@ def main() -> None:
     names = []
     for v in args.variant.split(","):
         names += due_pairs(cfg, run, pool) if v == "pairs" else ["" if v == "pi" else v]
-    chosen = {"select"} | ({""} if ic.retrieval == "select" else set())  # runs chosen on validation
-    todo = [
-        (v, *(variant(cfg, v, run, pool, retrieved) if v not in chosen else ([], "", False))) for v in names
-    ]
-    for _ in (v for v in names if v in chosen):
-        candidate_sets(cfg, run)  # every similarity it needs is there: checked before training
+    read, todo = reader(cfg, args.target), []
+    for name in names:  # every input read and every pick made before the backbone loads
+        method = by_variant(name)
+        if method.chosen(cfg):  # chosen on validation: every similarity it needs is there
+            candidate_sets(cfg, run)
+            todo.append((name, method, None, ""))
+        else:
+            todo.append((name, method, *method.pick(cfg, run, name, pool, read)))
     if not todo:
         return print(f"interpolate {run}: every pair run is made and current")
     acc = accelerator(cfg)
@@ -450,16 +401,15 @@ def main() -> None:
     enc = data.Encoder(
         processor, acc.device, keep_mb=cfg.feature_cache_mb, generation=model.generation_config
     )
-    for name, pool_experts, how, train_experts in todo:
-        if name in chosen:
+    for name, method, pool_experts, how in todo:
+        if pool_experts is None:
             print(select(cfg, acc, model, enc, args.target, run, name), flush=True)
         else:
-            print(
-                interpolate(
-                    cfg, acc, model, enc, args.target, run, name, [run] + pool_experts, how, train_experts
-                ),
-                flush=True,
+            trains = ic.train_experts and not method.frozen
+            line = interpolate(
+                cfg, acc, model, enc, args.target, run, name, [run] + pool_experts, how, trains
             )
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

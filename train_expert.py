@@ -34,6 +34,7 @@ from common.backbone import (
 from common.device import accelerator
 from common.errors import UserError
 from common.experts import attach, expert_dir, expert_name, learning_rate
+from common.methods import trained_baselines
 from common.metrics import task_metric, token_accuracy
 from common.provenance import artifact, link, made_from
 from common.stage import parse_stage, run_stage, stage_parser
@@ -198,13 +199,11 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
     val = data.split(cfg, task_name, "val", cfg.expert.eval_size)
     data.check_words(cfg, task_name, enc.tok.get_vocab(), train, val)
 
-    ec = cfg.expert
-    steps, lr = (
-        ec.steps * (2 if variant == "2x" else 1),
-        ec.full_ft_lr if variant == "full-ft" else learning_rate(ec),
-    )
+    ec, method = cfg.expert, trained_baselines().get(variant)  # (none for the target's expert or its fold)
+    full = method is not None and method.loads == "full"  # every weight of the backbone trains, no expert
+    steps, lr = ec.steps * (method.steps_x if method else 1), ec.full_ft_lr if full else learning_rate(ec)
     checkpointing(model, ec.gradient_checkpointing)
-    model = model.requires_grad_(True) if variant == "full-ft" else attach(model, ec)
+    model = model.requires_grad_(True) if full else attach(model, ec)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     t0 = time.time()
@@ -220,7 +219,7 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
         ec.grad_clip,
         warmup=min(30, steps // 10),
         desc=desc,
-        lr_field="expert.full_ft_lr" if variant == "full-ft" else "expert.lr",
+        lr_field="expert.full_ft_lr" if full else "expert.lr",
         acc=acc,
         grad_accum=ec.grad_accum,
         checkpoint=ckpt,
@@ -294,10 +293,10 @@ def main() -> None:
             raise UserError(
                 f"--shots {args.shots}: use 0 (the whole train split) or a positive number of examples"
             )
-        variants = args.variant.split(",")
-        if args.variant and (args.shots is None or set(variants) - {"2x", "full-ft", "fold"}):
+        variants, known = args.variant.split(","), [*trained_baselines(), "fold"]
+        if args.variant and (args.shots is None or set(variants) - set(known)):
             raise UserError(
-                f"--variant '{args.variant}': use 2x, full-ft, fold or several of them, with --shots (the "
+                f"--variant '{args.variant}': use {', '.join(known)} or several of them, with --shots (the "
                 f"baselines of the target's low-shot expert; fold: its expert for stacking)"
             )
         if "fold" in variants and not cfg.interpolate.holdout:

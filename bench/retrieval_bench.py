@@ -67,11 +67,11 @@ def child(folder: Path, n: int) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
 
+    from common.methods import top_k_similar
     from common.similarity import (
         prototype_similarity,
         prototypes,
         similarity_row,
-        top_k_similar,
         update_embedding,
         update_similarity,
     )

@@ -26,7 +26,8 @@ from torch.func import functional_call  # noqa: E402
 from common import data  # noqa: E402
 from common.backbone import ImageFeatureCache, build_model, build_processor, build_vocab  # noqa: E402
 from common.config import load_config  # noqa: E402
-from common.experts import attach, group_of, param_name  # noqa: E402
+from common.expert_types import EXPERT_TYPES  # noqa: E402
+from common.experts import attach, group_of  # noqa: E402
 from common.merge import ExpertStack  # noqa: E402
 
 
@@ -90,9 +91,9 @@ def main() -> None:
         del model.model.get_image_features  # the uncached method again, for the interpolation step
     single.unload()  # give the backbone back without LoRA layers
 
-    stack = ExpertStack(experts, group_of(cfg.interpolate.groups), kind="lora", trainable=True).to(
-        args.device
-    )
+    stack = ExpertStack(
+        experts, group_of(cfg.interpolate.groups, EXPERT_TYPES["lora"]), kind="lora", trainable=True
+    ).to(args.device)
     logits = torch.zeros(len(stack.group_names), args.k, device=args.device, requires_grad=True)
     merged_model = attach(model, cfg.expert, rank_multiplier=args.k)
     merged_model.train()
@@ -101,7 +102,7 @@ def main() -> None:
     )
 
     def interp_step():
-        merged = {param_name(k): v for k, v in stack(logits).items()}
+        merged = {EXPERT_TYPES["lora"].live(k, "default"): v for k, v in stack(logits).items()}
         loss = functional_call(merged_model, merged, args=(), kwargs=batch).loss
         opt2.zero_grad(set_to_none=True)
         loss.backward()

@@ -14,10 +14,10 @@ import yaml
 from common.embeddings import EMBEDDINGS
 from common.errors import UserError
 from common.expert_types import EXPERT_TYPES
+from common.methods import NULL
 from common.tasks import define
 
 VENV_PYTHON = ".venv/bin/python"  # what make creates; the commands an error names run with it
-NULL = "null"  # the transfer row's control: an expert that adds nothing (interpolate.py --variant pair-null)
 
 
 @dataclass(frozen=True)

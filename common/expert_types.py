@@ -36,6 +36,17 @@ class ExpertType:
     peft_merges: bool = False  # peft's add_weighted_adapter baselines (linear-merge, ties-merge) apply
     scaled: bool = False  # B carries alpha/r: rescaled to the configured scale before a merge
     layered: bool = False  # one table for all decoder layers, interpolated per layer (prefix)
+    # a saved tensor's key -> its site (the module it changes: a LoRA's A and B, an adapter's four tensors
+    # share one), and -> the live parameter's name under a peft adapter's name
+    site: Callable = field(default=lambda key: key)
+    live: Callable = field(default=lambda key, adapter: key)
+    per_tensor_is_site: bool = False  # interpolate.groups=tensor weighs its sites whole (A and B together)
+    # a tensor's decoder layer where its key names none (interpolate.groups=layer): prefix's per-layer tables
+    layer_of: Callable | None = None
+    # how a loaded expert of the type runs outside peft's forward (common.metrics): the encoder's inputs with
+    # its soft tokens (model, peft_config, inputs) -> inputs, and the decoder's cache for n rows (model, n)
+    encoder_inputs: Callable | None = None
+    decoder_cache: Callable | None = None
     doc: str = ""
     saved_as: tuple = field(default=("peft_type", ""))  # adapter_config.json's key and value for this type
     null: Callable | None = (
@@ -43,6 +54,15 @@ class ExpertType:
     )
     #                               control); None: the type has none (a soft token,
     # a magnitude, is never nothing)
+
+    def per_layer(self, weights: dict, layers: int) -> dict:
+        """A layered type's (prefix's) one table as one tensor per decoder layer (its own group); others as
+        they are."""
+        return _per_layer(weights, layers) if self.layered else weights
+
+    def whole(self, weights: dict) -> dict:
+        """Inverse of per_layer."""
+        return _whole(weights) if self.layered else weights
 
 
 def _parts(weights: dict, names: str) -> dict[str, dict]:
@@ -94,10 +114,10 @@ def _prompt_update(weights, layers=1):  # the mean soft token
 
 
 def _prefix_update(weights, layers=1):  # the mean prefix token of each decoder layer
-    return {k.rsplit(".", 1)[-1]: t.float().mean(0) for k, t in split_layers(weights, layers).items()}
+    return {k.rsplit(".", 1)[-1]: t.float().mean(0) for k, t in _per_layer(weights, layers).items()}
 
 
-def split_layers(weights: dict, layers: int) -> dict:
+def _per_layer(weights: dict, layers: int) -> dict:
     """A prefix's [tokens, layers*2*d] table as one [tokens, 2*d] tensor per decoder layer (its own group)."""
     t = weights["prompt_embeddings"]
     return {
@@ -106,8 +126,8 @@ def split_layers(weights: dict, layers: int) -> dict:
     }
 
 
-def join_layers(weights: dict) -> dict:
-    """Inverse of split_layers."""
+def _whole(weights: dict) -> dict:
+    """Inverse of _per_layer."""
     import torch
 
     return {
@@ -115,6 +135,65 @@ def join_layers(weights: dict) -> dict:
             [weights[f"prompt_embeddings.layer{i}"] for i in range(len(weights))], 1
         ).flatten(1)
     }
+
+
+def _lora_site(key):  # x.lora_A.weight, x.lora_B.weight (and DoRA's x.lora_magnitude_vector) -> x
+    m = re.match(r"(.*)\.(lora_[AB]\.|lora_magnitude_vector$)", key)
+    return m.group(1) if m else key
+
+
+def _lora_live(key, adapter):
+    return re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{adapter}.weight", key)
+
+
+def _dora_live(key, adapter):
+    return re.sub(
+        r"\.lora_magnitude_vector$", f".lora_magnitude_vector.{adapter}.weight", _lora_live(key, adapter)
+    )
+
+
+def _adapter_site(key):  # x.adapter.down.weight, ... -> x
+    m = re.match(r"(.*)\.adapter\.", key)
+    return m.group(1) if m else key
+
+
+def _table_live(key, adapter):  # prompt / prefix: the prompt encoder's embedding table
+    return f"prompt_encoder.{adapter}.embedding.weight"
+
+
+def _prefix_layer(key):  # prompt_embeddings.layer<l>: decoder layer l
+    m = re.match(r"prompt_embeddings\.layer(\d+)$", key)
+    return f"decoder.{m.group(1)}" if m else None
+
+
+def _prompt_inputs(model, peft_config, enc_in: dict) -> dict:
+    """The soft tokens prepended to the encoder's input, as peft's forward does."""
+    import torch
+
+    n, v = enc_in["inputs_embeds"].shape[0], peft_config.num_virtual_tokens
+    prompts = model.get_prompt(batch_size=n)[:, :v].to(enc_in["inputs_embeds"].dtype)
+    mask = enc_in["attention_mask"]
+    return {
+        "inputs_embeds": torch.cat([prompts, enc_in["inputs_embeds"]], 1),
+        "attention_mask": torch.cat([mask.new_ones(n, v), mask], 1),
+    }
+
+
+def _prefix_cache(model, n: int) -> dict:  # a fresh cache per call: the decoder appends to it
+    return {"past_key_values": model.get_prompt(batch_size=n)}
+
+
+def of_peft_config(peft_config) -> ExpertType | None:
+    """The type of a loaded peft expert by its config (None: none loaded, or not a peft type)."""
+    if peft_config is None:
+        return None
+    # the types told apart by a flag (DoRA: use_dora) before those told by peft_type alone
+    for t in sorted(EXPERT_TYPES.values(), key=lambda t: t.saved_as[0] == "peft_type"):
+        key, value = t.saved_as
+        got = getattr(peft_config, key, None)
+        if getattr(got, "value", got) == value:
+            return t
+    return None
 
 
 def _lora(model, ecfg, dims, targets, k, dora=False):
@@ -192,6 +271,9 @@ EXPERT_TYPES: dict[str, ExpertType] = {
             scaled=True,
             saved_as=("peft_type", "LORA"),
             null=_zeros,
+            site=_lora_site,
+            live=_lora_live,
+            per_tensor_is_site=True,
             doc="LoRA on q, k, v, out of every attention (the original's), merged exactly",
         ),
         # DoRA's update m * (W0 + BA) / ||W0 + BA|| is not linear in B.A, so there is no exact delta merge:
@@ -206,6 +288,9 @@ EXPERT_TYPES: dict[str, ExpertType] = {
             _lora_factors,
             scaled=True,
             saved_as=("use_dora", True),
+            site=_lora_site,
+            live=_dora_live,
+            per_tensor_is_site=True,
             doc="DoRA (peft use_dora): LoRA with a learned magnitude per output; interpolated per tensor",
         ),
         ExpertType(
@@ -219,6 +304,7 @@ EXPERT_TYPES: dict[str, ExpertType] = {
             _ia3_update,
             saved_as=("peft_type", "IA3"),
             null=_ones,
+            live=lambda key, adapter: re.sub(r"\.ia3_l$", f".ia3_l.{adapter}", key),
             doc="IA3: learned scales of keys, values and the FFN's inner activations",
         ),
         ExpertType(
@@ -228,6 +314,8 @@ EXPERT_TYPES: dict[str, ExpertType] = {
             _prompt,
             _prompt_update,
             saved_as=("peft_type", "PROMPT_TUNING"),
+            live=_table_live,
+            encoder_inputs=_prompt_inputs,
             doc="soft prompt tokens before the encoder's input",
         ),
         ExpertType(
@@ -238,6 +326,9 @@ EXPERT_TYPES: dict[str, ExpertType] = {
             _prefix_update,
             layered=True,
             saved_as=("peft_type", "PREFIX_TUNING"),
+            live=_table_live,
+            layer_of=_prefix_layer,
+            decoder_cache=_prefix_cache,
             doc="prefix keys / values in every decoder self-attention",
         ),
         ExpertType(
@@ -253,6 +344,7 @@ EXPERT_TYPES: dict[str, ExpertType] = {
             _adapter_factors,
             saved_as=("expert_type", "houlsby_adapter"),
             null=_zeros,
+            site=_adapter_site,
             doc="Houlsby bottleneck adapters after each self-attention and FFN (the paper's headline)",
         ),
     ]

@@ -18,7 +18,7 @@ from common.adapters import WEIGHTS, AdapterModel
 from common.artifacts import read_json
 from common.backbone import backbone_dir, fingerprint
 from common.errors import UserError
-from common.expert_types import EXPERT_TYPES, join_layers as _join, split_layers as _split
+from common.expert_types import EXPERT_TYPES
 from common.merge import ExpertStack
 
 # expert_name: the stages import it here
@@ -189,48 +189,22 @@ def folded(model):
                 p.copy_(before)
 
 
-def param_name(key: str, adapter: str = "default") -> str:
-    """Saved key -> the live parameter name (peft inserts the adapter name; adapters keep theirs)."""
-    if key == "prompt_embeddings":  # prompt / prefix: the prompt encoder's embedding table
-        return f"prompt_encoder.{adapter}.embedding.weight"
-    key = re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{adapter}.weight", key)
-    key = re.sub(r"\.lora_magnitude_vector$", f".lora_magnitude_vector.{adapter}.weight", key)  # DoRA
-    return re.sub(r"\.ia3_l$", f".ia3_l.{adapter}", key)
+def group_of(mode: str, etype):
+    """Which interpolation group a tensor of an expert of type etype belongs to: one softmax over experts per
+    group.
 
-
-def group_of(mode: str):
-    """Which interpolation group a tensor belongs to: one softmax over experts per group.
-
-    site: one LoRA / IA3 / adapter module (a LoRA's A and B, an adapter's four tensors share it), one
-    prefix layer, or the prompt; layer: every site of one transformer layer; tensor: as site for LoRA
-    (the exact merge weights whole sites), else each tensor; global: one softmax for everything."""
-
-    def site(key):
-        m = re.match(r"(.*)\.(lora_[AB]\.|lora_magnitude_vector$|adapter\.)", key)
-        return m.group(1) if m else key
+    site: one module the type changes (etype.site: a LoRA's A and B, an adapter's four tensors share it), one
+    prefix layer, or the prompt; layer: every site of one transformer layer; tensor: as site where the type
+    weighs its sites whole (LoRA: the exact merge), else each tensor; global: one softmax for everything."""
 
     def layer(key):
         m = re.search(r"(vision_tower|encoder|decoder)\.(?:layers|blocks|block)\.(\d+)", key)
         if m:
             return f"{m.group(1)}.{m.group(2)}"
-        m = re.match(r"prompt_embeddings\.layer(\d+)$", key)  # prefix: decoder layer l
-        return f"decoder.{m.group(1)}" if m else "other"
+        return (etype.layer_of(key) if etype.layer_of else None) or "other"
 
-    def tensor(key):
-        return site(key) if ".lora_" in key else key
-
-    return {"global": lambda key: "all", "layer": layer, "site": site, "tensor": tensor}[mode]
-
-
-def split_layers(weights: dict[str, torch.Tensor], method: str, layers: int) -> dict[str, torch.Tensor]:
-    """A layered type's (prefix's) one table as one tensor per decoder layer (its own group);
-    others as they are."""
-    return _split(weights, layers) if EXPERT_TYPES[method].layered else weights
-
-
-def join_layers(weights: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
-    """Inverse of split_layers."""
-    return _join(weights) if EXPERT_TYPES[method].layered else weights
+    tensor = etype.site if etype.per_tensor_is_site else (lambda key: key)
+    return {"global": lambda key: "all", "layer": layer, "site": etype.site, "tensor": tensor}[mode]
 
 
 class MergedExpert:
@@ -249,12 +223,13 @@ class MergedExpert:
         trainable: bool,
         frozen: tuple[int, ...] = (),
     ):
-        self.method, k, kind = ecfg.method, len(experts), EXPERT_TYPES[ecfg.method].merge
+        self.type, k = EXPERT_TYPES[ecfg.method], len(experts)
+        kind = self.type.merge
         self.model = attach(model, ecfg, rank_multiplier=k if kind == "lora" else 1)
         self.layers = text_dims(model)["decoder_layers"]
         self.stack = ExpertStack(
-            [split_layers(e, self.method, self.layers) for e in experts],
-            group_of(groups),
+            [self.type.per_layer(e, self.layers) for e in experts],
+            group_of(groups, self.type),
             kind=kind,
             trainable=trainable,
             frozen=frozen,
@@ -264,12 +239,12 @@ class MergedExpert:
 
     def merged(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """{saved key: merged tensor}, differentiable in the logits (and the experts when trainable)."""
-        return join_layers(self.stack(logits), self.method)
+        return self.type.whole(self.stack(logits))
 
     def __call__(self, logits: torch.Tensor, **inputs):
         """The model's forward with the merged expert in place (functional:
         nothing is copied into the model)."""
-        merged = {param_name(k): v for k, v in self.merged(logits).items()}
+        merged = {self.type.live(k, "default"): v for k, v in self.merged(logits).items()}
         return functional_call(self.model, merged, args=(), kwargs=inputs)
 
     @torch.no_grad()

@@ -11,11 +11,11 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
-from peft import PeftType
 from transformers.modeling_outputs import BaseModelOutput
 
 from common import dist
 from common.data import Encoder, Example, Task, batches, by_length, candidates_for
+from common.expert_types import of_peft_config
 from common.readers import PUNCTUATION, tokens_to_box
 
 
@@ -119,10 +119,8 @@ def generate_answers(
     n-grams); a prefix expert (keys and values in the decoder's cache, which generate cannot take) and
     `sample` (each token drawn from the model's distribution by that generator) by a greedy loop of their own
     on the same start and forced tokens."""
-    peft_config = getattr(model, "active_peft_config", None)
-    own_loop = sample is not None or (
-        peft_config is not None and peft_config.peft_type == PeftType.PREFIX_TUNING
-    )
+    etype = of_peft_config(getattr(model, "active_peft_config", None))
+    own_loop = sample is not None or (etype is not None and etype.decoder_cache is not None)
     markers = {t for t in (enc.tok.pad_token, enc.tok.eos_token, enc.tok.bos_token) if t}
     out = []
     for chunk in batches(exs, batch_size):
@@ -193,19 +191,13 @@ def _encode(model, inputs: dict):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     enc_in = _encoder_inputs(model, inputs)
     peft_config = getattr(model, "active_peft_config", None)
-    kind = peft_config.peft_type if peft_config is not None else None
-    if kind == PeftType.PROMPT_TUNING:
-        n, v = enc_in["inputs_embeds"].shape[0], peft_config.num_virtual_tokens
-        prompts = model.get_prompt(batch_size=n)[:, :v].to(enc_in["inputs_embeds"].dtype)
-        mask = enc_in["attention_mask"]
-        enc_in = {
-            "inputs_embeds": torch.cat([prompts, enc_in["inputs_embeds"]], 1),
-            "attention_mask": torch.cat([mask.new_ones(n, v), mask], 1),
-        }
+    etype = of_peft_config(peft_config)
+    if etype is not None and etype.encoder_inputs is not None:  # a prompt expert's soft tokens
+        enc_in = etype.encoder_inputs(model, peft_config, enc_in)
     states = base.get_encoder()(**enc_in)[0]
 
-    def decoder_kwargs(n: int) -> dict:  # a fresh cache per call: the decoder appends to it
-        return {"past_key_values": model.get_prompt(batch_size=n)} if kind == PeftType.PREFIX_TUNING else {}
+    def decoder_kwargs(n: int) -> dict:  # a prefix expert's keys and values, fresh per call
+        return etype.decoder_cache(model, n) if etype is not None and etype.decoder_cache else {}
 
     return base, states, enc_in["attention_mask"], decoder_kwargs
 

@@ -38,9 +38,10 @@ from pathlib import Path
 import yaml
 
 from common import dist
-from common.config import NULL, Config, load_config, split_overrides
-from common.embeddings import ASKED_FOR, EMBEDDINGS, variants
+from common.config import Config, load_config, split_overrides
+from common.embeddings import ASKED_FOR, variants
 from common.errors import UserError, cli
+from common.methods import NULL, PAIR_PREFIX, by_variant, inputs_of, interpolations, studied
 
 # fields that change how an artifact is made, not what it is: in no digest
 HOW_NOT_WHAT = tuple(
@@ -173,19 +174,10 @@ def _node(cfg, kind: str, name: str = "", variant: str = "") -> tuple[dict, list
     fold = [("expert", f"{name}.fold")] if cfg.interpolate.holdout else []
     if kind == "interpolated":
         own = _values(cfg, ("interpolate",)) | {"variant": variant}
-        if variant.startswith("pair-"):  # made from its two experts, not the pool or the retrieval
-            other = variant[5:]
-            return own, [target, *fold, *([] if other == NULL else [("expert", other)])]
-        # chosen on validation
-        if variant == "select" or (variant == "" and cfg.interpolate.retrieval == "select"):
-            return own | _values(cfg, SCORED_SIZES), [
-                *(("similarity", name, e) for e in select_from(cfg)),
-                *fold,
-            ]
-        if variant == "paper":  # the Fisher's top-k
-            return own, [("similarity", name, "fisher"), *fold]
-        extra = [("transfer", name)] if variant == "oracle" else []
-        return own, [("similarity", name), *fold, *extra]
+        method = by_variant(variant)
+        if method.chosen(cfg):  # chosen on validation: made from the scored splits' sizes too
+            own |= _values(cfg, SCORED_SIZES)
+        return own, inputs_of(method, cfg, name, variant, fold)
     scored = _values(cfg, ("evaluate",) + SCORED_SIZES)
     if kind == "result":
         return scored, [("interpolated", name), target]
@@ -193,12 +185,6 @@ def _node(cfg, kind: str, name: str = "", variant: str = "") -> tuple[dict, list
         others = [t for t in sorted(cfg.tasks.pool) if t != run.get("task")]
         return scored, [target, *(("interpolated", name, f"pair-{t}") for t in others)]
     raise ValueError(f"no artifact kind {kind!r}")
-
-
-def select_from(cfg) -> list[str]:
-    """The embeddings whose top-k retrievals selection chooses among
-    (interpolate.select_from; [] = every one)."""
-    return list(cfg.interpolate.select_from or EMBEDDINGS)
 
 
 def digest(cfg, kind: str, name: str = "", variant: str = "") -> str:
@@ -307,27 +293,28 @@ def _pipeline(cfg, target: str, seed: int, study: str, transfer_row: bool, embed
     tgt = meta(artifact(cfg, "expert", run))
     fold = [meta(artifact(cfg, "expert", f"{run}.fold"))] if ic.holdout else []
     sim = str(artifact(cfg, "similarity", run))
-    interp = {
-        v: meta(artifact(cfg, "interpolated", run, v))
-        for v in ("", "random", "frozen", "oracle", "paper", "select")
-    }
+    interp = {v: meta(artifact(cfg, "interpolated", run, v)) for v in interpolations()}
     result, row = str(artifact(cfg, "result", run)), str(artifact(cfg, "transfer", run))
     control = [NULL] if cfg.control != "-" else []
-    pairs = [meta(artifact(cfg, "interpolated", run, f"pair-{t}")) for t in others + control]
-    selects = ic.retrieval == "select"
-    paper = study == "loto" and cfg.fisher.embedding != "fisher"  # (with the Fisher, π-Tuning is the paper's)
-    chosen = study == "loto" and not selects  # the selection beside the fixed retrieval
-    embs = list(
-        dict.fromkeys(
-            [
-                *(select_from(cfg) if selects or chosen else []),
-                *(["fisher"] if paper else []),
-                *(embed_as if transfer_row else []),
-            ]
-        )
-    )
+    pairs = [meta(artifact(cfg, "interpolated", run, f"{PAIR_PREFIX}{t}")) for t in others + control]
+    # the interpolations the study makes: π-Tuning as configured and its methods (none that is π-Tuning itself
+    # under this config); a run picked from the transfer row after the row
+    made = ["", *(m.variant for m in studied(cfg, study) if m.variant)]
+    after_row = [v for v in made if ("transfer", run) in inputs_of(by_variant(v), cfg, run, v, [])]
+    made = [v for v in made if v not in after_row]
+    after_row = after_row if transfer_row else []
+
+    def similarities(variants: list[str]) -> list[tuple]:  # the similarity files those runs are made from
+        return [
+            k for v in variants for k in inputs_of(by_variant(v), cfg, run, v, []) if k[0] == "similarity"
+        ]
+
+    def made_of(variants: list[str]) -> str:
+        return j(dict.fromkeys([*(str(artifact(cfg, *k)) for k in similarities(variants)), *fold]))
+
+    embs = [k[2] for k in similarities(made + after_row) if len(k) > 2]
+    embs = list(dict.fromkeys([*embs, *(embed_as if transfer_row else [])]))
     embeds = {e: str(artifact(cfg, "similarity", run, e)) for e in embs}
-    pi_from = [*([embeds[e] for e in select_from(cfg)] if selects else [sim]), *fold]
     train = f"$(STAGE_CMD) train_expert.py --task {target} --shots {shots}"
     interpolate = f"$(STAGE_CMD) interpolate.py --target {target}"
     rules = [
@@ -351,35 +338,29 @@ def _pipeline(cfg, target: str, seed: int, study: str, transfer_row: bool, embed
         "interpolate": [interp[""]],
         "evaluate": [result],
     }
-    if not study:
-        rules.append(f"{interp['']}: {j(pi_from)} ; {interpolate} $(ARGS)")
-        return rules, phony
-    if study == "loto":
-        runs = ["pi", "random", *(["paper"] if paper else []), *(["select"] if chosen else [])]
-        made = [interp["" if v == "pi" else v] for v in runs]
-        rules += [
-            f"{j(made)} &: {sim} {j(embeds.values())} {j(fold)} ; {interpolate} --variant "
-            f"{','.join(runs)} $(ARGS)",
-            f"{result}: {j(made)}",
-        ]
-        return rules, phony
-    baselines = [meta(artifact(cfg, "expert", f"{run}.{v}")) for v in ("2x", "full-ft")]
-    rules += [
-        f"{j(baselines)} &: {backbone} ; {train} --variant 2x,full-ft $(ARGS)",
-        f"{interp['']} {interp['random']} {interp['frozen']} &: {j(dict.fromkeys([sim, *pi_from]))} ; "
-        f"{interpolate} --variant pi,random,frozen $(ARGS)",
-    ]
-    needs = baselines + [interp["random"], interp["frozen"]]
+    # the interpolations in one process (one backbone load)
+    variants = ",".join(v or "pi" for v in made)
+    rules.append(
+        f"{j(interp[v] for v in made)}{' &:' if len(made) > 1 else ':'} {made_of(made)} ; {interpolate}"
+        + (f" --variant {variants} $(ARGS)" if study else " $(ARGS)")
+    )
+    needs = [interp[v] for v in made if v]
+    trained = [m.trained for m in studied(cfg, study) if m.trained]
+    if trained:  # the target-side baselines train_expert.py makes, in one process
+        baselines = [meta(artifact(cfg, "expert", f"{run}.{v}")) for v in trained]
+        rules.append(f"{j(baselines)} &: {backbone} ; {train} --variant {','.join(trained)} $(ARGS)")
+        needs = baselines + needs
     # every pair run the row lacks, or older than its experts, in one process (--variant pairs)
     if transfer_row:
         rules += [
             f"{j(pairs)} &: {j(pool[t] for t in others)} {tgt} {j(fold)} | {sim} ; {interpolate} "
             "--variant pairs $(ARGS)",
             f"{row}: {j(pairs)} {tgt} ; $(STAGE_CMD) evaluate.py --target {target} --transfer $(ARGS)",
-            f"{interp['oracle']}: {row} {sim} {j(fold)} ; {interpolate} --variant oracle $(ARGS)",
+            *(f"{interp[v]}: {row} {made_of([v])} ; {interpolate} --variant {v} $(ARGS)" for v in after_row),
         ]
-        needs += [interp["oracle"], *embeds.values()]
-    rules.append(f"{result}: {j(needs)}")
+        needs += [*(interp[v] for v in after_row), *embeds.values()]
+    if needs:
+        rules.append(f"{result}: {j(needs)}")
     return rules, phony
 
 
@@ -416,7 +397,7 @@ def _current(cfg, path: Path) -> bool:
             return m["digest"] == digest(cfg, "transfer" if variant == "transfer" else "result", run)
         if folder in ("fisher", "embeddings"):  # caches of an expert: kept with it
             return m["digest"] == digest(cfg, "expert", name)
-    except (KeyError, ValueError):  # an embedding or variant this code does not know
+    except (KeyError, ValueError, UserError):  # an embedding or variant this code does not know
         return False
     return True
 

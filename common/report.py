@@ -12,7 +12,6 @@ import math
 import re
 import statistics
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,82 +20,12 @@ from common.artifacts import write_json, write_text
 from common.config import load_config, split_overrides
 from common.embeddings import EMBEDDINGS, described, heading, variants
 from common.errors import UserError
+from common.methods import METHODS, PAPER, PI, RANDOM_K, SELECT, TARGET_ONLY, ZERO_SHOT, ordered
 from common.provenance import artifact, config_id, differs, link, readable
 
 # imported where used, kept off `python -m common.report --tables` (0.2 s; make all's last step), which draws
 # nothing: common.similarity (torch, the experts: +2.9 s) and matplotlib (+0.4 s;
 # the Agg backend chosen before pyplot)
-
-
-@dataclass(frozen=True)
-class Method:
-    """A row of the results tables: π-Tuning or a baseline, what it is and the stage run that makes it;
-    `on_val`: scored on the validation split too, as a method choices are made among (a recipe, a default:
-    π-Tuning's runs, target-only they are measured against, and every pair run); the other baselines are
-    reported on test only."""
-
-    name: str
-    what: str
-    made_by: str
-    on_val: bool = False
-
-
-# every method the tables compare, in their order (evaluate.py scores those whose artifacts exist); one scored
-# but missing here is shown after these, not hidden; pair-<expert> runs feed the transfer matrix instead
-METHODS = (
-    Method("zero-shot", "the backbone alone", "the backbone stage"),
-    Method("target-only", "the target's own expert", "train_expert.py --task T --shots N", on_val=True),
-    Method("target-only-2x", "the target's expert trained twice as long", "train_expert.py --variant 2x"),
-    Method("full-ft", "the whole backbone fine-tuned on the target", "train_expert.py --variant full-ft"),
-    Method("uniform-merge", "the target's and the top-k experts averaged, no training", "evaluate.py"),
-    Method("linear-merge", "peft add_weighted_adapter 'linear' (A and B averaged apart)", "evaluate.py"),
-    Method("ties-merge", "peft add_weighted_adapter 'ties' (density 0.5)", "evaluate.py"),
-    Method(
-        "pi-random", "π-Tuning with k random pool experts", "interpolate.py --variant random", on_val=True
-    ),
-    Method(
-        "pi-frozen",
-        "π-Tuning with the experts frozen (only the weights learn)",
-        "interpolate.py --variant frozen",
-        on_val=True,
-    ),
-    Method(
-        "pi-paper",
-        "π-Tuning with the paper's retrieval: the top-k by the Fisher embedding",
-        "interpolate.py --variant paper",
-        on_val=True,
-    ),
-    Method(
-        "pi-select",
-        "π-Tuning with its retrieval chosen on the target's validation split (k = 0 among them)",
-        "interpolate.py --variant select",
-        on_val=True,
-    ),
-    Method(
-        "pi-tuning",
-        "π-Tuning: the target's and its top-k similar experts interpolated",
-        "interpolate.py",
-        on_val=True,
-    ),
-    Method(
-        "pi-oracle",
-        "π-Tuning with the k experts that help most on test (an upper bound)",
-        "interpolate.py --variant oracle",
-    ),
-)
-ORDER = tuple(m.name for m in METHODS)
-
-
-def on_val(method: str) -> bool:
-    """Is this method scored on validation too? Listed ones as METHODS says; pair runs and methods the list
-    lacks (a variant of your own is likely a recipe being chosen) yes."""
-    return next((m.on_val for m in METHODS if m.name == method), True)
-
-
-def ordered(runs: list[dict]) -> list[str]:
-    """The methods scored in any of these results, in the tables' order, any not in METHODS after them."""
-    scored = {m for r in runs for m in r["scores"] if not m.startswith("pair-")}
-    return [m for m in ORDER if m in scored] + sorted(scored - set(ORDER))
 
 
 FAMILY_COLOURS = {"vision-language": "tab:purple", "vision": "tab:blue", "language": "tab:green"}
@@ -371,7 +300,7 @@ def write_tables(cfg, target: str) -> Path:
     return res_dir / f"{target}@{cid}.md"
 
 
-def _against(runs: list[dict], base: str, method: str = "pi-tuning") -> str:
+def _against(runs: list[dict], base: str, method: str = PI.name) -> str:
     """'wins | mean gain ± std | 95% interval | verdict' of `method` over `base` on test, over the runs
     holding both; the verdict (win / tie / loss) is the interval's (paired_ci)."""
     both = [r for r in runs if base in r["scores"] and method in r["scores"]]
@@ -424,7 +353,7 @@ def transfer_row(runs: list[dict]) -> str:
         return ""
     best, worst = max(stats, key=lambda n: stats[n][0]), min(stats, key=lambda n: stats[n][0])
     spread = stats[best][0] - stats[worst][0]
-    base_sd = statistics.stdev(r["scores"]["target-only"] for r in measured)
+    base_sd = statistics.stdev(r["scores"][TARGET_ONLY.name] for r in measured)
     control = [r["control"] for r in measured if r.get("control") is not None]
     hurt = sorted((n for n, (m, sd) in stats.items() if m + sd < 0), key=lambda n: stats[n][0])
     ratio = f"{spread / base_sd:.1f}x" if base_sd else "-"
@@ -469,7 +398,7 @@ def write_study(cfg, targets: list[str]) -> Path:
     ]
     for t, runs in by_target.items():
         for s in sorted({r["shots"] for r in runs}):
-            for base in ("target-only", "pi-random"):
+            for base in LOTO_BASES:
                 cells = _against([r for r in runs if r["shots"] == s], base)
                 if cells:
                     md.append(f"| {t} | {shots_label(s)} | {base} | {cells} |")
@@ -586,8 +515,8 @@ def _diffs(runs: list[dict], a: str, b: str):
     return np.stack(rows) if len(rows) > 1 and len({len(x) for x in rows}) == 1 else None
 
 
-LOTO_METHODS = ("pi-tuning", "pi-paper", "pi-select")  # what make loto compares against the two baselines
-LOTO_BASES = ("target-only", "pi-random")
+LOTO_METHODS = (PI.name, PAPER.name, SELECT.name)  # what make loto compares against the two baselines
+LOTO_BASES = (TARGET_ONLY.name, RANDOM_K.name)
 
 
 def write_loto(cfg, targets: list[str]) -> Path:
@@ -641,7 +570,7 @@ def write_loto(cfg, targets: list[str]) -> Path:
 
             flat = all(
                 v >= 0.9995 for r in rs for v in r["scores"].values() if not isinstance(v, str)
-            ) and all(r["scores"].get("target-only", 0) >= 0.9995 for r in rs)
+            ) and all(r["scores"].get(TARGET_ONLY.name, 0) >= 0.9995 for r in rs)
             cells = []
             for m in methods:
                 for b in LOTO_BASES:
@@ -663,9 +592,9 @@ def write_loto(cfg, targets: list[str]) -> Path:
             if flat:
                 ceiling.append(t)
             md.append(
-                f"| {t} | {len(rs)} | {score('target-only')} | "
+                f"| {t} | {len(rs)} | {score(TARGET_ONLY.name)} | "
                 + " | ".join(score(m) for m in methods)
-                + f" | {score('pi-random')} | "
+                + f" | {score(RANDOM_K.name)} | "
                 + " | ".join(cells)
                 + " |"
             )
@@ -707,10 +636,7 @@ def write_loto(cfg, targets: list[str]) -> Path:
 def _selection(cfg, run: str) -> dict | None:
     """The selection artifact's meta.json of a run
     (its `retrieval` and every `candidates`' validation score)."""
-    path = (
-        artifact(cfg, "interpolated", run, "" if cfg.interpolate.retrieval == "select" else "select")
-        / "meta.json"
-    )
+    path = artifact(cfg, "interpolated", run, "" if PI.chosen(cfg) else SELECT.variant) / "meta.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -852,7 +778,7 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
         "|---|---|---|---|---|---|",
     ]
     for s in shots:
-        for base in ("target-only", "target-only-2x", "pi-random", "uniform-merge"):
+        for base in (m.name for m in METHODS.values() if m.against):
             cells = _against(by_shots[s], base)
             if cells:
                 md.append(f"| {s} | {base} | {cells} |")
@@ -864,10 +790,10 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
     for s in shots:
         for r in sorted(by_shots[s], key=lambda r: r["seed"]):
             a = r["scores"]
-            rnd = f"{a['pi-random']:.3f}" if "pi-random" in a else "-"
+            rnd = f"{a[RANDOM_K.name]:.3f}" if RANDOM_K.name in a else "-"
             md.append(
-                f"| {s} | {r['seed']} | {', '.join(r['experts'][1:])} | {a['target-only']:.3f} | "
-                f"{a['pi-tuning']:.3f} | {rnd} |"
+                f"| {s} | {r['seed']} | {', '.join(r['experts'][1:])} | {a[TARGET_ONLY.name]:.3f} | "
+                f"{a[PI.name]:.3f} | {rnd} |"
             )
 
     md += [
@@ -1098,7 +1024,7 @@ def _plot_accuracy(path: Path, target: str, by_shots: dict, methods: list[str], 
     fig, (ax, gx) = plt.subplots(1, 2, figsize=(13, 4.8))
     off_panel = []  # methods whose mean gain is far below target-only's: named on the panel, not dropped
     for m in methods:
-        style = dict(lw=2.5, color="black") if m == "pi-tuning" else dict(lw=1.2)
+        style = dict(lw=2.5, color="black") if m == PI.name else dict(lw=1.2)
         pts = [(i, [r["scores"][m] for r in by_shots[s] if m in r["scores"]]) for i, s in zip(x, shots)]
         pts = [(i, v) for i, v in pts if v]
         line = ax.errorbar(
@@ -1111,13 +1037,13 @@ def _plot_accuracy(path: Path, target: str, by_shots: dict, methods: list[str], 
             **style,
         )
         gains = [
-            (i, [r["scores"][m] - r["scores"]["target-only"] for r in by_shots[s] if m in r["scores"]])
+            (i, [r["scores"][m] - r["scores"][TARGET_ONLY.name] for r in by_shots[s] if m in r["scores"]])
             for i, s in zip(x, shots)
         ]
         gains = [(i, g) for i, g in gains if g]
-        if m in ("zero-shot", "target-only") or not gains:
+        if m in (ZERO_SHOT.name, TARGET_ONLY.name) or not gains:
             continue
-        if m != "pi-tuning" and min(statistics.mean(g) for _, g in gains) < -0.1:  # would squash the others
+        if m != PI.name and min(statistics.mean(g) for _, g in gains) < -0.1:  # would squash the others
             off_panel.append(f"{m} {min(statistics.mean(g) for _, g in gains):+.2f}")
             continue
         off = 0.012 * (methods.index(m) - len(methods) / 2)  # side by side, not on top of each other

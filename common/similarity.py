@@ -409,13 +409,6 @@ def similarity_row(embeddings: list, sim=task_similarity) -> list[float]:
     return [1.0] + [sim(embeddings[0], e) for e in embeddings[1:]]
 
 
-def top_k_similar(names: list[str], row: list[float], k: int) -> list[str]:
-    """The k tasks most similar to names[0] (the target;
-    itself excluded) by its similarity row, best first."""
-    order = sorted(range(1, len(names)), key=lambda j: -row[j])
-    return [names[j] for j in order[:k]]
-
-
 @dataclass(frozen=True)
 class Computed:
     """How an embedding is computed. embed(cfg, names) -> ([one embedding per expert name], what it did: "2

@@ -4,6 +4,7 @@ four stages on a tiny Florence-2: a type added there is tested here with nothing
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -265,3 +266,25 @@ def test_the_feature_cache_steps_aside_when_the_tower_can_change(runs):
         assert sum(seen) == 6, name
         tower = [p for n, p in model.named_parameters() if "vision_tower" in n and p.requires_grad]
         assert tower and all(p.grad is not None for p in tower), name
+
+
+def test_a_new_expert_type_is_one_entry_in_the_registry(micro, tmp_path, monkeypatch):
+    """A type added to EXPERT_TYPES alone (here: LoRA on the feed-forward layers instead of the attention) is
+    a config choice; its experts attach where its targets say, and every stage runs with it: its sites are
+    its groups and its keys its live parameters, from the type."""
+    import dataclasses
+
+    from common.expert_types import _BART
+
+    lora = EXPERT_TYPES["lora"]
+    ffn = dataclasses.replace(lora, name="lora-ffn", targets={"bart": _BART + r"(fc1|fc2)$"})
+    monkeypatch.setitem(EXPERT_TYPES, "lora-ffn", ffn)
+    backbone_only(micro, tmp_path)
+    stages(tmp_path, "expert.method=lora-ffn")
+    cfg = config(tmp_path, "lora-ffn")
+    adapter = json.loads((cfg.run_dir / f"interpolated/{NAME}/adapter_config.json").read_text())
+    assert adapter["target_modules"] == ffn.targets["bart"]
+    sites = list(json.loads((cfg.run_dir / f"interpolated/{NAME}/weights.json").read_text())["groups"])
+    assert sites and all(re.search(r"\.fc[12]$", s) for s in sites), sites[:3]
+    result = json.loads((cfg.run_dir / f"results/{NAME}.json").read_text())
+    assert "pi-tuning" in result["scores"]

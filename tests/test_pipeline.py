@@ -188,7 +188,8 @@ def test_weight_embedding_needs_no_fisher_and_no_backbone_pass(micro_copy):
     # from the LoRA factors, B·A never formed: the same as the cosine of the formed products, the same top-k
     from common.config import load_config
     from common.experts import expert_dir, load_expert_weights
-    from common.similarity import expert_update, similarity_matrix, top_k_similar, update_similarity
+    from common.methods import top_k_similar
+    from common.similarity import expert_update, similarity_matrix, update_similarity
 
     cfg = load_config("configs/micro.yaml", [f"runs_dir={runs}"])
     dense = [expert_update(load_expert_weights(expert_dir(cfg, n)), "lora") for n in sim["names"]]
@@ -235,16 +236,18 @@ def test_exported_merge_reproduces_the_interpolated_model(micro_cfg, tmp_path):
 
     from common import data
     from common.backbone import load_backbone
-    from common.experts import attach, group_of, load_pool, param_name, set_weights
+    from common.expert_types import EXPERT_TYPES
+    from common.experts import attach, group_of, load_pool, set_weights
     from common.merge import ExpertStack
 
     experts = [NAME, "nli", "shape"]
-    stack = ExpertStack(load_pool(micro_cfg, experts), group_of("site"), kind="lora", trainable=True)
+    lora = EXPERT_TYPES["lora"]
+    stack = ExpertStack(load_pool(micro_cfg, experts), group_of("site", lora), kind="lora", trainable=True)
     logits = torch.randn(len(stack.group_names), 3, generator=torch.Generator().manual_seed(0))
     model, processor = load_backbone(micro_cfg)
     peft_model = attach(model, micro_cfg.expert, rank_multiplier=3).eval()
     batch = data.Encoder(processor).batch(data.examples("snli-ve", "test", micro_cfg.world, 6))
-    merged = {param_name(k): v for k, v in stack(logits).items()}
+    merged = {lora.live(k, "default"): v for k, v in stack(logits).items()}
     with torch.no_grad():
         live = functional_call(peft_model, merged, args=(), kwargs=batch).logits
         set_weights(peft_model, {k: v.contiguous() for k, v in stack(logits).items()})

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.methods import top_k_similar
 from common.similarity import (
     expert_update,
     normalized,
     similarity_matrix,
     task_similarity,
-    top_k_similar,
     update_similarity,
 )
 
