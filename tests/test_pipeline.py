@@ -264,10 +264,10 @@ def test_the_transfer_rows_control_adds_nothing_and_stays_out_of_the_row(micro_c
     """pair-null pairs the target's expert with one whose update is zero: trained as every pair run is, its
     half of the exported rank-2r LoRA is still exactly zero, so the run is the target's expert as the
     interpolation leaves it; evaluate.py --transfer reports it as the row's control, not as a pool expert."""
-    import interpolate
     from common.config import load_config
     from common.errors import UserError
     from common.experts import load_expert_weights
+    from common.methods import PAIR
 
     runs, rd = micro_copy
     args = ("--config", "configs/micro.yaml", f"runs_dir={runs}")
@@ -292,7 +292,7 @@ def test_the_transfer_rows_control_adds_nothing_and_stays_out_of_the_row(micro_c
     assert "control (pair-null)" in p.stdout
     prompt = load_config("configs/micro.yaml", ["expert.method=prompt"])  # a soft token is never nothing
     with pytest.raises(UserError, match="expert.method=prompt has no expert that changes nothing"):
-        interpolate.variant(prompt, "pair-null", NAME, {"names": [NAME, "nli"]}, ["nli"])
+        PAIR.pick(prompt, NAME, "pair-null", ["nli"], None)
 
 
 def test_stacking_learns_the_mix_on_held_out_examples_and_exports_the_full_expert_under_it(micro_copy):
