@@ -266,16 +266,16 @@ def main() -> None:
     )
     data.check_words(cfg, args.target, enc.tok.get_vocab(), *splits.values())
     scores, each, used = {s: {} for s in splits}, {s: {} for s in splits}, {}
-    for m, (kind, what) in todo.items():
-        if kind == "full":  # a fully fine-tuned copy of the backbone
+    for m, (loads, what) in todo.items():
+        if loads == "full":  # a fully fine-tuned copy of the backbone
             model = type(base).from_pretrained(str(what)).eval().to(accel.device)
-        elif kind == "expert":
+        elif loads == "expert":
             model = load_expert(base, what)
             used[m] = read_json(what / "meta.json", "expert", "retrain it").get("experts")
-        elif kind == "uniform":
+        elif loads == "uniform":
             model = uniform_merge(cfg, base, what)
-        elif kind.startswith("peft-"):  # peft's add_weighted_adapter: peft-linear, peft-ties
-            model = peft_merge(cfg, base, what, kind[len("peft-") :])
+        elif loads.startswith("peft-"):  # peft's add_weighted_adapter: peft-linear, peft-ties
+            model = peft_merge(cfg, base, what, loads[len("peft-") :])
         else:
             model = base
         # LoRA, DoRA, IA3: scored with the update in the weights (the same function, faster)
@@ -287,12 +287,12 @@ def main() -> None:
                     metric, scores[s][m], each[s][m] = task_scores(
                         model, enc, task, exs, cfg.evaluate.batch_size
                     )
-        if model is not base and kind != "full":
+        if model is not base and loads != "full":
             base = unload_expert(model)
     for m, got in measured.items():
         for s in splits:
             scores[s][m], each[s][m] = got[s], got["each"][s]
-    acc = scores["test"]
+    test_scores = scores["test"]
     if not dist.is_main():  # every rank holds the whole accuracies; rank 0 writes them and rebuilds the table
         return
 
@@ -315,7 +315,7 @@ def main() -> None:
         "test_size": len(splits["test"]),
         "val_size": len(splits["val"]),
         "experts": experts,
-        "scores": acc,
+        "scores": test_scores,
         "val_scores": scores["val"],
         "transfer": transfer["test"],
         "val_transfer": transfer["val"],
@@ -333,7 +333,7 @@ def main() -> None:
         write_json(row_path, result)
         link(row_path)
         return print(
-            f"transfer over target-only ({acc[TARGET_ONLY.name]:.3f}): "
+            f"transfer over target-only ({test_scores[TARGET_ONLY.name]:.3f}): "
             + ", ".join(f"{s} {v:+.3f}" for s, v in sorted(transfer["test"].items(), key=lambda x: -x[1]))
             + (f" | control (pair-{NULL}) {control['test']:+.3f}" if control["test"] is not None else "")
         )
@@ -341,7 +341,7 @@ def main() -> None:
     write_json(path, result)
     link(path)
     table = write_tables(cfg, args.target)
-    line = ", ".join(f"{m} {acc[m]:.3f}" for m in ordered([result]))
+    line = ", ".join(f"{m} {test_scores[m]:.3f}" for m in ordered([result]))
     print(
         f"evaluated {run} ({metric}, {len(splits['test'])} test examples): {line}; {time.time() - t0:.0f}s "
         f"-> {table} ({seeds(len(load_results(cfg, args.target)))} under this config)"

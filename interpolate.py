@@ -108,19 +108,19 @@ class Mixed:
 
 
 def mix(
-    cfg, acc, model, enc, target: str, run: str, experts: list[str], train_experts: bool, out: Path
+    cfg, accel, model, enc, target: str, run: str, experts: list[str], train_experts: bool, out: Path
 ) -> Mixed:
     """Train the interpolation of `experts` (the target's first) on the target's shots, seeded as if alone,
     its checkpoints beside `out`."""
     ic, shots = cfg.interpolate, cfg.tasks.target_shots
     torch.manual_seed(cfg.seed)
-    kind = EXPERT_TYPES[cfg.expert.method]
-    frozen = tuple(i for i, e in enumerate(experts) if e == NULL and kind.merge == "sum")
+    etype = EXPERT_TYPES[cfg.expert.method]
+    frozen = tuple(i for i, e in enumerate(experts) if e == NULL and etype.merge == "sum")
 
     def stack(names: list[str], trainable: bool) -> MergedExpert:
         weights = load_pool(cfg, [e for e in names if e != NULL])
         if NULL in names:  # LoRA's B = A = 0 get no gradient; a summed type's null is held as it is
-            weights.append(kind.null(weights[0]))
+            weights.append(etype.null(weights[0]))
         return MergedExpert(model, cfg.expert, weights, ic.groups, trainable=trainable, frozen=frozen)
 
     def fit(
@@ -139,7 +139,7 @@ def mix(
             ic.grad_clip,
             warmup=min(20, ic.steps // 10),
             desc=desc,
-            acc=acc,
+            accel=accel,
             grad_accum=ic.grad_accum,
             lr_field="interpolate.lr" if learn_experts else "interpolate.logits_lr",
             checkpoint=ckpt,
@@ -157,7 +157,7 @@ def mix(
         trainable=train_experts and not ic.holdout,
     )
     # uniform
-    logits = torch.zeros(len(merge.group_names), len(experts), device=acc.device, requires_grad=True)
+    logits = torch.zeros(len(merge.group_names), len(experts), device=accel.device, requires_grad=True)
     loss = fit(merge, mix_on, True, train_experts and not ic.holdout, ckpts[0], desc)
     if ic.holdout:  # those weights on the expert fitted to every example; trained experts then fit them all
         unload_expert(merge.model)
@@ -233,13 +233,22 @@ def write(
 
 
 def interpolate(
-    cfg, acc, model, enc, target: str, run: str, name: str, experts: list[str], how: str, train_experts: bool
+    cfg,
+    accel,
+    model,
+    enc,
+    target: str,
+    run: str,
+    name: str,
+    experts: list[str],
+    how: str,
+    train_experts: bool,
 ) -> str:
     """One π-Tuning run (or baseline run) on the loaded backbone, written to
     interpolated/<run>[.<name>]@<digest>/; the backbone comes back unchanged, so one process can do several.
     Returns its summary line."""
     t0, out = time.time(), artifact(cfg, "interpolated", run, name)
-    mixed = mix(cfg, acc, model, enc, target, run, experts, train_experts, out)
+    mixed = mix(cfg, accel, model, enc, target, run, experts, train_experts, out)
     return write(cfg, mixed, out, target, run, name, experts, how, train_experts, t0)
 
 
@@ -262,7 +271,7 @@ def candidate_sets(cfg, run: str) -> list[dict]:
     ]
 
 
-def select(cfg, acc, model, enc, target: str, run: str, name: str) -> str:
+def select(cfg, accel, model, enc, target: str, run: str, name: str) -> str:
     """π-Tuning chosen on the target's validation split: every candidate retrieval (candidate_sets)
     interpolated as π-Tuning would be, scored on validation (test is never read), the best kept (ties: the
     earlier, fewer experts); k = 0 keeps the target's expert as it is. Every candidate's score goes in the
@@ -277,11 +286,11 @@ def select(cfg, acc, model, enc, target: str, run: str, name: str) -> str:
     for c in candidates:
         experts = [run, *c["experts"]]
         if c["experts"]:
-            mixed = mix(cfg, acc, model, enc, target, run, experts, ic.train_experts, out)
+            mixed = mix(cfg, accel, model, enc, target, run, experts, ic.train_experts, out)
             scored = mixed.merge.export(mixed.logits).eval()  # trained in train mode: dropout off to score
         else:
             scored = load_expert(model, expert_dir(cfg, run))
-        with folded(scored), acc.autocast():
+        with folded(scored), accel.autocast():
             metric, c["val"], _ = task_scores(scored, enc, task, val, cfg.evaluate.batch_size)
         if best is None or c["val"] > best["val"]:
             best = c
@@ -394,20 +403,20 @@ def main() -> None:
             todo.append((name, method, *method.pick(cfg, run, name, pool, read)))
     if not todo:
         return print(f"interpolate {run}: every pair run is made and current")
-    acc = accelerator(cfg)
-    model, processor = load_backbone(cfg, acc.device)
+    accel = accelerator(cfg)
+    model, processor = load_backbone(cfg, accel.device)
     checkpointing(model, ic.gradient_checkpointing)
     # selection scores the same batches; answers as the checkpoint emits them (its generation config)
     enc = data.Encoder(
-        processor, acc.device, keep_mb=cfg.feature_cache_mb, generation=model.generation_config
+        processor, accel.device, keep_mb=cfg.feature_cache_mb, generation=model.generation_config
     )
     for name, method, pool_experts, how in todo:
         if pool_experts is None:
-            print(select(cfg, acc, model, enc, args.target, run, name), flush=True)
+            print(select(cfg, accel, model, enc, args.target, run, name), flush=True)
         else:
             trains = ic.train_experts and not method.frozen
             line = interpolate(
-                cfg, acc, model, enc, args.target, run, name, [run] + pool_experts, how, trains
+                cfg, accel, model, enc, args.target, run, name, [run] + pool_experts, how, trains
             )
             print(line, flush=True)
 

@@ -47,15 +47,15 @@ def pretrain(cfg) -> None:
     out = backbone_dir(cfg)
     if cfg.backbone.source != "embedded":
         return record_backbone(cfg)
-    acc = accelerator(cfg)
+    accel = accelerator(cfg)
     torch.manual_seed(0)  # one backbone for every seed (make builds it once), like the pool experts
     w, pc = cfg.world, cfg.pretrain
     vocab = data.world_vocabulary(w)
     model, n_image_tokens = build_model(cfg.backbone, len(vocab), w.image_size)
     processor = build_processor(vocab, w.image_size, n_image_tokens)
-    model.to(acc.device)
+    model.to(accel.device)
     checkpointing(model, pc.gradient_checkpointing)
-    enc = data.Encoder(processor, acc.device)
+    enc = data.Encoder(processor, accel.device)
 
     # pre-training draws fresh scenes every step from a seeded stream (never the downstream splits)
     rng = random.Random(0)
@@ -81,7 +81,7 @@ def pretrain(cfg) -> None:
         pc.warmup,
         desc="pretrain backbone",
         lr_field="pretrain.lr",
-        acc=acc,
+        accel=accel,
         grad_accum=pc.grad_accum,
         checkpoint=ckpt,
         log_every=cfg.log_every,
@@ -98,7 +98,7 @@ def pretrain(cfg) -> None:
     n_new = init_unseen_embeddings(model, seen, 0)
 
     val = {t: data.examples(t, "val", w, 200) for t in data.PRETRAIN_TASKS}
-    with torch.no_grad(), acc.autocast():
+    with torch.no_grad(), accel.autocast():
         accuracy = {t: token_accuracy(model, enc, v) for t, v in val.items()}
         attrs = attribute_probe(model, enc, val["pt-caption"])
     with atomic_dir(out) as tmp:
@@ -125,7 +125,8 @@ def pretrain(cfg) -> None:
     ckpt.done()
     print(
         f"backbone: {out} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | caption token "
-        f"acc {accuracy['pt-caption']:.3f} ({', '.join(f'{k} {v:.2f}' for k, v in attrs.items())}) | infill "
+        f"accuracy {accuracy['pt-caption']:.3f} ({', '.join(f'{k} {v:.2f}' for k, v in attrs.items())}) | "
+        f"infill "
         f"{accuracy['pt-infill']:.3f} | {time.time() - t0:.0f}s"
     )
 
@@ -189,10 +190,10 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
     name = expert_name(task_name, shots, cfg.seed) + (f".{variant}" if variant else "")
     # pool experts are trained once per profile; the seed varies only the target's side
     seed = cfg.seed if shots is not None else 0
-    acc = accelerator(cfg)
+    accel = accelerator(cfg)
     torch.manual_seed(seed)
-    model, processor = load_backbone(cfg, acc.device)
-    enc = data.Encoder(processor, acc.device, generation=model.generation_config)
+    model, processor = load_backbone(cfg, accel.device)
+    enc = data.Encoder(processor, accel.device, generation=model.generation_config)
     train = data.train_split(cfg, task_name, shots or 0, seed, where="--shots")
     if variant == "fold":
         train = data.fold_split(cfg, train, seed)[0]
@@ -220,13 +221,13 @@ def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> N
         warmup=min(30, steps // 10),
         desc=desc,
         lr_field="expert.full_ft_lr" if full else "expert.lr",
-        acc=acc,
+        accel=accel,
         grad_accum=ec.grad_accum,
         checkpoint=ckpt,
         log_every=cfg.log_every,
     )
     model.eval()
-    with acc.autocast():
+    with accel.autocast():
         metric, value = task_metric(model, enc, task, val, cfg.evaluate.batch_size)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)

@@ -69,9 +69,9 @@ GROUPS = {
 
 
 # ---------------------------------------------------------------------------- the three methods
-def naive_step(experts, logits, row_of, kind):
+def naive_step(experts, logits, row_of, merge):
     p = torch.softmax(logits, -1)
-    if kind == "sum":
+    if merge == "sum":
         return {n: sum(p[row_of[n]][k] * e[n] for k, e in enumerate(experts)) for n in experts[0]}
     out = {}
     for n in experts[0]:
@@ -82,17 +82,17 @@ def naive_step(experts, logits, row_of, kind):
     return out
 
 
-def foreach_step(experts, logits, rows, kind):
+def foreach_step(experts, logits, rows, merge):
     """rows: LongTensor [P] giving each tensor's logits row. One foreach kernel per expert."""
     names = list(experts[0])
     w = torch.softmax(logits, -1)[rows]  # [P, K]
-    if kind == "sum":
-        acc = torch._foreach_mul([experts[0][n] for n in names], list(w[:, 0].unbind()))
+    if merge == "sum":
+        total = torch._foreach_mul([experts[0][n] for n in names], list(w[:, 0].unbind()))
         for k in range(1, len(experts)):
-            acc = torch._foreach_add(
-                acc, torch._foreach_mul([experts[k][n] for n in names], list(w[:, k].unbind()))
+            total = torch._foreach_add(
+                total, torch._foreach_mul([experts[k][n] for n in names], list(w[:, k].unbind()))
             )
-        return dict(zip(names, acc))
+        return dict(zip(names, total))
     b_names = [n for n in names if "lora_B" in n]
     b_idx = [names.index(n) for n in b_names]
     scaled = [
@@ -128,11 +128,11 @@ def median_ms(fns: dict, reps, device, blocked=False, warmup=2):
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
-def ideal_bytes(shapes, K, kind, elem):
+def ideal_bytes(shapes, K, merge, elem):
     """Minimal traffic of the fused step. sum: fwd reads K*N, writes N; bwd reads N grads and K*N
     stack, writes K*N grads. lora: B as sum with one row per block (5 passes over K*N_B); A moves
     nothing (A_cat is stored as is, and its gradient becomes the parameter's .grad)."""
-    if kind == "sum":
+    if merge == "sum":
         n = sum(torch.Size(s).numel() for s in shapes.values())
         return (3 * K + 2) * n * elem
     return 5 * K * sum(torch.Size(s).numel() for n, s in shapes.items() if "lora_B" in n) * elem
@@ -163,20 +163,20 @@ def own_layout(out: dict, values: dict) -> list:
     ]
 
 
-def bench_case(shapes, K, kind, groups, device, dtype, reps, blocked=False):
+def bench_case(shapes, K, merge, groups, device, dtype, reps, blocked=False):
     gen = torch.Generator().manual_seed(0)
     experts = [
         {n: torch.randn(s, generator=gen).to(device, dtype).requires_grad_() for n, s in shapes.items()}
         for _ in range(K)
     ]
     group_of = GROUPS[groups]
-    stack = ExpertStack([{n: t.detach() for n, t in e.items()} for e in experts], group_of, kind=kind).to(
+    stack = ExpertStack([{n: t.detach() for n, t in e.items()} for e in experts], group_of, merge=merge).to(
         device
     )
     row_of = {n: stack.group_names.index(group_of(n)) for n in shapes}
     rows = torch.tensor([row_of[n] for n in shapes], device=device)
     logits = torch.zeros(len(stack.group_names), K, device=device, requires_grad=True)
-    out_shapes = {n: t.shape for n, t in naive_step(experts, logits, row_of, kind).items()}
+    out_shapes = {n: t.shape for n, t in naive_step(experts, logits, row_of, merge).items()}
     values = {n: torch.randn(s, generator=gen).to(device, dtype) for n, s in out_shapes.items()}
     leaves = [logits, *stack.parameters()] + [t for e in experts for t in e.values()]
 
@@ -191,13 +191,13 @@ def bench_case(shapes, K, kind, groups, device, dtype, reps, blocked=False):
 
         return run
 
-    nbytes = ideal_bytes(shapes, K, kind, torch.empty(0, dtype=dtype).element_size())
+    nbytes = ideal_bytes(shapes, K, merge, torch.empty(0, dtype=dtype).element_size())
     src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)  # copy reads + writes = nbytes
     dst = torch.empty_like(src)
     t = median_ms(
         {
-            "naive": step(lambda: naive_step(experts, logits, row_of, kind)),
-            "foreach": step(lambda: foreach_step(experts, logits, rows, kind)),
+            "naive": step(lambda: naive_step(experts, logits, row_of, merge)),
+            "foreach": step(lambda: foreach_step(experts, logits, rows, merge)),
             "fused": step(lambda: stack(logits)),
             "copy": lambda: dst.copy_(src),
         },
@@ -227,7 +227,7 @@ def main():
     reps = max(args.reps, 5)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
-    cases = [(p, kind, K, "site") for p in args.profiles for kind in PROFILES[p][1] for K in args.experts]
+    cases = [(p, merge, K, "site") for p in args.profiles for merge in PROFILES[p][1] for K in args.experts]
     if "florence-lora" in args.profiles:  # the CPU path loops over groups: show it at many / one group
         cases += [("florence-lora", "sum", 3, "tensor"), ("florence-lora", "sum", 3, "global")]
 
@@ -245,18 +245,18 @@ def main():
         "x = speed-up over naive; GB/s = minimal bytes of the fused step / time"
     )
     head = (
-        f"{'profile':<17} {'kind':<4} {'K':>1} {'groups':>10} {'MB':>5} {'naive ms':>8} {'foreach ms':>14} "
+        f"{'profile':<17} {'merge':<5} {'K':>1} {'groups':>10} {'MB':>5} {'naive ms':>8} {'foreach ms':>14} "
         f"{'fused ms':>13} {'fused GB/s':>10} {'copy GB/s':>9}"
     )
     print(head)
     print("-" * len(head))
-    for prof, kind, K, groups in cases:
-        t = bench_case(PROFILES[prof][0], K, kind, groups, device, dtype, reps, args.blocked)
+    for prof, merge, K, groups in cases:
+        t = bench_case(PROFILES[prof][0], K, merge, groups, device, dtype, reps, args.blocked)
         # B023: both are called in this iteration only, with its t
         gbs = lambda ms: t["bytes"] / ms / 1e6  # noqa: E731, B023
         ratio = lambda m: f"{t[m]:.2f} ({t['naive'] / t[m]:.1f}x)"  # noqa: E731, B023
         print(
-            f"{prof:<17} {kind:<4} {K:>1} {groups + ':' + str(t['groups']):>10} {t['bytes'] / 1e6:>5.0f} "
+            f"{prof:<17} {merge:<5} {K:>1} {groups + ':' + str(t['groups']):>10} {t['bytes'] / 1e6:>5.0f} "
             f"{t['naive']:>8.2f} {ratio('foreach'):>14} {ratio('fused'):>13} {gbs(t['fused']):>10.1f} "
             f"{gbs(t['copy']):>9.1f}"
         )

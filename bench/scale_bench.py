@@ -185,10 +185,10 @@ def child(method: str, args) -> dict:
     )
     if args.threads:
         torch.set_num_threads(args.threads)
-    acc = accelerator(cfg)
-    cuda = acc.device.type == "cuda"
+    accel = accelerator(cfg)
+    cuda = accel.device.type == "cuda"
     model, processor = florence2_base()
-    model.to(acc.device)
+    model.to(accel.device)
     expert = attach(model, cfg.expert)
     total = args.warmup + args.steps + 1  # the last step only ends the one before it
     exs = examples(total * args.batch)
@@ -206,7 +206,7 @@ def child(method: str, args) -> dict:
         expert.train()
         with Peak(cuda) as peak:
             if arm == "harness":
-                enc = data.Encoder(processor, acc.device)
+                enc = data.Encoder(processor, accel.device)
 
                 def batches():
                     for i in range(total):
@@ -221,7 +221,7 @@ def child(method: str, args) -> dict:
                     1.0,
                     warmup=min(30, total // 10),
                     desc=f"harness {method}",
-                    acc=acc,
+                    accel=accel,
                 )
             else:
                 # it moves batches itself

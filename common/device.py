@@ -51,7 +51,7 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 def accelerator(cfg):
-    """The stage's Accelerator: acc.device, acc.autocast(), acc.backward(); train_steps prepares the rest
+    """The stage's Accelerator (accel): .device, .autocast(), .backward(); train_steps prepares the rest
     and logs to the tracker of `log_with` (tensorboard: event files under runs/<profile>/logs/)."""
     device = resolve(cfg)
     if cfg.log_with != "none" and importlib.util.find_spec(TRACKERS[cfg.log_with]) is None:

@@ -224,13 +224,13 @@ class MergedExpert:
         frozen: tuple[int, ...] = (),
     ):
         self.type, k = EXPERT_TYPES[ecfg.method], len(experts)
-        kind = self.type.merge
-        self.model = attach(model, ecfg, rank_multiplier=k if kind == "lora" else 1)
+        merge = self.type.merge
+        self.model = attach(model, ecfg, rank_multiplier=k if merge == "lora" else 1)
         self.layers = text_dims(model)["decoder_layers"]
         self.stack = ExpertStack(
             [self.type.per_layer(e, self.layers) for e in experts],
             group_of(groups, self.type),
-            kind=kind,
+            merge=merge,
             trainable=trainable,
             frozen=frozen,
         )

@@ -8,7 +8,7 @@ is one custom autograd op: one pass over memory forward, one backward, gradients
 (through the softmax) and to the stack. CUDA tensors use Triton kernels; elsewhere a few batched
 torch ops per run of equal-length groups (see _torch_fwd / _torch_bwd).
 
-The exact LoRA merge (ExpertStack kind="lora") has no K-way sum: per site, A_cat = [A_1; ...; A_K]
+The exact LoRA merge (ExpertStack merge="lora") has no K-way sum: per site, A_cat = [A_1; ...; A_K]
 and B_cat = [p_1 B_1 ... p_K B_K]. There the experts are still packed once, each of A and B in one
 contiguous buffer, but site-major rather than expert-major ([site][K][block] instead of [K][N]):
 a site's K blocks A_i then already are its A_cat, so A needs no op at all (each site's A_cat is a
@@ -72,12 +72,12 @@ if triton is not None:
         mask = offs < N
         g = _group_of(offs, seg_ptr, G, LOG_G)
         x_ptr = stack_ptr + offs  # advanced by N per expert (64-bit pointer, no int32 overflow)
-        acc = tl.zeros([BLOCK], dtype=acc_t)
+        total = tl.zeros([BLOCK], dtype=acc_t)
         for k in tl.static_range(K):
             w = tl.load(w_ptr + g * K + k, mask=mask, other=0.0)  # [G, K] is tiny: cache hits
-            acc += w * tl.load(x_ptr, mask=mask, other=0.0).to(acc_t)
+            total += w * tl.load(x_ptr, mask=mask, other=0.0).to(acc_t)
             x_ptr += N
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _mix_bwd_kernel(
@@ -177,13 +177,13 @@ MV_MIN = 2048  # group length from which the CPU logit gradient takes one mv per
 
 def _torch_fwd(stack, weights, segments):
     K, N = stack.shape
-    acc = weights.dtype
+    sum_dtype = weights.dtype
     out = torch.empty(N, dtype=stack.dtype, device=stack.device)
     for g0, g1, s, L in _runs(segments, weights.shape[0], N):
         n = g1 - g0
-        x = stack[:, s : s + n * L].view(K, n, L).transpose(0, 1).to(acc)  # [n, K, L], no copy for fp32
+        x = stack[:, s : s + n * L].view(K, n, L).transpose(0, 1).to(sum_dtype)  # [n, K, L], no copy for fp32
         w = weights[g0:g1].unsqueeze(1)  # [n, 1, K]
-        if out.dtype == acc:
+        if out.dtype == sum_dtype:
             torch.bmm(w, x, out=out[s : s + n * L].view(n, 1, L))
         else:
             out[s : s + n * L] = torch.bmm(w, x).view(-1)  # fp32 sum, rounded once to the stack dtype
@@ -192,14 +192,14 @@ def _torch_fwd(stack, weights, segments):
 
 def _torch_bwd(stack, weights, segments, gout, need_stack, need_w):
     K, N = stack.shape
-    acc = weights.dtype
+    sum_dtype = weights.dtype
     gstack = torch.empty_like(stack) if need_stack else None
     gw = torch.zeros_like(weights) if need_w else None
     for g0, g1, s, L in _runs(segments, weights.shape[0], N):
         n, e = g1 - g0, s + (g1 - g0) * L
-        go = gout[s:e].view(n, L).to(acc)
+        go = gout[s:e].view(n, L).to(sum_dtype)
         if need_w:  # gw[g, k] = <stack[k, group g], gout[group g]>
-            x = stack[:, s:e].view(K, n, L).transpose(0, 1).to(acc)  # [n, K, L]
+            x = stack[:, s:e].view(K, n, L).transpose(0, 1).to(sum_dtype)  # [n, K, L]
             if K == 1:  # row dots (bmm is slow for 1x1 outputs), a few rows at a time so that
                 rows = max(1, 2**18 // L)  # the product stays in cache instead of a DRAM temporary
                 for i in range(0, n, rows):
@@ -333,7 +333,7 @@ class _ScaleBlocks(torch.autograd.Function):
             torch._foreach_copy_(_views(gflat, ctx.runs), list(grads))
             gstack, gw = _triton_bwd(stack.unsqueeze(0), w, segments, gflat, need_stack, need_w)
             return None if gstack is None else gstack.view(-1), gw, None, None, None, None
-        acc = w.dtype
+        sum_dtype = w.dtype
         gw = torch.empty_like(w) if need_w else None  # every chunk belongs to one site: all written
         site = 0  # first site (view) of the run; its chunks are rows site*K.. of w
         for offset, count, shape, transposed in ctx.runs:
@@ -346,10 +346,10 @@ class _ScaleBlocks(torch.autograd.Function):
             for g, x, d, w_s, gw_s in zip(grads[site : site + count], xs, ds, ws, gws):
                 g = (g.t() if transposed else g).reshape(K, L)  # a view in the output's own layout
                 if need_w:  # dL/dw[c] = <stack[chunk c], grad[chunk c]>, accumulated in fp32 / fp64
-                    if x.dtype == acc:
+                    if x.dtype == sum_dtype:
                         torch.linalg.vecdot(x, g, out=gw_s)
                     else:
-                        torch.sum(x.to(acc) * g.to(acc), dim=-1, out=gw_s)
+                        torch.sum(x.to(sum_dtype) * g.to(sum_dtype), dim=-1, out=gw_s)
                 if need_stack:  # dL/dstack[chunk c] = w[c] * grad[chunk c]
                     torch.mul(g, w_s, out=d)
             site += count
@@ -362,9 +362,9 @@ class _ScaleBlocks(torch.autograd.Function):
 class ExpertStack(torch.nn.Module):
     """K experts with identical tensor names/shapes, packed once for interpolation.
 
-    kind="sum":  forward(logits) -> {name: sum_i p_i expert_i[name]} (original shapes), all views
+    merge="sum":  forward(logits) -> {name: sum_i p_i expert_i[name]} (original shapes), all views
                  of one flat output buffer. Packed stack: parameter/buffer `stack` [K, N].
-    kind="lora": experts are peft LoRA state dicts (`...lora_A.weight` [r, d_in], `...lora_B.weight`
+    merge="lora": experts are peft LoRA state dicts (`...lora_A.weight` [r, d_in], `...lora_B.weight`
                  [d_out, r]). The exact merge sum_i p_i B_i A_i is one LoRA of rank K*r:
                  A_cat = [A_1; ...; A_K] and B_cat = [p_1 B_1, ..., p_K B_K]; forward returns
                  {same names: A_cat / B_cat}. Use it in a peft LoRA with r = K*r and
@@ -378,8 +378,8 @@ class ExpertStack(torch.nn.Module):
                  on the weights, and F.linear's gradient for it lands in `lora_A[s].grad` as is,
                  with no copy into a flat gradient. B stays one parameter (the fused scale op).
     group_of maps a tensor name to its group (for LoRA, A and B of one site must share a group).
-    trainable=True registers the packed stacks as nn.Parameters (kind="lora": `lora_B_stack` and the
-    per-site A leaves `lora_A`), else as buffers. frozen (kind="sum"): experts whose rows of `stack`
+    trainable=True registers the packed stacks as nn.Parameters (merge="lora": `lora_B_stack` and the
+    per-site A leaves `lora_A`), else as buffers. frozen (merge="sum"): experts whose rows of `stack`
     stay as given while the others train (their gradient is zeroed).
     """
 
@@ -387,7 +387,7 @@ class ExpertStack(torch.nn.Module):
         self,
         experts: list[dict[str, Tensor]],
         group_of: Callable[[str], str],
-        kind: str = "sum",
+        merge: str = "sum",
         trainable: bool = True,
         frozen: tuple[int, ...] = (),
     ):
@@ -407,26 +407,26 @@ class ExpertStack(torch.nn.Module):
         if len({experts[0][n].dtype for n in names}) > 1:
             raise ValueError("all tensors must share one dtype")
         self.num_experts = len(experts)
-        self.kind = kind
+        self.merge = merge
         self.trainable = trainable
         self._names = names  # output order = the experts' key order
         by_group: dict[str, list[str]] = {}
         for n in names:
             by_group.setdefault(group_of(n), []).append(n)
         self.group_names = list(by_group)
-        if frozen and kind != "sum":  # a LoRA block of zeros gets no gradient anyway; others are not needed
-            raise ValueError("frozen experts are for kind='sum'")
-        if kind == "sum":
+        if frozen and merge != "sum":  # a LoRA block of zeros gets no gradient anyway; others are not needed
+            raise ValueError("frozen experts are for merge='sum'")
+        if merge == "sum":
             self._build_sum(experts, by_group)
             if trainable and frozen:  # their rows get no gradient, so AdamW leaves them bit for bit
                 keep = torch.ones(len(experts), 1, dtype=self.stack.dtype)
                 keep[list(frozen)] = 0
                 self.register_buffer("_keep", keep, persistent=False)  # moves with the stack (.to(device))
                 self.stack.register_hook(lambda g: g * self._keep)
-        elif kind == "lora":
+        elif merge == "lora":
             self._build_lora(experts, by_group, group_of)
         else:
-            raise ValueError(f"kind must be 'sum' or 'lora', got {kind!r}")
+            raise ValueError(f"merge must be 'sum' or 'lora', got {merge!r}")
 
     def _register(self, name: str, t: Tensor):
         if self.trainable:
@@ -469,7 +469,7 @@ class ExpertStack(torch.nn.Module):
                     if n.replace("lora_B", "lora_A") not in e0:
                         raise ValueError(f"{n} has no matching lora_A")
                 else:
-                    raise ValueError(f"kind='lora' expects only lora_A/lora_B tensors, got {n}")
+                    raise ValueError(f"merge='lora' expects only lora_A/lora_B tensors, got {n}")
         specs, a_parts, b_parts, chunk_bounds = {}, [], [], [0]
         a_off = b_off = 0
         for a, b, _ in sites:
@@ -487,7 +487,7 @@ class ExpertStack(torch.nn.Module):
         self._chunk_runs = tuple(_runs(torch.tensor(chunk_bounds), len(chunk_bounds) - 1, b_off))
         self._site_names = [(a, b) for a, b, _ in sites]
         if not sites:
-            raise ValueError("kind='lora' found no lora_A/lora_B pairs")
+            raise ValueError("merge='lora' found no lora_A/lora_B pairs")
         a_flat = torch.cat(a_parts)
         if self.trainable:  # one leaf per site, all views of one flat buffer (see _link_lora_A)
             self.lora_A = torch.nn.ParameterList(
@@ -526,7 +526,7 @@ class ExpertStack(torch.nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        if self.kind == "lora" and self.trainable:
+        if self.merge == "lora" and self.trainable:
             self._link_lora_A()
         return self
 
@@ -536,7 +536,7 @@ class ExpertStack(torch.nn.Module):
             raise ValueError(
                 f"logits must be [G={len(self.group_names)}, K={self.num_experts}], got {tuple(logits.shape)}"
             )
-        if self.kind == "sum":
+        if self.merge == "sum":
             flat = weighted_merge(self.stack, logits, self.segments)
             return dict(zip(self._names, _Unflatten.apply(flat, self._views)))
         # LoRA: A_cat is each site's leaf (or a view of the frozen buffer), no op at all.
@@ -557,4 +557,4 @@ class ExpertStack(torch.nn.Module):
         return {n: merged[n] for n in self._names}
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, experts={self.num_experts}, groups={len(self.group_names)}"
+        return f"merge={self.merge!r}, experts={self.num_experts}, groups={len(self.group_names)}"

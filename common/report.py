@@ -923,7 +923,7 @@ FISHER_SUBSETS = {
 
 
 def _similarities(cfg, runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
-    """embedding -> run -> {pool expert: predicted similarity to the target's expert}; "retrieval (<kind>)"
+    """embedding -> run -> {pool expert: predicted similarity to the target's expert}; "retrieval (<emb>)"
     is what π-Tuning used (similarity/<run>.json), the others similarity/<run>.<embedding>.json, and the
     FISHER_SUBSETS of the cached per-sample Fishers (fisher/<expert>.safetensors) where they exist."""
     from common.similarity import cached_fisher, fisher_cache, normalized, task_similarity
@@ -941,9 +941,9 @@ def _similarities(cfg, runs: list[dict]) -> dict[str, dict[str, dict[str, float]
             if not p.is_file():
                 continue
             s = json.loads(p.read_text())
-            kind = s.get("fisher", {}).get("embedding", "fisher")
+            used = s.get("fisher", {}).get("embedding", "fisher")
             row = s["row"] if "row" in s else s["matrix"][0]  # (files before 2026-12 held the whole matrix)
-            out.setdefault(emb or f"retrieval ({kind})", {})[r["run"]] = dict(zip(s["names"], row))
+            out.setdefault(emb or f"retrieval ({used})", {})[r["run"]] = dict(zip(s["names"], row))
         names = [r["run"]] + list(r.get("transfer", {}))
         for n in names:
             if n not in fishers:
@@ -1134,8 +1134,8 @@ def _plot_similarity(heat_path: Path, graph_path: Path, sim: dict, families: dic
             if i != j:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white")
     fig.colorbar(im, ax=ax, label="similarity (off-diagonal range)")
-    kind = EMBEDDINGS.get(sim.get("fisher", {}).get("embedding", "fisher"))
-    ax.set_title(f"task similarity ({kind.what if kind else sim['fisher']['embedding']})")
+    embedding = EMBEDDINGS.get(sim.get("fisher", {}).get("embedding", "fisher"))
+    ax.set_title(f"task similarity ({embedding.what if embedding else sim['fisher']['embedding']})")
     fig.tight_layout()
     fig.savefig(heat_path, dpi=110)
     plt.close(fig)

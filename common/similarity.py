@@ -221,8 +221,8 @@ def update_similarity(ua: dict, ub: dict) -> float:
 def update_embedding(weights: dict[str, torch.Tensor], method: str, layers: int = 1) -> dict:
     """{site: the expert's update there}: a LowRank where its type's update is a product of factors (LoRA,
     DoRA's direction, adapters), so no d x d matrix is formed; the tensor otherwise."""
-    kind = EXPERT_TYPES[method]
-    if kind.factors is not None and (factors := kind.factors(weights)):
+    etype = EXPERT_TYPES[method]
+    if etype.factors is not None and (factors := etype.factors(weights)):
         return {site: LowRank(b, a) for site, (b, a) in factors.items()}
     return expert_update(weights, method, layers)
 
@@ -256,10 +256,10 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
 
     def compute(name: str) -> dict[str, torch.Tensor]:
         if not loaded:  # load the backbone only when something needs computing
-            acc = accelerator(cfg)
-            model, processor = load_backbone(cfg, acc.device)
-            enc = data.Encoder(processor, acc.device, generation=model.generation_config)
-            loaded.extend([attach(model, cfg.expert), enc, acc])
+            accel = accelerator(cfg)
+            model, processor = load_backbone(cfg, accel.device)
+            enc = data.Encoder(processor, accel.device, generation=model.generation_config)
+            loaded.extend([attach(model, cfg.expert), enc, accel])
         fisher, sampled = _fisher_of(cfg, name, reference, *loaded)
         with atomic_file(where[name][0]) as tmp:
             save_file(fisher, str(tmp), metadata={**where[name][1], SAMPLED: sampled})
@@ -301,7 +301,7 @@ def _turn(out: Path, wait: bool = True):
 
 
 def _fisher_of(
-    cfg, name: str, reference: dict | None, peft_model, enc, acc
+    cfg, name: str, reference: dict | None, peft_model, enc, accel
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Expert `name`'s Fisher under cfg.fisher, and which examples it took: at its own weights (or the common
     reference), on fisher.samples of its own training data as it saw it (the low-shot sample for the target;
@@ -328,7 +328,7 @@ def _fisher_of(
         fc.estimator,
         fc.batch_size,
         desc=f"fisher {name}",
-        autocast=acc.autocast,
+        autocast=accel.autocast,
         answers=drawn,
     )
     fisher = {k.replace(".default", ""): v.contiguous().cpu() for k, v in fisher.items()}

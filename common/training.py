@@ -211,14 +211,14 @@ def train_steps(
     warmup: int = 0,
     desc: str = "train",
     lr_field: str = "expert.lr",
-    acc=None,
+    accel=None,
     grad_accum: int = 1,
     checkpoint: Checkpoint | None = None,
     log_every: float = 30.0,
     count=len,
 ) -> float:
     """Run `steps` optimizer steps of loss_fn(inputs), each over grad_accum batches; returns the mean loss of
-    the last 10% of steps. Through accelerate (`acc`, from common.device.accelerator; None: the CPU in fp32):
+    the last 10% of steps. Through accelerate (`accel`, common.device.accelerator's; None: the CPU in fp32):
     the forward under autocast, fp16 loss scaling, accumulation. batches: an iterator of Batch (data.Loader:
     each rank's share, read and encoded in DataLoader workers; moved to the device here), or of plain batches
     that every rank draws alike, of which each rank takes its share (common.dist; count(share): the terms
@@ -227,14 +227,14 @@ def train_steps(
     checkpoint.every steps (a batch source with skip(n), as data.Loader, passes the batches of the steps
     before without reading them). A NaN or inf loss (on any rank) or weight stops the stage (a UserError
     naming the field to fix) before anything is written."""
-    acc = acc or fresh("cpu", "fp32")
-    acc.gradient_accumulation_steps = grad_accum
+    accel = accel or fresh("cpu", "fp32")
+    accel.gradient_accumulation_steps = grad_accum
     params = [p for g in param_groups for p in g["params"]]
     # fused: one kernel over every tensor instead of a loop of small ones (CPU and CUDA; a mini caption step
     # took 98 ms against 107 on the 2-core CPU); on another device (MPS, XLA) torch picks its own
     fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
     opt = torch.optim.AdamW(param_groups, weight_decay=0.0, fused=fused)
-    opt, sched = acc.prepare(
+    opt, sched = accel.prepare(
         opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
     )
     start, tail = checkpoint.resume(params, opt, sched, desc) if checkpoint else (0, [])
@@ -244,14 +244,14 @@ def train_steps(
         for _ in range(start * grad_accum):
             next(batches)
     progress = Progress(desc, start, steps, log_every, quiet=not dist.is_main())
-    tracking = bool(acc.log_with)  # log_with: one tracker run per loop, named after it ("expert-nli")
+    tracking = bool(accel.log_with)  # log_with: one tracker run per loop, named after it ("expert-nli")
     if tracking:
-        acc.init_trackers(desc.replace(" ", "-"))
+        accel.init_trackers(desc.replace(" ", "-"))
     t0 = time.time()
     for step in progress:
         total, examples = 0.0, 0
         for _ in range(grad_accum):
-            with acc.accumulate():
+            with accel.accumulate():
                 batch = next(batches)
                 if not isinstance(batch, Batch):
                     batch = Batch.share(batch, count)
@@ -259,16 +259,16 @@ def train_steps(
                 share = 1.0
                 if dist.active():  # this rank's terms over the whole batch's
                     share = batch.targets / dist.all_sum([torch.tensor([float(batch.targets)])])[0].item()
-                with acc.autocast():
-                    loss = loss_fn(batch.to(acc.device).inputs) * share
+                with accel.autocast():
+                    loss = loss_fn(batch.to(accel.device).inputs) * share
                 total += loss.detach()
-                acc.backward(loss)  # divided by grad_accum; fp16: scaled
-                if acc.sync_gradients:  # the step's last batch: gradients (and the loss) summed over ranks
+                accel.backward(loss)  # divided by grad_accum; fp16: scaled
+                if accel.sync_gradients:  # the step's last batch: gradients (and the loss) summed over ranks
                     total = dist.sync(params, total)
                     if not torch.isfinite(total):
                         _diverged(desc, f"loss {total.item()} at step {step + 1} of {steps}", lr_field)
                     if grad_clip:
-                        acc.clip_grad_norm_(params, grad_clip)
+                        accel.clip_grad_norm_(params, grad_clip)
                 opt.step()  # prepared: steps (and the schedule) once the last batch of the step is in
                 sched.step()
                 opt.zero_grad(set_to_none=True)
@@ -277,7 +277,7 @@ def train_steps(
             tail.append(mean)
         progress.update(step, mean, sched.get_last_lr()[0], examples)
         if tracking:  # accelerate logs on the main process only
-            acc.log(
+            accel.log(
                 {
                     "loss": mean,
                     "lr": sched.get_last_lr()[0],
@@ -289,10 +289,12 @@ def train_steps(
             checkpoint.save(step + 1, params, opt, sched, tail)
         if checkpoint and checkpoint.kill_at == step + 1:  # debug.kill_at_step: a crash, for the tests
             os.kill(os.getpid(), signal.SIGKILL)
-    acc.free_memory(opt, sched)  # the accelerator forgets them: one accelerator serves the stage's next loop
+    accel.free_memory(
+        opt, sched
+    )  # the accelerator forgets them: one accelerator serves the stage's next loop
     if tracking:
-        acc.end_training()  # flushes and closes the tracker run
-        acc.trackers.clear()
+        accel.end_training()  # flushes and closes the tracker run
+        accel.trackers.clear()
     if not all(torch.isfinite(p).all() for p in params):
         _diverged(desc, f"weights not finite after step {steps}", lr_field)
     if checkpoint and checkpoint.fail_rank == dist.rank():

@@ -50,7 +50,7 @@ def train(nan_on_rank: int = -1, checkpoint=None, sizes=(3,)) -> list[float]:
         ragged_batches(0, sizes),
         6,
         grad_clip=0,
-        acc=fresh("cpu", "fp32"),
+        accel=fresh("cpu", "fp32"),
         count=lambda b: sum(len(s) for s in b),
         checkpoint=checkpoint,
     )

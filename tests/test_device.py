@@ -67,14 +67,14 @@ def test_bf16_runs_the_forward_in_bf16_and_the_fisher_in_fp32():
     from common.similarity import fisher_diagonal
 
     cfg, model, enc, _ = tiny_florence()
-    acc = accelerator(micro_config("device=cpu", "precision=bf16"))
+    accel = accelerator(micro_config("device=cpu", "precision=bf16"))
     lora = attach(model, cfg.expert)
     seen = []
     hook = model.model.language_model.encoder.layers[0].fc2.register_forward_hook(
         lambda m, i, o: seen.append(o.dtype)
     )
     exs = data.examples("snli-ve", "train", cfg.world, 6)
-    in_bf16 = fisher_diagonal(lora, enc, exs, autocast=acc.autocast)
+    in_bf16 = fisher_diagonal(lora, enc, exs, autocast=accel.autocast)
     assert seen and set(seen) == {torch.bfloat16}
     hook.remove()
     in_fp32 = fisher_diagonal(lora, enc, exs)

@@ -67,9 +67,9 @@ def test_the_null_expert_changes_nothing_and_a_summed_one_stays_put_while_the_ta
     from common.experts import MergedExpert, load_pool
 
     cfg = config(runs[method][0], method)
-    kind = EXPERT_TYPES[method]
+    etype = EXPERT_TYPES[method]
     target = load_pool(cfg, [NAME])[0]
-    null = kind.null(target)
+    null = etype.null(target)
     model, processor = load_backbone(cfg)
     batch = data.Encoder(processor).batch(data.examples("snli-ve", "test", cfg.world, 6))
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_the_null_expert_changes_nothing_and_a_summed_one_stays_put_while_the_ta
         alone = MergedExpert(model, cfg.expert, [null], "site", trainable=False)
         merge_logits = torch.zeros(len(alone.group_names), 1)
         assert torch.allclose(alone(merge_logits, **batch).logits, untouched, atol=1e-6)
-    if kind.merge != "sum":
+    if etype.merge != "sum":
         return  # LoRA: B = A = 0 get no gradient (test_pipeline checks the exported run)
     model = load_backbone(cfg)[0]
     merge = MergedExpert(model, cfg.expert, [target, null], "site", trainable=True, frozen=(1,))

@@ -125,7 +125,7 @@ def test_log_with_sends_each_step_to_the_tracker_and_a_missing_package_is_one_li
         [{"params": list(lin.parameters()), "lr": 0.1}],
         batches,
         4,
-        acc=fresh("cpu", "fp32", log_with=[rec]),
+        accel=fresh("cpu", "fp32", log_with=[rec]),
     )
     assert [s for s, _ in rec.logged] == [1, 2, 3, 4] and rec.finished == 1
     assert all(set(v) == {"loss", "lr", "examples_per_s"} and v["loss"] > 0 for _, v in rec.logged)
