@@ -57,8 +57,8 @@ def bart_adapters(d: int, enc: int, dec: int, dim: int) -> dict[str, tuple]:
 
 
 PROFILES = {  # name: (shapes, kinds to run)
-    "mini-lora": (bart_lora(128, 2, 2, 8), ("sum", "lora")),
-    "florence-lora": (bart_lora(768, 6, 6, 16), ("sum", "lora")),
+    "mini-lora": (bart_lora(128, 2, 2, 8), ("sum", "lowrank")),
+    "florence-lora": (bart_lora(768, 6, 6, 16), ("sum", "lowrank")),
     "florence-adapter": (bart_adapters(768, 6, 6, 128), ("sum",)),
 }
 GROUPS = {

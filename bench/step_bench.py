@@ -92,7 +92,7 @@ def main() -> None:
     single.unload()  # give the backbone back without LoRA layers
 
     stack = ExpertStack(
-        experts, group_of(cfg.interpolate.groups, EXPERT_TYPES["lora"]), merge="lora", trainable=True
+        experts, group_of(cfg.interpolate.groups, EXPERT_TYPES["lora"]), merge="lowrank", trainable=True
     ).to(args.device)
     logits = torch.zeros(len(stack.group_names), args.k, device=args.device, requires_grad=True)
     merged_model = attach(model, cfg.expert, rank_multiplier=args.k)

@@ -32,7 +32,9 @@ class ExpertType:
     build: Callable
     update: Callable
     factors: Callable | None = None  # weights -> {site: (B, A)} where the update is their product B @ A
-    merge: str = "sum"  # sum: the weighted sum of each tensor | lora: the exact sum_i p_i B_i A_i (rank K*r)
+    merge: str = (
+        "sum"  # sum: the weighted sum of each tensor | lowrank: the exact sum_i p_i B_i A_i (rank K*r)
+    )
     peft_merges: bool = False  # peft's add_weighted_adapter baselines (linear-merge, ties-merge) apply
     scaled: bool = False  # B carries alpha/r: rescaled to the configured scale before a merge
     layered: bool = False  # one table for all decoder layers, interpolated per layer (prefix)
@@ -266,7 +268,7 @@ EXPERT_TYPES: dict[str, ExpertType] = {
             _lora,
             _lora_update,
             _lora_factors,
-            merge="lora",
+            merge="lowrank",
             peft_merges=True,
             scaled=True,
             saved_as=("peft_type", "LORA"),

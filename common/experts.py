@@ -210,7 +210,7 @@ def group_of(mode: str, etype):
 class MergedExpert:
     """K experts of one method mixed with per-group softmax weights, run as ONE expert of that method.
 
-    A type whose merge is "lora": the exact update sum_i p_i B_i A_i as one LoRA of rank K*r; every other:
+    A type whose merge is "lowrank": the exact update sum_i p_i B_i A_i as one LoRA of rank K*r; every other:
     the weighted sum of each tensor (IA3 vectors, prompt / prefix tables, adapter weights and biases, DoRA's
     A, B and magnitudes)."""
 
@@ -225,7 +225,7 @@ class MergedExpert:
     ):
         self.type, k = EXPERT_TYPES[ecfg.method], len(experts)
         merge = self.type.merge
-        self.model = attach(model, ecfg, rank_multiplier=k if merge == "lora" else 1)
+        self.model = attach(model, ecfg, rank_multiplier=k if merge == "lowrank" else 1)
         self.layers = text_dims(model)["decoder_layers"]
         self.stack = ExpertStack(
             [self.type.per_layer(e, self.layers) for e in experts],

@@ -8,7 +8,7 @@ is one custom autograd op: one pass over memory forward, one backward, gradients
 (through the softmax) and to the stack. CUDA tensors use Triton kernels; elsewhere a few batched
 torch ops per run of equal-length groups (see _torch_fwd / _torch_bwd).
 
-The exact LoRA merge (ExpertStack merge="lora") has no K-way sum: per site, A_cat = [A_1; ...; A_K]
+The exact LoRA merge (ExpertStack merge="lowrank") has no K-way sum: per site, A_cat = [A_1; ...; A_K]
 and B_cat = [p_1 B_1 ... p_K B_K]. There the experts are still packed once, each of A and B in one
 contiguous buffer, but site-major rather than expert-major ([site][K][block] instead of [K][N]):
 a site's K blocks A_i then already are its A_cat, so A needs no op at all (each site's A_cat is a
@@ -364,7 +364,7 @@ class ExpertStack(torch.nn.Module):
 
     merge="sum":  forward(logits) -> {name: sum_i p_i expert_i[name]} (original shapes), all views
                  of one flat output buffer. Packed stack: parameter/buffer `stack` [K, N].
-    merge="lora": experts are peft LoRA state dicts (`...lora_A.weight` [r, d_in], `...lora_B.weight`
+    merge="lowrank": experts are peft LoRA state dicts (`...lora_A.weight` [r, d_in], `...lora_B.weight`
                  [d_out, r]). The exact merge sum_i p_i B_i A_i is one LoRA of rank K*r:
                  A_cat = [A_1; ...; A_K] and B_cat = [p_1 B_1, ..., p_K B_K]; forward returns
                  {same names: A_cat / B_cat}. Use it in a peft LoRA with r = K*r and
@@ -378,7 +378,7 @@ class ExpertStack(torch.nn.Module):
                  on the weights, and F.linear's gradient for it lands in `lora_A[s].grad` as is,
                  with no copy into a flat gradient. B stays one parameter (the fused scale op).
     group_of maps a tensor name to its group (for LoRA, A and B of one site must share a group).
-    trainable=True registers the packed stacks as nn.Parameters (merge="lora": `lora_B_stack` and the
+    trainable=True registers the packed stacks as nn.Parameters (merge="lowrank": `lora_B_stack` and the
     per-site A leaves `lora_A`), else as buffers. frozen (merge="sum"): experts whose rows of `stack`
     stay as given while the others train (their gradient is zeroed).
     """
@@ -423,10 +423,10 @@ class ExpertStack(torch.nn.Module):
                 keep[list(frozen)] = 0
                 self.register_buffer("_keep", keep, persistent=False)  # moves with the stack (.to(device))
                 self.stack.register_hook(lambda g: g * self._keep)
-        elif merge == "lora":
+        elif merge == "lowrank":
             self._build_lora(experts, by_group, group_of)
         else:
-            raise ValueError(f"merge must be 'sum' or 'lora', got {merge!r}")
+            raise ValueError(f"merge must be 'sum' or 'lowrank', got {merge!r}")
 
     def _register(self, name: str, t: Tensor):
         if self.trainable:
@@ -469,7 +469,7 @@ class ExpertStack(torch.nn.Module):
                     if n.replace("lora_B", "lora_A") not in e0:
                         raise ValueError(f"{n} has no matching lora_A")
                 else:
-                    raise ValueError(f"merge='lora' expects only lora_A/lora_B tensors, got {n}")
+                    raise ValueError(f"merge='lowrank' expects only lora_A/lora_B tensors, got {n}")
         specs, a_parts, b_parts, chunk_bounds = {}, [], [], [0]
         a_off = b_off = 0
         for a, b, _ in sites:
@@ -487,7 +487,7 @@ class ExpertStack(torch.nn.Module):
         self._chunk_runs = tuple(_runs(torch.tensor(chunk_bounds), len(chunk_bounds) - 1, b_off))
         self._site_names = [(a, b) for a, b, _ in sites]
         if not sites:
-            raise ValueError("merge='lora' found no lora_A/lora_B pairs")
+            raise ValueError("merge='lowrank' found no lora_A/lora_B pairs")
         a_flat = torch.cat(a_parts)
         if self.trainable:  # one leaf per site, all views of one flat buffer (see _link_lora_A)
             self.lora_A = torch.nn.ParameterList(
@@ -526,7 +526,7 @@ class ExpertStack(torch.nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        if self.merge == "lora" and self.trainable:
+        if self.merge == "lowrank" and self.trainable:
             self._link_lora_A()
         return self
 

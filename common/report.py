@@ -894,16 +894,12 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
     last = min(by_shots[shots[-1]], key=lambda r: r["seed"])  # the plots show one run: most shots, first seed
     sim_file = artifact(cfg, "similarity", last["run"])
     if sim_file.is_file():
-        _plot_similarity(
-            figs / "similarity.png",
-            figs / "task_graph.png",
-            _whole(cfg, json.loads(sim_file.read_text())),
-            _families(cfg),
-        )
+        sim = json.loads(sim_file.read_text())  # its top_k: the edges drawn in red and the caption's k
+        _plot_similarity(figs / "similarity.png", figs / "task_graph.png", _whole(cfg, sim), _families(cfg))
         md += [
             f"![similarity heatmap]({rel}/similarity.png) ![task graph]({rel}/task_graph.png)",
             f"(similarity of {last['run']}; graph edges: each task's two most similar, the target's top-"
-            f"{cfg.interpolate.top_k} in red)",
+            f"{len(sim.get('top_k', []))} in red)",
         ]
     weights = artifact(cfg, "interpolated", last["run"]) / "weights.json"
     if weights.is_file():

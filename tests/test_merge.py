@@ -234,7 +234,9 @@ def test_gradcheck_float64():
     for es in (
         ExpertStack(make_experts(small, 3, torch.float64), GROUPINGS["mixed"]),
         ExpertStack(
-            lora_experts(3, sites=(("x", 3, 2), ("y", 2, 3)), r=2, dtype=torch.float64), site_of, merge="lora"
+            lora_experts(3, sites=(("x", 3, 2), ("y", 2, 3)), r=2, dtype=torch.float64),
+            site_of,
+            merge="lowrank",
         ),
     ):
         names = [n for n, _ in es.named_parameters()]
@@ -278,14 +280,14 @@ def test_bf16_accumulates_in_fp32():
     assert err(logits.grad, l64.grad, logit_size) <= 1e-6  # bf16 sums of 4096 terms would be ~1e-3 off
 
 
-# ------------------------------------------------------------------------------ merge="lora"
+# ------------------------------------------------------------------------------ merge="lowrank"
 @pytest.mark.parametrize("grouping", ["global", "per_site"])
 def test_lora_update_equals_sum_of_expert_updates(grouping):
     torch.manual_seed(0)
     K, r = 3, 4
     experts = lora_experts(K, r=r)
     group_of = site_of if grouping == "per_site" else (lambda n: "all")
-    stack = ExpertStack(experts, group_of, merge="lora")
+    stack = ExpertStack(experts, group_of, merge="lowrank")
     logits = torch.randn(len(stack.group_names), K, requires_grad=True)
     out = stack(logits)
     assert list(out) == list(experts[0])
@@ -325,7 +327,7 @@ def test_lora_grads_match_naive(layout):
     torch.manual_seed(0)
     K = 3
     experts = lora_experts(K)
-    stack = ExpertStack(experts, site_of, merge="lora")
+    stack = ExpertStack(experts, site_of, merge="lowrank")
     logits = torch.randn(len(stack.group_names), K, requires_grad=True)
     out = stack(logits)
     ref_experts, ref_logits, ref_probs, row_of, ref = reference(
@@ -341,7 +343,7 @@ def test_lora_grads_match_naive(layout):
     assert rel(flat(out), flat(ref)) <= 1e-6  # no sums here: concatenation and scaling
     assert err(logits.grad, ref_logits.grad, logit_size) <= 1e-6
     ref_pack = ExpertStack(
-        [{n: t.grad for n, t in e.items()} for e in ref_experts], site_of, merge="lora", trainable=False
+        [{n: t.grad for n, t in e.items()} for e in ref_experts], site_of, merge="lowrank", trainable=False
     )
     assert rel(a_grad(stack), ref_pack.lora_A_stack) <= 1e-6
     assert rel(stack.lora_B_stack.grad, ref_pack.lora_B_stack) <= 1e-6
@@ -351,7 +353,7 @@ def test_lora_A_leaves_share_one_buffer():
     """Trainable: each site's A_cat is its own leaf parameter, a view of the packed A buffer, returned as
     is; parameters() holds them and the B stack; conversions keep them in one buffer."""
     experts = lora_experts(3)
-    stack = ExpertStack(experts, site_of, merge="lora")
+    stack = ExpertStack(experts, site_of, merge="lowrank")
     out = stack(torch.zeros(len(stack.group_names), 3))
     a_names = [n for n in out if "lora_A" in n]
     assert [out[n] for n in a_names] == list(stack.lora_A) and all(p.is_leaf for p in stack.lora_A)
@@ -380,10 +382,10 @@ def test_lora_A_leaves_share_one_buffer():
         stack.lora_A_stack, torch.cat([e[n].double().reshape(-1) for n in a_names for e in experts])
     )
 
-    frozen = ExpertStack(experts, site_of, merge="lora", trainable=False)
+    frozen = ExpertStack(experts, site_of, merge="lowrank", trainable=False)
     assert list(frozen.parameters()) == [] and "lora_A_stack" in dict(frozen.named_buffers())
     grads = []  # frozen experts: the logits get the same gradient
-    for es in (frozen, ExpertStack(experts, site_of, merge="lora")):
+    for es in (frozen, ExpertStack(experts, site_of, merge="lowrank")):
         lg = torch.randn(
             len(es.group_names), 3, generator=torch.Generator().manual_seed(0), requires_grad=True
         )
@@ -408,7 +410,7 @@ def test_lora_A_grad_is_kept_without_copy():
         }
         for e in lora_experts(K, sites=sites, r=r)
     ]
-    stack = ExpertStack(experts, lambda n: n.split(".lora_")[0], merge="lora")
+    stack = ExpertStack(experts, lambda n: n.split(".lora_")[0], merge="lowrank")
     logits = torch.randn(len(stack.group_names), K, requires_grad=True)
     out = stack(logits)
     seen = {}
@@ -431,7 +433,7 @@ def test_lora_mixed_shapes_match_float64(dtype):
     values = None
     results = []
     for dt in (dtype, torch.float64):
-        es = ExpertStack([{n: t.to(dt) for n, t in e.items()} for e in experts], site_of, merge="lora")
+        es = ExpertStack([{n: t.to(dt) for n, t in e.items()} for e in experts], site_of, merge="lowrank")
         lg = logits.clone().requires_grad_()
         out = es(lg)
         if values is None:
@@ -463,7 +465,7 @@ def test_lora_plugs_into_peft_rank_k_r():
         }
         for e in lora_experts(K, sites=sites, r=r)
     ]
-    stack = ExpertStack(experts, lambda n: n.split(".lora_")[0], merge="lora")
+    stack = ExpertStack(experts, lambda n: n.split(".lora_")[0], merge="lowrank")
     logits = torch.randn(len(stack.group_names), K)
     x = torch.randn(5, 12)
     y = functional_call(model, stack(logits), (x,), strict=False)
@@ -484,11 +486,11 @@ def test_lora_plugs_into_peft_rank_k_r():
 def test_lora_rejects_bad_input():
     experts = lora_experts(2)
     with pytest.raises(ValueError, match="same group"):
-        ExpertStack(experts, lambda n: n, merge="lora")
+        ExpertStack(experts, lambda n: n, merge="lowrank")
     with pytest.raises(ValueError, match="lora_A/lora_B"):
-        ExpertStack(make_experts(SHAPES, 2), lambda n: n, merge="lora")
+        ExpertStack(make_experts(SHAPES, 2), lambda n: n, merge="lowrank")
     with pytest.raises(ValueError, match="logits"):
-        ExpertStack(experts, site_of, merge="lora")(torch.zeros(2, 2))
+        ExpertStack(experts, site_of, merge="lowrank")(torch.zeros(2, 2))
 
 
 # ------------------------------------------------------------------------------ Triton
@@ -526,7 +528,7 @@ TRITON_CHECK = textwrap.dedent("""
     experts = [{"s%d.lora_A.weight" % i: torch.randn(4, 30 + i) for i in range(3)} |
                {"s%d.lora_B.weight" % i: torch.randn(40 - i, 4) for i in range(3)} for _ in range(3)]
     def fn():
-        es = ExpertStack(experts, lambda n: n.split(".")[0], merge="lora")
+        es = ExpertStack(experts, lambda n: n.split(".")[0], merge="lowrank")
         logits = torch.randn(3, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
         out = es(logits)
         sum((t * t).sum() for t in out.values()).backward()
@@ -581,8 +583,8 @@ def test_cuda_triton_matches_float64(dtype):
 def test_cuda_expert_stack_lora():
     torch.manual_seed(0)
     experts = lora_experts(3)
-    cpu = ExpertStack(experts, site_of, merge="lora")
-    gpu = ExpertStack(experts, site_of, merge="lora").cuda()
+    cpu = ExpertStack(experts, site_of, merge="lowrank")
+    gpu = ExpertStack(experts, site_of, merge="lowrank").cuda()
     logits = torch.randn(len(cpu.group_names), 3)
     out_c, out_g = cpu(logits), gpu(logits.cuda())
     for n in out_c:

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # the code that runs the methods: the stages, provenance (make's rules) and the report (config.py names
 # interpolate.retrieval's values, fixed and select: a setting of π-Tuning, not a method)
 DISPATCHERS = ["train_expert.py", "embed_tasks.py", "interpolate.py", "evaluate.py"] + [
-    f"common/{m}.py" for m in ("provenance", "report", "experts", "data", "stage", "checks")
+    f"common/{m}.py"
+    for m in ("provenance", "report", "experts", "similarity", "metrics", "merge", "data", "stage", "checks")
 ]
 
 
@@ -95,12 +96,14 @@ def _literals(path: Path) -> list[tuple[int, str]]:
 
 
 @pytest.mark.parametrize("module", DISPATCHERS)
-def test_no_stage_provenance_or_report_dispatches_on_a_methods_name(module):
-    """Which methods exist and what each does is common/methods.py's: the code that runs them compares no
-    string with a method's name, variant or trained baseline (as in `if name == "random"`)."""
+def test_no_stage_provenance_or_report_dispatches_on_a_methods_or_an_expert_types_name(module):
+    """Which methods and expert types exist and what each does is their registries' (common/methods.py,
+    common/expert_types.py): the code that runs them compares no string with a method's name, variant or
+    trained baseline, or an expert type's name (as in `if name == "random"`, `if method == "prefix"`)."""
+    from common.expert_types import EXPERT_TYPES
     from common.methods import METHODS
 
-    names = {m.name for m in METHODS.values()}
+    names = {m.name for m in METHODS.values()} | set(EXPERT_TYPES)
     names |= {m.variant for m in METHODS.values() if m.variant} | {
         m.trained for m in METHODS.values() if m.trained
     }

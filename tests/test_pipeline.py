@@ -242,7 +242,9 @@ def test_exported_merge_reproduces_the_interpolated_model(micro_cfg, tmp_path):
 
     experts = [NAME, "nli", "shape"]
     lora = EXPERT_TYPES["lora"]
-    stack = ExpertStack(load_pool(micro_cfg, experts), group_of("site", lora), merge="lora", trainable=True)
+    stack = ExpertStack(
+        load_pool(micro_cfg, experts), group_of("site", lora), merge="lowrank", trainable=True
+    )
     logits = torch.randn(len(stack.group_names), 3, generator=torch.Generator().manual_seed(0))
     model, processor = load_backbone(micro_cfg)
     peft_model = attach(model, micro_cfg.expert, rank_multiplier=3).eval()
