@@ -15,7 +15,7 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 PIPELINE   = $(MAKE) --no-print-directory -f pipeline.mk PY=$(PY) CONFIG=$(CONFIG) TARGET=$(TARGET)
 
-.PHONY: help all backbone experts embed interpolate evaluate seeds report study loto compare check test test-slow bench clean prune
+.PHONY: help all backbone experts embed interpolate evaluate seeds report study loto compare check test test-fast test-slow bench clean prune
 PROFILES = $(filter-out paper_tasks,$(basename $(notdir $(wildcard configs/*.yaml))))
 
 help:
@@ -31,7 +31,7 @@ help:
 	@echo "make compare TARGET=snli-ve AGAINST='k=v ...'     this config's results against another's, seed by seed"
 	@echo "make prune                                         delete the artifacts this config would not make"
 	@echo "make clean                                         delete runs/<profile>/ entirely, the backbone too"
-	@echo "make test | test-slow | bench                      OVERRIDES='key=value ...' reach every stage"
+	@echo "make test | test-fast | test-slow | bench          OVERRIDES='key=value ...' reach every stage"
 	@echo "profiles (PROFILE=, configs/<profile>.yaml): $(PROFILES)"
 
 # the virtual environment, created on first use, with the exact versions of constraints.txt. pip's own
@@ -132,6 +132,11 @@ TEST_JOBS ?= 2
 test: $(STAMP)
 	$(PY) -m ruff format --check . && $(PY) -m ruff check .
 	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal -m "not slow" tests
+
+# the tests that run no stage (seconds): config, merge, metrics, report, registries, readers
+test-fast: $(STAMP)
+	$(PY) -m ruff format --check . && $(PY) -m ruff check .
+	$(PY) -m pytest -q -n $(TEST_JOBS) -m "not slow and not pipeline" tests
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests

@@ -266,8 +266,17 @@ LONGEST = (
 _background: list[threading.Thread] = []
 
 
+# the fixtures of a run of the pipeline (the micro run, another expert type's, T5's, the rehearsal's)
+PIPELINE = {"micro", "micro_copy", "micro_cfg", "runs", "t5_dir", "rehearsal"}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: minutes each; `make test-slow` runs them (CI runs both groups)")
+    config.addinivalue_line(
+        "markers",
+        "pipeline: builds or runs stages (a fixture of PIPELINE, make, the stages in process); "
+        "`make test-fast` leaves them out",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -280,6 +289,9 @@ def pytest_collection_modifyitems(config, items):
         return ("micro" in names, not (longest or names & HEAVY), not longest)
 
     items.sort(key=order)  # stable: each group keeps the files' order
+    for item in items:
+        if PIPELINE & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.pipeline)
 
 
 def pytest_collection_finish(session):

@@ -40,6 +40,7 @@ def tiny_florence(seed: int = 0):
     return cfg, model.requires_grad_(False), enc, enc.batch(data.examples("snli-ve", "train", cfg.world, 4))
 
 
+@pytest.mark.pipeline
 def test_a_backbone_built_by_hand_then_make_all_in_bf16_runs_through(tmp_path):
     """(4) The backbone stage by hand, then make all OVERRIDES=precision=bf16: a bf16 run is made from its own
     backbone (precision is part of what a backbone is made from), so make builds it and runs every stage, and

@@ -45,6 +45,7 @@ def test_two_ranks_share_each_batch_and_stop_together_on_a_nan_or_a_failing_rank
         assert r["ragged"] == pytest.approx(ragged, abs=1e-6)
 
 
+@pytest.mark.pipeline
 def test_make_all_under_torchrun_equals_the_single_process_run(request, tmp_path):
     """`make all LAUNCH="torchrun --nproc_per_node 2"`, every stage on two processes, against the session's
     single-process micro run. Tolerances: the experts and the interpolated expert within 1e-5 (measured:
