@@ -1,11 +1,11 @@
-"""Stage 2: embed every task by its expert (fisher.embedding: common/embeddings.py), and compare the tasks.
+"""Stage 2: embed every task by its expert (embed.embedding: common/embeddings.py), and compare the tasks.
 
     python embed_tasks.py --target snli-ve     # the pool's experts + the target's low-shot expert
     python embed_tasks.py                      # the pool's full-data experts only
 
 Writes runs/<profile>/fisher/<expert>.safetensors (cached: recomputed only when the expert or the
 Fisher settings change) and runs/<profile>/similarity/<name>.csv + .json with the matrix and top-k.
-With fisher.embedding=weights no Fisher is computed: the experts' saved updates are compared directly.
+With embed.embedding=weights no Fisher is computed: the experts' saved updates are compared directly.
 --embedding fisher,weights,fisher-batch,fisher-raw,fisher-passes (embeddings.variants()) computes those into
 similarity/<name>.<embedding>.json, beside the one retrieval uses
 (make report compares them all against the measured transfer).
@@ -47,11 +47,11 @@ def pool_experts(cfg, target: str | None) -> list[str]:
 
 
 def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:
-    """Embed the experts by fisher.embedding and write to similarity/<target run | pool><suffix>.csv/.json the
+    """Embed the experts by embed.embedding and write to similarity/<target run | pool><suffix>.csv/.json the
     target's similarity row and top-k (retrieval compares the target alone with each expert; the report draws
     the whole matrix from the cached embeddings), or without a target the pool's matrix;
     returns the summary line."""
-    how = COMPUTE[cfg.fisher.embedding]
+    how = COMPUTE[cfg.embed.embedding]
     t0 = time.time()
     embeddings, work = how.embed(cfg, names)
     try:
@@ -67,7 +67,7 @@ def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:
     path = artifact(cfg, "similarity", names[0] if target else "pool", suffix[1:])
     result = {
         "names": names,
-        "fisher": recorded(cfg.fisher),
+        "embed": recorded(cfg.embed),
         "config": cfg.to_dict(),
         "made_from": made_from(cfg, "similarity", names[0] if target else "pool", suffix[1:]),
     }
@@ -113,9 +113,9 @@ def main() -> None:
             f"--embedding '{args.embedding}': use {', '.join(known)} (comma-separated for several)"
         )
     names = pool_experts(cfg, args.target)
-    configured = cfg.fisher
+    configured = cfg.embed
     for embedding in embeddings:
-        cfg.fisher = dataclasses.replace(configured, **known[embedding])
+        cfg.embed = dataclasses.replace(configured, **known[embedding])
         print(embed(cfg, names, bool(args.target), f".{embedding}"), flush=True)
     if not embeddings:
         print(embed(cfg, names, bool(args.target)))

@@ -158,8 +158,11 @@ class ExpertConfig:
     full_ft_lr: float = ranged(1e-4, 0, lo_open=True)
 
 
+OLD_SECTION = "fisher"  # the embed section's name until 2026-12 (it holds embed.embedding: weights too)
+
+
 @dataclass
-class FisherConfig:
+class EmbedConfig:
     # common/embeddings.py: fisher (π-Tuning's: the diagonal Fisher of each expert) | weights (the cosine of
     # what each expert changed, SPoT-style, no backbone pass);
     # the mini profile ships weights (docs/retrieval.md)
@@ -204,7 +207,7 @@ class InterpolateConfig:
     # the mix learns on the very examples the target's expert fitted, where that expert can win the mix by
     # memory (docs/mini-world.md)
     holdout: float = ranged(0.0, 0, 1, hi_open=True)
-    # how π-Tuning picks its experts: fixed (the top_k most similar by fisher.embedding, the paper's) | select
+    # how π-Tuning picks its experts: fixed (the top_k most similar by embed.embedding, the paper's) | select
     # (on the target's own validation split, among the top-k of each embedding of select_from for each k of
     # select_k and k = 0, the target's expert alone: the interpolation scoring best there;
     # test is never read to choose)
@@ -255,7 +258,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     expert: ExpertConfig = field(default_factory=ExpertConfig)
-    fisher: FisherConfig = field(default_factory=FisherConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     interpolate: InterpolateConfig = field(default_factory=InterpolateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
@@ -304,11 +307,11 @@ CHOICES = {
     "log_with": ("none", "tensorboard", "wandb"),
     "expert.method": EXPERT_TYPES,  # read as they are: a type or an embedding added later is a choice too
     "data.source": ("mini", "files"),
-    "fisher.embedding": EMBEDDINGS,
-    "fisher.estimator": ("per_sample", "batch"),
-    "fisher.normalize": ("mean", "none"),
-    "fisher.at": ("own", "pool-mean"),
-    "fisher.answers": ("truth", "model"),
+    "embed.embedding": EMBEDDINGS,
+    "embed.estimator": ("per_sample", "batch"),
+    "embed.normalize": ("mean", "none"),
+    "embed.at": ("own", "pool-mean"),
+    "embed.answers": ("truth", "model"),
     "interpolate.groups": ("global", "layer", "site", "tensor"),
     "interpolate.retrieval": ("fixed", "select"),
 }
@@ -435,6 +438,11 @@ def _read_profile(p: Path, seen: tuple = ()) -> dict:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
         raise UserError(f"{p}:{where} is not valid YAML ({getattr(e, 'problem', e)}); fix the file") from None
+    if isinstance(data, dict) and OLD_SECTION in data:
+        raise UserError(
+            f"{p}: section '{OLD_SECTION}' is now 'embed' (the same fields: embedding, estimator, samples, "
+            f"...); rename it to 'embed:'"
+        )
     if not isinstance(data, dict) or "base" not in data:
         return data
     if p.resolve() in seen:
@@ -474,6 +482,11 @@ def load_config(path: str, overrides: list[str] = ()) -> Config:
         if "=" not in item:
             raise UserError(f"override '{item}': expected key=value, e.g. expert.steps=100")
         key, raw = item.split("=", 1)
+        if key.split(".")[0] == OLD_SECTION:
+            field_name = key.partition(".")[2]
+            raise UserError(
+                f"override '{item}': section '{OLD_SECTION}' is now 'embed'; write embed.{field_name}={raw}"
+            )
         node = data
         parts = key.split(".")
         for part in parts[:-1]:

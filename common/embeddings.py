@@ -1,8 +1,8 @@
-"""Every retrieval embedding by name: what it is and the `fisher` fields that change it. Config validation
-(`fisher.embedding`, `interpolate.select_from`), provenance, embed_tasks.py and the reports read EMBEDDINGS;
+"""Every retrieval embedding by name: what it is and the `embed` fields that change it. Config validation
+(`embed.embedding`, `interpolate.select_from`), provenance, embed_tasks.py and the reports read EMBEDDINGS;
 it imports nothing, so config can. How each is computed (torch, the experts) is its entry in
 common/similarity.py's COMPUTE: a new embedding is one entry here and one there. FISHER_VARIANTS are the
-study's alternatives: the Fisher with some `fisher` fields changed."""
+study's alternatives: the Fisher with some `embed` fields changed."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class Embedding:
 
     name: str
     what: str  # the report's words for it (its heading, the similarity plot's title)
-    # the `fisher` fields that change it, recorded in the similarity file beside its name
+    # the `embed` fields that change it, recorded in the similarity file beside its name
     settings: tuple = ()
 
 
@@ -43,13 +43,13 @@ EMBEDDINGS = {
 }
 
 # embed_tasks.py --embedding NAME: computed beside retrieval's own for comparison (make report ranks them by
-# Spearman against the measured transfer); each is the Fisher with these `fisher` fields set, and what it is
+# Spearman against the measured transfer); each is the Fisher with these `embed` fields set, and what it is
 FISHER_VARIANTS = {
     "fisher-batch": ({"estimator": "batch"}, "the original code's squared batch gradient"),
     "fisher-raw": ({"normalize": "none"}, "the paper's formula on unnormalised values"),
     "fisher-passes": (
         {"passes": 4},
-        "the few shots passed 4 times with dropout on, up to fisher.samples gradients",
+        "the few shots passed 4 times with dropout on, up to embed.samples gradients",
     ),
     # as Task2Vec's probe network: what each task's data asks, not where its own expert ended up
     "fisher-common": ({"at": "pool-mean"}, "every task's Fisher at one common point, the mean pool expert"),
@@ -65,7 +65,7 @@ ASKED_FOR = ("fisher-passes", "fisher-common", "fisher-model")
 
 
 def variants() -> dict[str, dict]:
-    """name -> the `fisher` fields it sets: every embedding as itself, and the Fisher's variants."""
+    """name -> the `embed` fields it sets: every embedding as itself, and the Fisher's variants."""
     return {
         **{n: {"embedding": n} for n in EMBEDDINGS},
         **{n: {"embedding": "fisher", **f} for n, (f, _) in FISHER_VARIANTS.items()},
@@ -87,5 +87,5 @@ def recorded(fc) -> dict:
 
 
 def heading(fc) -> str:
-    """The same, as the reports name it: `fisher.embedding: fisher, estimator: per_sample, ...`."""
-    return "fisher." + ", ".join(f"{k}: {v}" for k, v in recorded(fc).items())
+    """The same, as the reports name it: `embed.embedding: fisher, estimator: per_sample, ...`."""
+    return "embed." + ", ".join(f"{k}: {v}" for k, v in recorded(fc).items())

@@ -44,7 +44,7 @@ def select_from(cfg) -> list[str]:
 
 
 def _retrieved(cfg, run, variant, pool, read):
-    """π-Tuning's retrieval: interpolate.experts by hand, or the top-k by fisher.embedding's similarity."""
+    """π-Tuning's retrieval: interpolate.experts by hand, or the top-k by embed.embedding's similarity."""
     ic = cfg.interpolate
     if ic.experts:
         return list(ic.experts), "by hand (interpolate.experts)"
@@ -67,7 +67,7 @@ def _oracle(cfg, run, variant, pool, read):
 
 
 def _paper(cfg, run, variant, pool, read):
-    """The paper's retrieval: top-k by the Fisher embedding, whatever fisher.embedding says."""
+    """The paper's retrieval: top-k by the Fisher embedding, whatever embed.embedding says."""
     sim, _ = read(("similarity", run, "fisher"))
     k = cfg.interpolate.top_k
     return top_k_similar(sim["names"], sim["row"], k), f"top-{k} by the Fisher (the paper's)"
@@ -87,7 +87,7 @@ def _pair(cfg, run, variant, pool, read):
     return [other], "one expert (transfer matrix)"
 
 
-def _by_similarity(cfg, run, variant, fold):  # the retrieval's similarity file (fisher.embedding's)
+def _by_similarity(cfg, run, variant, fold):  # the retrieval's similarity file (embed.embedding's)
     return [("similarity", run), *fold]
 
 
@@ -223,7 +223,7 @@ _METHODS = (
         pick=_paper,
         studies=("loto",),
         # the paper's is π-Tuning's where π-Tuning retrieves by the Fisher's fixed top-k
-        same_as_pi=lambda cfg: cfg.fisher.embedding == "fisher" and cfg.interpolate.retrieval == "fixed",
+        same_as_pi=lambda cfg: cfg.embed.embedding == "fisher" and cfg.interpolate.retrieval == "fixed",
         inputs=lambda cfg, run, variant, fold: [("similarity", run, "fisher"), *fold],
     ),
     SELECT := Method(

@@ -17,7 +17,7 @@ The graph (each kind's own fields, and what it is made from):
     expert <t>    backbone; data (but the scored sizes and other tasks' files), the task's own definition,
                   expert; where the overlap guard reads them, the definitions of the pool's image tasks
     target <run>  the task's expert fields; tasks.shots_per_class      (fold: + interpolate.holdout)
-    similarity    the target's expert, the pool's experts; tasks.pool, fisher (as the embedding sets it)
+    similarity    the target's expert, the pool's experts; tasks.pool, embed (as the embedding sets it)
     interpolated  the similarity (fold); interpolate          (pair-<t>: the target's and t's experts instead)
     result        the interpolation, the target's expert; evaluate and the scored splits' sizes
     transfer      the target's expert and its pair runs; evaluate, the scored sizes
@@ -167,10 +167,10 @@ def _node(cfg, kind: str, name: str = "", variant: str = "") -> tuple[dict, list
     run = parse_run(name) or {}
     target = ("expert", name.split(".")[0])
     if kind == "similarity":  # a target run's row, or "pool": the pool's whole matrix
-        fisher = dataclasses.replace(cfg.fisher, **variants()[variant]) if variant else cfg.fisher
-        as_set = dataclasses.replace(cfg, fisher=fisher)
+        embed = dataclasses.replace(cfg.embed, **variants()[variant]) if variant else cfg.embed
+        as_set = dataclasses.replace(cfg, embed=embed)
         pool = [("expert", t) for t in sorted(cfg.tasks.pool) if t != run.get("task")]
-        return _values(as_set, ("tasks.pool", "fisher")), [target, *pool] if run else pool
+        return _values(as_set, ("tasks.pool", "embed")), [target, *pool] if run else pool
     fold = [("expert", f"{name}.fold")] if cfg.interpolate.holdout else []
     if kind == "interpolated":
         own = _values(cfg, ("interpolate",)) | {"variant": variant}

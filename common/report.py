@@ -386,7 +386,7 @@ def write_study(cfg, targets: list[str]) -> Path:
         f"# π-Tuning study: {', '.join(targets)} ({cfg.profile})",
         "",
         f"One config for every target ({cfg.path}): expert `{cfg.expert.method}`, top-{k} retrieval by "
-        f"`{heading(cfg.fisher)}`. Each target's full "
+        f"`{heading(cfg.embed)}`. Each target's full "
         "report: " + ", ".join(f"[{t}](study/{t}.md)" for t in targets) + ".",
         "",
         "## π-Tuning against target-only and random-k (test)",
@@ -538,7 +538,7 @@ def write_loto(cfg, targets: list[str]) -> Path:
         f"# π-Tuning on every target of the pool ({cfg.profile}): each task the target, the rest its pool",
         "",
         f"Config: {config_label(cfg.path, cfg.to_dict())}. Methods: `pi-tuning` as configured (retrieval "
-        f"`{cfg.interpolate.retrieval}`, `{heading(cfg.fisher)}`, top-{cfg.interpolate.top_k}); `pi-paper`: "
+        f"`{cfg.interpolate.retrieval}`, `{heading(cfg.embed)}`, top-{cfg.interpolate.top_k}); `pi-paper`: "
         f"the top-{cfg.interpolate.top_k} by the Fisher, the paper's; `pi-select`: the retrieval chosen on "
         f"the target's validation split (the top-k of each embedding for k in {cfg.interpolate.select_k}, "
         "and k = 0: the target's expert alone); `pi-random`: k random pool experts. Test accuracy (each "
@@ -670,7 +670,7 @@ def default_without_target(cfg, at: dict[str, list[dict]]) -> list[str]:
     means = {t: {how: statistics.mean(g) for how, g in got.items()} for t, got in gains.items()}
     ic = cfg.interpolate
     fixed = ic.retrieval == "fixed" and not ic.experts  # else no one retrieval is shipped to compare
-    shipped = f"{cfg.fisher.embedding} top-{ic.top_k}" if fixed else "the configured retrieval"
+    shipped = f"{cfg.embed.embedding} top-{ic.top_k}" if fixed else "the configured retrieval"
     missing = [t for t in at if t not in gains]
     md = [
         "A default chosen without the target (validation only): for each target, the retrieval with the "
@@ -738,7 +738,7 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
     methods = ordered(runs)
     metric = runs[0]["metric"]
 
-    how = heading(cfg.fisher)
+    how = heading(cfg.embed)
     md = [
         f"# π-Tuning study: {target} ({cfg.profile})",
         "",
@@ -926,7 +926,7 @@ def _similarities(cfg, runs: list[dict]) -> dict[str, dict[str, dict[str, float]
 
     plain = dataclasses.replace(
         cfg,
-        fisher=dataclasses.replace(cfg.fisher, estimator="per_sample", passes=1, at="own", answers="truth"),
+        embed=dataclasses.replace(cfg.embed, estimator="per_sample", passes=1, at="own", answers="truth"),
     )
     out: dict[str, dict] = {}
     fishers: dict[str, dict | None] = {}
@@ -937,7 +937,7 @@ def _similarities(cfg, runs: list[dict]) -> dict[str, dict[str, dict[str, float]
             if not p.is_file():
                 continue
             s = json.loads(p.read_text())
-            used = s.get("fisher", {}).get("embedding", "fisher")
+            used = s.get("embed", {}).get("embedding", "fisher")
             row = s["row"] if "row" in s else s["matrix"][0]  # (files before 2026-12 held the whole matrix)
             out.setdefault(emb or f"retrieval ({used})", {})[r["run"]] = dict(zip(s["names"], row))
         names = [r["run"]] + list(r.get("transfer", {}))
@@ -952,7 +952,7 @@ def _similarities(cfg, runs: list[dict]) -> dict[str, dict[str, dict[str, float]
         for label, pattern in FISHER_SUBSETS.items():
             sub = [{k: v for k, v in fishers[n].items() if re.search(pattern, k)} for n in names]
             if sub[0]:
-                emb = [normalized(x, cfg.fisher.normalize) for x in sub]
+                emb = [normalized(x, cfg.embed.normalize) for x in sub]
                 out.setdefault(label, {})[r["run"]] = {
                     n: task_similarity(emb[0], e) for n, e in zip(names[1:], emb[1:])
                 }
@@ -966,8 +966,8 @@ def _whole(cfg, sim: dict) -> dict:
         return sim
     from common.similarity import COMPUTE, similarity_matrix
 
-    how = COMPUTE[sim["fisher"]["embedding"]]
-    as_made = dataclasses.replace(cfg, fisher=dataclasses.replace(cfg.fisher, **sim["fisher"]))
+    how = COMPUTE[sim["embed"]["embedding"]]
+    as_made = dataclasses.replace(cfg, embed=dataclasses.replace(cfg.embed, **sim["embed"]))
     return {**sim, "matrix": similarity_matrix(how.embed(as_made, sim["names"])[0], how.similarity)}
 
 
@@ -1130,7 +1130,7 @@ def _plot_similarity(heat_path: Path, graph_path: Path, sim: dict, families: dic
             if i != j:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white")
     fig.colorbar(im, ax=ax, label="similarity (off-diagonal range)")
-    embedding = EMBEDDINGS.get(sim.get("fisher", {}).get("embedding", "fisher"))
+    embedding = EMBEDDINGS.get(sim.get("embed", {}).get("embedding", "fisher"))
     ax.set_title(f"task similarity ({embedding.what if embedding else sim['fisher']['embedding']})")
     fig.tight_layout()
     fig.savefig(heat_path, dpi=110)

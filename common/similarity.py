@@ -83,12 +83,12 @@ def _hash(data: bytes) -> str:
 
 
 def fisher_cache(cfg, name: str, reference: str = "") -> tuple[Path, dict[str, str]]:
-    """Where expert `name`'s Fisher under cfg.fisher is cached, and the key the cached file must carry: every
+    """Where expert `name`'s Fisher under cfg.embed is cached, and the key the cached file must carry: every
     setting that changes the Fisher (the expert's tensors and config, or the hash of the common `reference`
     weights it is taken at; the backbone, the data that feeds it, the estimator, the answers). One pass with
     per-sample gradients at the expert's own weights is the plain file,
     every other estimate sits beside it."""
-    fc, path = cfg.fisher, expert_dir(cfg, name)
+    fc, path = cfg.embed, expert_dir(cfg, name)
     meta = json.loads((path / "meta.json").read_text())
     sampled = meta["shots"] is not None  # a target's k-shot sample
     fed_by = [
@@ -144,7 +144,7 @@ def cached_fisher(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
 
 
 def fisher_samples(cfg, names: list[str]) -> dict[str, str]:
-    """Which examples each expert's cached Fisher under cfg.fisher took (its cache's note; '-' where the cache
+    """Which examples each expert's cached Fisher under cfg.embed took (its cache's note; '-' where the cache
     predates the note), for the similarity file."""
     out = {}
     for name in names:
@@ -234,7 +234,7 @@ def weight_embedding(cfg, name: str) -> dict:
         return update_embedding(load_expert_weights(path), cfg.expert.method, layers)
     except ValueError as e:
         raise UserError(
-            f"{path}: {e}; fisher.embedding=weights needs experts of expert.method={cfg.expert.method}"
+            f"{path}: {e}; embed.embedding=weights needs experts of expert.method={cfg.expert.method}"
         ) from None
 
 
@@ -243,7 +243,7 @@ def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tenso
     and how many had to be computed. Runs that want the same Fishers at once (make study: several targets
     and seeds share the pool) share the work: each first computes those no other process is computing
     (a lock beside each cache file), then waits for the others' and reads them."""
-    fc = cfg.fisher
+    fc = cfg.embed
     loaded: list = []  # (peft model, encoder, accelerator), once something needs computing
     fishers, computed = {}, []
     reference = common_reference(cfg, names) if fc.at == "pool-mean" else None
@@ -303,11 +303,11 @@ def _turn(out: Path, wait: bool = True):
 def _fisher_of(
     cfg, name: str, reference: dict | None, peft_model, enc, accel
 ) -> tuple[dict[str, torch.Tensor], str]:
-    """Expert `name`'s Fisher under cfg.fisher, and which examples it took: at its own weights (or the common
-    reference), on fisher.samples of its own training data as it saw it (the low-shot sample for the target;
-    data.subset); with fisher.passes, a low-shot sample is passed again (dropout on, so each pass differs) up
+    """Expert `name`'s Fisher under cfg.embed, and which examples it took: at its own weights (or the common
+    reference), on embed.samples of its own training data as it saw it (the low-shot sample for the target;
+    data.subset); with embed.passes, a low-shot sample is passed again (dropout on, so each pass differs) up
     to `samples`."""
-    fc, path = cfg.fisher, expert_dir(cfg, name)
+    fc, path = cfg.embed, expert_dir(cfg, name)
     meta = read_expert_meta(path)
     set_weights(peft_model, reference or load_expert_weights(path))
     train = data.train_split(cfg, meta["task"], meta["shots"] or 0, meta["seed"])
@@ -380,14 +380,14 @@ def prototype_similarity(pa: dict[str, torch.Tensor], pb: dict[str, torch.Tensor
 
 
 def common_reference(cfg, names: list[str]) -> dict[str, torch.Tensor]:
-    """fisher.at: pool-mean: one set of expert weights for every task's Fisher, the mean of the pool's
+    """embed.at: pool-mean: one set of expert weights for every task's Fisher, the mean of the pool's
     full-data experts among `names` (every tensor averaged; the target's own expert left out, so the pool's
     Fishers do not depend on the target). A LoRA at its init (B = 0) would pass no gradient to A; the mean of
     trained experts has both factors non-zero, and a task's Fisher there says what its data asks, not where
     its own expert ended up."""
     pool = [n for n in names if n in cfg.tasks.pool]
     if not pool:
-        raise UserError(f"{cfg.path}: fisher.at: pool-mean needs pool experts to average; use fisher.at: own")
+        raise UserError(f"{cfg.path}: embed.at: pool-mean needs pool experts to average; use embed.at: own")
     weights = [load_expert_weights(expert_dir(cfg, n)) for n in pool]
     return {
         k: torch.stack([w[k].float() for w in weights]).mean(0).to(weights[0][k].dtype) for k in weights[0]

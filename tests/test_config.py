@@ -1,5 +1,7 @@
 """Configs are validated at the door: one line naming the file, the field and the fix."""
 
+from pathlib import Path
+
 import pytest
 
 from common.config import load_config
@@ -88,3 +90,20 @@ def test_a_profile_takes_its_base_profiles_fields_under_its_own(tmp_path):
     (tmp_path / "mine.yaml").write_text("base: nowhere.yaml\n")
     with pytest.raises(UserError, match="nowhere.yaml: the base of .*mine.yaml not found"):
         load_config(str(tmp_path / "mine.yaml"))
+
+
+def test_the_embed_sections_old_name_is_refused_with_the_new_one(tmp_path):
+    """A profile or an override that still says `fisher` (the section's name before it was `embed`) stops in
+    one line that names the new one; the fix, typed as written, loads."""
+    from common.config import load_config
+    from common.errors import UserError
+
+    old = tmp_path / "old.yaml"
+    old.write_text("base: " + str(Path("configs/micro.yaml").resolve()) + "\nfisher: {embedding: weights}\n")
+    with pytest.raises(UserError, match=r"old.yaml: section 'fisher' is now 'embed' .*rename it to 'embed:'"):
+        load_config(str(old))
+    old.write_text(old.read_text().replace("fisher:", "embed:"))
+    assert load_config(str(old)).embed.embedding == "weights"
+    with pytest.raises(UserError, match=r"^override 'fisher.samples=4': .* write embed.samples=4$"):
+        load_config("configs/micro.yaml", ["fisher.samples=4"])
+    assert load_config("configs/micro.yaml", ["embed.samples=4"]).embed.samples == 4

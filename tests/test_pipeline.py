@@ -116,12 +116,12 @@ def test_fisher_passes_repeat_the_few_shots_with_dropout_and_are_reproducible(mi
         "--config",
         "configs/micro.yaml",
         f"runs_dir={runs}",
-        "fisher.samples=16",
-        "fisher.passes=4",
+        "embed.samples=16",
+        "embed.passes=4",
     )  # the 8-shot target: 2 passes; the pool: one pass over 16
     assert "(3 Fisher computed, 0 cached)" in inproc(*cmd).stdout
     sim = json.loads((runs / f"micro/similarity/{NAME}.json").read_text())
-    assert sim["fisher"]["passes"] == 4
+    assert sim["embed"]["passes"] == 4
     first = {n: load_file(str(cached(fd, n, ".passes4"))) for n in (NAME, "nli")}
     for n in first:
         cached(fd, n, ".passes4").unlink()
@@ -134,9 +134,9 @@ def test_fisher_passes_repeat_the_few_shots_with_dropout_and_are_reproducible(mi
 
 
 def test_fisher_at_a_common_point_and_with_the_models_answers(micro_copy):
-    """fisher.at: pool-mean takes every task's Fisher at the mean pool expert: none depends on the target's
+    """embed.at: pool-mean takes every task's Fisher at the mean pool expert: none depends on the target's
     expert (changing it recomputes nothing), a changed pool expert moves the point (all recomputed), and they
-    differ from those at each expert's own weights. fisher.answers: model draws the answers from the model,
+    differ from those at each expert's own weights. embed.answers: model draws the answers from the model,
     the same ones whichever process does."""
     from safetensors.torch import load_file, save_file
 
@@ -153,15 +153,15 @@ def test_fisher_at_a_common_point_and_with_the_models_answers(micro_copy):
     cached(fd, "nli", ".model-answers").unlink()
     f = runs / f"micro/experts/{NAME}/adapter_model.safetensors"
     save_file({k: v * 1.5 for k, v in load_file(str(f)).items()}, str(f))
-    assert "(0 Fisher computed, 3 cached)" in inproc(*cmd, "fisher.at=pool-mean").stdout
+    assert "(0 Fisher computed, 3 cached)" in inproc(*cmd, "embed.at=pool-mean").stdout
     f = runs / "micro/experts/shape/adapter_model.safetensors"
     save_file({k: v * 1.5 for k, v in load_file(str(f)).items()}, str(f))
-    assert "(3 Fisher computed, 0 cached)" in inproc(*cmd, "fisher.at=pool-mean").stdout
+    assert "(3 Fisher computed, 0 cached)" in inproc(*cmd, "embed.at=pool-mean").stdout
     assert not all(
         torch.equal(v, load_file(str(cached(fd, "nli", ".at-pool-mean")))[k])
         for k, v in common["nli"].items()
     )
-    inproc(*cmd, "fisher.answers=model")
+    inproc(*cmd, "embed.answers=model")
     assert all(
         torch.equal(v, load_file(str(cached(fd, "nli", ".model-answers")))[k]) for k, v in drawn.items()
     )
@@ -178,11 +178,11 @@ def test_weight_embedding_needs_no_fisher_and_no_backbone_pass(micro_copy):
         "--config",
         "configs/micro.yaml",
         f"runs_dir={runs}",
-        "fisher.embedding=weights",
+        "embed.embedding=weights",
     ).stdout
     assert "(weight updates)" in out and not (runs / "micro/fisher").exists()
     sim = json.loads((runs / f"micro/similarity/{NAME}.json").read_text())
-    assert sim["fisher"] == {"embedding": "weights"} and len(sim["top_k"]) == 2
+    assert sim["embed"] == {"embedding": "weights"} and len(sim["top_k"]) == 2
     row = sim["row"]
     assert row[0] == 1.0 and all(-1 <= v <= 1 for v in row)
     # from the LoRA factors, B·A never formed: the same as the cosine of the formed products, the same top-k
@@ -218,15 +218,15 @@ def test_a_new_embedding_is_one_entry_in_each_registry(micro_copy, monkeypatch):
     )
     runs = micro_copy[0]
     args = ("embed_tasks.py", "--target", "snli-ve", "--config", "configs/micro.yaml", f"runs_dir={runs}")
-    assert "(tensor norms)" in inproc(*args, "fisher.embedding=norms").stdout
+    assert "(tensor norms)" in inproc(*args, "embed.embedding=norms").stdout
     sim = json.loads((runs / f"micro/similarity/{NAME}.json").read_text())
-    assert sim["fisher"] == {"embedding": "norms"} and len(sim["top_k"]) == 2 and 0 < sim["row"][1] < 1
+    assert sim["embed"] == {"embedding": "norms"} and len(sim["top_k"]) == 2 and 0 < sim["row"][1] < 1
     inproc(*args, "--embedding", "norms,weights")
     beside = json.loads((runs / f"micro/similarity/{NAME}.norms.json").read_text())
     assert beside["row"] == sim["row"]
     monkeypatch.delitem(EMBEDDINGS, "norms")
-    code, _, err = stage(*args, "fisher.embedding=norms")
-    assert code == 2 and "field 'fisher.embedding' is 'norms'; use one of fisher, weights" in err
+    code, _, err = stage(*args, "embed.embedding=norms")
+    assert code == 2 and "field 'embed.embedding' is 'norms'; use one of fisher, weights" in err
 
 
 def test_exported_merge_reproduces_the_interpolated_model(micro_cfg, tmp_path):
@@ -405,8 +405,8 @@ def test_pi_tuning_artifact_loads_with_plain_peft(micro, micro_cfg):
             "--embedding 'fisher,weight'",
         ),
         (
-            ["embed_tasks.py", "--target", "snli-ve", "fisher.passes=0"],
-            "field 'fisher.passes' is 0; use a value 1 or more",
+            ["embed_tasks.py", "--target", "snli-ve", "embed.passes=0"],
+            "field 'embed.passes' is 0; use a value 1 or more",
         ),
     ],
 )

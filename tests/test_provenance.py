@@ -112,7 +112,7 @@ def files(root):
             "--task snli-ve --shots 8 --config configs/micro.yaml ",
         ),
         (
-            ["interpolate.py", "--target", "snli-ve", "fisher.normalize=none"],
+            ["interpolate.py", "--target", "snli-ve", "embed.normalize=none"],
             "missing similarity; run `.venv/bin/python embed_tasks.py --target snli-ve "
             "--config configs/micro.yaml ",
         ),
@@ -216,9 +216,9 @@ def test_the_fisher_cache_key_holds_every_setting_that_changes_the_fisher(micro)
 
         return expert_dir(load_config("configs/micro.yaml", [f"runs_dir={micro[0]}", *overrides]), name).name
 
-    assert key("nli") == key("nli", "fisher.batch_size=2")  # a per-sample Fisher takes one example at a time
-    assert key("nli", "fisher.estimator=batch") != key("nli", "fisher.estimator=batch", "fisher.batch_size=2")
-    for setting in ("fisher.samples=4", "fisher.passes=2"):
+    assert key("nli") == key("nli", "embed.batch_size=2")  # a per-sample Fisher takes one example at a time
+    assert key("nli", "embed.estimator=batch") != key("nli", "embed.estimator=batch", "embed.batch_size=2")
+    for setting in ("embed.samples=4", "embed.passes=2"):
         assert key("nli") != key("nli", setting), setting
     # another expert (its own name@digest, its own Fisher)
     for setting in ("world.train_size=60", "data.train_size=9"):

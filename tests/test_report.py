@@ -396,7 +396,7 @@ def test_the_report_matches_run_names_exactly_so_seed_1_is_not_seed_10(tmp_path)
                 {
                     "names": [run, "nli", "shape"],
                     "row": [1.0, seed / 10, -seed / 10],
-                    "fisher": recorded(cfg.fisher),
+                    "embed": recorded(cfg.embed),
                     "config": cfg.to_dict(),
                 }
             )
@@ -453,7 +453,7 @@ def test_a_default_chosen_without_the_target_never_reads_the_target(monkeypatch)
     }
     monkeypatch.setattr(report, "_selection", lambda cfg, run: metas.get(run))
     cfg = SimpleNamespace(
-        fisher=SimpleNamespace(embedding="weights"),
+        embed=SimpleNamespace(embedding="weights"),
         interpolate=SimpleNamespace(top_k=2, retrieval="fixed", experts=[]),
     )
     at = {t: [{"run": r} for r in metas if r.startswith(t)] for t in "abc"}

@@ -80,7 +80,7 @@ def test_defined_tasks_run_the_four_stages_in_a_pool_with_world_tasks(micro, tmp
     assert entail["train_size"] == 16 and entail["val_size"] == 6 and entail["family"] == "language"
     sim = json.loads((rd / "similarity/my-shapes-8shot-s0.json").read_text())
     assert sim["names"] == ["my-shapes-8shot-s0", "nli", "my-entail"] and len(sim["top_k"]) == 2
-    # each Fisher's fisher.samples (8) of its expert's examples: a file's a seeded random sample, not its
+    # each Fisher's embed.samples (8) of its expert's examples: a file's a seeded random sample, not its
     # first rows; the mini world's first (drawn at random already); recorded in the similarity file
     assert sim["examples"] == {
         "my-shapes-8shot-s0": "all 8",
