@@ -483,9 +483,9 @@ def load_config(path: str, overrides: list[str] = ()) -> Config:
             raise UserError(f"override '{item}': expected key=value, e.g. expert.steps=100")
         key, raw = item.split("=", 1)
         if key.split(".")[0] == OLD_SECTION:
-            field_name = key.partition(".")[2]
+            new_key = "embed" + key[len(OLD_SECTION) :]
             raise UserError(
-                f"override '{item}': section '{OLD_SECTION}' is now 'embed'; write embed.{field_name}={raw}"
+                f"override '{item}': section '{OLD_SECTION}' is now 'embed'; write {new_key}={raw}"
             )
         node = data
         parts = key.split(".")

@@ -89,3 +89,9 @@ def recorded(fc) -> dict:
 def heading(fc) -> str:
     """The same, as the reports name it: `embed.embedding: fisher, estimator: per_sample, ...`."""
     return "embed." + ", ".join(f"{k}: {v}" for k, v in recorded(fc).items())
+
+
+def settings_of(sim: dict) -> dict:
+    """The embed fields a similarity file recorded (under `fisher` in the files written before that section
+    was named embed)."""
+    return sim.get("embed", sim.get("fisher", {}))

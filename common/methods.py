@@ -121,7 +121,9 @@ class Method:
     variant: str | None = None
     pick: Callable | None = None  # how its pool experts are picked (above)
     inputs: Callable = _by_similarity  # what its artifact is made from (above)
-    against: bool = False  # the report sets π-Tuning against it seed by seed (paired gains, intervals)
+    # its place among the baselines the report sets π-Tuning against seed by seed (paired gains, intervals);
+    # 0: not one of them
+    against: int = 0
     # the studies that make it beside π-Tuning: report (make report), loto (make loto); not where it is
     # π-Tuning itself under the config (same_as_pi)
     studies: tuple = ()
@@ -161,7 +163,7 @@ _METHODS = (
         "train_expert.py --task T --shots N",
         on_val=True,
         trained="",
-        against=True,
+        against=1,
     ),
     Method(
         "target-only-2x",
@@ -170,7 +172,7 @@ _METHODS = (
         trained="2x",
         steps_x=2,
         studies=("report",),
-        against=True,
+        against=2,
     ),
     Method(
         "full-ft",
@@ -185,7 +187,7 @@ _METHODS = (
         "the target's and the top-k experts averaged, no training",
         "evaluate.py",
         loads="uniform",
-        against=True,
+        against=4,
     ),
     Method(
         "linear-merge",
@@ -202,7 +204,7 @@ _METHODS = (
         variant="random",
         pick=_random,
         studies=("report", "loto"),
-        against=True,
+        against=3,
     ),
     Method(
         "pi-frozen",
@@ -286,21 +288,19 @@ def interpolations() -> list[str]:
 
 
 def row_name(variant: str) -> str:
-    """The tables' row of an interpolate.py --variant run (a pair run keeps its variant's name; one no
-    method makes any more, pi-<variant>)."""
-    if variant.startswith(PAIR_PREFIX):
-        return variant
-    return next((m.name for m in METHODS.values() if m.variant == variant), f"pi-{variant}")
+    """The tables' row of an interpolate.py --variant run (a pair run keeps its variant's name)."""
+    return variant if variant.startswith(PAIR_PREFIX) else by_variant(variant).name
 
 
 def on_val(method: str) -> bool:
-    """Is this method scored on validation too? Listed ones as METHODS says; pair runs and methods the list
-    lacks (a variant of your own is likely a recipe being chosen) yes."""
+    """Is this method scored on validation too? Listed ones as METHODS says; pair runs yes, and a method the
+    list lacks (a result written when the registry held another) yes."""
     return METHODS[method].on_val if method in METHODS else True
 
 
 def ordered(runs: list[dict]) -> list[str]:
-    """The methods scored in any of these results, in the tables' order, any not in METHODS after them."""
+    """The methods scored in any of these results, in the tables' order; any not in METHODS (a result written
+    when the registry held another) after them, not hidden."""
     scored = {m for r in runs for m in r["scores"] if not m.startswith(PAIR_PREFIX)}
     order = list(METHODS)
     return [m for m in order if m in scored] + sorted(scored - set(order))

@@ -38,7 +38,7 @@ from pathlib import Path
 import yaml
 
 from common import dist
-from common.config import Config, load_config, split_overrides
+from common.config import OLD_SECTION, Config, load_config, split_overrides
 from common.embeddings import ASKED_FOR, variants
 from common.errors import UserError, cli
 from common.methods import NULL, PAIR_PREFIX, by_variant, inputs_of, interpolations, studied
@@ -183,14 +183,20 @@ def _node(cfg, kind: str, name: str = "", variant: str = "") -> tuple[dict, list
         return scored, [("interpolated", name), target]
     if kind == "transfer":
         others = [t for t in sorted(cfg.tasks.pool) if t != run.get("task")]
-        return scored, [target, *(("interpolated", name, f"pair-{t}") for t in others)]
+        return scored, [target, *(("interpolated", name, f"{PAIR_PREFIX}{t}") for t in others)]
     raise ValueError(f"no artifact kind {kind!r}")
+
+
+def _hashed(values: dict) -> dict:
+    """Fields as digests hash them: the embed section's under its former name, fisher (until 2026-12), so that
+    what was made before the rename stays current."""
+    return {(f"{OLD_SECTION}.{k[6:]}" if k.startswith("embed.") else k): v for k, v in values.items()}
 
 
 def digest(cfg, kind: str, name: str = "", variant: str = "") -> str:
     """The artifact's digest: its own fields and its inputs' digests, hashed."""
     own, inputs = _node(cfg, kind, name, variant)
-    made_from = [own, [digest(cfg, *node) for node in inputs]]
+    made_from = [_hashed(own), [digest(cfg, *node) for node in inputs]]
     return hashlib.sha256(json.dumps(made_from, sort_keys=True, default=str).encode()).hexdigest()[:DIGEST]
 
 
@@ -253,7 +259,9 @@ def config_id(cfg) -> str:
     keys = tuple(f.name for f in dataclasses.fields(Config) if f.name != "path")
     values = _values(cfg, keys, RUNTIME + ("tasks.define",))
     values["tasks.define"] = {t: cfg.tasks.define[t] for t in sorted(cfg.tasks.define) if t in cfg.tasks.pool}
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:DIGEST]
+    return hashlib.sha256(json.dumps(_hashed(values), sort_keys=True, default=str).encode()).hexdigest()[
+        :DIGEST
+    ]
 
 
 def differs(config: dict, profile: str) -> list[str]:
@@ -264,6 +272,9 @@ def differs(config: dict, profile: str) -> list[str]:
     except UserError:
         base = {}
     missing = object()
+    config = {
+        ("embed" if k == OLD_SECTION else k): v for k, v in config.items()
+    }  # recorded before the rename
     return [
         f"{k}={v if isinstance(v, str) else json.dumps(v)}"
         for k, v in sorted(_flat(config).items())

@@ -18,9 +18,9 @@ import numpy as np
 
 from common.artifacts import write_json, write_text
 from common.config import load_config, split_overrides
-from common.embeddings import EMBEDDINGS, described, heading, variants
+from common.embeddings import EMBEDDINGS, described, heading, settings_of, variants
 from common.errors import UserError
-from common.methods import METHODS, PAPER, PI, RANDOM_K, SELECT, TARGET_ONLY, ZERO_SHOT, ordered
+from common.methods import METHODS, PI, RANDOM_K, SELECT, TARGET_ONLY, ZERO_SHOT, ordered, select_from
 from common.provenance import artifact, config_id, differs, link, readable
 
 # imported where used, kept off `python -m common.report --tables` (0.2 s; make all's last step), which draws
@@ -515,8 +515,12 @@ def _diffs(runs: list[dict], a: str, b: str):
     return np.stack(rows) if len(rows) > 1 and len({len(x) for x in rows}) == 1 else None
 
 
-LOTO_METHODS = (PI.name, PAPER.name, SELECT.name)  # what make loto compares against the two baselines
-LOTO_BASES = (TARGET_ONLY.name, RANDOM_K.name)
+LOTO_BASES = (TARGET_ONLY.name, RANDOM_K.name)  # what make loto compares its methods against
+
+
+def loto_methods() -> list[str]:
+    """What make loto compares against the two baselines: π-Tuning and the methods it makes beside it."""
+    return [PI.name, *(m.name for m in METHODS.values() if "loto" in m.studies and m.name not in LOTO_BASES)]
 
 
 def write_loto(cfg, targets: list[str]) -> Path:
@@ -533,16 +537,18 @@ def write_loto(cfg, targets: list[str]) -> Path:
             f"{cfg.run_dir / 'results'}: no results under this config for {', '.join(missing)}; run `make "
             f"loto` first"
         )
-    methods = [m for m in LOTO_METHODS if any(m in r["scores"] for runs in by_target.values() for r in runs)]
+    methods = [
+        m for m in loto_methods() if any(m in r["scores"] for runs in by_target.values() for r in runs)
+    ]
     md = [
         f"# π-Tuning on every target of the pool ({cfg.profile}): each task the target, the rest its pool",
         "",
         f"Config: {config_label(cfg.path, cfg.to_dict())}. Methods: `pi-tuning` as configured (retrieval "
-        f"`{cfg.interpolate.retrieval}`, `{heading(cfg.embed)}`, top-{cfg.interpolate.top_k}); `pi-paper`: "
-        f"the top-{cfg.interpolate.top_k} by the Fisher, the paper's; `pi-select`: the retrieval chosen on "
-        f"the target's validation split (the top-k of each embedding for k in {cfg.interpolate.select_k}, "
-        "and k = 0: the target's expert alone); `pi-random`: k random pool experts. Test accuracy (each "
-        "target's metric), mean over seeds. " + INTERVAL,
+        f"`{cfg.interpolate.retrieval}`, `{heading(cfg.embed)}`, top-{cfg.interpolate.top_k}, candidate ks "
+        f"{cfg.interpolate.select_k} where chosen on validation); "
+        + "".join(f"`{m}`: {METHODS[m].what}; " for m in methods if m != PI.name)
+        + f"`{RANDOM_K.name}`: {RANDOM_K.what}. Test accuracy (each target's metric), mean over seeds. "
+        + INTERVAL,
         "",
     ]
     for shots in sorted({r["shots"] for runs in by_target.values() for r in runs}):
@@ -553,7 +559,7 @@ def write_loto(cfg, targets: list[str]) -> Path:
             "",
             "| target | seeds | target-only | "
             + " | ".join(methods)
-            + " | pi-random | "
+            + f" | {RANDOM_K.name} | "
             + " | ".join(f"{m} − {b}" for m in methods for b in LOTO_BASES)
             + " |",
             "|---" * (4 + 2 * len(methods) + len(methods)) + "|",
@@ -738,11 +744,17 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
     methods = ordered(runs)
     metric = runs[0]["metric"]
 
-    how = heading(cfg.embed)
+    ic = cfg.interpolate
+    how = (
+        f"retrieval chosen on the target's validation split (k = 0, or the top-k of each of "
+        f"{', '.join(select_from(cfg))} for k in {ic.select_k})"
+        if PI.chosen(cfg)
+        else f"top-{ic.top_k} retrieval by `{heading(cfg.embed)}`"
+    )
     md = [
         f"# π-Tuning study: {target} ({cfg.profile})",
         "",
-        f"Expert `{cfg.expert.method}`, top-{cfg.interpolate.top_k} retrieval by `{how}`, interpolation "
+        f"Expert `{cfg.expert.method}`, {how}, interpolation "
         f"groups `{cfg.interpolate.groups}`, {runs[0]['test_size']} test examples, test {metric}. Seeds "
         "vary the target's k-shot sample, its expert and the interpolation; pool experts are shared.",
         "",
@@ -778,7 +790,7 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
         "|---|---|---|---|---|---|",
     ]
     for s in shots:
-        for base in (m.name for m in METHODS.values() if m.against):
+        for base in (m.name for m in sorted(METHODS.values(), key=lambda m: m.against) if m.against):
             cells = _against(by_shots[s], base)
             if cells:
                 md.append(f"| {s} | {base} | {cells} |")
@@ -937,7 +949,7 @@ def _similarities(cfg, runs: list[dict]) -> dict[str, dict[str, dict[str, float]
             if not p.is_file():
                 continue
             s = json.loads(p.read_text())
-            used = s.get("embed", {}).get("embedding", "fisher")
+            used = settings_of(s).get("embedding", "fisher")
             row = s["row"] if "row" in s else s["matrix"][0]  # (files before 2026-12 held the whole matrix)
             out.setdefault(emb or f"retrieval ({used})", {})[r["run"]] = dict(zip(s["names"], row))
         names = [r["run"]] + list(r.get("transfer", {}))
@@ -966,8 +978,8 @@ def _whole(cfg, sim: dict) -> dict:
         return sim
     from common.similarity import COMPUTE, similarity_matrix
 
-    how = COMPUTE[sim["embed"]["embedding"]]
-    as_made = dataclasses.replace(cfg, embed=dataclasses.replace(cfg.embed, **sim["embed"]))
+    how = COMPUTE[settings_of(sim)["embedding"]]
+    as_made = dataclasses.replace(cfg, embed=dataclasses.replace(cfg.embed, **settings_of(sim)))
     return {**sim, "matrix": similarity_matrix(how.embed(as_made, sim["names"])[0], how.similarity)}
 
 
@@ -1130,8 +1142,8 @@ def _plot_similarity(heat_path: Path, graph_path: Path, sim: dict, families: dic
             if i != j:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white")
     fig.colorbar(im, ax=ax, label="similarity (off-diagonal range)")
-    embedding = EMBEDDINGS.get(sim.get("embed", {}).get("embedding", "fisher"))
-    ax.set_title(f"task similarity ({embedding.what if embedding else sim['fisher']['embedding']})")
+    embedding = EMBEDDINGS.get(settings_of(sim).get("embedding", "fisher"))
+    ax.set_title(f"task similarity ({embedding.what if embedding else settings_of(sim)['embedding']})")
     fig.tight_layout()
     fig.savefig(heat_path, dpi=110)
     plt.close(fig)

@@ -107,3 +107,6 @@ def test_the_embed_sections_old_name_is_refused_with_the_new_one(tmp_path):
     with pytest.raises(UserError, match=r"^override 'fisher.samples=4': .* write embed.samples=4$"):
         load_config("configs/micro.yaml", ["fisher.samples=4"])
     assert load_config("configs/micro.yaml", ["embed.samples=4"]).embed.samples == 4
+    with pytest.raises(UserError, match=r"write embed=\{samples: 4\}$"):  # the whole section at once
+        load_config("configs/micro.yaml", ["fisher={samples: 4}"])
+    assert load_config("configs/micro.yaml", ["embed={samples: 4}"]).embed.samples == 4
