@@ -56,7 +56,7 @@ def bart_adapters(d: int, enc: int, dec: int, dim: int) -> dict[str, tuple]:
     return shapes
 
 
-PROFILES = {  # name: (shapes, kinds to run)
+PROFILES = {  # name: (shapes, merges to run)
     "mini-lora": (bart_lora(128, 2, 2, 8), ("sum", "lowrank")),
     "florence-lora": (bart_lora(768, 6, 6, 16), ("sum", "lowrank")),
     "florence-adapter": (bart_adapters(768, 6, 6, 128), ("sum",)),
@@ -130,7 +130,7 @@ def median_ms(fns: dict, reps, device, blocked=False, warmup=2):
 
 def ideal_bytes(shapes, K, merge, elem):
     """Minimal traffic of the fused step. sum: fwd reads K*N, writes N; bwd reads N grads and K*N
-    stack, writes K*N grads. lora: B as sum with one row per block (5 passes over K*N_B); A moves
+    stack, writes K*N grads. lowrank: B as sum with one row per block (5 passes over K*N_B); A moves
     nothing (A_cat is stored as is, and its gradient becomes the parameter's .grad)."""
     if merge == "sum":
         n = sum(torch.Size(s).numel() for s in shapes.values())
@@ -245,7 +245,7 @@ def main():
         "x = speed-up over naive; GB/s = minimal bytes of the fused step / time"
     )
     head = (
-        f"{'profile':<17} {'merge':<5} {'K':>1} {'groups':>10} {'MB':>5} {'naive ms':>8} {'foreach ms':>14} "
+        f"{'profile':<17} {'merge':<7} {'K':>1} {'groups':>10} {'MB':>5} {'naive ms':>8} {'foreach ms':>14} "
         f"{'fused ms':>13} {'fused GB/s':>10} {'copy GB/s':>9}"
     )
     print(head)
@@ -256,7 +256,7 @@ def main():
         gbs = lambda ms: t["bytes"] / ms / 1e6  # noqa: E731, B023
         ratio = lambda m: f"{t[m]:.2f} ({t['naive'] / t[m]:.1f}x)"  # noqa: E731, B023
         print(
-            f"{prof:<17} {merge:<5} {K:>1} {groups + ':' + str(t['groups']):>10} {t['bytes'] / 1e6:>5.0f} "
+            f"{prof:<17} {merge:<7} {K:>1} {groups + ':' + str(t['groups']):>10} {t['bytes'] / 1e6:>5.0f} "
             f"{t['naive']:>8.2f} {ratio('foreach'):>14} {ratio('fused'):>13} {gbs(t['fused']):>10.1f} "
             f"{gbs(t['copy']):>9.1f}"
         )
