@@ -43,7 +43,7 @@ from common.experts import (
     load_pool,
     unload_expert,
 )
-from common.methods import NULL, PAIR_PREFIX, by_variant, top_k_similar
+from common.methods import METHODS, NULL, PAIR, PAIR_PREFIX, by_variant, top_k_similar
 from common.metrics import task_scores
 from common.provenance import artifact, link, made_from, parse_run, readable
 from common.stage import parse_stage, run_stage, stage_parser
@@ -354,14 +354,12 @@ def main() -> None:
     ap.add_argument(
         "--variant",
         default="pi",
-        help="pi (π-Tuning as configured, interpolated/<run>@<d>/), or a "
-        "baseline run instead, written to interpolated/<run>.<variant>@<d>/: random (k seeded random pool "
-        "experts), oracle (the k best by measured transfer), frozen (experts not trained), paper (top-k by "
-        "the Fisher embedding, the paper's retrieval), select (the retrieval chosen on the target's "
-        "validation split: interpolate.retrieval=select's), pair-<expert> (that expert alone: one cell "
-        "of the transfer matrix), pair-null (an expert that adds nothing: the row's control), pairs (every "
-        "pair run missing or older than its experts); several, comma-separated, share one backbone load "
-        "(pi,random,frozen)",
+        help="pi (π-Tuning as configured, interpolated/<run>@<d>/), or a method's run instead, written to "
+        "interpolated/<run>.<variant>@<d>/: "
+        + "; ".join(f"{m.variant} ({m.what})" for m in METHODS.values() if m.variant)
+        + f"; {PAIR_PREFIX}<expert> ({PAIR.what}); {PAIR_PREFIX}{NULL} (an expert that adds nothing: the "
+        "row's control); pairs (every pair run missing or older than its experts). Several, comma-separated, "
+        "share one backbone load (pi,random,frozen)",
     )
     args, cfg = parse_stage(ap)
     data.task(cfg, args.target, where="--target")

@@ -275,10 +275,10 @@ def main() -> None:
     ap.add_argument(
         "--variant",
         default="",
-        help="with --shots: a target-side baseline instead, in "
-        "experts/<name>.<variant>/: 2x (twice the steps) or full-ft (full fine-tuning); or fold, the "
-        "expert without the examples interpolate.holdout keeps for the mix; several, comma-separated, "
-        "share one process (2x,full-ft)",
+        help="with --shots: a target-side baseline instead, in experts/<name>.<variant>/: "
+        + "; ".join(f"{v} ({m.what})" for v, m in trained_baselines().items())
+        + "; or fold, the expert without the examples interpolate.holdout keeps for the mix. Several, "
+        "comma-separated, share one process (2x,full-ft)",
     )
     ap.add_argument(
         "--pretrain",

@@ -71,8 +71,8 @@ def test_a_new_baseline_is_one_method_in_the_registry(micro_copy, monkeypatch):
 
 
 def _literals(path: Path) -> list[tuple[int, str]]:
-    """The string constants of a module's code (docstrings, help texts and messages left out: only those
-    compared with or used as keys)."""
+    """The string constants of a module's code that it compares, uses as keys or passes as an argument
+    (docstrings, help texts and messages left out: not f-strings or constants inside them)."""
     tree = ast.parse(path.read_text())
     found = []
     for node in ast.walk(tree):
@@ -86,6 +86,9 @@ def _literals(path: Path) -> list[tuple[int, str]]:
             parts = list(node.elts)
         elif isinstance(node, ast.Dict):
             parts = [k for k in node.keys if k is not None]
+        elif isinstance(node, ast.Call):  # f(x, "random"), name.startswith("pi-random")
+            parts = [*node.args, *(k.value for k in node.keywords)]
+            parts = [p for p in parts if isinstance(p, ast.Constant)]
         else:
             continue
         for p in parts:
