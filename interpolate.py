@@ -31,7 +31,7 @@ from common import data
 from common.artifacts import atomic_dir, read_json, write_json
 from common.backbone import backbone_dir, fingerprint, load_backbone
 from common.device import accelerator
-from common.embeddings import ALONE, EMBEDDINGS
+from common.embeddings import ALONE
 from common.errors import UserError
 from common.expert_types import EXPERT_TYPES
 from common.experts import (
@@ -43,7 +43,7 @@ from common.experts import (
     load_pool,
     unload_expert,
 )
-from common.methods import METHODS, NULL, PAIR, PAIR_PREFIX, by_variant, top_k_similar
+from common.methods import METHODS, NULL, PAIR, PAIR_PREFIX, by_variant, select_from, top_k_similar
 from common.metrics import task_scores
 from common.provenance import artifact, link, made_from, parse_run, readable
 from common.stage import parse_stage, run_stage, stage_parser
@@ -81,11 +81,9 @@ def due_pairs(cfg, run: str, pool: list[str]) -> list[str]:
     due = []
     for other in pool + control:
         made = artifact(cfg, "interpolated", run, f"{PAIR_PREFIX}{other}") / "meta.json"
-        inputs = [
-            expert_dir(cfg, run),
-            *([expert_dir(cfg, f"{run}.fold")] if cfg.interpolate.holdout else []),
-            *([] if other == NULL else [expert_dir(cfg, other)]),
-        ]
+        # the experts it is made from, as provenance records them (the pair method's inputs)
+        recorded = made_from(cfg, "interpolated", run, f"{PAIR_PREFIX}{other}")["inputs"]
+        inputs = [artifact(cfg, i["kind"], i["name"], i["variant"]) for i in recorded]
         if not made.is_file() or any(
             (d / "meta.json").is_file() and (d / "meta.json").stat().st_mtime_ns > made.stat().st_mtime_ns
             for d in inputs
@@ -256,22 +254,17 @@ def candidate_sets(cfg, run: str) -> list[dict]:
     """The retrievals selection chooses among: k = 0 (the target's expert alone), then the top-k of each
     embedding of interpolate.select_from for each k of select_k, each expert set once
     (the embeddings and ks that give it)."""
-    ic, sets = cfg.interpolate, {(): []}
-    for emb in ic.select_from or list(EMBEDDINGS):
-        path = artifact(cfg, "similarity", run, emb)
-        fix = (
-            f"run `{cfg.command('embed_tasks.py', '--target', parse_run(run)['task'], '--embedding', emb)}` "
-            "(make does)"
-        )
-        sim = read_json(path, "similarity", fix)
-        for k in sorted(ic.select_k):
+    sets, read = {(): []}, reader(cfg, parse_run(run)["task"])
+    for emb in select_from(cfg):
+        sim, _ = read(("similarity", run, emb))
+        for k in sorted(cfg.interpolate.select_k):
             sets.setdefault(tuple(top_k_similar(sim["names"], sim["row"], k)), []).append(f"{emb} top-{k}")
     return [
         {"experts": list(e), "by": by or [ALONE]} for e, by in sorted(sets.items(), key=lambda kv: len(kv[0]))
     ]
 
 
-def select(cfg, accel, model, enc, target: str, run: str, name: str) -> str:
+def select(cfg, accel, model, enc, target: str, run: str, name: str, candidates: list[dict]) -> str:
     """π-Tuning chosen on the target's validation split: every candidate retrieval (candidate_sets)
     interpolated as π-Tuning would be, scored on validation (test is never read), the best kept (ties: the
     earlier, fewer experts); k = 0 keeps the target's expert as it is. Every candidate's score goes in the
@@ -279,7 +272,6 @@ def select(cfg, accel, model, enc, target: str, run: str, name: str) -> str:
     are kept across candidates (data.Encoder keep_mb, the feature cache)."""
     t0, out, ic = time.time(), artifact(cfg, "interpolated", run, name), cfg.interpolate
     task, val = data.task(cfg, target), data.split(cfg, target, "val")
-    candidates = candidate_sets(cfg, run)
     work = out.with_name(f".{out.name}.candidates")  # the best candidate's export so far, until the end
     shutil.rmtree(work, ignore_errors=True)
     best = None
@@ -394,9 +386,8 @@ def main() -> None:
     read, todo = reader(cfg, args.target), []
     for name in names:  # every input read and every pick made before the backbone loads
         method = by_variant(name)
-        if method.chosen(cfg):  # chosen on validation: every similarity it needs is there
-            candidate_sets(cfg, run)
-            todo.append((name, method, None, ""))
+        if method.chosen(cfg):  # chosen on validation: its candidate retrievals, every similarity read
+            todo.append((name, method, candidate_sets(cfg, run), None))
         else:
             todo.append((name, method, *method.pick(cfg, run, name, pool, read)))
     if not todo:
@@ -409,8 +400,8 @@ def main() -> None:
         processor, accel.device, keep_mb=cfg.feature_cache_mb, generation=model.generation_config
     )
     for name, method, pool_experts, how in todo:
-        if pool_experts is None:
-            print(select(cfg, accel, model, enc, args.target, run, name), flush=True)
+        if how is None:  # chosen on validation among these candidates
+            print(select(cfg, accel, model, enc, args.target, run, name, pool_experts), flush=True)
         else:
             trains = ic.train_experts and not method.frozen
             line = interpolate(
