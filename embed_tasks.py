@@ -23,9 +23,9 @@ import time
 
 from common import data
 from common.artifacts import write_json, write_text
-from common.embeddings import recorded, variants
+from common.embeddings import DATA_FREE, EMBEDDINGS, recorded, variants
 from common.errors import UserError
-from common.experts import current_expert, expert_name
+from common.experts import current_expert, expert_dir, expert_name, tensor_shapes
 from common.methods import top_k_similar
 from common.provenance import artifact, link, made_from
 from common.similarity import COMPUTE, similarity_matrix, similarity_row
@@ -36,7 +36,8 @@ def pool_experts(cfg, target: str | None) -> list[str]:
     """Expert names to compare: the pool's full-data experts, and the target's low-shot one in place of its
     own; each checked to be made on this backbone under this config."""
     for t in cfg.tasks.pool:
-        data.task(cfg, t)
+        if data.has_data(cfg, t):
+            data.task(cfg, t)
     names = list(cfg.tasks.pool)
     if target is not None:
         data.task(cfg, target, where="--target")
@@ -46,6 +47,54 @@ def pool_experts(cfg, target: str | None) -> list[str]:
     return names
 
 
+def ranked_by(cfg, names: list[str]) -> dict[str, str]:
+    """{expert: the embedding it is compared by}: embed.embedding, but one computed from data (the Fisher)
+    needs an expert's data and the first expert's parameters (tensors of one shape); an imported expert
+    without data, or of another recipe, is compared by the data-free DATA_FREE instead."""
+    configured = cfg.embed.embedding
+    if not EMBEDDINGS[configured].needs_data:
+        return dict.fromkeys(names, configured)
+    first = tensor_shapes(expert_dir(cfg, names[0]))
+
+    def takes_it(n: str) -> bool:
+        return n not in cfg.tasks.imported or (
+            data.has_data(cfg, n) and tensor_shapes(expert_dir(cfg, n)) == first
+        )
+
+    return {n: configured if takes_it(n) else DATA_FREE for n in names}
+
+
+def compared(cfg, names: list[str], target: bool) -> tuple[list[list[float]], str]:
+    """(the target's row, or the pool's matrix; what was computed): each pair by the embedding both its
+    experts are ranked by, the data-free one where either lacks the Fisher (ranked_by)."""
+    by, configured = ranked_by(cfg, names), cfg.embed
+    sims, works = {}, []
+    for e in dict.fromkeys(by.values()):
+        cfg.embed = dataclasses.replace(configured, embedding=e)
+        part = [n for n in names if by[n] == e or e == DATA_FREE]  # every pair can fall back to the data-free
+        how = COMPUTE[e]
+        embeddings, work = how.embed(cfg, part)
+        works.append(work)
+        try:
+            if target:
+                sims[e] = {(part[0], n): v for n, v in zip(part, similarity_row(embeddings, how.similarity))}
+            else:
+                m = similarity_matrix(embeddings, how.similarity)
+                sims[e] = {(a, b): m[i][j] for i, a in enumerate(part) for j, b in enumerate(part)}
+        except ValueError as err:
+            raise UserError(
+                f"{cfg.path}: {err} (expert.method / backbone must be the same for all of {names})"
+            ) from None
+        finally:
+            cfg.embed = configured
+
+    def pair(a: str, b: str) -> float:
+        return sims[by[a] if by[a] == by[b] else DATA_FREE][(a, b)]
+
+    rows = [[pair(names[0], n) for n in names]] if target else [[pair(a, b) for b in names] for a in names]
+    return rows, ", ".join(works)
+
+
 def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:
     """Embed the experts by embed.embedding and write to similarity/<target run | pool><suffix>.csv/.json the
     target's similarity row and top-k (retrieval compares the target alone with each expert; the report draws
@@ -53,17 +102,8 @@ def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:
     returns the summary line."""
     how = COMPUTE[cfg.embed.embedding]
     t0 = time.time()
-    embeddings, work = how.embed(cfg, names)
-    try:
-        rows = (
-            [similarity_row(embeddings, how.similarity)]
-            if target
-            else similarity_matrix(embeddings, how.similarity)
-        )
-    except ValueError as e:
-        raise UserError(
-            f"{cfg.path}: {e} (expert.method / backbone must be the same for all of {names})"
-        ) from None
+    by = ranked_by(cfg, names)
+    rows, work = compared(cfg, names, target)
     path = artifact(cfg, "similarity", names[0] if target else "pool", suffix[1:])
     result = {
         "names": names,
@@ -72,7 +112,9 @@ def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:
         "made_from": made_from(cfg, "similarity", names[0] if target else "pool", suffix[1:]),
     }
     if how.examples:  # which of each expert's examples it was embedded by (data.subset)
-        result["examples"] = how.examples(cfg, names)
+        result["examples"] = how.examples(cfg, [n for n in names if by[n] == cfg.embed.embedding])
+    if set(by.values()) != {cfg.embed.embedding}:  # experts the configured embedding cannot take
+        result["ranked_by"] = by
     if target:
         result |= {
             "target": names[0],

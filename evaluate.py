@@ -44,6 +44,7 @@ from common.experts import (
     folded,
     load_expert,
     load_pool,
+    one_shape,
     unload_expert,
 )
 from common.methods import (
@@ -112,7 +113,9 @@ def methods(cfg, run: str, experts: list[str] | None) -> dict:
                 out[m.name] = (m.loads, d)
         # the merges of π-Tuning's experts (π-Tuning chosen on validation may keep the target's alone)
         elif m.variant is None and experts is not None and cfg.evaluate.merges and len(experts) > 1:
-            if not m.loads.startswith("peft-") or EXPERT_TYPES[cfg.expert.method].peft_merges:
+            # peft's linear and TIES merges need experts of one rank: a pool of mixed recipes has none
+            peft_can = EXPERT_TYPES[cfg.expert.method].peft_merges and one_shape(cfg, experts)
+            if not m.loads.startswith("peft-") or peft_can:
                 out[m.name] = (m.loads, experts)
     if experts is not None:
         out[PI.name] = ("expert", artifact(cfg, "interpolated", run))

@@ -20,15 +20,17 @@ import gc
 if __name__ == "__main__":  # a stage's own process: no garbage collections while the imports load (run_stage)
     gc.disable()
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from common import data
-from common.artifacts import atomic_dir, read_json, write_json
+from common.artifacts import atomic_dir, read_json, write_json, write_text
 from common.backbone import backbone_dir, fingerprint, load_backbone
 from common.device import accelerator
 from common.embeddings import ALONE
@@ -43,6 +45,7 @@ from common.experts import (
     load_pool,
     unload_expert,
 )
+from common.imported import sources
 from common.methods import METHODS, NULL, PAIR, PAIR_PREFIX, by_variant, select_from, top_k_similar
 from common.metrics import task_scores
 from common.provenance import artifact, link, made_from, parse_run, readable
@@ -167,6 +170,39 @@ def mix(
     return Mixed(merge, logits, loss, len(train), len(mix_on), ckpts)
 
 
+def model_card(cfg, saved: dict, out: Path, target: str, name: str, experts: list, how: str, groups) -> str:
+    """The exported expert's README.md, as the hub shows an adapter: what it is, how to load it, the experts
+    merged and their learned weights per group, the command and the config that made it."""
+    imported = sources(cfg)
+    mean = {e: sum(w[e] for w in groups.values()) / len(groups) for e in experts}
+    base = saved.get("base_model_name_or_path") or str(backbone_dir(cfg))
+    recipe = f", r {saved['r']}, lora_alpha {saved['lora_alpha']}" if "r" in saved else ""
+    command = cfg.command("interpolate.py", "--target", target, *(("--variant", name) if name else ()))
+    shots = f"{cfg.tasks.target_shots}-shot" if cfg.tasks.target_shots else "whole"
+    lines = [
+        f"---\nbase_model: {json.dumps(base)}\nlibrary_name: peft\n"
+        f"tags: [pi-tuning, {cfg.expert.method}]\n---",
+        f"# {out.name}: π-Tuning's mix of {len(experts)} experts for {target}",
+        f"One peft adapter ({saved.get('peft_type', cfg.expert.method)}{recipe}): the experts below merged "
+        f"with the weights learned on {target}'s {shots} training sample (seed {cfg.seed}), retrieved by "
+        f"{how}.",
+        f'```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base, "{out}")\n```',
+        "| expert | from | mean weight |\n|---|---|---|\n"
+        + "\n".join(
+            f"| {e} | {f'`{imported[e]}`' if e in imported else 'train_expert.py'} | {mean[e]:.3f} |"
+            for e in experts
+        ),
+        f"Learned weights per group (interpolate.groups: {cfg.interpolate.groups}; each row sums to 1):",
+        f"| group | {' | '.join(experts)} |\n|---|{'---|' * len(experts)}\n"
+        + "\n".join(
+            f"| {g} | " + " | ".join(f"{w[e]:.3f}" for e in experts) + " |" for g, w in groups.items()
+        ),
+        f"Made by:\n\n```\n{command}\n```",
+        f"Config:\n\n```yaml\n{yaml.safe_dump(cfg.to_dict(), sort_keys=False)}```",
+    ]
+    return "\n\n".join(lines) + "\n"
+
+
 def write(
     cfg,
     mixed: Mixed,
@@ -184,15 +220,12 @@ def write(
     backbone and return the stage's summary line."""
     ic, merge = cfg.interpolate, mixed.merge
     probs = torch.softmax(mixed.logits.detach(), dim=-1)
+    groups = {g: dict(zip(experts, p.tolist())) for g, p in zip(merge.group_names, probs)}
     with atomic_dir(out) as tmp:
         merge.export(mixed.logits).save_pretrained(tmp)
-        write_json(
-            tmp / "weights.json",
-            {
-                "experts": experts,
-                "groups": {g: dict(zip(experts, p.tolist())) for g, p in zip(merge.group_names, probs)},
-            },
-        )
+        write_json(tmp / "weights.json", {"experts": experts, "groups": groups})
+        saved = read_json(tmp / "adapter_config.json", "exported config", "run it again")
+        write_text(tmp / "README.md", model_card(cfg, saved, out, target, name, experts, how, groups))
         write_json(
             tmp / "meta.json",
             {

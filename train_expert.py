@@ -3,6 +3,7 @@
     python train_expert.py --task nli                      # a pool expert, on the task's full train split
     python train_expert.py --task snli-ve --shots 64       # the target's low-shot expert (seeded sample)
     python train_expert.py --task snli-ve --shots 0        # the target's expert on its whole train split
+    python train_expert.py --task mine                     # an imported expert (tasks.imported): checked
     python train_expert.py --pretrain                      # build + pre-train the embedded backbone first
                                                            # (a real backbone: check it loads, record it)
 
@@ -17,6 +18,7 @@ if __name__ == "__main__":  # a stage's own process: no garbage collections whil
     gc.disable()
 
 import random
+import shutil
 import time
 
 import torch
@@ -33,7 +35,8 @@ from common.backbone import (
 )
 from common.device import accelerator
 from common.errors import UserError
-from common.experts import attach, expert_dir, expert_name, learning_rate
+from common.experts import attach, expert_dir, expert_name, import_expert, learning_rate
+from common.imported import CONFIG as IMPORTED_CONFIG, WEIGHTS, adapter_dir
 from common.methods import trained_baselines
 from common.metrics import task_metric, token_accuracy
 from common.provenance import artifact, link, made_from
@@ -182,6 +185,27 @@ def attribute_probe(model, enc, exs, batch_size: int = 200) -> dict[str, float]:
     return {a: round(right[a] / max(total[a], 1), 3) for a in attrs}
 
 
+def import_pool_expert(cfg, name: str) -> None:
+    """A pool expert trained elsewhere (tasks.imported): checked against the backbone, copied into runs/."""
+    t0 = time.time()
+    model, _ = load_backbone(cfg, "cpu")
+    meta = import_expert(cfg, name, model)
+    meta["task"] = name if data.has_data(cfg, name) else None  # its data: a Fisher, a transfer row
+    out, src = expert_dir(cfg, name), adapter_dir(cfg, name)
+    with atomic_dir(out) as tmp:
+        for f in (IMPORTED_CONFIG, WEIGHTS, "README.md"):
+            if (src / f).is_file():
+                shutil.copyfile(src / f, tmp / f)
+        write_json(tmp / "meta.json", meta | {"seconds": round(time.time() - t0, 1)})
+    link(out)
+    r = meta["recipe"]
+    has = "with data" if meta["task"] else "without data"
+    print(
+        f"imported {name} from {meta['imported']['source']}: LoRA r {r['r']}, {r['sites']} sites, scales "
+        f"{r['scales']}{', biases' if r['bias'] else ''}, {has} -> {out}"
+    )
+
+
 def train_expert(cfg, task_name: str, shots: int | None, variant: str = "") -> None:
     """variant: a target-side baseline with the same data: 2x (twice the steps) or full-ft (every weight
     of the backbone trains, no expert); or fold, the expert refitted without the examples that
@@ -305,6 +329,8 @@ def main() -> None:
                 f"--variant fold: {cfg.path}: field 'interpolate.holdout' is 0, so no examples are held "
                 f"out for the mix; set it (0.5 holds out half) or leave fold out"
             )
+        if args.task in cfg.tasks.imported and args.shots is None:
+            return import_pool_expert(cfg, args.task)
         for variant in variants:  # each on a freshly loaded backbone, seeded as if run alone
             train_expert(cfg, args.task, args.shots, variant)
     else:

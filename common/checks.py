@@ -4,7 +4,8 @@ each stage runs it on what it reads.
 
     python -m common.checks CONFIG [key=value ...] --targets snli-ve [nli ...] [--shots "32 64"]
 
-Checked: the pool's and the targets' task names; a local backbone.source (missing, empty, not a checkpoint);
+Checked: the pool's and the targets' task names; the imported experts' folders (or hub ids); a local
+backbone.source (missing, empty, not a checkpoint);
 each target's shots against its training split; every task read from files (its definition's files, columns
 and first row); on the embedded backbone, the words of those tasks against its vocabulary."""
 
@@ -18,6 +19,7 @@ from common.backbone import backbone_dir, check_source
 from common.config import load_config, split_overrides
 from common.device import resolve
 from common.errors import UserError, cli
+from common.imported import adapter_dir
 
 
 def preflight(
@@ -32,16 +34,25 @@ def preflight(
     a stage by hand checks those it reads), and which splits of them
     (a stage that chooses never opens test)."""
     for t in cfg.tasks.pool:
-        data.task(cfg, t, where=f"tasks.pool ({cfg.where('tasks.pool')})")
+        if data.has_data(cfg, t):
+            data.task(cfg, t, where=f"tasks.pool ({cfg.where('tasks.pool')})")
+        if t in cfg.tasks.imported:
+            adapter_dir(cfg, t)
     for t in targets:
         if t not in cfg.tasks.pool:
             raise UserError(
                 f"{cfg.where('tasks.pool')}: target {t!r} is not in tasks.pool "
                 f"({', '.join(cfg.tasks.pool)}); pick one of those or add it there"
             )
+        if not data.has_data(cfg, t):
+            raise UserError(
+                f"{cfg.where('tasks.imported')}: target {t!r} is an expert imported without data "
+                f"(tasks.imported.{t}); a target trains on its task's shots: pick a task with data"
+            )
     check_source(cfg)
     resolve(cfg)  # the device and precision this machine has
-    files = [t for t in (cfg.tasks.pool if read is None else read) if not data.from_world(cfg, t)]
+    read = [t for t in (cfg.tasks.pool if read is None else read) if data.has_data(cfg, t)]
+    files = [t for t in read if not data.from_world(cfg, t)]
     for t in files:  # every split opens: its files, columns and first row
         for which in splits:
             data.split(cfg, t, which)

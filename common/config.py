@@ -128,6 +128,9 @@ class TasksConfig:
     # answer: .., image: .., ...}} (common/tasks.py DEFINE_FIELDS);
     # a defined task can be in pool or the target
     define: dict = field(default_factory=dict)
+    # pool experts trained elsewhere, by name: {mine: adapter directory or hub id} (peft LoRA adapters;
+    # common/imported.py); a name that is also a task (catalogue or define) brings its data, else none
+    imported: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -381,6 +384,18 @@ def _check_together(cfg: Config, where) -> None:
         raise UserError(f"{where('device')}: field 'device' is {cfg.device!r}; use auto, cpu, cuda or cuda:N")
     for name, spec in cfg.tasks.define.items():  # each definition checked here; its files by common.checks
         define(str(name), spec, where(f"tasks.define.{name}"))
+    for name, source in cfg.tasks.imported.items():
+        if not isinstance(source, str) or not source or name == NULL:
+            raise UserError(
+                f"{where('tasks.imported')}: tasks.imported.{name} is {source!r}; give each imported expert "
+                f"a name (not '{NULL}') and a peft adapter directory or hub id: tasks.imported.{name}=DIR"
+            )
+    if cfg.tasks.imported and EXPERT_TYPES[cfg.expert.method].merge != "lowrank":
+        raise UserError(
+            f"{where('expert.method')}: field 'expert.method' is {cfg.expert.method}, but tasks.imported "
+            f"names peft adapters, which join a pool of LoRA experts; set expert.method=lora or drop "
+            f"tasks.imported"
+        )
     unknown = [e for e in cfg.interpolate.select_from if e not in EMBEDDINGS]
     bad_k = [k for k in cfg.interpolate.select_k if not isinstance(k, int) or isinstance(k, bool) or k < 1]
     if unknown:

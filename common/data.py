@@ -342,7 +342,7 @@ def scored_images(cfg) -> np.ndarray:
     pool. A file's keys are cached beside it (readers.beside);
     the mini world's are drawn without their images."""
     keys = []
-    for name in cfg.tasks.pool:
+    for name in (n for n in cfg.tasks.pool if has_data(cfg, n)):  # an expert imported without data has none
         for which in ("val", "test"):
             found = (
                 None
@@ -391,6 +391,14 @@ def train_rows(cfg, name: str) -> dict:
         "used": used,
         **({"sample": f"seeded random ('{name}/train', data.train_size)"} if used < len(kept) else {}),
     }
+
+
+def has_data(cfg, name: str) -> bool:
+    """Is there data for a pool entry: a task of the data source or tasks.define (an imported expert may come
+    without)?"""
+    if name in cfg.tasks.define or name not in cfg.tasks.imported:
+        return True
+    return name in (TASKS if cfg.data.source == "mini" else catalogue())
 
 
 def from_world(cfg, name: str) -> bool:

@@ -22,6 +22,9 @@ class Embedding:
     what: str  # the report's words for it (its heading, the similarity plot's title)
     # the `embed` fields that change it, recorded in the similarity file beside its name
     settings: tuple = ()
+    # computed from each expert's own data: an expert imported without data, or of another recipe than the
+    # target's, is compared by DATA_FREE instead (embed_tasks.ranked_by)
+    needs_data: bool = False
 
 
 EMBEDDINGS = {
@@ -33,6 +36,7 @@ EMBEDDINGS = {
             "fisher",
             "diagonal Fisher of each expert",
             ("estimator", "samples", "normalize", "passes", "at", "answers"),
+            needs_data=True,
         ),
         # SPoT-style: what each expert changed at each site, by plain cosine (no backbone pass)
         Embedding("weights", "cosine of the experts' updates"),
@@ -41,6 +45,8 @@ EMBEDDINGS = {
         Embedding("prototypes", "top singular direction of each expert's update per site"),
     )
 }
+
+DATA_FREE = "weights"  # what an expert the configured embedding cannot take is compared by
 
 # embed_tasks.py --embedding NAME: computed beside retrieval's own for comparison (make report ranks them by
 # Spearman against the measured transfer); each is the Fisher with these `embed` fields set, and what it is

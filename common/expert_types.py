@@ -144,8 +144,8 @@ def _lora_site(key):  # x.lora_A.weight, x.lora_B.weight (and DoRA's x.lora_magn
     return m.group(1) if m else key
 
 
-def _lora_live(key, adapter):
-    return re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{adapter}.weight", key)
+def _lora_live(key, adapter):  # (and a LoRA bias, peft's lora_bias: x.lora_B.bias)
+    return re.sub(r"\.(lora_[AB])\.(weight|bias)$", rf".\1.{adapter}.\2", key)
 
 
 def _dora_live(key, adapter):

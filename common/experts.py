@@ -4,13 +4,18 @@ of them merged as one."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import get_pattern_key
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.func import functional_call
 
@@ -19,10 +24,11 @@ from common.artifacts import read_json
 from common.backbone import backbone_dir, fingerprint
 from common.errors import UserError
 from common.expert_types import EXPERT_TYPES
+from common.imported import CONFIG as IMPORTED_CONFIG, adapter_dir, files_hash, sources
 from common.merge import ExpertStack
 
 # expert_name: the stages import it here
-from common.provenance import artifact, expert_name, parse_run  # noqa: F401
+from common.provenance import artifact, expert_name, made_from, parse_run  # noqa: F401
 
 
 def expert_dir(cfg, name: str) -> Path:
@@ -58,13 +64,20 @@ def target_modules(ecfg, dims: dict) -> str:
     return ecfg.target_modules or EXPERT_TYPES[ecfg.method].targets.get(dims["family"], "")
 
 
-def attach(model, ecfg, rank_multiplier: int = 1):
+def attach(model, ecfg, rank_multiplier: int = 1, recipe: LoraRecipe | None = None):
     """Wrap the frozen backbone in a fresh expert of the configured type (only the expert's tensors train).
 
     rank_multiplier: a k-expert LoRA merge is one LoRA of rank k*r
-    (the same alpha/r keeps sum_i p_i B_i A_i exact)."""
+    (the same alpha/r keeps sum_i p_i B_i A_i exact). recipe: a pool of mixed LoRA recipes merges into one
+    LoRA on all their sites, of their largest rank, with biases if any has them, at the configured alpha/r."""
     dims, m = text_dims(model), ecfg.method
-    built = EXPERT_TYPES[m].build(model, ecfg, dims, target_modules(ecfg, dims), rank_multiplier)
+    targets = target_modules(ecfg, dims)
+    if recipe:
+        targets = "^(" + "|".join(re.escape(s) for s in recipe.sites) + ")$"
+        ecfg = dataclasses.replace(ecfg, r=recipe.rank, alpha=ecfg.alpha / ecfg.r * recipe.rank)
+    built = EXPERT_TYPES[m].build(model, ecfg, dims, targets, rank_multiplier)
+    if recipe and recipe.bias:
+        built.lora_bias = True
     if isinstance(built, torch.nn.Module):  # an expert of our own (adapters): the model already holds it
         return built
     try:
@@ -95,6 +108,18 @@ def load_expert_weights(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(
             f"{f}: corrupt expert weights ({str(e)[:80]}); delete {path} and retrain it"
         ) from None
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple]:
+    """{key: shape} of an expert's saved tensors, read from the file's header (no tensor is loaded)."""
+    with safe_open(str(Path(path) / WEIGHTS), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def one_shape(cfg, names: list[str]) -> bool:
+    """Do these experts' tensors share one set of names and shapes (one recipe)?"""
+    first = tensor_shapes(expert_dir(cfg, names[0]))
+    return all(tensor_shapes(expert_dir(cfg, n)) == first for n in names[1:])
 
 
 def read_expert_meta(path: Path, fix: str = "train it with `make experts`") -> dict:
@@ -225,7 +250,8 @@ class MergedExpert:
     ):
         self.type, k = EXPERT_TYPES[ecfg.method], len(experts)
         merge = self.type.merge
-        self.model = attach(model, ecfg, rank_multiplier=k if merge == "lowrank" else 1)
+        recipe = getattr(experts, "recipe", None)
+        self.model = attach(model, ecfg, rank_multiplier=k if merge == "lowrank" else 1, recipe=recipe)
         self.layers = text_dims(model)["decoder_layers"]
         self.stack = ExpertStack(
             [self.type.per_layer(e, self.layers) for e in experts],
@@ -254,28 +280,190 @@ class MergedExpert:
         return self.model
 
 
+PEFT_PREFIX = "base_model.model."  # how peft names a module's tensors in a saved adapter
+
+
+@dataclass(frozen=True)
+class LoraRecipe:
+    """The one LoRA a pool of mixed recipes merges into: every site any expert adapts (full module names), the
+    largest rank, and whether any expert has LoRA biases (peft's lora_bias)."""
+
+    sites: tuple
+    rank: int
+    bias: bool
+
+
+class Pool(list):
+    """The pool's state dicts, one shape for all (list order = the experts'); `recipe` is the LoRA the merge
+    attaches where the experts' recipes differ (None: the configured expert's)."""
+
+    recipe: LoraRecipe | None = None
+
+
+def lora_scales(config: dict, weights: dict, etype) -> dict[str, float]:
+    """{site: the scale peft applies to B @ A there}: lora_alpha / r, or / sqrt(r) with use_rslora, alpha from
+    alpha_pattern where it names the site (peft's own matching), r the site's own rank."""
+    patterns = config.get("alpha_pattern") or {}
+    out = {}
+    for site, (_, a) in etype.factors(weights).items():
+        module = site.removeprefix(PEFT_PREFIX)
+        alpha = patterns.get(get_pattern_key(patterns.keys(), module), config["lora_alpha"])
+        out[site] = alpha / math.sqrt(a.shape[0]) if config.get("use_rslora") else alpha / a.shape[0]
+    return out
+
+
 def at_config_scale(weights: dict[str, torch.Tensor], path: Path, ecfg) -> dict[str, torch.Tensor]:
-    """A LoRA's tensors with B rescaled from its own saved alpha/r to the configured one, so that the merge
-    (attached at the configured scale) adds exactly the update the expert was trained to add."""
-    saved = read_json(Path(path) / "adapter_config.json", "expert config", "retrain it")
-    own = saved["lora_alpha"] / saved["r"]
-    if own == ecfg.alpha / ecfg.r:
-        return weights
-    return {k: v * (own / (ecfg.alpha / ecfg.r)) if ".lora_B." in k else v for k, v in weights.items()}
+    """A LoRA's tensors with B (and its bias) rescaled from the expert's own scale at each site to the
+    configured alpha/r, so that the merge (attached at the configured scale) adds exactly the update the
+    expert adds: lora_alpha / r, rsLoRA's / sqrt(r), alpha_pattern's, as its adapter_config.json says."""
+    saved, etype = (
+        read_json(Path(path) / "adapter_config.json", "expert config", "retrain it"),
+        EXPERT_TYPES[ecfg.method],
+    )
+    scales, ref = lora_scales(saved, weights, etype), ecfg.alpha / ecfg.r
+    return {
+        k: v * (scales[site] / ref)
+        if (site := etype.site(k)) in scales and ".lora_B." in k and scales[site] != ref
+        else v
+        for k, v in weights.items()
+    }
 
 
-def load_pool(cfg, names: list[str]) -> list[dict[str, torch.Tensor]]:
-    """The experts' tensors, checked to belong to this backbone and to share one shape."""
-    weights = []
+def to_recipe(pool: list[dict[str, torch.Tensor]], etype) -> tuple[list[dict[str, torch.Tensor]], LoraRecipe]:
+    """LoRAs of different ranks, sites and biases (each already at the configured scale) as one shape: every
+    site any of them adapts, each padded to the largest rank with zero rows of A and zero columns of B (a site
+    an expert lacks: all zeros; its bias, where others have one: zeros). B @ A and the bias are unchanged, and
+    the zeros get no gradient (each multiplies the other's zeros), so the merge stays exact while the experts
+    train."""
+    parts = [etype.factors(w) for w in pool]
+    sites = list(dict.fromkeys(site for p in parts for site in p))
+    shape = {}  # site -> (d_out, d_in), from any expert that has it
+    for p in parts:
+        shape |= {site: (b.shape[0], a.shape[1]) for site, (b, a) in p.items()}
+    rank = max(a.shape[0] for p in parts for _, a in p.values())
+    bias = any(k.endswith(".lora_B.bias") for w in pool for k in w)
+    dtype = next(iter(pool[0].values())).dtype
+    out = []
+    for w, p in zip(pool, parts):
+        one = {}
+        for site in sites:
+            d_out, d_in = shape[site]
+            a, b = torch.zeros(rank, d_in, dtype=dtype), torch.zeros(d_out, rank, dtype=dtype)
+            if site in p:
+                r = p[site][1].shape[0]
+                a[:r], b[:, :r] = w[f"{site}.lora_A.weight"], w[f"{site}.lora_B.weight"]
+            one[f"{site}.lora_A.weight"], one[f"{site}.lora_B.weight"] = a, b
+            if bias:
+                one[f"{site}.lora_B.bias"] = w.get(f"{site}.lora_B.bias", torch.zeros(d_out, dtype=dtype))
+        out.append(one)
+    modules = tuple(site.removeprefix(PEFT_PREFIX) for site in sites)
+    return out, LoraRecipe(modules, rank, bias)
+
+
+def load_pool(cfg, names: list[str]) -> Pool:
+    """The experts' tensors, checked to belong to this backbone, at the configured scale; LoRAs of different
+    recipes (imported ones) brought to one shape (to_recipe), others checked to share one."""
+    weights, etype = Pool(), EXPERT_TYPES[cfg.expert.method]
     for name in names:
         current_expert(cfg, name)
         w = load_expert_weights(expert_dir(cfg, name))
-        if EXPERT_TYPES[cfg.expert.method].scaled:
+        if etype.scaled:
             w = at_config_scale(w, expert_dir(cfg, name), cfg.expert)
-        if weights and {k: v.shape for k, v in w.items()} != {k: v.shape for k, v in weights[0].items()}:
-            raise UserError(
-                f"{expert_dir(cfg, name)}: its tensors differ from {names[0]}'s; all experts must share "
-                f"expert.method, r and target_modules"
-            )
         weights.append(w)
+    shapes = [{k: v.shape for k, v in w.items()} for w in weights]
+    if any(s != shapes[0] for s in shapes) and etype.merge == "lowrank":
+        weights[:], weights.recipe = to_recipe(weights, etype)
+    elif any(s != shapes[0] for s in shapes):
+        odd = next(i for i, s in enumerate(shapes) if s != shapes[0])
+        raise UserError(
+            f"{expert_dir(cfg, names[odd])}: its tensors differ from {names[0]}'s; all experts must share "
+            f"expert.method, r and target_modules"
+        )
     return weights
+
+
+def _same_base(base: str, cfg) -> bool:
+    """Was an adapter made for this backbone: its base_model_name_or_path is backbone.source, or a folder
+    holding these very weights?"""
+    ours = backbone_dir(cfg)
+    if base in (cfg.backbone.source, str(ours)):
+        return True
+    path = Path(base).expanduser()
+    return path.is_dir() and (path.resolve() == ours.resolve() or fingerprint(path) == fingerprint(ours))
+
+
+NOT_MERGED = {  # adapters the exact merge cannot take, and why
+    "use_dora": "a DoRA adapter (use_dora): its magnitude rescales each output of W0 + B A, so a sum of DoRA "
+    "updates is not the update of their sum",
+    "fan_in_fan_out": "a LoRA of Conv1D weights (fan_in_fan_out): its B A is transposed against this "
+    "backbone's linear layers",
+}
+
+
+def import_expert(cfg, name: str, model) -> dict:
+    """Check an imported adapter (tasks.imported) against the loaded backbone: a peft LoRA (no DoRA) of linear
+    modules this backbone has, of their shapes, made for this backbone; returns what its meta.json records
+    (train_expert.py copies it into runs/ as the pool expert `name`)."""
+    src = adapter_dir(cfg, name)
+    where = f"tasks.imported.{name} ({src})"
+    fix = f"replace the adapter at {src} or drop it from tasks.imported"
+    config = read_json(src / IMPORTED_CONFIG, "peft adapter config", fix)
+    kind = config.get("peft_type")
+    odd = "use_dora" if config.get("use_dora") else "fan_in_fan_out" if config.get("fan_in_fan_out") else None
+    if kind != "LORA" or odd:
+        what = NOT_MERGED[odd] if kind == "LORA" else f"a {kind} adapter: its update is not a low-rank B A"
+        raise UserError(
+            f"{where}: {what}; the pool merges LoRA updates exactly, so import LoRA adapters only"
+        )
+    base = config.get("base_model_name_or_path") or ""
+    if base and not _same_base(base, cfg):
+        raise UserError(
+            f"{where}: made for base model '{base}', not this backbone ({backbone_dir(cfg)}); import it into "
+            f"a profile whose backbone.source is that model, or, if it was trained on these very weights, "
+            f'set base_model_name_or_path in its {IMPORTED_CONFIG} to "{backbone_dir(cfg)}"'
+        )
+    try:
+        weights = load_file(str(src / WEIGHTS))
+    except Exception as e:  # safetensors raises several types for a corrupt file
+        raise UserError(f"{where}: corrupt adapter weights ({str(e)[:80]}); {fix}") from None
+    if not weights:
+        raise UserError(f"{where}: the adapter holds no tensors; {fix}")
+    modules = dict(model.named_modules())
+    for key, t in weights.items():
+        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.(weight|bias)", key)
+        a = weights.get(f"{PEFT_PREFIX}{m[1]}.lora_A.weight") if m else None
+        if a is None or (m[2], m[3]) == ("A", "bias"):
+            raise UserError(
+                f"{where}: tensor {key} is not a factor of a LoRA of a linear module (modules_to_save, an "
+                f"embedding's LoRA?), which the pool's exact merge cannot take; {fix}"
+            )
+        module = modules.get(m[1])
+        if not isinstance(module, torch.nn.Linear):
+            raise UserError(f"{where}: it adapts {m[1]}, which is not a linear layer of this backbone; {fix}")
+        d_out, d_in = module.out_features, module.in_features
+        want = (d_out,) if m[3] == "bias" else (a.shape[0], d_in) if m[2] == "A" else (d_out, a.shape[0])
+        if tuple(t.shape) != want:
+            raise UserError(
+                f"{where}: module {m[1]} is {d_out}x{d_in} in this backbone, but the adapter's "
+                f"lora_{m[2]}.{m[3]} is {tuple(t.shape)}, not {want}; {fix}"
+            )
+    scales = lora_scales(config, weights, EXPERT_TYPES[cfg.expert.method])
+    return {
+        "name": name,
+        "method": cfg.expert.method,
+        "shots": None,
+        "seed": 0,
+        "imported": {"source": sources(cfg)[name], "files": files_hash(cfg, name, remember=True)},
+        "recipe": {
+            "r": sorted({w.shape[0] for k, w in weights.items() if k.endswith("lora_A.weight")}),
+            "lora_alpha": config.get("lora_alpha"),
+            "use_rslora": bool(config.get("use_rslora")),
+            "scales": sorted(set(round(s, 6) for s in scales.values())),
+            "sites": len(scales),
+            "bias": any(k.endswith(".bias") for k in weights),
+        },
+        "trainable_params": sum(t.numel() for t in weights.values()),
+        "backbone": fingerprint(backbone_dir(cfg)),
+        "config": cfg.to_dict(),
+        "made_from": made_from(cfg, "expert", name),
+    }

@@ -377,6 +377,8 @@ class ExpertStack(torch.nn.Module):
                  not a parameter), and forward returns that leaf itself: A_cat does not depend
                  on the weights, and F.linear's gradient for it lands in `lora_A[s].grad` as is,
                  with no copy into a flat gradient. B stays one parameter (the fused scale op).
+                 LoRA biases (`...lora_B.bias`, peft's lora_bias) merge as sum_i p_i b_i, a "sum" stack
+                 `bias_stack` on their sites' groups.
     group_of maps a tensor name to its group (for LoRA, A and B of one site must share a group).
     trainable=True registers the packed stacks as nn.Parameters (merge="lowrank": `lora_B_stack` and the
     per-site A leaves `lora_A`), else as buffers. frozen (merge="sum"): experts whose rows of `stack`
@@ -424,6 +426,17 @@ class ExpertStack(torch.nn.Module):
                 self.register_buffer("_keep", keep, persistent=False)  # moves with the stack (.to(device))
                 self.stack.register_hook(lambda g: g * self._keep)
         elif merge == "lowrank":
+            # LoRA biases (peft's lora_bias) add sum_i p_i b_i: a summed stack beside, on their sites' groups
+            biases = [n for n in names if n.endswith(".lora_B.bias")]
+            self.bias_stack = (
+                ExpertStack([{n: e[n] for n in biases} for e in experts], group_of, "sum", trainable)
+                if biases
+                else None
+            )
+            if biases:
+                rows = [self.group_names.index(g) for g in self.bias_stack.group_names]
+                self.register_buffer("_bias_rows", torch.tensor(rows, dtype=torch.int64), persistent=False)
+                by_group = {g: [n for n in ns if n not in biases] for g, ns in by_group.items()}
             self._build_lora(experts, by_group, group_of)
         else:
             raise ValueError(f"merge must be 'sum' or 'lowrank', got {merge!r}")
@@ -554,6 +567,8 @@ class ExpertStack(torch.nn.Module):
         )
         merged = dict(zip((a for a, _ in self._site_names), a_cat))
         merged.update(zip((b for _, b in self._site_names), b_cat))
+        if self.bias_stack is not None:
+            merged.update(self.bias_stack(logits[self._bias_rows]))
         return {n: merged[n] for n in self._names}
 
     def extra_repr(self) -> str:

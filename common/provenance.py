@@ -16,6 +16,7 @@ The graph (each kind's own fields, and what it is made from):
     backbone      world (but the scored sizes), backbone, pretrain, precision
     expert <t>    backbone; data (but the scored sizes and other tasks' files), the task's own definition,
                   expert; where the overlap guard reads them, the definitions of the pool's image tasks
+                  (imported, tasks.imported: backbone; the hash of its files, the task's definition)
     target <run>  the task's expert fields; tasks.shots_per_class      (fold: + interpolate.holdout)
     similarity    the target's expert, the pool's experts; tasks.pool, embed (as the embedding sets it)
     interpolated  the similarity (fold); interpolate          (pair-<t>: the target's and t's experts instead)
@@ -41,6 +42,7 @@ from common import dist
 from common.config import OLD_SECTION, Config, load_config, split_overrides
 from common.embeddings import ASKED_FOR, variants
 from common.errors import UserError, cli
+from common.imported import files_hash
 from common.methods import NULL, PAIR_PREFIX, by_variant, inputs_of, interpolations, studied
 
 # fields that change how an artifact is made, not what it is: in no digest
@@ -152,6 +154,8 @@ def _node(cfg, kind: str, name: str = "", variant: str = "") -> tuple[dict, list
     """(own fields, the nodes it is made from) of an artifact."""
     if kind == "backbone":
         return _values(cfg, ("world", "backbone", "pretrain", "precision"), SCORED_SIZES), []
+    if kind == "expert" and name in cfg.tasks.imported:  # made elsewhere: its files, checked on this backbone
+        return {"imported": files_hash(cfg, name), "task": definition(cfg, name)}, [("backbone",)]
     if kind == "expert":
         run = parse_run(name)
         task = run["task"] if run else name

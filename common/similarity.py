@@ -213,9 +213,17 @@ def _cosine(x, y) -> float:
     return F.cosine_similarity(x.flatten().double(), y.flatten().double(), dim=0).item()
 
 
+def _either(a: dict, b: dict) -> list[str]:
+    """The sites either of two experts adapts, in one order (experts of different recipes, imported ones, may
+    adapt different modules: at a site only one adapts, the other's update is nothing, its cosine 0)."""
+    return sorted(a.keys() | b.keys())
+
+
 def update_similarity(ua: dict, ub: dict) -> float:
-    """Mean over sites of the cosine between the two experts' updates there (each a tensor, or a LowRank)."""
-    return sum(_cosine(ua[n], ub[n]) for n in _sites(ua, ub)) / len(ua)
+    """Mean over the sites either adapts of the cosine between the two experts' updates there (each a tensor,
+    or a LowRank; 0 where one has none)."""
+    sites = _either(ua, ub)
+    return sum(_cosine(ua[n], ub[n]) if n in ua and n in ub else 0.0 for n in sites) / len(sites)
 
 
 def update_embedding(weights: dict[str, torch.Tensor], method: str, layers: int = 1) -> dict:
@@ -375,8 +383,12 @@ def prototype_embedding(cfg, name: str) -> dict[str, torch.Tensor]:
 
 
 def prototype_similarity(pa: dict[str, torch.Tensor], pb: dict[str, torch.Tensor]) -> float:
-    """Mean over sites of |cos| of the two prototypes (a singular vector's sign is arbitrary)."""
-    return sum(abs(F.cosine_similarity(pa[n], pb[n], dim=0).item()) for n in _sites(pa, pb)) / len(pa)
+    """Mean over the sites either adapts of |cos| of the two prototypes (a singular vector's sign is
+    arbitrary; 0 where one has none)."""
+    sites = _either(pa, pb)
+    return sum(
+        abs(F.cosine_similarity(pa[n], pb[n], dim=0).item()) if n in pa and n in pb else 0.0 for n in sites
+    ) / len(sites)
 
 
 def common_reference(cfg, names: list[str]) -> dict[str, torch.Tensor]:
