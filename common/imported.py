@@ -53,16 +53,21 @@ def adapter_dir(cfg, name: str) -> Path:
         ) from None
 
 
+_MEMOS: dict[Path, dict] = {}  # each memo file read once per process
+
+
 def file_hash(path: Path, memo: Path, remember: bool = False) -> str:
     """sha256 of a file's bytes (16 hex), looked up in `memo` by the file's path, size and modification time
     (a library of a thousand 7 MB adapters is read once, not at every make); `remember` writes it there (the
-    import stage does; make's queries only read, so `make -n` writes nothing)."""
+    stages do; make's queries only read, so `make -n` writes nothing)."""
     path, st = Path(path).resolve(), Path(path).stat()
     stamp = [st.st_size, st.st_mtime_ns]
-    try:
-        known = json.loads(memo.read_text())
-    except (OSError, ValueError):
-        known = {}
+    if memo not in _MEMOS:
+        try:
+            _MEMOS[memo] = json.loads(memo.read_text())
+        except (OSError, ValueError):
+            _MEMOS[memo] = {}
+    known = _MEMOS[memo]
     if known.get(str(path), [None])[:2] == stamp:
         return known[str(path)][2]
     h = hashlib.sha256()

@@ -12,7 +12,7 @@ import fcntl
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from common.device import accelerator
 from common.errors import UserError
 from common.expert_types import EXPERT_TYPES
 from common.experts import WEIGHTS, attach, expert_dir, load_expert_weights, read_expert_meta, set_weights
+from common.imported import file_hash
 from common.metrics import answer_logprobs, sampled_answers
 from common.provenance import SCORED_SIZES
 
@@ -235,15 +236,19 @@ def update_embedding(weights: dict[str, torch.Tensor], method: str, layers: int 
     return expert_update(weights, method, layers)
 
 
-def weight_embedding(cfg, name: str) -> dict:
-    path = expert_dir(cfg, name)
+def weights_of(path: Path, method: str) -> dict:
+    """The update_embedding of the expert saved in folder `path` (an artifact, or any peft adapter folder)."""
     layers = read_json(path / "adapter_config.json", "expert config", "retrain it").get("num_layers") or 1
     try:
-        return update_embedding(load_expert_weights(path), cfg.expert.method, layers)
+        return update_embedding(load_expert_weights(path), method, layers)
     except ValueError as e:
         raise UserError(
-            f"{path}: {e}; embed.embedding=weights needs experts of expert.method={cfg.expert.method}"
+            f"{path}: {e}; embed.embedding=weights needs experts of expert.method={method}"
         ) from None
+
+
+def weight_embedding(cfg, name: str) -> dict:
+    return weights_of(expert_dir(cfg, name), cfg.expert.method)
 
 
 def fisher_embeddings(cfg, names: list[str]) -> tuple[list[dict[str, torch.Tensor]], str]:
@@ -366,20 +371,26 @@ def prototypes(embedding: dict) -> dict[str, torch.Tensor]:
     }
 
 
-def prototype_embedding(cfg, name: str) -> dict[str, torch.Tensor]:
-    """The expert's prototypes, computed once per expert file: cached in runs/<profile>/embeddings/ under the
-    hash of its weights (a QR and an SVD per site: 38 s for 1,000 Florence-2-base LoRAs, each time a target
-    was embedded; bench/README)."""
-    weights = expert_dir(cfg, name) / WEIGHTS
-    # the expert's name@digest
-    out = cfg.run_dir / "embeddings" / f"{weights.parent.name}.prototypes.safetensors"
-    key = {"expert": _hash(weights.read_bytes()) if weights.is_file() else "", "method": cfg.expert.method}
+def prototypes_of(path: Path, method: str, cache: Path) -> dict[str, torch.Tensor]:
+    """The prototypes of the expert saved in folder `path`, computed once per expert file: cached in `cache`
+    under the hash of its weights (a QR and an SVD per site: 22 s for 1,000 Florence-2-base LoRAs, each time
+    a target was embedded; bench/README), the hash itself remembered by the file's size and time."""
+    weights = Path(path) / WEIGHTS
+    out = cache / f"{Path(path).name}.prototypes.safetensors"  # an artifact's name@digest
+    key = {
+        "expert": file_hash(weights, cache / ".hashes.json", True) if weights.is_file() else "",
+        "method": method,
+    }
     if (cached := cached_fisher(out, key)) is not None:
         return cached
-    protos = prototypes(weight_embedding(cfg, name))
+    protos = prototypes(weights_of(path, method))
     with atomic_file(out) as tmp:
         save_file({k: v.contiguous() for k, v in protos.items()}, str(tmp), metadata=key)
     return protos
+
+
+def prototype_embedding(cfg, name: str) -> dict[str, torch.Tensor]:
+    return prototypes_of(expert_dir(cfg, name), cfg.expert.method, cfg.run_dir / "embeddings")
 
 
 def prototype_similarity(pa: dict[str, torch.Tensor], pb: dict[str, torch.Tensor]) -> float:
@@ -406,7 +417,8 @@ def common_reference(cfg, names: list[str]) -> dict[str, torch.Tensor]:
     }
 
 
-def similarity_matrix(embeddings: list[dict[str, torch.Tensor]], sim=task_similarity) -> list[list[float]]:
+def similarity_matrix(embeddings: Iterable, sim=task_similarity) -> list[list[float]]:
+    embeddings = list(embeddings)
     n = len(embeddings)
     m = [[1.0] * n for _ in range(n)]
     for i in range(n):
@@ -415,10 +427,13 @@ def similarity_matrix(embeddings: list[dict[str, torch.Tensor]], sim=task_simila
     return m
 
 
-def similarity_row(embeddings: list, sim=task_similarity) -> list[float]:
+def similarity_row(embeddings: Iterable, sim=task_similarity) -> list[float]:
     """The first embedding's similarity to each (itself: 1): what retrieval for a target needs, N - 1
-    comparisons instead of the N^2 / 2 of the whole matrix."""
-    return [1.0] + [sim(embeddings[0], e) for e in embeddings[1:]]
+    comparisons instead of the N^2 / 2 of the whole matrix. Read one at a time: from a generator, only the
+    first and the one compared are held (a library of thousands streams from disk)."""
+    embeddings = iter(embeddings)
+    first = next(embeddings)
+    return [1.0] + [sim(first, e) for e in embeddings]
 
 
 @dataclass(frozen=True)
@@ -433,8 +448,9 @@ class Computed:
 
 
 def _each(embedding: Callable, work: str) -> Callable:
-    """embed(): a per-expert embedding over the names, no cache to report."""
-    return lambda cfg, names: ([embedding(cfg, n) for n in names], work)
+    """embed(): a per-expert embedding over the names, each made when the comparison reaches it (a
+    generator: similarity_row holds two at a time), no cache to report."""
+    return lambda cfg, names: ((embedding(cfg, n) for n in names), work)
 
 
 # one entry per embedding of common/embeddings.py, under its name
