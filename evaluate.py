@@ -235,6 +235,11 @@ def main() -> None:
         interp = artifact(cfg, "interpolated", run)
         fix = f"run `{cfg.command('interpolate.py', '--target', args.target)}` (make does)"
         experts = read_json(interp / "meta.json", "interpolated expert", fix)["experts"]
+        sim = artifact(cfg, "similarity", run)  # which embedding ranked an imported expert, where not the own
+        ranked = read_json(sim, "similarity", fix).get("ranked_by", {}) if sim.is_file() else {}
+        ranked_by = {
+            e: ranked[e] for e in experts if ranked.get(e, cfg.embed.embedding) != cfg.embed.embedding
+        }
     current_expert(cfg, run)
     splits = {"test": data.split(cfg, args.target, "test"), "val": data.split(cfg, args.target, "val")}
     t0 = time.time()
@@ -318,6 +323,7 @@ def main() -> None:
         "test_size": len(splits["test"]),
         "val_size": len(splits["val"]),
         "experts": experts,
+        **({"ranked_by": ranked_by} if not args.transfer and ranked_by else {}),
         "scores": test_scores,
         "val_scores": scores["val"],
         "transfer": transfer["test"],

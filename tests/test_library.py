@@ -84,6 +84,8 @@ def test_peft_loras_of_mixed_recipes_join_a_pool_and_export_as_one_exact_lora(mi
         **dict.fromkeys(["snli-ve-8shot-s0", "nli", "shape", "vqa"], "fisher"),
         **dict.fromkeys(["lib-a", "lib-b", "lib-c"], "weights"),  # no data: the data-free embedding
     }
+    table = (run / "results" / "snli-ve.md").read_text()  # the table make all writes says it too
+    assert "ranked by another embedding than embed.embedding" in table and "lib-b by `weights`" in table
     exported = run / "interpolated" / "snli-ve-8shot-s0"
     mix = json.loads((exported / "weights.json").read_text())
     experts, groups = mix["experts"], mix["groups"]
