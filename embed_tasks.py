@@ -23,12 +23,12 @@ import time
 
 from common import data
 from common.artifacts import write_json, write_text
-from common.embeddings import DATA_FREE, EMBEDDINGS, recorded, variants
+from common.embeddings import recorded, variants
 from common.errors import UserError
-from common.experts import current_expert, expert_dir, expert_name, tensor_shapes
+from common.experts import current_expert, expert_name
 from common.methods import top_k_similar
 from common.provenance import artifact, link, made_from
-from common.similarity import COMPUTE, similarity_matrix, similarity_row
+from common.similarity import COMPUTE, compared, ranked_by
 from common.stage import parse_stage, run_stage, stage_parser
 
 
@@ -45,54 +45,6 @@ def pool_experts(cfg, target: str | None) -> list[str]:
     for name in names:
         current_expert(cfg, name)
     return names
-
-
-def ranked_by(cfg, names: list[str]) -> dict[str, str]:
-    """{expert: the embedding it is compared by}: embed.embedding, but one computed from data (the Fisher)
-    needs an expert's data and the first expert's parameters (tensors of one shape); an imported expert
-    without data, or of another recipe, is compared by the data-free DATA_FREE instead."""
-    configured = cfg.embed.embedding
-    if not EMBEDDINGS[configured].needs_data:
-        return dict.fromkeys(names, configured)
-    first = tensor_shapes(expert_dir(cfg, names[0]))
-
-    def takes_it(n: str) -> bool:
-        return n not in cfg.tasks.imported or (
-            data.has_data(cfg, n) and tensor_shapes(expert_dir(cfg, n)) == first
-        )
-
-    return {n: configured if takes_it(n) else DATA_FREE for n in names}
-
-
-def compared(cfg, names: list[str], target: bool) -> tuple[list[list[float]], str]:
-    """(the target's row, or the pool's matrix; what was computed): each pair by the embedding both its
-    experts are ranked by, the data-free one where either lacks the Fisher (ranked_by)."""
-    by, configured = ranked_by(cfg, names), cfg.embed
-    sims, works = {}, []
-    for e in dict.fromkeys(by.values()):
-        cfg.embed = dataclasses.replace(configured, embedding=e)
-        part = [n for n in names if by[n] == e or e == DATA_FREE]  # every pair can fall back to the data-free
-        how = COMPUTE[e]
-        embeddings, work = how.embed(cfg, part)
-        works.append(work)
-        try:
-            if target:
-                sims[e] = {(part[0], n): v for n, v in zip(part, similarity_row(embeddings, how.similarity))}
-            else:
-                m = similarity_matrix(embeddings, how.similarity)
-                sims[e] = {(a, b): m[i][j] for i, a in enumerate(part) for j, b in enumerate(part)}
-        except ValueError as err:
-            raise UserError(
-                f"{cfg.path}: {err} (expert.method / backbone must be the same for all of {names})"
-            ) from None
-        finally:
-            cfg.embed = configured
-
-    def pair(a: str, b: str) -> float:
-        return sims[by[a] if by[a] == by[b] else DATA_FREE][(a, b)]
-
-    rows = [[pair(names[0], n) for n in names]] if target else [[pair(a, b) for b in names] for a in names]
-    return rows, ", ".join(works)
 
 
 def embed(cfg, names: list[str], target: bool, suffix: str = "") -> str:

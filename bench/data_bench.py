@@ -115,6 +115,9 @@ def main() -> None:
                 *common,
                 "data.source=files",
                 f"data.root={data}",
+                "tasks.pool=[snli-ve,vqa]",  # the paper's tasks (micro's pool is the mini world's)
+                "interpolate.top_k=1",
+                "data.exclude_scored_images=false",  # the guard's own cost: bench/overlap_bench.py
                 "expert.steps=1",
                 "expert.eval_size=16",
                 "log_every=0",

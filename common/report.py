@@ -984,11 +984,10 @@ def _whole(cfg, sim: dict) -> dict:
     its experts compared again from the embeddings, read from their caches (or from the experts' files)."""
     if "matrix" in sim:
         return sim
-    from common.similarity import COMPUTE, similarity_matrix
+    from common.similarity import compared
 
-    how = COMPUTE[settings_of(sim)["embedding"]]
     as_made = dataclasses.replace(cfg, embed=dataclasses.replace(cfg.embed, **settings_of(sim)))
-    return {**sim, "matrix": similarity_matrix(how.embed(as_made, sim["names"])[0], how.similarity)}
+    return {**sim, "matrix": compared(as_made, sim["names"], target=False)[0]}
 
 
 def overlap_note(cfg) -> str:

@@ -8,6 +8,7 @@ adapter's up·down, the prompt's / prefix layer's mean token), compared by plain
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -27,9 +28,18 @@ from common.artifacts import atomic_file, read_json
 from common.backbone import backbone_dir, fingerprint, load_backbone
 from common.data import Encoder, Example, batches
 from common.device import accelerator
+from common.embeddings import DATA_FREE, EMBEDDINGS
 from common.errors import UserError
 from common.expert_types import EXPERT_TYPES
-from common.experts import WEIGHTS, attach, expert_dir, load_expert_weights, read_expert_meta, set_weights
+from common.experts import (
+    WEIGHTS,
+    attach,
+    expert_dir,
+    load_expert_weights,
+    read_expert_meta,
+    set_weights,
+    tensor_shapes,
+)
 from common.imported import file_hash
 from common.metrics import answer_logprobs, sampled_answers
 from common.provenance import SCORED_SIZES
@@ -459,3 +469,51 @@ COMPUTE = {
     "weights": Computed(_each(weight_embedding, "weight updates"), update_similarity),
     "prototypes": Computed(_each(prototype_embedding, "update prototypes"), prototype_similarity),
 }
+
+
+def ranked_by(cfg, names: list[str]) -> dict[str, str]:
+    """{expert: the embedding it is compared by}: embed.embedding, but one computed from data (the Fisher)
+    needs an expert's data and the first expert's parameters (tensors of one shape); an imported expert
+    without data, or of another recipe, is compared by the data-free DATA_FREE instead."""
+    configured = cfg.embed.embedding
+    if not EMBEDDINGS[configured].needs_data:
+        return dict.fromkeys(names, configured)
+    first = tensor_shapes(expert_dir(cfg, names[0]))
+
+    def takes_it(n: str) -> bool:
+        return n not in cfg.tasks.imported or (
+            data.has_data(cfg, n) and tensor_shapes(expert_dir(cfg, n)) == first
+        )
+
+    return {n: configured if takes_it(n) else DATA_FREE for n in names}
+
+
+def compared(cfg, names: list[str], target: bool) -> tuple[list[list[float]], str]:
+    """(the target's row, or the pool's matrix; what was computed): each pair by the embedding both its
+    experts are ranked by, the data-free one where either lacks the Fisher (ranked_by)."""
+    by, configured = ranked_by(cfg, names), cfg.embed
+    sims, works = {}, []
+    for e in dict.fromkeys(by.values()):
+        cfg.embed = dataclasses.replace(configured, embedding=e)
+        part = [n for n in names if by[n] == e or e == DATA_FREE]  # every pair can fall back to the data-free
+        how = COMPUTE[e]
+        embeddings, work = how.embed(cfg, part)
+        works.append(work)
+        try:
+            if target:
+                sims[e] = {(part[0], n): v for n, v in zip(part, similarity_row(embeddings, how.similarity))}
+            else:
+                m = similarity_matrix(embeddings, how.similarity)
+                sims[e] = {(a, b): m[i][j] for i, a in enumerate(part) for j, b in enumerate(part)}
+        except ValueError as err:
+            raise UserError(
+                f"{cfg.path}: {err} (expert.method / backbone must be the same for all of {names})"
+            ) from None
+        finally:
+            cfg.embed = configured
+
+    def pair(a: str, b: str) -> float:
+        return sims[by[a] if by[a] == by[b] else DATA_FREE][(a, b)]
+
+    rows = [[pair(names[0], n) for n in names]] if target else [[pair(a, b) for b in names] for a in names]
+    return rows, ", ".join(works)
