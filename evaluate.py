@@ -230,7 +230,7 @@ def main() -> None:
         return print(compare(cfg, args.target, shlex.split(args.compare)), end="")
     shots = cfg.tasks.target_shots
     run = expert_name(args.target, shots, cfg.seed)
-    experts = None
+    experts, ranked_by = None, {}
     if not args.transfer:  # the transfer row needs the target's expert and the pair runs, not π-Tuning's
         interp = artifact(cfg, "interpolated", run)
         fix = f"run `{cfg.command('interpolate.py', '--target', args.target)}` (make does)"
@@ -323,7 +323,7 @@ def main() -> None:
         "test_size": len(splits["test"]),
         "val_size": len(splits["val"]),
         "experts": experts,
-        **({"ranked_by": ranked_by} if not args.transfer and ranked_by else {}),
+        **({"ranked_by": ranked_by} if ranked_by else {}),
         "scores": test_scores,
         "val_scores": scores["val"],
         "transfer": transfer["test"],

@@ -122,6 +122,8 @@ def mix(
         weights = load_pool(cfg, [e for e in names if e != NULL])
         if NULL in names:  # LoRA's B = A = 0 get no gradient; a summed type's null is held as it is
             weights.append(etype.null(weights[0]))
+            if weights.keep:  # nor do its biases (a pool with LoRA biases)
+                weights.keep.append({k: torch.zeros_like(v) for k, v in weights.keep[0].items()})
         return MergedExpert(model, cfg.expert, weights, ic.groups, trainable=trainable, frozen=frozen)
 
     def fit(
@@ -174,24 +176,31 @@ def model_card(cfg, saved: dict, out: Path, target: str, name: str, experts: lis
     """The exported expert's README.md, as the hub shows an adapter: what it is, how to load it, the experts
     merged and their learned weights per group, the command and the config that made it."""
     imported = sources(cfg)
+    origin = {e: f"`{imported[e]}`" if e in imported else "train_expert.py" for e in experts}
+    origin |= {NULL: "nothing (the expert that changes nothing)"} if NULL in experts else {}
     mean = {e: sum(w[e] for w in groups.values()) / len(groups) for e in experts}
-    base = saved.get("base_model_name_or_path") or str(backbone_dir(cfg))
+    hub = cfg.backbone.source if cfg.backbone.source != "embedded" else ""  # the hub takes an id, not a path
     recipe = f", r {saved['r']}, lora_alpha {saved['lora_alpha']}" if "r" in saved else ""
     command = cfg.command("interpolate.py", "--target", target, *(("--variant", name) if name else ()))
     shots = f"{cfg.tasks.target_shots}-shot" if cfg.tasks.target_shots else "whole"
+    config = backbone_dir(cfg) / "config.json"  # the backbone's class (a hub id's: the generic loader)
+    arch = (
+        (json.loads(config.read_text()).get("architectures") or ["AutoModel"])[0]
+        if config.is_file()
+        else "AutoModel"
+    )
     lines = [
-        f"---\nbase_model: {json.dumps(base)}\nlibrary_name: peft\n"
+        "---\n" + (f"base_model: {json.dumps(hub)}\n" if hub else "") + "library_name: peft\n"
         f"tags: [pi-tuning, {cfg.expert.method}]\n---",
         f"# {out.name}: π-Tuning's mix of {len(experts)} experts for {target}",
-        f"One peft adapter ({saved.get('peft_type', cfg.expert.method)}{recipe}): the experts below merged "
-        f"with the weights learned on {target}'s {shots} training sample (seed {cfg.seed}), retrieved by "
-        f"{how}.",
-        f'```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base, "{out}")\n```',
+        f"One peft adapter ({saved.get('peft_type', cfg.expert.method)}{recipe}) for the backbone at "
+        f"`{backbone_dir(cfg)}`: the experts below merged with the weights learned on {target}'s {shots} "
+        f"training sample (seed {cfg.seed}), retrieved by {how}.",
+        f"```python\nfrom peft import PeftModel\nfrom transformers import {arch}\n\n"
+        f'base = {arch}.from_pretrained("{backbone_dir(cfg)}")\n'
+        f'model = PeftModel.from_pretrained(base, "{out}")\n```',
         "| expert | from | mean weight |\n|---|---|---|\n"
-        + "\n".join(
-            f"| {e} | {f'`{imported[e]}`' if e in imported else 'train_expert.py'} | {mean[e]:.3f} |"
-            for e in experts
-        ),
+        + "\n".join(f"| {e} | {origin[e]} | {mean[e]:.3f} |" for e in experts),
         f"Learned weights per group (interpolate.groups: {cfg.interpolate.groups}; each row sums to 1):",
         f"| group | {' | '.join(experts)} |\n|---|{'---|' * len(experts)}\n"
         + "\n".join(

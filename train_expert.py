@@ -186,20 +186,21 @@ def attribute_probe(model, enc, exs, batch_size: int = 200) -> dict[str, float]:
 
 
 def import_pool_expert(cfg, name: str) -> None:
-    """A pool expert trained elsewhere (tasks.imported): checked against the backbone, copied into runs/."""
+    """A pool expert trained elsewhere (tasks.imported): copied into runs/, the copy checked against the
+    backbone (common.experts.import_expert), kept only if it passes."""
     t0 = time.time()
+    src = adapter_dir(cfg, name, download=True)
+    out = expert_dir(cfg, name)
     model, _ = load_backbone(cfg, "cpu")
-    meta = import_expert(cfg, name, model)
-    meta["task"] = name if data.has_data(cfg, name) else None  # its data: a Fisher, a transfer row
-    out, src = expert_dir(cfg, name), adapter_dir(cfg, name)
     with atomic_dir(out) as tmp:
         for f in (IMPORTED_CONFIG, WEIGHTS, "README.md"):
             if (src / f).is_file():
                 shutil.copyfile(src / f, tmp / f)
+        meta = import_expert(cfg, name, model, tmp)
+        meta["task"] = name if data.has_data(cfg, name) else None  # its data: a Fisher, a transfer row
         write_json(tmp / "meta.json", meta | {"seconds": round(time.time() - t0, 1)})
     link(out)
-    r = meta["recipe"]
-    has = "with data" if meta["task"] else "without data"
+    r, has = meta["recipe"], "with data" if meta["task"] else "without data"
     print(
         f"imported {name} from {meta['imported']['source']}: LoRA r {r['r']}, {r['sites']} sites, scales "
         f"{r['scales']}{', biases' if r['bias'] else ''}, {has} -> {out}"

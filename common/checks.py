@@ -36,8 +36,8 @@ def preflight(
     for t in cfg.tasks.pool:
         if data.has_data(cfg, t):
             data.task(cfg, t, where=f"tasks.pool ({cfg.where('tasks.pool')})")
-        if t in cfg.tasks.imported:
-            adapter_dir(cfg, t)
+        if t in cfg.tasks.imported:  # a hub id is fetched here, before make asks for its hash
+            adapter_dir(cfg, t, download=True)
     for t in targets:
         if t not in cfg.tasks.pool:
             raise UserError(

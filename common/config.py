@@ -385,10 +385,20 @@ def _check_together(cfg: Config, where) -> None:
     for name, spec in cfg.tasks.define.items():  # each definition checked here; its files by common.checks
         define(str(name), spec, where(f"tasks.define.{name}"))
     for name, source in cfg.tasks.imported.items():
-        if not isinstance(source, str) or not source or name == NULL:
+        if not isinstance(name, str) or name == NULL or name not in pool:
             raise UserError(
-                f"{where('tasks.imported')}: tasks.imported.{name} is {source!r}; give each imported expert "
-                f"a name (not '{NULL}') and a peft adapter directory or hub id: tasks.imported.{name}=DIR"
+                f"{where('tasks.imported')}: tasks.imported names {name!r}, which is not in tasks.pool "
+                f"({', '.join(map(str, pool))}); add it to tasks.pool or drop it from tasks.imported"
+                + (
+                    f" (and pick a name other than '{NULL}', the transfer row's control)"
+                    if name == NULL
+                    else ""
+                )
+            )
+        if not isinstance(source, str) or not source:
+            raise UserError(
+                f"{where('tasks.imported')}: tasks.imported.{name} is {source!r}; give a peft adapter "
+                f"directory or hub id: tasks.imported.{name}=DIR"
             )
     if cfg.tasks.imported and EXPERT_TYPES[cfg.expert.method].merge != "lowrank":
         raise UserError(

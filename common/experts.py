@@ -24,7 +24,7 @@ from common.artifacts import read_json
 from common.backbone import backbone_dir, fingerprint
 from common.errors import UserError
 from common.expert_types import EXPERT_TYPES
-from common.imported import CONFIG as IMPORTED_CONFIG, adapter_dir, files_hash, sources
+from common.imported import CONFIG as IMPORTED_CONFIG, files_hash, folder_hash, sources
 from common.merge import ExpertStack
 
 # expert_name: the stages import it here
@@ -112,8 +112,13 @@ def load_expert_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def tensor_shapes(path: Path) -> dict[str, tuple]:
     """{key: shape} of an expert's saved tensors, read from the file's header (no tensor is loaded)."""
-    with safe_open(str(Path(path) / WEIGHTS), "pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    try:
+        with safe_open(str(Path(path) / WEIGHTS), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a corrupt file
+        raise UserError(
+            f"{path}: corrupt expert weights ({str(e)[:80]}); delete {path} and make it again"
+        ) from None
 
 
 def one_shape(cfg, names: list[str]) -> bool:
@@ -259,6 +264,7 @@ class MergedExpert:
             merge=merge,
             trainable=trainable,
             frozen=frozen,
+            keep=getattr(experts, "keep", None),
         )
         self.stack.to(next(model.parameters()).device)  # the merge runs where the model is (Triton on CUDA)
         self.group_names = self.stack.group_names
@@ -295,9 +301,11 @@ class LoraRecipe:
 
 class Pool(list):
     """The pool's state dicts, one shape for all (list order = the experts'); `recipe` is the LoRA the merge
-    attaches where the experts' recipes differ (None: the configured expert's)."""
+    attaches where the experts' recipes differ (None: the configured expert's), `keep` per expert a mask of
+    its LoRA biases (0 where padded in: they stay zero while experts train)."""
 
     recipe: LoraRecipe | None = None
+    keep: list | None = None
 
 
 def lora_scales(config: dict, weights: dict, etype) -> dict[str, float]:
@@ -307,7 +315,7 @@ def lora_scales(config: dict, weights: dict, etype) -> dict[str, float]:
     out = {}
     for site, (_, a) in etype.factors(weights).items():
         module = site.removeprefix(PEFT_PREFIX)
-        alpha = patterns.get(get_pattern_key(patterns.keys(), module), config["lora_alpha"])
+        alpha = patterns.get(get_pattern_key(patterns.keys(), module), config.get("lora_alpha", 8))  # peft's
         out[site] = alpha / math.sqrt(a.shape[0]) if config.get("use_rslora") else alpha / a.shape[0]
     return out
 
@@ -329,12 +337,13 @@ def at_config_scale(weights: dict[str, torch.Tensor], path: Path, ecfg) -> dict[
     }
 
 
-def to_recipe(pool: list[dict[str, torch.Tensor]], etype) -> tuple[list[dict[str, torch.Tensor]], LoraRecipe]:
-    """LoRAs of different ranks, sites and biases (each already at the configured scale) as one shape: every
-    site any of them adapts, each padded to the largest rank with zero rows of A and zero columns of B (a site
-    an expert lacks: all zeros; its bias, where others have one: zeros). B @ A and the bias are unchanged, and
-    the zeros get no gradient (each multiplies the other's zeros), so the merge stays exact while the experts
-    train."""
+def to_recipe(pool: list[dict[str, torch.Tensor]], etype) -> tuple[list[dict], LoraRecipe, list[dict]]:
+    """LoRAs of different ranks, sites and biases (each at the configured scale, fp32) as one shape: every
+    site any of them adapts, each padded to the largest rank with zero rows of A and zero columns of B (a
+    site an expert lacks: all zeros; its bias, where others have one: zeros). B @ A and the bias are
+    unchanged. The padded A and B get no gradient (each multiplies the other's zeros), and the padded biases
+    are masked (the third value: per expert, 1 for its own bias entries, 0 for padding), so the merge stays
+    exact while the experts train."""
     parts = [etype.factors(w) for w in pool]
     sites = list(dict.fromkeys(site for p in parts for site in p))
     shape = {}  # site -> (d_out, d_in), from any expert that has it
@@ -342,22 +351,24 @@ def to_recipe(pool: list[dict[str, torch.Tensor]], etype) -> tuple[list[dict[str
         shape |= {site: (b.shape[0], a.shape[1]) for site, (b, a) in p.items()}
     rank = max(a.shape[0] for p in parts for _, a in p.values())
     bias = any(k.endswith(".lora_B.bias") for w in pool for k in w)
-    dtype = next(iter(pool[0].values())).dtype
-    out = []
+    out, keep = [], []
     for w, p in zip(pool, parts):
-        one = {}
+        one, kept = {}, {}
         for site in sites:
             d_out, d_in = shape[site]
-            a, b = torch.zeros(rank, d_in, dtype=dtype), torch.zeros(d_out, rank, dtype=dtype)
+            a, b = torch.zeros(rank, d_in), torch.zeros(d_out, rank)
             if site in p:
                 r = p[site][1].shape[0]
                 a[:r], b[:, :r] = w[f"{site}.lora_A.weight"], w[f"{site}.lora_B.weight"]
             one[f"{site}.lora_A.weight"], one[f"{site}.lora_B.weight"] = a, b
             if bias:
-                one[f"{site}.lora_B.bias"] = w.get(f"{site}.lora_B.bias", torch.zeros(d_out, dtype=dtype))
+                key = f"{site}.lora_B.bias"
+                one[key] = w[key] if key in w else torch.zeros(d_out)
+                kept[key] = torch.full((d_out,), float(key in w))
         out.append(one)
+        keep.append(kept)
     modules = tuple(site.removeprefix(PEFT_PREFIX) for site in sites)
-    return out, LoraRecipe(modules, rank, bias)
+    return out, LoraRecipe(modules, rank, bias), keep
 
 
 def load_pool(cfg, names: list[str]) -> Pool:
@@ -367,12 +378,14 @@ def load_pool(cfg, names: list[str]) -> Pool:
     for name in names:
         current_expert(cfg, name)
         w = load_expert_weights(expert_dir(cfg, name))
+        if name in cfg.tasks.imported:  # fp32 like the harness's own (one from elsewhere may be bf16)
+            w = {k: v.float() for k, v in w.items()}
         if etype.scaled:
             w = at_config_scale(w, expert_dir(cfg, name), cfg.expert)
         weights.append(w)
     shapes = [{k: v.shape for k, v in w.items()} for w in weights]
     if any(s != shapes[0] for s in shapes) and etype.merge == "lowrank":
-        weights[:], weights.recipe = to_recipe(weights, etype)
+        weights[:], weights.recipe, weights.keep = to_recipe(weights, etype)
     elif any(s != shapes[0] for s in shapes):
         odd = next(i for i, s in enumerate(shapes) if s != shapes[0])
         raise UserError(
@@ -392,29 +405,54 @@ def _same_base(base: str, cfg) -> bool:
     return path.is_dir() and (path.resolve() == ours.resolve() or fingerprint(path) == fingerprint(ours))
 
 
-NOT_MERGED = {  # adapters the exact merge cannot take, and why
-    "use_dora": "a DoRA adapter (use_dora): its magnitude rescales each output of W0 + B A, so a sum of DoRA "
-    "updates is not the update of their sum",
-    "fan_in_fan_out": "a LoRA of Conv1D weights (fan_in_fan_out): its B A is transposed against this "
-    "backbone's linear layers",
-}
-
-
-def import_expert(cfg, name: str, model) -> dict:
-    """Check an imported adapter (tasks.imported) against the loaded backbone: a peft LoRA (no DoRA) of linear
-    modules this backbone has, of their shapes, made for this backbone; returns what its meta.json records
-    (train_expert.py copies it into runs/ as the pool expert `name`)."""
-    src = adapter_dir(cfg, name)
-    where = f"tasks.imported.{name} ({src})"
-    fix = f"replace the adapter at {src} or drop it from tasks.imported"
-    config = read_json(src / IMPORTED_CONFIG, "peft adapter config", fix)
-    kind = config.get("peft_type")
-    odd = "use_dora" if config.get("use_dora") else "fan_in_fan_out" if config.get("fan_in_fan_out") else None
-    if kind != "LORA" or odd:
-        what = NOT_MERGED[odd] if kind == "LORA" else f"a {kind} adapter: its update is not a low-rank B A"
-        raise UserError(
-            f"{where}: {what}; the pool merges LoRA updates exactly, so import LoRA adapters only"
+def _not_merged(config: dict) -> str | None:
+    """Why the exact merge cannot take an adapter (None: it can): its update must be s B A added to the
+    backbone's own weights at every input."""
+    kind, init = config.get("peft_type"), str(config.get("init_lora_weights", "")).lower()
+    if kind != "LORA":
+        return (
+            f"a {kind} adapter: its update is not a low-rank B A"
+            if kind
+            else "not a peft adapter (no peft_type)"
         )
+    if config.get("use_dora"):
+        return (
+            "a DoRA adapter (use_dora): its magnitude rescales each output of W0 + B A, so a sum of DoRA "
+            "updates is not the update of their sum"
+        )
+    if init.startswith(("pissa", "olora", "corda")):
+        return (
+            f"a LoRA initialised by {init} (init_lora_weights), which changed the base weights too: "
+            "convert it to a plain LoRA with peft first (its path_initial_model_for_weight_conversion)"
+        )
+    for field, what in (
+        (
+            "fan_in_fan_out",
+            "a LoRA of Conv1D weights (fan_in_fan_out): its B A is transposed against this "
+            "backbone's linear layers",
+        ),
+        (
+            "alora_invocation_tokens",
+            "an activated LoRA (alora_invocation_tokens): it acts after its invocation tokens only",
+        ),
+        ("layer_replication", "a LoRA with layer_replication: it adds layers the backbone has not"),
+    ):
+        if config.get(field):
+            return what
+    return None
+
+
+def import_expert(cfg, name: str, model, folder: Path) -> dict:
+    """Check an imported adapter (tasks.imported), as copied to `folder`, against the loaded backbone: a peft
+    LoRA (no DoRA) of linear modules this backbone has, of their shapes, made for this backbone; returns what
+    its meta.json records (train_expert.py writes the copy as the pool expert `name`)."""
+    where = f"{cfg.where('tasks.imported')}: tasks.imported.{name} ({sources(cfg)[name]})"
+    fix = f"replace the adapter, or drop {name} from tasks.pool and tasks.imported"
+    config = read_json(folder / IMPORTED_CONFIG, "peft adapter config", fix)
+    if not isinstance(config, dict):
+        raise UserError(f"{where}: its {IMPORTED_CONFIG} is not a peft adapter config; {fix}")
+    if why := _not_merged(config):
+        raise UserError(f"{where}: {why}; the pool merges LoRA updates exactly, so import LoRA adapters only")
     base = config.get("base_model_name_or_path") or ""
     if base and not _same_base(base, cfg):
         raise UserError(
@@ -423,7 +461,7 @@ def import_expert(cfg, name: str, model) -> dict:
             f'set base_model_name_or_path in its {IMPORTED_CONFIG} to "{backbone_dir(cfg)}"'
         )
     try:
-        weights = load_file(str(src / WEIGHTS))
+        weights = load_file(str(folder / WEIGHTS))
     except Exception as e:  # safetensors raises several types for a corrupt file
         raise UserError(f"{where}: corrupt adapter weights ({str(e)[:80]}); {fix}") from None
     if not weights:
@@ -432,10 +470,11 @@ def import_expert(cfg, name: str, model) -> dict:
     for key, t in weights.items():
         m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.(weight|bias)", key)
         a = weights.get(f"{PEFT_PREFIX}{m[1]}.lora_A.weight") if m else None
-        if a is None or (m[2], m[3]) == ("A", "bias"):
+        b = weights.get(f"{PEFT_PREFIX}{m[1]}.lora_B.weight") if m else None
+        if a is None or b is None or (m[2], m[3]) == ("A", "bias"):
             raise UserError(
-                f"{where}: tensor {key} is not a factor of a LoRA of a linear module (modules_to_save, an "
-                f"embedding's LoRA?), which the pool's exact merge cannot take; {fix}"
+                f"{where}: tensor {key} is not a factor of a whole LoRA of a linear module (its lora_A and "
+                f"lora_B; not modules_to_save, not an embedding's LoRA), which the exact merge needs; {fix}"
             )
         module = modules.get(m[1])
         if not isinstance(module, torch.nn.Linear):
@@ -448,12 +487,15 @@ def import_expert(cfg, name: str, model) -> dict:
                 f"lora_{m[2]}.{m[3]} is {tuple(t.shape)}, not {want}; {fix}"
             )
     scales = lora_scales(config, weights, EXPERT_TYPES[cfg.expert.method])
+    copied = files_hash(cfg, name, remember=True)  # the source's, which the artifact's digest hashes
+    if folder_hash(folder, cfg.run_dir / ".hashes.json") != copied:
+        raise UserError(f"{where}: its files changed while it was imported; run it again")
     return {
         "name": name,
         "method": cfg.expert.method,
         "shots": None,
         "seed": 0,
-        "imported": {"source": sources(cfg)[name], "files": files_hash(cfg, name, remember=True)},
+        "imported": {"source": sources(cfg)[name], "files": copied},
         "recipe": {
             "r": sorted({w.shape[0] for k, w in weights.items() if k.endswith("lora_A.weight")}),
             "lora_alpha": config.get("lora_alpha"),

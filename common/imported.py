@@ -5,6 +5,7 @@ loaded backbone and the copy into runs/ are common.experts.import_expert's."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 from pathlib import Path
@@ -20,69 +21,89 @@ def sources(cfg) -> dict[str, str]:
     return {str(k): str(v) for k, v in cfg.tasks.imported.items()}
 
 
-def is_imported(cfg, name: str) -> bool:
-    return name in cfg.tasks.imported
-
-
 def _fix(name: str) -> str:
     return f"set tasks.imported.{name} to the folder that holds {CONFIG} and {WEIGHTS}, or to a hub id"
 
 
-def adapter_dir(cfg, name: str) -> Path:
-    """The folder an imported expert's files are read from: the local directory, or the hub id's snapshot
-    (downloaded once; offline, the cached copy or one line saying how to get it)."""
-    source = sources(cfg)[name]
+_SNAPSHOTS: dict[str, Path] = {}  # hub id -> its snapshot folder, looked up once per process
+
+
+def adapter_dir(cfg, name: str, download: bool = False) -> Path:
+    """The folder an imported expert's files are read from: the local directory, or the hub id's snapshot in
+    the hub cache. Only `download` may fetch it (make's checks and the import stage do, before anything else
+    asks): make's queries read the cache alone, so `make -n` writes nothing and asks no network."""
+    source, where = sources(cfg)[name], cfg.where("tasks.imported")
     path = Path(source).expanduser()
-    local = source.startswith(("/", ".", "~")) or source.count("/") != 1 or path.exists()
-    if local:
+    if source.startswith(("/", ".", "~")) or source.count("/") != 1 or path.exists():
         if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
             what = "does not exist" if not path.exists() else f"has no {CONFIG} and {WEIGHTS}"
-            raise UserError(
-                f"{cfg.where('tasks.imported')}: tasks.imported.{name} '{source}' {what}; {_fix(name)}"
-            )
+            raise UserError(f"{where}: tasks.imported.{name} '{source}' {what}; {_fix(name)}")
         return path
-    from huggingface_hub import snapshot_download
+    if source not in _SNAPSHOTS:
+        from huggingface_hub import snapshot_download
 
-    try:
-        return Path(snapshot_download(source, allow_patterns=[CONFIG, WEIGHTS, "README.md"]))
-    except Exception as e:  # offline, unknown repo, no access: one line either way
-        raise UserError(
-            f"{cfg.where('tasks.imported')}: tasks.imported.{name}: the hub adapter '{source}' is not cached "
-            f"and could not be fetched ({type(e).__name__}); download it where there is network (`hf "
-            f"download {source} --local-dir DIR`) and set tasks.imported.{name}=DIR"
-        ) from None
+        try:
+            got = snapshot_download(
+                source, allow_patterns=[CONFIG, WEIGHTS, "README.md"], local_files_only=not download
+            )
+        except Exception as e:  # offline, unknown repo, no access: one line either way
+            how = f"could not be fetched ({type(e).__name__})" if download else "is not in the hub cache yet"
+            raise UserError(
+                f"{where}: tasks.imported.{name}: the hub adapter '{source}' {how} (and there is no folder "
+                f"of that name here); download it where there is network (`hf download {source} --local-dir "
+                f"DIR`) and set tasks.imported.{name}=DIR"
+            ) from None
+        if not (Path(got) / WEIGHTS).is_file() or not (Path(got) / CONFIG).is_file():
+            raise UserError(
+                f"{where}: tasks.imported.{name}: the hub adapter '{source}' has no {CONFIG} and {WEIGHTS} "
+                f"(a .bin adapter?); load it with peft, save_pretrained it to a folder DIR and set "
+                f"tasks.imported.{name}=DIR"
+            )
+        _SNAPSHOTS[source] = Path(got)
+    return _SNAPSHOTS[source]
 
 
 _MEMOS: dict[Path, dict] = {}  # each memo file read once per process
+_REMEMBER: set[Path] = set()  # and those with new hashes written once, when the process exits
+
+
+@atexit.register
+def _save_memos() -> None:
+    for memo in _REMEMBER:  # last writer wins under make -j: a lost entry is only hashed again
+        write_json(memo, _MEMOS[memo])
 
 
 def file_hash(path: Path, memo: Path, remember: bool = False) -> str:
-    """sha256 of a file's bytes (16 hex), looked up in `memo` by the file's path, size and modification time
-    (a library of a thousand 7 MB adapters is read once, not at every make); `remember` writes it there (the
-    stages do; make's queries only read, so `make -n` writes nothing)."""
+    """sha256 of a file's bytes (16 hex), looked up in `memo` by the file's path, size, inode and times (a
+    library of a thousand 7 MB adapters is read once, not at every make; a rewrite changes the change time,
+    which no copy preserves); `remember` keeps new ones there (written when the process exits: the stages
+    do; make's queries only read, so `make -n` writes nothing)."""
     path, st = Path(path).resolve(), Path(path).stat()
-    stamp = [st.st_size, st.st_mtime_ns]
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     if memo not in _MEMOS:
         try:
             _MEMOS[memo] = json.loads(memo.read_text())
         except (OSError, ValueError):
             _MEMOS[memo] = {}
     known = _MEMOS[memo]
-    if known.get(str(path), [None])[:2] == stamp:
-        return known[str(path)][2]
+    if known.get(str(path), [None])[:-1] == stamp:
+        return known[str(path)][-1]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
-    known[str(path)] = [*stamp, h.hexdigest()[:16]]
     if remember:
-        write_json(memo, known)  # last writer wins under make -j: a lost entry is only hashed again
-    return known[str(path)][2]
+        known[str(path)] = [*stamp, h.hexdigest()[:16]]
+        _REMEMBER.add(memo)
+    return h.hexdigest()[:16]
+
+
+def folder_hash(folder: Path, memo: Path, remember: bool = False) -> str:
+    """An adapter folder's hash: its config's and its weights' bytes."""
+    joined = "".join(file_hash(Path(folder) / f, memo, remember) for f in (CONFIG, WEIGHTS))
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]
 
 
 def files_hash(cfg, name: str, remember: bool = False) -> str:
-    """The hash an imported expert is recorded by: its config's and its weights' bytes."""
-    folder, memo = adapter_dir(cfg, name), cfg.run_dir / ".hashes.json"
-    return hashlib.sha256(
-        "".join(file_hash(folder / f, memo, remember) for f in (CONFIG, WEIGHTS)).encode()
-    ).hexdigest()[:16]
+    """The hash an imported expert is recorded by (its digest hashes it): its source folder's."""
+    return folder_hash(adapter_dir(cfg, name, download=remember), cfg.run_dir / ".hashes.json", remember)

@@ -382,7 +382,8 @@ class ExpertStack(torch.nn.Module):
     group_of maps a tensor name to its group (for LoRA, A and B of one site must share a group).
     trainable=True registers the packed stacks as nn.Parameters (merge="lowrank": `lora_B_stack` and the
     per-site A leaves `lora_A`), else as buffers. frozen (merge="sum"): experts whose rows of `stack`
-    stay as given while the others train (their gradient is zeroed).
+    stay as given while the others train (their gradient is zeroed). keep (merge="lowrank"): per expert, a
+    mask of ones and zeros for each LoRA bias; the zeros' entries get no gradient (biases padded in).
     """
 
     def __init__(
@@ -392,6 +393,7 @@ class ExpertStack(torch.nn.Module):
         merge: str = "sum",
         trainable: bool = True,
         frozen: tuple[int, ...] = (),
+        keep: list[dict[str, Tensor]] | None = None,
     ):
         super().__init__()
         if not experts:
@@ -433,6 +435,10 @@ class ExpertStack(torch.nn.Module):
                 if biases
                 else None
             )
+            if biases and trainable and keep:  # a padded bias (zeros where an expert has none) stays zero
+                mask = ExpertStack([{n: k[n] for n in biases} for k in keep], group_of, "sum", False).stack
+                self.register_buffer("_bias_keep", mask.to(self.bias_stack.stack.dtype), persistent=False)
+                self.bias_stack.stack.register_hook(lambda g: g * self._bias_keep)
             if biases:
                 rows = [self.group_names.index(g) for g in self.bias_stack.group_names]
                 self.register_buffer("_bias_rows", torch.tensor(rows, dtype=torch.int64), persistent=False)

@@ -42,7 +42,7 @@ from common import dist
 from common.config import OLD_SECTION, Config, load_config, split_overrides
 from common.embeddings import ASKED_FOR, variants
 from common.errors import UserError, cli
-from common.imported import files_hash
+from common.imported import adapter_dir, files_hash
 from common.methods import NULL, PAIR_PREFIX, by_variant, inputs_of, interpolations, studied
 
 # fields that change how an artifact is made, not what it is: in no digest
@@ -380,6 +380,10 @@ def _pipeline(cfg, target: str, seed: int, study: str, transfer_row: bool, embed
 
 
 def _get(cfg, key: str) -> str:
+    if key == "targets":  # the pool entries that can be a target: those with data (an import may have none)
+        from common.data import has_data  # here: it loads torch, which make's other queries do without
+
+        return " ".join(t for t in cfg.tasks.pool if has_data(cfg, t))
     value = cfg
     for part in key.split("."):
         value = getattr(value, part)
@@ -421,6 +425,8 @@ def prune(cfg, dry_run: bool = False) -> list[Path]:
     """Remove the artifacts (and caches of experts) under the run folder that this config would not make, and
     the readable links left pointing at nothing; returns what was (or, with dry_run, would be) removed."""
     rd = cfg.run_dir
+    for name in cfg.tasks.imported:  # an adapter out of reach has no digest: nothing could be told current
+        adapter_dir(cfg, name)
     found = [p for p in rd.glob("backbone@*")] + [
         p
         for d in ("experts", "similarity", "interpolated", "results", "fisher", "embeddings")

@@ -959,7 +959,11 @@ def _similarities(cfg, runs: list[dict]) -> dict[str, dict[str, dict[str, float]
             s = json.loads(p.read_text())
             used = settings_of(s).get("embedding", "fisher")
             row = s["row"] if "row" in s else s["matrix"][0]  # (files before 2026-12 held the whole matrix)
-            out.setdefault(emb or f"retrieval ({used})", {})[r["run"]] = dict(zip(s["names"], row))
+            # an import this embedding could not take was compared by another (ranked_by): not its to rank
+            other = {n for n, b in s.get("ranked_by", {}).items() if b != used}
+            out.setdefault(emb or f"retrieval ({used})", {})[r["run"]] = {
+                n: v for n, v in zip(s["names"], row) if n not in other
+            }
         names = [r["run"]] + list(r.get("transfer", {}))
         for n in names:
             if n not in fishers:
@@ -1000,6 +1004,9 @@ def overlap_note(cfg) -> str:
         )
     dropped = {}
     for t in cfg.tasks.pool:  # the pool expert's, or (the target's) any of its k-shot experts'
+        if t in cfg.tasks.imported:  # trained elsewhere: what it saw is not known here
+            dropped[t] = "imported: not guarded"
+            continue
         metas = [
             artifact(cfg, "expert", t) / "meta.json",
             *sorted((cfg.run_dir / "experts").glob(f"{glob.escape(t)}-*@*/meta.json")),

@@ -473,17 +473,21 @@ COMPUTE = {
 
 def ranked_by(cfg, names: list[str]) -> dict[str, str]:
     """{expert: the embedding it is compared by}: embed.embedding, but one computed from data (the Fisher)
-    needs an expert's data and the first expert's parameters (tensors of one shape); an imported expert
-    without data, or of another recipe, is compared by the data-free DATA_FREE instead."""
+    takes an imported expert only where it brings data and has the configured expert's parameters (the same
+    tensors, at the same scale); any other import is compared by the data-free DATA_FREE instead."""
     configured = cfg.embed.embedding
     if not EMBEDDINGS[configured].needs_data:
         return dict.fromkeys(names, configured)
-    first = tensor_shapes(expert_dir(cfg, names[0]))
+    own = next((n for n in names if n not in cfg.tasks.imported), None)
+    shapes = tensor_shapes(expert_dir(cfg, own)) if own else None
+    scale = [round(cfg.expert.alpha / cfg.expert.r, 6)]
 
     def takes_it(n: str) -> bool:
-        return n not in cfg.tasks.imported or (
-            data.has_data(cfg, n) and tensor_shapes(expert_dir(cfg, n)) == first
-        )
+        if n not in cfg.tasks.imported:
+            return True
+        path = expert_dir(cfg, n)
+        same = tensor_shapes(path) == shapes and read_expert_meta(path)["recipe"]["scales"] == scale
+        return data.has_data(cfg, n) and same
 
     return {n: configured if takes_it(n) else DATA_FREE for n in names}
 
@@ -494,12 +498,14 @@ def compared(cfg, names: list[str], target: bool) -> tuple[list[list[float]], st
     by, configured = ranked_by(cfg, names), cfg.embed
     sims, works = {}, []
     for e in dict.fromkeys(by.values()):
-        cfg.embed = dataclasses.replace(configured, embedding=e)
         part = [n for n in names if by[n] == e or e == DATA_FREE]  # every pair can fall back to the data-free
-        how = COMPUTE[e]
-        embeddings, work = how.embed(cfg, part)
-        works.append(work)
+        if len(part) == 1:  # the target alone: nothing to compare it with by this embedding
+            sims[e] = {(part[0], part[0]): 1.0}
+            continue
+        cfg.embed, how = dataclasses.replace(configured, embedding=e), COMPUTE[e]
         try:
+            embeddings, work = how.embed(cfg, part)
+            works.append(work)
             if target:
                 sims[e] = {(part[0], n): v for n, v in zip(part, similarity_row(embeddings, how.similarity))}
             else:

@@ -196,11 +196,13 @@ def test_a_bad_import_stops_in_one_line_and_writes_nothing(micro, tmp_path, make
         "train_expert.py", "--task", "bad", "--config", "configs/micro.yaml", f"runs_dir={runs}",
         "tasks.pool=[snli-ve,nli,bad]", f"tasks.imported.bad={bad}",
     )  # fmt: skip
-    assert code == 2 and says in err and err.startswith("error: tasks.imported.bad") and err.count("\n") == 1
+    assert code == 2 and says in err and ": tasks.imported.bad (" in err and err.count("\n") == 1
     assert not list((runs / "micro").glob("experts/*bad*")) and not list((runs / "micro").glob("experts/.*"))
 
 
-def test_an_imported_hub_adapter_offline_stops_in_one_line(monkeypatch, micro_cfg):
+def test_an_imported_hub_adapter_offline_stops_in_one_line_and_only_the_checks_may_fetch_it(
+    monkeypatch, micro_cfg
+):
     import dataclasses
 
     import huggingface_hub
@@ -208,12 +210,75 @@ def test_an_imported_hub_adapter_offline_stops_in_one_line(monkeypatch, micro_cf
     from common.errors import UserError
     from common.imported import adapter_dir
 
+    asked = []
+
     def offline(*args, **kwargs):
+        asked.append(kwargs["local_files_only"])
         raise huggingface_hub.errors.LocalEntryNotFoundError("offline")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    cfg = dataclasses.replace(
-        micro_cfg, tasks=dataclasses.replace(micro_cfg.tasks, imported={"x": "org/lora"})
+    tasks = dataclasses.replace(
+        micro_cfg.tasks, pool=[*micro_cfg.tasks.pool, "x"], imported={"x": "org/lora"}
     )
-    with pytest.raises(UserError, match=r"hub adapter .org/lora. is not cached .*`hf download org/lora"):
-        adapter_dir(cfg, "x")
+    cfg = dataclasses.replace(micro_cfg, tasks=tasks)
+    with pytest.raises(
+        UserError, match=r"hub adapter 'org/lora' is not in the hub cache yet .*`hf download org/lora"
+    ):
+        adapter_dir(cfg, "x")  # make's queries (make -n too): the cache only
+    with pytest.raises(
+        UserError, match=r"hub adapter 'org/lora' could not be fetched .*`hf download org/lora"
+    ):
+        adapter_dir(cfg, "x", download=True)  # make's checks, the import stage
+    assert asked == [True, False]
+
+
+def test_padded_biases_stay_zero_while_experts_train_and_a_bf16_adapter_joins(micro_copy, tmp_path):
+    from conftest import stages
+
+    runs, run = micro_copy
+    backbone = next(run.glob("backbone@*"))
+    biased = peft_lora(
+        backbone, tmp_path / "biased", 5, r=3, lora_alpha=6, lora_bias=True, target_modules=["q_proj"]
+    )
+    w = load_file(str(biased / "adapter_model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in w.items()}, str(biased / "adapter_model.safetensors"))
+    stages(
+        runs,
+        "tasks.pool=[snli-ve,nli,shape,biased]",
+        f"tasks.imported.biased={biased}",
+        "interpolate.top_k=3",
+        "interpolate.train_experts=true",
+    )
+    merged = load_file(str(run / "interpolated" / "snli-ve-8shot-s0" / "adapter_model.safetensors"))
+    biases = {k.removesuffix(".lora_B.bias"): v for k, v in merged.items() if k.endswith(".lora_B.bias")}
+    own = {k.removesuffix(".lora_B.bias") for k in w if k.endswith(".lora_B.bias")}
+    assert own and own < set(biases)  # the biased expert's q_proj sites, and the others' sites padded
+    assert all(biases[s].abs().sum() > 0 for s in own)
+    assert all(torch.equal(v, torch.zeros_like(v)) for s, v in biases.items() if s not in own)
+
+
+def test_an_unreachable_import_stops_prune_and_loto_targets_leave_data_free_imports_out(micro_cfg, tmp_path):
+    import dataclasses
+
+    from common.errors import UserError
+    from common.provenance import _get, prune
+
+    tasks = dataclasses.replace(
+        micro_cfg.tasks, pool=[*micro_cfg.tasks.pool, "mine"], imported={"mine": str(tmp_path / "gone")}
+    )
+    cfg = dataclasses.replace(micro_cfg, tasks=tasks)
+    with pytest.raises(UserError, match="tasks.imported.mine .*gone' does not exist"):
+        prune(cfg, dry_run=True)  # not "nothing is current": the whole run folder would go
+    assert _get(cfg, "targets").split() == list(micro_cfg.tasks.pool)
+
+
+def test_an_imported_name_outside_the_pool_is_refused(micro):
+    code, _, err = stage(
+        "train_expert.py", "--task", "nli", "--config", "configs/micro.yaml", f"runs_dir={micro[0]}",
+        "tasks.imported.typo=/tmp",
+    )  # fmt: skip
+    assert (
+        code == 2
+        and "tasks.imported names 'typo', which is not in tasks.pool" in err
+        and err.count("\n") == 1
+    )
