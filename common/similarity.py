@@ -383,7 +383,7 @@ def prototypes(embedding: dict) -> dict[str, torch.Tensor]:
 
 def prototypes_of(path: Path, method: str, cache: Path) -> dict[str, torch.Tensor]:
     """The prototypes of the expert saved in folder `path`, computed once per expert file: cached in `cache`
-    under the hash of its weights (a QR and an SVD per site: 22 s for 1,000 Florence-2-base LoRAs, each time
+    under the hash of its weights (a QR and an SVD per site: 24 s for 1,000 Florence-2-base LoRAs, each time
     a target was embedded; bench/README), the hash itself remembered by the file's size and time."""
     weights = Path(path) / WEIGHTS
     out = cache / f"{Path(path).name}.prototypes.safetensors"  # an artifact's name@digest
