@@ -105,7 +105,7 @@ study: $(STAMP) $(ASSETS)
 # random-k, the paper's Fisher retrieval and the retrieval chosen on validation, over REPORT_SHOTS x REPORT_SEEDS,
 # without the transfer rows, the untrained merges and the validation scores (selection keeps its own); then
 # runs/<profile>/loto.md. The shots outermost: the most shots first, for every target
-LOTO_TARGETS ?= $(shell $(PY) -m common.provenance $(CONFIG) $(OVERRIDES) --get targets)
+LOTO_TARGETS ?= $(shell $(PY) -m common.checks $(CONFIG) $(OVERRIDES) --pool-targets)
 LOTO_RUNS = $(foreach s,$(REPORT_SHOTS),$(foreach t,$(1),$(foreach r,$(REPORT_SEEDS),loto/$(t)/$(s)/$(r))))
 LOTO_EVAL = evaluate.merges=false evaluate.validation=false
 loto: $(STAMP) $(ASSETS)

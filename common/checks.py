@@ -3,6 +3,7 @@ backbone and the pool experts have trained. make runs it once per command;
 each stage runs it on what it reads.
 
     python -m common.checks CONFIG [key=value ...] --targets snli-ve [nli ...] [--shots "32 64"]
+    python -m common.checks CONFIG [key=value ...] --pool-targets    # the pool entries with data (make loto)
 
 Checked: the pool's and the targets' task names; the imported experts' folders (or hub ids); a local
 backbone.source (missing, empty, not a checkpoint);
@@ -79,10 +80,18 @@ def _built_vocab(path) -> list[str]:
     return list(json.loads(path.read_text())["model"]["vocab"])
 
 
+def targets(cfg) -> list[str]:
+    """The pool entries that can be a target (make loto's): those with data (an import may have none)."""
+    return [t for t in cfg.tasks.pool if data.has_data(cfg, t)]
+
+
 def main(argv: list[str]) -> None:
+    if argv[-1:] == ["--pool-targets"]:
+        return print(" ".join(targets(load_config(argv[0], split_overrides(argv[1:-1])))))
     if not argv or "--targets" not in argv:
         raise UserError(
-            'usage: python -m common.checks CONFIG [key=value ...] --targets T [T ...] [--shots "32 64"]'
+            'usage: python -m common.checks CONFIG [key=value ...] (--targets T [T ...] [--shots "32 64"] | '
+            "--pool-targets)"
         )
     at = argv.index("--targets")
     cfg = load_config(argv[0], split_overrides(argv[1:at]))

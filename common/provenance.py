@@ -380,10 +380,6 @@ def _pipeline(cfg, target: str, seed: int, study: str, transfer_row: bool, embed
 
 
 def _get(cfg, key: str) -> str:
-    if key == "targets":  # the pool entries that can be a target: those with data (an import may have none)
-        from common.data import has_data  # here: it loads torch, which make's other queries do without
-
-        return " ".join(t for t in cfg.tasks.pool if has_data(cfg, t))
     value = cfg
     for part in key.split("."):
         value = getattr(value, part)

@@ -260,8 +260,9 @@ def test_padded_biases_stay_zero_while_experts_train_and_a_bf16_adapter_joins(mi
 def test_an_unreachable_import_stops_prune_and_loto_targets_leave_data_free_imports_out(micro_cfg, tmp_path):
     import dataclasses
 
+    from common.checks import targets
     from common.errors import UserError
-    from common.provenance import _get, prune
+    from common.provenance import prune
 
     tasks = dataclasses.replace(
         micro_cfg.tasks, pool=[*micro_cfg.tasks.pool, "mine"], imported={"mine": str(tmp_path / "gone")}
@@ -269,7 +270,7 @@ def test_an_unreachable_import_stops_prune_and_loto_targets_leave_data_free_impo
     cfg = dataclasses.replace(micro_cfg, tasks=tasks)
     with pytest.raises(UserError, match="tasks.imported.mine .*gone' does not exist"):
         prune(cfg, dry_run=True)  # not "nothing is current": the whole run folder would go
-    assert _get(cfg, "targets").split() == list(micro_cfg.tasks.pool)
+    assert targets(cfg) == list(micro_cfg.tasks.pool)  # make loto's: not mine, which has no data
 
 
 def test_an_imported_name_outside_the_pool_is_refused(micro):
