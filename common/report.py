@@ -283,9 +283,8 @@ def tables(cfg, target: str) -> str:
             table(target, runs[0]["metric"], runs),
         ]
         other = dict(sorted({e: b for r in runs for e, b in r.get("ranked_by", {}).items()}.items()))
-        if other:  # imported experts the configured embedding could not take (embed_tasks.ranked_by)
+        if other:  # imported experts the configured embedding could not take (similarity.ranked_by)
             out += [
-                "",
                 "π-Tuning's experts ranked by another embedding than embed.embedding (imported without data, "
                 "or of another recipe): " + ", ".join(f"{e} by `{b}`" for e, b in other.items()),
                 "",
