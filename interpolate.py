@@ -31,7 +31,7 @@ import yaml
 
 from common import data
 from common.artifacts import atomic_dir, read_json, write_json, write_text
-from common.backbone import backbone_dir, fingerprint, load_backbone
+from common.backbone import backbone_dir, fingerprint, load_backbone, looks_like_path
 from common.device import accelerator
 from common.embeddings import ALONE
 from common.errors import UserError
@@ -172,22 +172,26 @@ def mix(
     return Mixed(merge, logits, loss, len(train), len(mix_on), ckpts)
 
 
-def model_card(cfg, saved: dict, out: Path, target: str, name: str, experts: list, how: str, groups) -> str:
-    """The exported expert's README.md, as the hub shows an adapter: what it is, how to load it, the experts
-    merged and their learned weights per group, the command and the config that made it."""
+def model_card(
+    cfg, saved: dict, arch: str, out: Path, target: str, name: str, experts: list, how: str, groups
+) -> str:
+    """The exported expert's README.md, as the hub shows an adapter: what it is, how to load it (on the
+    backbone's class `arch`), the experts merged and their learned weights per group, the command and the
+    config that made it."""
     imported = sources(cfg)
     origin = {e: f"`{imported[e]}`" if e in imported else "train_expert.py" for e in experts}
     origin |= {NULL: "nothing (the expert that changes nothing)"} if NULL in experts else {}
     mean = {e: sum(w[e] for w in groups.values()) / len(groups) for e in experts}
-    hub = cfg.backbone.source if cfg.backbone.source != "embedded" else ""  # the hub takes an id, not a path
+    source = cfg.backbone.source
+    hub = (
+        source if source != "embedded" and not looks_like_path(source) else ""
+    )  # an id: the hub takes no path
     recipe = f", r {saved['r']}, lora_alpha {saved['lora_alpha']}" if "r" in saved else ""
     command = cfg.command("interpolate.py", "--target", target, *(("--variant", name) if name else ()))
     shots = f"{cfg.tasks.target_shots}-shot" if cfg.tasks.target_shots else "whole"
-    config = backbone_dir(cfg) / "config.json"  # the backbone's class (a hub id's: the generic loader)
-    arch = (
-        (json.loads(config.read_text()).get("architectures") or ["AutoModel"])[0]
-        if config.is_file()
-        else "AutoModel"
+    # a peft type loads with peft; the Houlsby adapters with this harness's own class
+    loader = (
+        "from peft import PeftModel" if "peft_type" in saved else "from common.adapters import AdapterModel"
     )
     lines = [
         "---\n" + (f"base_model: {json.dumps(hub)}\n" if hub else "") + "library_name: peft\n"
@@ -196,9 +200,9 @@ def model_card(cfg, saved: dict, out: Path, target: str, name: str, experts: lis
         f"One peft adapter ({saved.get('peft_type', cfg.expert.method)}{recipe}) for the backbone at "
         f"`{backbone_dir(cfg)}`: the experts below merged with the weights learned on {target}'s {shots} "
         f"training sample (seed {cfg.seed}), retrieved by {how}.",
-        f"```python\nfrom peft import PeftModel\nfrom transformers import {arch}\n\n"
+        f"```python\n{loader}\nfrom transformers import {arch}\n\n"
         f'base = {arch}.from_pretrained("{backbone_dir(cfg)}")\n'
-        f'model = PeftModel.from_pretrained(base, "{out}")\n```',
+        f'model = {loader.rsplit(" ", 1)[-1]}.from_pretrained(base, "{out}")\n```',
         "| expert | from | mean weight |\n|---|---|---|\n"
         + "\n".join(f"| {e} | {origin[e]} | {mean[e]:.3f} |" for e in experts),
         f"Learned weights per group (interpolate.groups: {cfg.interpolate.groups}; each row sums to 1):",
@@ -234,7 +238,9 @@ def write(
         merge.export(mixed.logits).save_pretrained(tmp)
         write_json(tmp / "weights.json", {"experts": experts, "groups": groups})
         saved = read_json(tmp / "adapter_config.json", "exported config", "run it again")
-        write_text(tmp / "README.md", model_card(cfg, saved, out, target, name, experts, how, groups))
+        arch = type(getattr(merge.model, "get_base_model", lambda: merge.model)()).__name__
+        card = model_card(cfg, saved, arch, out, target, name, experts, how, groups)
+        write_text(tmp / "README.md", card)
         write_json(
             tmp / "meta.json",
             {

@@ -36,7 +36,7 @@ from common.backbone import (
 from common.device import accelerator
 from common.errors import UserError
 from common.experts import attach, expert_dir, expert_name, import_expert, learning_rate
-from common.imported import CONFIG as IMPORTED_CONFIG, WEIGHTS, adapter_dir
+from common.imported import CONFIG as IMPORTED_CONFIG, WEIGHTS, adapter_dir, files_hash
 from common.methods import trained_baselines
 from common.metrics import task_metric, token_accuracy
 from common.provenance import artifact, link, made_from
@@ -190,6 +190,7 @@ def import_pool_expert(cfg, name: str) -> None:
     backbone (common.experts.import_expert), kept only if it passes."""
     t0 = time.time()
     src = adapter_dir(cfg, name, download=True)
+    files_hash(cfg, name, remember=True)  # once: the digest below and the check of the copy use it
     out = expert_dir(cfg, name)
     model, _ = load_backbone(cfg, "cpu")
     with atomic_dir(out) as tmp:

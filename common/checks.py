@@ -29,6 +29,7 @@ def preflight(
     shots: list[int] | None = None,
     read: list[str] | None = None,
     splits: tuple = ("train", "val", "test"),
+    download: bool = False,
 ) -> None:
     """Raise the first config error a run of these targets (at these shots; default: tasks.target_shots) would
     meet, as one line. read: the tasks whose files to open (None: every pool task's, as make's run reads them;
@@ -37,8 +38,8 @@ def preflight(
     for t in cfg.tasks.pool:
         if data.has_data(cfg, t):
             data.task(cfg, t, where=f"tasks.pool ({cfg.where('tasks.pool')})")
-        if t in cfg.tasks.imported:  # a hub id is fetched here, before make asks for its hash
-            adapter_dir(cfg, t, download=True)
+        if t in cfg.tasks.imported:  # make's checks fetch a hub id, before make asks for its hash
+            adapter_dir(cfg, t, download=download)
     for t in targets:
         if t not in cfg.tasks.pool:
             raise UserError(
@@ -86,7 +87,7 @@ def targets(cfg) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-    if argv[-1:] == ["--pool-targets"]:
+    if len(argv) > 1 and argv[-1] == "--pool-targets":
         return print(" ".join(targets(load_config(argv[0], split_overrides(argv[1:-1])))))
     if not argv or "--targets" not in argv:
         raise UserError(
@@ -100,7 +101,7 @@ def main(argv: list[str]) -> None:
     if "--shots" in rest:
         i = rest.index("--shots")
         shots, rest = [int(k) for k in rest[i + 1].split()], rest[:i] + rest[i + 2 :]
-    preflight(cfg, rest, shots)
+    preflight(cfg, rest, shots, download=True)
 
 
 if __name__ == "__main__":

@@ -385,15 +385,15 @@ def _check_together(cfg: Config, where) -> None:
     for name, spec in cfg.tasks.define.items():  # each definition checked here; its files by common.checks
         define(str(name), spec, where(f"tasks.define.{name}"))
     for name, source in cfg.tasks.imported.items():
-        if not isinstance(name, str) or name == NULL or name not in pool:
+        if name == NULL:
+            raise UserError(
+                f"{where('tasks.imported')}: tasks.imported names '{NULL}', the transfer row's control; "
+                f"rename it (in tasks.pool too)"
+            )
+        if not isinstance(name, str) or name not in pool:
             raise UserError(
                 f"{where('tasks.imported')}: tasks.imported names {name!r}, which is not in tasks.pool "
                 f"({', '.join(map(str, pool))}); add it to tasks.pool or drop it from tasks.imported"
-                + (
-                    f" (and pick a name other than '{NULL}', the transfer row's control)"
-                    if name == NULL
-                    else ""
-                )
             )
         if not isinstance(source, str) or not source:
             raise UserError(

@@ -23,7 +23,7 @@ class Embedding:
     # the `embed` fields that change it, recorded in the similarity file beside its name
     settings: tuple = ()
     # computed from each expert's own data: an expert imported without data, or of another recipe than the
-    # target's, is compared by DATA_FREE instead (embed_tasks.ranked_by)
+    # target's, is compared by DATA_FREE instead (common.similarity.ranked_by)
     needs_data: bool = False
 
 

@@ -420,7 +420,9 @@ def _not_merged(config: dict) -> str | None:
             "a DoRA adapter (use_dora): its magnitude rescales each output of W0 + B A, so a sum of DoRA "
             "updates is not the update of their sum"
         )
-    if init.startswith(("pissa", "olora", "corda")):
+    if init.startswith("loftq"):
+        return "a LoftQ LoRA (init_lora_weights): it belongs to a quantized copy of the base weights"
+    if init.startswith(("pissa", "olora", "corda", "lora_ga")):
         return (
             f"a LoRA initialised by {init} (init_lora_weights), which changed the base weights too: "
             "convert it to a plain LoRA with peft first (its path_initial_model_for_weight_conversion)"
@@ -487,9 +489,11 @@ def import_expert(cfg, name: str, model, folder: Path) -> dict:
                 f"lora_{m[2]}.{m[3]} is {tuple(t.shape)}, not {want}; {fix}"
             )
     scales = lora_scales(config, weights, EXPERT_TYPES[cfg.expert.method])
-    copied = files_hash(cfg, name, remember=True)  # the source's, which the artifact's digest hashes
+    copied = files_hash(cfg, name)  # the source's as the stage found it, which the artifact's digest hashes
     if folder_hash(folder, cfg.run_dir / ".hashes.json") != copied:
-        raise UserError(f"{where}: its files changed while it was imported; run it again")
+        raise UserError(
+            f"{where}: its files changed while it was imported; leave them as they are and run it again"
+        )
     return {
         "name": name,
         "method": cfg.expert.method,

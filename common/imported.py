@@ -6,6 +6,7 @@ loaded backbone and the copy into runs/ are common.experts.import_expert's."""
 from __future__ import annotations
 
 import atexit
+import fcntl
 import hashlib
 import json
 from pathlib import Path
@@ -47,7 +48,11 @@ def adapter_dir(cfg, name: str, download: bool = False) -> Path:
                 source, allow_patterns=[CONFIG, WEIGHTS, "README.md"], local_files_only=not download
             )
         except Exception as e:  # offline, unknown repo, no access: one line either way
-            how = f"could not be fetched ({type(e).__name__})" if download else "is not in the hub cache yet"
+            how = (
+                f"could not be fetched ({type(e).__name__})"
+                if download
+                else "is not in the hub cache yet (`make check` fetches it)"
+            )
             raise UserError(
                 f"{where}: tasks.imported.{name}: the hub adapter '{source}' {how} (and there is no folder "
                 f"of that name here); download it where there is network (`hf download {source} --local-dir "
@@ -69,8 +74,17 @@ _REMEMBER: set[Path] = set()  # and those with new hashes written once, when the
 
 @atexit.register
 def _save_memos() -> None:
-    for memo in _REMEMBER:  # last writer wins under make -j: a lost entry is only hashed again
-        write_json(memo, _MEMOS[memo])
+    """Add this process's new hashes to each memo file it was asked to keep them in, under a lock (processes
+    of make -j write the same file)."""
+    for memo in _REMEMBER:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        with open(memo.with_name(f".{memo.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                on_disk = json.loads(memo.read_text())
+            except (OSError, ValueError):
+                on_disk = {}
+            write_json(memo, on_disk | _MEMOS[memo])
 
 
 def file_hash(path: Path, memo: Path, remember: bool = False) -> str:
@@ -92,8 +106,8 @@ def file_hash(path: Path, memo: Path, remember: bool = False) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
+    known[str(path)] = [*stamp, h.hexdigest()[:16]]  # read once per process either way
     if remember:
-        known[str(path)] = [*stamp, h.hexdigest()[:16]]
         _REMEMBER.add(memo)
     return h.hexdigest()[:16]
 

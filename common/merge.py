@@ -435,6 +435,8 @@ class ExpertStack(torch.nn.Module):
                 if biases
                 else None
             )
+            if keep and len(keep) != len(experts):
+                raise ValueError(f"keep has {len(keep)} masks for {len(experts)} experts")
             if biases and trainable and keep:  # a padded bias (zeros where an expert has none) stays zero
                 mask = ExpertStack([{n: k[n] for n in biases} for k in keep], group_of, "sum", False).stack
                 self.register_buffer("_bias_keep", mask.to(self.bias_stack.stack.dtype), persistent=False)

@@ -51,7 +51,7 @@ def _retrieved(cfg, run, variant, pool, read):
     sim, _ = read(("similarity", run))
     row = sim["row"] if "row" in sim else sim["matrix"][0]  # (a similarity file of the whole pool's matrix)
     top = top_k_similar(sim["names"], row, ic.top_k)
-    # imported experts the configured embedding could not take (embed_tasks.ranked_by)
+    # imported experts the configured embedding could not take (common.similarity.ranked_by)
     other = {e: b for e, b in sim.get("ranked_by", {}).items() if e in top and b != cfg.embed.embedding}
     by = "; ".join(f"{e} by {b}" for e, b in other.items())
     return top, f"top-{ic.top_k} similar" + (f" ({by})" if by else "")

@@ -328,7 +328,7 @@ def _rhos(sims: dict, runs: list[dict], key: str) -> list[float]:
     for r in runs:
         sim = sims.get(r["run"])
         if r.get(key) and sim is not None:
-            names = sorted(r[key])
+            names = sorted(n for n in r[key] if n in sim)  # (not those another embedding ranked)
             out.append(spearman([sim[n] for n in names], [r[key][n] for n in names]))
     return out
 
@@ -340,8 +340,9 @@ def _precision(sims: dict, runs: list[dict], k: int) -> list[float]:
     for r in runs:
         sim = sims.get(r["run"])
         if r.get("transfer") and sim is not None:
-            best = set(sorted(r["transfer"], key=lambda n: -r["transfer"][n])[:k])
-            out.append(len(best & set(sorted(r["transfer"], key=lambda n: -sim[n])[:k])) / k)
+            ranked = [n for n in r["transfer"] if n in sim]  # (not those another embedding ranked)
+            best = set(sorted(ranked, key=lambda n: -r["transfer"][n])[:k])
+            out.append(len(best & set(sorted(ranked, key=lambda n: -sim[n])[:k])) / k)
     return out
 
 
@@ -836,7 +837,7 @@ def write_report(cfg, target: str, out: Path | None = None, figs: Path | None = 
                     sim = sims.get(r["run"])
                     if not r.get(key) or sim is None:
                         continue
-                    names = sorted(r[key])
+                    names = sorted(n for n in r[key] if n in sim)
                     rhos.append(spearman([sim[n] for n in names], [r[key][n] for n in names]))
                     for n in names:
                         per_expert.setdefault(n, []).append(

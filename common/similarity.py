@@ -423,7 +423,8 @@ def common_reference(cfg, names: list[str]) -> dict[str, torch.Tensor]:
         raise UserError(f"{cfg.path}: embed.at: pool-mean needs pool experts to average; use embed.at: own")
     weights = [load_expert_weights(expert_dir(cfg, n)) for n in pool]
     return {
-        k: torch.stack([w[k].float() for w in weights]).mean(0).to(weights[0][k].dtype) for k in weights[0]
+        k: torch.stack([w[k].float() for w in weights]).mean(0)
+        for k in weights[0]  # fp32, as the experts are
     }
 
 
@@ -485,9 +486,10 @@ def ranked_by(cfg, names: list[str]) -> dict[str, str]:
     def takes_it(n: str) -> bool:
         if n not in cfg.tasks.imported:
             return True
+        if not data.has_data(cfg, n):
+            return False
         path = expert_dir(cfg, n)
-        same = tensor_shapes(path) == shapes and read_expert_meta(path)["recipe"]["scales"] == scale
-        return data.has_data(cfg, n) and same
+        return tensor_shapes(path) == shapes and read_expert_meta(path)["recipe"]["scales"] == scale
 
     return {n: configured if takes_it(n) else DATA_FREE for n in names}
 

@@ -283,3 +283,11 @@ def test_an_imported_name_outside_the_pool_is_refused(micro):
         and "tasks.imported names 'typo', which is not in tasks.pool" in err
         and err.count("\n") == 1
     )
+
+
+def test_the_reports_rank_statistics_leave_out_experts_another_embedding_ranked():
+    from common.report import _precision, _rhos
+
+    runs = [{"run": "r", "transfer": {"a": 0.1, "b": 0.2, "imp": 0.3}}]  # imp: ranked by weights, not here
+    sims = {"r": {"a": 0.5, "b": 0.9}}
+    assert _rhos(sims, runs, "transfer") == [1.0] and _precision(sims, runs, 1) == [1.0]
