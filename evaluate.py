@@ -56,6 +56,7 @@ from common.methods import (
     interpolations,
     on_val,
     ordered,
+    ranked_otherwise,
     row_name,
 )
 from common.metrics import task_scores
@@ -236,10 +237,8 @@ def main() -> None:
         fix = f"run `{cfg.command('interpolate.py', '--target', args.target)}` (make does)"
         experts = read_json(interp / "meta.json", "interpolated expert", fix)["experts"]
         sim = artifact(cfg, "similarity", run)  # which embedding ranked an imported expert, where not the own
-        ranked = read_json(sim, "similarity", fix).get("ranked_by", {}) if sim.is_file() else {}
-        ranked_by = {
-            e: ranked[e] for e in experts if ranked.get(e, cfg.embed.embedding) != cfg.embed.embedding
-        }
+        if sim.is_file():
+            ranked_by = ranked_otherwise(read_json(sim, "similarity", fix), experts, cfg.embed.embedding)
     current_expert(cfg, run)
     splits = {"test": data.split(cfg, args.target, "test"), "val": data.split(cfg, args.target, "val")}
     t0 = time.time()

@@ -108,11 +108,23 @@ class Mixed:
     checkpoints: list
 
 
-def mix(
-    cfg, accel, model, enc, target: str, run: str, experts: list[str], train_experts: bool, out: Path
-) -> Mixed:
-    """Train the interpolation of `experts` (the target's first) on the target's shots, seeded as if alone,
-    its checkpoints beside `out`."""
+@dataclass(frozen=True)
+class Job:
+    """One interpolation to make: the target, its run, the variant's name ("" = π-Tuning as configured), the
+    experts (the target's first), how they were picked, and whether they train with the mix."""
+
+    target: str
+    run: str
+    name: str
+    experts: list
+    how: str
+    train_experts: bool
+
+
+def mix(cfg, accel, model, enc, job: Job, out: Path) -> Mixed:
+    """Train the job's interpolation on the target's shots, seeded as if alone, its checkpoints beside
+    `out`."""
+    target, run, experts, train_experts = job.target, job.run, job.experts, job.train_experts
     ic, shots = cfg.interpolate, cfg.tasks.target_shots
     torch.manual_seed(cfg.seed)
     etype = EXPERT_TYPES[cfg.expert.method]
@@ -172,12 +184,11 @@ def mix(
     return Mixed(merge, logits, loss, len(train), len(mix_on), ckpts)
 
 
-def model_card(
-    cfg, saved: dict, arch: str, out: Path, target: str, name: str, experts: list, how: str, groups
-) -> str:
+def model_card(cfg, saved: dict, arch: str, out: Path, job: Job, groups) -> str:
     """The exported expert's README.md, as the hub shows an adapter: what it is, how to load it (on the
     backbone's class `arch`), the experts merged and their learned weights per group, the command and the
     config that made it."""
+    target, name, experts, how = job.target, job.name, job.experts, job.how
     imported = sources(cfg)
     origin = {e: f"`{imported[e]}`" if e in imported else "train_expert.py" for e in experts}
     origin |= {NULL: "nothing (the expert that changes nothing)"} if NULL in experts else {}
@@ -216,21 +227,10 @@ def model_card(
     return "\n\n".join(lines) + "\n"
 
 
-def write(
-    cfg,
-    mixed: Mixed,
-    out: Path,
-    target: str,
-    run: str,
-    name: str,
-    experts: list[str],
-    how: str,
-    train_experts: bool,
-    t0: float,
-    extra: dict | None = None,
-) -> str:
-    """Export a trained mix as ONE ordinary expert at `out` (+ weights.json, meta.json), unload it from the
-    backbone and return the stage's summary line."""
+def write(cfg, mixed: Mixed, out: Path, job: Job, t0: float, extra: dict | None = None) -> str:
+    """Export a trained mix as ONE ordinary expert at `out` (+ weights.json, meta.json, README.md), unload it
+    from the backbone and return the stage's summary line."""
+    target, run, name, experts, how = job.target, job.run, job.name, job.experts, job.how
     ic, merge = cfg.interpolate, mixed.merge
     probs = torch.softmax(mixed.logits.detach(), dim=-1)
     groups = {g: dict(zip(experts, p.tolist())) for g, p in zip(merge.group_names, probs)}
@@ -239,7 +239,7 @@ def write(
         write_json(tmp / "weights.json", {"experts": experts, "groups": groups})
         saved = read_json(tmp / "adapter_config.json", "exported config", "run it again")
         arch = type(getattr(merge.model, "get_base_model", lambda: merge.model)()).__name__
-        card = model_card(cfg, saved, arch, out, target, name, experts, how, groups)
+        card = model_card(cfg, saved, arch, out, job, groups)
         write_text(tmp / "README.md", card)
         write_json(
             tmp / "meta.json",
@@ -256,7 +256,7 @@ def write(
                 "mix_size": mixed.mix_size,
                 "groups": ic.groups,
                 "num_groups": len(merge.group_names),
-                "train_experts": train_experts,
+                "train_experts": job.train_experts,
                 "steps": ic.steps,
                 "final_loss": mixed.loss,
                 "mean_weights": dict(zip(experts, probs.mean(0).tolist())),
@@ -278,24 +278,12 @@ def write(
     )
 
 
-def interpolate(
-    cfg,
-    accel,
-    model,
-    enc,
-    target: str,
-    run: str,
-    name: str,
-    experts: list[str],
-    how: str,
-    train_experts: bool,
-) -> str:
+def interpolate(cfg, accel, model, enc, job: Job) -> str:
     """One π-Tuning run (or baseline run) on the loaded backbone, written to
     interpolated/<run>[.<name>]@<digest>/; the backbone comes back unchanged, so one process can do several.
     Returns its summary line."""
-    t0, out = time.time(), artifact(cfg, "interpolated", run, name)
-    mixed = mix(cfg, accel, model, enc, target, run, experts, train_experts, out)
-    return write(cfg, mixed, out, target, run, name, experts, how, train_experts, t0)
+    t0, out = time.time(), artifact(cfg, "interpolated", job.run, job.name)
+    return write(cfg, mix(cfg, accel, model, enc, job, out), out, job, t0)
 
 
 def candidate_sets(cfg, run: str) -> list[dict]:
@@ -324,9 +312,9 @@ def select(cfg, accel, model, enc, target: str, run: str, name: str, candidates:
     shutil.rmtree(work, ignore_errors=True)
     best = None
     for c in candidates:
-        experts = [run, *c["experts"]]
+        job = Job(target, run, name, [run, *c["experts"]], " / ".join(c["by"]), ic.train_experts)
         if c["experts"]:
-            mixed = mix(cfg, accel, model, enc, target, run, experts, ic.train_experts, out)
+            mixed = mix(cfg, accel, model, enc, job, out)
             scored = mixed.merge.export(mixed.logits).eval()  # trained in train mode: dropout off to score
         else:
             scored = load_expert(model, expert_dir(cfg, run))
@@ -336,7 +324,7 @@ def select(cfg, accel, model, enc, target: str, run: str, name: str, candidates:
             best = c
             shutil.rmtree(work, ignore_errors=True)
             if c["experts"]:  # written (and unloaded) now: the next candidate trains on the bare backbone
-                write(cfg, mixed, work, target, run, name, experts, " / ".join(c["by"]), ic.train_experts, t0)
+                write(cfg, mixed, work, job, t0)
                 continue
             shutil.copytree(expert_dir(cfg, run), work)
             write_json(work / "weights.json", {"experts": [run], "groups": {}})
@@ -452,10 +440,8 @@ def main() -> None:
             print(select(cfg, accel, model, enc, args.target, run, name, pool_experts), flush=True)
         else:
             trains = ic.train_experts and not method.frozen
-            line = interpolate(
-                cfg, accel, model, enc, args.target, run, name, [run] + pool_experts, how, trains
-            )
-            print(line, flush=True)
+            job = Job(args.target, run, name, [run] + pool_experts, how, trains)
+            print(interpolate(cfg, accel, model, enc, job), flush=True)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,12 @@ def select_from(cfg) -> list[str]:
 # keys ((kind, name[, variant])), in order: the digest hashes them in this order.
 
 
+def ranked_otherwise(sim: dict, names, embedding: str) -> dict[str, str]:
+    """{expert: embedding} of those of `names` a similarity file compared by another embedding than
+    `embedding`: imported experts it could not take (common.similarity.ranked_by)."""
+    return {e: b for e, b in sim.get("ranked_by", {}).items() if e in names and b != embedding}
+
+
 def _retrieved(cfg, run, variant, pool, read):
     """π-Tuning's retrieval: interpolate.experts by hand, or the top-k by embed.embedding's similarity."""
     ic = cfg.interpolate
@@ -51,9 +57,7 @@ def _retrieved(cfg, run, variant, pool, read):
     sim, _ = read(("similarity", run))
     row = sim["row"] if "row" in sim else sim["matrix"][0]  # (a similarity file of the whole pool's matrix)
     top = top_k_similar(sim["names"], row, ic.top_k)
-    # imported experts the configured embedding could not take (common.similarity.ranked_by)
-    other = {e: b for e, b in sim.get("ranked_by", {}).items() if e in top and b != cfg.embed.embedding}
-    by = "; ".join(f"{e} by {b}" for e, b in other.items())
+    by = "; ".join(f"{e} by {b}" for e, b in ranked_otherwise(sim, top, cfg.embed.embedding).items())
     return top, f"top-{ic.top_k} similar" + (f" ({by})" if by else "")
 
 

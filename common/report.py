@@ -20,7 +20,17 @@ from common.artifacts import write_json, write_text
 from common.config import load_config, split_overrides
 from common.embeddings import EMBEDDINGS, described, heading, settings_of, variants
 from common.errors import UserError
-from common.methods import METHODS, PI, RANDOM_K, SELECT, TARGET_ONLY, ZERO_SHOT, ordered, select_from
+from common.methods import (
+    METHODS,
+    PI,
+    RANDOM_K,
+    SELECT,
+    TARGET_ONLY,
+    ZERO_SHOT,
+    ordered,
+    ranked_otherwise,
+    select_from,
+)
 from common.provenance import artifact, config_id, differs, link, readable
 
 # imported where used, kept off `python -m common.report --tables` (0.2 s; make all's last step), which draws
@@ -960,7 +970,7 @@ def _similarities(cfg, runs: list[dict]) -> dict[str, dict[str, dict[str, float]
             used = settings_of(s).get("embedding", "fisher")
             row = s["row"] if "row" in s else s["matrix"][0]  # (files before 2026-12 held the whole matrix)
             # an import this embedding could not take was compared by another (ranked_by): not its to rank
-            other = {n for n, b in s.get("ranked_by", {}).items() if b != used}
+            other = ranked_otherwise(s, s["names"], used)
             out.setdefault(emb or f"retrieval ({used})", {})[r["run"]] = {
                 n: v for n, v in zip(s["names"], row) if n not in other
             }

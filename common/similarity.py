@@ -110,7 +110,10 @@ def fisher_cache(cfg, name: str, reference: str = "") -> tuple[Path, dict[str, s
     expert_config.pop("base_model_name_or_path", None)  # where the backbone was: moving runs/ changes nothing
     own = fc.at == "own"  # at the common point the expert's own tensors change nothing: not read
     key = {
-        "expert": _hash((path / WEIGHTS).read_bytes()) if own else reference,
+        # the sha256 of its bytes, remembered by the file's size and times (read once, not at every use)
+        "expert": file_hash(path / WEIGHTS, cfg.run_dir / "fisher" / ".hashes.json", True)
+        if own
+        else reference,
         "backbone": fingerprint(backbone_dir(cfg)),
         "expert_config": _hash(json.dumps(expert_config, sort_keys=True).encode()),
         "data": _hash(json.dumps(fed_by, sort_keys=True).encode()),
